@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_CPU := torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+# Set-up: a venv, a CPU build of torch when no GPU is present (an unpinned torch pulls
+# a multi-GB CUDA build), then the project with its dev extra.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PIP) install -q torch; \
+	else \
+		$(PIP) install -q $(TORCH_CPU); \
+	fi
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/limner demo
+
+test: setup
+	cd $(CURDIR) && HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
+
+bench: setup
+	$(VENV)/bin/limner bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info framework/*.egg-info

@@ -1,0 +1,25 @@
+"""limner: plugin-based text-conditioned image generation.
+
+    import limner
+    limner.list_components("samplers")
+    euler = limner.create("samplers", "euler")
+"""
+from .errors import ConfigError, LimnerError, PluginConflictError, UnknownComponentError
+from .hookspecs import KINDS, hookimpl
+from .registry import ComponentSpec, create, get_component, list_components, registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KINDS",
+    "ComponentSpec",
+    "ConfigError",
+    "LimnerError",
+    "PluginConflictError",
+    "UnknownComponentError",
+    "create",
+    "get_component",
+    "hookimpl",
+    "list_components",
+    "registry",
+]

@@ -1,0 +1,100 @@
+"""The `limner` command line. Plugins add commands through `limner_register_commands`."""
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import click
+
+from . import __version__
+from .errors import LimnerError
+from .registry import Registry, registry
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="limner")
+def cli() -> None:
+    """limner: text-conditioned image generation from swappable components."""
+
+
+def plugin_rows(reg: Registry) -> list[dict]:
+    """One row per loaded plugin that provides anything: distribution, version, components."""
+    rows = []
+    for plugin, kinds in reg.by_provider().items():
+        provided = dict(kinds)
+        commands = _commands_of(reg, plugin)
+        if commands:
+            provided["commands"] = commands
+        if provided:
+            prov = reg.providers[plugin]
+            rows.append({"plugin": plugin, "distribution": prov.distribution, "version": prov.version,
+                         "components": provided})
+    return rows
+
+
+def _commands_of(reg: Registry, plugin: str) -> list[str]:
+    impls = [i for i in reg.pm.hook.limner_register_commands.get_hookimpls() if i.plugin_name == plugin]
+    scratch = click.Group()
+    for impl in impls:
+        impl.function(cli=scratch)
+    return sorted(scratch.commands)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins(as_json: bool) -> None:
+    """List installed plugins and the components each provides."""
+    reg = registry()
+    rows = plugin_rows(reg)
+    failures = [{"plugin": f.plugin, "distribution": f.distribution, "error": f.error} for f in reg.failures]
+    if as_json:
+        click.echo(json.dumps({"plugins": rows, "failures": failures}, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['plugin']}  ({row['distribution']} {row['version']})")
+        for kind, names in row["components"].items():
+            text = textwrap.fill(", ".join(names), width=88, initial_indent=f"  {kind + ':':<20}",
+                                 subsequent_indent=" " * 22)
+            click.echo(text)
+    for f in reg.failures:
+        click.echo(f"FAILED {f}", err=True)
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Demo config (default: the built-in one).")
+@click.option("--out", type=click.Path(file_okay=False), default="out/demo", show_default=True,
+              help="Where to write the grid.")
+def demo(config_path: str | None, out: str) -> None:
+    """Show what is installed and draw a sampler-by-seed grid."""
+    from .demo import run_demo
+
+    run_demo(config_path, out)
+
+
+def _add_plugin_commands() -> None:
+    try:
+        registry().pm.hook.limner_register_commands(cli=cli)
+    except LimnerError as exc:  # e.g. a name clash: still let `limner plugins` say so
+        click.echo(f"warning: plugin commands not loaded: {exc}", err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `limner` script: user errors print one paragraph and exit 1."""
+    _add_plugin_commands()
+    try:
+        cli.main(args=argv, prog_name="limner", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except LimnerError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,152 @@
+"""TOML configs loaded into typed dataclasses.
+
+A component is written as a table with its name and options, or as a bare name:
+
+    [sampling]
+    sampler = { name = "dpmpp_2m_sde", eta = 0.5 }
+    schedule = "karras"
+
+Every bad key or value is reported with its path in the file:
+`sampling.sampler.etta: unknown option, did you mean eta?`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError, LimnerError, did_you_mean
+from .registry import create, option_names, registry, singular
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+@dataclass
+class ComponentConfig:
+    """A component picked by name in a config, with the options for its factory."""
+
+    kind: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, **extra: Any) -> Any:
+        """limner.create(kind, name, **options, **extra)."""
+        return create(self.kind, self.name, **self.options, **extra)
+
+
+def component(kind: str, default: str | None = None, **options: Any) -> Any:
+    """A dataclass field holding a ComponentConfig of `kind` (a default name makes it optional)."""
+    meta = {"kind": kind}
+    if default is None:
+        return field(metadata=meta)
+    return field(default_factory=lambda: ComponentConfig(kind, default, dict(options)), metadata=meta)
+
+
+def components(kind: str, *defaults: str) -> Any:
+    """A dataclass field holding a list of ComponentConfigs of `kind`."""
+    return field(default_factory=lambda: [ComponentConfig(kind, d) for d in defaults], metadata={"kind": kind})
+
+
+def load_config(path: str | Path, schema: type[T]) -> T:
+    """Read a TOML file into `schema`, raising ConfigError with the path of any bad entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return parse_config(data, schema)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_config(data: dict[str, Any], schema: type[T], path: str = "") -> T:
+    """Build dataclass `schema` from a dict, checking keys, types and component names."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or '(top level)'}: expected a table, got {_show(data)}")
+    hints = typing.get_type_hints(schema)
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{_join(path, key)}: unknown option{did_you_mean(key, known)}"
+                              f" Valid options: {', '.join(known)}.")
+    values = {}
+    for name, f in known.items():
+        where = _join(path, name)
+        if name in data:
+            values[name] = _convert(data[name], hints[name], f.metadata.get("kind"), where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required option")
+    return schema(**values)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _convert(value: Any, hint: Any, kind: str | None, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is ComponentConfig:
+        return _component(value, kind, where)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], kind, where) if len(inner) == 1 else value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
+        return [_convert(v, args[0], kind, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return parse_config(value, hint, where)
+    return _scalar(value, hint, where)
+
+
+def _scalar(value: Any, hint: Any, where: str) -> Any:
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {_show(value)}")
+    if hint is dict or typing.get_origin(hint) is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{where}: expected a table, got {_show(value)}")
+    return value
+
+
+def _component(value: Any, kind: str | None, where: str) -> ComponentConfig:
+    if kind is None:
+        raise LimnerError(f"schema error: {where} is a ComponentConfig without a kind")
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ConfigError(f"{where}: expected a {singular(kind)} name or a table with name = \"...\","
+                          f" got {_show(value)}")
+    options = {k: v for k, v in value.items() if k != "name"}
+    try:
+        spec = registry().component(kind, value["name"]).spec
+    except LimnerError as exc:
+        raise ConfigError(f"{where}.name: {exc}") from None
+    valid = option_names(spec.factory)
+    if valid is not None:
+        for key in options:
+            if key not in valid:
+                raise ConfigError(f"{where}.{key}: unknown option{did_you_mean(key, valid)}"
+                                  f" Valid options of {singular(kind)} {spec.name!r}:"
+                                  f" {', '.join(valid) if valid else '(none)'}.")
+    return ComponentConfig(kind, spec.name, options)

@@ -1,0 +1,81 @@
+"""The hooks a limner plugin may implement. Each register hook returns ComponentSpecs."""
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "limner"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+KINDS = (
+    "text_encoders",
+    "denoisers",
+    "generators",
+    "discriminators",
+    "losses",
+    "samplers",
+    "schedules",
+    "datasets",
+    "metrics",
+    "attention_backends",
+)
+
+
+@hookspec
+def limner_register_text_encoders():
+    """Return ComponentSpecs of text encoders: encode(list[str]) -> TextEmbedding."""
+
+
+@hookspec
+def limner_register_denoisers():
+    """Return ComponentSpecs of denoisers: D(x, sigma, cond) -> x0 estimate."""
+
+
+@hookspec
+def limner_register_generators():
+    """Return ComponentSpecs of generators: G(z, cond) -> image (GANs, VAEs)."""
+
+
+@hookspec
+def limner_register_discriminators():
+    """Return ComponentSpecs of discriminators: D(image, cond) -> logits."""
+
+
+@hookspec
+def limner_register_losses():
+    """Return ComponentSpecs of losses."""
+
+
+@hookspec
+def limner_register_samplers():
+    """Return ComponentSpecs of samplers: sample(denoiser, x, sigmas, ...) -> x."""
+
+
+@hookspec
+def limner_register_schedules():
+    """Return ComponentSpecs of noise schedules: schedule(n, sigma_min, sigma_max) -> sigmas."""
+
+
+@hookspec
+def limner_register_datasets():
+    """Return ComponentSpecs of captioned image datasets."""
+
+
+@hookspec
+def limner_register_metrics():
+    """Return ComponentSpecs of metrics."""
+
+
+@hookspec
+def limner_register_attention_backends():
+    """Return ComponentSpecs of attention backends: attn(q, k, v, mask) -> out."""
+
+
+@hookspec
+def limner_register_commands(cli):
+    """Add click commands to the `limner` command group `cli`."""
+
+
+def register_hook_name(kind: str) -> str:
+    """The name of the collect-all hook of one component kind."""
+    return f"limner_register_{kind}"
