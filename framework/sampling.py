@@ -1,0 +1,232 @@
+"""What every sampler shares: the denoiser call, Karras churn, ancestral steps, Brownian
+noise, classifier-free guidance, and `sample()` that ties a sampler to a schedule.
+
+Conventions are k-diffusion's (Karras et al. 2022, "Elucidating the Design Space of
+Diffusion-Based Generative Models"): x = x0 + sigma * eps, a denoiser D(x, sigma) -> x0,
+and sigmas descending to 0. Sampler functions take sigmas as any 1-D sequence and do their
+step-size arithmetic on Python floats, so the loop never synchronises a GPU.
+"""
+from __future__ import annotations
+
+import bisect
+import functools
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import fields, is_dataclass, replace
+from typing import Any
+
+import torch
+
+from .errors import LimnerError
+from .registry import ComponentSpec, check_options, get_component
+
+Denoiser = Callable[..., torch.Tensor]
+Callback = Callable[[dict[str, Any]], None]
+SAMPLER_ARGS = ("model", "x", "sigmas", "extra_args", "callback", "generator")
+
+
+# --- helpers used by the sampler functions -------------------------------------------
+
+def as_floats(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
+    """Sigmas as Python floats (one host copy, then no device syncs in the loop)."""
+    if isinstance(sigmas, torch.Tensor):
+        if sigmas.ndim != 1:
+            raise LimnerError(f"sigmas must be 1-D, got shape {tuple(sigmas.shape)}")
+        return sigmas.detach().double().cpu().tolist()
+    return [float(s) for s in sigmas]
+
+
+def bind(model: Denoiser, x: torch.Tensor, extra_args: dict | None) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """model as f(x, sigma: float): sigma broadcast to a [B] tensor, extra_args passed on."""
+    extra = extra_args or {}
+
+    def denoise(x_: torch.Tensor, sigma: float) -> torch.Tensor:
+        return model(x_, x_.new_full((x_.shape[0],), sigma), **extra)
+
+    return denoise
+
+
+def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
+    """The probability-flow ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (Karras eq. 3)."""
+    return (x - denoised) / sigma
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step; eta=1 is DDPM's posterior, eta=0 deterministic."""
+    if sigma_next == 0 or eta == 0:
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - up**2), up
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, drawn from `generator` (the global RNG if None)."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def churn(x: torch.Tensor, sigma: float, n_steps: int, generator: torch.Generator | None,
+          s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> tuple[torch.Tensor, float]:
+    """Karras et al. 2022 Alg. 2: raise sigma by gamma and add the matching noise."""
+    gamma = min(s_churn / n_steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    if gamma <= 0:
+        return x, sigma
+    sigma_hat = sigma * (1 + gamma)
+    return x + randn_like(x, generator) * s_noise * math.sqrt(sigma_hat**2 - sigma**2), sigma_hat
+
+
+def report(callback: Callback | None, i: int, x: torch.Tensor, sigma: float, sigma_hat: float,
+           denoised: torch.Tensor) -> None:
+    """Call the per-step callback with k-diffusion's dict keys."""
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+
+
+class BrownianNoise:
+    """A Brownian path W(sigma), drawn lazily from one generator with Brownian bridges.
+
+    SDE samplers ask for the increment over [sigma_next, sigma] and, in two-stage methods,
+    over a sub-interval of it first; bridging keeps those draws one consistent path (the
+    role torchsde's BrownianTree plays in k-diffusion). Returns standardised increments.
+    """
+
+    def __init__(self, x: torch.Tensor, generator: torch.Generator | None):
+        self.like, self.generator = x, generator
+        self.times: list[float] = [0.0]
+        self.values: list[torch.Tensor] = [torch.zeros_like(x)]
+
+    def _at(self, t: float) -> torch.Tensor:
+        k = bisect.bisect_left(self.times, t)
+        if k < len(self.times) and self.times[k] == t:
+            return self.values[k]
+        z = randn_like(self.like, self.generator)
+        if k == len(self.times):  # beyond the path: an independent increment
+            w = self.values[-1] + math.sqrt(t - self.times[-1]) * z
+        else:  # between two known points: Brownian bridge
+            t0, t1, w0, w1 = self.times[k - 1], self.times[k], self.values[k - 1], self.values[k]
+            frac = (t - t0) / (t1 - t0)
+            w = w0 + frac * (w1 - w0) + math.sqrt((t - t0) * (t1 - t) / (t1 - t0)) * z
+        self.times.insert(k, t)
+        self.values.insert(k, w)
+        return w
+
+    def __call__(self, sigma: float, sigma_next: float) -> torch.Tensor:
+        lo, hi = sorted((sigma, sigma_next))
+        return (self._at(hi) - self._at(lo)) / math.sqrt(hi - lo)
+
+
+# --- components --------------------------------------------------------------------
+
+def _options_signature(fn: Callable) -> inspect.Signature:
+    params = [p for p in inspect.signature(fn).parameters.values() if p.name not in SAMPLER_ARGS]
+    return inspect.Signature(params)
+
+
+def sampler_spec(fn: Callable, name: str, aliases: tuple[str, ...] = ()) -> ComponentSpec:
+    """A ComponentSpec for a k-diffusion-style sampler function.
+
+    The factory takes the sampler's options (eta, s_churn, order, ...) and returns the
+    sampler with those options bound, so configs and the CLI can set them by name.
+    """
+    def factory(**options: Any) -> Callable[..., torch.Tensor]:
+        check_options("samplers", name, factory, options)
+        return functools.wraps(fn)(functools.partial(fn, **options))
+
+    factory.__signature__ = _options_signature(fn)  # type: ignore[attr-defined]
+    factory.__doc__ = fn.__doc__
+    return ComponentSpec(name, factory, aliases)
+
+
+def schedule_spec(fn: Callable, name: str, aliases: tuple[str, ...] = ()) -> ComponentSpec:
+    """A ComponentSpec for a schedule function fn(n, sigma_min, sigma_max, **options)."""
+    def factory(**options: Any) -> Callable[..., torch.Tensor]:
+        check_options("schedules", name, factory, options)
+        return functools.partial(fn, **options)
+
+    params = [p for p in inspect.signature(fn).parameters.values()
+              if p.name not in ("n", "sigma_min", "sigma_max", "device")]
+    factory.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    factory.__doc__ = fn.__doc__
+    return ComponentSpec(name, factory, aliases)
+
+
+# --- classifier-free guidance ----------------------------------------------------------
+
+def _cat(a: Any, b: Any) -> Any:
+    """Concatenate two conditionings along the batch: tensors, dataclasses of tensors, dicts."""
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    if is_dataclass(a):
+        return replace(a, **{f.name: _cat(getattr(a, f.name), getattr(b, f.name)) for f in fields(a)})
+    if isinstance(a, dict):
+        return {k: _cat(a[k], b[k]) for k in a}
+    if a is None:
+        return None
+    raise LimnerError(f"cannot batch a conditioning of type {type(a).__name__} for guidance")
+
+
+class Guided:
+    """Classifier-free guidance (Ho & Salimans 2022) around a denoiser, applied once here
+    so no sampler re-implements it: D = D(x|uncond) + g * (D(x|cond) - D(x|uncond)),
+    with the two branches evaluated in one batched call."""
+
+    def __init__(self, model: Denoiser, guidance: float):
+        self.model, self.guidance = model, float(guidance)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None, uncond: Any = None,
+                 **kwargs: Any) -> torch.Tensor:
+        if uncond is None or self.guidance == 1.0:
+            return self.model(x, sigma, cond=cond, **kwargs)
+        both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=_cat(cond, uncond), **kwargs)
+        with_cond, without = both.chunk(2)
+        return without + self.guidance * (with_cond - without)
+
+
+# --- the one entry point pipelines use -------------------------------------------------
+
+def make_sigmas(schedule: str | Callable, steps: int, sigma_min: float, sigma_max: float,
+                device: torch.device | str | None = None, **options: Any) -> torch.Tensor:
+    """steps+1 descending sigmas ending in 0, from a schedule name or function."""
+    if steps < 1:
+        raise LimnerError(f"steps must be >= 1, got {steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise LimnerError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    fn = get_component("schedules", schedule).factory(**options) if isinstance(schedule, str) else schedule
+    return fn(steps, sigma_min, sigma_max, device=device)
+
+
+def resolve_sampler(sampler: str | Callable, **options: Any) -> Callable[..., torch.Tensor]:
+    """A sampler function from a name (options bound) or a callable passed through."""
+    return get_component("samplers", sampler).factory(**options) if isinstance(sampler, str) else sampler
+
+
+def progress_bar(total: int, callback: Callback | None = None, desc: str = "sampling") -> Callback:
+    """A per-step callback that advances a tqdm bar, then calls `callback`."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, leave=False)
+
+    def step(info: dict[str, Any]) -> None:
+        bar.update(1)
+        if info["i"] == total - 1:
+            bar.close()
+        if callback is not None:
+            callback(info)
+
+    return step
+
+
+def sample(model: Denoiser, noise: torch.Tensor, *, sampler: str | Callable = "euler",
+           schedule: str | Callable = "karras", steps: int = 20, sigma_min: float = 0.002,
+           sigma_max: float = 80.0, guidance: float = 1.0, cond: Any = None, uncond: Any = None,
+           generator: torch.Generator | None = None, sampler_options: dict | None = None,
+           schedule_options: dict | None = None, callback: Callback | None = None,
+           progress: bool = False) -> torch.Tensor:
+    """Draw x0 from unit `noise` with a named sampler and schedule, guidance applied once."""
+    sigmas = make_sigmas(schedule, steps, sigma_min, sigma_max, device=noise.device, **(schedule_options or {}))
+    fn = resolve_sampler(sampler, **(sampler_options or {}))
+    guided = Guided(model, guidance)
+    if progress:
+        callback = progress_bar(len(sigmas) - 1, callback)
+    extra = {"cond": cond, "uncond": uncond}
+    return fn(guided, noise * float(sigmas[0]), sigmas, extra_args=extra, callback=callback, generator=generator)

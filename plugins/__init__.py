@@ -1,0 +1,8 @@
+"""limner's built-in components, each module a plugin of its own.
+
+The `limner` entry point loads this package; the registry then registers every module in
+PLUGINS, exactly as it would a third-party plugin.
+"""
+from . import samplers, schedules
+
+PLUGINS = (samplers, schedules)

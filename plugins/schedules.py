@@ -1,0 +1,126 @@
+"""Built-in noise schedules: schedule(n, sigma_min, sigma_max, *, device=None) -> n+1 sigmas.
+
+Sigmas descend from about sigma_max and end in a final 0, as k-diffusion's get_sigmas_*.
+`simple`, `normal`, `sgm_uniform` and `beta` follow ComfyUI's definitions on a model's
+sigma table (`table="loglinear"` for continuous-sigma models, or a DDPM beta schedule).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+import limner
+from limner.noise import SigmaTable, ddpm_sigmas
+from limner.sampling import schedule_spec
+
+F64 = torch.float64
+
+
+def _finish(sigmas: torch.Tensor, device) -> torch.Tensor:
+    """Append the final 0 and move to `device`; float64, since samplers read them as floats."""
+    sigmas = sigmas.to(F64)
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(device)
+
+
+def karras(n, sigma_min, sigma_max, *, rho=7.0, device=None):
+    """Karras et al. 2022 (eq. 5): uniform steps in sigma^(1/rho)."""
+    ramp = torch.linspace(0, 1, n, dtype=F64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _finish((hi + ramp * (lo - hi)) ** rho, device)
+
+
+def exponential(n, sigma_min, sigma_max, *, device=None):
+    """Uniform steps in log(sigma) (k-diffusion's get_sigmas_exponential)."""
+    return _finish(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=F64).exp(), device)
+
+
+def polyexponential(n, sigma_min, sigma_max, *, rho=1.0, device=None):
+    """Polynomial ramp in log(sigma); rho=1 is `exponential` (k-diffusion)."""
+    ramp = torch.linspace(1, 0, n, dtype=F64) ** rho
+    log_lo, log_hi = math.log(sigma_min), math.log(sigma_max)
+    return _finish((ramp * (log_hi - log_lo) + log_lo).exp(), device)
+
+
+def linear(n, sigma_min, sigma_max, *, device=None):
+    """Uniform steps in sigma."""
+    return _finish(torch.linspace(sigma_max, sigma_min, n, dtype=F64), device)
+
+
+def simple(n, sigma_min, sigma_max, *, table="loglinear", device=None):
+    """ComfyUI's `simple`: every (len/n)-th entry of the model's sigma table, from the top."""
+    sig = SigmaTable.named(table, sigma_min, sigma_max).sigmas
+    stride = len(sig) / n
+    return _finish(torch.stack([sig[-(1 + int(k * stride))] for k in range(n)]), device)
+
+
+def _uniform_timesteps(n, sigma_min, sigma_max, table, endpoint):
+    tab = SigmaTable.named(table, sigma_min, sigma_max)
+    start, end = tab.timestep(torch.tensor(sigma_max)), tab.timestep(torch.tensor(sigma_min))
+    ts = torch.linspace(float(start), float(end), n + (0 if endpoint else 1), dtype=F64)
+    return tab.sigma(ts if endpoint else ts[:-1])
+
+
+def normal(n, sigma_min, sigma_max, *, table="loglinear", device=None):
+    """ComfyUI's `normal`: n timesteps uniform from sigma_max's to sigma_min's, inclusive."""
+    return _finish(_uniform_timesteps(n, sigma_min, sigma_max, table, endpoint=True), device)
+
+
+def sgm_uniform(n, sigma_min, sigma_max, *, table="loglinear", device=None):
+    """ComfyUI's `sgm_uniform` (Stability's generative-models): as `normal`, last timestep dropped."""
+    return _finish(_uniform_timesteps(n, sigma_min, sigma_max, table, endpoint=False), device)
+
+
+def beta(n, sigma_min, sigma_max, *, alpha=0.6, beta=0.6, table="loglinear", device=None):
+    """ComfyUI's `beta` (Lee et al. 2024, "Beta Sampling is All You Need"): timesteps at
+    quantiles of a Beta(alpha, beta) distribution, repeated timesteps dropped."""
+    from scipy.stats import beta as beta_dist
+
+    sig = SigmaTable.named(table, sigma_min, sigma_max).sigmas
+    last = len(sig) - 1
+    ts = np.rint(beta_dist.ppf(1 - np.linspace(0, 1, n, endpoint=False), alpha, beta) * last).astype(int)
+    picked = [int(t) for k, t in enumerate(ts) if k == 0 or t != ts[k - 1]]
+    return _finish(sig[picked], device)
+
+
+def _ddpm(kind, n, sigma_min, sigma_max, device):
+    """n training timesteps, evenly spaced (DDIM's 'uniform' skip) over those within range."""
+    sig = ddpm_sigmas(kind)
+    inside = ((sig >= sigma_min) & (sig <= sigma_max)).nonzero().flatten()
+    if len(inside) == 0:
+        raise limner.LimnerError(
+            f"no {kind} DDPM timestep has sigma in [{sigma_min}, {sigma_max}]; "
+            f"its sigmas span [{float(sig[0]):.4g}, {float(sig[-1]):.4g}]")
+    ts = torch.linspace(float(inside[-1]), float(inside[0]), n, dtype=F64).round().long()
+    return _finish(sig[ts], device)
+
+
+def ddpm_linear(n, sigma_min, sigma_max, *, device=None):
+    """DDPM's linear betas (Ho et al. 2020) as sigmas, at n evenly spaced timesteps."""
+    return _ddpm("linear", n, sigma_min, sigma_max, device)
+
+
+def ddpm_cosine(n, sigma_min, sigma_max, *, device=None):
+    """The cosine schedule (Nichol & Dhariwal 2021) as sigmas, at n evenly spaced timesteps."""
+    return _ddpm("cosine", n, sigma_min, sigma_max, device)
+
+
+SCHEDULES = {
+    "karras": karras,
+    "exponential": exponential,
+    "polyexponential": polyexponential,
+    "linear": linear,
+    "simple": simple,
+    "normal": normal,
+    "sgm_uniform": sgm_uniform,
+    "beta": beta,
+    "ddpm_linear": ddpm_linear,
+    "ddpm_cosine": ddpm_cosine,
+}
+
+
+@limner.hookimpl
+def limner_register_schedules():
+    """Karras, exponential, ComfyUI's and DDPM's noise schedules."""
+    return [schedule_spec(fn, name) for name, fn in SCHEDULES.items()]
