@@ -1,0 +1,44 @@
+"""Shared test set-up: offline, Triton in its interpreter, a fresh registry per test."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.metadata  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+import limner.registry as registry_mod  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry():
+    """Every test starts from the entry points as installed, and leaves no registry behind."""
+    registry_mod.set_registry(None)
+    yield
+    registry_mod.set_registry(None)
+
+
+@pytest.fixture
+def fake_dist(tmp_path, monkeypatch):
+    """Make a distribution visible to importlib.metadata: fake_dist(name, module_source, ep_name)."""
+
+    def make(dist: str, source: str, module: str | None = None, version: str = "1.0") -> Path:
+        module = module or dist.replace("-", "_")
+        site = tmp_path / f"site-{dist}"
+        info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[limner]\n{dist} = {module}\n")
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+        monkeypatch.syspath_prepend(str(site))
+        monkeypatch.delitem(sys.modules, module, raising=False)
+        return site
+
+    yield make
+    importlib.invalidate_caches()

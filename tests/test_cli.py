@@ -1,0 +1,48 @@
+"""The `limner` command line: plugins listing, demo, and one-paragraph user errors."""
+import json
+
+import pytest
+from PIL import Image
+
+from limner.cli import main
+
+
+def run(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exit_info.value.code or 0, out.out, out.err
+
+
+def test_plugins_table_and_json(capsys):
+    code, out, _ = run(capsys, "plugins")
+    assert code == 0
+    assert "limner.samplers  (limner 0.1.0)" in out
+    assert "dpmpp_2m_sde" in out
+    code, out, _ = run(capsys, "plugins", "--json")
+    rows = {r["plugin"]: r for r in json.loads(out)["plugins"]}
+    assert "euler" in rows["limner.samplers"]["components"]["samplers"]
+    assert rows["limner.schedules"]["version"] == "0.1.0"
+
+
+def test_demo_writes_a_grid_and_reports_missing_parts(capsys, tmp_path):
+    config = tmp_path / "demo.toml"
+    config.write_text('samplers = ["euler", { name = "dpmpp_2m_sde", eta = 1.0 }]\nsteps = 12\nseeds = 3\nsize = 16\n')
+    code, out, _ = run(capsys, "demo", "--config", str(config), "--out", str(tmp_path / "o"))
+    assert code == 0
+    assert "Missing for text-to-image generation: text_encoders, denoisers, generators" in out
+    grid = Image.open(tmp_path / "o" / "grid.png")
+    assert grid.size[1] == 2 * (16 + 2) + 2  # two sampler rows
+    rms = [float(line.split()[-1]) for line in out.splitlines() if line.strip().startswith(("euler", "dpmpp"))]
+    assert len(rms) == 2 and max(rms) < 0.01  # every sample landed on a training image
+
+
+def test_user_errors_are_one_paragraph_and_exit_1(capsys, tmp_path):
+    config = tmp_path / "demo.toml"
+    config.write_text('samplers = ["eulr"]\n')
+    code, out, err = run(capsys, "demo", "--config", str(config))
+    assert code == 1
+    assert err.startswith("Error: ")
+    assert "samplers[0].name: unknown sampler 'eulr'. Did you mean: euler" in err
+    assert "Traceback" not in err

@@ -1,0 +1,141 @@
+"""The registry's paths: discovery, provenance, aliases and every error a user can hit."""
+import pytest
+
+import limner
+from limner.registry import build_registry, registry, set_registry
+
+
+def test_builtins_come_through_the_entry_point():
+    comp = registry().component("samplers", "euler")
+    assert comp.provider.distribution == "limner"
+    assert comp.provider.plugin == "limner.samplers"
+    assert {"karras", "exponential"} <= set(limner.list_components("schedules")["schedules"])
+    assert set(limner.list_components()) == set(limner.KINDS)
+
+
+def test_aliases_and_case_resolve_to_the_canonical_spec():
+    assert limner.get_component("samplers", "euler_a").name == "euler_ancestral"
+    assert limner.get_component("samplers", "UniPC").name == "unipc"
+
+
+def test_unknown_name_lists_valid_names_and_closest():
+    with pytest.raises(limner.UnknownComponentError) as err:
+        limner.get_component("samplers", "dpmpp2m")
+    msg = str(err.value)
+    assert "unknown sampler 'dpmpp2m'" in msg
+    assert "Did you mean: dpmpp_2m" in msg
+    assert "Valid samplers: ddim, ddpm," in msg
+
+
+def test_unknown_kind_names_the_valid_kinds():
+    with pytest.raises(limner.LimnerError, match=r"unknown component kind 'sampler', did you mean samplers\?"):
+        limner.list_components("sampler")
+
+
+def test_create_checks_options_before_calling_the_factory():
+    with pytest.raises(limner.LimnerError, match=r"unknown option 'etta', did you mean eta\? Valid options: eta, s_noise"):
+        limner.create("samplers", "euler_ancestral", etta=0.5)
+    fn = limner.create("samplers", "euler_ancestral", eta=0.5)
+    assert fn.keywords == {"eta": 0.5}
+
+
+class PluginA:
+    @limner.hookimpl
+    def limner_register_losses(self):
+        return [limner.ComponentSpec("l2", lambda: "a", aliases=("mse",))]
+
+
+class PluginB:
+    @limner.hookimpl
+    def limner_register_losses(self):
+        return [limner.ComponentSpec("mse", lambda: "b")]
+
+
+def test_clash_on_an_alias_names_both_providers():
+    with pytest.raises(limner.PluginConflictError) as err:
+        build_registry([PluginA(), PluginB()], entry_points=False)
+    msg = str(err.value)
+    assert "loss 'mse' is provided by" in msg
+    assert "PluginA" in msg and "PluginB" in msg
+
+
+def test_components_of_directly_registered_plugins_are_usable():
+    set_registry(build_registry([PluginA()], entry_points=False))
+    assert limner.create("losses", "mse") == "a"
+    assert limner.list_components("samplers") == {"samplers": []}
+
+
+class Misspelled:
+    @limner.hookimpl
+    def limner_register_sampler(self):
+        return []
+
+
+class UpperCase:
+    @limner.hookimpl
+    def limner_register_samplers(self):
+        return [limner.ComponentSpec("Fast", lambda: None)]
+
+
+class NotASpec:
+    @limner.hookimpl
+    def limner_register_samplers(self):
+        return ["euler"]
+
+
+@pytest.mark.parametrize("plugin, expected", [
+    (Misspelled(), "limner_register_sampler.*did you mean limner_register_samplers"),
+    (UpperCase(), "must be lowercase.*'Fast'"),
+    (NotASpec(), "expected limner.ComponentSpec, got str"),
+])
+def test_a_broken_plugin_is_reported_and_the_rest_load(plugin, expected):
+    with pytest.warns(RuntimeWarning, match=expected):
+        reg = build_registry([plugin, PluginA()], entry_points=False)
+    assert len(reg.failures) == 1
+    assert reg.names("losses") == ["l2"]
+
+
+def test_plugin_that_fails_to_import_is_reported(fake_dist):
+    fake_dist("limner-broken", "import not_a_module_anywhere\n")
+    with pytest.warns(RuntimeWarning, match="limner-broken.*ModuleNotFoundError"):
+        reg = build_registry()
+    assert [f.plugin for f in reg.failures] == ["limner-broken"]
+    assert "euler" in reg.names("samplers")
+    set_registry(reg)
+    with pytest.raises(limner.UnknownComponentError, match="limner-broken.*failed to load"):
+        limner.get_component("samplers", "nope")
+
+
+THIRD_PARTY = """
+import limner
+
+@limner.hookimpl
+def limner_register_samplers():
+    return [limner.ComponentSpec("third", lambda: "third")]
+"""
+
+
+def test_third_party_plugin_is_found_with_its_distribution(fake_dist):
+    fake_dist("limner-third", THIRD_PARTY, version="2.5")
+    comp = registry().component("samplers", "third")
+    assert (comp.provider.distribution, comp.provider.version) == ("limner-third", "2.5")
+
+
+def test_disable_plugins_blocks_by_distribution_or_plugin_name(fake_dist, monkeypatch):
+    fake_dist("limner-third", THIRD_PARTY)
+    monkeypatch.setenv("LIMNER_DISABLE_PLUGINS", "limner-third, limner.schedules")
+    reg = build_registry()
+    assert "third" not in reg.names("samplers")
+    assert reg.names("schedules") == []
+    assert "euler" in reg.names("samplers")
+
+
+def test_clash_with_a_builtin_names_both_distributions(fake_dist):
+    fake_dist("limner-copycat", THIRD_PARTY.replace('"third"', '"euler"', 1))
+    with pytest.raises(limner.PluginConflictError) as err:
+        build_registry()
+    msg = str(err.value)
+    assert "sampler 'euler' is provided by" in msg
+    assert "limner 0.1.0 (plugin limner.samplers)" in msg
+    assert "limner-copycat 1.0" in msg
+    assert "LIMNER_DISABLE_PLUGINS" in msg
