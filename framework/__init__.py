@@ -6,7 +6,7 @@
 """
 from .errors import ConfigError, LimnerError, PluginConflictError, UnknownComponentError
 from .hookspecs import KINDS, hookimpl
-from .registry import ComponentSpec, create, get_component, list_components, registry
+from .registry import ComponentSpec, create, get_component, list_components
 
 __version__ = "0.1.0"
 
@@ -21,5 +21,4 @@ __all__ = [
     "get_component",
     "hookimpl",
     "list_components",
-    "registry",
 ]

@@ -73,6 +73,22 @@ def demo(config_path: str | None, out: str) -> None:
     run_demo(config_path, out)
 
 
+@cli.command()
+@click.option("-k", "select", default=None, help="Only benchmarks matching this pytest -k expression.")
+@click.option("--out", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True,
+              help="Folder for the JSON and markdown results.")
+@click.option("--quick", is_flag=True, help="Fewer rounds: a smoke run, not numbers to quote.")
+def bench(select: str | None, out: str, quick: bool) -> None:
+    """Run the benchmark suite and render its results as a markdown table."""
+    from pathlib import Path
+
+    from .bench import render_file, run_benchmarks
+
+    md = render_file(run_benchmarks(select, Path(out), quick))
+    click.echo(md.read_text())
+    click.echo(f"Wrote {md} and {md.with_suffix('.json')}")
+
+
 def _add_plugin_commands() -> None:
     try:
         registry().pm.hook.limner_register_commands(cli=cli)

@@ -7,6 +7,7 @@ estimate and x starts at noise * sigmas[0]. Guidance is applied by the framework
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -106,14 +107,24 @@ def sample_dpm_2_ancestral(model, x, sigmas, *, extra_args=None, callback=None, 
     return x
 
 
+@functools.lru_cache(maxsize=8)
+def _gauss_legendre(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    return tuple(nodes.tolist()), tuple(weights.tolist())
+
+
 def lms_coefficient(sig: list[float], i: int, j: int, order: int) -> float:
-    """Integral over [sig[i], sig[i+1]] of the Lagrange basis polynomial of node sig[i-j]."""
+    """Integral over [sig[i], sig[i+1]] of the Lagrange basis polynomial of node sig[i-j].
+
+    The basis has degree order-1, so Gauss-Legendre with ceil(order/2) nodes is exact.
+    """
     nodes = [sig[i - k] for k in range(order)]
-    others = [s for k, s in enumerate(nodes) if k != j]
-    basis = np.polynomial.Polynomial.fromroots(others) if others else np.polynomial.Polynomial([1.0])
-    poly = basis / np.prod([nodes[j] - s for s in others])
-    antiderivative = poly.integ()
-    return float(antiderivative(sig[i + 1]) - antiderivative(sig[i]))
+    a, b = sig[i], sig[i + 1]
+    total = 0.0
+    for u, w in zip(*_gauss_legendre(max(1, (order + 1) // 2))):
+        tau = (a + b) / 2 + (b - a) / 2 * u
+        total += w * math.prod((tau - s) / (nodes[j] - s) for k, s in enumerate(nodes) if k != j)
+    return total * (b - a) / 2
 
 
 def sample_lms(model, x, sigmas, *, extra_args=None, callback=None, generator=None, order=4):

@@ -1,0 +1,68 @@
+"""What a component of each kind must look like once its factory has built it.
+
+These are typing Protocols: a plugin needs no base class, only the call signature.
+Images are NCHW float tensors in [-1, 1]; randomness comes from an explicit generator.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class TextEmbedding:
+    """A batch of encoded prompts: per-token states, their padding mask, one pooled vector."""
+
+    tokens: torch.Tensor  # [B, L, D]
+    mask: torch.Tensor  # [B, L], True where a token is real
+    pooled: torch.Tensor  # [B, D]
+
+    def __post_init__(self) -> None:
+        b, length, _ = self.tokens.shape
+        if tuple(self.mask.shape) != (b, length) or self.pooled.shape[0] != b:
+            raise ValueError(f"TextEmbedding shapes disagree: tokens {tuple(self.tokens.shape)}, "
+                             f"mask {tuple(self.mask.shape)}, pooled {tuple(self.pooled.shape)}")
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    def encode(self, prompts: Sequence[str]) -> TextEmbedding: ...
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """Karras/EDM convention: the x0 estimate for x = x0 + sigma * eps."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    def __call__(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
+                 callback: Any = None, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    def __call__(self, n: int, sigma_min: float, sigma_max: float, *, device: Any = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Generator(Protocol):
+    def __call__(self, z: torch.Tensor, cond: Any) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Discriminator(Protocol):
+    def __call__(self, image: torch.Tensor, cond: Any) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class AttentionBackend(Protocol):
+    """q, k, v: [B, heads, L, head_dim]; mask broadcastable to [B, heads, Lq, Lk], True = keep."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor: ...

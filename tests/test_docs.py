@@ -1,0 +1,20 @@
+"""Every Python block in docs/ and the README runs as written."""
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "docs" / "plugins.md", ROOT / "README.md"]
+
+
+def python_blocks():
+    for path in DOCS:
+        for k, block in enumerate(re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)):
+            yield pytest.param(block, id=f"{path.name}-{k}")
+
+
+@pytest.mark.parametrize("code", list(python_blocks()))
+def test_python_block_runs(code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "<doc>", "exec"), {"__name__": "__doc__"})
