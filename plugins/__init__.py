@@ -3,6 +3,6 @@
 The `limner` entry point loads this package; the registry then registers every module in
 PLUGINS, exactly as it would a third-party plugin.
 """
-from . import samplers, schedules
+from . import datasets, samplers, schedules, shapes, text_encoders
 
-PLUGINS = (samplers, schedules)
+PLUGINS = (samplers, schedules, datasets, shapes, text_encoders)

@@ -28,12 +28,12 @@ def test_plugins_table_and_json(capsys):
 
 def test_demo_writes_a_grid_and_reports_missing_parts(capsys, tmp_path):
     config = tmp_path / "demo.toml"
-    config.write_text('samplers = ["euler", { name = "dpmpp_2m_sde", eta = 1.0 }]\nsteps = 12\nseeds = 3\nsize = 16\n')
+    config.write_text('samplers = ["euler", { name = "dpmpp_2m_sde", eta = 1.0 }]\nsteps = 12\nseeds = 3\nimages = 4\n')
     code, out, _ = run(capsys, "demo", "--config", str(config), "--out", str(tmp_path / "o"))
     assert code == 0
-    assert "Missing for text-to-image generation: text_encoders, denoisers, generators" in out
+    assert "Missing for text-to-image generation: denoisers, generators" in out
     grid = Image.open(tmp_path / "o" / "grid.png")
-    assert grid.size[1] == 2 * (16 + 2) + 2  # two sampler rows
+    assert grid.size[1] == 2 * (32 + 2) + 2  # two sampler rows
     rms = [float(line.split()[-1]) for line in out.splitlines() if line.strip().startswith(("euler", "dpmpp"))]
     assert len(rms) == 2 and max(rms) < 0.01  # every sample landed on a training image
 
