@@ -26,6 +26,22 @@ class TextEmbedding:
             raise ValueError(f"TextEmbedding shapes disagree: tokens {tuple(self.tokens.shape)}, "
                              f"mask {tuple(self.mask.shape)}, pooled {tuple(self.pooled.shape)}")
 
+    def cat(self, other: TextEmbedding) -> TextEmbedding:
+        """Both batches in one, token axes padded to the longer (padding masked out)."""
+        length = max(self.tokens.shape[1], other.tokens.shape[1])
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            extra = length - t.shape[1]
+            return torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, extra)) if extra else t
+
+        return TextEmbedding(torch.cat([pad(self.tokens), pad(other.tokens)]),
+                             torch.cat([pad(self.mask), pad(other.mask)]),
+                             torch.cat([self.pooled, other.pooled]))
+
+    def repeat(self, n: int) -> TextEmbedding:
+        """Each prompt n times in a row (for several images per prompt)."""
+        return TextEmbedding(*(t.repeat_interleave(n, dim=0) for t in (self.tokens, self.mask, self.pooled)))
+
 
 @runtime_checkable
 class TextEncoder(Protocol):

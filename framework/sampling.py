@@ -153,7 +153,10 @@ def schedule_spec(fn: Callable, name: str, aliases: tuple[str, ...] = ()) -> Com
 # --- classifier-free guidance ----------------------------------------------------------
 
 def _cat(a: Any, b: Any) -> Any:
-    """Concatenate two conditionings along the batch: tensors, dataclasses of tensors, dicts."""
+    """Concatenate two conditionings along the batch: tensors, objects with .cat, dataclasses
+    of tensors, dicts."""
+    if hasattr(a, "cat") and not isinstance(a, torch.Tensor):
+        return a.cat(b)
     if isinstance(a, torch.Tensor):
         return torch.cat([a, b])
     if is_dataclass(a):

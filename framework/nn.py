@@ -1,0 +1,58 @@
+"""Building blocks shared by denoisers: noise-level embedding, attention, feed-forward."""
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .attention import attention
+from limner.kernels import geglu
+
+
+def noise_embedding(c_noise: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal features of the noise level [B] -> [B, dim] (Vaswani et al. 2017; ADM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=c_noise.device) / half)
+    angles = c_noise.float()[:, None] * 1000 * freqs[None]  # c_noise = log(sigma)/4 spans about +-1
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, or cross-attention to a context with a key mask."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(context_dim or dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [B, L, D]; context: [B, M, Dc]; mask: [B, M], True = attend
+        k, v = self.to_kv(x if context is None else context).chunk(2, dim=-1)
+        q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=self.heads) for t in (self.to_q(x), k, v))
+        key_mask = None if mask is None else rearrange(mask.bool(), "b m -> b 1 1 m")
+        return self.out(rearrange(attention(q, k, v, key_mask), "b h l d -> b l (h d)"))
+
+
+class FeedForward(nn.Module):
+    """Linear -> GEGLU -> Linear (Shazeer 2020)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.proj_in, self.proj_out = nn.Linear(dim, 2 * mult * dim), nn.Linear(mult * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(geglu(self.proj_in(x)))
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters, so a residual branch starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module

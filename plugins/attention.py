@@ -1,0 +1,42 @@
+"""Attention backends: `sdpa` (torch), `math` (plain PyTorch) and `xformers` (when installed)."""
+from __future__ import annotations
+
+from einops import rearrange
+
+import limner
+from limner.kernels import attention_math, attention_sdpa
+
+
+def sdpa():
+    """torch.nn.functional.scaled_dot_product_attention."""
+    return attention_sdpa
+
+
+def math():
+    """Plain PyTorch attention in float32: the reference."""
+    return attention_math
+
+
+def xformers():
+    """xformers' memory_efficient_attention (Lefaudeux et al. 2022), CUDA only."""
+    try:
+        import xformers.ops as xops
+    except ImportError:
+        raise limner.LimnerError("the xformers attention backend needs xformers: pip install limner[xformers]") from None
+
+    def attend(q, k, v, mask=None):
+        bias = None
+        if mask is not None:  # xformers takes an additive bias; its last dim must be padded to 8
+            bias = q.new_zeros(mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]).shape)
+            bias = bias.masked_fill(~mask, float("-inf"))
+        out = xops.memory_efficient_attention(*(rearrange(t, "b h l d -> b l h d") for t in (q, k, v)), attn_bias=bias)
+        return rearrange(out, "b l h d -> b h l d")
+
+    return attend
+
+
+@limner.hookimpl
+def limner_register_attention_backends():
+    """sdpa, math and xformers attention."""
+    return [limner.ComponentSpec("sdpa", sdpa), limner.ComponentSpec("math", math),
+            limner.ComponentSpec("xformers", xformers)]
