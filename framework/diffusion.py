@@ -1,0 +1,64 @@
+"""Denoiser parameterisations and the training loss, in the Karras/EDM convention.
+
+A network F(c_in x, c_noise, cond) becomes D(x, sigma, cond) = c_skip x + c_out F once,
+here, for every parameterisation (Karras et al. 2022, Table 1):
+  edm  c_skip = sd^2/(s^2+sd^2)  c_out = s sd / sqrt(s^2+sd^2)    (F predicts a mix)
+  v    as edm with c_out negated: F predicts v (Salimans & Ho 2022)
+  eps  c_skip = 1                c_out = -s                      (F predicts the noise)
+  x0   c_skip = 0                c_out = 1                       (F predicts the image)
+with c_in = 1/sqrt(s^2+sd^2) and c_noise = log(s)/4. Training weights the x0 error by
+1/c_out^2, which is exactly the plain MSE of F against its own target.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LimnerError
+
+PARAMETERIZATIONS = ("edm", "v", "eps", "x0")
+
+
+def preconditioning(sigma: torch.Tensor, kind: str, sigma_data: float) -> tuple[torch.Tensor, ...]:
+    """(c_skip, c_out, c_in, c_noise), each shaped like sigma."""
+    total = sigma**2 + sigma_data**2
+    c_in, c_noise = total.rsqrt(), sigma.log() / 4
+    if kind in ("edm", "v"):
+        c_skip, c_out = sigma_data**2 / total, sigma * sigma_data * total.rsqrt()
+        return c_skip, (-c_out if kind == "v" else c_out), c_in, c_noise
+    if kind == "eps":
+        return torch.ones_like(sigma), -sigma, c_in, c_noise
+    if kind == "x0":
+        return torch.zeros_like(sigma), torch.ones_like(sigma), c_in, c_noise
+    raise LimnerError(f"unknown parameterization {kind!r}. Valid: {', '.join(PARAMETERIZATIONS)}.")
+
+
+class Preconditioned(nn.Module):
+    """D(x, sigma, cond) around a network net(x_in, c_noise, cond) -> [B, C, H, W]."""
+
+    def __init__(self, net: nn.Module, parameterization: str = "edm", sigma_data: float = 0.5):
+        super().__init__()
+        preconditioning(torch.ones(1), parameterization, sigma_data)  # validate the name early
+        self.net, self.parameterization, self.sigma_data = net, parameterization, sigma_data
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        sigma = sigma.to(torch.float32).reshape(-1)
+        c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in
+                                        preconditioning(sigma, self.parameterization, self.sigma_data))
+        out = self.net((c_in * x).to(x.dtype), c_noise.flatten(), cond)
+        return (c_skip * x + c_out * out.float()).to(x.dtype)
+
+    def loss(self, x0: torch.Tensor, cond: Any, sigma: torch.Tensor,
+             noise: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss: 1/c_out^2 weighted squared error of D at x0 + sigma * noise."""
+        denoised = self(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, cond)
+        _, c_out, _, _ = preconditioning(sigma.float(), self.parameterization, self.sigma_data)
+        return ((denoised.float() - x0.float()) ** 2).flatten(1).mean(1) / c_out**2
+
+
+def training_sigmas(n: int, p_mean: float = -1.2, p_std: float = 1.2, generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """Log-normal noise levels ln(sigma) ~ N(p_mean, p_std^2) (Karras et al. 2022, sec. 5)."""
+    return (torch.randn(n, generator=generator, device=device) * p_std + p_mean).exp()

@@ -1,0 +1,245 @@
+"""Denoiser networks: an ADM-style UNet and a DiT, both cross-attending to text tokens.
+
+Each factory returns a Preconditioned module, D(x, sigma, cond) in the Karras/EDM convention,
+with cond a TextEmbedding (or None). `context_dim`, `in_channels` and `image_size` are set
+by the trainer from the text encoder and dataset.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+import limner
+from limner.diffusion import Preconditioned
+from limner.kernels import adaln_modulate, gated_residual, group_norm_silu
+from limner.nn import Attention, FeedForward, noise_embedding, zero_init
+from limner.protocols import TextEmbedding
+
+
+class Conditioning(nn.Module):
+    """The per-sample vector every block sees: noise-level features + pooled text."""
+
+    def __init__(self, base: int, dim: int, context_dim: int):
+        super().__init__()
+        self.base = base
+        self.time = nn.Sequential(nn.Linear(base, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.text = nn.Linear(context_dim, dim)
+
+    def forward(self, c_noise: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
+        emb = self.time(noise_embedding(c_noise, self.base))
+        return emb if cond is None else emb + self.text(cond.pooled.to(emb.dtype))
+
+
+def _context(cond: TextEmbedding | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return (None, None) if cond is None else (cond.tokens, cond.mask)
+
+
+# --- UNet -------------------------------------------------------------------------------
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the noise embedding as a per-channel scale and shift (ADM)."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.groups = groups
+        self.norm1, self.norm2 = nn.GroupNorm(groups, cin), nn.GroupNorm(groups, cout)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv2 = zero_init(nn.Conv2d(cout, cout, 3, padding=1))
+        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(group_norm_silu(x, self.groups, self.norm1.weight, self.norm1.bias))
+        scale, shift = self.emb(F.silu(emb)).chunk(2, dim=1)
+        h = group_norm_silu(h, self.groups, self.norm2.weight, self.norm2.bias, scale=scale, shift=shift)
+        return self.skip(x) + self.conv2(self.dropout(h))
+
+
+class SpatialTransformer(nn.Module):
+    """Self-attention over pixels, cross-attention to text tokens, feed-forward (LDM)."""
+
+    def __init__(self, ch: int, heads: int, context_dim: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch)
+        self.proj_in, self.proj_out = nn.Conv2d(ch, ch, 1), zero_init(nn.Conv2d(ch, ch, 1))
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(ch), nn.LayerNorm(ch), nn.LayerNorm(ch)
+        self.self_attn, self.cross_attn = Attention(ch, heads), Attention(ch, heads, context_dim)
+        self.ff = FeedForward(ch)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
+        h = x.shape[2]
+        t = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+        t = t + self.self_attn(self.ln1(t))
+        context, mask = _context(cond)
+        if context is not None:
+            t = t + self.cross_attn(self.ln2(t), context.to(t.dtype), mask)
+        t = t + self.ff(self.ln3(t))
+        return x + self.proj_out(rearrange(t, "b (h w) c -> b c h w", h=h))
+
+
+class Down(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x, emb, cond):
+        return self.conv(x)
+
+
+class Up(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, emb, cond):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.Sequential):
+    """A list of blocks called with (x, emb, cond); ResBlocks ignore cond."""
+
+    def forward(self, x, emb, cond):
+        for block in self:
+            x = block(x, emb) if isinstance(block, ResBlock) else block(x, emb, cond)
+        return x
+
+
+class UNet(nn.Module):
+    """ADM-style UNet (Dhariwal & Nichol 2021) with LDM cross-attention (Rombach et al. 2022)."""
+
+    def __init__(self, in_channels: int, channels: int, mults: tuple[int, ...], blocks: int,
+                 attention_levels: tuple[int, ...], heads: int, context_dim: int, groups: int, dropout: float):
+        super().__init__()
+        emb_dim = 4 * channels
+        self.cond = Conditioning(channels, emb_dim, context_dim)
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+
+        def res(cin, cout):
+            return ResBlock(cin, cout, emb_dim, groups, dropout)
+
+        def attn(ch):
+            return SpatialTransformer(ch, heads, context_dim, groups)
+
+        self.down, skips, ch = nn.ModuleList(), [channels], channels
+        for level, mult in enumerate(mults):
+            for _ in range(blocks):
+                layers = [res(ch, channels * mult)] + ([attn(channels * mult)] if level in attention_levels else [])
+                ch = channels * mult
+                self.down.append(Stage(*layers))
+                skips.append(ch)
+            if level < len(mults) - 1:
+                self.down.append(Stage(Down(ch)))
+                skips.append(ch)
+        self.middle = Stage(res(ch, ch), attn(ch), res(ch, ch))
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(mults))):
+            for i in range(blocks + 1):
+                layers = [res(ch + skips.pop(), channels * mult)]
+                ch = channels * mult
+                layers += [attn(ch)] if level in attention_levels else []
+                layers += [Up(ch)] if level > 0 and i == blocks else []
+                self.up.append(Stage(*layers))
+        self.norm_out = nn.GroupNorm(groups, ch)
+        self.conv_out = zero_init(nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
+        emb = self.cond(c_noise, cond)
+        h = self.conv_in(x)
+        skips = [h]
+        for stage in self.down:
+            h = stage(h, emb, cond)
+            skips.append(h)
+        h = self.middle(h, emb, cond)
+        for stage in self.up:
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb, cond)
+        return self.conv_out(group_norm_silu(h, self.groups, self.norm_out.weight, self.norm_out.bias))
+
+
+def unet(context_dim: int, in_channels: int = 3, image_size: int = 32, channels: int = 64,
+         mults: list[int] = (1, 2, 2), blocks: int = 2, attention_levels: list[int] = (1, 2), heads: int = 4,
+         groups: int = 32, dropout: float = 0.0, parameterization: str = "edm", sigma_data: float = 0.5):
+    """ADM-style UNet with text cross-attention (Dhariwal & Nichol 2021; Rombach et al. 2022)."""
+    if image_size % 2 ** (len(mults) - 1):
+        raise limner.LimnerError(f"unet: image_size {image_size} must be divisible by 2^{len(mults) - 1}")
+    if channels % groups:
+        raise limner.LimnerError(f"unet: channels {channels} must be divisible by groups {groups}")
+    net = UNet(in_channels, channels, tuple(mults), blocks, tuple(attention_levels), heads, context_dim, groups,
+               dropout)
+    return Preconditioned(net, parameterization, sigma_data)
+
+
+# --- DiT --------------------------------------------------------------------------------
+
+def sincos_2d(dim: int, side: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding [side*side, dim] (MAE, He et al. 2022)."""
+    quarter = dim // 4
+    freqs = 1 / 10_000 ** (torch.arange(quarter) / quarter)
+    pos = torch.arange(side).float()[:, None] * freqs[None]  # [side, quarter]
+    row = torch.cat([pos.sin(), pos.cos()], 1)
+    grid_y, grid_x = row[:, None].expand(side, side, -1), row[None].expand(side, side, -1)
+    return rearrange(torch.cat([grid_y, grid_x], -1), "h w d -> (h w) d")
+
+
+class DiTBlock(nn.Module):
+    """adaLN-zero self-attention and MLP (Peebles & Xie 2023), plus cross-attention to the
+    text tokens between them (PixArt-alpha, Chen et al. 2023)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.self_attn, self.cross_attn = Attention(dim, heads), Attention(dim, heads, context_dim)
+        self.ln_cross = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+        self.ada = zero_init(nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(emb)).chunk(6, dim=1)
+        x = gated_residual(x, gate1, self.self_attn(adaln_modulate(x, shift1, scale1)))
+        context, mask = _context(cond)
+        if context is not None:
+            x = x + self.cross_attn(self.ln_cross(x), context.to(x.dtype), mask)
+        return gated_residual(x, gate2, self.ff(adaln_modulate(x, shift2, scale2)))
+
+
+class DiT(nn.Module):
+    """Diffusion transformer over image patches (Peebles & Xie 2023)."""
+
+    def __init__(self, in_channels: int, image_size: int, patch: int, dim: int, depth: int, heads: int,
+                 context_dim: int):
+        super().__init__()
+        self.patch, self.side = patch, image_size // patch
+        self.cond = Conditioning(dim, dim, context_dim)
+        self.patchify = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.register_buffer("pos", sincos_2d(dim, self.side), persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, context_dim) for _ in range(depth))
+        self.final_ada = zero_init(nn.Linear(dim, 2 * dim))
+        self.final = zero_init(nn.Linear(dim, patch * patch * in_channels))
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
+        emb = self.cond(c_noise, cond)
+        t = rearrange(self.patchify(x), "b d h w -> b (h w) d") + self.pos.to(x.dtype)
+        for block in self.blocks:
+            t = block(t, emb, cond)
+        shift, scale = self.final_ada(F.silu(emb)).chunk(2, dim=1)
+        t = self.final(adaln_modulate(t, shift, scale))
+        return rearrange(t, "b (h w) (p q c) -> b c (h p) (w q)", h=self.side, p=self.patch, q=self.patch)
+
+
+def dit(context_dim: int, in_channels: int = 3, image_size: int = 32, patch: int = 2, dim: int = 256,
+        depth: int = 6, heads: int = 4, parameterization: str = "edm", sigma_data: float = 0.5):
+    """DiT with adaLN-zero and text cross-attention (Peebles & Xie 2023; Chen et al. 2023)."""
+    if image_size % patch:
+        raise limner.LimnerError(f"dit: image_size {image_size} must be divisible by patch {patch}")
+    if dim % 4:
+        raise limner.LimnerError(f"dit: dim {dim} must be divisible by 4")
+    net = DiT(in_channels, image_size, patch, dim, depth, heads, context_dim)
+    return Preconditioned(net, parameterization, sigma_data)
+
+
+@limner.hookimpl
+def limner_register_denoisers():
+    """ADM-style UNet and DiT."""
+    return [limner.ComponentSpec("unet", unet), limner.ComponentSpec("dit", dit)]

@@ -1,0 +1,148 @@
+"""Parameterisations, fused-op references, attention backends and the denoiser networks."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import limner
+from limner.attention import attention
+from limner.diffusion import Preconditioned
+from limner.kernels import adaln_modulate, gated_residual, geglu, group_norm_silu
+from limner.protocols import TextEmbedding
+
+
+class Oracle(torch.nn.Module):
+    """A 'network' that knows x0 and the noise, and returns the target of its parameterisation."""
+
+    def __init__(self, kind, x0, noise, sigma, sigma_data):
+        super().__init__()
+        self.kind, self.x0, self.noise, self.sigma, self.sd = kind, x0, noise, sigma.view(-1, 1, 1, 1), sigma_data
+
+    def forward(self, x_in, c_noise, cond):
+        s, sd, x0, eps = self.sigma, self.sd, self.x0, self.noise
+        if self.kind == "eps":
+            return eps
+        if self.kind == "x0":
+            return x0
+        # EDM's F target: (x0 - c_skip x) / c_out (Karras et al. 2022, eq. 8); v negates it
+        edm_target = (x0 - sd**2 / (s**2 + sd**2) * (x0 + s * eps)) / (s * sd / (s**2 + sd**2).sqrt())
+        return -edm_target if self.kind == "v" else edm_target
+
+
+@pytest.mark.parametrize("kind", ["edm", "v", "eps", "x0"])
+def test_each_parameterisation_recovers_x0_from_its_exact_target(kind):
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)
+    sigma = torch.tensor([0.05, 1.0, 30.0])
+    model = Preconditioned(Oracle(kind, x0, noise, sigma, 0.5), kind, 0.5)
+    assert torch.allclose(model(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma), x0, atol=1e-4)
+    assert model.loss(x0, None, sigma, noise).abs().max() < 1e-6
+
+
+def test_v_target_is_salimans_and_ho_v():
+    # with sigma_data = 1, the v net's target is v = alpha eps - sigma_vp x0 (VP form)
+    x0, eps, s = torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2), torch.tensor([0.7])
+    alpha, sigma_vp = 1 / (1 + s**2).sqrt(), s / (1 + s**2).sqrt()
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, x_in, c_noise, cond):
+            seen["x_in"] = x_in
+            return torch.zeros_like(x_in)
+
+    model = Preconditioned(Probe(), "v", 1.0)
+    loss = model.loss(x0, None, s, eps)  # = |F - target|^2 with F = 0
+    assert torch.allclose(loss, ((alpha * eps - sigma_vp * x0) ** 2).mean(), atol=1e-6)
+    assert torch.allclose(seen["x_in"], alpha * (x0 + s * eps), atol=1e-6)  # c_in x = the VP sample
+
+
+def test_unknown_parameterisation_is_named():
+    with pytest.raises(limner.LimnerError, match="unknown parameterization 'epsilon'. Valid: edm, v, eps, x0"):
+        Preconditioned(torch.nn.Identity(), "epsilon")
+
+
+def test_fused_op_references_follow_their_formulas():
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 6, 3, 5, generator=gen), torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    scale, shift = torch.randn(2, 6, generator=gen), torch.randn(2, 6, generator=gen)
+    expected = F.silu(F.group_norm(x, 3, w, b) * (1 + scale[..., None, None]) + shift[..., None, None])
+    assert torch.allclose(group_norm_silu(x, 3, w, b, scale=scale, shift=shift), expected, atol=1e-6)
+    t, s2, g = torch.randn(2, 7, 6, generator=gen), torch.randn(2, 6, generator=gen), torch.randn(2, 6, generator=gen)
+    ln = (t - t.mean(-1, keepdim=True)) / (t.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+    assert torch.allclose(adaln_modulate(t, shift, s2), ln * (1 + s2[:, None]) + shift[:, None], atol=1e-5)
+    assert torch.allclose(gated_residual(t, g, 2 * t), t + g[:, None] * 2 * t)
+    assert torch.allclose(geglu(t), t[..., :3] * F.gelu(t[..., 3:]))
+    with pytest.raises(ValueError, match="group_norm_silu: no Triton kernel yet"):
+        group_norm_silu(x, 3, w, b, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_attention_backends_agree_with_masks(backend):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen) for n in (5, 7, 7))
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., 4:] = False
+    out = attention(q, k, v, mask, backend=backend)
+    scores = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~mask, float("-inf"))
+    assert torch.allclose(out, scores.softmax(-1) @ v, atol=1e-5)
+    assert torch.allclose(attention(q, k[:, :, :4], v[:, :, :4], backend=backend)[1], out[1], atol=1e-5)
+
+
+def text(batch, dim=16, length=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return TextEmbedding(torch.randn(batch, length, dim, generator=gen), torch.ones(batch, length, dtype=torch.bool),
+                         torch.randn(batch, dim, generator=gen))
+
+
+def wake(model):
+    """Give zero-initialised output layers small random weights, as training soon would."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+NETS = [("unet", {"channels": 32, "mults": [1, 2], "blocks": 1, "attention_levels": [1]}),
+        ("dit", {"dim": 32, "depth": 2, "patch": 4})]
+
+
+@pytest.mark.parametrize("name, options", NETS, ids=[n for n, _ in NETS])
+def test_denoisers_map_shapes_and_listen_to_the_text(name, options):
+    torch.manual_seed(0)
+    model = wake(limner.create("denoisers", name, context_dim=16, image_size=16, **options)).eval()
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0])
+    out_a, out_b = model(x, sigma, text(2, seed=0)), model(x, sigma, text(2, seed=1))
+    assert out_a.shape == x.shape
+    assert (out_a - out_b).abs().mean() > 1e-3  # another caption, another x0 estimate
+    masked = text(2, seed=0)
+    masked.mask[:, 3:] = False
+    changed = masked.tokens.clone()
+    changed[:, 3:] += 5.0
+    other = TextEmbedding(changed, masked.mask, masked.pooled)
+    assert torch.allclose(model(x, sigma, masked), model(x, sigma, other), atol=1e-5)  # padding is ignored
+
+
+@pytest.mark.parametrize("name, options", NETS, ids=[n for n, _ in NETS])
+def test_training_lowers_the_denoising_loss(name, options):
+    torch.manual_seed(0)
+    model = limner.create("denoisers", name, context_dim=16, image_size=16, **options)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 3, 16, 16, generator=gen).clamp(-1, 1)
+    sigma, noise = torch.full((8,), 0.5), torch.randn(8, 3, 16, 16, generator=gen)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss = model.loss(x0, text(8), sigma, noise).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_denoiser_options_are_checked():
+    with pytest.raises(limner.LimnerError, match="image_size 30 must be divisible by patch 4"):
+        limner.create("denoisers", "dit", context_dim=8, image_size=30, patch=4)
+    with pytest.raises(limner.LimnerError, match="unknown option 'chanels', did you mean channels"):
+        limner.create("denoisers", "unet", context_dim=8, chanels=3)
