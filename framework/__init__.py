@@ -10,6 +10,16 @@ from .registry import ComponentSpec, create, get_component, list_components
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # load_pipeline pulls in torch, transformers and accelerate: import it on first use only
+    if name == "load_pipeline":
+        from .pipeline import load_pipeline
+
+        return load_pipeline
+    raise AttributeError(f"module 'limner' has no attribute {name!r}")
+
+
 __all__ = [
     "KINDS",
     "ComponentSpec",
@@ -21,4 +31,5 @@ __all__ = [
     "get_component",
     "hookimpl",
     "list_components",
+    "load_pipeline",
 ]

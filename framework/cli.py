@@ -62,6 +62,63 @@ def plugins(as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--steps", type=int, default=None, help="Override train.steps.")
+def train(config: str, steps: int | None) -> None:
+    """Train a text-to-image model from a TOML config (resumes the run if it has a checkpoint).
+
+    Multi-process: `accelerate launch -m limner.cli train CONFIG` or `torchrun --nproc_per_node N ...`.
+    """
+    from .train import train as run_training
+
+    run_training(config, {"train.steps": steps} if steps else None)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="A prompt (repeat for more).")
+@click.option("--sampler", default=None, help="Sampler name (default: the checkpoint's).")
+@click.option("--schedule", default=None, help="Schedule name (default: the checkpoint's).")
+@click.option("--steps", type=int, default=None, help="Sampling steps.")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num", type=int, default=1, show_default=True, help="Images per prompt.")
+@click.option("--out", type=click.Path(file_okay=False), default="out/samples", show_default=True)
+@click.option("--init-image", type=click.Path(dir_okay=False), default=None, help="Image-to-image start.")
+@click.option("--strength", type=float, default=0.6, show_default=True, help="How much of --init-image to redraw.")
+@click.option("--mask", type=click.Path(dir_okay=False), default=None, help="Inpainting mask: white = redraw.")
+def sample(checkpoint, prompts, sampler, schedule, steps, guidance, seed, num, out, init_image, strength, mask):
+    """Draw images from a trained checkpoint: one PNG per image and a grid."""
+    from pathlib import Path
+
+    from .images import make_grid, save_atomic
+    from .pipeline import load_pipeline, open_image
+
+    pipe = load_pipeline(checkpoint)
+    images = pipe(list(prompts), sampler=sampler, schedule=schedule, steps=steps, guidance=guidance, seed=seed,
+                  num=num, init_image=open_image(init_image), strength=strength, mask=open_image(mask),
+                  progress=True)
+    folder = Path(out)
+    for i, image in enumerate(images):
+        save_atomic(image, folder / f"{i:03d}.png")
+    save_atomic(make_grid(images, ncols=num), folder / "grid.png")
+    click.echo(f"Wrote {len(images)} images and grid.png to {folder}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path())
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--full-precision", is_flag=True, help="Keep float32 weights (default: float16).")
+def export(run: str, dest: str, full_precision: bool) -> None:
+    """Copy a run's latest checkpoint as a small release: config + EMA weights."""
+    from .checkpoint import export_checkpoint
+
+    path = export_checkpoint(run, dest, half=not full_precision)
+    size = sum(p.stat().st_size for p in path.iterdir()) / 1e6
+    click.echo(f"Wrote {path} ({size:.1f} MB)")
+
+
+@cli.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Demo config (default: the built-in one).")
 @click.option("--out", type=click.Path(file_okay=False), default="out/demo", show_default=True,

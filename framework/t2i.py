@@ -1,0 +1,55 @@
+"""The text-to-image diffusion model: a text encoder and a denoiser, built from config."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import ComponentConfig, component
+from .protocols import TextEmbedding
+
+
+@dataclass
+class ModelConfig:
+    """Which text encoder and denoiser, by name with their options."""
+
+    text_encoder: ComponentConfig = component("text_encoders", "clip_text")
+    denoiser: ComponentConfig = component("denoisers", "unet")
+    image_size: int = 32
+    channels: int = 3
+
+
+@dataclass
+class SampleConfig:
+    """How images are drawn: in training's sample grids, `limner sample` and the demo."""
+
+    sampler: ComponentConfig = component("samplers", "dpmpp_2m")
+    schedule: ComponentConfig = component("schedules", "karras")
+    steps: int = 20
+    guidance: float = 3.0
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    prompts: list[str] = field(default_factory=list)
+
+
+class TextToImage(nn.Module):
+    """encode(prompts) -> TextEmbedding; forward(x, sigma, cond) -> x0 estimate."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_encoder = cfg.text_encoder.build()
+        self.denoiser = cfg.denoiser.build(context_dim=self.text_encoder.dim, in_channels=cfg.channels,
+                                           image_size=cfg.image_size)
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        return self.text_encoder.encode(prompts)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextEmbedding | None = None) -> torch.Tensor:
+        return self.denoiser(x, sigma, cond)
+
+    def training_loss(self, images: torch.Tensor, captions: list[str], sigma: torch.Tensor,
+                      noise: torch.Tensor) -> torch.Tensor:
+        """Mean denoising loss of a batch; text encoding inside, so DDP sees one forward."""
+        return self.denoiser.loss(images, self.encode(captions), sigma, noise).mean()

@@ -1,0 +1,383 @@
+"""`limner train CONFIG.toml`: text-to-image diffusion training on HF Accelerate.
+
+One script for CPU, one GPU or many (`accelerate launch` / `torchrun`). Every random draw
+of step s (batch order, caption dropout, noise levels, noise, dropout) comes from seeds
+derived from (seed, s, rank), so a run killed after checkpoint k and resumed continues
+exactly as if it had never stopped.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import (find_checkpoint, load_module, load_tensors, optimizer_tensors, read_state,
+                         restore_optimizer, to_toml, write_checkpoint)
+from .config import ComponentConfig, component, load_config
+from .diffusion import training_sigmas
+from .errors import LimnerError
+from .images import make_grid, save_atomic, to_pil
+from .sampling import sample
+from .t2i import ModelConfig, SampleConfig, TextToImage
+
+
+@dataclass
+class DataConfig:
+    dataset: ComponentConfig = component("datasets", "shapes")
+    batch_size: int = 64
+    workers: int = 0
+    caption_dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 10_000
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup: int = 200
+    ema: float = 0.999
+    grad_clip: float = 1.0
+    mixed_precision: str = "bf16"  # used on GPU only: "no", "bf16" or "fp16"
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    log_every: int = 25
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+
+
+@dataclass
+class EvalConfig:
+    """Score samples of held-out prompts with a metric after training (0 prompts: skip)."""
+
+    metric: str = ""
+    dataset: dict = field(default_factory=dict)
+    prompts: int = 0
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def config_dict(obj: Any) -> Any:
+    """A config dataclass as plain TOML-able data (components as {name, ...options})."""
+    if isinstance(obj, ComponentConfig):
+        return {"name": obj.name, **obj.options}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: config_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [config_dict(v) for v in obj]
+    return obj
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Index batches for steps start, start+1, ...: epoch-seeded permutations, this rank's slice."""
+
+    def __init__(self, size: int, batch: int, seed: int, rank: int, world: int, start: int, steps: int):
+        if size < batch * world:
+            raise LimnerError(f"dataset of {size} items is smaller than one global batch ({batch * world})")
+        self.size, self.batch, self.seed, self.rank, self.world = size, batch, seed, rank, world
+        self.start, self.steps = start, steps
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)))
+        return self._perm[1]
+
+    def indices(self, step: int) -> list[int]:
+        per_epoch = self.size // (self.batch * self.world)
+        epoch, k = divmod(step, per_epoch)
+        first = (k * self.world + self.rank) * self.batch
+        return self._permutation(epoch)[first:first + self.batch].tolist()
+
+    def __iter__(self):
+        return (self.indices(s) for s in range(self.start, self.steps))
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start, 0)
+
+
+def collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([img for img, _ in items]), [text for _, text in items]
+
+
+class TrainStep(nn.Module):
+    """The module DDP wraps: text encoding and the denoiser in one forward."""
+
+    def __init__(self, model: TextToImage):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, captions, sigma, noise):
+        return self.model.training_loss(images, captions, sigma, noise)
+
+
+class EMA:
+    """Exponential moving average of a model's weights, warmed up as in ADM (decay ramps
+    from ~0.1 to `decay` over the first steps)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach().to(ema_p.dtype), 1 - d)
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+
+
+class Trainer:
+    """Owns the accelerator, model, EMA, optimiser and data of one run."""
+
+    def __init__(self, cfg: TrainConfig, config_text: str | None = None):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        cuda = torch.cuda.is_available()
+        precision = cfg.train.mixed_precision if cuda else "no"
+        if precision not in ("no", "bf16", "fp16"):
+            raise LimnerError(f"train.mixed_precision must be no, bf16 or fp16, got {precision!r}")
+        self.acc = Accelerator(mixed_precision=precision, cpu=not cuda)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = TextToImage(cfg.model)
+        self.ema = EMA(self.model, cfg.train.ema)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.dataset = cfg.data.dataset.build()
+        self.step = 0
+        self.config_text = to_toml(config_dict(cfg))
+        self._check_data()
+
+    def _check_data(self) -> None:
+        image, caption = self.dataset[0]
+        expected = (self.cfg.model.channels, self.cfg.model.image_size, self.cfg.model.image_size)
+        if tuple(image.shape) != expected:
+            raise LimnerError(f"dataset images are {tuple(image.shape)} but model.channels/image_size expect "
+                              f"{expected}: set them to match the dataset")
+
+    # --- checkpoints -------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Continue from the run's latest checkpoint if there is one."""
+        ckpt = find_checkpoint(self.out / "checkpoints")
+        if ckpt is None:
+            return False
+        state = read_state(ckpt)
+        if state.get("model_config") != config_dict(self.cfg.model):
+            raise LimnerError(f"{ckpt} was trained with a different [model] config; "
+                              f"use a new `out` folder or restore the config")
+        load_module(self.model, ckpt / "model.safetensors")
+        load_module(self.ema.model, ckpt / "ema.safetensors")
+        restore_optimizer(self.opt, load_tensors(ckpt / "optimizer.safetensors"), state["optimizer"])
+        self.step = state["step"]
+        self.acc.print(f"resumed from {ckpt} at step {self.step}")
+        return True
+
+    def save(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        opt_tensors, opt_rest = optimizer_tensors(self.opt)
+        state = {"step": self.step, "optimizer": opt_rest, "model_config": config_dict(self.cfg.model),
+                 "time": time.time()}
+        write_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}",
+                         {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
+                          "optimizer": opt_tensors}, self.config_text, state)
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def _loader(self, steps: int) -> torch.utils.data.DataLoader:
+        batches = StepBatches(len(self.dataset), self.cfg.data.batch_size, self.cfg.seed, self.acc.process_index,
+                              self.acc.num_processes, self.step, steps)
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.cfg.data.workers,
+                                           collate_fn=collate)
+
+    def _randomness(self, images: torch.Tensor, captions: list[str]):
+        """Caption dropout, sigmas and noise of this step and rank, from their own seed."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 1009 + self.acc.process_index)
+        torch.manual_seed(int(torch.randint(2**62, (), generator=gen)))  # dropout layers
+        keep = torch.rand(len(captions), generator=gen) >= self.cfg.data.caption_dropout
+        captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
+        sigma = training_sigmas(len(captions), self.cfg.train.p_mean, self.cfg.train.p_std, gen)
+        noise = torch.randn(images.shape, generator=gen)
+        return captions, sigma.to(self.acc.device), noise.to(self.acc.device)
+
+    def fit(self) -> dict[str, float]:
+        """Train to cfg.train.steps; returns the last logged metrics."""
+        cfg = self.cfg.train
+        step_module, opt = self.acc.prepare(TrainStep(self.model), self.opt)
+        self.ema.model.to(self.acc.device)
+        log = _Log(self.out, self.acc.is_main_process)
+        progress = _progress(self.acc.is_main_process, self.step, cfg.steps)
+        losses, last = [], {}
+        for images, captions in self._loader(cfg.steps):
+            captions, sigma, noise = self._randomness(images, captions)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(self.step, cfg)
+            loss = step_module(images.to(self.acc.device), captions, sigma, noise)
+            opt.zero_grad(set_to_none=True)
+            self.acc.backward(loss)
+            if cfg.grad_clip > 0:
+                self.acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            opt.step()
+            self.ema.update(self.model, self.step)
+            self.step += 1
+            losses.append(loss.item())
+            progress.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                last = {"step": self.step, "loss": sum(losses) / len(losses), "lr": lr_at(self.step - 1, cfg)}
+                log.write(last)
+                progress.set_postfix(loss=f"{last['loss']:.4f}")
+                losses = []
+            if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
+                self.sample_grid()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save()
+        progress.close()
+        log.close()
+        self._check_ranks_agree()
+        return last
+
+    def _check_ranks_agree(self) -> None:
+        """With several processes, every rank must hold the same weights: gather a digest."""
+        self.acc.wait_for_everyone()
+        if self.acc.num_processes == 1:
+            return
+        digest = torch.tensor([params_digest(self.model)], dtype=torch.float64, device=self.acc.device)
+        digests = self.acc.gather(digest).tolist()
+        if self.acc.is_main_process:
+            (self.out / "ranks.json").write_text(json.dumps({"step": self.step, "digests": digests}))
+        if len(set(digests)) != 1:
+            raise LimnerError(f"ranks hold different weights after step {self.step}: {digests}")
+
+    @torch.no_grad()
+    def sample_grid(self) -> Path | None:
+        """Draw the configured prompts with the EMA model into samples/step_N.png."""
+        if not self.acc.is_main_process or not self.cfg.sample.prompts:
+            return None
+        images = draw(self.ema.model, self.cfg.sample, self.cfg.sample.prompts, seed=0, device=self.acc.device)
+        path = self.out / "samples" / f"step_{self.step:07d}.png"
+        save_atomic(make_grid(to_pil(images), ncols=min(len(images), 8)), path)
+        return path
+
+
+def draw(model: TextToImage, cfg: SampleConfig, prompts: list[str], seed: int,
+         device: torch.device | str = "cpu", init: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+    """One image per prompt, [N, C, H, W] in [-1, 1]."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device).manual_seed(seed)
+    shape = (len(prompts), model.cfg.channels, model.cfg.image_size, model.cfg.image_size)
+    noise = torch.randn(shape, generator=gen, device=device)
+    out = sample(model, noise, sampler=cfg.sampler.name, schedule=cfg.schedule.name, steps=cfg.steps,
+                 sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, guidance=cfg.guidance,
+                 cond=model.encode(prompts), uncond=model.encode([""] * len(prompts)) if cfg.guidance != 1 else None,
+                 generator=gen, sampler_options=cfg.sampler.options, schedule_options=cfg.schedule.options,
+                 progress=progress)
+    model.train(was_training)
+    return out.clamp(-1, 1)
+
+
+class _Log:
+    """metrics.jsonl always; TensorBoard scalars when tensorboard is installed."""
+
+    def __init__(self, out: Path, active: bool):
+        self.active, self.writer = active, None
+        if not active:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (out / "metrics.jsonl").open("a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, row: dict[str, float]) -> None:
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, row["step"])
+
+    def close(self) -> None:
+        if self.active:
+            self.jsonl.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def _progress(active: bool, start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="training", disable=not active, dynamic_ncols=True)
+
+
+def train(config_path: str | Path, overrides: dict[str, Any] | None = None) -> Trainer:
+    """Load a config, resume if the run has a checkpoint, train; returns the trainer."""
+    cfg = load_config(config_path, TrainConfig)
+    for key, value in (overrides or {}).items():  # dotted keys: "out", "train.steps", ...
+        *sections, name = key.split(".")
+        target = cfg
+        for section in sections:
+            target = getattr(target, section)
+        setattr(target, name, value)
+    trainer = Trainer(cfg)
+    try:
+        trainer.resume()
+        if trainer.step >= cfg.train.steps:
+            trainer.acc.print(f"{cfg.out} is already trained to step {trainer.step}")
+            return trainer
+        trainer.fit()
+        if cfg.eval.prompts > 0 and trainer.acc.is_main_process:
+            scores = evaluate(trainer.ema.model, cfg.sample, cfg.eval, device=trainer.acc.device)
+            (trainer.out / "eval.json").write_text(json.dumps(scores, indent=1))
+            trainer.acc.print("held-out attribute scores: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()  # else gloo's threads may abort the exit
+    return trainer
+
+
+def evaluate(model: TextToImage, sample_cfg: SampleConfig, eval_cfg: EvalConfig, device="cpu",
+             batch: int = 50) -> dict[str, float]:
+    """Sample the first `eval_cfg.prompts` captions of a held-out dataset and score them."""
+    from .registry import create
+
+    held_out = create("datasets", eval_cfg.dataset.get("name", "shapes"),
+                      **{k: v for k, v in eval_cfg.dataset.items() if k != "name"})
+    prompts = [held_out[i][1] for i in range(eval_cfg.prompts)]
+    images = torch.cat([draw(model, sample_cfg, prompts[i:i + batch], seed=i, device=device)
+                        for i in range(0, len(prompts), batch)])
+    scores = create("metrics", eval_cfg.metric)(images.cpu(), prompts)
+    return {k: float(v) for k, v in scores.items()}
+
+
+def params_digest(model: nn.Module) -> float:
+    """A number that changes with any weight: the sum of |w| * (index + 1) over parameters."""
+    return math.fsum(float((p.detach().double().abs().flatten() * torch.arange(1, p.numel() + 1)).sum())
+                     for p in model.parameters())

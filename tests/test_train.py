@@ -1,0 +1,137 @@
+"""Training: exact resume, atomic checkpoints, multi-process agreement, and the pipeline."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import limner
+from limner.checkpoint import find_checkpoint
+from limner.cli import main
+from limner.train import train
+
+TINY = """
+out = "{out}"
+seed = 3
+[data]
+dataset = {{ name = "shapes", size = 32, length = 256, max_objects = 1 }}
+batch_size = 4
+[model]
+text_encoder = {{ name = "bert", dim = 16, layers = 1, heads = 2, max_length = 48 }}
+denoiser = {{ name = "dit", dim = 32, depth = 1, patch = 8, heads = 2 }}
+[train]
+steps = {steps}
+lr = 1e-3
+warmup = 2
+log_every = 1
+sample_every = 100
+checkpoint_every = 2
+[sample]
+steps = 3
+prompts = ["a red circle at the top left", "a blue square at the center"]
+[eval]
+metric = "shapes_attributes"
+dataset = {{ name = "shapes", size = 32, split = "test", max_objects = 1, length = 8 }}
+"""
+
+
+def write_config(tmp_path, name="run", steps=4):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(TINY.format(out=(tmp_path / name).as_posix(), steps=steps))
+    return path
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = find_checkpoint(run)
+    return {**load_file(ckpt / "model.safetensors"), **{f"ema.{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()}}
+
+
+def test_resume_after_a_stop_is_exact(tmp_path):
+    straight = train(write_config(tmp_path, "straight", steps=4))
+    assert straight.step == 4
+    interrupted = write_config(tmp_path, "interrupted", steps=4)
+    train(interrupted, {"train.steps": 2})  # "killed" after the checkpoint at step 2
+    resumed = train(interrupted)
+    assert resumed.step == 4
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "interrupted")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_checkpoints_are_atomic_and_corruption_is_named(tmp_path):
+    run = tmp_path / "run"
+    train(write_config(tmp_path, steps=2))
+    ckpt = find_checkpoint(run)
+    assert ckpt.name == "step_0000002" and not list(ckpt.parent.glob(".*tmp*"))
+    (ckpt / "ema.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(limner.LimnerError, match="corrupt checkpoint file .*ema.safetensors"):
+        limner.load_pipeline(run)
+    with pytest.raises(limner.LimnerError, match="no checkpoint found at"):
+        limner.load_pipeline(tmp_path / "nowhere")
+
+
+def test_a_changed_model_config_refuses_to_resume(tmp_path):
+    config = write_config(tmp_path, steps=2)
+    train(config)
+    config.write_text(config.read_text().replace("depth = 1", "depth = 2").replace("steps = 2", "steps = 4"))
+    with pytest.raises(limner.LimnerError, match="different \\[model\\] config"):
+        train(config)
+
+
+def test_two_processes_end_with_identical_weights(tmp_path):
+    config = write_config(tmp_path, steps=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "limner.cli", "train", str(config)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = json.loads((tmp_path / "run" / "ranks.json").read_text())
+    assert ranks["step"] == 3 and len(ranks["digests"]) == 2
+    assert ranks["digests"][0] == ranks["digests"][1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe")
+    train(write_config(tmp, steps=2))
+    return tmp / "run"
+
+
+def test_pipeline_same_seed_same_image(trained):
+    pipe = limner.load_pipeline(trained)
+    a = pipe(["a red circle at the top left"], seed=1, steps=4)
+    b = pipe(["a red circle at the top left"], seed=1, steps=4)
+    c = pipe(["a red circle at the top left"], seed=2, steps=4)
+    assert a[0].size == (32, 32)
+    assert a[0].tobytes() == b[0].tobytes() != c[0].tobytes()
+    assert len(pipe("a blue square at the center", num=3, steps=2, sampler="euler_ancestral")) == 3
+
+
+def test_image_to_image_and_inpainting(trained):
+    pipe = limner.load_pipeline(trained)
+    init = Image.new("RGB", (32, 32), (200, 30, 30))
+    light = pipe(["x"], init_image=init, strength=0.05, steps=20, seed=0)[0]
+    assert np.abs(np.asarray(light, dtype=float) - [200, 30, 30]).mean() < 12
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))  # redraw the left half only
+    painted = np.asarray(pipe(["x"], init_image=init, mask=mask, steps=4)[0])
+    assert (painted[:, 16:] == [200, 30, 30]).all()
+    with pytest.raises(limner.LimnerError, match="strength must be in \\(0, 1\\], got 1.5"):
+        pipe(["x"], init_image=init, strength=1.5)
+
+
+def test_sample_command_writes_images_and_grid(trained, tmp_path, capsys):
+    main(["sample", str(trained), "-p", "a red circle at the top left", "-p", "a green square at the top",
+          "--num", "2", "--steps", "3", "--sampler", "dpmpp_2m_sde", "--out", str(tmp_path / "o")])
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["000.png", "001.png", "002.png", "003.png", "grid.png"]
+    with pytest.raises(SystemExit):
+        main(["sample", str(trained), "-p", "x", "--sampler", "eulr"])
+    assert "unknown sampler 'eulr'" in capsys.readouterr().err
