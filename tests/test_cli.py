@@ -26,16 +26,36 @@ def test_plugins_table_and_json(capsys):
     assert rows["limner.schedules"]["version"] == "0.1.0"
 
 
-def test_demo_writes_a_grid_and_reports_missing_parts(capsys, tmp_path):
+def test_demo_without_a_checkpoint_samples_the_exact_denoiser(capsys, tmp_path):
     config = tmp_path / "demo.toml"
-    config.write_text('samplers = ["euler", { name = "dpmpp_2m_sde", eta = 1.0 }]\nsteps = 12\nseeds = 3\nimages = 4\n')
+    config.write_text('samplers = ["euler", { name = "dpmpp_2m_sde", eta = 1.0 }]\nsteps = 12\nseeds = 3\n'
+                      'images = 4\ncheckpoint = "no/such/dir"\n')
     code, out, _ = run(capsys, "demo", "--config", str(config), "--out", str(tmp_path / "o"))
     assert code == 0
-    assert "Missing for text-to-image generation: denoisers, generators" in out
+    assert "samplers            ddim, ddpm" in out and "No checkpoint at 'no/such/dir'" in out
     grid = Image.open(tmp_path / "o" / "grid.png")
     assert grid.size[1] == 2 * (32 + 2) + 2  # two sampler rows
     rms = [float(line.split()[-1]) for line in out.splitlines() if line.strip().startswith(("euler", "dpmpp"))]
     assert len(rms) == 2 and max(rms) < 0.01  # every sample landed on a training image
+
+
+def test_demo_draws_prompts_by_samplers_from_a_checkpoint(capsys, tmp_path):
+    from test_train import write_config
+
+    from limner.checkpoint import export_checkpoint
+    from limner.train import train
+
+    train(write_config(tmp_path, steps=2))
+    export_checkpoint(tmp_path / "run", tmp_path / "release")
+    assert {p.name for p in (tmp_path / "release").iterdir()} == {"config.toml", "ema.safetensors", "state.json"}
+    assert not (tmp_path / "latest").exists()
+    config = tmp_path / "demo.toml"
+    config.write_text(f'samplers = ["euler", "dpmpp_2m"]\nsteps = 3\ncheckpoint = "{(tmp_path / "release").as_posix()}"\n'
+                      'eval_prompts = 4\nprompts = ["a red circle at the top", "a blue square at the left", "x"]\n')
+    code, out, _ = run(capsys, "demo", "--config", str(config), "--out", str(tmp_path / "o"))
+    assert code == 0, out
+    assert "Attribute score on 4 held-out prompts" in out
+    assert Image.open(tmp_path / "o" / "grid.png").size[1] == 2 * (32 + 2) + 2
 
 
 def test_user_errors_are_one_paragraph_and_exit_1(capsys, tmp_path):
