@@ -280,6 +280,7 @@ class Trainer:
         return path
 
 
+@torch.no_grad()
 def draw(model: TextToImage, cfg: SampleConfig, prompts: list[str], seed: int,
          device: torch.device | str = "cpu", init: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
     """One image per prompt, [N, C, H, W] in [-1, 1]."""
