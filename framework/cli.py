@@ -124,7 +124,7 @@ def export(run: str, dest: str, full_precision: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="out/demo", show_default=True,
               help="Where to write the grid.")
 def demo(config_path: str | None, out: str) -> None:
-    """Show what is installed and draw a sampler-by-seed grid."""
+    """Show what is installed, draw prompts x samplers from the shipped model, score it."""
     from .demo import run_demo
 
     run_demo(config_path, out)

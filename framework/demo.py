@@ -101,7 +101,7 @@ def trained_demo(cfg: DemoConfig, ckpt: Path, out: Path) -> Path:
     from .pipeline import load_pipeline
     from .train import EvalConfig, evaluate, TrainConfig
 
-    pipe = load_pipeline(ckpt, device="cpu")
+    pipe = load_pipeline(ckpt)
     run_cfg = load_config(ckpt / "config.toml", TrainConfig)
     print(f"\nCheckpoint {ckpt} (step {json.loads((ckpt / 'state.json').read_text()).get('step')}):"
           f" {len(cfg.prompts)} prompts x {len(cfg.samplers)} samplers, {cfg.steps} steps, seed 0")

@@ -15,6 +15,6 @@ def python_blocks():
 
 
 @pytest.mark.parametrize("code", list(python_blocks()))
-def test_python_block_runs(code, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_python_block_runs(code, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the README's paths are relative to the checkout
     exec(compile(code, "<doc>", "exec"), {"__name__": "__doc__"})
