@@ -56,7 +56,7 @@ def render(data: dict) -> str:
     if network and samplers:
         fwd = _median(network[0])
         info = network[0]["extra_info"]
-        lines += [f"Denoiser forward ({info['params'] / 1e6:.2f}M-parameter stand-in, batch "
+        lines += [f"Denoiser forward ({info.get('model', 'network')}, {info['params'] / 1e6:.2f}M parameters, batch "
                   f"{'x'.join(map(str, info['shape']))}, {info['device']}): {fwd * 1e3:.3f} ms (median)", "",
                   "| sampler | NFE/step | sampler time per step (us) | overhead per NFE (% of a forward) |",
                   "|---|---:|---:|---:|"]
