@@ -65,6 +65,14 @@ def test_deterministic_samplers_converge_with_their_order(name, options, order):
     assert convergence_order(limner.create("samplers", name, **options)) == pytest.approx(order, abs=0.25)
 
 
+def test_dpmpp_3m_needs_the_full_quadratic_term(monkeypatch):
+    import limner.plugins.samplers as samplers
+
+    fn = limner.create("samplers", "dpmpp_3m_sde", eta=0.0)
+    monkeypatch.setattr(samplers, "QUADRATIC_TERM", 1.0)  # k-diffusion's -phi_3 * d2
+    assert convergence_order(fn) == pytest.approx(2, abs=0.25)
+
+
 def test_lms_is_high_order():
     # Fourth-order Adams-Bashforth after a warm-up of lower orders; the Euler first step at
     # sigma_max keeps the measured slope near 3.5 over 16..128 steps.
