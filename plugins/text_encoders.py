@@ -78,11 +78,16 @@ class ByteTextEncoder(nn.Module):
         self.model.save_pretrained(path, safe_serialization=True)
 
 
-def _load_local(cls, path: str):
+def _byte_encoder(model_cls, make_config, path: str | None, max_length: int, pool: str, freeze: bool,
+                  **model_kwargs) -> ByteTextEncoder:
+    """A fresh model from make_config(), or the one saved in `path` (then its own max_length)."""
+    if not path:
+        return ByteTextEncoder(model_cls(make_config(), **model_kwargs), max_length, pool, freeze)
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise limner.LimnerError(f"no saved text encoder in {folder} (config.json missing)")
-    return cls.from_pretrained(folder, local_files_only=True)
+    model = model_cls.from_pretrained(folder, local_files_only=True, **model_kwargs)
+    return ByteTextEncoder(model, model.config.max_position_embeddings, pool, freeze)
 
 
 def clip_text(dim: int = 256, layers: int = 4, heads: int = 4, max_length: int = 64, freeze: bool = False,
@@ -90,16 +95,10 @@ def clip_text(dim: int = 256, layers: int = 4, heads: int = 4, max_length: int =
     """A CLIP-style text transformer (Radford et al. 2021) over bytes, from config or a saved folder."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if path:
-        model = _load_local(CLIPTextModel, path)
-        max_length = model.config.max_position_embeddings
-    else:
-        config = CLIPTextConfig(vocab_size=BYTE_VOCAB, hidden_size=dim, intermediate_size=4 * dim,
-                                num_hidden_layers=layers, num_attention_heads=heads,
-                                max_position_embeddings=max_length, pad_token_id=PAD, bos_token_id=BOS,
-                                eos_token_id=EOS)
-        model = CLIPTextModel(config)
-    return ByteTextEncoder(model, max_length, pool="model", freeze=freeze)
+    return _byte_encoder(CLIPTextModel, lambda: CLIPTextConfig(
+        vocab_size=BYTE_VOCAB, hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=max_length, pad_token_id=PAD, bos_token_id=BOS,
+        eos_token_id=EOS), path, max_length, pool="model", freeze=freeze)
 
 
 def bert(dim: int = 256, layers: int = 4, heads: int = 4, max_length: int = 64, freeze: bool = False,
@@ -107,15 +106,10 @@ def bert(dim: int = 256, layers: int = 4, heads: int = 4, max_length: int = 64, 
     """A BERT encoder (Devlin et al. 2019) over bytes, mean-pooled, from config or a saved folder."""
     from transformers import BertConfig, BertModel
 
-    if path:
-        model = _load_local(BertModel, path)
-        max_length = model.config.max_position_embeddings
-    else:
-        config = BertConfig(vocab_size=BYTE_VOCAB, hidden_size=dim, intermediate_size=4 * dim,
-                            num_hidden_layers=layers, num_attention_heads=heads,
-                            max_position_embeddings=max_length, pad_token_id=PAD)
-        model = BertModel(config, add_pooling_layer=False)
-    return ByteTextEncoder(model, max_length, pool="mean", freeze=freeze)
+    return _byte_encoder(BertModel, lambda: BertConfig(
+        vocab_size=BYTE_VOCAB, hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=max_length, pad_token_id=PAD),
+        path, max_length, pool="mean", freeze=freeze, add_pooling_layer=False)
 
 
 class MiniLMEncoder(nn.Module):
