@@ -120,6 +120,7 @@ def test_imagefolder_reads_metadata_and_sidecars(tmp_path):
     (img_a, text_a), (img_b, text_b) = ds[0], ds[1]
     assert (text_a, text_b) == ("a red patch", "a blue patch")
     assert img_a.shape == (3, 8, 8) and img_a[0].min() > 0.95 and img_a[2].max() < -0.95
+    assert img_b[2].min() > 0.95 and img_b[0].max() < -0.95
 
 
 def test_imagefolder_errors_name_the_file(tmp_path):

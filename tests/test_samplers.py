@@ -1,7 +1,6 @@
 """Samplers against exact answers: on Gaussian data N(mu, s^2) the optimal denoiser is
 D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu), and the probability-flow ODE keeps
 (x - mu) / sqrt(s^2 + sigma^2) constant, so every solver's error and order can be measured."""
-import math
 import re
 
 import numpy as np
