@@ -117,37 +117,28 @@ class BrownianNoise:
 
 # --- components --------------------------------------------------------------------
 
-def _options_signature(fn: Callable) -> inspect.Signature:
-    params = [p for p in inspect.signature(fn).parameters.values() if p.name not in SAMPLER_ARGS]
-    return inspect.Signature(params)
-
-
-def sampler_spec(fn: Callable, name: str, aliases: tuple[str, ...] = ()) -> ComponentSpec:
-    """A ComponentSpec for a k-diffusion-style sampler function.
-
-    The factory takes the sampler's options (eta, s_churn, order, ...) and returns the
-    sampler with those options bound, so configs and the CLI can set them by name.
-    """
+def options_spec(kind: str, fn: Callable, name: str, call_args: tuple[str, ...],
+                 aliases: tuple[str, ...] = ()) -> ComponentSpec:
+    """A ComponentSpec whose factory binds fn's options (every parameter not in call_args)
+    and returns fn ready to call, so configs and the CLI can set options by name."""
     def factory(**options: Any) -> Callable[..., torch.Tensor]:
-        check_options("samplers", name, factory, options)
+        check_options(kind, name, factory, options)
         return functools.wraps(fn)(functools.partial(fn, **options))
 
-    factory.__signature__ = _options_signature(fn)  # type: ignore[attr-defined]
-    factory.__doc__ = fn.__doc__
-    return ComponentSpec(name, factory, aliases)
-
-
-def schedule_spec(fn: Callable, name: str, aliases: tuple[str, ...] = ()) -> ComponentSpec:
-    """A ComponentSpec for a schedule function fn(n, sigma_min, sigma_max, **options)."""
-    def factory(**options: Any) -> Callable[..., torch.Tensor]:
-        check_options("schedules", name, factory, options)
-        return functools.partial(fn, **options)
-
-    params = [p for p in inspect.signature(fn).parameters.values()
-              if p.name not in ("n", "sigma_min", "sigma_max", "device")]
+    params = [p for p in inspect.signature(fn).parameters.values() if p.name not in call_args]
     factory.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     factory.__doc__ = fn.__doc__
     return ComponentSpec(name, factory, aliases)
+
+
+def sampler_spec(fn: Callable, name: str, aliases: tuple[str, ...] = ()) -> ComponentSpec:
+    """A ComponentSpec for a k-diffusion-style sampler; options: eta, s_churn, order, ..."""
+    return options_spec("samplers", fn, name, SAMPLER_ARGS, aliases)
+
+
+def schedule_spec(fn: Callable, name: str, aliases: tuple[str, ...] = ()) -> ComponentSpec:
+    """A ComponentSpec for a schedule fn(n, sigma_min, sigma_max, *, device, **options)."""
+    return options_spec("schedules", fn, name, ("n", "sigma_min", "sigma_max", "device"), aliases)
 
 
 # --- classifier-free guidance ----------------------------------------------------------
