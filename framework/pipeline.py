@@ -26,13 +26,17 @@ class Pipeline:
     def __init__(self, model: TextToImage, defaults, device: torch.device):
         self.model, self.defaults, self.device = model.eval().to(device), defaults, device
 
+    def __call__(self, prompts: list[str] | str, **options) -> list[Image.Image]:
+        """Images for `prompts`: see `generate` for the options. Same arguments, same images."""
+        return to_pil(self.generate(prompts, **options))
+
     @torch.no_grad()
-    def __call__(self, prompts: list[str] | str, *, sampler: str | None = None, schedule: str | None = None,
+    def generate(self, prompts: list[str] | str, *, sampler: str | None = None, schedule: str | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int = 0, num: int = 1,
                  init_image: Image.Image | None = None, strength: float = 0.6, mask: Image.Image | None = None,
-                 progress: bool = False) -> list[Image.Image]:
-        """Images for `prompts` (num each); init_image for image-to-image, mask (white = redraw)
-        for inpainting. Same arguments and seed, same images."""
+                 progress: bool = False) -> torch.Tensor:
+        """[N, C, H, W] in [-1, 1] for `prompts` (num each); init_image for image-to-image,
+        mask (white = redraw) for inpainting; sampler settings default to the checkpoint's."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p for p in prompts for _ in range(num)]
         d = self.defaults
@@ -67,7 +71,7 @@ class Pipeline:
         out = fn(model, x, sigmas, extra_args={"cond": cond, "uncond": uncond}, callback=callback, generator=gen)
         if mask is not None:
             out = model.blend(out)
-        return to_pil(out.clamp(-1, 1))
+        return out.clamp(-1, 1)
 
     def _image_tensor(self, image: Image.Image, n: int) -> torch.Tensor:
         size, channels = self.model.cfg.image_size, self.model.cfg.channels

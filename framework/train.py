@@ -25,7 +25,7 @@ from .config import ComponentConfig, component, load_config
 from .diffusion import training_sigmas
 from .errors import LimnerError
 from .images import make_grid, save_atomic, to_pil
-from .sampling import sample
+from .pipeline import Pipeline
 from .t2i import ModelConfig, SampleConfig, TextToImage
 
 
@@ -280,22 +280,10 @@ class Trainer:
         return path
 
 
-@torch.no_grad()
 def draw(model: TextToImage, cfg: SampleConfig, prompts: list[str], seed: int,
-         device: torch.device | str = "cpu", init: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
-    """One image per prompt, [N, C, H, W] in [-1, 1]."""
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator(device).manual_seed(seed)
-    shape = (len(prompts), model.cfg.channels, model.cfg.image_size, model.cfg.image_size)
-    noise = torch.randn(shape, generator=gen, device=device)
-    out = sample(model, noise, sampler=cfg.sampler.name, schedule=cfg.schedule.name, steps=cfg.steps,
-                 sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, guidance=cfg.guidance,
-                 cond=model.encode(prompts), uncond=model.encode([""] * len(prompts)) if cfg.guidance != 1 else None,
-                 generator=gen, sampler_options=cfg.sampler.options, schedule_options=cfg.schedule.options,
-                 progress=progress)
-    model.train(was_training)
-    return out.clamp(-1, 1)
+         device: torch.device | str = "cpu") -> torch.Tensor:
+    """One image per prompt with the sampling settings `cfg`, [N, C, H, W] in [-1, 1]."""
+    return Pipeline(model, cfg, torch.device(device)).generate(prompts, seed=seed)
 
 
 class _Log:
