@@ -5,7 +5,11 @@ argument; LIMNER_KERNELS=eager forces the reference everywhere.
 """
 from .adaln import adaln_modulate, gated_residual
 from .attention import attention_math, attention_sdpa
+from .bias_act import bias_act
 from .geglu import geglu
 from .group_norm_silu import group_norm_silu
+from .minibatch_std import minibatch_std
+from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
 
-__all__ = ["adaln_modulate", "attention_math", "attention_sdpa", "gated_residual", "geglu", "group_norm_silu"]
+__all__ = ["adaln_modulate", "attention_math", "attention_sdpa", "bias_act", "downsample2d", "filter2d",
+           "gated_residual", "geglu", "group_norm_silu", "minibatch_std", "setup_filter", "upfirdn2d", "upsample2d"]
