@@ -82,3 +82,25 @@ class AttentionBackend(Protocol):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class AdversarialLoss(Protocol):
+    """A GAN objective from logits: D minimises d_real + d_fake, G minimises g."""
+
+    def d_real(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def d_fake(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def g(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Penalty(Protocol):
+    """An extra discriminator term, run every `interval` steps and scaled by it (lazy
+    regularisation, StyleGAN2 sec. 3.1); `fake` is detached, `cond` the batch's prompts."""
+
+    interval: int
+
+    def __call__(self, discriminator: Any, real: torch.Tensor, fake: torch.Tensor, cond: Any,
+                 adversarial: AdversarialLoss) -> torch.Tensor: ...

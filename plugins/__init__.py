@@ -3,6 +3,6 @@
 The `limner` entry point loads this package; the registry then registers every module in
 PLUGINS, exactly as it would a third-party plugin.
 """
-from . import attention, datasets, denoisers, samplers, schedules, shapes, text_encoders
+from . import attention, datasets, denoisers, gans, losses, samplers, schedules, shapes, text_encoders, vae
 
-PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, attention, denoisers)
+PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, attention, denoisers, gans, vae, losses)
