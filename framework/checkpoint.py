@@ -114,6 +114,8 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
     """A small TOML writer for configs: tables, inline tables (components), lists, scalars."""
     lines, tables = [], []
     for key, value in data.items():
+        if value is None:  # TOML has no null: an absent key reads back as the default None
+            continue
         if isinstance(value, dict) and "name" not in value:
             tables.append((f"{prefix}{key}", value))
         else:

@@ -65,7 +65,7 @@ def plugins(as_json: bool) -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--steps", type=int, default=None, help="Override train.steps.")
 def train(config: str, steps: int | None) -> None:
-    """Train a text-to-image model from a TOML config (resumes the run if it has a checkpoint).
+    """Train a diffusion model, GAN or VAE from a TOML config (resumes the run if it has a checkpoint).
 
     Multi-process: `accelerate launch -m limner.cli train CONFIG` or `torchrun --nproc_per_node N ...`.
     """
@@ -85,19 +85,23 @@ def train(config: str, steps: int | None) -> None:
 @click.option("--num", type=int, default=1, show_default=True, help="Images per prompt.")
 @click.option("--out", type=click.Path(file_okay=False), default="out/samples", show_default=True)
 @click.option("--init-image", type=click.Path(dir_okay=False), default=None, help="Image-to-image start.")
-@click.option("--strength", type=float, default=0.6, show_default=True, help="How much of --init-image to redraw.")
+@click.option("--strength", type=float, default=None, help="How much of --init-image to redraw [default: 0.6].")
 @click.option("--mask", type=click.Path(dir_okay=False), default=None, help="Inpainting mask: white = redraw.")
-def sample(checkpoint, prompts, sampler, schedule, steps, guidance, seed, num, out, init_image, strength, mask):
-    """Draw images from a trained checkpoint: one PNG per image and a grid."""
+@click.option("--truncation", type=float, default=None,
+              help="GAN/VAE: pull samples toward their prompt's typical image (1 = off) [default: the checkpoint's].")
+def sample(checkpoint, prompts, sampler, schedule, steps, guidance, seed, num, out, init_image, strength, mask,
+           truncation):
+    """Draw images from a trained checkpoint (diffusion, GAN or VAE): one PNG per image and a grid."""
     from pathlib import Path
 
     from .images import make_grid, save_atomic
     from .pipeline import load_pipeline, open_image
 
     pipe = load_pipeline(checkpoint)
-    images = pipe(list(prompts), sampler=sampler, schedule=schedule, steps=steps, guidance=guidance, seed=seed,
-                  num=num, init_image=open_image(init_image), strength=strength, mask=open_image(mask),
-                  progress=True)
+    given = dict(sampler=sampler, schedule=schedule, steps=steps, guidance=guidance, strength=strength,
+                 init_image=open_image(init_image), mask=open_image(mask), truncation=truncation)
+    images = pipe(list(prompts), seed=seed, num=num, progress=True,
+                  **{k: v for k, v in given.items() if v is not None})
     folder = Path(out)
     for i, image in enumerate(images):
         save_atomic(image, folder / f"{i:03d}.png")

@@ -114,7 +114,7 @@ def trained_demo(cfg: DemoConfig, ckpt: Path, out: Path) -> Path:
     save_atomic(make_grid(tiles, len(cfg.prompts), [sc.name for sc in cfg.samplers]), path)
     if cfg.eval_prompts and run_cfg.eval.metric:
         held_out = EvalConfig(run_cfg.eval.metric, run_cfg.eval.dataset, cfg.eval_prompts)
-        scores = evaluate(pipe.model, run_cfg.sample, held_out, device=pipe.device)
+        scores = evaluate(pipe, held_out)
         print(f"\nAttribute score on {cfg.eval_prompts} held-out prompts ({run_cfg.sample.sampler.name},"
               f" {run_cfg.sample.steps} steps): colour {scores['colour']:.1%}, shape {scores['shape']:.1%},"
               f" position {scores['position']:.1%}, all three {scores['all']:.1%}")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import find_checkpoint, load_module
-from .config import ComponentConfig, load_config
+from .config import ComponentConfig
 from .errors import LimnerError
 from .images import to_pil
 from .sampling import Guided, make_sigmas, progress_bar, resolve_sampler
@@ -34,9 +34,12 @@ class Pipeline:
     def generate(self, prompts: list[str] | str, *, sampler: str | None = None, schedule: str | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int = 0, num: int = 1,
                  init_image: Image.Image | None = None, strength: float = 0.6, mask: Image.Image | None = None,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, truncation: float | None = None) -> torch.Tensor:
         """[N, C, H, W] in [-1, 1] for `prompts` (num each); init_image for image-to-image,
         mask (white = redraw) for inpainting; sampler settings default to the checkpoint's."""
+        if truncation is not None:
+            raise LimnerError("truncation applies to GAN and VAE checkpoints; a diffusion model trades "
+                              "variety for fidelity with guidance")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p for p in prompts for _ in range(num)]
         d = self.defaults
@@ -113,17 +116,20 @@ def open_image(path: str | Path | None) -> Image.Image | None:
         raise LimnerError(f"cannot read image {path}: {exc}") from None
 
 
-def load_pipeline(path: str | Path, device: str | torch.device | None = None) -> Pipeline:
-    """A Pipeline from a checkpoint directory, a run's checkpoints/ folder or the run folder."""
-    from .train import TrainConfig
+def load_pipeline(path: str | Path, device: str | torch.device | None = None):
+    """A Pipeline (diffusion) or GeneratorPipeline (GAN, VAE) from a checkpoint directory, a
+    run's checkpoints/ folder or the run folder."""
+    from .gan import GeneratorModel, GeneratorPipeline, GenTrainConfig
+    from .train import load_run_config
 
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise LimnerError(f"no checkpoint found at {path} (expected config.toml + *.safetensors, "
                           "or a run folder with checkpoints/latest)")
-    cfg = load_config(ckpt / "config.toml", TrainConfig)
-    model = TextToImage(cfg.model)
+    cfg = load_run_config(ckpt / "config.toml")
+    gan = isinstance(cfg, GenTrainConfig)
+    model = GeneratorModel(cfg.model) if gan else TextToImage(cfg.model)
     weights = ckpt / "ema.safetensors"
     load_module(model, weights if weights.is_file() else ckpt / "model.safetensors")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Pipeline(model, cfg.sample, device)
+    return (GeneratorPipeline if gan else Pipeline)(model, cfg.sample, device)

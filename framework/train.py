@@ -65,6 +65,7 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     out: str
+    recipe: str = "diffusion"  # "gan" and "vae" configs follow limner.gan.GenTrainConfig
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -129,7 +130,7 @@ class TrainStep(nn.Module):
 
 class EMA:
     """Exponential moving average of a model's weights, warmed up as in ADM (decay ramps
-    from ~0.1 to `decay` over the first steps)."""
+    from ~0.1 to `decay` over the first steps); buffers (BatchNorm statistics) are copied."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -140,6 +141,8 @@ class EMA:
         d = min(self.decay, (1 + step) / (10 + step))
         for ema_p, p in zip(self.model.parameters(), model.parameters()):
             ema_p.lerp_(p.detach().to(ema_p.dtype), 1 - d)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:
@@ -254,36 +257,35 @@ class Trainer:
                 self.save()
         progress.close()
         log.close()
-        self._check_ranks_agree()
+        check_ranks_agree(self.acc, self.model, self.out, self.step)
         return last
 
-    def _check_ranks_agree(self) -> None:
-        """With several processes, every rank must hold the same weights: gather a digest."""
-        self.acc.wait_for_everyone()
-        if self.acc.num_processes == 1:
-            return
-        digest = torch.tensor([params_digest(self.model)], dtype=torch.float64, device=self.acc.device)
-        digests = self.acc.gather(digest).tolist()
-        if self.acc.is_main_process:
-            (self.out / "ranks.json").write_text(json.dumps({"step": self.step, "digests": digests}))
-        if len(set(digests)) != 1:
-            raise LimnerError(f"ranks hold different weights after step {self.step}: {digests}")
+    def pipeline(self) -> Pipeline:
+        """The EMA model as a pipeline with the run's sampling defaults."""
+        return Pipeline(self.ema.model, self.cfg.sample, self.acc.device)
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
         """Draw the configured prompts with the EMA model into samples/step_N.png."""
         if not self.acc.is_main_process or not self.cfg.sample.prompts:
             return None
-        images = draw(self.ema.model, self.cfg.sample, self.cfg.sample.prompts, seed=0, device=self.acc.device)
+        images = self.pipeline().generate(self.cfg.sample.prompts, seed=0)
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         save_atomic(make_grid(to_pil(images), ncols=min(len(images), 8)), path)
         return path
 
 
-def draw(model: TextToImage, cfg: SampleConfig, prompts: list[str], seed: int,
-         device: torch.device | str = "cpu") -> torch.Tensor:
-    """One image per prompt with the sampling settings `cfg`, [N, C, H, W] in [-1, 1]."""
-    return Pipeline(model, cfg, torch.device(device)).generate(prompts, seed=seed)
+def check_ranks_agree(acc, model: nn.Module, out: Path, step: int) -> None:
+    """With several processes, every rank must hold the same weights: gather a digest."""
+    acc.wait_for_everyone()
+    if acc.num_processes == 1:
+        return
+    digest = torch.tensor([params_digest(model)], dtype=torch.float64, device=acc.device)
+    digests = acc.gather(digest).tolist()
+    if acc.is_main_process:
+        (out / "ranks.json").write_text(json.dumps({"step": step, "digests": digests}))
+    if len(set(digests)) != 1:
+        raise LimnerError(f"ranks hold different weights after step {step}: {digests}")
 
 
 class _Log:
@@ -325,16 +327,46 @@ def _progress(active: bool, start: int, total: int):
     return tqdm(total=total, initial=start, desc="training", disable=not active, dynamic_ncols=True)
 
 
-def train(config_path: str | Path, overrides: dict[str, Any] | None = None) -> Trainer:
+def recipe_of(config_path: str | Path) -> str:
+    """The `recipe` a config names ("diffusion" when it names none)."""
+    from .config import tomllib
+    from .errors import ConfigError, did_you_mean
+    from .gan import RECIPES
+
+    try:
+        recipe = tomllib.loads(Path(config_path).read_text(encoding="utf-8")).get("recipe", "diffusion")
+    except (OSError, tomllib.TOMLDecodeError):
+        return "diffusion"  # load_config reports the missing or broken file
+    if recipe not in RECIPES:
+        raise ConfigError(f"{config_path}: recipe: unknown recipe {recipe!r}{did_you_mean(str(recipe), RECIPES)}"
+                          f" Valid recipes: {', '.join(RECIPES)}.")
+    return recipe
+
+
+def load_run_config(config_path: str | Path):
+    """A TrainConfig, or a GenTrainConfig for the gan and vae recipes."""
+    if recipe_of(config_path) == "diffusion":
+        return load_config(config_path, TrainConfig)
+    from .gan import GenTrainConfig
+
+    return load_config(config_path, GenTrainConfig)
+
+
+def train(config_path: str | Path, overrides: dict[str, Any] | None = None):
     """Load a config, resume if the run has a checkpoint, train; returns the trainer."""
-    cfg = load_config(config_path, TrainConfig)
+    cfg = load_run_config(config_path)
     for key, value in (overrides or {}).items():  # dotted keys: "out", "train.steps", ...
         *sections, name = key.split(".")
         target = cfg
         for section in sections:
             target = getattr(target, section)
         setattr(target, name, value)
-    trainer = Trainer(cfg)
+    if isinstance(cfg, TrainConfig):
+        trainer = Trainer(cfg)
+    else:
+        from .gan_train import GenTrainer
+
+        trainer = GenTrainer(cfg)
     try:
         trainer.resume()
         if trainer.step >= cfg.train.steps:
@@ -342,7 +374,7 @@ def train(config_path: str | Path, overrides: dict[str, Any] | None = None) -> T
             return trainer
         trainer.fit()
         if cfg.eval.prompts > 0 and trainer.acc.is_main_process:
-            scores = evaluate(trainer.ema.model, cfg.sample, cfg.eval, device=trainer.acc.device)
+            scores = evaluate(trainer.pipeline(), cfg.eval)
             (trainer.out / "eval.json").write_text(json.dumps(scores, indent=1))
             trainer.acc.print("held-out attribute scores: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     finally:
@@ -352,16 +384,15 @@ def train(config_path: str | Path, overrides: dict[str, Any] | None = None) -> T
     return trainer
 
 
-def evaluate(model: TextToImage, sample_cfg: SampleConfig, eval_cfg: EvalConfig, device="cpu",
-             batch: int = 50) -> dict[str, float]:
-    """Sample the first `eval_cfg.prompts` captions of a held-out dataset and score them."""
+def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50) -> dict[str, float]:
+    """Draw the first `eval_cfg.prompts` captions of a held-out dataset with `pipeline` (one
+    seed per batch) and score them with the metric."""
     from .registry import create
 
     held_out = create("datasets", eval_cfg.dataset.get("name", "shapes"),
                       **{k: v for k, v in eval_cfg.dataset.items() if k != "name"})
     prompts = [held_out[i][1] for i in range(eval_cfg.prompts)]
-    images = torch.cat([draw(model, sample_cfg, prompts[i:i + batch], seed=i, device=device)
-                        for i in range(0, len(prompts), batch)])
+    images = torch.cat([pipeline.generate(prompts[i:i + batch], seed=i) for i in range(0, len(prompts), batch)])
     scores = create("metrics", eval_cfg.metric)(images.cpu(), prompts)
     return {k: float(v) for k, v in scores.items()}
 

@@ -1,0 +1,128 @@
+"""One-step generators from text: GANs and VAEs. Configs, the sampling model (text encoder +
+generator) and its pipeline; training lives in gan_train.py.
+
+    pipe = limner.load_pipeline("runs/gan-shapes")      # a GAN or VAE run
+    images = pipe(["a red circle at the top left"], truncation=0.7, seed=0)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .config import ComponentConfig, component, components
+from .errors import LimnerError
+from .images import to_pil
+from .protocols import TextEmbedding
+from .train import EvalConfig
+
+RECIPES = ("diffusion", "gan", "vae")
+
+
+@dataclass
+class GenDataConfig:
+    dataset: ComponentConfig = component("datasets", "shapes")
+    batch_size: int = 32
+    workers: int = 0
+
+
+@dataclass
+class GenModelConfig:
+    """Text encoder, generator and (for the GAN recipe) discriminator, by name."""
+
+    text_encoder: ComponentConfig = component("text_encoders", "clip_text")
+    generator: ComponentConfig = component("generators", "stylegan2")
+    discriminator: ComponentConfig = component("discriminators", "stylegan2")  # GAN recipe only
+    image_size: int = 32
+    channels: int = 3
+    train_text_encoder: bool = True  # GAN: trained by D's loss (G reads it); VAE: by the ELBO
+
+
+@dataclass
+class GenOptimConfig:
+    steps: int = 10_000
+    lr: float = 2e-3  # generator (VAE: the whole model)
+    d_lr: float = 2e-3
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    ema: float = 0.999
+    grad_clip: float = 0.0
+    loss: ComponentConfig | None = field(default=None, metadata={"kind": "losses"})  # gan: nonsaturating, vae: elbo
+    penalties: list[ComponentConfig] = components("losses", "r1")  # GAN recipe only
+    log_every: int = 25
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+
+
+@dataclass
+class GenSampleConfig:
+    """How training's sample grids, `limner sample` and the demo draw by default."""
+
+    truncation: float = 1.0
+    prompts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenTrainConfig:
+    out: str
+    recipe: str = "gan"
+    seed: int = 0
+    data: GenDataConfig = field(default_factory=GenDataConfig)
+    model: GenModelConfig = field(default_factory=GenModelConfig)
+    train: GenOptimConfig = field(default_factory=GenOptimConfig)
+    sample: GenSampleConfig = field(default_factory=GenSampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.recipe not in ("gan", "vae"):
+            raise LimnerError(f"recipe {self.recipe!r} is not a generator recipe; valid: gan, vae")
+
+
+class GeneratorModel(nn.Module):
+    """Text encoder + generator: everything sampling needs (and what the EMA tracks)."""
+
+    def __init__(self, cfg: GenModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_encoder = cfg.text_encoder.build()
+        self.generator = cfg.generator.build(context_dim=self.text_encoder.dim, channels=cfg.channels,
+                                             image_size=cfg.image_size)
+        if not isinstance(getattr(self.generator, "z_shape", None), tuple):
+            raise LimnerError(f"generator {cfg.generator.name!r} has no z_shape tuple: limner cannot draw its "
+                              "latent (a generator sets self.z_shape, e.g. (64,) or (4, 8, 8))")
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        return self.text_encoder.encode(prompts)
+
+    def forward(self, z: torch.Tensor, cond: TextEmbedding | None, truncation: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.generator(z, cond, truncation=truncation, generator=generator)
+
+
+class GeneratorPipeline:
+    """A GAN or VAE checkpoint as a callable: one generator pass per image."""
+
+    def __init__(self, model: GeneratorModel, defaults: GenSampleConfig, device: torch.device):
+        self.model, self.defaults, self.device = model.eval().to(device), defaults, device
+
+    def __call__(self, prompts: list[str] | str, **options) -> list[Image.Image]:
+        """Images for `prompts`: see `generate` for the options. Same arguments, same images."""
+        return to_pil(self.generate(prompts, **options))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str] | str, *, seed: int = 0, num: int = 1, truncation: float | None = None,
+                 progress: bool = False, **diffusion_only) -> torch.Tensor:
+        """[N, C, H, W] in [-1, 1]; truncation < 1 trades variety for typical images."""
+        given = sorted(k for k, v in diffusion_only.items() if v is not None)
+        if given:
+            raise LimnerError(f"a {type(self.model.generator).__name__} draws in one step: {', '.join(given)} "
+                              "apply to diffusion checkpoints only (this one takes seed, num, truncation)")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [p for p in prompts for _ in range(num)]
+        truncation = self.defaults.truncation if truncation is None else truncation
+        if not 0 <= truncation <= 1:
+            raise LimnerError(f"truncation must be in [0, 1], got {truncation}")
+        gen = torch.Generator(self.device).manual_seed(seed)
+        z = torch.randn((len(prompts), *self.model.generator.z_shape), generator=gen, device=self.device)
+        return self.model(z, self.model.encode(prompts), truncation=truncation, generator=gen).clamp(-1, 1)

@@ -1,0 +1,228 @@
+"""Training GANs and VAEs with `limner train` (recipe = "gan" | "vae").
+
+GAN: per step one discriminator update (adversarial loss + penalties, each lazily every
+`interval` steps and scaled by it, as in StyleGAN2) then one generator update; EMA of the
+generator; the truncation trick at sampling. VAE: one ELBO step. Both resume exactly: each
+step's randomness comes from seeds of (seed, step, rank), as in diffusion training.
+
+Several processes: gradients are averaged by hand after each backward (as StyleGAN2-ADA
+does) instead of through DDP, because R1's double backward does not go through DDP hooks.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import (find_checkpoint, load_module, load_tensors, optimizer_tensors, read_state,
+                         restore_optimizer, to_toml, write_checkpoint)
+from .errors import LimnerError
+from .gan import GeneratorModel, GeneratorPipeline, GenTrainConfig
+from .images import make_grid, save_atomic, to_pil
+from .protocols import AdversarialLoss, Penalty
+from .train import EMA, StepBatches, _Log, _progress, check_ranks_agree, collate, config_dict
+
+
+class GenTrainer:
+    """Owns the accelerator, models, EMA, optimisers and data of one GAN or VAE run."""
+
+    def __init__(self, cfg: GenTrainConfig):
+        from accelerate import Accelerator
+
+        self.cfg, self.out, self.step = cfg, Path(cfg.out), 0
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = GeneratorModel(cfg.model).to(self.acc.device)
+        self.gan = cfg.recipe == "gan"
+        self.disc = self._discriminator().to(self.acc.device) if self.gan else None
+        self.ema = EMA(self.model, cfg.train.ema)
+        self._losses()
+        self.opts = self._optimizers()
+        self.dataset = cfg.data.dataset.build()
+        self.config_text = to_toml(config_dict(cfg))
+        image, _ = self.dataset[0]
+        expected = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+        if tuple(image.shape) != expected:
+            raise LimnerError(f"dataset images are {tuple(image.shape)} but model.channels/image_size expect "
+                              f"{expected}: set them to match the dataset")
+
+    def _discriminator(self):
+        m = self.cfg.model
+        return m.discriminator.build(context_dim=self.model.text_encoder.dim, channels=m.channels,
+                                     image_size=m.image_size)
+
+    def _losses(self) -> None:
+        from .config import ComponentConfig
+
+        t = self.cfg.train
+        loss_cfg = t.loss or ComponentConfig("losses", "nonsaturating" if self.gan else "elbo")
+        self.loss = loss_cfg.build()
+        if self.gan != isinstance(self.loss, AdversarialLoss):
+            want = "an adversarial loss (nonsaturating, hinge, wgan)" if self.gan else "a VAE loss (elbo)"
+            raise LimnerError(f"train.loss {loss_cfg.name!r} does not fit recipe {self.cfg.recipe!r}: it needs {want}")
+        self.penalties = [p.build() for p in t.penalties] if self.gan else []
+        for p_cfg, penalty in zip(t.penalties, self.penalties):
+            if not isinstance(penalty, Penalty):
+                raise LimnerError(f"train.penalties: {p_cfg.name!r} is not a discriminator penalty "
+                                  "(r1, wgan_gp, matching_aware)")
+        if not self.gan and not all(hasattr(self.model.generator, a) for a in ("encode", "decode")):
+            raise LimnerError(f"recipe 'vae' needs a generator with encode/decode (e.g. 'vae'), "
+                              f"got {self.cfg.model.generator.name!r}")
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        t, m = self.cfg.train, self.cfg.model
+        text = list(self.model.text_encoder.parameters()) if m.train_text_encoder else []
+        if not m.train_text_encoder:
+            self.model.text_encoder.requires_grad_(False)
+        betas = tuple(t.betas)
+        if not self.gan:
+            return {"vae": torch.optim.Adam([*self.model.generator.parameters(), *text], lr=t.lr, betas=betas)}
+        return {"g": torch.optim.Adam(self.model.generator.parameters(), lr=t.lr, betas=betas),
+                "d": torch.optim.Adam([*self.disc.parameters(), *text], lr=t.d_lr, betas=betas)}
+
+    # --- checkpoints -------------------------------------------------------------------
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"model": self.model, "ema": self.ema.model}
+        if self.gan:
+            mods["discriminator"] = self.disc
+        return mods
+
+    def resume(self) -> bool:
+        ckpt = find_checkpoint(self.out / "checkpoints")
+        if ckpt is None:
+            return False
+        state = read_state(ckpt)
+        if state.get("model_config") != config_dict(self.cfg.model) or state.get("recipe") != self.cfg.recipe:
+            raise LimnerError(f"{ckpt} was trained with a different recipe or [model] config; "
+                              f"use a new `out` folder or restore the config")
+        for name, module in self._modules().items():
+            load_module(module, ckpt / f"{name}.safetensors")
+        for name, opt in self.opts.items():
+            restore_optimizer(opt, load_tensors(ckpt / f"opt_{name}.safetensors"), state["optimizers"][name])
+        self.step = state["step"]
+        self.acc.print(f"resumed from {ckpt} at step {self.step}")
+        return True
+
+    def save(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        files = {name: m.state_dict() for name, m in self._modules().items()}
+        rest = {}
+        for name, opt in self.opts.items():
+            files[f"opt_{name}"], rest[name] = optimizer_tensors(opt)
+        state = {"step": self.step, "recipe": self.cfg.recipe, "optimizers": rest,
+                 "model_config": config_dict(self.cfg.model), "time": time.time()}
+        write_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}", files, self.config_text, state)
+
+    # --- one step --------------------------------------------------------------------
+
+    def _seed_step(self) -> torch.Generator:
+        """This step's and rank's generator; also seeds the global RNG (noise inputs, dropout)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 1009 + self.acc.process_index)
+        torch.manual_seed(int(torch.randint(2**62, (), generator=gen)))
+        return gen
+
+    def _latent(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn((n, *self.model.generator.z_shape), generator=gen).to(self.acc.device)
+
+    def _update(self, name: str, loss: torch.Tensor) -> None:
+        opt = self.opts[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if self.acc.num_processes > 1:  # average gradients over ranks (see the module docstring)
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.acc.num_processes
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+        opt.step()
+
+    def gan_step(self, real: torch.Tensor, captions: list[str]) -> dict[str, float]:
+        gen, n = self._seed_step(), real.shape[0]
+        cond = self.model.encode(captions)  # trained through D's loss when train_text_encoder
+        with torch.no_grad():
+            fake = self.model.generator(self._latent(n, gen), _detach(cond))
+        logits_real, logits_fake = self.disc(real, cond), self.disc(fake, cond)
+        d_loss = self.loss.d_real(logits_real) + self.loss.d_fake(logits_fake)
+        row = {"d_real": float(logits_real.detach().mean()), "d_fake": float(logits_fake.detach().mean())}
+        for cfg, penalty in zip(self.cfg.train.penalties, self.penalties):
+            if self.step % penalty.interval == 0:
+                term = penalty(self.disc, real, fake, cond, self.loss)
+                d_loss = d_loss + term * penalty.interval
+                row[cfg.name] = float(term.detach())
+        self._update("d", d_loss)
+        self.disc.requires_grad_(False)
+        g_logits = self.disc(self.model.generator(self._latent(n, gen), _detach(cond)), _detach(cond))
+        g_loss = self.loss.g(g_logits)
+        self._update("g", g_loss)
+        self.disc.requires_grad_(True)
+        return {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach()), **row}
+
+    def vae_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+        gen = self._seed_step()
+        vae, cond = self.model.generator, self.model.encode(captions)
+        mean, logvar = vae.encode(images, cond)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen).to(mean)
+        loss, parts = self.loss(images, vae.decode(z, cond), mean, logvar, self.step)
+        self._update("vae", loss)
+        return {"loss": float(loss.detach()), **parts}
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        t = self.cfg.train
+        batches = StepBatches(len(self.dataset), self.cfg.data.batch_size, self.cfg.seed, self.acc.process_index,
+                              self.acc.num_processes, self.step, t.steps)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.cfg.data.workers,
+                                             collate_fn=collate)
+        log, progress = _Log(self.out, self.acc.is_main_process), _progress(self.acc.is_main_process, self.step,
+                                                                              t.steps)
+        step_fn, rows, last = self.gan_step if self.gan else self.vae_step, [], {}
+        self.model.train()
+        for images, captions in loader:
+            rows.append(step_fn(images.to(self.acc.device), captions))
+            self.ema.update(self.model, self.step)
+            self.step += 1
+            progress.update(1)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                last = {"step": self.step, **_means(rows)}
+                log.write(last)
+                progress.set_postfix({k: f"{v:.3f}" for k, v in last.items() if k != "step"})
+                rows = []
+            if self.step % t.sample_every == 0 or self.step == t.steps:
+                self.sample_grid()
+            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                self.save()
+        progress.close()
+        log.close()
+        check_ranks_agree(self.acc, self.model, self.out, self.step)
+        return last
+
+    def pipeline(self) -> GeneratorPipeline:
+        """The EMA generator as a pipeline with the run's sampling defaults."""
+        return GeneratorPipeline(self.ema.model, self.cfg.sample, self.acc.device)
+
+    @torch.no_grad()
+    def sample_grid(self) -> Path | None:
+        if not self.acc.is_main_process or not self.cfg.sample.prompts:
+            return None
+        images = self.pipeline().generate(self.cfg.sample.prompts, seed=0)
+        path = self.out / "samples" / f"step_{self.step:07d}.png"
+        save_atomic(make_grid(to_pil(images), ncols=min(len(images), 8)), path)
+        return path
+
+
+def _means(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the rows that have it (lazy penalties appear every k steps)."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
+
+
+def _detach(cond):
+    """The prompt embedding without its graph: G's loss must not train D's text encoder."""
+    from .protocols import TextEmbedding
+
+    return None if cond is None else TextEmbedding(cond.tokens.detach(), cond.mask, cond.pooled.detach())
