@@ -15,7 +15,8 @@ def minibatch_std_reference(x: torch.Tensor, group_size: int = 4, num_channels: 
     if n % g or c % num_channels:
         raise ValueError(f"minibatch_std: batch {n} must divide into groups of {g} and channels {c} "
                          f"into {num_channels} parts")
-    y = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).reshape(g, n // g, num_channels, c // num_channels, h, w)  # [g, m, f, c/f, h, w]
+    y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in >= fp32
+    y = y.reshape(g, n // g, num_channels, c // num_channels, h, w)  # [g, m, f, c/f, h, w]
     y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt()  # [m, f, c/f, h, w]
     y = y.mean(dim=(2, 3, 4))  # [m, f]
     y = y.repeat(g, 1)[:, :, None, None].expand(n, num_channels, h, w).to(x.dtype)
