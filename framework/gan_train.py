@@ -198,7 +198,7 @@ class GenTrainer:
                 self.save()
         progress.close()
         log.close()
-        check_ranks_agree(self.acc, self.model, self.out, self.step)
+        check_ranks_agree(self.acc, torch.nn.ModuleList(self._modules().values()), self.out, self.step)
         return last
 
     def pipeline(self) -> GeneratorPipeline:
