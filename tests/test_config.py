@@ -1,5 +1,6 @@
 """TOML configs: typed values, components by name, and errors that name the bad path."""
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,13 @@ def test_errors_name_the_path_in_the_file(toml, text, message):
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(limner.ConfigError, match="config file not found: .*nope.toml"):
         load_config(tmp_path / "nope.toml", Experiment)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    """Every ready config names installed components with valid options."""
+    from limner.train import load_run_config
+
+    cfg = load_run_config(path)
+    assert cfg.out.startswith("runs/") and cfg.train.steps > 0

@@ -65,7 +65,7 @@ def test_r1_equals_a_finite_difference_estimate_of_the_gradient_norm():
                       channel_max=8, cmap_dim=4).double()
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     cond = embedding(torch.randn(2, 5, dtype=torch.float64))
-    penalty = float(limner.create("losses", "r1", gamma=1.0)(d, x, None, cond, None))
+    penalty = limner.create("losses", "r1", gamma=1.0)(d, x, None, cond, None).item()
     h, grad = 1e-5, torch.zeros_like(x).flatten()
     with torch.no_grad():
         for i in range(x.numel()):  # central differences of sum(D) along every input pixel
