@@ -19,12 +19,12 @@ from .checkpoint import (find_checkpoint, load_module, load_tensors, optimizer_t
                          restore_optimizer, to_toml, write_checkpoint)
 from .errors import LimnerError
 from .gan import GeneratorModel, GeneratorPipeline, GenTrainConfig
-from .images import make_grid, save_atomic, to_pil
 from .protocols import AdversarialLoss, Penalty
-from .train import EMA, StepBatches, _Log, _progress, check_ranks_agree, collate, config_dict
+from .train import (EMA, SampleGrids, StepBatches, _Log, _progress, check_image_shape, check_ranks_agree, collate, config_dict,
+                    step_generator)
 
 
-class GenTrainer:
+class GenTrainer(SampleGrids):
     """Owns the accelerator, models, EMA, optimisers and data of one GAN or VAE run."""
 
     def __init__(self, cfg: GenTrainConfig):
@@ -41,11 +41,7 @@ class GenTrainer:
         self.opts = self._optimizers()
         self.dataset = cfg.data.dataset.build()
         self.config_text = to_toml(config_dict(cfg))
-        image, _ = self.dataset[0]
-        expected = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
-        if tuple(image.shape) != expected:
-            raise LimnerError(f"dataset images are {tuple(image.shape)} but model.channels/image_size expect "
-                              f"{expected}: set them to match the dataset")
+        check_image_shape(self.dataset, cfg.model.channels, cfg.model.image_size)
 
     def _discriminator(self):
         m = self.cfg.model
@@ -119,10 +115,7 @@ class GenTrainer:
     # --- one step --------------------------------------------------------------------
 
     def _seed_step(self) -> torch.Generator:
-        """This step's and rank's generator; also seeds the global RNG (noise inputs, dropout)."""
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 1009 + self.acc.process_index)
-        torch.manual_seed(int(torch.randint(2**62, (), generator=gen)))
-        return gen
+        return step_generator(self.cfg.seed, self.step, self.acc.process_index)
 
     def _latent(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randn((n, *self.model.generator.z_shape), generator=gen).to(self.acc.device)
@@ -205,15 +198,6 @@ class GenTrainer:
         """The EMA generator as a pipeline with the run's sampling defaults."""
         return GeneratorPipeline(self.ema.model, self.cfg.sample, self.acc.device)
 
-    @torch.no_grad()
-    def sample_grid(self) -> Path | None:
-        if not self.acc.is_main_process or not self.cfg.sample.prompts:
-            return None
-        images = self.pipeline().generate(self.cfg.sample.prompts, seed=0)
-        path = self.out / "samples" / f"step_{self.step:07d}.png"
-        save_atomic(make_grid(to_pil(images), ncols=min(len(images), 8)), path)
-        return path
-
 
 def _means(rows: list[dict[str, float]]) -> dict[str, float]:
     """Each metric's mean over the rows that have it (lazy penalties appear every k steps)."""
@@ -223,6 +207,4 @@ def _means(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def _detach(cond):
     """The prompt embedding without its graph: G's loss must not train D's text encoder."""
-    from .protocols import TextEmbedding
-
-    return None if cond is None else TextEmbedding(cond.tokens.detach(), cond.mask, cond.pooled.detach())
+    return None if cond is None else cond.detach()

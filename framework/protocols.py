@@ -38,6 +38,10 @@ class TextEmbedding:
                              torch.cat([pad(self.mask), pad(other.mask)]),
                              torch.cat([self.pooled, other.pooled]))
 
+    def detach(self) -> TextEmbedding:
+        """The same embedding cut from its autograd graph."""
+        return TextEmbedding(self.tokens.detach(), self.mask, self.pooled.detach())
+
     def repeat(self, n: int) -> TextEmbedding:
         """Each prompt n times in a row (for several images per prompt)."""
         return TextEmbedding(*(t.repeat_interleave(n, dim=0) for t in (self.tokens, self.mask, self.pooled)))

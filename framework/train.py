@@ -113,6 +113,23 @@ class StepBatches(torch.utils.data.Sampler):
         return max(self.steps - self.start, 0)
 
 
+def check_image_shape(dataset, channels: int, image_size: int) -> None:
+    """The dataset's images must be [channels, image_size, image_size]; say how to fix it if not."""
+    image, _ = dataset[0]
+    expected = (channels, image_size, image_size)
+    if tuple(image.shape) != expected:
+        raise LimnerError(f"dataset images are {tuple(image.shape)} but model.channels/image_size expect "
+                          f"{expected}: set them to match the dataset")
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator of one step on one rank; it also seeds the global RNG (dropout, noise
+    inputs), so a resumed run draws exactly what an uninterrupted one would."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + rank)
+    torch.manual_seed(int(torch.randint(2**62, (), generator=gen)))
+    return gen
+
+
 def collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
     return torch.stack([img for img, _ in items]), [text for _, text in items]
 
@@ -149,7 +166,21 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
 
 
-class Trainer:
+class SampleGrids:
+    """For trainers with acc, cfg.sample.prompts, out, step and pipeline()."""
+
+    @torch.no_grad()
+    def sample_grid(self) -> Path | None:
+        """Draw the configured prompts with the EMA model into samples/step_N.png."""
+        if not self.acc.is_main_process or not self.cfg.sample.prompts:
+            return None
+        images = self.pipeline().generate(self.cfg.sample.prompts, seed=0)
+        path = self.out / "samples" / f"step_{self.step:07d}.png"
+        save_atomic(make_grid(to_pil(images), ncols=min(len(images), 8)), path)
+        return path
+
+
+class Trainer(SampleGrids):
     """Owns the accelerator, model, EMA, optimiser and data of one run."""
 
     def __init__(self, cfg: TrainConfig, config_text: str | None = None):
@@ -169,14 +200,7 @@ class Trainer:
         self.dataset = cfg.data.dataset.build()
         self.step = 0
         self.config_text = to_toml(config_dict(cfg))
-        self._check_data()
-
-    def _check_data(self) -> None:
-        image, caption = self.dataset[0]
-        expected = (self.cfg.model.channels, self.cfg.model.image_size, self.cfg.model.image_size)
-        if tuple(image.shape) != expected:
-            raise LimnerError(f"dataset images are {tuple(image.shape)} but model.channels/image_size expect "
-                              f"{expected}: set them to match the dataset")
+        check_image_shape(self.dataset, cfg.model.channels, cfg.model.image_size)
 
     # --- checkpoints -------------------------------------------------------------------
 
@@ -216,8 +240,7 @@ class Trainer:
 
     def _randomness(self, images: torch.Tensor, captions: list[str]):
         """Caption dropout, sigmas and noise of this step and rank, from their own seed."""
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step * 1009 + self.acc.process_index)
-        torch.manual_seed(int(torch.randint(2**62, (), generator=gen)))  # dropout layers
+        gen = step_generator(self.cfg.seed, self.step, self.acc.process_index)
         keep = torch.rand(len(captions), generator=gen) >= self.cfg.data.caption_dropout
         captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
         sigma = training_sigmas(len(captions), self.cfg.train.p_mean, self.cfg.train.p_std, gen)
@@ -263,16 +286,6 @@ class Trainer:
     def pipeline(self) -> Pipeline:
         """The EMA model as a pipeline with the run's sampling defaults."""
         return Pipeline(self.ema.model, self.cfg.sample, self.acc.device)
-
-    @torch.no_grad()
-    def sample_grid(self) -> Path | None:
-        """Draw the configured prompts with the EMA model into samples/step_N.png."""
-        if not self.acc.is_main_process or not self.cfg.sample.prompts:
-            return None
-        images = self.pipeline().generate(self.cfg.sample.prompts, seed=0)
-        path = self.out / "samples" / f"step_{self.step:07d}.png"
-        save_atomic(make_grid(to_pil(images), ncols=min(len(images), 8)), path)
-        return path
 
 
 def check_ranks_agree(acc, model: nn.Module, out: Path, step: int) -> None:

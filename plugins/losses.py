@@ -61,8 +61,7 @@ class Wasserstein:
 def _input_gradient(discriminator, images: torch.Tensor, cond) -> torch.Tensor:
     """d(sum of D's logits)/d(images), kept in the graph so the penalty trains D."""
     images = images.detach().requires_grad_(True)
-    detached = None if cond is None else TextEmbedding(cond.tokens.detach(), cond.mask, cond.pooled.detach())
-    logits = discriminator(images, detached)
+    logits = discriminator(images, None if cond is None else cond.detach())
     (grad,) = torch.autograd.grad(logits.sum(), images, create_graph=True)
     return grad.flatten(1)
 
