@@ -146,7 +146,7 @@ class ELBO:
         rec = (x - recon).square().flatten(1).sum(dim=1) / (2 * self.sigma**2)
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).flatten(1).sum(dim=1)
         loss = (rec + self.beta_at(step) * kl).mean() / dims
-        return loss, {"recon": float(rec.mean()) / dims, "kl": float(kl.mean()) / dims}
+        return loss, {"recon": rec.detach().mean().item() / dims, "kl": kl.detach().mean().item() / dims}
 
 
 def elbo(beta: float = 1.0, warmup: int = 0, sigma: float = 0.1):
