@@ -1,4 +1,5 @@
-"""`limner train CONFIG.toml`: text-to-image diffusion training on HF Accelerate.
+"""`limner train CONFIG.toml`: text-to-image diffusion training on HF Accelerate (configs
+with `recipe = "gan"` or `"vae"` go to gan_train.py, which shares the helpers here).
 
 One script for CPU, one GPU or many (`accelerate launch` / `torchrun`). Every random draw
 of step s (batch order, caption dropout, noise levels, noise, dropout) comes from seeds
