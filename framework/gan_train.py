@@ -10,21 +10,19 @@ does) instead of through DDP, because R1's double backward does not go through D
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from .checkpoint import (find_checkpoint, load_module, load_tensors, optimizer_tensors, read_state,
-                         restore_optimizer, to_toml, write_checkpoint)
+from .checkpoint import to_toml
 from .errors import LimnerError
 from .gan import GeneratorModel, GeneratorPipeline, GenTrainConfig
 from .protocols import AdversarialLoss, Penalty
-from .train import (EMA, SampleGrids, StepBatches, _Log, _progress, check_image_shape, check_ranks_agree, collate, config_dict,
+from .train import (EMA, TrainerBase, _Log, _progress, check_image_shape, check_ranks_agree, config_dict,
                     step_generator)
 
 
-class GenTrainer(SampleGrids):
+class GenTrainer(TrainerBase):
     """Owns the accelerator, models, EMA, optimisers and data of one GAN or VAE run."""
 
     def __init__(self, cfg: GenTrainConfig):
@@ -77,40 +75,11 @@ class GenTrainer(SampleGrids):
         return {"g": torch.optim.Adam(self.model.generator.parameters(), lr=t.lr, betas=betas),
                 "d": torch.optim.Adam([*self.disc.parameters(), *text], lr=t.d_lr, betas=betas)}
 
-    # --- checkpoints -------------------------------------------------------------------
-
-    def _modules(self) -> dict[str, torch.nn.Module]:
+    def modules(self) -> dict[str, torch.nn.Module]:
         mods = {"model": self.model, "ema": self.ema.model}
         if self.gan:
             mods["discriminator"] = self.disc
         return mods
-
-    def resume(self) -> bool:
-        ckpt = find_checkpoint(self.out / "checkpoints")
-        if ckpt is None:
-            return False
-        state = read_state(ckpt)
-        if state.get("model_config") != config_dict(self.cfg.model) or state.get("recipe") != self.cfg.recipe:
-            raise LimnerError(f"{ckpt} was trained with a different recipe or [model] config; "
-                              f"use a new `out` folder or restore the config")
-        for name, module in self._modules().items():
-            load_module(module, ckpt / f"{name}.safetensors")
-        for name, opt in self.opts.items():
-            restore_optimizer(opt, load_tensors(ckpt / f"opt_{name}.safetensors"), state["optimizers"][name])
-        self.step = state["step"]
-        self.acc.print(f"resumed from {ckpt} at step {self.step}")
-        return True
-
-    def save(self) -> None:
-        if not self.acc.is_main_process:
-            return
-        files = {name: m.state_dict() for name, m in self._modules().items()}
-        rest = {}
-        for name, opt in self.opts.items():
-            files[f"opt_{name}"], rest[name] = optimizer_tensors(opt)
-        state = {"step": self.step, "recipe": self.cfg.recipe, "optimizers": rest,
-                 "model_config": config_dict(self.cfg.model), "time": time.time()}
-        write_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}", files, self.config_text, state)
 
     # --- one step --------------------------------------------------------------------
 
@@ -167,10 +136,7 @@ class GenTrainer(SampleGrids):
 
     def fit(self) -> dict[str, float]:
         t = self.cfg.train
-        batches = StepBatches(len(self.dataset), self.cfg.data.batch_size, self.cfg.seed, self.acc.process_index,
-                              self.acc.num_processes, self.step, t.steps)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.cfg.data.workers,
-                                             collate_fn=collate)
+        loader = self._loader(t.steps)
         log, progress = _Log(self.out, self.acc.is_main_process), _progress(self.acc.is_main_process, self.step,
                                                                               t.steps)
         step_fn, rows, last = self.gan_step if self.gan else self.vae_step, [], {}
@@ -191,7 +157,7 @@ class GenTrainer(SampleGrids):
                 self.save()
         progress.close()
         log.close()
-        check_ranks_agree(self.acc, torch.nn.ModuleList(self._modules().values()), self.out, self.step)
+        check_ranks_agree(self.acc, torch.nn.ModuleList(self.modules().values()), self.out, self.step)
         return last
 
     def pipeline(self) -> GeneratorPipeline:

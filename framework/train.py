@@ -167,8 +167,49 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
 
 
-class SampleGrids:
-    """For trainers with acc, cfg.sample.prompts, out, step and pipeline()."""
+class TrainerBase:
+    """What every recipe's trainer shares: checkpoints, the step-seeded loader, sample grids.
+    A subclass sets acc, cfg, out, step, dataset, config_text and opts (name -> optimizer),
+    and says which modules a checkpoint holds."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def resume(self) -> bool:
+        """Continue from the run's latest checkpoint if there is one."""
+        ckpt = find_checkpoint(self.out / "checkpoints")
+        if ckpt is None:
+            return False
+        state = read_state(ckpt)
+        if state.get("model_config") != config_dict(self.cfg.model) or state.get("recipe") != self.cfg.recipe:
+            raise LimnerError(f"{ckpt} was trained with a different [model] config or recipe; "
+                              f"use a new `out` folder or restore the config")
+        for name, module in self.modules().items():
+            load_module(module, ckpt / f"{name}.safetensors")
+        for name, opt in self.opts.items():
+            restore_optimizer(opt, load_tensors(ckpt / f"opt_{name}.safetensors"), state["optimizers"][name])
+        self.step = state["step"]
+        self.acc.print(f"resumed from {ckpt} at step {self.step}")
+        return True
+
+    def save(self) -> None:
+        """Modules, optimisers and state into checkpoints/step_N, atomically (main process)."""
+        if not self.acc.is_main_process:
+            return
+        files = {name: m.state_dict() for name, m in self.modules().items()}
+        rest = {}
+        for name, opt in self.opts.items():
+            files[f"opt_{name}"], rest[name] = optimizer_tensors(opt)
+        state = {"step": self.step, "recipe": self.cfg.recipe, "optimizers": rest,
+                 "model_config": config_dict(self.cfg.model), "time": time.time()}
+        write_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}", files, self.config_text, state)
+
+    def _loader(self, steps: int) -> torch.utils.data.DataLoader:
+        """Batches for steps self.step .. steps-1 of this rank."""
+        batches = StepBatches(len(self.dataset), self.cfg.data.batch_size, self.cfg.seed, self.acc.process_index,
+                              self.acc.num_processes, self.step, steps)
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.cfg.data.workers,
+                                           collate_fn=collate)
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
@@ -181,7 +222,7 @@ class SampleGrids:
         return path
 
 
-class Trainer(SampleGrids):
+class Trainer(TrainerBase):
     """Owns the accelerator, model, EMA, optimiser and data of one run."""
 
     def __init__(self, cfg: TrainConfig, config_text: str | None = None):
@@ -198,46 +239,16 @@ class Trainer(SampleGrids):
         self.model = TextToImage(cfg.model)
         self.ema = EMA(self.model, cfg.train.ema)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.opts = {"model": self.opt}
         self.dataset = cfg.data.dataset.build()
         self.step = 0
         self.config_text = to_toml(config_dict(cfg))
         check_image_shape(self.dataset, cfg.model.channels, cfg.model.image_size)
 
-    # --- checkpoints -------------------------------------------------------------------
-
-    def resume(self) -> bool:
-        """Continue from the run's latest checkpoint if there is one."""
-        ckpt = find_checkpoint(self.out / "checkpoints")
-        if ckpt is None:
-            return False
-        state = read_state(ckpt)
-        if state.get("model_config") != config_dict(self.cfg.model):
-            raise LimnerError(f"{ckpt} was trained with a different [model] config; "
-                              f"use a new `out` folder or restore the config")
-        load_module(self.model, ckpt / "model.safetensors")
-        load_module(self.ema.model, ckpt / "ema.safetensors")
-        restore_optimizer(self.opt, load_tensors(ckpt / "optimizer.safetensors"), state["optimizer"])
-        self.step = state["step"]
-        self.acc.print(f"resumed from {ckpt} at step {self.step}")
-        return True
-
-    def save(self) -> None:
-        if not self.acc.is_main_process:
-            return
-        opt_tensors, opt_rest = optimizer_tensors(self.opt)
-        state = {"step": self.step, "optimizer": opt_rest, "model_config": config_dict(self.cfg.model),
-                 "time": time.time()}
-        write_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}",
-                         {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
-                          "optimizer": opt_tensors}, self.config_text, state)
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, "ema": self.ema.model}
 
     # --- the loop ----------------------------------------------------------------------
-
-    def _loader(self, steps: int) -> torch.utils.data.DataLoader:
-        batches = StepBatches(len(self.dataset), self.cfg.data.batch_size, self.cfg.seed, self.acc.process_index,
-                              self.acc.num_processes, self.step, steps)
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.cfg.data.workers,
-                                           collate_fn=collate)
 
     def _randomness(self, images: torch.Tensor, captions: list[str]):
         """Caption dropout, sigmas and noise of this step and rank, from their own seed."""
