@@ -5,6 +5,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -42,3 +44,19 @@ def fake_dist(tmp_path, monkeypatch):
 
     yield make
     importlib.invalidate_caches()
+
+
+@pytest.fixture
+def train_two_ranks():
+    """train_two_ranks(config, cwd, port): `limner train` as 2 gloo processes; the run's ranks.json."""
+    return _train_two_ranks
+
+
+def _train_two_ranks(config: Path, cwd: Path, port: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         "-m", "limner.cli", "train", str(config)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((config.with_suffix("") / "ranks.json").read_text())

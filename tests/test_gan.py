@@ -2,9 +2,6 @@
 and discriminators that read the caption, and training that learns, resumes and samples."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -217,16 +214,9 @@ def test_gan_resume_is_exact_and_samples_from_the_cli(tmp_path, capsys):
     assert "draws in one step: sampler apply to diffusion checkpoints only" in capsys.readouterr().err
 
 
-def test_two_gan_processes_end_with_identical_weights(tmp_path):
+def test_two_gan_processes_end_with_identical_weights(tmp_path, train_two_ranks):
     """Gradients (R1's double backward included) are averaged by hand across gloo ranks."""
-    config = gan_config(tmp_path, steps=3)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-         "-m", "limner.cli", "train", str(config)],
-        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = json.loads((tmp_path / "gan" / "ranks.json").read_text())
+    ranks = train_two_ranks(gan_config(tmp_path, steps=3), tmp_path, port=29519)
     assert ranks["step"] == 3 and len(ranks["digests"]) == 2
     assert ranks["digests"][0] == ranks["digests"][1]
 

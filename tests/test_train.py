@@ -1,8 +1,5 @@
 """Training: exact resume, atomic checkpoints, multi-process agreement, and the pipeline."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,15 +82,8 @@ def test_a_changed_model_config_refuses_to_resume(tmp_path):
         train(config)
 
 
-def test_two_processes_end_with_identical_weights(tmp_path):
-    config = write_config(tmp_path, steps=3)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "limner.cli", "train", str(config)],
-        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = json.loads((tmp_path / "run" / "ranks.json").read_text())
+def test_two_processes_end_with_identical_weights(tmp_path, train_two_ranks):
+    ranks = train_two_ranks(write_config(tmp_path, steps=3), tmp_path, port=29517)
     assert ranks["step"] == 3 and len(ranks["digests"]) == 2
     assert ranks["digests"][0] == ranks["digests"][1]
 
