@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from limner.kernels import guided_update
+
 from .errors import LimnerError
 from .registry import ComponentSpec, check_options, get_component
 
@@ -45,6 +47,25 @@ def bind(model: Denoiser, x: torch.Tensor, extra_args: dict | None) -> Callable[
         return model(x_, x_.new_full((x_.shape[0],), sigma), **extra)
 
     return denoise
+
+
+def bind_update(model: Denoiser, x: torch.Tensor, extra_args: dict | None) -> Callable[..., tuple]:
+    """model fused with a linear sampler update, as step(x, sigma, a, b, old=None, e=0, noise=None,
+    c=0) -> (x', D) with x' = a x + b D + e old + c noise. Around a `Guided` model the
+    guidance combine happens inside the same fused pass (limner.kernels.guided_update)."""
+    extra = extra_args or {}
+
+    def step(x_: torch.Tensor, sigma: float, a: float, b: float, old: torch.Tensor | None = None,
+             e: float = 0.0, noise: torch.Tensor | None = None, c: float = 0.0):
+        s = x_.new_full((x_.shape[0],), sigma)
+        if isinstance(model, Guided):
+            with_cond, without = model.branches(x_, s, **extra)
+            guidance = model.guidance
+        else:
+            with_cond, without, guidance = model(x_, s, **extra), None, 1.0
+        return guided_update(x_, with_cond, without, guidance, a, b, old, e, noise, c)
+
+    return step
 
 
 def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
@@ -169,11 +190,17 @@ class Guided:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None, uncond: Any = None,
                  **kwargs: Any) -> torch.Tensor:
+        with_cond, without = self.branches(x, sigma, cond, uncond, **kwargs)
+        return with_cond if without is None else without + self.guidance * (with_cond - without)
+
+    def branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None, uncond: Any = None,
+                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(D(x|cond), D(x|uncond)) from one batched call; (D(x|cond), None) without guidance."""
         if uncond is None or self.guidance == 1.0:
-            return self.model(x, sigma, cond=cond, **kwargs)
+            return self.model(x, sigma, cond=cond, **kwargs), None
         both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=_cat(cond, uncond), **kwargs)
         with_cond, without = both.chunk(2)
-        return without + self.guidance * (with_cond - without)
+        return with_cond, without
 
 
 # --- the one entry point pipelines use -------------------------------------------------

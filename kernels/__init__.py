@@ -9,7 +9,8 @@ from .bias_act import bias_act
 from .geglu import geglu
 from .group_norm_silu import group_norm_silu
 from .minibatch_std import minibatch_std
+from .sampler_update import guided_update
 from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
 
 __all__ = ["adaln_modulate", "attention_math", "attention_sdpa", "bias_act", "downsample2d", "filter2d",
-           "gated_residual", "geglu", "group_norm_silu", "minibatch_std", "setup_filter", "upfirdn2d", "upsample2d"]
+           "gated_residual", "geglu", "guided_update", "group_norm_silu", "minibatch_std", "setup_filter", "upfirdn2d", "upsample2d"]

@@ -1,4 +1,5 @@
-"""Which implementation a fused op runs: 'auto', 'triton' or 'eager'."""
+"""Which implementation a fused op runs: 'auto', 'triton' or 'eager', and what the Triton
+kernels share (availability, launch sizes, dtype plumbing)."""
 from __future__ import annotations
 
 import os
@@ -6,19 +7,55 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "eager")
+# the kernels compute in float32; float64 (gradcheck, tests) takes the eager reference
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+try:  # triton is a Linux dependency; elsewhere every op runs its eager reference
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton, tl, HAS_TRITON = None, None, False
 
 
-def resolve(op: str, backend: str, x: torch.Tensor, has_triton: bool) -> str:
-    """'eager' or 'triton' for this call. LIMNER_KERNELS=eager forces the reference everywhere;
-    'auto' takes Triton on CUDA where the op has a Triton kernel, else the eager reference."""
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1, where Triton kernels run on CPU tensors (slowly)."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def resolve(op: str, backend: str, x: torch.Tensor, has_triton: bool = True) -> str:
+    """'eager' or 'triton' for this call.
+
+    LIMNER_KERNELS=eager|triton overrides `backend` everywhere (triton on CPU tensors needs
+    TRITON_INTERPRET=1); 'auto' takes Triton on CUDA tensors of a Triton dtype, else the eager reference.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if os.environ.get("LIMNER_KERNELS", "").lower() == "eager":
+    forced = os.environ.get("LIMNER_KERNELS", "").lower()
+    if forced and forced not in BACKENDS:
+        raise ValueError(f"LIMNER_KERNELS={forced!r} is not a backend; valid: {', '.join(BACKENDS)}")
+    backend = forced if forced in ("eager", "triton") else backend
+    if backend == "eager":
         return "eager"
+    usable = has_triton and HAS_TRITON and (x.is_cuda or interpreting()) and x.dtype in TRITON_DTYPES
     if backend == "triton":
-        if not has_triton:
-            raise ValueError(f"{op}: no Triton kernel yet; use backend='eager' or 'auto'")
+        if not usable:
+            where = "this op has no Triton kernel" if not has_triton else (
+                "triton is not installed" if not HAS_TRITON else
+                f"tensors are on {x.device.type}; run on CUDA or set TRITON_INTERPRET=1" if not x.is_cuda
+                and not interpreting() else
+                f"dtype {x.dtype} has no kernel (valid: float32, float16, bfloat16)")
+            raise ValueError(f"{op}: cannot use backend 'triton': {where}; use backend='eager' or 'auto'")
         return "triton"
-    if backend == "auto" and has_triton and x.is_cuda:
-        return "triton"
-    return "eager"
+    return "triton" if usable and x.is_cuda else "eager"
+
+
+def block_size(n: int, cap: int = 1024, floor: int = 16) -> int:
+    """A power-of-two tile of at least `floor` elements covering up to `cap` of n."""
+    return max(floor, min(cap, triton.next_power_of_2(max(int(n), 1))))
+
+
+def num_programs_cap() -> int:
+    """How many programs a reduction should split into: enough to fill an H100's 132 SMs a
+    few times over; under the interpreter, few (each program is a Python loop)."""
+    return 4 if interpreting() else 512

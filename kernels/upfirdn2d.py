@@ -6,13 +6,18 @@ exists so far; the Triton kernel plugs in here.
 upfirdn2d(x, f, up, down, padding): insert up-1 zeros after every pixel, pad (negative
 padding crops), convolve with f (a true convolution: f is flipped unless flip_filter),
 keep every down-th pixel. f is 2-D, or 1-D for a separable filter applied along both axes.
-"""
-from __future__ import annotations
 
+The Triton kernel computes each output pixel directly as a sum over the filter taps of the
+zero-stuffed, padded input, so the up-sampled and padded intermediates never exist in
+memory (eager: pad, zero-insert, grouped conv, strided slice). One program owns a block of
+output pixels of one (sample, channel) plane. The gradient is the same op with up and down
+swapped, the filter flipped and the padding adjusted (as in StyleGAN2-ADA), so it is
+differentiable to any order, as R1 through a resampling discriminator needs.
+"""
 import torch
 import torch.nn.functional as F
 
-from ._backend import resolve
+from ._backend import resolve, tl, triton
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -77,10 +82,76 @@ def upfirdn2d_reference(x: torch.Tensor, f: torch.Tensor | None, up=1, down=1, p
     return x[:, :, ::downy, ::downx]
 
 
+if triton is not None:
+    @triton.jit
+    def _upfirdn2d_kernel(x_ptr, k_ptr, y_ptr, H, W, OH, OW, UPX, UPY, DOWNX, DOWNY, PX0, PY0,
+                          FH: tl.constexpr, FW: tl.constexpr, BLOCK: tl.constexpr):
+        """y[oy, ox] = sum_ij k[i, j] * up(x)[oy * down + i - p0, ox * down + j - p0] for one plane."""
+        plane, pix = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        oy, ox = pix // OW, pix % OW
+        inside = pix < OH * OW
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for i in tl.static_range(FH):
+            qy = oy * DOWNY + i - PY0  # row in the zero-stuffed input
+            row_ok = (qy >= 0) & (qy < H * UPY) & (qy % UPY == 0)
+            for j in tl.static_range(FW):
+                qx = ox * DOWNX + j - PX0
+                ok = inside & row_ok & (qx >= 0) & (qx < W * UPX) & (qx % UPX == 0)
+                v = tl.load(x_ptr + plane * H * W + (qy // UPY) * W + qx // UPX, mask=ok, other=0.0)
+                acc += v.to(tl.float32) * tl.load(k_ptr + i * FW + j)
+        tl.store(y_ptr + plane * OH * OW + pix, acc.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+def _correlation_taps(f: torch.Tensor | None, flip_filter: bool, gain: float, device) -> torch.Tensor:
+    """The 2-D taps the kernel correlates with: f (outer product if separable), flipped for a
+    true convolution unless flip_filter, times gain; float32."""
+    f = torch.ones(1, 1, device=device) if f is None else f.to(device=device, dtype=torch.float32)
+    f = torch.outer(f, f) if f.ndim == 1 else f
+    f = f if flip_filter else f.flip([0, 1])
+    return (f * gain).contiguous()
+
+
+class Upfirdn2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, f, up, down, padding, flip_filter, gain):
+        (upx, upy), (downx, downy), (px0, px1, py0, py1) = up, down, padding
+        n, c, h, w = x.shape
+        taps = _correlation_taps(f, flip_filter, gain, x.device)
+        fh, fw = taps.shape
+        oh, ow = (h * upy + py0 + py1 - fh) // downy + 1, (w * upx + px0 + px1 - fw) // downx + 1
+        if oh < 1 or ow < 1:
+            raise ValueError(f"upfirdn2d: padding {list(padding)} and a {fh}x{fw} filter leave no output "
+                             f"for input {h}x{w}")
+        y = x.new_empty(n, c, oh, ow)
+        block = min(256, triton.next_power_of_2(oh * ow))
+        _upfirdn2d_kernel[(n * c, triton.cdiv(oh * ow, block))](x.contiguous(), taps, y, h, w, oh, ow, upx, upy,
+                                                                  downx, downy, px0, py0, FH=fh, FW=fw, BLOCK=block)
+        ctx.save_for_backward(f)
+        ctx.args = (x.shape, up, down, padding, flip_filter, gain, fh, fw)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (f,) = ctx.saved_tensors
+        (_, _, h, w), (upx, upy), (downx, downy), (px0, _, py0, _), flip_filter, gain, fh, fw = ctx.args
+        oh, ow = dy.shape[2:]
+        # the adjoint: swap up/down, flip the filter, pad so the output is the input's size
+        padding = (fw - px0 - 1, w * upx - ow * downx + px0 - upx + 1,
+                   fh - py0 - 1, h * upy - oh * downy + py0 - upy + 1)
+        dx = Upfirdn2d.apply(dy, f, (downx, downy), (upx, upy), padding, not flip_filter, gain)
+        return dx, None, None, None, None, None, None
+
+
 def upfirdn2d(x, f, up=1, down=1, padding=0, flip_filter=False, gain=1, backend="auto"):
     """Upsample + FIR filter + downsample; see upfirdn2d_reference for the semantics."""
-    resolve("upfirdn2d", backend, x, has_triton=False)
-    return upfirdn2d_reference(x, f, up, down, padding, flip_filter, gain)
+    if x.ndim != 4:
+        raise ValueError(f"upfirdn2d: x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    if resolve("upfirdn2d", backend, x) == "eager" or (f is not None and f.requires_grad) or x.numel() == 0:
+        return upfirdn2d_reference(x, f, up, down, padding, flip_filter, gain)
+    if f is not None and f.ndim not in (1, 2):
+        raise ValueError(f"upfirdn2d: f must be 1-D or 2-D, got shape {tuple(f.shape)}")
+    return Upfirdn2d.apply(x, f, _pair(up, "up"), _pair(down, "down"), _padding(padding), bool(flip_filter),
+                           float(gain))
 
 
 def _size(f: torch.Tensor | None) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import torch
 
 import limner
 from limner.sampling import (
-    BrownianNoise, ancestral_step, as_floats, bind, churn, randn_like, report, sampler_spec, to_d,
+    BrownianNoise, ancestral_step, as_floats, bind, bind_update, churn, randn_like, report, sampler_spec, to_d,
 )
 
 INF = float("inf")
@@ -24,12 +24,13 @@ INF = float("inf")
 def sample_euler(model, x, sigmas, *, extra_args=None, callback=None, generator=None,
                  s_churn=0.0, s_tmin=0.0, s_tmax=INF, s_noise=1.0):
     """Euler's method on the probability-flow ODE, with optional churn (Karras et al. 2022, Alg. 2)."""
-    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    sig, step = as_floats(sigmas), bind_update(model, x, extra_args)
     for i in range(len(sig) - 1):
         x, sigma_hat = churn(x, sig[i], len(sig) - 1, generator, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = f(x, sigma_hat)
+        ratio = sig[i + 1] / sigma_hat  # x + (x - D) / s * (s' - s) = (s'/s) x + (1 - s'/s) D
+        x_next, denoised = step(x, sigma_hat, ratio, 1 - ratio)
         report(callback, i, x, sig[i], sigma_hat, denoised)
-        x = x + to_d(x, sigma_hat, denoised) * (sig[i + 1] - sigma_hat)
+        x = x_next
     return x
 
 
@@ -190,22 +191,19 @@ def sample_dpmpp_sde(model, x, sigmas, *, extra_args=None, callback=None, genera
 
 def sample_dpmpp_2m(model, x, sigmas, *, extra_args=None, callback=None, generator=None):
     """DPM-Solver++(2M), the second-order multistep solver of Lu et al. 2022 (Alg. 2)."""
-    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    sig, step = as_floats(sigmas), bind_update(model, x, extra_args)
     old_denoised, h_last = None, 0.0
     for i in range(len(sig) - 1):
-        denoised = f(x, sig[i])
+        if sig[i + 1] == 0:  # the last step lands on D
+            x_next, denoised = step(x, sig[i], 0.0, 1.0)
+        else:  # x' = (s'/s) x - expm1(-h) * ((1 + k) D - k D_old), k = h / (2 h_last)
+            h = math.log(sig[i]) - math.log(sig[i + 1])
+            k = h / (2 * h_last) if old_denoised is not None else 0.0
+            x_next, denoised = step(x, sig[i], sig[i + 1] / sig[i], -math.expm1(-h) * (1 + k),
+                                    old_denoised, math.expm1(-h) * k)
+            h_last = h
         report(callback, i, x, sig[i], sig[i], denoised)
-        if sig[i + 1] == 0:
-            x = denoised
-            continue
-        h = math.log(sig[i]) - math.log(sig[i + 1])
-        if old_denoised is not None:
-            k = h / (2 * h_last)
-            denoised_d = (1 + k) * denoised - k * old_denoised
-        else:
-            denoised_d = denoised
-        x = (sig[i + 1] / sig[i]) * x - math.expm1(-h) * denoised_d
-        old_denoised, h_last = denoised, h
+        x, old_denoised = x_next, denoised
     return x
 
 
@@ -286,15 +284,14 @@ def sample_ddim(model, x, sigmas, *, extra_args=None, callback=None, generator=N
     Dividing DDIM's update by sqrt(abar) shows its sigma_t(eta) is the ancestral split with
     the same eta; eta=0 is deterministic (Euler on the ODE), eta=1 is DDPM's posterior.
     """
-    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    sig, step = as_floats(sigmas), bind_update(model, x, extra_args)
     for i in range(len(sig) - 1):
-        denoised = f(x, sig[i])
-        report(callback, i, x, sig[i], sig[i], denoised)
-        eps = (x - denoised) / sig[i]
         down, up = ancestral_step(sig[i], sig[i + 1], eta)
-        x = denoised + down * eps
-        if up > 0:
-            x = x + randn_like(x, generator) * s_noise * up
+        noise = randn_like(x, generator) if up > 0 else None
+        # D + down * (x - D) / s + up * s_noise * z
+        x_next, denoised = step(x, sig[i], down / sig[i], 1 - down / sig[i], noise=noise, c=up * s_noise)
+        report(callback, i, x, sig[i], sig[i], denoised)
+        x = x_next
     return x
 
 
