@@ -4,7 +4,7 @@ Each op has an eager reference with the same semantics and a `backend="auto"|"tr
 argument; LIMNER_KERNELS=eager forces the reference everywhere.
 """
 from .adaln import adaln_modulate, gated_residual
-from .attention import attention_math, attention_sdpa
+from .attention import attention_math, attention_sdpa, attention_triton
 from .bias_act import bias_act
 from .geglu import geglu
 from .group_norm_silu import group_norm_silu
@@ -12,5 +12,5 @@ from .minibatch_std import minibatch_std
 from .sampler_update import guided_update
 from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
 
-__all__ = ["adaln_modulate", "attention_math", "attention_sdpa", "bias_act", "downsample2d", "filter2d",
+__all__ = ["adaln_modulate", "attention_math", "attention_sdpa", "attention_triton", "bias_act", "downsample2d", "filter2d",
            "gated_residual", "geglu", "guided_update", "group_norm_silu", "minibatch_std", "setup_filter", "upfirdn2d", "upsample2d"]

@@ -26,15 +26,17 @@ def interpreting() -> bool:
 def resolve(op: str, backend: str, x: torch.Tensor, has_triton: bool = True) -> str:
     """'eager' or 'triton' for this call.
 
-    LIMNER_KERNELS=eager|triton overrides `backend` everywhere (triton on CPU tensors needs
-    TRITON_INTERPRET=1); 'auto' takes Triton on CUDA tensors of a Triton dtype, else the eager reference.
+    LIMNER_KERNELS=eager|triton overrides `backend` everywhere (triton: for every op that has a
+    kernel; on CPU tensors it needs TRITON_INTERPRET=1); 'auto' takes Triton on CUDA tensors of a Triton dtype, else the eager reference.
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     forced = os.environ.get("LIMNER_KERNELS", "").lower()
     if forced and forced not in BACKENDS:
         raise ValueError(f"LIMNER_KERNELS={forced!r} is not a backend; valid: {', '.join(BACKENDS)}")
-    backend = forced if forced in ("eager", "triton") else backend
+    if forced == "eager" or (forced == "triton" and not has_triton):  # ops with no kernel stay eager
+        return "eager"
+    backend = forced or backend
     if backend == "eager":
         return "eager"
     usable = has_triton and HAS_TRITON and (x.is_cuda or interpreting()) and x.dtype in TRITON_DTYPES

@@ -159,11 +159,12 @@ class BiasActGrad(torch.autograd.Function):
         dy, x, b = ctx.saved_tensors
         dim, act, alpha, gain, clamp = ctx.spec
         d_dy = BiasActGrad.apply(d_dx.contiguous(), x, b, ctx.spec)
-        if act in ("linear", "relu", "lrelu"):  # piecewise linear: f'' = 0
-            return d_dy, None, None, None
-        d_z = d_dx * dy * _second_derivative(x, b, ctx.spec)
+        if act in ("linear", "relu", "lrelu"):  # piecewise linear: f'' = 0, zeros as eager autograd gives
+            d_z = torch.zeros_like(x) if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] else None
+        else:
+            d_z = d_dx * dy * _second_derivative(x, b, ctx.spec)
         db = _reduce_to_bias(d_z, dim, b) if b is not None and ctx.needs_input_grad[2] else None
-        return d_dy, d_z, db, None
+        return d_dy, d_z if ctx.needs_input_grad[1] else None, db, None
 
 
 def _second_derivative(x, b, spec) -> torch.Tensor:

@@ -19,6 +19,8 @@ def group_norm_silu_reference(x: torch.Tensor, num_groups: int, weight: torch.Te
                               bias: torch.Tensor | None, eps: float = 1e-5, scale: torch.Tensor | None = None,
                               shift: torch.Tensor | None = None) -> torch.Tensor:
     """x: [N, C, *]; weight, bias: [C]; scale, shift: [N, C] (FiLM as in ADM, Dhariwal & Nichol 2021)."""
+    if weight is None and bias is not None:  # torch 2.13's CPU group_norm backward fails on (None, bias)
+        weight = torch.ones_like(bias)
     y = F.group_norm(x, num_groups, weight, bias, eps)
     extra = (1,) * (x.ndim - 2)
     if scale is not None:

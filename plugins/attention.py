@@ -1,10 +1,11 @@
-"""Attention backends: `sdpa` (torch), `math` (plain PyTorch) and `xformers` (when installed)."""
+"""Attention backends: `sdpa` (torch), `math` (plain PyTorch), `triton` (our FlashAttention forward)
+and `xformers` (when installed)."""
 from __future__ import annotations
 
 from einops import rearrange
 
 import limner
-from limner.kernels import attention_math, attention_sdpa
+from limner.kernels import attention_math, attention_sdpa, attention_triton
 
 
 def sdpa():
@@ -15,6 +16,11 @@ def sdpa():
 def math():
     """Plain PyTorch attention in float32: the reference."""
     return attention_math
+
+
+def triton():
+    """Our FlashAttention forward in Triton (Dao et al. 2022); CUDA, or CPU under TRITON_INTERPRET=1."""
+    return attention_triton
 
 
 def xformers():
@@ -37,6 +43,6 @@ def xformers():
 
 @limner.hookimpl
 def limner_register_attention_backends():
-    """sdpa, math and xformers attention."""
+    """sdpa, math, triton and xformers attention."""
     return [limner.ComponentSpec("sdpa", sdpa), limner.ComponentSpec("math", math),
-            limner.ComponentSpec("xformers", xformers)]
+            limner.ComponentSpec("triton", triton), limner.ComponentSpec("xformers", xformers)]

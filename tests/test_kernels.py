@@ -1,0 +1,328 @@
+"""Triton kernels (run by the interpreter on CPU) against their eager references: odd shapes,
+float32 / float16 / bfloat16, forward and backward; float64 references on the same
+(rounded) inputs, so each dtype's tolerance measures only the kernel's error."""
+import json
+import time
+
+import pytest
+import torch
+
+import limner
+from limner.attention import PreferenceTable, preferred_backend, shape_key
+from limner.kernels import (
+    adaln_modulate, attention_math, attention_triton, bias_act, gated_residual, geglu, group_norm_silu,
+    guided_update, setup_filter, upfirdn2d,
+)
+from limner.kernels.adaln import adaln_modulate_reference, gated_residual_reference
+from limner.kernels.bias_act import ACTIVATIONS, bias_act_reference
+from limner.kernels.geglu import geglu_reference
+from limner.kernels.group_norm_silu import group_norm_silu_reference
+from limner.kernels.sampler_update import guided_update_reference
+from limner.kernels.upfirdn2d import upfirdn2d_reference
+from limner.protocols import TextEmbedding
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}  # relative to the largest |value|
+
+
+def assert_near(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    err = (got.double() - want.double()).abs().max().item()
+    bound = TOL[dtype] * max(want.abs().max().item(), 1.0)
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} ({dtype})"
+
+
+def check_against_reference(fused, reference, inputs, dtype, seed=0):
+    """Forward and every input's gradient of fused (dtype) against reference (float64)."""
+    low = [t.to(dtype).requires_grad_() if t is not None else None for t in inputs]
+    high = [t.detach().double().requires_grad_() if t is not None else None for t in low]
+    out = fused(*low)
+    want = reference(*high)
+    assert out.dtype == dtype and out.shape == want.shape
+    assert_near(out, want, dtype, "forward")
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    grads = torch.autograd.grad(out, [t for t in low if t is not None], dy.to(dtype))
+    grads_want = torch.autograd.grad(want, [t for t in high if t is not None], dy.double())
+    for i, (g, w) in enumerate(zip(grads, grads_want)):
+        assert_near(g, w, dtype, f"gradient {i}")
+
+
+def randn(*shape, seed=0, scale=1.0, offset=0.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale + offset
+
+
+# --- UNet / DiT paths ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, groups, parts", [
+    ((3, 6, 5, 7), 3, "wbss"), ((2, 12, 11), 4, "w-s-"), ((2, 4, 1, 1), 2, "----"), ((1, 10, 3, 3, 3), 5, "-b-s"),
+])
+def test_group_norm_silu_matches_reference(shape, groups, parts, dtype):
+    n, c = shape[:2]
+    x = randn(*shape, scale=3.0, offset=2.0)  # an offset mean tests the variance's cancellation
+    params = [randn(c, seed=1) if parts[0] == "w" else None, randn(c, seed=2) if parts[1] == "b" else None,
+              randn(n, c, seed=3) if parts[2] == "s" else None, randn(n, c, seed=4) if parts[3] == "s" else None]
+
+    def fused(x, w, b, sc, sh):
+        return group_norm_silu(x, groups, w, b, 1e-5, sc, sh, backend="triton")
+
+    def reference(x, w, b, sc, sh):
+        return group_norm_silu_reference(x, groups, w, b, 1e-5, sc, sh)
+
+    check_against_reference(fused, reference, [x, *params], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 7, 37), (3, 1, 5), (1, 33, 130)])
+def test_adaln_modulate_and_gated_residual_match_reference(shape, dtype):
+    b, _, d = shape
+    x, shift, scale, gate, y = randn(*shape), randn(b, d, seed=1), randn(b, d, seed=2), randn(b, d, seed=3), randn(*shape, seed=4)
+    check_against_reference(lambda *a: adaln_modulate(*a, backend="triton"), adaln_modulate_reference,
+                            [x, shift, scale], dtype)
+    check_against_reference(lambda *a: gated_residual(*a, backend="triton"), gated_residual_reference,
+                            [x, gate, y], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 38), (7, 2), (2, 1, 3, 2050)])
+def test_geglu_matches_reference(shape, dtype):
+    check_against_reference(lambda x: geglu(x, backend="triton"), geglu_reference, [randn(*shape, scale=2.0)], dtype)
+
+
+# --- GAN paths -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_bias_act_matches_reference(act, dtype):
+    x, b = randn(3, 5, 7, 3, scale=3.0), randn(5, seed=1)
+    check_against_reference(lambda x, b: bias_act(x, b, act=act, clamp=2.5, backend="triton"),
+                            lambda x, b: bias_act_reference(x, b, act=act, clamp=2.5), [x, b], dtype)
+
+
+@pytest.mark.parametrize("dim, alpha, gain", [(2, 0.1, 3.0), (-1, None, None), (0, 0.3, 1.0)])
+def test_bias_act_dims_and_options_match_reference(dim, alpha, gain):
+    x = randn(4, 6, 9, scale=2.0)
+    b = randn(x.shape[dim], seed=1)
+    check_against_reference(lambda x, b: bias_act(x, b, dim=dim, act="lrelu", alpha=alpha, gain=gain, backend="triton"),
+                            lambda x, b: bias_act_reference(x, b, dim=dim, act="lrelu", alpha=alpha, gain=gain),
+                            [x, b], torch.float32)
+    check_against_reference(lambda x: bias_act(x, None, act="swish", backend="triton"),
+                            lambda x: bias_act_reference(x, None, act="swish"), [x], torch.float32)
+
+
+@pytest.mark.parametrize("act", ["lrelu", "swish", "tanh", "softplus", "elu"])
+def test_bias_act_second_derivative_matches_reference(act):
+    """R1's pattern: the gradient norm of a two-layer critic, differentiated again w.r.t. its weights."""
+    gen = torch.Generator().manual_seed(0)
+    x0, w1, w2 = torch.randn(4, 6, generator=gen), torch.randn(6, 7, generator=gen), torch.randn(7, 3, generator=gen)
+    b1, b2 = torch.randn(7, generator=gen), torch.randn(3, generator=gen)
+    results = []
+    for backend in ("triton", "eager"):
+        x, *params = (t.clone().requires_grad_() for t in (x0, w1, b1, w2, b2))
+        h = bias_act(x @ params[0], params[1], act="lrelu", backend=backend)
+        score = bias_act(h @ params[2], params[3], act=act, clamp=3.0, backend=backend).sum()
+        (gx,) = torch.autograd.grad(score, x, create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum(), params))
+    assert all(w.abs().max() > 1e-3 for w in results[1][::2])  # the weights' second derivatives are not trivial
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+UPFIRDN_CASES = [
+    (dict(up=2, padding=[2, 1, 2, 1]), [1, 3, 3, 1]),
+    (dict(down=2, padding=1), [1, 3, 3, 1]),
+    (dict(up=(2, 1), down=(1, 3), padding=[1, -1, 0, 2], flip_filter=True, gain=3.0), "random3x5"),
+    (dict(padding=[0, 0, 1, -1]), "separable4"),
+    (dict(up=3, down=2, padding=[3, 2, 1, 4]), [1, 2, 1]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options, taps", UPFIRDN_CASES, ids=[str(c[0]) for c in UPFIRDN_CASES])
+def test_upfirdn2d_matches_reference_to_second_order(options, taps, dtype):
+    f = (randn(3, 5, seed=7) if taps == "random3x5" else randn(4, seed=7) if taps == "separable4"
+         else setup_filter(taps))
+    x = randn(2, 3, 7, 5)
+    check_against_reference(lambda x: upfirdn2d(x, f, backend="triton", **options),
+                            lambda x: upfirdn2d_reference(x, f.double(), **options), [x], dtype)
+    # the gradient is upfirdn2d again: differentiate it w.r.t. the incoming gradient
+    xs = [x.to(dtype).requires_grad_(), x.double().requires_grad_()]
+    outs = [upfirdn2d(xs[0], f, backend="triton", **options), upfirdn2d_reference(xs[1], f.double(), **options)]
+    dys = [randn(*outs[1].shape, seed=5).to(t.dtype).requires_grad_() for t in (outs[0], outs[1])]
+    second = []
+    for out, xi, dy in zip(outs, xs, dys):
+        (g,) = torch.autograd.grad(out, xi, dy, create_graph=True)
+        second.append(torch.autograd.grad(g.float().square().sum(), dy)[0])
+    assert_near(second[0], second[1], dtype, "second order")
+
+
+# --- sampler update and attention ------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("parts", ["cond", "cond+uncond", "cond+uncond+old+noise"])
+def test_guided_update_matches_reference(parts, dtype):
+    x, cond = randn(2, 3, 5, 7).to(dtype), randn(2, 3, 5, 7, seed=1).to(dtype)
+    uncond = randn(2, 3, 5, 7, seed=2).to(dtype) if "uncond" in parts else None
+    old, noise = (randn(2, 3, 5, 7, seed=s).to(dtype) if "old" in parts else None for s in (3, 4))
+    args = dict(guidance=4.5, a=0.7, b=0.3, e=-0.2, c=0.1)
+    got = guided_update(x, cond, uncond, old=old, noise=noise, backend="triton", **args)
+    want = guided_update_reference(*(t.double() if t is not None else None for t in (x, cond, uncond)),
+                                   old=old.double() if old is not None else None,
+                                   noise=noise.double() if noise is not None else None, **args)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        assert_near(g, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, mask_kind", [
+    ((2, 3, 37, 21, 24), "keys"), ((1, 2, 5, 40, 8), None), ((2, 1, 19, 19, 40), "full"),
+])
+def test_triton_attention_matches_math(shape, mask_kind, dtype):
+    b, h, lq, lk, d = shape
+    gen = torch.Generator().manual_seed(0)
+    mask = None
+    if mask_kind == "keys":
+        mask = torch.rand(b, 1, 1, lk, generator=gen) > 0.3
+    elif mask_kind == "full":
+        mask = torch.rand(b, h, lq, lk, generator=gen) > 0.5
+    if mask is not None:
+        mask[..., 0] = True
+    q, k, v = randn(b, h, lq, d), randn(b, h, lk, d, seed=1), randn(b, h, lk, d, seed=2)
+    check_against_reference(lambda q, k, v: attention_triton(q, k, v, mask),
+                            lambda q, k, v: attention_math(q, k, v, mask), [q, k, v], dtype)
+
+
+def test_triton_attention_is_a_registered_backend_that_ignores_padding():
+    from limner.attention import attention
+    q, k, v = randn(2, 2, 9, 16), randn(2, 2, 23, 16, seed=1), randn(2, 2, 23, 16, seed=2)
+    mask = torch.ones(2, 1, 1, 23, dtype=torch.bool)
+    mask[1, ..., 11:] = False
+    out = attention(q, k, v, mask, backend="triton")
+    assert torch.allclose(out[1], attention(q[1:], k[1:, :, :11], v[1:, :, :11], backend="triton")[0], atol=1e-5)
+
+
+# --- the backend switch and the attention preference table -------------------------------------
+
+def test_backend_switch_names_bad_values(monkeypatch):
+    x = randn(2, 3, 6)
+    with pytest.raises(ValueError, match="geglu: unknown backend 'fast'; valid: auto, triton, eager"):
+        geglu(x, backend="fast")
+    with pytest.raises(ValueError, match="dtype torch.float64 has no kernel"):
+        geglu(x.double(), backend="triton")
+    with pytest.raises(ValueError, match=r"gated_residual: gate of shape \(2, 5\), expected \[B, D\] = \[2, 6\]"):
+        gated_residual(x, randn(2, 5), x)
+    monkeypatch.setenv("LIMNER_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="LIMNER_KERNELS='fastest' is not a backend"):
+        geglu(x)
+    monkeypatch.setenv("LIMNER_KERNELS", "eager")  # forces the reference even where triton is asked for
+    assert torch.equal(geglu(x.double(), backend="triton"), geglu_reference(x.double()))
+
+
+def test_preference_table_measures_once_picks_the_fastest_and_persists(tmp_path):
+    path = tmp_path / "attention-gpu.json"
+    costs = {"sdpa": 2.0, "xformers": 3.0, "triton": 1.0}
+    calls = []
+
+    def timer(run):
+        calls.append(run())
+        return costs[calls[-1]]
+
+    def broken():
+        raise RuntimeError("head dim unsupported")
+
+    table = PreferenceTable(path, timer)
+    runs = {name: (lambda name=name: name) for name in costs} | {"math": broken}
+    assert table.measure("k", runs) == "triton" and table.best("k") == "triton"
+    assert sorted(calls) == sorted(costs)  # every runnable backend timed once; the broken one skipped
+    assert json.loads(path.read_text())["k"] == costs
+
+    def no_timing(run):
+        raise AssertionError("a known shape must not be measured again")
+
+    assert PreferenceTable(path, no_timing).best("k") == "triton"
+    path.write_text("{not json")
+    assert PreferenceTable(path, no_timing).best("k") is None  # a corrupt cache is re-measured, not fatal
+
+
+def test_auto_attention_measures_every_available_backend_and_takes_the_fastest():
+    q, k, v = randn(1, 2, 9, 8), randn(1, 2, 11, 8, seed=1), randn(1, 2, 11, 8, seed=2)
+
+    def wall_clock(run):
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+
+    table = PreferenceTable(None, wall_clock)
+    choice = preferred_backend(q, k, v, None, table=table)
+    timings = table.timings[shape_key(q, k, None)]
+    assert {"sdpa", "triton", "math"} <= set(timings) and choice == min(timings, key=timings.get)
+    assert preferred_backend(q, k, v, None, table=table) == choice  # remembered
+
+
+# --- whole models: the same outputs with every kernel fused ----------------------------------
+
+def text(batch, dim=8, length=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, 3:] = False
+    return TextEmbedding(torch.randn(batch, length, dim, generator=gen), mask, torch.randn(batch, dim, generator=gen))
+
+
+def run_both(monkeypatch, fn):
+    """fn() under LIMNER_KERNELS=eager and =triton (attention: math vs triton)."""
+    results = []
+    for kernels, attn in (("eager", "math"), ("triton", "triton")):
+        monkeypatch.setenv("LIMNER_KERNELS", kernels)
+        monkeypatch.setenv("LIMNER_ATTENTION", attn)
+        torch.manual_seed(0)
+        results.append(fn())
+    return results
+
+
+@pytest.mark.parametrize("name, options", [
+    ("unet", {"channels": 16, "mults": [1, 2], "blocks": 1, "attention_levels": [1], "groups": 8}),
+    ("dit", {"dim": 32, "depth": 1, "patch": 4}),
+])
+def test_denoisers_agree_with_fused_kernels(monkeypatch, name, options):
+    def forward_backward():
+        model = limner.create("denoisers", name, context_dim=8, image_size=8, **options)
+        for p in model.parameters():  # wake zero-initialised layers so every path carries signal
+            p.data += 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+        out = model(randn(2, 3, 8, 8), torch.tensor([0.3, 3.0]), text(2))
+        grads = torch.autograd.grad(out.square().mean(), list(model.parameters()))
+        return out, torch.cat([g.flatten() for g in grads])
+
+    (out_e, grad_e), (out_t, grad_t) = run_both(monkeypatch, forward_backward)
+    torch.testing.assert_close(out_t, out_e, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_t, grad_e, rtol=1e-3, atol=1e-5)
+
+
+def test_stylegan2_generator_and_discriminator_with_r1_agree_with_fused_kernels(monkeypatch):
+    def g_and_d():
+        g = limner.create("generators", "stylegan2", context_dim=8, channels=3, image_size=8, channel_base=64,
+                          channel_max=8, z_dim=8, w_dim=8, text_dim=8, mapping_layers=2)
+        d = limner.create("discriminators", "stylegan2", context_dim=8, channels=3, image_size=8, channel_base=64,
+                          channel_max=8, cmap_dim=4)
+        cond = text(2)
+        image = g(randn(2, 8), cond, generator=torch.Generator().manual_seed(0))
+        real = randn(2, 3, 8, 8, seed=3).requires_grad_()
+        (grad_real,) = torch.autograd.grad(d(real, cond).sum(), real, create_graph=True)
+        r1 = grad_real.square().sum()
+        params = list(d.parameters())  # the last layer's bias does not reach the gradient: allow_unused
+        d_grads = torch.autograd.grad(r1, params, allow_unused=True)
+        return image, r1, torch.cat([(t if t is not None else torch.zeros_like(p)).flatten()
+                                     for t, p in zip(d_grads, params)])
+
+    eager, fused = run_both(monkeypatch, g_and_d)
+    for got, want in zip(fused, eager):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_vae_agrees_with_fused_kernels(monkeypatch):
+    def encode_decode():
+        vae = limner.create("generators", "vae", context_dim=8, channels=3, image_size=8, width=16, downs=1)
+        mean, logvar = vae.encode(randn(2, 3, 8, 8), text(2))
+        return vae.decode(mean, text(2)), logvar
+
+    for got, want in zip(*reversed(run_both(monkeypatch, encode_decode))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
