@@ -29,15 +29,25 @@ def run_benchmarks(select: str | None, out_dir: Path, quick: bool) -> Path:
     code = pytest.main(args)
     if code != 0:
         raise LimnerError(f"benchmarks failed (pytest exit code {int(code)})")
-    _drop_raw_timings(json_path)
+    _tidy(json_path)
     return json_path
 
 
-def _drop_raw_timings(json_path: Path) -> None:
-    """Keep the statistics, not every round's timing: results are committed to the repo."""
+def _tidy(json_path: Path) -> None:
+    """Keep the statistics, not every round's timing (results are committed to the repo), and
+    record the accelerator and library versions next to pytest-benchmark's machine info."""
+    import torch
+
     data = json.loads(json_path.read_text())
     for bench in data["benchmarks"]:
         bench["stats"].pop("data", None)
+    versions = {"torch": torch.__version__}
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    data["limner"] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", **versions}
     json_path.write_text(json.dumps(data, indent=1))
 
 
@@ -49,8 +59,12 @@ def render(data: dict) -> str:
     """Markdown tables of one benchmark JSON: sampler overhead against a network forward."""
     benches = data["benchmarks"]
     machine = data.get("machine_info", {})
-    lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', platform.processor())}, "
-             f"python {machine.get('python_version', '?')}; {data.get('datetime', '')}", ""]
+    env = data.get("limner", {})
+    versions = ", ".join(f"{k} {v}" for k, v in env.items() if k != "device")
+    lines = [f"Machine: {machine.get('cpu', {}).get('brand_raw', platform.processor())}"
+             f"{', ' + env['device'] if env.get('device', 'cpu') != 'cpu' else ''}, "
+             f"python {machine.get('python_version', '?')}{', ' + versions if versions else ''}; "
+             f"{data.get('datetime', '')}", ""]
     network = [b for b in benches if b.get("extra_info", {}).get("group") == "network"]
     samplers = [b for b in benches if b.get("extra_info", {}).get("group") == "sampler"]
     if network and samplers:
@@ -67,11 +81,81 @@ def render(data: dict) -> str:
             lines.append(f"| {b['param']} | {ex['nfe_per_step']:.2f} | {per_step * 1e6:.1f} | "
                          f"{100 * per_nfe / fwd:.2f} |")
         lines.append("")
-    others = [b for b in benches if b not in network and b not in samplers]
+    lines += _kernel_table(benches) + _attention_table(benches) + _end_to_end_table(benches)
+    grouped = ("network", "sampler", "kernel", "copy", "attention", "e2e")
+    others = [b for b in benches if b.get("extra_info", {}).get("group") not in grouped]
     if others:
         lines += ["| benchmark | median (ms) |", "|---|---:|"]
         lines += [f"| {b['name']} | {_median(b) * 1e3:.3f} |" for b in others]
     return "\n".join(lines) + "\n"
+
+
+def _group(benches: list[dict], name: str) -> list[dict]:
+    return [b for b in benches if b.get("extra_info", {}).get("group") == name]
+
+
+def _kernel_table(benches: list[dict]) -> list[str]:
+    """Per op and pass: eager, torch.compile and Triton medians, the ratios, and the Triton
+    kernel's GB/s as a share of the measured copy bandwidth."""
+    kernels, copy = _group(benches, "kernel"), _group(benches, "copy")
+    if not kernels:
+        return []
+    copy_gbs = copy[0]["extra_info"]["bytes"] / _median(copy[0]) / 1e9 if copy else None
+    table: dict[tuple[str, str], dict[str, dict]] = {}
+    for b in kernels:
+        ex = b["extra_info"]
+        table.setdefault((ex["op"], ex["pass_"]), {})[ex["impl"]] = b
+    lines = [f"Copy bandwidth (device-to-device, 512 MiB): {copy_gbs:.0f} GB/s" if copy_gbs else
+             "Copy bandwidth: not measured", "",
+             "| kernel | pass | shape, dtype | eager (ms) | compile (ms) | triton (ms) | vs eager | vs compile | "
+             "triton GB/s | % of copy |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (op, pass_), impls in table.items():
+        eager, compiled, fused = (impls.get(k) for k in ("eager", "compile", "triton"))
+        ms = [f"{_median(b) * 1e3:.3f}" if b else "-" for b in (eager, compiled, fused)]
+        ex = (fused or eager or compiled)["extra_info"]
+        ratio = [f"{_median(ref) / _median(fused):.2f}x" if ref and fused else "-" for ref in (eager, compiled)]
+        gbs = ex["bytes"] / _median(fused) / 1e9 if fused else None
+        share = f"{100 * gbs / copy_gbs:.0f}%" if gbs and copy_gbs else "-"
+        lines.append(f"| {op} | {pass_} | {'x'.join(map(str, ex['shape']))}, {ex['dtype'].removeprefix('torch.')} | "
+                     f"{' | '.join(ms)} | {' | '.join(ratio)} | {f'{gbs:.0f}' if gbs else '-'} | {share} |")
+    return lines + [""]
+
+
+def _attention_table(benches: list[dict]) -> list[str]:
+    """Per shape: every backend's median, what auto chose, and auto against the best backend."""
+    rows: dict[str, dict[str, dict]] = {}
+    for b in _group(benches, "attention"):
+        rows.setdefault(b["extra_info"]["shape"], {})[b["extra_info"]["backend"]] = b
+    if not rows:
+        return []
+    names = sorted({n for r in rows.values() for n in r if n != "auto"})
+    lines = [f"| attention shape [B, H, Lq, Dh, Lk] | {' | '.join(f'{n} (ms)' for n in names)} | auto (ms) | "
+             "auto chose | auto vs best |", "|---|" + "---:|" * (len(names) + 3)]
+    for shape, by_name in rows.items():
+        fixed = {n: _median(b) for n, b in by_name.items() if n != "auto"}
+        auto = by_name.get("auto")
+        best = min(fixed.values()) if fixed else None
+        dims = (auto or next(iter(by_name.values())))["extra_info"]["dims"]
+        cells = [f"{fixed[n] * 1e3:.3f}" if n in fixed else "-" for n in names]
+        verdict = f"{100 * (_median(auto) / best - 1):+.1f}%" if auto and best else "-"
+        lines.append(f"| {shape} {dims} | {' | '.join(cells)} | {f'{_median(auto) * 1e3:.3f}' if auto else '-'} | "
+                     f"{auto['extra_info']['chosen'] if auto else '-'} | {verdict} |")
+    return lines + [""]
+
+
+def _end_to_end_table(benches: list[dict]) -> list[str]:
+    paths: dict[str, dict[str, dict]] = {}
+    for b in _group(benches, "e2e"):
+        paths.setdefault(b["extra_info"]["path"], {})[b["extra_info"]["impl"]] = b
+    if not paths:
+        return []
+    lines = ["| end to end | eager (ms) | fused (ms) | speed-up |", "|---|---:|---:|---:|"]
+    for path, impls in paths.items():
+        eager, fused = impls.get("eager"), impls.get("fused")
+        cells = [f"{_median(b) * 1e3:.2f}" if b else "-" for b in (eager, fused)]
+        ratio = f"{_median(eager) / _median(fused):.2f}x" if eager and fused else "-"
+        lines.append(f"| {path} | {' | '.join(cells)} | {ratio} |")
+    return lines + [""]
 
 
 def render_file(json_path: Path) -> Path:
