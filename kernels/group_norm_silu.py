@@ -90,6 +90,22 @@ if triton is not None:
                 tl.store(y_ptr + offs, (u * tl.sigmoid(u)).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _backward_terms(x_ptr, dy_ptr, offs, mask, mean, rstd, w_ptr, b_ptr, sc_ptr, sh_ptr, chan, cmask, row,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+        """For a tile: xhat, h, du = dL/du, dh = dL/dh, dxhat = dL/dxhat (zero outside the tile's mask)."""
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat, h, m, u = _modulated(x, mean, rstd, w_ptr, b_ptr, sc_ptr, sh_ptr, chan, cmask, row,
+                                   HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
+        sig = tl.sigmoid(u)
+        du = tl.where(mask, dy * sig * (1.0 + u * (1.0 - sig)), 0.0)
+        dh = du * m
+        dxhat = dh
+        if HAS_W:
+            dxhat = dh * tl.load(w_ptr + chan, mask=cmask, other=1.0).to(tl.float32)[:, None]
+        return tl.where(mask, xhat, 0.0), h, du, dh, dxhat
+
+    @triton.jit
     def _gns_backward(x_ptr, dy_ptr, dx_ptr, w_ptr, b_ptr, sc_ptr, sh_ptr, mean_ptr, rstd_ptr,
                       dw_ptr, db_ptr, dsc_ptr, dsh_ptr, C, S, CPG, G,
                       HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
@@ -108,24 +124,17 @@ if triton is not None:
             d_sh = tl.zeros((BLOCK_C,), tl.float32)
             for s0 in range(0, S, BLOCK_S):
                 offs, mask, cs = _tile(base, c0, s0, CPG, S, BLOCK_C, BLOCK_S)
-                chan, cmask = g * CPG + cs, cs < CPG
-                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                xhat, h, m, u = _modulated(x, mean, rstd, w_ptr, b_ptr, sc_ptr, sh_ptr, chan, cmask, n * C,
-                                           HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
-                sig = tl.sigmoid(u)
-                du = tl.where(mask, dy * sig * (1.0 + u * (1.0 - sig)), 0.0)
-                dh = du * m
-                dxhat = dh
-                if HAS_W:
-                    dxhat = dh * tl.load(w_ptr + chan, mask=cmask, other=1.0).to(tl.float32)[:, None]
-                xhat = tl.where(mask, xhat, 0.0)
+                xhat, h, du, dh, dxhat = _backward_terms(x_ptr, dy_ptr, offs, mask, mean, rstd, w_ptr, b_ptr, sc_ptr,
+                                                         sh_ptr, g * CPG + cs, cs < CPG, n * C,
+                                                         HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
                 sum_dxhat += tl.sum(dxhat, 1)
                 sum_dxhat_xhat += tl.sum(dxhat * xhat, 1)
                 d_w += tl.sum(dh * xhat, 1)
                 d_b += tl.sum(dh, 1)
                 d_sc += tl.sum(du * h, 1)
                 d_sh += tl.sum(du, 1)
+            cs = c0 + tl.arange(0, BLOCK_C)
+            cmask = cs < CPG
             out = n * C + g * CPG + cs
             tl.store(dw_ptr + out, d_w, mask=cmask)
             tl.store(db_ptr + out, d_b, mask=cmask)
@@ -137,15 +146,9 @@ if triton is not None:
         for c0 in range(0, CPG, BLOCK_C):
             for s0 in range(0, S, BLOCK_S):
                 offs, mask, cs = _tile(base, c0, s0, CPG, S, BLOCK_C, BLOCK_S)
-                chan, cmask = g * CPG + cs, cs < CPG
-                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                xhat, h, m, u = _modulated(x, mean, rstd, w_ptr, b_ptr, sc_ptr, sh_ptr, chan, cmask, n * C,
-                                           HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
-                sig = tl.sigmoid(u)
-                dxhat = dy * sig * (1.0 + u * (1.0 - sig)) * m
-                if HAS_W:
-                    dxhat = dxhat * tl.load(w_ptr + chan, mask=cmask, other=1.0).to(tl.float32)[:, None]
+                xhat, _, _, _, dxhat = _backward_terms(x_ptr, dy_ptr, offs, mask, mean, rstd, w_ptr, b_ptr, sc_ptr,
+                                                       sh_ptr, g * CPG + cs, cs < CPG, n * C,
+                                                       HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT)
                 dx = rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
                 tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
