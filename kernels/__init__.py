@@ -1,7 +1,9 @@
 """Fused ops and attention implementations (torch and triton only; nothing from limner).
 
-Each op has an eager reference with the same semantics and a `backend="auto"|"triton"|"eager"`
-argument; LIMNER_KERNELS=eager forces the reference everywhere.
+Each op has a Triton kernel, an eager reference with the same semantics and a
+`backend="auto"|"triton"|"eager"` argument ('auto': Triton on CUDA); LIMNER_KERNELS=eager
+forces the reference everywhere, LIMNER_KERNELS=triton the kernels (on CPU under
+TRITON_INTERPRET=1). minibatch_std has only its reference.
 """
 from .adaln import adaln_modulate, gated_residual
 from .attention import attention_math, attention_sdpa, attention_triton

@@ -110,7 +110,8 @@ class FlashAttention(torch.autograd.Function):
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Our FlashAttention forward; see the module docstring."""
-    resolve("attention_triton", "triton", q)
+    if resolve("attention_triton", "triton", q) == "eager":  # LIMNER_KERNELS=eager: the reference everywhere
+        return attention_math(q, k, v, mask)
     if q.shape[-1] > 256:
         raise ValueError(f"attention_triton: head dim {q.shape[-1]} is over 256; use the sdpa backend")
     return FlashAttention.apply(q, k, v, mask)

@@ -216,6 +216,8 @@ def test_backend_switch_names_bad_values(monkeypatch):
         geglu(x)
     monkeypatch.setenv("LIMNER_KERNELS", "eager")  # forces the reference even where triton is asked for
     assert torch.equal(geglu(x.double(), backend="triton"), geglu_reference(x.double()))
+    q = randn(1, 2, 3, 4)
+    assert torch.equal(attention_triton(q, q, q), attention_math(q, q, q))
 
 
 def test_preference_table_measures_once_picks_the_fastest_and_persists(tmp_path):
