@@ -20,16 +20,17 @@ from pathlib import Path
 import torch
 
 from .errors import LimnerError
-from .registry import create, list_components
+from .registry import create, list_components, registry
 
-_built: dict[str, Callable] = {}
-CANDIDATES = ("sdpa", "xformers", "triton", "math")  # the ones `auto` may measure, when available
+_built: dict[str, tuple[object, Callable]] = {}  # name -> (the registry it came from, backend)
+CANDIDATES = ("sdpa", "xformers", "triton", "math")  # built-ins, measured first; plugins' backends follow
 
 
 def _backend(name: str) -> Callable:
-    if name not in _built:
-        _built[name] = create("attention_backends", name)
-    return _built[name]
+    current = registry()
+    if name not in _built or _built[name][0] is not current:  # a new registry (plugins changed) rebuilds
+        _built[name] = (current, create("attention_backends", name))
+    return _built[name][1]
 
 
 def shape_key(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> str:
@@ -113,8 +114,9 @@ def preference_table(device: torch.device) -> PreferenceTable:
 
 
 def available_candidates(q: torch.Tensor) -> list[str]:
-    registered = set(list_components("attention_backends")["attention_backends"])
-    names = [n for n in CANDIDATES if n in registered]
+    """Every registered backend (a plugin's too), built-ins first; xformers only where it imports."""
+    registered = list_components("attention_backends")["attention_backends"]
+    names = [n for n in CANDIDATES if n in registered] + sorted(n for n in registered if n not in CANDIDATES)
     if "xformers" in names:
         try:
             import xformers.ops  # noqa: F401
