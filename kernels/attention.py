@@ -33,7 +33,7 @@ if triton is not None:
                        sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h, sm_q, sm_k,
                        HAS_MASK: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr):
-        start, bh = tl.program_id(0) * BLOCK_M, tl.program_id(1)
+        bh, start = tl.program_id(0), tl.program_id(1) * BLOCK_M  # B*H on axis 0: axis 1 is capped at 65535
         b, h = bh // H, bh % H
         rows, cols, dims = start + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
         row_ok, dim_ok = rows < LQ, dims < DH
@@ -81,7 +81,7 @@ def _flash(q, k, v, mask):
     m_strides = m.stride() if m is not None else (0, 0, 0, 0)
     m = m.view(torch.uint8) if m is not None else q
     block = 16 if interpreting() else 64  # the interpreter runs each block as a Python step
-    grid = (triton.cdiv(lq, block), b * h)
+    grid = (b * h, triton.cdiv(lq, block))
     # NOTE: float32 runs its dots in IEEE float32 (not TF32) to match the reference; triton 3.9's
     # interpreter multiplies bfloat16 dots wrongly (2.5e10 off on a 16x16 product), so there too
     ieee = q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16)
