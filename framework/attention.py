@@ -101,12 +101,16 @@ class PreferenceTable:
             pass  # a read-only home only costs a re-measurement next process
 
 
-_tables: dict[str, PreferenceTable] = {}
+_tables: dict[str, PreferenceTable] = {}  # GPU model -> its table
+_gpu_names: dict[int, str] = {}  # device index -> GPU model, asked of the driver once, not every attention call
 
 
 def preference_table(device: torch.device) -> PreferenceTable:
     """The table of this GPU model, loaded once per process."""
-    name = torch.cuda.get_device_name(device).replace(" ", "-").lower()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _gpu_names:
+        _gpu_names[index] = torch.cuda.get_device_name(index).replace(" ", "-").lower()
+    name = _gpu_names[index]
     if name not in _tables:
         cache = Path(os.environ.get("LIMNER_CACHE_DIR") or Path.home() / ".cache" / "limner")
         _tables[name] = PreferenceTable(cache / f"attention-{name}.json")
