@@ -151,10 +151,7 @@ class GenTrainer(TrainerBase):
                 log.write(last)
                 progress.set_postfix({k: f"{v:.3f}" for k, v in last.items() if k != "step"})
                 rows = []
-            if self.step % t.sample_every == 0 or self.step == t.steps:
-                self.sample_grid()
-            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                self.save()
+            self.end_of_step(t.sample_every, t.checkpoint_every, t.steps)
         progress.close()
         log.close()
         check_ranks_agree(self.acc, torch.nn.ModuleList(self.modules().values()), self.out, self.step)

@@ -211,6 +211,14 @@ class TrainerBase:
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.cfg.data.workers,
                                            collate_fn=collate)
 
+    def end_of_step(self, sample_every: int, checkpoint_every: int, steps: int) -> None:
+        """The periodic work after a step: a sample grid and a checkpoint when due, both at the last step."""
+        last = self.step == steps
+        if self.step % sample_every == 0 or last:
+            self.sample_grid()
+        if self.step % checkpoint_every == 0 or last:
+            self.save()
+
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
         """Draw the configured prompts with the EMA model into samples/step_N.png."""
@@ -286,10 +294,7 @@ class Trainer(TrainerBase):
                 log.write(last)
                 progress.set_postfix(loss=f"{last['loss']:.4f}")
                 losses = []
-            if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
-                self.sample_grid()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save()
+            self.end_of_step(cfg.sample_every, cfg.checkpoint_every, cfg.steps)
         progress.close()
         log.close()
         check_ranks_agree(self.acc, self.model, self.out, self.step)
