@@ -8,6 +8,7 @@ from torch import nn
 
 from .config import ComponentConfig, component
 from .protocols import TextEmbedding
+from .text_cache import EmbeddingCache
 
 
 @dataclass
@@ -42,9 +43,11 @@ class TextToImage(nn.Module):
         self.text_encoder = cfg.text_encoder.build()
         self.denoiser = cfg.denoiser.build(context_dim=self.text_encoder.dim, in_channels=cfg.channels,
                                            image_size=cfg.image_size)
+        self.text_cache = EmbeddingCache()
 
     def encode(self, prompts: list[str]) -> TextEmbedding:
-        return self.text_encoder.encode(prompts)
+        """The prompts' embedding; a frozen encoder's come from the cache when seen before."""
+        return self.text_cache.encode(self.text_encoder, prompts)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextEmbedding | None = None) -> torch.Tensor:
         return self.denoiser(x, sigma, cond)

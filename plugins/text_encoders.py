@@ -19,6 +19,7 @@ from torch import nn
 
 import limner
 from limner.protocols import TextEmbedding
+from limner.text_cache import FrozenStaysEval, weights_from_factory
 
 PAD, BOS, EOS = 256, 257, 258
 BYTE_VOCAB = 259
@@ -55,7 +56,7 @@ def mean_pool(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
-class ByteTextEncoder(nn.Module):
+class ByteTextEncoder(FrozenStaysEval, nn.Module):
     """A transformers text model over byte tokens; `model` maps (ids, mask) to hidden states."""
 
     def __init__(self, model: nn.Module, max_length: int, pool: str, freeze: bool):
@@ -87,7 +88,9 @@ def _byte_encoder(model_cls, make_config, path: str | None, max_length: int, poo
     if not (folder / "config.json").is_file():
         raise limner.LimnerError(f"no saved text encoder in {folder} (config.json missing)")
     model = model_cls.from_pretrained(folder, local_files_only=True, **model_kwargs)
-    return ByteTextEncoder(model, model.config.max_position_embeddings, pool, freeze)
+    encoder = ByteTextEncoder(model, model.config.max_position_embeddings, pool, freeze)
+    weights_from_factory(encoder)  # frozen, its weights are the folder's: checkpoints need not copy them
+    return encoder
 
 
 def clip_text(dim: int = 256, layers: int = 4, heads: int = 4, max_length: int = 64, freeze: bool = False,
@@ -112,9 +115,10 @@ def bert(dim: int = 256, layers: int = 4, heads: int = 4, max_length: int = 64, 
         path, max_length, pool="mean", freeze=freeze, add_pooling_layer=False)
 
 
-class MiniLMEncoder(nn.Module):
+class MiniLMEncoder(FrozenStaysEval, nn.Module):
     """all-MiniLM-L6-v2 (384-d, 6 layers) with its WordPiece tokenizer, mean-pooled as
-    sentence-transformers does."""
+    sentence-transformers does. Frozen, its weights stay out of checkpoints (they are the
+    weights package's) and it stays in eval mode."""
 
     def __init__(self, folder: Path, max_length: int, freeze: bool):
         super().__init__()
@@ -125,6 +129,7 @@ class MiniLMEncoder(nn.Module):
         self.max_length, self.dim = max_length, self.model.config.hidden_size
         if freeze:
             self.requires_grad_(False).eval()
+        weights_from_factory(self)
 
     def encode(self, prompts: Sequence[str]) -> TextEmbedding:
         batch = self.tokenizer(check_prompts(prompts), padding=True, truncation=True, max_length=self.max_length,

