@@ -36,6 +36,16 @@ def _context(cond: TextEmbedding | None) -> tuple[torch.Tensor | None, torch.Ten
     return (None, None) if cond is None else (cond.tokens, cond.mask)
 
 
+def sincos_2d(dim: int, side: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding [side*side, dim] (MAE, He et al. 2022)."""
+    quarter = dim // 4
+    freqs = 1 / 10_000 ** (torch.arange(quarter) / quarter)
+    pos = torch.arange(side).float()[:, None] * freqs[None]  # [side, quarter]
+    row = torch.cat([pos.sin(), pos.cos()], 1)
+    grid_y, grid_x = row[:, None].expand(side, side, -1), row[None].expand(side, side, -1)
+    return rearrange(torch.cat([grid_y, grid_x], -1), "h w d -> (h w) d")
+
+
 # --- UNet -------------------------------------------------------------------------------
 
 class ResBlock(nn.Module):
@@ -59,10 +69,18 @@ class ResBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Self-attention over pixels, cross-attention to text tokens, feed-forward (LDM)."""
+    """Self-attention over pixels, cross-attention to text tokens, feed-forward (LDM).
 
-    def __init__(self, ch: int, heads: int, context_dim: int, groups: int):
+    With `positions`, fixed 2-D sine-cosine features of each pixel's place are added to its
+    token, so a query knows where it is and "at the top left" can land at the top left:
+    without them, cross-attention is translation-invariant and placement falls to chance.
+    """
+
+    def __init__(self, ch: int, heads: int, context_dim: int, groups: int, side: int, positions: bool = True):
         super().__init__()
+        if positions and ch % 4:
+            raise limner.LimnerError(f"unet: positions need channels divisible by 4, got {ch}")
+        self.register_buffer("pos", sincos_2d(ch, side) if positions else None, persistent=False)
         self.norm = nn.GroupNorm(groups, ch)
         self.proj_in, self.proj_out = nn.Conv2d(ch, ch, 1), zero_init(nn.Conv2d(ch, ch, 1))
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(ch), nn.LayerNorm(ch), nn.LayerNorm(ch)
@@ -72,6 +90,11 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
         h = x.shape[2]
         t = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
+        if self.pos is not None:
+            if self.pos.shape[0] != t.shape[1]:
+                raise limner.LimnerError(f"unet: built for {self.pos.shape[0]} positions at this level, got an "
+                                         f"image of {tuple(x.shape[2:])}: sample at the model's image_size")
+            t = t + self.pos.to(t.dtype)
         t = t + self.self_attn(self.ln1(t))
         context, mask = _context(cond)
         if context is not None:
@@ -111,7 +134,8 @@ class UNet(nn.Module):
     """ADM-style UNet (Dhariwal & Nichol 2021) with LDM cross-attention (Rombach et al. 2022)."""
 
     def __init__(self, in_channels: int, channels: int, mults: tuple[int, ...], blocks: int,
-                 attention_levels: tuple[int, ...], heads: int, context_dim: int, groups: int, dropout: float):
+                 attention_levels: tuple[int, ...], heads: int, context_dim: int, groups: int, dropout: float,
+                 image_size: int, positions: bool):
         super().__init__()
         emb_dim = 4 * channels
         self.cond = Conditioning(channels, emb_dim, context_dim)
@@ -120,26 +144,26 @@ class UNet(nn.Module):
         def res(cin, cout):
             return ResBlock(cin, cout, emb_dim, groups, dropout)
 
-        def attn(ch):
-            return SpatialTransformer(ch, heads, context_dim, groups)
+        def attn(ch, level):
+            return SpatialTransformer(ch, heads, context_dim, groups, image_size // 2**level, positions)
 
         self.down, skips, ch = nn.ModuleList(), [channels], channels
         for level, mult in enumerate(mults):
             for _ in range(blocks):
-                layers = [res(ch, channels * mult)] + ([attn(channels * mult)] if level in attention_levels else [])
+                layers = [res(ch, channels * mult)] + ([attn(channels * mult, level)] if level in attention_levels else [])
                 ch = channels * mult
                 self.down.append(Stage(*layers))
                 skips.append(ch)
             if level < len(mults) - 1:
                 self.down.append(Stage(Down(ch)))
                 skips.append(ch)
-        self.middle = Stage(res(ch, ch), attn(ch), res(ch, ch))
+        self.middle = Stage(res(ch, ch), attn(ch, len(mults) - 1), res(ch, ch))
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(mults))):
             for i in range(blocks + 1):
                 layers = [res(ch + skips.pop(), channels * mult)]
                 ch = channels * mult
-                layers += [attn(ch)] if level in attention_levels else []
+                layers += [attn(ch, level)] if level in attention_levels else []
                 layers += [Up(ch)] if level > 0 and i == blocks else []
                 self.up.append(Stage(*layers))
         self.norm_out = nn.GroupNorm(groups, ch)
@@ -161,28 +185,20 @@ class UNet(nn.Module):
 
 def unet(context_dim: int, in_channels: int = 3, image_size: int = 32, channels: int = 64,
          mults: list[int] = (1, 2, 2), blocks: int = 2, attention_levels: list[int] = (1, 2), heads: int = 4,
-         groups: int = 32, dropout: float = 0.0, parameterization: str = "edm", sigma_data: float = 0.5):
-    """ADM-style UNet with text cross-attention (Dhariwal & Nichol 2021; Rombach et al. 2022)."""
+         groups: int = 32, dropout: float = 0.0, positions: bool = True, parameterization: str = "edm",
+         sigma_data: float = 0.5):
+    """ADM-style UNet with text cross-attention (Dhariwal & Nichol 2021; Rombach et al. 2022);
+    `positions` adds 2-D sine-cosine position features to its attention tokens."""
     if image_size % 2 ** (len(mults) - 1):
         raise limner.LimnerError(f"unet: image_size {image_size} must be divisible by 2^{len(mults) - 1}")
     if channels % groups:
         raise limner.LimnerError(f"unet: channels {channels} must be divisible by groups {groups}")
     net = UNet(in_channels, channels, tuple(mults), blocks, tuple(attention_levels), heads, context_dim, groups,
-               dropout)
+               dropout, image_size, positions)
     return Preconditioned(net, parameterization, sigma_data)
 
 
 # --- DiT --------------------------------------------------------------------------------
-
-def sincos_2d(dim: int, side: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding [side*side, dim] (MAE, He et al. 2022)."""
-    quarter = dim // 4
-    freqs = 1 / 10_000 ** (torch.arange(quarter) / quarter)
-    pos = torch.arange(side).float()[:, None] * freqs[None]  # [side, quarter]
-    row = torch.cat([pos.sin(), pos.cos()], 1)
-    grid_y, grid_x = row[:, None].expand(side, side, -1), row[None].expand(side, side, -1)
-    return rearrange(torch.cat([grid_y, grid_x], -1), "h w d -> (h w) d")
-
 
 class DiTBlock(nn.Module):
     """adaLN-zero self-attention and MLP (Peebles & Xie 2023), plus cross-attention to the

@@ -146,3 +146,25 @@ def test_denoiser_options_are_checked():
         limner.create("denoisers", "dit", context_dim=8, image_size=30, patch=4)
     with pytest.raises(limner.LimnerError, match="unknown option 'chanels', did you mean channels"):
         limner.create("denoisers", "unet", context_dim=8, chanels=3)
+
+
+@pytest.mark.parametrize("positions", [True, False])
+def test_unet_attention_knows_where_each_pixel_is(positions):
+    """A feature map that is the same at every pixel: without position features, attention
+    (self and cross) gives every pixel the same output, so no prompt can place an object;
+    with them, pixels at different places read the text differently."""
+    from limner.plugins.denoisers import SpatialTransformer
+
+    torch.manual_seed(0)
+    block = wake(SpatialTransformer(32, 4, context_dim=16, groups=8, side=8, positions=positions)).eval()
+    x = torch.randn(2, 32, 1, 1).expand(2, 32, 8, 8).contiguous()
+    out = block(x, None, text(2))
+    spread = (out - out.mean(dim=(2, 3), keepdim=True)).abs().max().item()
+    assert (spread > 1e-2) if positions else (spread < 1e-5), spread
+
+
+def test_unet_positions_need_the_image_size_it_was_built_for():
+    model = limner.create("denoisers", "unet", context_dim=16, image_size=16, channels=16, mults=[1, 2], blocks=1,
+                          attention_levels=[1], groups=8)
+    with pytest.raises(limner.LimnerError, match="image_size"):
+        model(torch.randn(1, 3, 32, 32), torch.ones(1), text(1))
