@@ -149,6 +149,7 @@ def export_checkpoint(src: str | Path, dest: str | Path, half: bool = True) -> P
     tensors = load_tensors(ema if ema.is_file() else ckpt / "model.safetensors")
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    release = {"step": state.get("step"), "model_config": state.get("model_config")}
+    release = {"step": state.get("step"), "model_config": state.get("model_config"),
+               "train_seconds": state.get("train_seconds")}
     dest = Path(dest)
     return write_checkpoint(dest, {"ema": tensors}, (ckpt / "config.toml").read_text(), release, point_latest=False)

@@ -109,6 +109,31 @@ def sample(checkpoint, prompts, sampler, schedule, steps, guidance, seed, num, o
     click.echo(f"Wrote {len(images)} images and grid.png to {folder}")
 
 
+@cli.command(name="eval")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--prompts", type=click.IntRange(min=1), default=None,
+              help="How many held-out prompts [default: the run's eval.prompts].")
+@click.option("--sampler", default=None, help="Diffusion: sampler name (default: the checkpoint's).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Diffusion: sampling steps.")
+@click.option("--guidance", type=float, default=None, help="Diffusion: classifier-free guidance scale.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
+def evaluate(checkpoint, prompts, sampler, steps, guidance, out):
+    """Score a checkpoint on its run's held-out prompts with the run's metric."""
+    from pathlib import Path
+
+    from .train import evaluate_checkpoint
+
+    sampling = {k: v for k, v in dict(sampler=sampler, steps=steps, guidance=guidance).items() if v is not None}
+    report = evaluate_checkpoint(checkpoint, prompts, **sampling)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1) + "\n")
+    click.echo(f"{report['checkpoint']} (step {report['step']}), {report['metric']} on {report['prompts']} "
+               "held-out prompts:")
+    for key, value in report["scores"].items():
+        click.echo(f"  {key:<18} {value:.4g}")
+
+
 @cli.command()
 @click.argument("run", type=click.Path())
 @click.argument("dest", type=click.Path(file_okay=False))

@@ -47,6 +47,7 @@ class OptimConfig:
     ema: float = 0.999
     grad_clip: float = 1.0
     mixed_precision: str = "bf16"  # used on GPU only: "no", "bf16" or "fp16"
+    compile: bool = False  # torch.compile the denoiser (first steps pay the compile time)
     p_mean: float = -1.2
     p_std: float = 1.2
     log_every: int = 25
@@ -158,7 +159,8 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach().to(ema_p.dtype), 1 - d)
+            if p.requires_grad:  # a frozen weight (pretrained text encoder) is its own average
+                ema_p.lerp_(p.detach().to(ema_p.dtype), 1 - d)
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
 
@@ -172,8 +174,18 @@ class TrainerBase:
     A subclass sets acc, cfg, out, step, dataset, config_text and opts (name -> optimizer),
     and says which modules a checkpoint holds."""
 
+    seconds_before = 0.0  # training wall time of earlier sessions of this run (from a resume)
+    started: float | None = None  # perf_counter() when this session's fit() began
+
     def modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
+
+    def start_clock(self) -> None:
+        self.started = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """Wall time spent in fit() over the run's life (sample grids and checkpoints included)."""
+        return self.seconds_before + (0.0 if self.started is None else time.perf_counter() - self.started)
 
     def resume(self) -> bool:
         """Continue from the run's latest checkpoint if there is one."""
@@ -189,6 +201,7 @@ class TrainerBase:
         for name, opt in self.opts.items():
             restore_optimizer(opt, load_tensors(ckpt / f"opt_{name}.safetensors"), state["optimizers"][name])
         self.step = state["step"]
+        self.seconds_before = state.get("train_seconds", 0.0)
         self.acc.print(f"resumed from {ckpt} at step {self.step}")
         return True
 
@@ -201,6 +214,7 @@ class TrainerBase:
         for name, opt in self.opts.items():
             files[f"opt_{name}"], rest[name] = optimizer_tensors(opt)
         state = {"step": self.step, "recipe": self.cfg.recipe, "optimizers": rest,
+                 "train_seconds": round(self.train_seconds(), 1),
                  "model_config": config_dict(self.cfg.model), "time": time.time()}
         write_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}", files, self.config_text, state)
 
@@ -246,7 +260,10 @@ class Trainer(TrainerBase):
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = TextToImage(cfg.model)
         self.ema = EMA(self.model, cfg.train.ema)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        if cfg.train.compile:  # in place: parameter names, checkpoints and the EMA copy stay as they are
+            self.model.denoiser.compile()
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(trained, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.opts = {"model": self.opt}
         self.dataset = cfg.data.dataset.build()
         self.step = 0
@@ -270,6 +287,7 @@ class Trainer(TrainerBase):
     def fit(self) -> dict[str, float]:
         """Train to cfg.train.steps; returns the last logged metrics."""
         cfg = self.cfg.train
+        self.start_clock()
         step_module, opt = self.acc.prepare(TrainStep(self.model), self.opt)
         self.ema.model.to(self.acc.device)
         log = _Log(self.out, self.acc.is_main_process)
@@ -414,17 +432,40 @@ def train(config_path: str | Path, overrides: dict[str, Any] | None = None):
     return trainer
 
 
-def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50) -> dict[str, float]:
+def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, **sampling) -> dict[str, float]:
     """Draw the first `eval_cfg.prompts` captions of a held-out dataset with `pipeline` (one
-    seed per batch) and score them with the metric."""
+    seed per batch; `sampling` options as Pipeline.generate takes them) and score them with
+    the metric; `seconds_per_image` is the sampling time."""
     from .registry import create
 
+    if not eval_cfg.metric:
+        raise LimnerError("no metric to evaluate with: the run's config has no [eval] metric")
     held_out = create("datasets", eval_cfg.dataset.get("name", "shapes"),
                       **{k: v for k, v in eval_cfg.dataset.items() if k != "name"})
+    if not 0 < eval_cfg.prompts <= len(held_out):
+        raise LimnerError(f"eval prompts must be 1..{len(held_out)} (the held-out dataset's size), "
+                          f"got {eval_cfg.prompts}")
     prompts = [held_out[i][1] for i in range(eval_cfg.prompts)]
-    images = torch.cat([pipeline.generate(prompts[i:i + batch], seed=i) for i in range(0, len(prompts), batch)])
+    start = time.perf_counter()
+    images = torch.cat([pipeline.generate(prompts[i:i + batch], seed=i, **sampling)
+                        for i in range(0, len(prompts), batch)])
+    seconds = (time.perf_counter() - start) / len(prompts)
     scores = create("metrics", eval_cfg.metric)(images.cpu(), prompts)
-    return {k: float(v) for k, v in scores.items()}
+    return {**{k: float(v) for k, v in scores.items()}, "seconds_per_image": seconds}
+
+
+def evaluate_checkpoint(path: str | Path, prompts: int | None = None, **sampling) -> dict[str, Any]:
+    """A checkpoint's score on its run's held-out prompts (`limner eval`)."""
+    from .pipeline import load_pipeline
+
+    ckpt = find_checkpoint(path)
+    if ckpt is None:
+        raise LimnerError(f"no checkpoint found at {path}")
+    cfg = load_run_config(ckpt / "config.toml")
+    eval_cfg = dataclasses.replace(cfg.eval, prompts=prompts or cfg.eval.prompts or 200)
+    scores = evaluate(load_pipeline(ckpt), eval_cfg, **sampling)
+    return {"checkpoint": str(ckpt), "step": read_state(ckpt).get("step"), "metric": eval_cfg.metric,
+            "prompts": eval_cfg.prompts, "sampling": sampling, "scores": scores}
 
 
 def params_digest(model: nn.Module) -> float:
