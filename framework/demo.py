@@ -1,5 +1,7 @@
-"""`limner demo`: what is installed, then prompts x samplers from the shipped checkpoint
-with its attribute score on held-out prompts.
+"""`limner demo`: what is installed, then the shipped checkpoints side by side — one grid
+whose rows are each diffusion model under a few samplers and each GAN or VAE, whose columns
+are the prompts (labelled with their text) — and a table of each model's size, training
+time, sampling time per image and scores on held-out prompts.
 
 Without a checkpoint, the demo samples from the *exact* denoiser of a few images of the
 `shapes` dataset (the posterior mean under the empirical data distribution, Karras et al.
@@ -8,6 +10,7 @@ distance to the nearest one checks that it did.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -37,9 +40,10 @@ class DemoConfig:
     images: int = 8
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    checkpoint: str = "checkpoints/shapes-tiny"
+    checkpoints: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     eval_prompts: int = 100
+    tile: int = 96  # pixels of one image in the grid (upscaled, nearest neighbour)
 
 
 def training_images(size: int, count: int) -> torch.Tensor:
@@ -89,37 +93,70 @@ def run_demo(config_path: str | None, out: str) -> Path:
     """Run the demo; returns the path of the written grid."""
     cfg = load_config(config_path or DEFAULT_CONFIG, DemoConfig)
     report_components()
-    ckpt = find_shipped(cfg.checkpoint) if cfg.checkpoint else None
-    if ckpt is not None and cfg.prompts:
-        return trained_demo(cfg, ckpt, Path(out))
-    print(f"\nNo checkpoint at {cfg.checkpoint!r}: sampling an exact (analytic) denoiser instead.")
+    found = [find_shipped(c) for c in cfg.checkpoints]
+    missing = [c for c, f in zip(cfg.checkpoints, found) if f is None]
+    if missing:
+        print(f"\nNo checkpoint at {', '.join(repr(m) for m in missing)}.")
+    shipped = [f for f in found if f is not None]
+    if shipped and cfg.prompts:
+        return trained_demo(cfg, shipped, Path(out))
+    print("Sampling an exact (analytic) denoiser instead.")
     return exact_demo(cfg, Path(out))
 
 
-def trained_demo(cfg: DemoConfig, ckpt: Path, out: Path) -> Path:
-    """Prompts x samplers from a trained checkpoint, and its score on held-out prompts."""
-    from .pipeline import load_pipeline
-    from .train import EvalConfig, evaluate, TrainConfig
+def trained_demo(cfg: DemoConfig, checkpoints: list[Path], out: Path) -> Path:
+    """Prompts x (samplers of each diffusion model, each GAN/VAE), and a table of scores."""
+    from PIL import Image
 
-    pipe = load_pipeline(ckpt)
-    run_cfg = load_config(ckpt / "config.toml", TrainConfig)
-    print(f"\nCheckpoint {ckpt} (step {json.loads((ckpt / 'state.json').read_text()).get('step')}):"
-          f" {len(cfg.prompts)} prompts x {len(cfg.samplers)} samplers, {cfg.steps} steps, seed 0")
-    tiles = []
-    for sc in cfg.samplers:
-        start = time.perf_counter()
-        tiles += pipe(cfg.prompts, sampler=sc.name, steps=cfg.steps, seed=0)
-        print(f"  {sc.name:<20} {time.perf_counter() - start:6.2f} s")
+    from .checkpoint import read_state
+    from .pipeline import load_pipeline
+    from .train import load_run_config, evaluate
+
+    tiles, labels, table = [], [], []
+    for ckpt in checkpoints:
+        pipe, run_cfg, state = load_pipeline(ckpt), load_run_config(ckpt / "config.toml"), read_state(ckpt)
+        diffusion = run_cfg.recipe == "diffusion"
+        family = run_cfg.model.denoiser.name if diffusion else run_cfg.model.generator.name
+        print(f"\n{ckpt} ({run_cfg.recipe}, {family}, step {state.get('step')}):")
+        for sc in cfg.samplers if diffusion else [None]:
+            options = {"sampler": sc.name, "steps": cfg.steps} if sc else {}
+            start = time.perf_counter()
+            images = pipe(cfg.prompts, seed=0, **options)
+            label = f"{family} {sc.name}" if sc else f"{run_cfg.recipe} {family}"
+            print(f"  {label:<24} {(time.perf_counter() - start) / len(images):6.3f} s/image")
+            tiles += [im.resize((cfg.tile, cfg.tile), Image.Resampling.NEAREST) for im in images]
+            labels.append(label)
+        row = {"model": ckpt.name, "recipe": run_cfg.recipe, "family": family, **parameter_counts(pipe.model),
+               "train_minutes": (state.get("train_seconds") or float("nan")) / 60}
+        if cfg.eval_prompts and run_cfg.eval.metric:
+            held_out = dataclasses.replace(run_cfg.eval, prompts=cfg.eval_prompts)
+            row |= {"eval_prompts": cfg.eval_prompts, **evaluate(pipe, held_out)}
+        table.append(row)
     path = out / "grid.png"
-    save_atomic(make_grid(tiles, len(cfg.prompts), [sc.name for sc in cfg.samplers]), path)
-    if cfg.eval_prompts and run_cfg.eval.metric:
-        held_out = EvalConfig(run_cfg.eval.metric, run_cfg.eval.dataset, cfg.eval_prompts)
-        scores = evaluate(pipe, held_out)
-        print(f"\nAttribute score on {cfg.eval_prompts} held-out prompts ({run_cfg.sample.sampler.name},"
-              f" {run_cfg.sample.steps} steps): colour {scores['colour']:.1%}, shape {scores['shape']:.1%},"
-              f" position {scores['position']:.1%}, all three {scores['all']:.1%}")
-    print(f"\nWrote {path} (rows: samplers, columns: prompts).")
+    save_atomic(make_grid(tiles, len(cfg.prompts), labels, col_labels=cfg.prompts), path)
+    print("\n" + render_table(table))
+    (out / "scores.json").write_text(json.dumps(table, indent=1) + "\n")
+    print(f"\nWrote {path} (rows: models and samplers, columns: prompts) and {out / 'scores.json'}.")
     return path
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, float]:
+    """Millions of trained parameters, and of frozen ones (a pretrained text encoder)."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"params_M": trained / 1e6, "frozen_params_M": frozen / 1e6}
+
+
+def render_table(rows: list[dict]) -> str:
+    """A markdown table of every key any row has (numbers to 3 significant digits)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def exact_demo(cfg: DemoConfig, out: Path) -> Path:

@@ -29,7 +29,7 @@ def test_plugins_table_and_json(capsys):
 def test_demo_without_a_checkpoint_samples_the_exact_denoiser(capsys, tmp_path):
     config = tmp_path / "demo.toml"
     config.write_text('samplers = ["euler", { name = "dpmpp_2m_sde", eta = 1.0 }]\nsteps = 12\nseeds = 3\n'
-                      'images = 4\ncheckpoint = "no/such/dir"\n')
+                      'images = 4\ncheckpoints = ["no/such/dir"]\n')
     code, out, _ = run(capsys, "demo", "--config", str(config), "--out", str(tmp_path / "o"))
     assert code == 0
     assert "samplers            ddim, ddpm" in out and "No checkpoint at 'no/such/dir'" in out
@@ -50,12 +50,18 @@ def test_demo_draws_prompts_by_samplers_from_a_checkpoint(capsys, tmp_path):
     assert {p.name for p in (tmp_path / "release").iterdir()} == {"config.toml", "ema.safetensors", "state.json"}
     assert not (tmp_path / "latest").exists()
     config = tmp_path / "demo.toml"
-    config.write_text(f'samplers = ["euler", "dpmpp_2m"]\nsteps = 3\ncheckpoint = "{(tmp_path / "release").as_posix()}"\n'
+    config.write_text(f'samplers = ["euler", "dpmpp_2m"]\nsteps = 3\ncheckpoints = ["{(tmp_path / "release").as_posix()}"]\n'
                       'eval_prompts = 4\nprompts = ["a red circle at the top", "a blue square at the left", "x"]\n')
     code, out, _ = run(capsys, "demo", "--config", str(config), "--out", str(tmp_path / "o"))
     assert code == 0, out
-    assert "Attribute score on 4 held-out prompts" in out
-    assert Image.open(tmp_path / "o" / "grid.png").size[1] == 2 * (32 + 2) + 2
+    scores = json.loads((tmp_path / "o" / "scores.json").read_text())
+    assert [(r["recipe"], r["eval_prompts"]) for r in scores] == [("diffusion", 4)]
+    assert 0 <= scores[0]["colour"] <= 1 and scores[0]["params_M"] > 0
+    header = out[out.index("| model"):].splitlines()[0]
+    assert all(k in header for k in ("params_M", "train_minutes", "seconds_per_image", "colour", "position"))
+    grid = Image.open(tmp_path / "o" / "grid.png")
+    header_height = grid.size[1] - (2 * (96 + 2) + 2)  # two sampler rows of 96-pixel tiles, then the prompts
+    assert 10 < header_height < 40, grid.size
 
 
 def test_user_errors_are_one_paragraph_and_exit_1(capsys, tmp_path):
@@ -66,3 +72,23 @@ def test_user_errors_are_one_paragraph_and_exit_1(capsys, tmp_path):
     assert err.startswith("Error: ")
     assert "samplers[0].name: unknown sampler 'eulr'. Did you mean: euler" in err
     assert "Traceback" not in err
+
+
+def test_eval_scores_a_checkpoint_from_the_command_line(capsys, tmp_path):
+    from test_train import write_config
+
+    from limner.train import train
+
+    train(write_config(tmp_path, steps=2))  # its [eval]: shapes_attributes on 8 held-out prompts
+    report_path = tmp_path / "report" / "eval.json"
+    code, out, _ = run(capsys, "eval", str(tmp_path / "run"), "--prompts", "3", "--steps", "2", "--out",
+                       str(report_path))
+    assert code == 0, out
+    report = json.loads(report_path.read_text())
+    assert report["step"] == 2 and report["prompts"] == 3 and report["sampling"] == {"steps": 2}
+    assert set(report["scores"]) >= {"colour", "shape", "position", "all", "seconds_per_image"}
+    assert "colour" in out and "held-out prompts" in out
+    code, _, err = run(capsys, "eval", str(tmp_path / "run"), "--prompts", "9")
+    assert code == 1 and "eval prompts must be 1..8" in err and "Traceback" not in err
+    code, _, err = run(capsys, "eval", str(tmp_path / "run"), "--prompts", "0")
+    assert code == 2 and "--prompts" in err
