@@ -71,12 +71,12 @@ def parse_caption(text: str) -> list[ShapeObject]:
     return objects
 
 
-def random_scene(gen: torch.Generator, max_objects: int) -> list[ShapeObject]:
-    """1..max_objects objects with distinct colours and distinct positions."""
+def random_scene(gen: torch.Generator, max_objects: int, min_objects: int = 1) -> list[ShapeObject]:
+    """min_objects..max_objects objects with distinct colours and distinct positions."""
     def pick(seq, k):
         return [seq[i] for i in torch.randperm(len(seq), generator=gen)[:k].tolist()]
 
-    n = int(torch.randint(1, max_objects + 1, (), generator=gen))
+    n = int(torch.randint(min_objects, max_objects + 1, (), generator=gen))
     colours, positions = pick(list(COLOURS), n), pick(list(POSITIONS), n)
     shapes = [SHAPES[int(torch.randint(len(SHAPES), (), generator=gen))] for _ in range(n)]
     sizes = [list(SIZES)[int(torch.randint(len(SIZES), (), generator=gen))] for _ in range(n)]
@@ -118,14 +118,16 @@ class ShapesDataset(torch.utils.data.Dataset):
     """Coloured shapes at named positions with captions; item i is the same on every run."""
 
     def __init__(self, size: int = 32, length: int = 50_000, max_objects: int = 2, split: str = "train",
-                 seed: int = 0):
+                 seed: int = 0, min_objects: int = 1):
         if split not in SPLIT_SEEDS:
             raise limner.LimnerError(f"shapes: unknown split {split!r}. Valid: {', '.join(SPLIT_SEEDS)}.")
         if not 1 <= max_objects <= len(COLOURS):
             raise limner.LimnerError(f"shapes: max_objects must be 1..{len(COLOURS)}, got {max_objects}")
+        if not 1 <= min_objects <= max_objects:
+            raise limner.LimnerError(f"shapes: min_objects must be 1..max_objects ({max_objects}), got {min_objects}")
         if size < 32:  # the scorer reads every shape at 32px; at 24px only 77% (small ones blur)
             raise limner.LimnerError(f"shapes: size must be >= 32 pixels, got {size}")
-        self.size, self.length, self.max_objects = size, length, max_objects
+        self.size, self.length, self.max_objects, self.min_objects = size, length, max_objects, min_objects
         self.base_seed = SPLIT_SEEDS[split] + seed * 7919
 
     def __len__(self) -> int:
@@ -134,7 +136,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def scene(self, index: int) -> list[ShapeObject]:
         if not 0 <= index < self.length:
             raise IndexError(f"shapes index {index} out of range 0..{self.length - 1}")
-        return random_scene(torch.Generator().manual_seed(self.base_seed + index), self.max_objects)
+        return random_scene(torch.Generator().manual_seed(self.base_seed + index), self.max_objects, self.min_objects)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         objects = self.scene(index)

@@ -26,6 +26,16 @@ def test_shapes_is_seeded_and_captions_follow_the_grammar():
         assert len({o.colour for o in objects}) == len(objects) == len({o.position for o in objects})
 
 
+def test_shapes_min_objects_picks_scenes_of_that_many_and_keeps_one_object_scenes_as_they_were():
+    two = limner.create("datasets", "shapes", length=40, max_objects=2, min_objects=2, split="test")
+    assert all(len(parse_caption(two[i][1])) == 2 for i in range(40))
+    mixed = limner.create("datasets", "shapes", length=40, max_objects=2, split="test")
+    counts = {len(parse_caption(mixed[i][1])) for i in range(40)}
+    assert counts == {1, 2}
+    with pytest.raises(limner.LimnerError, match="min_objects must be 1..max_objects \\(2\\), got 3"):
+        limner.create("datasets", "shapes", max_objects=2, min_objects=3)
+
+
 def test_shapes_scorer_reads_every_dataset_image():
     ds = limner.create("datasets", "shapes", length=300, split="test")
     images, prompts = zip(*(ds[i] for i in range(300)))
