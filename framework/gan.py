@@ -16,6 +16,7 @@ from .config import ComponentConfig, component, components
 from .errors import LimnerError
 from .images import to_pil
 from .protocols import TextEmbedding
+from .text_cache import EmbeddingCache
 from .train import EvalConfig
 
 RECIPES = ("diffusion", "gan", "vae")
@@ -50,6 +51,10 @@ class GenOptimConfig:
     grad_clip: float = 0.0
     loss: ComponentConfig | None = field(default=None, metadata={"kind": "losses"})  # gan: nonsaturating, vae: elbo
     penalties: list[ComponentConfig] = components("losses", "r1")  # GAN recipe only
+    # GAN: weight of a squared-error term between G(z, prompt) and the batch's real image of that
+    # prompt, beside the adversarial loss (Pathak et al. 2016; pix2pix's L1, Isola et al. 2017):
+    # right where a prompt pins its image down; 0 = a pure GAN
+    reconstruction: float = 0.0
     log_every: int = 25
     sample_every: int = 1000
     checkpoint_every: int = 1000
@@ -91,9 +96,11 @@ class GeneratorModel(nn.Module):
         if not isinstance(getattr(self.generator, "z_shape", None), tuple):
             raise LimnerError(f"generator {cfg.generator.name!r} has no z_shape tuple: limner cannot draw its "
                               "latent (a generator sets self.z_shape, e.g. (64,) or (4, 8, 8))")
+        self.text_cache = EmbeddingCache()
 
     def encode(self, prompts: list[str]) -> TextEmbedding:
-        return self.text_encoder.encode(prompts)
+        """The prompts' embedding; a frozen encoder's come from the cache when seen before."""
+        return self.text_cache.encode(self.text_encoder, prompts)
 
     def forward(self, z: torch.Tensor, cond: TextEmbedding | None, truncation: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:

@@ -56,6 +56,9 @@ class GenTrainer(TrainerBase):
             want = "an adversarial loss (nonsaturating, hinge, wgan)" if self.gan else "a VAE loss (elbo)"
             raise LimnerError(f"train.loss {loss_cfg.name!r} does not fit recipe {self.cfg.recipe!r}: it needs {want}")
         self.penalties = [p.build() for p in t.penalties] if self.gan else []
+        if t.reconstruction < 0 or (t.reconstruction and not self.gan):
+            raise LimnerError(f"train.reconstruction must be >= 0 and is for recipe 'gan' only (the VAE's ELBO "
+                              f"has its own reconstruction term), got {t.reconstruction} for {self.cfg.recipe!r}")
         for p_cfg, penalty in zip(t.penalties, self.penalties):
             if not isinstance(penalty, Penalty):
                 raise LimnerError(f"train.penalties: {p_cfg.name!r} is not a discriminator penalty "
@@ -117,8 +120,12 @@ class GenTrainer(TrainerBase):
                 row[cfg.name] = float(term.detach())
         self._update("d", d_loss)
         self.disc.requires_grad_(False)
-        g_logits = self.disc(self.model.generator(self._latent(n, gen), _detach(cond)), _detach(cond))
-        g_loss = self.loss.g(g_logits)
+        fake = self.model.generator(self._latent(n, gen), _detach(cond))
+        g_loss = self.loss.g(self.disc(fake, _detach(cond)))
+        if self.cfg.train.reconstruction > 0:  # squared error: L1's median is the background here
+            mse = (fake - real).square().mean()
+            g_loss = g_loss + self.cfg.train.reconstruction * mse
+            row["mse"] = float(mse.detach())
         self._update("g", g_loss)
         self.disc.requires_grad_(True)
         return {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach()), **row}
@@ -136,6 +143,7 @@ class GenTrainer(TrainerBase):
 
     def fit(self) -> dict[str, float]:
         t = self.cfg.train
+        self.start_clock()
         loader = self._loader(t.steps)
         log, progress = _Log(self.out, self.acc.is_main_process), _progress(self.acc.is_main_process, self.step,
                                                                               t.steps)

@@ -304,9 +304,12 @@ class SNBlock(nn.Module):
 
 
 class ProjectionDiscriminator(nn.Module):
-    """ResNet features h = sum over pixels; logit = psi(h) + <V t, h> with t the prompt vector."""
+    """ResNet features h = sum over pixels; logit = psi(h) + <V t, h> with t the prompt vector,
+    plus (`spatial`) a projection of each cell of the final 4x4 map onto its own embedding of
+    the prompt: the pixel sum forgets where things are, so without it D cannot tell "at the
+    top left" from "at the bottom right" and G is never taught placement."""
 
-    def __init__(self, context_dim: int, channels: int, image_size: int, width: int):
+    def __init__(self, context_dim: int, channels: int, image_size: int, width: int, spatial: bool):
         super().__init__()
         levels = _levels(image_size)
         ch = [channels] + [width * 2 ** min(i, 3) for i in range(levels)]
@@ -314,16 +317,22 @@ class ProjectionDiscriminator(nn.Module):
         self.blocks = nn.Sequential(*[SNBlock(a, b, first=i == 0) for i, (a, b) in enumerate(zip(ch, ch[1:]))])
         self.psi = spectral_norm(nn.Linear(ch[-1], 1))
         self.embed = spectral_norm(nn.Linear(context_dim, ch[-1], bias=False))
+        self.embed_cells = spectral_norm(nn.Linear(context_dim, ch[-1] * 16, bias=False)) if spatial else None
 
     def forward(self, image: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
-        h = F.relu(self.blocks(image)).sum(dim=(2, 3))  # [B, C]
+        cells = F.relu(self.blocks(image))  # [B, C, 4, 4]
+        h = cells.sum(dim=(2, 3))  # [B, C]
         t = _pooled(cond, image.shape[0], self.context_dim, h)
-        return self.psi(h).squeeze(1) + (self.embed(t) * h).sum(dim=1)
+        logit = self.psi(h).squeeze(1) + (self.embed(t) * h).sum(dim=1)
+        if self.embed_cells is not None:
+            logit = logit + (self.embed_cells(t) * cells.flatten(1)).sum(dim=1)
+        return logit
 
 
-def projection(context_dim: int, channels: int = 3, image_size: int = 32, width: int = 64):
-    """Spectral-norm ResNet discriminator with a text projection (Miyato & Koyama 2018)."""
-    return ProjectionDiscriminator(context_dim, channels, image_size, width)
+def projection(context_dim: int, channels: int = 3, image_size: int = 32, width: int = 64, spatial: bool = True):
+    """Spectral-norm ResNet discriminator with a text projection (Miyato & Koyama 2018), per
+    cell of its 4x4 map too when `spatial`."""
+    return ProjectionDiscriminator(context_dim, channels, image_size, width, spatial)
 
 
 @limner.hookimpl

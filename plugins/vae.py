@@ -4,7 +4,10 @@ Structured Output Representation using Deep Conditional Generative Models").
 The latent is spatial, [latent_channels, H / 2^downs, W / 2^downs], so the same network is
 the autoencoder of a latent-diffusion setup (Rombach et al. 2022); without a prompt
 (cond=None) it is an ordinary autoencoder. The prompt vector modulates every GroupNorm
-(FiLM) on both sides, through the fused group_norm_silu entry point.
+(FiLM) on both sides, through the fused group_norm_silu entry point, and is also drawn by
+an MLP into a feature map at the decoder's input (as DCGAN's stem maps its input to a 4x4
+map): FiLM is the same at every pixel, so without that map the only place a sample's layout
+could come from is its random latent, and "at the top left" would land anywhere.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from torch import nn
 
 import limner
 from limner.kernels import group_norm_silu
+from limner.nn import zero_init
 from limner.protocols import TextEmbedding
 
 
@@ -50,6 +54,9 @@ class ConditionalVAE(nn.Module):
         self.enc_downs = nn.ModuleList(nn.Conv2d(width, width, 3, stride=2, padding=1) for _ in range(downs))
         self.enc_out = nn.Conv2d(width, 2 * latent_channels, 1)
         self.dec_in = nn.Conv2d(latent_channels, width, 3, padding=1)
+        self.layout = nn.Sequential(nn.Linear(context_dim, text_dim), nn.SiLU(),  # starts at zero: a new branch
+                                    zero_init(nn.Linear(text_dim, width * self.z_shape[1] * self.z_shape[2])),
+                                    nn.Unflatten(1, (width, *self.z_shape[1:])))
         self.dec_blocks = nn.ModuleList(FiLMResBlock(width, text_dim) for _ in range(downs))
         self.dec_ups = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(downs))
         self.dec_out = nn.Conv2d(width, channels, 3, padding=1)
@@ -67,6 +74,8 @@ class ConditionalVAE(nn.Module):
 
     def decode(self, z: torch.Tensor, cond: TextEmbedding | None = None) -> torch.Tensor:
         t, h = self._text(cond, z), self.dec_in(z)
+        if cond is not None:
+            h = h + self.layout(cond.pooled.to(z.dtype))
         for block, up in zip(self.dec_blocks, self.dec_ups):
             h = up(F.interpolate(block(h, t), scale_factor=2, mode="nearest"))
         return self.dec_out(F.silu(h))
