@@ -230,6 +230,18 @@ def test_vae_training_lowers_the_elbo(tmp_path):
     assert pipe("a red circle", seed=0)[0].size == (32, 32)
 
 
+def test_reconstruction_term_is_logged_and_checked(tmp_path):
+    path = gan_config(tmp_path, "rec", steps=3)
+    path.write_text(path.read_text().replace("[train]\n", "[train]\nreconstruction = 5.0\n"))
+    train(path)
+    rows = [json.loads(line) for line in (tmp_path / "rec" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["mse"] > 0 for row in rows)
+    bad = gan_config(tmp_path, "neg", steps=3)
+    bad.write_text(bad.read_text().replace("[train]\n", "[train]\nreconstruction = -1.0\n"))
+    with pytest.raises(limner.LimnerError, match="train.reconstruction must be >= 0 .* got -1.0"):
+        train(bad)
+
+
 def test_recipe_and_loss_mistakes_are_named(tmp_path):
     bad = gan_config(tmp_path, "typo", recipe="gna")
     with pytest.raises(limner.LimnerError, match="unknown recipe 'gna', did you mean gan"):
