@@ -17,7 +17,6 @@ from torch import nn
 
 import limner
 from limner.kernels import group_norm_silu
-from limner.nn import zero_init
 from limner.protocols import TextEmbedding
 
 
@@ -54,8 +53,8 @@ class ConditionalVAE(nn.Module):
         self.enc_downs = nn.ModuleList(nn.Conv2d(width, width, 3, stride=2, padding=1) for _ in range(downs))
         self.enc_out = nn.Conv2d(width, 2 * latent_channels, 1)
         self.dec_in = nn.Conv2d(latent_channels, width, 3, padding=1)
-        self.layout = nn.Sequential(nn.Linear(context_dim, text_dim), nn.SiLU(),  # starts at zero: a new branch
-                                    zero_init(nn.Linear(text_dim, width * self.z_shape[1] * self.z_shape[2])),
+        self.layout = nn.Sequential(nn.Linear(context_dim, text_dim), nn.SiLU(),
+                                    nn.Linear(text_dim, width * self.z_shape[1] * self.z_shape[2]),
                                     nn.Unflatten(1, (width, *self.z_shape[1:])))
         self.dec_blocks = nn.ModuleList(FiLMResBlock(width, text_dim) for _ in range(downs))
         self.dec_ups = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(downs))
