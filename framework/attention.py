@@ -27,10 +27,17 @@ CANDIDATES = ("sdpa", "xformers", "triton", "math")  # built-ins, measured first
 
 
 def _backend(name: str) -> Callable:
+    if torch.compiler.is_compiling():  # a trace must not step into plugin loading: built untraced, once
+        return _built[name][1] if name in _built else torch.compiler.disable(_build)(name)
+    return _build(name)
+
+
+def _build(name: str) -> Callable:
     current = registry()
     if name not in _built or _built[name][0] is not current:  # a new registry (plugins changed) rebuilds
         _built[name] = (current, create("attention_backends", name))
     return _built[name][1]
+
 
 
 def shape_key(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> str:

