@@ -142,7 +142,7 @@ def _component(value: Any, kind: str | None, where: str) -> ComponentConfig:
         spec = registry().component(kind, value["name"]).spec
     except LimnerError as exc:
         raise ConfigError(f"{where}.name: {exc}") from None
-    valid = option_names(spec.factory)
+    valid = option_names(spec.load())
     if valid is not None:
         for key in options:
             if key not in valid:

@@ -6,12 +6,14 @@ distribution that provided it, so errors can name them.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import inspect
 import os
+import re
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,21 +32,52 @@ def singular(kind: str) -> str:
     return SINGULAR.get(kind, kind[:-1])
 
 
+LAZY_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
-    """What a register hook yields: a name, a factory (never a built object), aliases."""
+    """What a register hook yields: a name, a factory (never a built object), aliases.
+
+    `factory` is a callable, or where to find one as "package.module:attr" (a dotted attr
+    path; a mapping on the way is indexed by the next part). A string is imported when the
+    component is first built or inspected, so listing components imports nothing heavy.
+    """
 
     name: str
-    factory: Callable[..., Any]
+    factory: Callable[..., Any] | str
     aliases: tuple[str, ...] = ()
     description: str = ""
+
+    def load(self) -> Callable[..., Any]:
+        """The factory itself, importing its module on first use."""
+        return self.factory if callable(self.factory) else _import_factory(self.factory, self.name)
 
     def summary(self) -> str:
         """The description, or the first line of the factory's docstring."""
         if self.description:
             return self.description
-        doc = inspect.getdoc(self.factory) or ""
+        doc = inspect.getdoc(self.load()) or ""
         return doc.splitlines()[0] if doc else ""
+
+
+_imported: dict[str, Callable[..., Any]] = {}
+
+
+def _import_factory(ref: str, name: str) -> Callable[..., Any]:
+    if ref not in _imported:
+        module, _, path = ref.partition(":")
+        try:
+            obj: Any = importlib.import_module(module)
+            for part in path.split("."):
+                obj = obj[part] if isinstance(obj, Mapping) else getattr(obj, part)
+        except Exception as exc:  # noqa: BLE001 - a plugin's import error of any kind
+            raise LimnerError(f"component {name!r}: cannot load its factory {ref!r}: "
+                              f"{type(exc).__name__}: {exc}") from None
+        if not callable(obj):
+            raise LimnerError(f"component {name!r}: {ref!r} is a {type(obj).__name__}, not a factory")
+        _imported[ref] = obj
+    return _imported[ref]
 
 
 @dataclass(frozen=True)
@@ -226,8 +259,9 @@ def _validate_spec(spec: Any) -> None:
     for key in (spec.name, *spec.aliases):
         if not key or key != key.lower() or key.strip() != key:
             raise ValueError(f"component names must be lowercase without spaces, got {key!r}")
-    if not callable(spec.factory):
-        raise TypeError(f"factory of {spec.name!r} is not callable")
+    if not callable(spec.factory) and not (isinstance(spec.factory, str) and LAZY_FACTORY.match(spec.factory)):
+        raise TypeError(f"factory of {spec.name!r} is neither callable nor a 'package.module:attr' string: "
+                        f"{spec.factory!r}")
 
 
 def _raise_on_conflicts(found: dict[tuple[str, str], list[Component]]) -> None:
@@ -320,5 +354,6 @@ def check_options(kind: str, name: str, factory: Callable[..., Any], options: di
 def create(kind: str, name: str, **kwargs: Any) -> Any:
     """Build the component `name` of `kind`: spec.factory(**kwargs), options checked first."""
     spec = get_component(kind, name)
-    check_options(kind, spec.name, spec.factory, kwargs)
-    return spec.factory(**kwargs)
+    factory = spec.load()
+    check_options(kind, spec.name, factory, kwargs)
+    return factory(**kwargs)

@@ -212,13 +212,13 @@ def make_sigmas(schedule: str | Callable, steps: int, sigma_min: float, sigma_ma
         raise LimnerError(f"steps must be >= 1, got {steps}")
     if not 0 < sigma_min < sigma_max:
         raise LimnerError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    fn = get_component("schedules", schedule).factory(**options) if isinstance(schedule, str) else schedule
+    fn = get_component("schedules", schedule).load()(**options) if isinstance(schedule, str) else schedule
     return fn(steps, sigma_min, sigma_max, device=device)
 
 
 def resolve_sampler(sampler: str | Callable, **options: Any) -> Callable[..., torch.Tensor]:
     """A sampler function from a name (options bound) or a callable passed through."""
-    return get_component("samplers", sampler).factory(**options) if isinstance(sampler, str) else sampler
+    return get_component("samplers", sampler).load()(**options) if isinstance(sampler, str) else sampler
 
 
 def progress_bar(total: int, callback: Callback | None = None, desc: str = "sampling") -> Callback:

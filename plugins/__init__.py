@@ -1,8 +1,119 @@
-"""limner's built-in components, each module a plugin of its own.
+"""limner's built-in components: one sub-plugin per module, registered lazily.
 
-The `limner` entry point loads this package; the registry then registers every module in
-PLUGINS, exactly as it would a third-party plugin.
+The `limner` entry point loads this package; the registry then registers every sub-plugin
+in PLUGINS, exactly as it would a third-party plugin. Each factory is named by where it
+lives ("limner.plugins.module:attr"), so listing components - `limner plugins`,
+`limner --help`, a config's names - imports no torch; a module is imported when one of its
+components is first built (NOTE: `limner plugins` 1.30 s -> see README's start-up table).
 """
-from . import attention, datasets, denoisers, gans, losses, samplers, schedules, shapes, text_encoders, vae
+from limner import ComponentSpec, hookimpl
+
+_PKG = "limner.plugins"
+
+
+def _specs(module: str, entries: list) -> list[ComponentSpec]:
+    """ComponentSpecs from (name, attr in `module`, aliases, description) tuples."""
+    return [ComponentSpec(name, f"{_PKG}.{module}:{attr}", tuple(aliases), description)
+            for name, attr, aliases, description in entries]
+
+
+SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
+                 "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm", "unipc", "lcm")
+SAMPLER_ALIASES = {"unipc": ("uni_pc",), "euler_ancestral": ("euler_a",)}
+SCHEDULE_NAMES = ("karras", "exponential", "polyexponential", "linear", "simple", "normal", "sgm_uniform", "beta",
+                  "ddpm_linear", "ddpm_cosine")
+
+
+class samplers:
+    @hookimpl
+    def limner_register_samplers():
+        """The k-diffusion / ComfyUI sampler family."""
+        return _specs("samplers", [(n, f"FACTORIES.{n}", SAMPLER_ALIASES.get(n, ()), "") for n in SAMPLER_NAMES])
+
+
+class schedules:
+    @hookimpl
+    def limner_register_schedules():
+        """Karras, exponential, ComfyUI's and DDPM's noise schedules."""
+        return _specs("schedules", [(n, f"FACTORIES.{n}", (), "") for n in SCHEDULE_NAMES])
+
+
+class datasets:
+    @hookimpl
+    def limner_register_datasets():
+        """Digits, Fashion-MNIST and image folders."""
+        return _specs("datasets", [("digits", "digits", (), ""), ("fashion_mnist", "fashion_mnist", (), ""),
+                                   ("imagefolder", "ImageFolder", (), "")])
+
+
+class shapes:
+    @hookimpl
+    def limner_register_datasets():
+        """The procedurally drawn shapes dataset."""
+        return _specs("shapes", [("shapes", "ShapesDataset", (), "")])
+
+    @hookimpl
+    def limner_register_metrics():
+        """The shapes attribute scorer."""
+        return _specs("shapes", [("shapes_attributes", "ShapesScorer", (), "")])
+
+
+class text_encoders:
+    @hookimpl
+    def limner_register_text_encoders():
+        """Byte-level CLIP and BERT encoders, and the pretrained MiniLM."""
+        return _specs("text_encoders", [("clip_text", "clip_text", (), ""), ("bert", "bert", (), ""),
+                                        ("minilm", "minilm", ("all-minilm-l6-v2",), "")])
+
+
+class attention:
+    @hookimpl
+    def limner_register_attention_backends():
+        """sdpa, math, triton and xformers attention."""
+        return _specs("attention", [(n, n, (), "") for n in ("sdpa", "math", "triton", "xformers")])
+
+
+class denoisers:
+    @hookimpl
+    def limner_register_denoisers():
+        """ADM-style UNet and DiT."""
+        return _specs("denoisers", [("unet", "unet", (), ""), ("dit", "dit", (), "")])
+
+
+class gans:
+    @hookimpl
+    def limner_register_generators():
+        """StyleGAN2 and DCGAN text-conditional generators."""
+        return _specs("gans", [("stylegan2", "stylegan2", (), "StyleGAN2 generator, text in the mapping"),
+                               ("dcgan", "dcgan", (), "DCGAN generator fed [text, noise]")])
+
+    @hookimpl
+    def limner_register_discriminators():
+        """StyleGAN2 residual and projection discriminators."""
+        return _specs("gans", [
+            ("stylegan2", "stylegan2_discriminator", (), "StyleGAN2 residual discriminator with text projection"),
+            ("projection", "projection", (), "SN-ResNet projection discriminator")])
+
+
+class vae:
+    @hookimpl
+    def limner_register_generators():
+        """The conditional VAE."""
+        return _specs("vae", [("vae", "vae", (), "conditional VAE, spatial latent")])
+
+
+class losses:
+    @hookimpl
+    def limner_register_losses():
+        """GAN objectives and penalties, and the VAE's ELBO."""
+        return _specs("losses", [
+            ("nonsaturating", "NonSaturating", ("ns", "softplus"), "GAN: softplus"),
+            ("hinge", "Hinge", (), "GAN: hinge"),
+            ("wgan", "Wasserstein", (), "GAN: Wasserstein critic"),
+            ("r1", "r1", (), "penalty: R1 on real images"),
+            ("wgan_gp", "wgan_gp", (), "penalty: WGAN-GP"),
+            ("matching_aware", "matching_aware", (), "penalty: wrong caption is fake"),
+            ("elbo", "elbo", (), "VAE: negative ELBO with KL warm-up")])
+
 
 PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, attention, denoisers, gans, vae, losses)

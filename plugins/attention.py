@@ -39,10 +39,3 @@ def xformers():
         return rearrange(out, "b l h d -> b h l d")
 
     return attend
-
-
-@limner.hookimpl
-def limner_register_attention_backends():
-    """sdpa, math, triton and xformers attention."""
-    return [limner.ComponentSpec("sdpa", sdpa), limner.ComponentSpec("math", math),
-            limner.ComponentSpec("triton", triton), limner.ComponentSpec("xformers", xformers)]

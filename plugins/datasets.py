@@ -178,13 +178,3 @@ class ImageFolder(torch.utils.data.Dataset):
             raise limner.LimnerError(f"imagefolder: cannot read image {path}: {exc}") from None
         img = torch.from_numpy(arr)
         return (img[None] if img.ndim == 2 else img.permute(2, 0, 1)).contiguous(), text
-
-
-@limner.hookimpl
-def limner_register_datasets():
-    """Digits, Fashion-MNIST and image folders."""
-    return [
-        limner.ComponentSpec("digits", digits),
-        limner.ComponentSpec("fashion_mnist", fashion_mnist),
-        limner.ComponentSpec("imagefolder", ImageFolder),
-    ]

@@ -253,9 +253,3 @@ def dit(context_dim: int, in_channels: int = 3, image_size: int = 32, patch: int
         raise limner.LimnerError(f"dit: dim {dim} must be divisible by 4")
     net = DiT(in_channels, image_size, patch, dim, depth, heads, context_dim)
     return Preconditioned(net, parameterization, sigma_data)
-
-
-@limner.hookimpl
-def limner_register_denoisers():
-    """ADM-style UNet and DiT."""
-    return [limner.ComponentSpec("unet", unet), limner.ComponentSpec("dit", dit)]

@@ -333,18 +333,3 @@ def projection(context_dim: int, channels: int = 3, image_size: int = 32, width:
     """Spectral-norm ResNet discriminator with a text projection (Miyato & Koyama 2018), per
     cell of its 4x4 map too when `spatial`."""
     return ProjectionDiscriminator(context_dim, channels, image_size, width, spatial)
-
-
-@limner.hookimpl
-def limner_register_generators():
-    """StyleGAN2 and DCGAN text-conditional generators."""
-    return [limner.ComponentSpec("stylegan2", stylegan2, description="StyleGAN2 generator, text in the mapping"),
-            limner.ComponentSpec("dcgan", dcgan, description="DCGAN generator fed [text, noise]")]
-
-
-@limner.hookimpl
-def limner_register_discriminators():
-    """StyleGAN2 residual and projection discriminators."""
-    return [limner.ComponentSpec("stylegan2", stylegan2_discriminator,
-                                 description="StyleGAN2 residual discriminator with text projection"),
-            limner.ComponentSpec("projection", projection, description="SN-ResNet projection discriminator")]

@@ -153,16 +153,3 @@ def elbo(beta: float = 1.0, warmup: int = 0, sigma: float = 0.1):
     """VAE loss: Gaussian reconstruction + beta * KL with a linear warm-up (Bowman et al. 2016)."""
     _positive("elbo", beta=beta, warmup=warmup, sigma=sigma)
     return ELBO(beta, warmup, sigma)
-
-
-@limner.hookimpl
-def limner_register_losses():
-    """GAN objectives and penalties, and the VAE's ELBO."""
-    spec = limner.ComponentSpec
-    return [spec("nonsaturating", NonSaturating, aliases=("ns", "softplus"), description="GAN: softplus"),
-            spec("hinge", Hinge, description="GAN: hinge"),
-            spec("wgan", Wasserstein, description="GAN: Wasserstein critic"),
-            spec("r1", r1, description="penalty: R1 on real images"),
-            spec("wgan_gp", wgan_gp, description="penalty: WGAN-GP"),
-            spec("matching_aware", matching_aware, description="penalty: wrong caption is fake"),
-            spec("elbo", elbo, description="VAE: negative ELBO with KL warm-up")]

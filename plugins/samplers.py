@@ -394,10 +394,5 @@ SAMPLERS = {
     "unipc": sample_unipc,
     "lcm": sample_lcm,
 }
-ALIASES = {"unipc": ("uni_pc",), "euler_ancestral": ("euler_a",)}
-
-
-@limner.hookimpl
-def limner_register_samplers():
-    """The k-diffusion / ComfyUI sampler family."""
-    return [sampler_spec(fn, name, ALIASES.get(name, ())) for name, fn in SAMPLERS.items()]
+# name -> factory(**options) -> sampler; limner.plugins registers them under these names
+FACTORIES = {name: sampler_spec(fn, name).factory for name, fn in SAMPLERS.items()}

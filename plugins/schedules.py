@@ -118,9 +118,5 @@ SCHEDULES = {
     "ddpm_linear": ddpm_linear,
     "ddpm_cosine": ddpm_cosine,
 }
-
-
-@limner.hookimpl
-def limner_register_schedules():
-    """Karras, exponential, ComfyUI's and DDPM's noise schedules."""
-    return [schedule_spec(fn, name) for name, fn in SCHEDULES.items()]
+# name -> factory(**options) -> schedule; limner.plugins registers them under these names
+FACTORIES = {name: schedule_spec(fn, name).factory for name, fn in SCHEDULES.items()}

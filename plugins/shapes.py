@@ -204,15 +204,3 @@ class ShapesScorer:
         out["all"] = sum(all(r.values()) for r in rows) / len(rows)
         out["objects"] = len(rows)
         return out
-
-
-@limner.hookimpl
-def limner_register_datasets():
-    """The procedurally drawn shapes dataset."""
-    return [limner.ComponentSpec("shapes", ShapesDataset)]
-
-
-@limner.hookimpl
-def limner_register_metrics():
-    """The shapes attribute scorer."""
-    return [limner.ComponentSpec("shapes_attributes", ShapesScorer)]

@@ -249,13 +249,3 @@ def minilm(max_length: int = 64, freeze: bool = True, path: str | None = None) -
     if missing:
         raise limner.LimnerError(f"no MiniLM model in {folder}: {', '.join(missing)} missing")
     return MiniLMEncoder(folder, max_length, freeze)
-
-
-@limner.hookimpl
-def limner_register_text_encoders():
-    """Byte-level CLIP and BERT encoders, and the pretrained MiniLM."""
-    return [
-        limner.ComponentSpec("clip_text", clip_text),
-        limner.ComponentSpec("bert", bert),
-        limner.ComponentSpec("minilm", minilm, aliases=("all-minilm-l6-v2",)),
-    ]

@@ -89,9 +89,3 @@ def vae(context_dim: int, channels: int = 3, image_size: int = 32, latent_channe
         downs: int = 2, text_dim: int = 64):
     """Conditional VAE with a spatial latent (Kingma & Welling 2014; Sohn et al. 2015)."""
     return ConditionalVAE(context_dim, channels, image_size, latent_channels, width, downs, text_dim)
-
-
-@limner.hookimpl
-def limner_register_generators():
-    """The conditional VAE."""
-    return [limner.ComponentSpec("vae", vae, description="conditional VAE, spatial latent")]

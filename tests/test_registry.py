@@ -139,3 +139,48 @@ def test_clash_with_a_builtin_names_both_distributions(fake_dist):
     assert "limner 0.1.0 (plugin limner.samplers)" in msg
     assert "limner-copycat 1.0" in msg
     assert "LIMNER_DISABLE_PLUGINS" in msg
+
+
+def test_every_builtin_lazy_factory_loads_and_none_is_missing():
+    """The built-ins' catalogue names each factory as "module:attr": every entry must load to a
+    callable, and every sampler/schedule the modules define must be registered."""
+    import limner.plugins.samplers as sampler_module
+    import limner.plugins.schedules as schedule_module
+
+    for kind, names in limner.list_components().items():
+        for name in names:
+            assert callable(limner.get_component(kind, name).load()), (kind, name)
+    assert set(sampler_module.FACTORIES) == set(limner.list_components("samplers")["samplers"])
+    assert set(schedule_module.FACTORIES) == set(limner.list_components("schedules")["schedules"])
+
+
+def test_listing_components_imports_no_torch():
+    """`limner plugins`, `limner --help` and name checks stay fast: nothing heavy is imported
+    until a component is built."""
+    import subprocess
+    import sys
+
+    code = ("import sys, limner; limner.list_components(); limner.get_component('denoisers', 'unet'); "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_lazy_factory_errors_name_the_component_and_the_reference():
+    spec = limner.ComponentSpec("broken", "limner_no_such_module:factory")
+    with pytest.raises(limner.LimnerError, match="component 'broken': cannot load its factory "
+                                                 "'limner_no_such_module:factory': ModuleNotFoundError"):
+        spec.load()
+    with pytest.raises(limner.LimnerError, match="is a str, not a factory"):
+        limner.ComponentSpec("const", "limner.registry:ENTRY_POINT_GROUP").load()
+
+
+def test_a_malformed_factory_string_is_refused_at_registration():
+    class Plugin:
+        @limner.hookimpl
+        def limner_register_samplers():
+            return [limner.ComponentSpec("odd", "not a reference")]
+
+    with pytest.warns(RuntimeWarning, match="neither callable nor a 'package.module:attr' string"):
+        reg = build_registry([Plugin], entry_points=False)
+    assert "odd" not in reg.names("samplers")

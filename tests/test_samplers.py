@@ -160,7 +160,7 @@ def test_callback_sees_every_step_and_docstring_names_a_paper(name):
        callback=lambda info: seen.append((info["i"], info["sigma"], info["denoised"].shape)))
     assert [i for i, _, _ in seen] == list(range(7))
     assert [s for _, s, _ in seen] == pytest.approx(sigmas[:-1].tolist())
-    doc = limner.get_component("samplers", name).factory.__doc__
+    doc = limner.get_component("samplers", name).load().__doc__
     assert re.search(r"(18|19|20)\d\d", doc), f"{name}'s docstring cites no paper"
 
 
