@@ -108,6 +108,13 @@ def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tenso
         idx, key = flat.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+    # a saved moment comes back contiguous; its parameter may be channels_last, and the fused
+    # optimizers pair them element by element in memory order: give each its parameter's strides
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    opt.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:

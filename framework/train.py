@@ -48,6 +48,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     mixed_precision: str = "bf16"  # used on GPU only: "no", "bf16" or "fp16"
     compile: bool = False  # torch.compile the denoiser (first steps pay the compile time)
+    channels_last: bool = True  # NHWC activations: oneDNN's (and tensor cores') fast layout; same math
     p_mean: float = -1.2
     p_std: float = 1.2
     log_every: int = 25
@@ -165,6 +166,14 @@ class EMA:
             ema_b.copy_(b)
 
 
+def adamw(params: list[nn.Parameter], **options: Any) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019) as one fused kernel over all parameters where torch has
+    one (CPU and CUDA floating tensors): the same update as the per-parameter loop, without
+    ~10 kernel launches per parameter tensor per step."""
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **options)
+
+
 def lr_at(step: int, cfg: OptimConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
 
@@ -262,8 +271,11 @@ class Trainer(TrainerBase):
         self.ema = EMA(self.model, cfg.train.ema)
         if cfg.train.compile:  # in place: parameter names, checkpoints and the EMA copy stay as they are
             self.model.denoiser.compile()
+        if cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self.ema.model.to(memory_format=torch.channels_last)
         trained = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(trained, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.opt = adamw(trained, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.opts = {"model": self.opt}
         self.dataset = cfg.data.dataset.build()
         self.step = 0
@@ -297,7 +309,10 @@ class Trainer(TrainerBase):
             captions, sigma, noise = self._randomness(images, captions)
             for group in opt.param_groups:
                 group["lr"] = lr_at(self.step, cfg)
-            loss = step_module(images.to(self.acc.device), captions, sigma, noise)
+            images = images.to(self.acc.device)
+            if cfg.channels_last:
+                images, noise = (t.contiguous(memory_format=torch.channels_last) for t in (images, noise))
+            loss = step_module(images, captions, sigma, noise)
             opt.zero_grad(set_to_none=True)
             self.acc.backward(loss)
             if cfg.grad_clip > 0:
@@ -320,7 +335,8 @@ class Trainer(TrainerBase):
 
     def pipeline(self) -> Pipeline:
         """The EMA model as a pipeline with the run's sampling defaults."""
-        return Pipeline(self.ema.model, self.cfg.sample, self.acc.device)
+        # never compiled here: inductor's freezing would keep the weights of the first grid
+        return Pipeline(self.ema.model, dataclasses.replace(self.cfg.sample, compile=False), self.acc.device)
 
 
 def check_ranks_agree(acc, model: nn.Module, out: Path, step: int) -> None:

@@ -170,11 +170,13 @@ def test_unet_positions_need_the_image_size_it_was_built_for():
         model(torch.randn(1, 3, 32, 32), torch.ones(1), text(1))
 
 
-def test_compiling_a_denoiser_before_the_registry_is_loaded():
+def test_compiling_a_denoiser_before_the_registry_is_loaded(monkeypatch):
     """torch.compile traces attention(); its backend lookup must not step into plugin loading
     (dynamo failed inside importlib.metadata) when the trace comes first in a process."""
+    import limner.attention as dispatcher
     from limner.registry import set_registry
 
+    monkeypatch.setattr(dispatcher, "_built", {})  # no backend built yet, as in a fresh process
     net = limner.create("denoisers", "unet", context_dim=8, channels=8, mults=[1, 2], blocks=1,
                         attention_levels=[1], heads=2, groups=4, image_size=8)
     cond = TextEmbedding(torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool), torch.randn(2, 8))

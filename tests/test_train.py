@@ -105,6 +105,29 @@ def test_pipeline_same_seed_same_image(trained):
     assert len(pipe("a blue square at the center", num=3, steps=2, sampler="euler_ancestral")) == 3
 
 
+def test_pipeline_layouts_and_compile_draw_the_same_images(trained):
+    """channels_last (the default) and a compiled, frozen denoiser change speed, not images."""
+    images = {}
+    for name, settings in {"contiguous": {"sample.channels_last": False}, "channels_last": {},
+                           "compiled": {"sample.compile": True}}.items():
+        pipe = load_with(trained, settings)
+        images[name] = pipe.generate(["a red circle at the top left", "a blue square"], seed=1, steps=4)
+    assert images["channels_last"].is_contiguous(memory_format=torch.channels_last)
+    for name in ("channels_last", "compiled"):
+        assert (images[name] - images["contiguous"]).abs().max() < 1e-4, name
+
+
+def load_with(run: Path, settings: dict) -> "limner.pipeline.Pipeline":
+    """The checkpoint's pipeline with [sample] settings changed, as a config edit would."""
+    import dataclasses
+
+    from limner.pipeline import Pipeline
+
+    pipe = limner.load_pipeline(run)
+    sample = dataclasses.replace(pipe.defaults, **{k.split(".", 1)[1]: v for k, v in settings.items()})
+    return Pipeline(pipe.model, sample, pipe.device)
+
+
 def test_image_to_image_and_inpainting(trained):
     pipe = limner.load_pipeline(trained)
     init = Image.new("RGB", (32, 32), (200, 30, 30))
