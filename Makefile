@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-setup bench-anchors clean
 
 # Set-up: a venv, a CPU build of torch when no GPU is present (an unpinned torch pulls
 # a multi-GB CUDA build), then the project with its dev extra.
@@ -32,6 +32,15 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/limner bench
+
+# the anchors of `limner bench --anchors`: diffusers (+ what k-diffusion's samplers import),
+# then k-diffusion without its training requirements
+bench-setup: setup
+	$(PIP) install -q -e '.[dev,bench]'
+	$(PIP) install -q --no-deps k-diffusion
+
+bench-anchors: bench-setup
+	$(VENV)/bin/limner bench --anchors
 
 clean:
 	rm -rf $(VENV) build *.egg-info framework/*.egg-info

@@ -33,6 +33,23 @@ def run_benchmarks(select: str | None, out_dir: Path, quick: bool) -> Path:
     return json_path
 
 
+def run_anchors(out_dir: Path, quick: bool) -> Path:
+    """benchmarks/anchors.py: limner beside diffusers and k-diffusion; returns the JSON it wrote."""
+    import importlib.util
+
+    script = BENCH_DIR / "anchors.py"
+    if not script.is_file():
+        raise LimnerError(f"{script} not found: run `limner bench --anchors` from a limner checkout")
+    missing = [m for m in ("diffusers",) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LimnerError(f"the side-by-side needs its anchors ({', '.join(missing)} not installed): "
+                          "pip install -e '.[bench]' && pip install --no-deps k-diffusion")
+    spec = importlib.util.spec_from_file_location("limner_bench_anchors", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run(out_dir, quick)
+
+
 def _tidy(json_path: Path) -> None:
     """Keep the statistics, not every round's timing (results are committed to the repo), and
     record the accelerator and library versions next to pytest-benchmark's machine info."""

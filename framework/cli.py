@@ -170,13 +170,20 @@ def demo(config_path: str | None, out: str) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True,
               help="Folder for the JSON and markdown results.")
 @click.option("--quick", is_flag=True, help="Fewer rounds: a smoke run, not numbers to quote.")
-def bench(select: str | None, out: str, quick: bool) -> None:
-    """Run the benchmark suite and render its results as a markdown table."""
+@click.option("--anchors", is_flag=True,
+              help="limner beside diffusers and k-diffusion on the same work (needs limner[bench]).")
+def bench(select: str | None, out: str, quick: bool, anchors: bool) -> None:
+    """Run the benchmark suite (or, with --anchors, the side-by-side) and render the results as markdown."""
     from pathlib import Path
 
-    from .bench import render_file, run_benchmarks
+    from .bench import render_file, run_anchors, run_benchmarks
 
-    md = render_file(run_benchmarks(select, Path(out), quick))
+    if anchors:
+        if select:
+            raise LimnerError("-k selects pytest benchmarks; --anchors runs one fixed side-by-side: use one of them")
+        md = run_anchors(Path(out), quick).with_suffix(".md")
+    else:
+        md = render_file(run_benchmarks(select, Path(out), quick))
     click.echo(md.read_text())
     click.echo(f"Wrote {md} and {md.with_suffix('.json')}")
 

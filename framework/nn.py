@@ -56,3 +56,27 @@ def zero_init(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+class ContextRefiner(nn.Module):
+    """A few trainable pre-norm transformer layers over the text tokens, run once per forward,
+    before any cross-attention reads them (the "token refiner" of HunyuanVideo, Kong et al.
+    2024). With a frozen text encoder they let the denoiser re-mix its tokens - e.g. carry "at
+    the top left" into the tokens of the object it belongs to - while the frozen encoder's
+    embeddings stay cacheable. The output layers start at zero: at initialisation the refiner
+    is the identity."""
+
+    def __init__(self, dim: int, layers: int, heads: int):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.ModuleList([nn.LayerNorm(dim), nn.LayerNorm(dim)]) for _ in range(layers))
+        self.attns = nn.ModuleList(Attention(dim, heads) for _ in range(layers))
+        self.ffs = nn.ModuleList(FeedForward(dim, mult=2) for _ in range(layers))
+        for attn, ff in zip(self.attns, self.ffs):
+            zero_init(attn.out), zero_init(ff.proj_out)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # tokens: [B, L, D]; mask: [B, L], True = a real token (padding is never attended to)
+        for (n1, n2), attn, ff in zip(self.norms, self.attns, self.ffs):
+            tokens = tokens + attn(n1(tokens), mask=mask)
+            tokens = tokens + ff(n2(tokens))
+        return tokens

@@ -14,7 +14,7 @@ from torch import nn
 import limner
 from limner.diffusion import Preconditioned
 from limner.kernels import adaln_modulate, gated_residual, group_norm_silu
-from limner.nn import Attention, FeedForward, noise_embedding, zero_init
+from limner.nn import Attention, ContextRefiner, FeedForward, noise_embedding, zero_init
 from limner.protocols import TextEmbedding
 
 
@@ -44,6 +44,11 @@ def sincos_2d(dim: int, side: int) -> torch.Tensor:
     row = torch.cat([pos.sin(), pos.cos()], 1)
     grid_y, grid_x = row[:, None].expand(side, side, -1), row[None].expand(side, side, -1)
     return rearrange(torch.cat([grid_y, grid_x], -1), "h w d -> (h w) d")
+
+
+def _refiner_heads(dim: int) -> int:
+    """Heads of 64 channels where the width allows (MiniLM's 384: 6), else one."""
+    return dim // 64 if dim % 64 == 0 else 1
 
 
 # --- UNet -------------------------------------------------------------------------------
@@ -135,9 +140,10 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, mults: tuple[int, ...], blocks: int,
                  attention_levels: tuple[int, ...], heads: int, context_dim: int, groups: int, dropout: float,
-                 image_size: int, positions: bool):
+                 image_size: int, positions: bool, context_layers: int = 0):
         super().__init__()
         emb_dim = 4 * channels
+        self.refiner = ContextRefiner(context_dim, context_layers, _refiner_heads(context_dim)) if context_layers else None
         self.cond = Conditioning(channels, emb_dim, context_dim)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
@@ -172,6 +178,8 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
         emb = self.cond(c_noise, cond)
+        if cond is not None and self.refiner is not None:
+            cond = TextEmbedding(self.refiner(cond.tokens.to(x.dtype), cond.mask), cond.mask, cond.pooled)
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
@@ -185,16 +193,19 @@ class UNet(nn.Module):
 
 def unet(context_dim: int, in_channels: int = 3, image_size: int = 32, channels: int = 64,
          mults: list[int] = (1, 2, 2), blocks: int = 2, attention_levels: list[int] = (1, 2), heads: int = 4,
-         groups: int = 32, dropout: float = 0.0, positions: bool = True, parameterization: str = "edm",
-         sigma_data: float = 0.5):
+         groups: int = 32, dropout: float = 0.0, positions: bool = True, context_layers: int = 0,
+         parameterization: str = "edm", sigma_data: float = 0.5):
     """ADM-style UNet with text cross-attention (Dhariwal & Nichol 2021; Rombach et al. 2022);
-    `positions` adds 2-D sine-cosine position features to its attention tokens."""
+    `positions` adds 2-D sine-cosine position features to its attention tokens, `context_layers`
+    trainable transformer layers refine the text tokens first."""
+    if context_layers < 0:
+        raise limner.LimnerError(f"unet: context_layers must be >= 0, got {context_layers}")
     if image_size % 2 ** (len(mults) - 1):
         raise limner.LimnerError(f"unet: image_size {image_size} must be divisible by 2^{len(mults) - 1}")
     if channels % groups:
         raise limner.LimnerError(f"unet: channels {channels} must be divisible by groups {groups}")
     net = UNet(in_channels, channels, tuple(mults), blocks, tuple(attention_levels), heads, context_dim, groups,
-               dropout, image_size, positions)
+               dropout, image_size, positions, context_layers)
     return Preconditioned(net, parameterization, sigma_data)
 
 

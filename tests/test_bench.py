@@ -25,3 +25,56 @@ def test_render_computes_ratios_bandwidth_and_auto_verdict():
     assert "| geglu | forward | 8x4096x2560, bfloat16 | 2.000 | 1.500 | 1.000 | 2.00x | 1.50x | 1000 | 50% |" in md
     assert "| dit [8, 16, 256, 72, 256] | 1.000 | 2.000 | 1.020 | sdpa | +2.0% |" in md
     assert "| unet step | 3.00 | 2.00 | 1.50x |" in md
+
+
+def _anchors_module():
+    import importlib.util
+
+    from limner.bench import BENCH_DIR
+
+    spec = importlib.util.spec_from_file_location("anchors_under_test", BENCH_DIR / "anchors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_side_by_side_alternates_sides_and_reports_per_round_ratios():
+    anchors = _anchors_module()
+    calls = []
+    result = anchors.alternate(lambda: calls.append("ours"), lambda: calls.append("anchor"), rounds=4, reps=1,
+                               sync=lambda: None)
+    timed = calls[4:]  # after two warm-up calls each
+    assert timed == ["ours", "anchor", "anchor", "ours", "ours", "anchor", "anchor", "ours"]
+    assert result["rounds"] == 4 and result["ratio_q1"] <= result["ratio"] <= result["ratio_q3"]
+
+
+def test_side_by_side_table_shows_ratios_quartiles_and_start_up():
+    anchors = _anchors_module()
+    data = {"datetime": "2026-11-24T00:00:00+00:00",
+            "machine": {"cpu": "x86_64", "threads": 2, "device": "cpu", "python": "3.11"},
+            "versions": {"torch": "2.13", "diffusers": "0.42", "k_diffusion": "0.1.1", "limner": "0.1.0"},
+            "model": {"config": "configs/shapes-unet.toml", "params": {"limner": 2.1e6, "diffusers": 2.04e6},
+                      "text_encoder": "minilm (frozen)"},
+            "rows": [{"workload": "training step", "limner": "eager", "anchor": "diffusers eager", "limner_ms": 100.0,
+                      "anchor_ms": 150.0, "ratio": 1.5, "ratio_q1": 1.4, "ratio_q3": 1.6, "compile_s": 12.0}],
+            "notes": {"max_abs_diff_vs_k_diffusion_dpmpp_2m": 2e-6},
+            "startup": {"limner plugins": {"wall_s": 0.06, "peak_rss_mib": 19.0, "runs": 5}}}
+    md = anchors.render(data)
+    assert "| training step | eager | diffusers eager | 100.0 | 150.0 | **1.50x** | 1.40-1.60 | 12.0 |" in md
+    assert "largest |difference| 2.0e-06" in md
+    assert "| limner plugins | 0.06 | 19 |" in md
+
+
+def test_bench_anchors_without_its_extra_says_how_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    import pytest
+
+    from limner.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--anchors", "--quick"])
+    assert exit_.value.code == 1
+    assert "pip install -e '.[bench]'" in capsys.readouterr().err

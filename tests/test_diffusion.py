@@ -189,3 +189,27 @@ def test_compiling_a_denoiser_before_the_registry_is_loaded(monkeypatch):
             assert torch.allclose(compiled(x, sigma, cond), net(x, sigma, cond), atol=1e-5)
     finally:
         set_registry(old)
+
+
+def test_context_refiner_starts_as_identity_and_never_reads_padding():
+    from limner.nn import ContextRefiner
+
+    torch.manual_seed(0)
+    refiner = ContextRefiner(dim=16, layers=2, heads=2)
+    tokens, mask = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(refiner(tokens, mask), tokens)  # zero-initialised output layers
+    for p in refiner.parameters():  # as after some training
+        torch.nn.init.normal_(p, std=0.3)
+    out = refiner(tokens, mask)
+    assert not torch.allclose(out, tokens)
+    garbage = tokens.clone()
+    garbage[0, 3:] = 100.0  # the padding of the first prompt
+    assert torch.allclose(refiner(garbage, mask)[0, :3], out[0, :3], atol=1e-5)
+
+
+def test_unet_context_layers_make_tokens_trainable_before_cross_attention():
+    net = limner.create("denoisers", "unet", context_dim=16, channels=8, mults=[1, 2], blocks=1, attention_levels=[1],
+                        heads=2, groups=4, image_size=8, context_layers=1)
+    assert sum(p.numel() for n, p in net.named_parameters() if ".refiner." in n) > 0
+    with pytest.raises(limner.LimnerError, match="context_layers must be >= 0, got -1"):
+        limner.create("denoisers", "unet", context_dim=16, context_layers=-1)
