@@ -32,11 +32,48 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise LimnerError(f"corrupt checkpoint file {path}: {exc}") from None
 
 
+def nonfinite_tensors(files: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """Names ("model: net.conv_in.weight") of floating tensors holding a NaN or an infinity."""
+    return [f"{name}: {key}" for name, tensors in files.items() for key, t in tensors.items()
+            if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp folders of checkpoint writers that died mid-write (kill -9, power
+    loss): `.step_N.tmp<pid>` whose pid is no longer running. Returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def write_checkpoint(folder: Path, files: dict[str, dict[str, torch.Tensor]], config_text: str,
                      state: dict[str, Any], point_latest: bool = True) -> Path:
     """Write `folder` atomically: every file into a sibling temp dir, then one rename; then
-    (for a run's checkpoints) point the `latest` file beside it at it."""
+    (for a run's checkpoints) point the `latest` file beside it at it. Weights holding a NaN
+    or an infinity are refused: a diverged model never replaces the last good checkpoint."""
     folder = Path(folder)
+    bad = nonfinite_tensors(files)
+    if bad:
+        raise LimnerError(f"not writing {folder}: {len(bad)} tensors hold NaN or infinite values "
+                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the checkpoints already "
+                          f"written are untouched")
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -83,6 +120,22 @@ def read_state(folder: Path) -> dict[str, Any]:
 def load_module(module: torch.nn.Module, path: Path) -> None:
     """Load weights into `module`, naming the file on a missing or mismatched tensor."""
     tensors = load_tensors(path)
+    own = module.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in tensors.items() if k in own and v.shape != own[k].shape]
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if wrong or missing or extra:
+        parts = []
+        if wrong:
+            shown = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in wrong[:3])
+            parts.append(f"{len(wrong)} tensors have other shapes ({shown}{'; ...' if len(wrong) > 3 else ''})")
+        if missing:
+            parts.append(f"{len(missing)} the model needs are missing ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''})")
+        if extra:
+            parts.append(f"{len(extra)} are not in the model ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})")
+        raise LimnerError(f"checkpoint {path} does not fit this model: {'; '.join(parts)}. Likely cause: the "
+                          "config beside the weights was edited (a width, depth or component changed) or the "
+                          "weights come from another run; use the config the checkpoint was trained with.")
     try:
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import textwrap
 
@@ -19,9 +20,15 @@ def cli() -> None:
 
 
 def plugin_rows(reg: Registry) -> list[dict]:
-    """One row per loaded plugin that provides anything: distribution, version, components."""
+    """One row per loaded plugin that provides anything: distribution, version, components
+    (a name two plugins claim is listed under both, marked "(clash)")."""
+    table = reg.by_provider()
+    for (kind, key), comps in reg.clashes.items():
+        for comp in comps:
+            names = table.setdefault(comp.provider.plugin, {}).setdefault(kind, [])
+            names[:] = [n for n in names if n != key] + [f"{key} (clash)"]
     rows = []
-    for plugin, kinds in reg.by_provider().items():
+    for plugin, kinds in table.items():
         provided = dict(kinds)
         commands = _commands_of(reg, plugin)
         if commands:
@@ -48,8 +55,10 @@ def plugins(as_json: bool) -> None:
     reg = registry()
     rows = plugin_rows(reg)
     failures = [{"plugin": f.plugin, "distribution": f.distribution, "error": f.error} for f in reg.failures]
+    clashes = [{"kind": kind, "name": key, "providers": [str(c.provider) for c in comps]}
+               for (kind, key), comps in reg.clashes.items()]
     if as_json:
-        click.echo(json.dumps({"plugins": rows, "failures": failures}, indent=2))
+        click.echo(json.dumps({"plugins": rows, "failures": failures, "clashes": clashes}, indent=2))
         return
     for row in rows:
         click.echo(f"{row['plugin']}  ({row['distribution']} {row['version']})")
@@ -59,11 +68,15 @@ def plugins(as_json: bool) -> None:
             click.echo(text)
     for f in reg.failures:
         click.echo(f"FAILED {f}", err=True)
+    if reg.clashes:
+        from .registry import clash_message
+
+        click.echo(f"CLASH {clash_message(reg.clashes)}", err=True)
 
 
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--steps", type=int, default=None, help="Override train.steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override train.steps.")
 def train(config: str, steps: int | None) -> None:
     """Train a diffusion model, GAN or VAE from a TOML config (resumes the run if it has a checkpoint).
 
@@ -71,7 +84,31 @@ def train(config: str, steps: int | None) -> None:
     """
     from .train import train as run_training
 
-    run_training(config, {"train.steps": steps} if steps else None)
+    run_training(config, {"train.steps": steps} if steps is not None else None)
+
+
+class Number(click.ParamType):
+    """A finite float within [low, high] (an open end where asked): click's FloatRange lets
+    nan and inf through."""
+
+    name = "number"
+
+    def __init__(self, low: float | None = None, high: float | None = None, low_open: bool = False):
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        too_low = self.low is not None and (number <= self.low if self.low_open else number < self.low)
+        if too_low or (self.high is not None and number > self.high):
+            low = f"{'>' if self.low_open else '>='} {self.low:g}" if self.low is not None else ""
+            high = f"<= {self.high:g}" if self.high is not None else ""
+            self.fail(f"{value} is not {' and '.join(x for x in (low, high) if x)}", param, ctx)
+        return number
 
 
 @cli.command()
@@ -79,26 +116,41 @@ def train(config: str, steps: int | None) -> None:
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="A prompt (repeat for more).")
 @click.option("--sampler", default=None, help="Sampler name (default: the checkpoint's).")
 @click.option("--schedule", default=None, help="Schedule name (default: the checkpoint's).")
-@click.option("--steps", type=int, default=None, help="Sampling steps.")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--num", type=int, default=1, show_default=True, help="Images per prompt.")
-@click.option("--out", type=click.Path(file_okay=False), default="out/samples", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps (default: the checkpoint's).")
+@click.option("--guidance", type=Number(low=0), default=None,
+              help="Classifier-free guidance scale, >= 0 (default: the checkpoint's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise: same seed, same images.")
+@click.option("--num", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--out", type=click.Path(file_okay=False), default="out/samples", show_default=True,
+              help="Folder for the PNGs, grid.png and prompts.json.")
 @click.option("--init-image", type=click.Path(dir_okay=False), default=None, help="Image-to-image start.")
-@click.option("--strength", type=float, default=None, help="How much of --init-image to redraw [default: 0.6].")
+@click.option("--strength", type=Number(low=0, high=1, low_open=True), default=None,
+              help="How much of --init-image to redraw, in (0, 1] [default: 0.6].")
 @click.option("--mask", type=click.Path(dir_okay=False), default=None, help="Inpainting mask: white = redraw.")
-@click.option("--truncation", type=float, default=None,
+@click.option("--truncation", type=Number(low=0), default=None,
               help="GAN/VAE: pull samples toward their prompt's typical image (1 = off) [default: the checkpoint's].")
 @click.option("--compile", "compile_", is_flag=True,
               help="Diffusion: torch.compile the denoiser first (~30 s once; pays off over many images).")
 def sample(checkpoint, prompts, sampler, schedule, steps, guidance, seed, num, out, init_image, strength, mask,
            truncation, compile_):
-    """Draw images from a trained checkpoint (diffusion, GAN or VAE): one PNG per image and a grid."""
+    """Draw images from a trained checkpoint (diffusion, GAN or VAE): one PNG per image, named
+    after its prompt, a labelled grid and prompts.json."""
     from pathlib import Path
 
-    from .images import make_grid, save_atomic
+    from .images import check_writable, make_grid, output_name, save_atomic
     from .pipeline import load_pipeline, open_image
 
+    if strength is not None and init_image is None:
+        raise LimnerError("--strength sets how much of --init-image is redrawn; it has no effect without "
+                          "--init-image")
+    if strength is not None and mask is not None:
+        raise LimnerError("--strength has no effect with --mask: inpainting redraws the masked part from pure "
+                          "noise and keeps the rest; drop one of them")
+    if any(not p.strip() for p in prompts):
+        raise LimnerError("--prompt is empty: give the text of the picture (an empty prompt is what guidance "
+                          "steers away from)")
+    folder = Path(out)
+    check_writable(folder)  # before minutes of sampling, not after
     pipe = load_pipeline(checkpoint)
     if compile_:
         if not hasattr(pipe, "compile"):
@@ -106,13 +158,34 @@ def sample(checkpoint, prompts, sampler, schedule, steps, guidance, seed, num, o
         pipe.compile()
     given = dict(sampler=sampler, schedule=schedule, steps=steps, guidance=guidance, strength=strength,
                  init_image=open_image(init_image), mask=open_image(mask), truncation=truncation)
-    images = pipe(list(prompts), seed=seed, num=num, progress=True,
-                  **{k: v for k, v in given.items() if v is not None})
-    folder = Path(out)
+    given = {k: v for k, v in given.items() if v is not None}
+    images = pipe(list(prompts), seed=seed, num=num, progress=True, **given)
+    settings = {"checkpoint": str(checkpoint), "seed": seed, "num": num,
+                **{k: v for k, v in given.items() if k not in ("init_image", "mask")},
+                **({"init_image": str(init_image)} if init_image else {}), **({"mask": str(mask)} if mask else {})}
+    records = []
     for i, image in enumerate(images):
-        save_atomic(image, folder / f"{i:03d}.png")
-    save_atomic(make_grid(images, ncols=num), folder / "grid.png")
-    click.echo(f"Wrote {len(images)} images and grid.png to {folder}")
+        prompt = prompts[i // num]
+        name = output_name(i, prompt)
+        save_atomic(image, folder / name, {"prompt": prompt, "index_of_prompt": str(i % num),
+                                           "limner": json.dumps(settings)})
+        records.append({"file": name, "prompt": prompt, "image_of_prompt": i % num})
+    labels = [f"seed {seed}, image {k + 1}" for k in range(num)] if num > 1 else []
+    save_atomic(make_grid(images, ncols=num, row_labels=list(prompts), col_labels=labels), folder / "grid.png")
+    write_json_atomic(folder / "prompts.json", {"settings": settings, "images": records})
+    count = f"{len(images)} image{'s' if len(images) != 1 else ''}"
+    click.echo(f"Wrote {count}, grid.png and prompts.json to {folder}")
+
+
+def write_json_atomic(path, data) -> None:
+    """Strict JSON through a temp file and a rename."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
+    os.replace(tmp, path)
 
 
 @cli.command(name="eval")

@@ -12,6 +12,7 @@ Every bad key or value is reported with its path in the file:
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -51,6 +52,23 @@ def component(kind: str, default: str | None = None, **options: Any) -> Any:
     return field(default_factory=lambda: ComponentConfig(kind, default, dict(options)), metadata=meta)
 
 
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A numeric field whose value must lie in a range, checked when a config is read."""
+    return field(default=default, metadata={"range": (ge, gt, le, lt)})
+
+
+def check_range(value: float, where: str, ge: float | None = None, gt: float | None = None,
+                le: float | None = None, lt: float | None = None) -> None:
+    """Raise naming `where`, the value and the allowed range when value is outside it."""
+    ok = (ge is None or value >= ge) and (gt is None or value > gt) and (le is None or value <= le) and \
+        (lt is None or value < lt)
+    if not ok:
+        parts = [f">= {ge}" if ge is not None else "", f"> {gt}" if gt is not None else "",
+                 f"<= {le}" if le is not None else "", f"< {lt}" if lt is not None else ""]
+        raise ConfigError(f"{where}: must be {' and '.join(p for p in parts if p)}, got {value!r}")
+
+
 def components(kind: str, *defaults: str) -> Any:
     """A dataclass field holding a list of ComponentConfigs of `kind`."""
     return field(default_factory=lambda: [ComponentConfig(kind, d) for d in defaults], metadata={"kind": kind})
@@ -86,9 +104,26 @@ def parse_config(data: dict[str, Any], schema: type[T], path: str = "") -> T:
         where = _join(path, name)
         if name in data:
             values[name] = _convert(data[name], hints[name], f.metadata.get("kind"), where)
+            if "range" in f.metadata:
+                check_range(values[name], where, *f.metadata["range"])
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required option")
     return schema(**values)
+
+
+def set_option(cfg: Any, key: str, value: Any) -> None:
+    """Set a dotted option ("train.steps") on a parsed config with the checks a file gets."""
+    *sections, name = key.split(".")
+    target = cfg
+    for section in sections:
+        target = getattr(target, section)
+    f = {f.name: f for f in dataclasses.fields(target)}.get(name)
+    if f is None:
+        raise ConfigError(f"{key}: unknown option")
+    value = _convert(value, typing.get_type_hints(type(target))[name], f.metadata.get("kind"), key)
+    if "range" in f.metadata:
+        check_range(value, key, *f.metadata["range"])
+    setattr(target, name, value)
 
 
 def _join(path: str, key: str) -> str:
@@ -118,6 +153,8 @@ def _convert(value: Any, hint: Any, kind: str | None, where: str) -> Any:
 def _scalar(value: Any, hint: Any, where: str) -> Any:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
     if hint in (int, float, str, bool):
         if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
             return value

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .config import ComponentConfig, component, components
+from .config import ComponentConfig, bounded, component, components
 from .errors import LimnerError
 from .images import to_pil
 from .protocols import TextEmbedding
@@ -25,8 +25,8 @@ RECIPES = ("diffusion", "gan", "vae")
 @dataclass
 class GenDataConfig:
     dataset: ComponentConfig = component("datasets", "shapes")
-    batch_size: int = 32
-    workers: int = 0
+    batch_size: int = bounded(32, ge=1)
+    workers: int = bounded(0, ge=0)
 
 
 @dataclass
@@ -36,35 +36,35 @@ class GenModelConfig:
     text_encoder: ComponentConfig = component("text_encoders", "clip_text")
     generator: ComponentConfig = component("generators", "stylegan2")
     discriminator: ComponentConfig = component("discriminators", "stylegan2")  # GAN recipe only
-    image_size: int = 32
-    channels: int = 3
+    image_size: int = bounded(32, ge=1)
+    channels: int = bounded(3, ge=1)
     train_text_encoder: bool = True  # GAN: trained by D's loss (G reads it); VAE: by the ELBO
 
 
 @dataclass
 class GenOptimConfig:
-    steps: int = 10_000
-    lr: float = 2e-3  # generator (VAE: the whole model)
-    d_lr: float = 2e-3
+    steps: int = bounded(10_000, ge=1)
+    lr: float = bounded(2e-3, gt=0)  # generator (VAE: the whole model)
+    d_lr: float = bounded(2e-3, gt=0)
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
-    ema: float = 0.999
-    grad_clip: float = 0.0
+    ema: float = bounded(0.999, ge=0, lt=1)
+    grad_clip: float = bounded(0.0, ge=0)
     loss: ComponentConfig | None = field(default=None, metadata={"kind": "losses"})  # gan: nonsaturating, vae: elbo
     penalties: list[ComponentConfig] = components("losses", "r1")  # GAN recipe only
     # GAN: weight of a squared-error term between G(z, prompt) and the batch's real image of that
     # prompt, beside the adversarial loss (Pathak et al. 2016; pix2pix's L1, Isola et al. 2017):
     # right where a prompt pins its image down; 0 = a pure GAN
-    reconstruction: float = 0.0
-    log_every: int = 25
-    sample_every: int = 1000
-    checkpoint_every: int = 1000
+    reconstruction: float = bounded(0.0, ge=0)
+    log_every: int = bounded(25, ge=1)
+    sample_every: int = bounded(1000, ge=1)
+    checkpoint_every: int = bounded(1000, ge=1)
 
 
 @dataclass
 class GenSampleConfig:
     """How training's sample grids, `limner sample` and the demo draw by default."""
 
-    truncation: float = 1.0
+    truncation: float = bounded(1.0, ge=0)
     prompts: list[str] = field(default_factory=list)
 
 

@@ -145,7 +145,7 @@ class GenTrainer(TrainerBase):
         t = self.cfg.train
         self.start_clock()
         loader = self._loader(t.steps)
-        log, progress = _Log(self.out, self.acc.is_main_process), _progress(self.acc.is_main_process, self.step,
+        log, progress = _Log(self.out, self.acc.is_main_process, self.step), _progress(self.acc.is_main_process, self.step,
                                                                               t.steps)
         step_fn, rows, last = self.gan_step if self.gan else self.vae_step, [], {}
         self.model.train()

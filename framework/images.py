@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,10 +43,42 @@ def make_grid(images: Sequence[Image.Image], ncols: int, row_labels: Sequence[st
     return grid
 
 
-def save_atomic(image: Image.Image, path: str | Path) -> None:
-    """Write a PNG through a temp file and a rename, so a reader never sees half a file."""
+def save_atomic(image: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> None:
+    """Write a PNG through a temp file and a rename, so a reader never sees half a file;
+    `text` goes into the PNG's tEXt chunks (prompt, settings)."""
+    from PIL.PngImagePlugin import PngInfo
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def output_name(index: int, prompt: str, limit: int = 60) -> str:
+    """`007-a-red-circle-at-the-top-left.png`: the index keeps order and uniqueness, the slug
+    says which prompt made the file."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-")
+    return f"{index:03d}-{slug or 'prompt'}.png"
+
+
+def check_writable(folder: str | Path) -> None:
+    """Raise one clear line unless files can be written in `folder` (created later, on the
+    first write: nothing is left behind when a later check fails)."""
+    from .errors import LimnerError
+
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LimnerError(f"cannot write to {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LimnerError(f"cannot write to {folder}: {existing} is not writable")

@@ -69,6 +69,10 @@ class Pipeline:
         if init_image is not None or mask is not None:
             if init_image is None:
                 raise LimnerError("--mask needs --init-image: the picture whose masked part is redrawn")
+            if mask is not None and mask.size != init_image.size:
+                raise LimnerError(f"the mask is {mask.size[0]}x{mask.size[1]} but the init image is "
+                                  f"{init_image.size[0]}x{init_image.size[1]}: give a mask of the image's size "
+                                  "(white = redraw)")
             init = self._image_tensor(init_image, len(prompts))
         if init is not None and mask is None:
             if not 0 < strength <= 1:
@@ -93,15 +97,24 @@ class Pipeline:
         return out.clamp(-1, 1)
 
     def _image_tensor(self, image: Image.Image, n: int) -> torch.Tensor:
+        """The init image at the model's size: a non-square image is centre-cropped to a square
+        first (never squashed), then resized."""
         size, channels = self.model.cfg.image_size, self.model.cfg.channels
-        image = image.convert("RGB" if channels == 3 else "L").resize((size, size), Image.Resampling.BICUBIC)
+        image = image.convert("RGB" if channels == 3 else "L")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
         arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
         arr = arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
         return arr[None].expand(n, -1, -1, -1).to(self.device)
 
     def _mask_tensor(self, mask: Image.Image, n: int) -> torch.Tensor:
+        """The mask cropped exactly as its init image is, then resized (white = redraw)."""
         size = self.model.cfg.image_size
-        arr = np.asarray(mask.convert("L").resize((size, size), Image.Resampling.NEAREST), dtype=np.float32) / 255
+        side = min(mask.size)
+        left, top = (mask.width - side) // 2, (mask.height - side) // 2
+        mask = mask.convert("L").crop((left, top, left + side, top + side))
+        arr = np.asarray(mask.resize((size, size), Image.Resampling.NEAREST), dtype=np.float32) / 255
         return torch.from_numpy(arr > 0.5).float()[None, None].expand(n, 1, -1, -1).to(self.device)
 
 

@@ -123,6 +123,8 @@ class Registry:
     failures: list[PluginFailure] = field(default_factory=list)
     components: dict[str, dict[str, Component]] = field(default_factory=dict)
     aliases: dict[str, dict[str, str]] = field(default_factory=dict)
+    # (kind, name or alias) claimed by more than one plugin: listed, but unusable until resolved
+    clashes: dict[tuple[str, str], list[Component]] = field(default_factory=dict)
 
     def names(self, kind: str) -> list[str]:
         """Sorted canonical names of one kind."""
@@ -131,8 +133,11 @@ class Registry:
     def component(self, kind: str, name: str) -> Component:
         """The component registered as `name` (or an alias of it); unknown -> error with choices."""
         kind = check_kind(kind)
-        key = str(name).strip().lower()
-        key = self.aliases[kind].get(key, key)
+        asked = str(name).strip().lower()
+        key = self.aliases[kind].get(asked, asked)
+        for clash in ((kind, asked), (kind, key)):
+            if clash in self.clashes:
+                raise PluginConflictError(clash_message({clash: self.clashes[clash]}))
         if key in self.components[kind]:
             return self.components[kind][key]
         raise UnknownComponentError(self._unknown_message(kind, name))
@@ -238,7 +243,8 @@ class _Loader:
                     reg.components[kind].setdefault(comp.spec.name, comp)
                     for alias in comp.spec.aliases:
                         reg.aliases[kind].setdefault(alias, comp.spec.name)
-        _raise_on_conflicts(found)
+        # a clash does not stop the rest: `limner plugins` lists it, using the name raises
+        reg.clashes = {key: comps for key, comps in sorted(found.items()) if len(comps) > 1}
         return reg
 
     def _specs(self, kind: str, impl: Any) -> list[Component]:
@@ -264,17 +270,12 @@ def _validate_spec(spec: Any) -> None:
                         f"{spec.factory!r}")
 
 
-def _raise_on_conflicts(found: dict[tuple[str, str], list[Component]]) -> None:
-    clashes = []
-    for (kind, key), comps in sorted(found.items()):
-        if len(comps) > 1:
-            who = " and ".join(str(c.provider) for c in comps)
-            clashes.append(f"{singular(kind)} {key!r} is provided by {who}")
-    if clashes:
-        raise PluginConflictError(
-            "plugins register the same component name: " + "; ".join(clashes)
-            + f". Uninstall one of them or block it with {DISABLE_ENV}=<plugin>."
-        )
+def clash_message(clashes: dict[tuple[str, str], list[Component]]) -> str:
+    """One paragraph naming every clashing name, both providers, and the way out."""
+    lines = [f"{singular(kind)} {key!r} is provided by {' and '.join(str(c.provider) for c in comps)}"
+             for (kind, key), comps in clashes.items()]
+    return ("plugins register the same component name: " + "; ".join(lines)
+            + f". Uninstall one of them or block it with {DISABLE_ENV}=<plugin>.")
 
 
 def _explain_validation(exc: pluggy.PluginValidationError) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import ComponentConfig, component
+from .config import ComponentConfig, bounded, component
 from .protocols import TextEmbedding
 from .text_cache import EmbeddingCache
 
@@ -17,8 +17,8 @@ class ModelConfig:
 
     text_encoder: ComponentConfig = component("text_encoders", "clip_text")
     denoiser: ComponentConfig = component("denoisers", "unet")
-    image_size: int = 32
-    channels: int = 3
+    image_size: int = bounded(32, ge=1)
+    channels: int = bounded(3, ge=1)
 
 
 @dataclass
@@ -27,10 +27,10 @@ class SampleConfig:
 
     sampler: ComponentConfig = component("samplers", "dpmpp_2m")
     schedule: ComponentConfig = component("schedules", "karras")
-    steps: int = 20
-    guidance: float = 3.0
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    steps: int = bounded(20, ge=1)
+    guidance: float = bounded(3.0, ge=0)
+    sigma_min: float = bounded(0.002, gt=0)
+    sigma_max: float = bounded(80.0, gt=0)
     prompts: list[str] = field(default_factory=list)
     compile: bool = False  # torch.compile the denoiser for sampling: pays ~30 s once per batch size
     channels_last: bool = True  # NHWC activations: oneDNN's (and tensor cores') fast layout; same math

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import (find_checkpoint, load_module, load_tensors, optimizer_tensors, read_state,
+from .checkpoint import (find_checkpoint, load_module, load_tensors, optimizer_tensors, read_state, remove_stale_temps,
                          restore_optimizer, to_toml, write_checkpoint)
-from .config import ComponentConfig, component, load_config
+from .config import ComponentConfig, bounded, component, load_config, set_option
 from .diffusion import training_sigmas
 from .errors import LimnerError
-from .images import make_grid, save_atomic, to_pil
+from .images import check_writable, make_grid, save_atomic, to_pil
 from .pipeline import Pipeline
 from .t2i import ModelConfig, SampleConfig, TextToImage
 
@@ -33,27 +34,31 @@ from .t2i import ModelConfig, SampleConfig, TextToImage
 @dataclass
 class DataConfig:
     dataset: ComponentConfig = component("datasets", "shapes")
-    batch_size: int = 64
-    workers: int = 0
-    caption_dropout: float = 0.1
+    batch_size: int = bounded(64, ge=1)
+    workers: int = bounded(0, ge=0)
+    caption_dropout: float = bounded(0.1, ge=0, le=1)
 
 
 @dataclass
 class OptimConfig:
-    steps: int = 10_000
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup: int = 200
-    ema: float = 0.999
-    grad_clip: float = 1.0
+    steps: int = bounded(10_000, ge=1)
+    lr: float = bounded(2e-4, gt=0)
+    weight_decay: float = bounded(0.0, ge=0)
+    warmup: int = bounded(200, ge=0)
+    ema: float = bounded(0.999, ge=0, lt=1)
+    grad_clip: float = bounded(1.0, ge=0)  # 0: no clipping
     mixed_precision: str = "bf16"  # used on GPU only: "no", "bf16" or "fp16"
     compile: bool = False  # torch.compile the denoiser (first steps pay the compile time)
     channels_last: bool = True  # NHWC activations: oneDNN's (and tensor cores') fast layout; same math
+    # a step whose loss or gradients hold NaN/inf: "skip" it (no update, no EMA) or "stop" the run;
+    # max_nonfinite skipped steps in a row also stop it. Checkpoints never hold non-finite weights.
+    nonfinite: str = "skip"
+    max_nonfinite: int = bounded(10, ge=1)
     p_mean: float = -1.2
-    p_std: float = 1.2
-    log_every: int = 25
-    sample_every: int = 1000
-    checkpoint_every: int = 1000
+    p_std: float = bounded(1.2, gt=0)
+    log_every: int = bounded(25, ge=1)
+    sample_every: int = bounded(1000, ge=1)
+    checkpoint_every: int = bounded(1000, ge=1)
 
 
 @dataclass
@@ -62,7 +67,7 @@ class EvalConfig:
 
     metric: str = ""
     dataset: dict = field(default_factory=dict)
-    prompts: int = 0
+    prompts: int = bounded(0, ge=0)
 
 
 @dataclass
@@ -178,6 +183,36 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
 
 
+class NonFinite:
+    """The non-finite policy: counts bad steps in a row and stops the run with a clear message."""
+
+    POLICIES = ("skip", "stop")
+
+    def __init__(self, policy: str, limit: int):
+        if policy not in self.POLICIES:
+            raise LimnerError(f"train.nonfinite must be one of {', '.join(self.POLICIES)}, got {policy!r}")
+        self.policy, self.limit, self.in_a_row, self.skipped = policy, limit, 0, 0
+        self.last_good: tuple[int, float] | None = None
+
+    def check(self, step: int, loss: float, grad_norm: float, out: Path) -> bool:
+        """True when the step may update the weights; raises when the run must stop."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_a_row, self.last_good = 0, (step, loss)
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.policy == "stop" or self.in_a_row >= self.limit:
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+            since = f"; the last finite loss was {self.last_good[1]:.4g} at step {self.last_good[0]}" \
+                if self.last_good else ""
+            raise LimnerError(
+                f"training stopped at step {step}: {what} ({self.in_a_row} non-finite step"
+                f"{'s' if self.in_a_row > 1 else ''} in a row, policy {self.policy!r}{since}). The checkpoints in "
+                f"{out / 'checkpoints'} hold only finite weights and resume from the last one. Usual causes: "
+                "train.lr too high, no warm-up, or bad data.")
+        return False
+
+
 class TrainerBase:
     """What every recipe's trainer shares: checkpoints, the step-seeded loader, sample grids.
     A subclass sets acc, cfg, out, step, dataset, config_text and opts (name -> optimizer),
@@ -197,7 +232,11 @@ class TrainerBase:
         return self.seconds_before + (0.0 if self.started is None else time.perf_counter() - self.started)
 
     def resume(self) -> bool:
-        """Continue from the run's latest checkpoint if there is one."""
+        """Continue from the run's latest checkpoint if there is one (first removing the temp
+        folders of writers that were killed mid-write)."""
+        if (self.out / "checkpoints").is_dir():
+            for stale in remove_stale_temps(self.out / "checkpoints"):
+                self.acc.print(f"removed {stale}: the temp folder of a checkpoint write that was killed")
         ckpt = find_checkpoint(self.out / "checkpoints")
         if ckpt is None:
             return False
@@ -274,7 +313,7 @@ class Trainer(TrainerBase):
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.ema.model.to(memory_format=torch.channels_last)
-        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.trained = trained = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = adamw(trained, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.opts = {"model": self.opt}
         self.dataset = cfg.data.dataset.build()
@@ -302,8 +341,9 @@ class Trainer(TrainerBase):
         self.start_clock()
         step_module, opt = self.acc.prepare(TrainStep(self.model), self.opt)
         self.ema.model.to(self.acc.device)
-        log = _Log(self.out, self.acc.is_main_process)
+        log = _Log(self.out, self.acc.is_main_process, self.step)
         progress = _progress(self.acc.is_main_process, self.step, cfg.steps)
+        guard = NonFinite(cfg.nonfinite, cfg.max_nonfinite)
         losses, last = [], {}
         for images, captions in self._loader(cfg.steps):
             captions, sigma, noise = self._randomness(images, captions)
@@ -315,17 +355,23 @@ class Trainer(TrainerBase):
             loss = step_module(images, captions, sigma, noise)
             opt.zero_grad(set_to_none=True)
             self.acc.backward(loss)
-            if cfg.grad_clip > 0:
-                self.acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            opt.step()
-            self.ema.update(self.model, self.step)
+            # the total gradient norm, clipped when asked (an infinite limit only measures it)
+            norm = self.acc.clip_grad_norm_(self.trained, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            if guard.check(self.step, loss.item(), float(norm), self.out):
+                opt.step()
+                self.ema.update(self.model, self.step)
+                losses.append(loss.item())
+            else:
+                opt.zero_grad(set_to_none=True)
+                progress.write(f"step {self.step}: non-finite loss or gradients, step skipped "
+                               f"({guard.in_a_row} in a row; train.max_nonfinite = {cfg.max_nonfinite})")
             self.step += 1
-            losses.append(loss.item())
             progress.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                last = {"step": self.step, "loss": sum(losses) / len(losses), "lr": lr_at(self.step - 1, cfg)}
+                last = {"step": self.step, "loss": sum(losses) / len(losses) if losses else None,
+                        "lr": lr_at(self.step - 1, cfg), "skipped": guard.skipped}
                 log.write(last)
-                progress.set_postfix(loss=f"{last['loss']:.4f}")
+                progress.set_postfix(loss="skipped" if last["loss"] is None else f"{last['loss']:.4f}")
                 losses = []
             self.end_of_step(cfg.sample_every, cfg.checkpoint_every, cfg.steps)
         progress.close()
@@ -355,12 +401,18 @@ def check_ranks_agree(acc, model: nn.Module, out: Path, step: int) -> None:
 class _Log:
     """metrics.jsonl always; TensorBoard scalars when tensorboard is installed."""
 
-    def __init__(self, out: Path, active: bool):
+    def __init__(self, out: Path, active: bool, step: int = 0):
         self.active, self.writer = active, None
         if not active:
             return
         out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (out / "metrics.jsonl").open("a")
+        path = out / "metrics.jsonl"
+        if path.is_file():  # rows past the resumed checkpoint are logged again: drop the old ones
+            kept = [line for line in path.read_text().splitlines() if _row_step(line) <= step]
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, path)
+        self.jsonl = path.open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -368,14 +420,15 @@ class _Log:
         except ImportError:
             pass
 
-    def write(self, row: dict[str, float]) -> None:
+    def write(self, row: dict[str, float | None]) -> None:
         if not self.active:
             return
-        self.jsonl.write(json.dumps(row) + "\n")
+        row = {k: v if v is None or not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
+        self.jsonl.write(json.dumps(row, allow_nan=False) + "\n")  # strict JSON: NaN/inf are null
         self.jsonl.flush()
         if self.writer is not None:
             for key, value in row.items():
-                if key != "step":
+                if key != "step" and value is not None:
                     self.writer.add_scalar(f"train/{key}", value, row["step"])
 
     def close(self) -> None:
@@ -383,6 +436,14 @@ class _Log:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl row (an unreadable row sorts last: dropped on resume)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _progress(active: bool, start: int, total: int):
@@ -420,11 +481,8 @@ def train(config_path: str | Path, overrides: dict[str, Any] | None = None):
     """Load a config, resume if the run has a checkpoint, train; returns the trainer."""
     cfg = load_run_config(config_path)
     for key, value in (overrides or {}).items():  # dotted keys: "out", "train.steps", ...
-        *sections, name = key.split(".")
-        target = cfg
-        for section in sections:
-            target = getattr(target, section)
-        setattr(target, name, value)
+        set_option(cfg, key, value)
+    check_writable(cfg.out)  # before the model is built, not at the first checkpoint
     if isinstance(cfg, TrainConfig):
         trainer = Trainer(cfg)
     else:

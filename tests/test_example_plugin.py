@@ -61,6 +61,6 @@ def test_a_clash_names_both_distributions(installed, fake_dist):
             return [limner.ComponentSpec("rk_midpoint", lambda: None)]
     """)
     with pytest.raises(limner.PluginConflictError) as err:
-        build_registry()
+        build_registry().component("samplers", "rk_midpoint")
     assert "limner-example-plugin 0.1.0" in str(err.value)
     assert "limner-rival 1.0" in str(err.value)

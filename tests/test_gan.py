@@ -208,7 +208,9 @@ def test_gan_resume_is_exact_and_samples_from_the_cli(tmp_path, capsys):
     out = tmp_path / "samples"
     main(["sample", str(tmp_path / "straight"), "-p", "a red circle", "-p", "a blue square", "--num", "2",
           "--truncation", "0.7", "--out", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "002.png", "003.png", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["000-a-red-circle.png", "001-a-red-circle.png",
+                                                     "002-a-blue-square.png", "003-a-blue-square.png", "grid.png",
+                                                     "prompts.json"]
     with pytest.raises(SystemExit):
         main(["sample", str(tmp_path / "straight"), "-p", "a red circle", "--sampler", "euler", "--out", str(out)])
     assert "draws in one step: sampler apply to diffusion checkpoints only" in capsys.readouterr().err
@@ -238,7 +240,7 @@ def test_reconstruction_term_is_logged_and_checked(tmp_path):
     assert all(row["mse"] > 0 for row in rows)
     bad = gan_config(tmp_path, "neg", steps=3)
     bad.write_text(bad.read_text().replace("[train]\n", "[train]\nreconstruction = -1.0\n"))
-    with pytest.raises(limner.LimnerError, match="train.reconstruction must be >= 0 .* got -1.0"):
+    with pytest.raises(limner.LimnerError, match="train.reconstruction: must be >= 0, got -1.0"):
         train(bad)
 
 

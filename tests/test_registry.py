@@ -52,8 +52,9 @@ class PluginB:
 
 
 def test_clash_on_an_alias_names_both_providers():
+    reg = build_registry([PluginA(), PluginB()], entry_points=False)  # the rest stays usable
     with pytest.raises(limner.PluginConflictError) as err:
-        build_registry([PluginA(), PluginB()], entry_points=False)
+        reg.component("losses", "mse")
     msg = str(err.value)
     assert "loss 'mse' is provided by" in msg
     assert "PluginA" in msg and "PluginB" in msg
@@ -132,13 +133,33 @@ def test_disable_plugins_blocks_by_distribution_or_plugin_name(fake_dist, monkey
 
 def test_clash_with_a_builtin_names_both_distributions(fake_dist):
     fake_dist("limner-copycat", THIRD_PARTY.replace('"third"', '"euler"', 1))
+    reg = build_registry()
+    assert reg.component("samplers", "heun").spec.name == "heun"  # the clash spoils one name, not all
     with pytest.raises(limner.PluginConflictError) as err:
-        build_registry()
+        reg.component("samplers", "Euler")
     msg = str(err.value)
     assert "sampler 'euler' is provided by" in msg
     assert "limner 0.1.0 (plugin limner.samplers)" in msg
     assert "limner-copycat 1.0" in msg
     assert "LIMNER_DISABLE_PLUGINS" in msg
+
+
+def test_plugins_command_lists_everything_and_marks_a_clash(fake_dist, capsys):
+    """A clash used to make `limner plugins` exit 1 listing nothing, and `limner sample` blame
+    the first component field of the config (data.dataset.name)."""
+    from limner.cli import main
+    from limner.config import ConfigError, parse_config
+    from limner.train import TrainConfig
+
+    fake_dist("limner-copycat", THIRD_PARTY.replace('"third"', '"euler"', 1))
+    set_registry(None)
+    main(["plugins"])
+    out, err = capsys.readouterr()
+    assert "limner.samplers  (limner 0.1.0)" in out and "euler (clash)" in out and "heun" in out
+    assert "CLASH plugins register the same component name: sampler 'euler' is provided by" in err
+    with pytest.raises(ConfigError, match=r"^sample.sampler.name: plugins register the same component name"):
+        parse_config({"out": "x", "sample": {"sampler": "euler"}}, TrainConfig)
+    parse_config({"out": "x", "sample": {"sampler": "heun"}}, TrainConfig)  # other names are fine
 
 
 def test_every_builtin_lazy_factory_loads_and_none_is_missing():

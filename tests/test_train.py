@@ -142,9 +142,20 @@ def test_image_to_image_and_inpainting(trained):
 
 
 def test_sample_command_writes_images_and_grid(trained, tmp_path, capsys):
-    main(["sample", str(trained), "-p", "a red circle at the top left", "-p", "a green square at the top",
+    """Files say which prompt made them (name, PNG text chunks, prompts.json); the grid is labelled."""
+    main(["sample", str(trained), "-p", "a red circle at the top left", "-p", "A green square, at the top!",
           "--num", "2", "--steps", "3", "--sampler", "dpmpp_2m_sde", "--out", str(tmp_path / "o")])
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["000.png", "001.png", "002.png", "003.png", "grid.png"]
+    out = tmp_path / "o"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "000-a-red-circle-at-the-top-left.png", "001-a-red-circle-at-the-top-left.png",
+        "002-a-green-square-at-the-top.png", "003-a-green-square-at-the-top.png", "grid.png", "prompts.json"]
+    meta = Image.open(out / "002-a-green-square-at-the-top.png").text
+    assert meta["prompt"] == "A green square, at the top!" and json.loads(meta["limner"])["sampler"] == "dpmpp_2m_sde"
+    record = json.loads((out / "prompts.json").read_text())
+    assert record["images"][3] == {"file": "003-a-green-square-at-the-top.png", "prompt": "A green square, at the top!",
+                                   "image_of_prompt": 1}
+    assert Image.open(out / "grid.png").size[0] > 2 * 32 + 100  # a label column beside two tiles
+    assert "Wrote 4 images, grid.png and prompts.json" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["sample", str(trained), "-p", "x", "--sampler", "eulr"])
     assert "unknown sampler 'eulr'" in capsys.readouterr().err
