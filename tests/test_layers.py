@@ -1,0 +1,105 @@
+"""The layer rules, read from the source: arrows point down (kernels <- framework <- plugins),
+the framework never imports a plugin, no plugin module imports another."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"kernels": "limner.kernels", "framework": "limner", "plugins": "limner.plugins"}
+
+
+def imports(path: Path, package: str, top_level_only: bool = False) -> set[str]:
+    """Every module `path` imports - anywhere in it (functions too), or only at its top level -
+    as absolute names (`from x import y` counts x and x.y: y may be a module)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the file's package
+                base = package.split(".")
+                module = ".".join(base[: len(base) - node.level] + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # `from . import x` imports x, not the package around it
+            found |= ({module} if node.module else set()) | {f"{module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def modules(folder: str):
+    for path in sorted((ROOT / folder).glob("*.py")):
+        name = PACKAGES[folder] + ("" if path.stem == "__init__" else f".{path.stem}")
+        # a module's relative imports resolve against its package: __init__ is the package itself
+        yield name, path, imports(path, f"{name}.__init__" if path.stem == "__init__" else name)
+
+
+def limner_imports(found: set[str]) -> set[str]:
+    return {m for m in found if m == "limner" or m.startswith("limner.")}
+
+
+def test_the_scanner_sees_relative_and_function_level_imports(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("from . import x\nfrom .y import z\ndef f():\n    import limner.plugins.samplers\n")
+    assert {"limner.x", "limner.y", "limner.y.z", "limner.plugins.samplers"} <= imports(src, "limner.m")
+
+
+@pytest.mark.parametrize("name,path,found", list(modules("kernels")), ids=lambda v: getattr(v, "name", ""))
+def test_kernels_import_nothing_of_limner_but_kernels(name, path, found):
+    outside = {m for m in limner_imports(found) if not m.startswith("limner.kernels")}
+    assert not outside, f"{path.relative_to(ROOT)} imports {sorted(outside)}: kernels sit below the framework"
+
+
+@pytest.mark.parametrize("name,path,found", list(modules("framework")), ids=lambda v: getattr(v, "name", ""))
+def test_the_framework_never_imports_a_plugin(name, path, found):
+    plugins = {m for m in found if m.startswith("limner.plugins")}
+    assert not plugins, f"{path.relative_to(ROOT)} imports {sorted(plugins)}: reach components through the registry"
+
+
+@pytest.mark.parametrize("name,path,found", list(modules("plugins")), ids=lambda v: getattr(v, "name", ""))
+def test_no_plugin_module_imports_another(name, path, found):
+    others = {m for m in found if m.startswith("limner.plugins.") and not m.startswith(name)}
+    if name == "limner.plugins":  # the catalogue names its modules only as "module:attr" strings
+        others = {m for m in found if m.startswith("limner.plugins")}
+    assert not others, f"{path.relative_to(ROOT)} imports {sorted(others)}: a plugin stands alone"
+
+
+def framework_graph(top_level_only: bool) -> dict[str, set[str]]:
+    """limner module -> the limner modules it imports (framework only)."""
+    names = {name for name, _, _ in modules("framework")}
+    graph = {}
+    for name, path, _ in modules("framework"):
+        found = imports(path, f"{name}.__init__" if path.stem == "__init__" else name, top_level_only)
+        graph[name] = (found & names) - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle through the graph found by depth-first search (each reported once)."""
+    found, seen = [], set()
+
+    def visit(node, stack):
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in stack:
+                cycle = stack[stack.index(nxt):]
+                key = frozenset(cycle)
+                if key not in seen:
+                    seen.add(key)
+                    found.append(cycle + [nxt])
+            elif len(stack) < len(graph):
+                visit(nxt, stack + [nxt])
+    for start in sorted(graph):
+        visit(start, [start])
+    return found
+
+
+def test_module_level_imports_of_the_framework_form_no_cycle():
+    assert cycles(framework_graph(top_level_only=True)) == []
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14: train, gan_train, gan and pipeline still reach each other through "
+                                       "imports inside functions; the recipes refactor removes the circle")
+def test_no_import_of_the_framework_closes_a_cycle_even_inside_functions():
+    assert cycles(framework_graph(top_level_only=False)) == []
