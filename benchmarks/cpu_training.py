@@ -7,7 +7,8 @@ For each run folder: its config's recipe and model, steps, training wall time (t
 `train_seconds` its last checkpoint records: every step, sample grid and checkpoint of
 fit()), steps/s, the first and last logged losses, and the held-out scores `limner train`
 wrote to eval.json (or a `limner eval --out` report named eval.json). Writes JSON and a
-rendered markdown table.
+rendered markdown table. With --curve, also scores every checkpoint each run kept
+(`checkpoints/step_*`) on the same held-out prompts: time-to-score curves.
 """
 from __future__ import annotations
 
@@ -36,9 +37,38 @@ def run_row(run: Path, note: str = "") -> dict:
             "text_encoder": cfg.model.text_encoder.name, "batch": cfg.data.batch_size, "steps": state["step"],
             "train_minutes": round(seconds / 60, 2) if seconds else None,
             "steps_per_s": round(state["step"] / seconds, 2) if seconds else None,
-            f"first_{key}": round(losses[0][key], 4), f"last_{key}": round(losses[-1][key], 4),
+            f"first_{key}": _round(losses[0][key]), f"last_{key}": _round(losses[-1][key]),
             **{k: round(v, 3) for k, v in scores.items() if k in ("colour", "shape", "position", "all")},
             "eval_objects": int(scores.get("objects", 0)), "note": note}
+
+
+def _round(value, digits: int = 4):
+    return None if value is None else round(value, digits)
+
+
+def curve(run: Path, prompts: int | None) -> list[dict]:
+    """Held-out scores of every checkpoint the run kept, with the training time it had taken."""
+    from limner.checkpoint import read_state
+    from limner.train import evaluate_checkpoint
+
+    points = []
+    for ckpt in sorted((run / "checkpoints").glob("step_*")):
+        report = evaluate_checkpoint(ckpt, prompts)
+        seconds = read_state(ckpt).get("train_seconds")
+        points.append({"step": report["step"], "train_minutes": round(seconds / 60, 2) if seconds else None,
+                       **{k: round(v, 3) for k, v in report["scores"].items() if k in ("colour", "shape", "position",
+                                                                                        "all")}})
+        print(f"{run.name} step {report['step']}: {points[-1]}", flush=True)
+    return points
+
+
+def render_curves(curves: dict[str, list[dict]]) -> str:
+    lines = ["", "Time to score: every kept checkpoint on the same held-out prompts.", "",
+             "| run | step | CPU minutes | colour | shape | position | all three |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for run, points in curves.items():
+        lines += [f"| {run} | {p['step']} | {p['train_minutes']} | {p.get('colour')} | {p.get('shape')} | "
+                  f"{p.get('position')} | {p.get('all')} |" for p in points]
+    return "\n".join(lines) + "\n"
 
 
 def render(rows: list[dict], machine: dict) -> str:
@@ -58,15 +88,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu-training"))
     parser.add_argument("--note", action="append", default=[], metavar="RUN=TEXT",
                         help="A remark for the run folder named RUN (repeatable).")
+    parser.add_argument("--curve", action="append", default=[], metavar="RUN",
+                        help="Also score every kept checkpoint of the run folder named RUN (repeatable).")
+    parser.add_argument("--curve-prompts", type=int, default=None, help="Held-out prompts per curve point.")
     args = parser.parse_args()
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "cores": os.cpu_count(), "torch": torch.__version__}
     notes = dict(n.split("=", 1) for n in args.note)
     rows = [run_row(r, notes.get(r.name, "")) for r in args.runs]
+    curves = {r.name: curve(r, args.curve_prompts) for r in args.runs if r.name in args.curve}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "runs": rows}, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(render(rows, machine))
-    print(render(rows, machine))
+    data = {"machine": machine, "runs": rows, **({"curves": curves} if curves else {})}
+    args.out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    text = render(rows, machine) + (render_curves(curves) if curves else "")
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ forces the reference everywhere, LIMNER_KERNELS=triton the kernels (on CPU under
 TRITON_INTERPRET=1). minibatch_std has only its reference.
 """
 from .adaln import adaln_modulate, gated_residual
-from .attention import attention_math, attention_sdpa, attention_triton
+from .flash_attention import attention_math, attention_sdpa, attention_triton
 from .bias_act import bias_act
 from .geglu import geglu
 from .group_norm_silu import group_norm_silu

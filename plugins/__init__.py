@@ -66,11 +66,11 @@ class text_encoders:
                                         ("minilm", "minilm", ("all-minilm-l6-v2",), "")])
 
 
-class attention:
+class attention_backends:
     @hookimpl
     def limner_register_attention_backends():
         """sdpa, math, triton and xformers attention."""
-        return _specs("attention", [(n, n, (), "") for n in ("sdpa", "math", "triton", "xformers")])
+        return _specs("attention_backends", [(n, n, (), "") for n in ("sdpa", "math", "triton", "xformers")])
 
 
 class denoisers:
@@ -116,4 +116,4 @@ class losses:
             ("elbo", "elbo", (), "VAE: negative ELBO with KL warm-up")])
 
 
-PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, attention, denoisers, gans, vae, losses)
+PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, attention_backends, denoisers, gans, vae, losses)
