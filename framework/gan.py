@@ -16,6 +16,7 @@ from .config import ComponentConfig, bounded, component, components
 from .errors import LimnerError
 from .images import to_pil
 from .protocols import TextEmbedding
+from .sampling import item_generators, randn_like
 from .text_cache import EmbeddingCache
 from .train import EvalConfig
 
@@ -130,6 +131,6 @@ class GeneratorPipeline:
         truncation = self.defaults.truncation if truncation is None else truncation
         if not 0 <= truncation <= 1:
             raise LimnerError(f"truncation must be in [0, 1], got {truncation}")
-        gen = torch.Generator(self.device).manual_seed(seed)
-        z = torch.randn((len(prompts), *self.model.generator.z_shape), generator=gen, device=self.device)
+        gen = item_generators(seed, len(prompts), num, self.device)  # same prompt + seed, same image, any batch
+        z = randn_like(torch.empty((len(prompts), *self.model.generator.z_shape), device=self.device), gen)
         return self.model(z, self.model.encode(prompts), truncation=truncation, generator=gen).clamp(-1, 1)

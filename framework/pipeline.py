@@ -17,7 +17,7 @@ from .checkpoint import find_checkpoint, load_module
 from .config import ComponentConfig
 from .errors import LimnerError
 from .images import to_pil
-from .sampling import Guided, make_sigmas, progress_bar, resolve_sampler
+from .sampling import Guided, item_generators, make_sigmas, progress_bar, randn_like, resolve_sampler
 from .t2i import TextToImage
 
 
@@ -62,9 +62,9 @@ class Pipeline:
         steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
         sigmas = make_sigmas(schedule_cfg.name, steps, d.sigma_min, d.sigma_max, device=self.device,
                              **schedule_cfg.options)
-        gen = torch.Generator(self.device).manual_seed(seed)
         size, channels = self.model.cfg.image_size, self.model.cfg.channels
-        x = torch.randn((len(prompts), channels, size, size), generator=gen, device=self.device)
+        gen = item_generators(seed, len(prompts), num, self.device)  # each image its own noise stream
+        x = randn_like(torch.empty((len(prompts), channels, size, size), device=self.device), gen)
         model, init = Guided(self.model, guidance), None
         if init_image is not None or mask is not None:
             if init_image is None:

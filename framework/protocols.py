@@ -1,7 +1,8 @@
 """What a component of each kind must look like once its factory has built it.
 
 These are typing Protocols: a plugin needs no base class, only the call signature.
-Images are NCHW float tensors in [-1, 1]; randomness comes from an explicit generator.
+Images are NCHW float tensors in [-1, 1]; randomness comes from an explicit generator, or a
+list of them, one per batch item (draw through `limner.sampling.randn_like`, which takes both).
 """
 from __future__ import annotations
 

@@ -81,9 +81,22 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return math.sqrt(sigma_next**2 - up**2), up
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn from `generator` (the global RNG if None)."""
+def randn_like(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, drawn from `generator` (the global RNG if None),
+    or row by row from a list of generators, one per batch item: then each item's noise is its
+    own stream, and an image does not change with what else is in the batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise LimnerError(f"{len(generator)} generators for a batch of {x.shape[0]}: give one per item")
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def item_generators(seed: int, items: int, per_prompt: int, device: torch.device | str) -> list[torch.Generator]:
+    """One generator per batch item: image j of every prompt is seeded with seed + j, so a
+    prompt draws the same images alone or in any batch, and `--seed s+j` alone redraws the
+    j-th image of a `--seed s --num n` batch."""
+    return [torch.Generator(device).manual_seed(seed + k % per_prompt) for k in range(items)]
 
 
 def churn(x: torch.Tensor, sigma: float, n_steps: int, generator: torch.Generator | None,

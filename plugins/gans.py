@@ -29,6 +29,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 import limner
 from limner.kernels import bias_act, downsample2d, minibatch_std, setup_filter, upsample2d
 from limner.protocols import TextEmbedding
+from limner.sampling import randn_like
 
 RESAMPLE_TAPS = [1, 3, 3, 1]  # StyleGAN2's binomial low-pass filter
 
@@ -136,7 +137,7 @@ class SynthesisLayer(nn.Module):
             x = upsample2d(x, self.taps)
         x = modulated_conv2d(x, self.weight, self.affine(w))
         n, _, h, wd = x.shape
-        noise = torch.randn((n, 1, h, wd), generator=generator, device=x.device, dtype=x.dtype)
+        noise = randn_like(x[:, :1], generator)  # [n, 1, h, wd]; a list of generators: one stream per item
         return bias_act(x + noise * self.noise_strength, self.bias, act="lrelu", clamp=self.clamp)
 
 
