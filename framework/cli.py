@@ -35,8 +35,10 @@ def plugin_rows(reg: Registry) -> list[dict]:
             provided["commands"] = commands
         if provided:
             prov = reg.providers[plugin]
+            aliases = {kind: {n: reg.aliases_of(kind, n) for n in names if reg.aliases_of(kind, n)}
+                       for kind, names in kinds.items() if kind != "commands"}
             rows.append({"plugin": plugin, "distribution": prov.distribution, "version": prov.version,
-                         "components": provided})
+                         "components": provided, "aliases": {k: v for k, v in aliases.items() if v}})
     return rows
 
 
@@ -50,7 +52,9 @@ def _commands_of(reg: Registry, plugin: str) -> list[str]:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def plugins(as_json: bool) -> None:
+@click.option("--aliases", "-a", "show_aliases", is_flag=True,
+              help="Also show the other names each component answers to (ComfyUI's, diffusers', ...).")
+def plugins(as_json: bool, show_aliases: bool) -> None:
     """List installed plugins and the components each provides."""
     reg = registry()
     rows = plugin_rows(reg)
@@ -63,6 +67,8 @@ def plugins(as_json: bool) -> None:
     for row in rows:
         click.echo(f"{row['plugin']}  ({row['distribution']} {row['version']})")
         for kind, names in row["components"].items():
+            also = row["aliases"].get(kind, {}) if show_aliases else {}
+            names = [f"{n} ({', '.join(also[n])})" if n in also else n for n in names]
             text = textwrap.fill(", ".join(names), width=88, initial_indent=f"  {kind + ':':<20}",
                                  subsequent_indent=" " * 22)
             click.echo(text)

@@ -17,7 +17,8 @@ from .checkpoint import find_checkpoint, load_module
 from .config import ComponentConfig
 from .errors import LimnerError
 from .images import to_pil
-from .sampling import Guided, item_generators, make_sigmas, progress_bar, randn_like, resolve_sampler
+from .sampling import (Guided, item_generators, make_sigmas, progress_bar, randn_like, resolve_sampler,
+                       split_sampler_name)
 from .t2i import TextToImage
 
 
@@ -57,6 +58,12 @@ class Pipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prompts = [p for p in prompts for _ in range(num)]
         d = self.defaults
+        if sampler:
+            sampler, implied = split_sampler_name(sampler)  # "DPM++ 2M Karras" = dpmpp_2m + karras
+            if implied and schedule and schedule != implied:
+                raise LimnerError(f"the sampler name says schedule {implied!r} but --schedule says {schedule!r}: "
+                                  "give one of them")
+            schedule = schedule or implied
         sampler_cfg = ComponentConfig("samplers", sampler) if sampler else d.sampler
         schedule_cfg = ComponentConfig("schedules", schedule) if schedule else d.schedule
         steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance

@@ -27,6 +27,12 @@ DISABLE_ENV = "LIMNER_DISABLE_PLUGINS"
 SINGULAR = {"losses": "loss", "metrics": "metric"}
 
 
+def spelling(name: str) -> str:
+    """How a name is looked up: case, spaces, hyphens and "+" do not matter, so A1111's
+    "DPM++ 2M SDE" finds dpmpp_2m_sde and "all-MiniLM-L6-v2" finds all-minilm-l6-v2."""
+    return re.sub(r"[\s\-]+", "_", str(name).strip().lower().replace("+", "p"))
+
+
 def singular(kind: str) -> str:
     """'samplers' -> 'sampler', 'losses' -> 'loss'."""
     return SINGULAR.get(kind, kind[:-1])
@@ -133,7 +139,7 @@ class Registry:
     def component(self, kind: str, name: str) -> Component:
         """The component registered as `name` (or an alias of it); unknown -> error with choices."""
         kind = check_kind(kind)
-        asked = str(name).strip().lower()
+        asked = spelling(name)
         key = self.aliases[kind].get(asked, asked)
         for clash in ((kind, asked), (kind, key)):
             if clash in self.clashes:
@@ -152,6 +158,11 @@ class Registry:
         if self.failures:
             msg += " Note: " + "; ".join(str(f) for f in self.failures) + "."
         return msg
+
+    def aliases_of(self, kind: str, name: str) -> list[str]:
+        """The other names `name` answers to (as registered, spelling aside)."""
+        comp = self.components[check_kind(kind)].get(name)
+        return list(comp.spec.aliases) if comp else []
 
     def by_provider(self) -> dict[str, dict[str, list[str]]]:
         """{plugin name: {kind: [names]}} for every loaded plugin (empty ones included)."""
@@ -238,11 +249,12 @@ class _Loader:
             caller = getattr(self.pm.hook, hookspecs.register_hook_name(kind))
             for impl in reversed(caller.get_hookimpls()):  # registration order
                 for comp in self._specs(kind, impl):
-                    for key in (comp.spec.name, *comp.spec.aliases):
+                    for key in dict.fromkeys(spelling(k) for k in (comp.spec.name, *comp.spec.aliases)):
                         found[kind, key].append(comp)
                     reg.components[kind].setdefault(comp.spec.name, comp)
-                    for alias in comp.spec.aliases:
-                        reg.aliases[kind].setdefault(alias, comp.spec.name)
+                    for alias in (comp.spec.name, *comp.spec.aliases):
+                        if spelling(alias) != comp.spec.name:
+                            reg.aliases[kind].setdefault(spelling(alias), comp.spec.name)
         # a clash does not stop the rest: `limner plugins` lists it, using the name raises
         reg.clashes = {key: comps for key, comps in sorted(found.items()) if len(comps) > 1}
         return reg

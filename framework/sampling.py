@@ -229,6 +229,28 @@ def make_sigmas(schedule: str | Callable, steps: int, sigma_min: float, sigma_ma
     return fn(steps, sigma_min, sigma_max, device=device)
 
 
+def split_sampler_name(name: str) -> tuple[str, str | None]:
+    """A1111's "DPM++ 2M Karras" is a sampler and a schedule in one name: (sampler, schedule)
+    when `name` is no sampler but a sampler's name followed by a schedule's; else (name, None)."""
+    from .errors import UnknownComponentError
+    from .registry import registry, spelling
+
+    reg = registry()
+    try:
+        reg.component("samplers", name)
+        return name, None
+    except UnknownComponentError:
+        pass
+    spelled = spelling(name)
+    for schedule in reg.names("schedules"):
+        if spelled.endswith(f"_{schedule}"):
+            try:
+                return reg.component("samplers", spelled[: -len(schedule) - 1]).spec.name, schedule
+            except UnknownComponentError:
+                continue
+    return name, None
+
+
 def resolve_sampler(sampler: str | Callable, **options: Any) -> Callable[..., torch.Tensor]:
     """A sampler function from a name (options bound) or a callable passed through."""
     return get_component("samplers", sampler).load()(**options) if isinstance(sampler, str) else sampler

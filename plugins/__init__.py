@@ -19,7 +19,27 @@ def _specs(module: str, entries: list) -> list[ComponentSpec]:
 
 SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
                  "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm", "unipc", "lcm")
-SAMPLER_ALIASES = {"unipc": ("uni_pc",), "euler_ancestral": ("euler_a",)}
+# Other tools' names for the same algorithms. Lookups ignore case, spaces, hyphens and turn "+"
+# into "p", so A1111's display names ("DPM++ 2M SDE", "Euler a") resolve too; a trailing schedule
+# ("DPM++ 2M Karras") is split off by the pipeline. ComfyUI's *_gpu variants differ only in
+# where the Brownian noise is drawn. diffusers' scheduler classes are named as they are spelled.
+SAMPLER_ALIASES = {
+    "euler": ("eulerdiscretescheduler",),
+    "euler_ancestral": ("euler_a", "eulerancestraldiscretescheduler"),
+    "heun": ("heundiscretescheduler",),
+    "dpm_2": ("dpm2", "kdpm2discretescheduler"),
+    "dpm_2_ancestral": ("dpm2_a", "kdpm2ancestraldiscretescheduler"),
+    "lms": ("lmsdiscretescheduler",),
+    "dpmpp_2s_ancestral": ("dpmpp_2s_a",),
+    "dpmpp_sde": ("dpmpp_sde_gpu", "dpmsolversdescheduler"),
+    "dpmpp_2m": ("dpmsolvermultistepscheduler",),
+    "dpmpp_2m_sde": ("dpmpp_2m_sde_gpu",),
+    "dpmpp_3m_sde": ("dpmpp_3m_sde_gpu",),
+    "ddim": ("ddimscheduler",),
+    "ddpm": ("ddpmscheduler",),
+    "unipc": ("uni_pc", "unipcmultistepscheduler"),
+    "lcm": ("lcmscheduler",),
+}
 SCHEDULE_NAMES = ("karras", "exponential", "polyexponential", "linear", "simple", "normal", "sgm_uniform", "beta",
                   "ddpm_linear", "ddpm_cosine")
 

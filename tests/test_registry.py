@@ -1,4 +1,6 @@
 """The registry's paths: discovery, provenance, aliases and every error a user can hit."""
+import json
+
 import pytest
 
 import limner
@@ -205,3 +207,32 @@ def test_a_malformed_factory_string_is_refused_at_registration():
     with pytest.warns(RuntimeWarning, match="neither callable nor a 'package.module:attr' string"):
         reg = build_registry([Plugin], entry_points=False)
     assert "odd" not in reg.names("samplers")
+
+
+@pytest.mark.parametrize("asked,name", [("DPM++ 2M SDE", "dpmpp_2m_sde"), ("Euler a", "euler_ancestral"),
+                                        ("DPM2 a", "dpm_2_ancestral"), ("dpmpp_3m_sde_gpu", "dpmpp_3m_sde"),
+                                        ("uni_pc", "unipc"), ("EulerDiscreteScheduler", "euler"),
+                                        ("DPMSolverMultistepScheduler", "dpmpp_2m"), ("  LMS ", "lms")])
+def test_names_other_tools_use_resolve(asked, name):
+    """ComfyUI's names, A1111's display names (case, spaces and "+" aside) and diffusers'
+    scheduler classes find limner's sampler of the same algorithm."""
+    assert limner.get_component("samplers", asked).name == name
+
+
+def test_a1111_sampler_and_schedule_in_one_name_split():
+    from limner.sampling import split_sampler_name
+
+    assert split_sampler_name("DPM++ 2M Karras") == ("dpmpp_2m", "karras")
+    assert split_sampler_name("Euler a Exponential") == ("euler_ancestral", "exponential")
+    assert split_sampler_name("dpmpp_2m") == ("dpmpp_2m", None)
+    assert split_sampler_name("nonsense karras") == ("nonsense karras", None)  # the lookup then names it unknown
+
+
+def test_plugins_command_shows_aliases_on_request(capsys):
+    from limner.cli import main
+
+    main(["plugins", "--aliases"])
+    assert "euler_ancestral (euler_a, eulerancestraldiscretescheduler)" in capsys.readouterr().out.replace("\n" + " " * 22, " ")
+    main(["plugins", "--json"])
+    rows = {r["plugin"]: r for r in json.loads(capsys.readouterr().out)["plugins"]}
+    assert rows["limner.samplers"]["aliases"]["samplers"]["unipc"] == ["uni_pc", "unipcmultistepscheduler"]

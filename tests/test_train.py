@@ -128,6 +128,16 @@ def load_with(run: Path, settings: dict) -> "limner.pipeline.Pipeline":
     return Pipeline(pipe.model, sample, pipe.device)
 
 
+def test_a1111_names_pick_sampler_and_schedule(trained):
+    pipe = limner.load_pipeline(trained)
+    a = pipe.generate(["a red circle"], sampler="DPM++ 2M Karras", steps=3)
+    b = pipe.generate(["a red circle"], sampler="dpmpp_2m", schedule="karras", steps=3)
+    c = pipe.generate(["a red circle"], sampler="dpmpp_2m", schedule="exponential", steps=3)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(limner.LimnerError, match="the sampler name says schedule 'karras' but --schedule says"):
+        pipe.generate(["a red circle"], sampler="DPM++ 2M Karras", schedule="exponential", steps=3)
+
+
 def test_image_to_image_and_inpainting(trained):
     pipe = limner.load_pipeline(trained)
     init = Image.new("RGB", (32, 32), (200, 30, 30))
