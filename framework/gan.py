@@ -56,6 +56,8 @@ class GenOptimConfig:
     # prompt, beside the adversarial loss (Pathak et al. 2016; pix2pix's L1, Isola et al. 2017):
     # right where a prompt pins its image down; 0 = a pure GAN
     reconstruction: float = bounded(0.0, ge=0)
+    nonfinite: str = "skip"  # as [train] of a diffusion run: "skip" an update with NaN/inf loss or gradients, or "stop"
+    max_nonfinite: int = bounded(10, ge=1)
     log_every: int = bounded(25, ge=1)
     sample_every: int = bounded(1000, ge=1)
     checkpoint_every: int = bounded(1000, ge=1)

@@ -10,6 +10,7 @@ does) instead of through DDP, because R1's double backward does not go through D
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -18,8 +19,8 @@ from .checkpoint import to_toml
 from .errors import LimnerError
 from .gan import GeneratorModel, GeneratorPipeline, GenTrainConfig
 from .protocols import AdversarialLoss, Penalty
-from .train import (EMA, TrainerBase, _Log, _progress, check_image_shape, check_ranks_agree, config_dict,
-                    step_generator)
+from .train import (EMA, NonFinite, TrainerBase, _Log, _progress, check_image_shape, check_ranks_agree,
+                    config_dict, step_generator)
 
 
 class GenTrainer(TrainerBase):
@@ -37,6 +38,7 @@ class GenTrainer(TrainerBase):
         self.ema = EMA(self.model, cfg.train.ema)
         self._losses()
         self.opts = self._optimizers()
+        self.guard = NonFinite(cfg.train.nonfinite, cfg.train.max_nonfinite)
         self.dataset = cfg.data.dataset.build()
         self.config_text = to_toml(config_dict(cfg))
         check_image_shape(self.dataset, cfg.model.channels, cfg.model.image_size)
@@ -101,9 +103,12 @@ class GenTrainer(TrainerBase):
             for p in params:
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= self.acc.num_processes
-        if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
-        opt.step()
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf  # inf: measure only
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
+        if self.guard.check(self.step, float(loss.detach()), float(norm), self.out):
+            opt.step()
+        else:  # a NaN/inf loss or gradient: this update is skipped, the weights stay finite
+            opt.zero_grad(set_to_none=True)
 
     def gan_step(self, real: torch.Tensor, captions: list[str]) -> dict[str, float]:
         gen, n = self._seed_step(), real.shape[0]
@@ -157,7 +162,7 @@ class GenTrainer(TrainerBase):
             if self.step % t.log_every == 0 or self.step == t.steps:
                 last = {"step": self.step, **_means(rows)}
                 log.write(last)
-                progress.set_postfix({k: f"{v:.3f}" for k, v in last.items() if k != "step"})
+                progress.set_postfix({k: f"{v:.3f}" for k, v in last.items() if k != "step" and math.isfinite(v)})
                 rows = []
             self.end_of_step(t.sample_every, t.checkpoint_every, t.steps)
         progress.close()

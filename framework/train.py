@@ -206,7 +206,7 @@ class NonFinite:
             since = f"; the last finite loss was {self.last_good[1]:.4g} at step {self.last_good[0]}" \
                 if self.last_good else ""
             raise LimnerError(
-                f"training stopped at step {step}: {what} ({self.in_a_row} non-finite step"
+                f"training stopped at step {step}: {what} ({self.in_a_row} non-finite update"
                 f"{'s' if self.in_a_row > 1 else ''} in a row, policy {self.policy!r}{since}). The checkpoints in "
                 f"{out / 'checkpoints'} hold only finite weights and resume from the last one. Usual causes: "
                 "train.lr too high, no warm-up, or bad data.")

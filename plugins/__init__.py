@@ -41,7 +41,8 @@ SAMPLER_ALIASES = {
     "lcm": ("lcmscheduler",),
 }
 SCHEDULE_NAMES = ("karras", "exponential", "polyexponential", "linear", "simple", "normal", "sgm_uniform", "beta",
-                  "ddpm_linear", "ddpm_cosine")
+                  "ddpm_linear", "ddpm_cosine", "vp", "laplace", "kl_optimal", "align_your_steps")
+SCHEDULE_ALIASES = {"align_your_steps": ("ays",)}
 
 
 class samplers:
@@ -54,8 +55,8 @@ class samplers:
 class schedules:
     @hookimpl
     def limner_register_schedules():
-        """Karras, exponential, ComfyUI's and DDPM's noise schedules."""
-        return _specs("schedules", [(n, f"FACTORIES.{n}", (), "") for n in SCHEDULE_NAMES])
+        """Karras, exponential, VP, Laplace, KL-optimal, Align Your Steps, ComfyUI's and DDPM's schedules."""
+        return _specs("schedules", [(n, f"FACTORIES.{n}", SCHEDULE_ALIASES.get(n, ()), "") for n in SCHEDULE_NAMES])
 
 
 class datasets:

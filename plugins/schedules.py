@@ -106,6 +106,57 @@ def ddpm_cosine(n, sigma_min, sigma_max, *, device=None):
     return _ddpm("cosine", n, sigma_min, sigma_max, device)
 
 
+def vp(n, sigma_min, sigma_max, *, beta_d=19.9, beta_min=0.1, device=None):
+    """Uniform time steps of the VP SDE (Song et al. 2021), sigma(t)^2 = exp(beta_d t^2 / 2 +
+    beta_min t) - 1, between the times where sigma is sigma_max and sigma_min; k-diffusion's
+    get_sigmas_vp is the case sigma_max = sigma(1), sigma_min = sigma(eps_s)."""
+    def time_of(sigma):
+        return (math.sqrt(beta_min**2 + 2 * beta_d * math.log1p(sigma**2)) - beta_min) / beta_d
+
+    t = torch.linspace(time_of(sigma_max), time_of(sigma_min), n, dtype=F64)
+    return _finish(torch.sqrt(torch.expm1(beta_d * t**2 / 2 + beta_min * t)), device)
+
+
+def laplace(n, sigma_min, sigma_max, *, mu=0.0, beta=0.5, device=None):
+    """log(sigma) at the quantiles 1 - k/(n-1) of a Laplace(mu, beta) distribution, clamped
+    to [sigma_min, sigma_max] (Hang et al. 2024, "Improved Noise Schedule for Diffusion
+    Training"): steps crowd where log sigma is near mu."""
+    p = 1 - torch.linspace(0, 1, n, dtype=F64)
+    log_sigma = mu - beta * torch.sign(p - 0.5) * torch.log(1 - 2 * (p - 0.5).abs() + 1e-5)
+    return _finish(log_sigma.exp().clamp(sigma_min, sigma_max), device)
+
+
+def kl_optimal(n, sigma_min, sigma_max, *, device=None):
+    """Uniform steps in arctan(sigma) (the KL-optimal schedule of Sabour et al. 2024, "Align
+    Your Steps", for data at the origin)."""
+    w = torch.linspace(0, 1, n, dtype=F64)
+    return _finish(torch.tan(w * math.atan(sigma_min) + (1 - w) * math.atan(sigma_max)), device)
+
+
+# Align Your Steps' optimised 10-step schedules (Sabour et al. 2024, NVIDIA's published tables)
+AYS_TABLES = {
+    "sd1": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092, 0.9642583904,
+            0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
+    "sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141, 0.5550693289,
+             0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
+    "svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002),
+}
+
+
+def align_your_steps(n, sigma_min, sigma_max, *, model="sd1", device=None):
+    """Align Your Steps (Sabour et al. 2024): the paper's 10-step schedule for `model` (sd1,
+    sdxl, svd), log-linearly interpolated to n steps, its last level replaced by 0 as the
+    authors do. Its log-sigmas are mapped affinely onto [sigma_min, sigma_max]: at the table's
+    own range (SD: 0.0292-14.61) the schedule is the paper's exactly."""
+    if model not in AYS_TABLES:
+        raise limner.LimnerError(f"align_your_steps: unknown model {model!r}; valid: {', '.join(AYS_TABLES)}")
+    table = np.log(np.array(AYS_TABLES[model])[::-1])  # ascending log sigma
+    log_sigma = np.interp(np.linspace(0, 1, n + 1), np.linspace(0, 1, len(table)), table)[::-1]
+    lo, hi = table[0], table[-1]
+    scaled = math.log(sigma_min) + (log_sigma - lo) * (math.log(sigma_max) - math.log(sigma_min)) / (hi - lo)
+    return _finish(torch.from_numpy(np.exp(scaled[:-1]).copy()), device)
+
+
 SCHEDULES = {
     "karras": karras,
     "exponential": exponential,
@@ -117,6 +168,10 @@ SCHEDULES = {
     "beta": beta,
     "ddpm_linear": ddpm_linear,
     "ddpm_cosine": ddpm_cosine,
+    "vp": vp,
+    "laplace": laplace,
+    "kl_optimal": kl_optimal,
+    "align_your_steps": align_your_steps,
 }
 # name -> factory(**options) -> schedule; limner.plugins registers them under these names
 FACTORIES = {name: schedule_spec(fn, name).factory for name, fn in SCHEDULES.items()}

@@ -39,7 +39,7 @@ def test_a_diverging_run_skips_then_stops_and_keeps_its_last_good_checkpoint(tmp
     `latest` points at one, and metrics.jsonl stays strict JSON."""
     path = write_config(tmp_path, "nan", steps=40)
     path.write_text(path.read_text().replace("lr = 1e-3", "lr = 1e30\nmax_nonfinite = 3"))
-    with pytest.raises(limner.LimnerError, match=r"training stopped at step \d+: .*3 non-finite steps in a row"):
+    with pytest.raises(limner.LimnerError, match=r"training stopped at step \d+: .*3 non-finite updates in a row"):
         train(path)
     ckpt = finite_checkpoint(tmp_path / "nan")
     rows = strict_rows(tmp_path / "nan" / "metrics.jsonl")
@@ -50,12 +50,26 @@ def test_a_diverging_run_skips_then_stops_and_keeps_its_last_good_checkpoint(tmp
 def test_the_stop_policy_stops_at_the_first_bad_step(tmp_path):
     path = write_config(tmp_path, "stop", steps=40)
     path.write_text(path.read_text().replace("lr = 1e-3", "lr = 1e30\nnonfinite = \"stop\""))
-    with pytest.raises(limner.LimnerError, match=r"1 non-finite step in a row, policy 'stop'"):
+    with pytest.raises(limner.LimnerError, match=r"1 non-finite update in a row, policy 'stop'"):
         train(path)
     bad = write_config(tmp_path, "typo", steps=2)
     bad.write_text(bad.read_text().replace("lr = 1e-3", "lr = 1e-3\nnonfinite = \"ignore\""))
     with pytest.raises(limner.LimnerError, match="train.nonfinite must be one of skip, stop, got 'ignore'"):
         train(bad)
+
+
+def test_a_diverging_gan_skips_its_bad_updates_and_stops(tmp_path):
+    from test_gan import gan_config
+
+    path = gan_config(tmp_path, "gan-nan", steps=40, lr=1e30)
+    path.write_text(path.read_text().replace("d_lr = 2e-3", "d_lr = 1e30\nmax_nonfinite = 3"))
+    with pytest.raises(limner.LimnerError, match=r"training stopped at step \d+: .*3 non-finite updates in a row"):
+        train(path)
+    strict_rows(tmp_path / "gan-nan" / "metrics.jsonl")
+    ckpt = find_checkpoint(tmp_path / "gan-nan")
+    if ckpt is not None:  # whatever was written holds finite weights only
+        for f in ckpt.glob("*.safetensors"):
+            assert all(torch.isfinite(t).all() for t in load_file(f).values() if t.is_floating_point()), f
 
 
 def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):

@@ -91,3 +91,45 @@ def test_bad_table_and_option_are_named():
         make("simple", table="lin")
     with pytest.raises(limner.LimnerError, match="schedule 'karras': unknown option 'row', did you mean rho"):
         limner.create("schedules", "karras", row=7)
+
+
+def test_vp_is_uniform_in_vp_time_and_matches_k_diffusion_on_its_range():
+    beta_d, beta_min = 19.9, 0.1
+    sigma_of = lambda t: math.sqrt(math.expm1(beta_d * t**2 / 2 + beta_min * t))  # noqa: E731 - Song et al. 2021
+    sigmas = make("vp", n=11, lo=sigma_of(1e-3), hi=sigma_of(1.0))[:-1].numpy()
+    expected = [sigma_of(t) for t in np.linspace(1.0, 1e-3, 11)]
+    assert np.allclose(sigmas, expected, rtol=1e-9)
+    try:  # k-diffusion, when its sampling module is importable here
+        from k_diffusion.sampling import get_sigmas_vp
+    except Exception:  # noqa: BLE001 - optional anchor (not installed in CI)
+        return
+    assert np.allclose(sigmas, get_sigmas_vp(11).double()[:-1].numpy(), rtol=1e-5)
+
+
+def test_laplace_puts_log_sigma_at_laplace_quantiles():
+    sigmas = make("laplace", n=9, lo=1e-3, hi=1e3, mu=0.5, beta=0.7)[:-1].numpy()
+    p = 1 - np.linspace(0, 1, 9)
+    quantile = 0.5 - 0.7 * np.sign(p - 0.5) * np.log(1 - 2 * np.abs(p - 0.5) + 1e-5)  # Laplace(mu, b)^-1(p)
+    assert np.allclose(np.log(sigmas[1:-1]), quantile[1:-1])
+    assert sigmas[0] == pytest.approx(1e3) and sigmas[-1] == pytest.approx(1e-3)  # the tails, clamped
+    assert sigmas[4] == pytest.approx(math.exp(0.5), rel=1e-4)  # the median at mu
+
+
+def test_kl_optimal_is_uniform_in_arctan_sigma():
+    sigmas = make("kl_optimal")[:-1].numpy()
+    assert np.allclose(np.diff(np.arctan(sigmas)), (math.atan(0.03) - math.atan(14.6)) / 9)
+    assert sigmas[0] == pytest.approx(14.6) and sigmas[-1] == pytest.approx(0.03)
+
+
+def test_align_your_steps_is_the_papers_table_at_its_own_range():
+    from limner.plugins.schedules import AYS_TABLES
+
+    table = AYS_TABLES["sd1"]
+    ten = make("ays", n=10, lo=table[-1], hi=table[0])
+    assert np.allclose(ten[:-1].numpy(), table[:-1]) and ten[-1] == 0  # last level replaced by 0
+    twenty = make("align_your_steps", n=20, lo=table[-1], hi=table[0])[:-1].numpy()
+    assert np.allclose(twenty[::2], table[:-1])  # log-linear interpolation keeps the table's points
+    other = make("align_your_steps", n=10, lo=0.002, hi=80.0, model="sdxl")
+    assert float(other[0]) == pytest.approx(80.0)
+    with pytest.raises(limner.LimnerError, match="unknown model 'sd3'; valid: sd1, sdxl, svd"):
+        make("align_your_steps", model="sd3")
