@@ -46,8 +46,9 @@ def _round(value, digits: int = 4):
     return None if value is None else round(value, digits)
 
 
-def curve(run: Path, prompts: int | None) -> list[dict]:
-    """Held-out scores of every checkpoint the run kept, with the training time it had taken."""
+def curve(run: Path, prompts: int | None, steps_per_s: float | None) -> list[dict]:
+    """Held-out scores of every checkpoint the run kept, with the training time it had taken
+    (a checkpoint older than the train_seconds field: its step / the run's steps/s, marked ~)."""
     from limner.checkpoint import read_state
     from limner.train import evaluate_checkpoint
 
@@ -55,7 +56,9 @@ def curve(run: Path, prompts: int | None) -> list[dict]:
     for ckpt in sorted((run / "checkpoints").glob("step_*")):
         report = evaluate_checkpoint(ckpt, prompts)
         seconds = read_state(ckpt).get("train_seconds")
-        points.append({"step": report["step"], "train_minutes": round(seconds / 60, 2) if seconds else None,
+        minutes = round(seconds / 60, 2) if seconds else (
+            f"~{report['step'] / steps_per_s / 60:.1f}" if steps_per_s else None)
+        points.append({"step": report["step"], "train_minutes": minutes,
                        **{k: round(v, 3) for k, v in report["scores"].items() if k in ("colour", "shape", "position",
                                                                                         "all")}})
         print(f"{run.name} step {report['step']}: {points[-1]}", flush=True)
@@ -96,7 +99,8 @@ def main() -> None:
                "cores": os.cpu_count(), "torch": torch.__version__}
     notes = dict(n.split("=", 1) for n in args.note)
     rows = [run_row(r, notes.get(r.name, "")) for r in args.runs]
-    curves = {r.name: curve(r, args.curve_prompts) for r in args.runs if r.name in args.curve}
+    speed = {row["run"]: row.get("steps_per_s") for row in rows}
+    curves = {r.name: curve(r, args.curve_prompts, speed[r.name]) for r in args.runs if r.name in args.curve}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     data = {"machine": machine, "runs": rows, **({"curves": curves} if curves else {})}
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
