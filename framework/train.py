@@ -313,6 +313,7 @@ class Trainer(TrainerBase):
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.ema.model.to(memory_format=torch.channels_last)
+        self.guard = NonFinite(cfg.train.nonfinite, cfg.train.max_nonfinite)  # checked before any work
         self.trained = trained = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = adamw(trained, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.opts = {"model": self.opt}
@@ -343,7 +344,7 @@ class Trainer(TrainerBase):
         self.ema.model.to(self.acc.device)
         log = _Log(self.out, self.acc.is_main_process, self.step)
         progress = _progress(self.acc.is_main_process, self.step, cfg.steps)
-        guard = NonFinite(cfg.nonfinite, cfg.max_nonfinite)
+        guard = self.guard
         losses, last = [], {}
         for images, captions in self._loader(cfg.steps):
             captions, sigma, noise = self._randomness(images, captions)
