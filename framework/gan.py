@@ -121,7 +121,7 @@ class GeneratorPipeline:
         return to_pil(self.generate(prompts, **options))
 
     @torch.no_grad()
-    def generate(self, prompts: list[str] | str, *, seed: int = 0, num: int = 1, truncation: float | None = None,
+    def generate(self, prompts: list[str] | str, *, seed: int | list[int] = 0, num: int = 1, truncation: float | None = None,
                  progress: bool = False, **diffusion_only) -> torch.Tensor:
         """[N, C, H, W] in [-1, 1]; truncation < 1 trades variety for typical images."""
         given = sorted(k for k, v in diffusion_only.items() if v is not None)

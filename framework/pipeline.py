@@ -47,7 +47,7 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, *, sampler: str | None = None, schedule: str | None = None,
-                 steps: int | None = None, guidance: float | None = None, seed: int = 0, num: int = 1,
+                 steps: int | None = None, guidance: float | None = None, seed: int | list[int] = 0, num: int = 1,
                  init_image: Image.Image | None = None, strength: float = 0.6, mask: Image.Image | None = None,
                  progress: bool = False, truncation: float | None = None) -> torch.Tensor:
         """[N, C, H, W] in [-1, 1] for `prompts` (num each); init_image for image-to-image,

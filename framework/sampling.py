@@ -92,11 +92,16 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Gene
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def item_generators(seed: int, items: int, per_prompt: int, device: torch.device | str) -> list[torch.Generator]:
-    """One generator per batch item: image j of every prompt is seeded with seed + j, so a
-    prompt draws the same images alone or in any batch, and `--seed s+j` alone redraws the
-    j-th image of a `--seed s --num n` batch."""
-    return [torch.Generator(device).manual_seed(seed + k % per_prompt) for k in range(items)]
+def item_generators(seed: int | Sequence[int], items: int, per_prompt: int,
+                    device: torch.device | str) -> list[torch.Generator]:
+    """One generator per batch item: image j of a prompt is seeded with seed + j (or, given one
+    seed per prompt, that prompt's seed + j), so a prompt draws the same images alone or in any
+    batch, and `--seed s+j` alone redraws the j-th image of a `--seed s --num n` batch."""
+    prompts = items // per_prompt
+    seeds = [seed] * prompts if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != prompts:
+        raise LimnerError(f"{len(seeds)} seeds for {prompts} prompts: give one seed, or one per prompt")
+    return [torch.Generator(device).manual_seed(seeds[k // per_prompt] + k % per_prompt) for k in range(items)]
 
 
 def churn(x: torch.Tensor, sigma: float, n_steps: int, generator: torch.Generator | None,

@@ -508,8 +508,8 @@ def train(config_path: str | Path, overrides: dict[str, Any] | None = None):
 
 
 def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, **sampling) -> dict[str, float]:
-    """Draw the first `eval_cfg.prompts` captions of a held-out dataset with `pipeline` (one
-    seed per batch; `sampling` options as Pipeline.generate takes them) and score them with
+    """Draw the first `eval_cfg.prompts` captions of a held-out dataset with `pipeline` (prompt k
+    with seed k; `sampling` options as Pipeline.generate takes them) and score them with
     the metric; `seconds_per_image` is the sampling time."""
     from .registry import create
 
@@ -522,8 +522,9 @@ def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, **sampling) -> dic
                           f"got {eval_cfg.prompts}")
     prompts = [held_out[i][1] for i in range(eval_cfg.prompts)]
     start = time.perf_counter()
-    images = torch.cat([pipeline.generate(prompts[i:i + batch], seed=i, **sampling)
-                        for i in range(0, len(prompts), batch)])
+    # prompt k is drawn with seed k, whatever the batching: its own noise, the same every time
+    images = torch.cat([pipeline.generate(prompts[i:i + batch], seed=list(range(i, i + len(prompts[i:i + batch]))),
+                                          **sampling) for i in range(0, len(prompts), batch)])
     seconds = (time.perf_counter() - start) / len(prompts)
     scores = create("metrics", eval_cfg.metric)(images.cpu(), prompts)
     return {**{k: float(v) for k, v in scores.items()}, "seconds_per_image": seconds}

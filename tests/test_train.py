@@ -195,3 +195,13 @@ def test_same_prompt_same_seed_same_image_whatever_the_batch(trained, sampler):
     shifted = pipe.generate(["a red circle at the top left"], **{**opts, "seed": 6})
     assert (two[0] - alone[0]).abs().max() < 1e-4 and (two[1] - shifted[0]).abs().max() < 1e-4
     assert (two[0] - two[1]).abs().max() > 1e-2  # different seeds, different images
+
+
+def test_one_seed_per_prompt(trained):
+    """evaluate() gives prompt k seed k: each prompt its own noise, the same in any batching."""
+    pipe = limner.load_pipeline(trained)
+    both = pipe.generate(["a red circle", "a blue square"], seed=[3, 9], steps=3)
+    assert (both[1] - pipe.generate(["a blue square"], seed=9, steps=3)[0]).abs().max() < 1e-4
+    assert (both[0] - pipe.generate(["a red circle"], seed=3, steps=3)[0]).abs().max() < 1e-4
+    with pytest.raises(limner.LimnerError, match="1 seeds for 2 prompts"):
+        pipe.generate(["a red circle", "a blue square"], seed=[3], steps=3)
