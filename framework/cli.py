@@ -176,7 +176,7 @@ def sample(checkpoint, prompts, sampler, schedule, steps, guidance, seed, num, o
         save_atomic(image, folder / name, {"prompt": prompt, "index_of_prompt": str(i % num),
                                            "limner": json.dumps(settings)})
         records.append({"file": name, "prompt": prompt, "image_of_prompt": i % num})
-    labels = [f"seed {seed}, image {k + 1}" for k in range(num)] if num > 1 else []
+    labels = [f"seed {seed + k}" for k in range(num)] if num > 1 else []  # image k of a prompt: seed + k
     save_atomic(make_grid(images, ncols=num, row_labels=list(prompts), col_labels=labels), folder / "grid.png")
     write_json_atomic(folder / "prompts.json", {"settings": settings, "images": records})
     count = f"{len(images)} image{'s' if len(images) != 1 else ''}"
