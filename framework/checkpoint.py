@@ -38,6 +38,11 @@ def nonfinite_tensors(files: dict[str, dict[str, torch.Tensor]]) -> list[str]:
             if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
+def _first(items: list[str], sep: str = ", ", n: int = 3) -> str:
+    """The first n items joined, with "..." when there are more."""
+    return sep.join(items[:n]) + (f"{sep}..." if len(items) > n else "")
+
+
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Delete the temp folders of checkpoint writers that died mid-write (kill -9, power
     loss): `.step_N.tmp<pid>` whose pid is no longer running. Returns what was removed."""
@@ -72,8 +77,7 @@ def write_checkpoint(folder: Path, files: dict[str, dict[str, torch.Tensor]], co
     bad = nonfinite_tensors(files)
     if bad:
         raise LimnerError(f"not writing {folder}: {len(bad)} tensors hold NaN or infinite values "
-                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the checkpoints already "
-                          f"written are untouched")
+                          f"({_first(bad)}); the checkpoints already written are untouched")
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -89,11 +93,17 @@ def write_checkpoint(folder: Path, files: dict[str, dict[str, torch.Tensor]], co
     return folder
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temp file beside it and a rename: a reader (or a kill)
+    never sees half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _point_latest(folder: Path) -> None:
-    pointer = folder.parent / LATEST
-    tmp = pointer.with_name(f".{LATEST}.tmp{os.getpid()}")
-    tmp.write_text(folder.name + "\n")
-    os.replace(tmp, pointer)
+    write_text_atomic(folder.parent / LATEST, folder.name + "\n")
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
@@ -126,13 +136,12 @@ def load_module(module: torch.nn.Module, path: Path) -> None:
     if wrong or missing or extra:
         parts = []
         if wrong:
-            shown = "; ".join(f"{k}: file {a}, model {b}" for k, a, b in wrong[:3])
-            parts.append(f"{len(wrong)} tensors have other shapes ({shown}{'; ...' if len(wrong) > 3 else ''})")
+            shown = _first([f"{k}: file {a}, model {b}" for k, a, b in wrong], sep="; ")
+            parts.append(f"{len(wrong)} tensors have other shapes ({shown})")
         if missing:
-            parts.append(f"{len(missing)} the model needs are missing ({', '.join(missing[:3])}"
-                         f"{', ...' if len(missing) > 3 else ''})")
+            parts.append(f"{len(missing)} the model needs are missing ({_first(missing)})")
         if extra:
-            parts.append(f"{len(extra)} are not in the model ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})")
+            parts.append(f"{len(extra)} are not in the model ({_first(extra)})")
         raise LimnerError(f"checkpoint {path} does not fit this model: {'; '.join(parts)}. Likely cause: the "
                           "config beside the weights was edited (a width, depth or component changed) or the "
                           "weights come from another run; use the config the checkpoint was trained with.")

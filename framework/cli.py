@@ -9,6 +9,7 @@ import textwrap
 import click
 
 from . import __version__
+from .config import in_range, range_text
 from .errors import LimnerError
 from .registry import Registry, registry
 
@@ -109,11 +110,9 @@ class Number(click.ParamType):
             self.fail(f"{value!r} is not a number", param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
-        too_low = self.low is not None and (number <= self.low if self.low_open else number < self.low)
-        if too_low or (self.high is not None and number > self.high):
-            low = f"{'>' if self.low_open else '>='} {self.low:g}" if self.low is not None else ""
-            high = f"<= {self.high:g}" if self.high is not None else ""
-            self.fail(f"{value} is not {' and '.join(x for x in (low, high) if x)}", param, ctx)
+        bounds = {"gt" if self.low_open else "ge": self.low, "le": self.high}
+        if not in_range(number, **bounds):
+            self.fail(f"{value} is not {range_text(**bounds)}", param, ctx)
         return number
 
 
@@ -143,6 +142,7 @@ def sample(checkpoint, prompts, sampler, schedule, steps, guidance, seed, num, o
     after its prompt, a labelled grid and prompts.json."""
     from pathlib import Path
 
+    from .checkpoint import write_text_atomic
     from .images import check_writable, make_grid, output_name, save_atomic
     from .pipeline import load_pipeline, open_image
 
@@ -178,20 +178,10 @@ def sample(checkpoint, prompts, sampler, schedule, steps, guidance, seed, num, o
         records.append({"file": name, "prompt": prompt, "image_of_prompt": i % num})
     labels = [f"seed {seed + k}" for k in range(num)] if num > 1 else []  # image k of a prompt: seed + k
     save_atomic(make_grid(images, ncols=num, row_labels=list(prompts), col_labels=labels), folder / "grid.png")
-    write_json_atomic(folder / "prompts.json", {"settings": settings, "images": records})
+    write_text_atomic(folder / "prompts.json", json.dumps({"settings": settings, "images": records}, indent=1,
+                                                          allow_nan=False))
     count = f"{len(images)} image{'s' if len(images) != 1 else ''}"
     click.echo(f"Wrote {count}, grid.png and prompts.json to {folder}")
-
-
-def write_json_atomic(path, data) -> None:
-    """Strict JSON through a temp file and a rename."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
-    os.replace(tmp, path)
 
 
 @cli.command(name="eval")

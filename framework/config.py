@@ -58,15 +58,25 @@ def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, l
     return field(default=default, metadata={"range": (ge, gt, le, lt)})
 
 
+def in_range(value: float, ge: float | None = None, gt: float | None = None, le: float | None = None,
+             lt: float | None = None) -> bool:
+    """Whether value lies within the bounds given (None: unbounded on that side)."""
+    return (ge is None or value >= ge) and (gt is None or value > gt) and (le is None or value <= le) and \
+        (lt is None or value < lt)
+
+
+def range_text(ge: float | None = None, gt: float | None = None, le: float | None = None,
+               lt: float | None = None) -> str:
+    """The bounds in words: ">= 0 and < 1"."""
+    parts = [(">=", ge), (">", gt), ("<=", le), ("<", lt)]
+    return " and ".join(f"{op} {bound:g}" for op, bound in parts if bound is not None)
+
+
 def check_range(value: float, where: str, ge: float | None = None, gt: float | None = None,
                 le: float | None = None, lt: float | None = None) -> None:
     """Raise naming `where`, the value and the allowed range when value is outside it."""
-    ok = (ge is None or value >= ge) and (gt is None or value > gt) and (le is None or value <= le) and \
-        (lt is None or value < lt)
-    if not ok:
-        parts = [f">= {ge}" if ge is not None else "", f"> {gt}" if gt is not None else "",
-                 f"<= {le}" if le is not None else "", f"< {lt}" if lt is not None else ""]
-        raise ConfigError(f"{where}: must be {' and '.join(p for p in parts if p)}, got {value!r}")
+    if not in_range(value, ge, gt, le, lt):
+        raise ConfigError(f"{where}: must be {range_text(ge, gt, le, lt)}, got {value!r}")
 
 
 def components(kind: str, *defaults: str) -> Any:

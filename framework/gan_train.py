@@ -103,12 +103,7 @@ class GenTrainer(TrainerBase):
             for p in params:
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= self.acc.num_processes
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf  # inf: measure only
-        norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
-        if self.guard.check(self.step, float(loss.detach()), float(norm), self.out):
-            opt.step()
-        else:  # a NaN/inf loss or gradient: this update is skipped, the weights stay finite
-            opt.zero_grad(set_to_none=True)
+        self.guarded_step(opt, params, float(loss.detach()), self.cfg.train.grad_clip)
 
     def gan_step(self, real: torch.Tensor, captions: list[str]) -> dict[str, float]:
         gen, n = self._seed_step(), real.shape[0]

@@ -107,10 +107,8 @@ class Pipeline:
         """The init image at the model's size: a non-square image is centre-cropped to a square
         first (never squashed), then resized."""
         size, channels = self.model.cfg.image_size, self.model.cfg.channels
-        image = image.convert("RGB" if channels == 3 else "L")
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+        image = _centre_square(image.convert("RGB" if channels == 3 else "L")).resize((size, size),
+                                                                                  Image.Resampling.BICUBIC)
         arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
         arr = arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
         return arr[None].expand(n, -1, -1, -1).to(self.device)
@@ -118,10 +116,8 @@ class Pipeline:
     def _mask_tensor(self, mask: Image.Image, n: int) -> torch.Tensor:
         """The mask cropped exactly as its init image is, then resized (white = redraw)."""
         size = self.model.cfg.image_size
-        side = min(mask.size)
-        left, top = (mask.width - side) // 2, (mask.height - side) // 2
-        mask = mask.convert("L").crop((left, top, left + side, top + side))
-        arr = np.asarray(mask.resize((size, size), Image.Resampling.NEAREST), dtype=np.float32) / 255
+        mask = _centre_square(mask.convert("L")).resize((size, size), Image.Resampling.NEAREST)
+        arr = np.asarray(mask, dtype=np.float32) / 255
         return torch.from_numpy(arr > 0.5).float()[None, None].expand(n, 1, -1, -1).to(self.device)
 
 
@@ -138,6 +134,13 @@ class KeepKnown:
 
     def blend(self, x0: torch.Tensor) -> torch.Tensor:
         return self.redraw * x0 + (1 - self.redraw) * self.known
+
+
+def _centre_square(image: Image.Image) -> Image.Image:
+    """The largest centred square of `image` (an init image and its mask are cut alike)."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
 
 
 def _inference_compile(freeze: bool):

@@ -20,8 +20,8 @@ import torch
 
 from limner.kernels import guided_update
 
-from .errors import LimnerError
-from .registry import ComponentSpec, check_options, get_component
+from .errors import LimnerError, UnknownComponentError
+from .registry import ComponentSpec, check_options, get_component, registry, spelling
 
 Denoiser = Callable[..., torch.Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -237,9 +237,6 @@ def make_sigmas(schedule: str | Callable, steps: int, sigma_min: float, sigma_ma
 def split_sampler_name(name: str) -> tuple[str, str | None]:
     """A1111's "DPM++ 2M Karras" is a sampler and a schedule in one name: (sampler, schedule)
     when `name` is no sampler but a sampler's name followed by a schedule's; else (name, None)."""
-    from .errors import UnknownComponentError
-    from .registry import registry, spelling
-
     reg = registry()
     try:
         reg.component("samplers", name)

@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (find_checkpoint, load_module, load_tensors, optimizer_tensors, read_state, remove_stale_temps,
-                         restore_optimizer, to_toml, write_checkpoint)
+                         restore_optimizer, to_toml, write_checkpoint, write_text_atomic)
 from .config import ComponentConfig, bounded, component, load_config, set_option
 from .diffusion import training_sigmas
 from .errors import LimnerError
@@ -266,6 +265,18 @@ class TrainerBase:
                  "model_config": config_dict(self.cfg.model), "time": time.time()}
         write_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}", files, self.config_text, state)
 
+    def guarded_step(self, opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: float,
+                     grad_clip: float) -> bool:
+        """Clip the gradients to grad_clip (0: only measure their norm), then step `opt` unless
+        the loss or the norm is not finite (self.guard decides; the gradients are dropped).
+        True when the weights were updated."""
+        norm = self.acc.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf) if params else 0.0
+        if self.guard.check(self.step, loss, float(norm), self.out):
+            opt.step()
+            return True
+        opt.zero_grad(set_to_none=True)
+        return False
+
     def _loader(self, steps: int) -> torch.utils.data.DataLoader:
         """Batches for steps self.step .. steps-1 of this rank."""
         batches = StepBatches(len(self.dataset), self.cfg.data.batch_size, self.cfg.seed, self.acc.process_index,
@@ -356,14 +367,11 @@ class Trainer(TrainerBase):
             loss = step_module(images, captions, sigma, noise)
             opt.zero_grad(set_to_none=True)
             self.acc.backward(loss)
-            # the total gradient norm, clipped when asked (an infinite limit only measures it)
-            norm = self.acc.clip_grad_norm_(self.trained, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if guard.check(self.step, loss.item(), float(norm), self.out):
-                opt.step()
+            value = loss.item()
+            if self.guarded_step(opt, self.trained, value, cfg.grad_clip):
                 self.ema.update(self.model, self.step)
-                losses.append(loss.item())
+                losses.append(value)
             else:
-                opt.zero_grad(set_to_none=True)
                 progress.write(f"step {self.step}: non-finite loss or gradients, step skipped "
                                f"({guard.in_a_row} in a row; train.max_nonfinite = {cfg.max_nonfinite})")
             self.step += 1
@@ -410,9 +418,7 @@ class _Log:
         path = out / "metrics.jsonl"
         if path.is_file():  # rows past the resumed checkpoint are logged again: drop the old ones
             kept = [line for line in path.read_text().splitlines() if _row_step(line) <= step]
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            tmp.write_text("".join(f"{line}\n" for line in kept))
-            os.replace(tmp, path)
+            write_text_atomic(path, "".join(f"{line}\n" for line in kept))
         self.jsonl = path.open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter
