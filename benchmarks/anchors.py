@@ -249,6 +249,8 @@ class Sides:
 
 def k_diffusion_sampling():
     """k_diffusion.sampling, importable without torchvision (see the module docstring)."""
+    if "k_diffusion.sampling" in sys.modules:
+        return sys.modules["k_diffusion.sampling"]
     try:
         importlib.import_module("torchvision.transforms.functional")
     except ImportError:

@@ -122,6 +122,9 @@ class Number(click.ParamType):
 @click.option("--sampler", default=None, help="Sampler name (default: the checkpoint's).")
 @click.option("--schedule", default=None, help="Schedule name (default: the checkpoint's).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps (default: the checkpoint's).")
+@click.option("--sigmas", default=None,
+              help="Diffusion: the noise levels themselves, falling, comma-separated (e.g. 14.6,3.1,0.6,0); "
+                   "replaces --schedule and --steps.")
 @click.option("--guidance", type=Number(low=0), default=None,
               help="Classifier-free guidance scale, >= 0 (default: the checkpoint's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise: same seed, same images.")
@@ -136,8 +139,8 @@ class Number(click.ParamType):
               help="GAN/VAE: pull samples toward their prompt's typical image (1 = off) [default: the checkpoint's].")
 @click.option("--compile", "compile_", is_flag=True,
               help="Diffusion: torch.compile the denoiser first (~30 s once; pays off over many images).")
-def sample(checkpoint, prompts, sampler, schedule, steps, guidance, seed, num, out, init_image, strength, mask,
-           truncation, compile_):
+def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed, num, out, init_image, strength,
+           mask, truncation, compile_):
     """Draw images from a trained checkpoint (diffusion, GAN or VAE): one PNG per image, named
     after its prompt, a labelled grid and prompts.json."""
     from pathlib import Path
@@ -155,6 +158,14 @@ def sample(checkpoint, prompts, sampler, schedule, steps, guidance, seed, num, o
     if any(not p.strip() for p in prompts):
         raise LimnerError("--prompt is empty: give the text of the picture (an empty prompt is what guidance "
                           "steers away from)")
+    if sigmas is not None:
+        from .sampling import explicit_sigmas
+
+        try:
+            sigmas = [float(v) for v in sigmas.split(",")]
+        except ValueError:
+            raise LimnerError(f"--sigmas takes comma-separated numbers (e.g. 14.6,3.1,0.6,0), got {sigmas!r}") from None
+        explicit_sigmas(sigmas)  # checked before the checkpoint loads
     folder = Path(out)
     check_writable(folder)  # before minutes of sampling, not after
     pipe = load_pipeline(checkpoint)
@@ -162,7 +173,7 @@ def sample(checkpoint, prompts, sampler, schedule, steps, guidance, seed, num, o
         if not hasattr(pipe, "compile"):
             raise LimnerError(f"--compile is for diffusion checkpoints; {checkpoint} is a GAN or VAE")
         pipe.compile()
-    given = dict(sampler=sampler, schedule=schedule, steps=steps, guidance=guidance, strength=strength,
+    given = dict(sampler=sampler, schedule=schedule, steps=steps, sigmas=sigmas, guidance=guidance, strength=strength,
                  init_image=open_image(init_image), mask=open_image(mask), truncation=truncation)
     given = {k: v for k, v in given.items() if v is not None}
     images = pipe(list(prompts), seed=seed, num=num, progress=True, **given)

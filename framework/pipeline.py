@@ -17,7 +17,7 @@ from .checkpoint import find_checkpoint, load_module
 from .config import ComponentConfig
 from .errors import LimnerError
 from .images import to_pil
-from .sampling import (Guided, item_generators, make_sigmas, progress_bar, randn_like, resolve_sampler,
+from .sampling import (Guided, explicit_sigmas, item_generators, make_sigmas, progress_bar, randn_like, resolve_sampler,
                        split_sampler_name)
 from .t2i import TextToImage
 
@@ -49,9 +49,11 @@ class Pipeline:
     def generate(self, prompts: list[str] | str, *, sampler: str | None = None, schedule: str | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int | list[int] = 0, num: int = 1,
                  init_image: Image.Image | None = None, strength: float = 0.6, mask: Image.Image | None = None,
-                 progress: bool = False, truncation: float | None = None) -> torch.Tensor:
+                 progress: bool = False, truncation: float | None = None,
+                 sigmas: list[float] | None = None) -> torch.Tensor:
         """[N, C, H, W] in [-1, 1] for `prompts` (num each); init_image for image-to-image,
-        mask (white = redraw) for inpainting; sampler settings default to the checkpoint's."""
+        mask (white = redraw) for inpainting; sampler settings default to the checkpoint's;
+        `sigmas`, a falling list, replaces schedule and steps."""
         if truncation is not None:
             raise LimnerError("truncation applies to GAN and VAE checkpoints; a diffusion model trades "
                               "variety for fidelity with guidance")
@@ -66,9 +68,17 @@ class Pipeline:
             schedule = schedule or implied
         sampler_cfg = ComponentConfig("samplers", sampler) if sampler else d.sampler
         schedule_cfg = ComponentConfig("schedules", schedule) if schedule else d.schedule
-        steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
-        sigmas = make_sigmas(schedule_cfg.name, steps, d.sigma_min, d.sigma_max, device=self.device,
-                             **schedule_cfg.options)
+        guidance = d.guidance if guidance is None else guidance
+        if sigmas is not None:
+            if schedule or steps:
+                raise LimnerError("sigmas are the whole schedule: give them, or a schedule and steps, not both")
+            sigmas = explicit_sigmas(sigmas, self.device)
+            steps = len(sigmas) - 1
+        else:
+            steps = steps or d.steps
+            sigmas = make_sigmas(schedule_cfg.name, steps, d.sigma_min, d.sigma_max, device=self.device,
+                                 **schedule_cfg.options)
+            steps = len(sigmas) - 1  # a table stride (ddim_uniform) may fit one step more
         size, channels = self.model.cfg.image_size, self.model.cfg.channels
         gen = item_generators(seed, len(prompts), num, self.device)  # each image its own noise stream
         x = randn_like(torch.empty((len(prompts), channels, size, size), device=self.device), gen)

@@ -234,6 +234,19 @@ def make_sigmas(schedule: str | Callable, steps: int, sigma_min: float, sigma_ma
     return fn(steps, sigma_min, sigma_max, device=device)
 
 
+def explicit_sigmas(values: Sequence[float], device: torch.device | str | None = None) -> torch.Tensor:
+    """A hand-written schedule (ComfyUI's ManualSigmas / k-diffusion's sigmas argument): at least
+    two finite sigmas, falling, >= 0; as given (end at 0 for a clean image)."""
+    try:
+        sig = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise LimnerError(f"sigmas must be numbers, got {values!r:.80}") from None
+    if len(sig) < 2 or not all(math.isfinite(v) and v >= 0 for v in sig) or any(b >= a for a, b in zip(sig, sig[1:])):
+        raise LimnerError(f"sigmas must be two or more finite numbers >= 0, strictly falling (e.g. 14.6,3.1,0.6,0), "
+                          f"got {','.join(f'{v:g}' for v in sig)}")
+    return torch.tensor(sig, dtype=torch.float64, device=device)
+
+
 def split_sampler_name(name: str) -> tuple[str, str | None]:
     """A1111's "DPM++ 2M Karras" is a sampler and a schedule in one name: (sampler, schedule)
     when `name` is no sampler but a sampler's name followed by a schedule's; else (name, None)."""

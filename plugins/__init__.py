@@ -18,7 +18,8 @@ def _specs(module: str, entries: list) -> list[ComponentSpec]:
 
 
 SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
-                 "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm", "unipc", "lcm")
+                 "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm", "unipc", "lcm", "deis", "ipndm", "res_multistep",
+                 "res_multistep_ancestral", "heunpp2", "dpm_fast", "dpm_adaptive")
 # Other tools' names for the same algorithms. Lookups ignore case, spaces, hyphens and turn "+"
 # into "p", so A1111's display names ("DPM++ 2M SDE", "Euler a") resolve too; a trailing schedule
 # ("DPM++ 2M Karras") is split off by the pipeline. ComfyUI's *_gpu variants differ only in
@@ -29,7 +30,7 @@ SAMPLER_ALIASES = {
     "heun": ("heundiscretescheduler",),
     "dpm_2": ("dpm2", "kdpm2discretescheduler"),
     "dpm_2_ancestral": ("dpm2_a", "kdpm2ancestraldiscretescheduler"),
-    "lms": ("lmsdiscretescheduler",),
+    "lms": ("lmsdiscretescheduler", "ipndm_v"),  # iPNDM-v: Adams-Bashforth with variable-step weights = lms
     "dpmpp_2s_ancestral": ("dpmpp_2s_a",),
     "dpmpp_sde": ("dpmpp_sde_gpu", "dpmsolversdescheduler"),
     "dpmpp_2m": ("dpmsolvermultistepscheduler",),
@@ -41,7 +42,7 @@ SAMPLER_ALIASES = {
     "lcm": ("lcmscheduler",),
 }
 SCHEDULE_NAMES = ("karras", "exponential", "polyexponential", "linear", "simple", "normal", "sgm_uniform", "beta",
-                  "ddpm_linear", "ddpm_cosine", "vp", "laplace", "kl_optimal", "align_your_steps")
+                  "ddpm_linear", "ddpm_cosine", "vp", "laplace", "kl_optimal", "align_your_steps", "ddim_uniform", "linear_quadratic")
 SCHEDULE_ALIASES = {"align_your_steps": ("ays",)}
 
 

@@ -377,6 +377,228 @@ def sample_lcm(model, x, sigmas, *, extra_args=None, callback=None, generator=No
     return x
 
 
+def sample_deis(model, x, sigmas, *, extra_args=None, callback=None, generator=None, max_order=3):
+    """DEIS (Zhang & Chen 2023, "Fast Sampling of Diffusion Models with Exponential Integrator"),
+    its polynomial-extrapolation multistep rule. On the EDM ODE dx/dsigma = eps the exponential
+    integrator's linear part is the identity, so tAB and rhoAB both integrate the Lagrange
+    polynomial through the last `max_order` eps values over sigma: Adams-Bashforth in sigma,
+    i.e. `lms` of that order (ComfyUI's deis defaults to order 3)."""
+    if not 1 <= max_order <= 4:
+        raise limner.LimnerError(f"deis: max_order must be 1..4, got {max_order}")
+    return sample_lms(model, x, sigmas, extra_args=extra_args, callback=callback, order=max_order)
+
+
+# Adams-Bashforth weights for equal steps, orders 1-4 (newest derivative first)
+IPNDM_WEIGHTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def sample_ipndm(model, x, sigmas, *, extra_args=None, callback=None, generator=None, max_order=4):
+    """Improved PNDM (Zhang & Chen 2023, DEIS, sec. 5; after Liu et al. 2022, PNDM): Adams-
+    Bashforth on dx/dsigma with the fixed equal-step weights, lower orders while the history
+    fills. On steps of varying length (karras) the fixed weights make it second order; `lms`
+    (alias ipndm_v) is the variable-step version of the same rule."""
+    if not 1 <= max_order <= 4:
+        raise limner.LimnerError(f"ipndm: max_order must be 1..4, got {max_order}")
+    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    ds: list[torch.Tensor] = []
+    for i in range(len(sig) - 1):
+        denoised = f(x, sig[i])
+        report(callback, i, x, sig[i], sig[i], denoised)
+        ds = [to_d(x, sig[i], denoised), *ds][:max_order]
+        x = x + (sig[i + 1] - sig[i]) * sum(w * d for w, d in zip(IPNDM_WEIGHTS[len(ds) - 1], ds))
+    return x
+
+
+def sample_res_multistep(model, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                         eta=0.0, s_noise=1.0):
+    """The refined exponential solver, multistep (RES; Zhang, Tao & Chen 2023, "Improved order
+    analysis and design of exponential integrator for diffusion models"): the data prediction,
+    linearly interpolated in lambda = -log sigma through its last two values, integrated
+    exactly (phi_2, where DPM-Solver++(2M) approximates it). eta > 0: ancestral steps."""
+    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    old_denoised = None
+    for i in range(len(sig) - 1):
+        denoised = f(x, sig[i])
+        report(callback, i, x, sig[i], sig[i], denoised)
+        down, up = ancestral_step(sig[i], sig[i + 1], eta)
+        if down == 0:  # the last step lands on D
+            x = denoised
+            continue
+        h = math.log(sig[i]) - math.log(down)
+        phi_1 = -math.expm1(-h)  # h * phi_1(h); h^2 * phi_2(h) = h - phi_1
+        x = (down / sig[i]) * x + phi_1 * denoised
+        if old_denoised is not None:  # slope of D per unit lambda between the two evaluations
+            x = x + (h - phi_1) / (math.log(sig[i - 1]) - math.log(sig[i])) * (denoised - old_denoised)
+        if up > 0:
+            x = x + randn_like(x, generator) * s_noise * up
+        old_denoised = denoised
+    return x
+
+
+def sample_res_multistep_ancestral(model, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                                   eta=1.0, s_noise=1.0):
+    """RES multistep (Zhang, Tao & Chen 2023) with ancestral steps: res_multistep at eta=1."""
+    return sample_res_multistep(model, x, sigmas, extra_args=extra_args, callback=callback, generator=generator,
+                                eta=eta, s_noise=s_noise)
+
+
+def sample_heunpp2(model, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                   s_churn=0.0, s_tmin=0.0, s_tmax=INF, s_noise=1.0):
+    """Heun++ ("heunpp2" of ComfyUI, from the sd-webui-samplers-scheduler extension, 2023):
+    Heun's predictor chained one step further, the derivatives at sigma, sigma' and sigma''
+    blended with weights proportional to sigma' / sigma_max and sigma'' / sigma_max. A
+    heuristic: the weights are not a quadrature rule, so it is first order (measured)."""
+    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    end = sig[-1]
+    for i in range(len(sig) - 1):
+        x, sigma_hat = churn(x, sig[i], len(sig) - 1, generator, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = f(x, sigma_hat)
+        report(callback, i, x, sig[i], sigma_hat, denoised)
+        d, dt = to_d(x, sigma_hat, denoised), sig[i + 1] - sigma_hat
+        if sig[i + 1] == end:
+            x = x + d * dt
+            continue
+        x_2 = x + d * dt
+        d_2 = to_d(x_2, sig[i + 1], f(x_2, sig[i + 1]))
+        if sig[i + 2] == end:
+            w_2 = sig[i + 1] / (2 * sig[0])
+            x = x + ((1 - w_2) * d + w_2 * d_2) * dt
+            continue
+        x_3 = x_2 + d_2 * (sig[i + 2] - sig[i + 1])
+        d_3 = to_d(x_3, sig[i + 2], f(x_3, sig[i + 2]))
+        w_2, w_3 = sig[i + 1] / (3 * sig[0]), sig[i + 2] / (3 * sig[0])
+        x = x + ((1 - w_2 - w_3) * d + w_2 * d_2 + w_3 * d_3) * dt
+    return x
+
+
+# --- DPM-Solver (Lu et al. 2022) with noise prediction, for dpm_fast and dpm_adaptive ----------
+# In sigma form (alpha = 1), lambda = -log sigma and h = lambda_t - lambda_s, eps = (x - D) / sigma:
+# order 1 is x_t = x_s - sigma_t expm1(h) eps_s (= Euler); orders 2 and 3 are its Algorithms 1-2
+# with intermediate points at r1 = 1/2 and r1, r2 = 1/3, 2/3 of the step in lambda.
+
+def _dpm_solver_step(eps, x, sigma_s, sigma_t, order, eps_s, r1=None):
+    """One singlestep DPM-Solver step of `order` (1-3) from sigma_s to sigma_t; sigma_s and
+    sigma_t are floats or per-item [B, 1, ...] tensors. Returns (x_t, x_t of order - 1 or None)."""
+    h = _log(sigma_s) - _log(sigma_t)
+    x_1 = x - sigma_t * _expm1(h) * eps_s
+    if order == 1:
+        return x_1, None
+    r1 = (0.5 if order == 2 else 1 / 3) if r1 is None else r1
+    sigma_1 = sigma_s * _exp(-r1 * h)
+    u_1 = x - sigma_1 * _expm1(r1 * h) * eps_s
+    d_1 = eps(u_1, sigma_1) - eps_s
+    x_2 = x_1 - sigma_t / (2 * r1) * _expm1(h) * d_1
+    if order == 2:
+        return x_2, x_1
+    r2 = 2 / 3
+    sigma_2 = sigma_s * _exp(-r2 * h)
+    u_2 = (x - sigma_2 * _expm1(r2 * h) * eps_s
+           - sigma_2 * (r2 / r1) * (_expm1(r2 * h) / (r2 * h) - 1) * d_1)
+    d_2 = eps(u_2, sigma_2) - eps_s
+    return x_1 - sigma_t / r2 * (_expm1(h) / h - 1) * d_2, x_2
+
+
+def _log(v):
+    return v.log() if isinstance(v, torch.Tensor) else math.log(v)
+
+
+def _exp(v):
+    return v.exp() if isinstance(v, torch.Tensor) else math.exp(v)
+
+
+def _expm1(v):
+    return v.expm1() if isinstance(v, torch.Tensor) else math.expm1(v)
+
+
+def _endpoints(sig: list[float], name: str) -> tuple[float, float]:
+    """sigma_max and the smallest positive sigma of a schedule (these solvers pick their own steps)."""
+    positive = [s for s in sig if s > 0]
+    if len(positive) < 2 or positive[0] <= positive[-1]:
+        raise limner.LimnerError(f"{name} needs a falling schedule with two positive sigmas, got {sig}")
+    return positive[0], positive[-1]
+
+
+def sample_dpm_fast(model, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=0.0, s_noise=1.0):
+    """DPM-Solver-fast (Lu et al. 2022, "DPM-Solver", sec. 3.4): as many model calls as the
+    schedule has steps, spent on third-order steps equally spaced in log sigma from the
+    schedule's first sigma to its last positive one (the rest of the schedule is not used),
+    the remainder on one second- or first-order step. eta > 0 adds ancestral noise."""
+    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    sigma_max, sigma_min = _endpoints(sig, "dpm_fast")
+    nfe = len(sig) - 1
+    m = nfe // 3 + 1
+    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    lams = np.linspace(-math.log(sigma_max), -math.log(sigma_min), len(orders) + 1)
+
+    def eps(x_, sigma):
+        return to_d(x_, sigma, f(x_, sigma))
+
+    for i, order in enumerate(orders):
+        sigma, sigma_next = math.exp(-lams[i]), math.exp(-lams[i + 1])
+        down, up = ancestral_step(sigma, sigma_next, eta)
+        denoised = f(x, sigma)
+        report(callback, i, x, sigma, sigma, denoised)
+        x, _ = _dpm_solver_step(eps, x, sigma, down, order, to_d(x, sigma, denoised))
+        if up > 0:
+            x = x + randn_like(x, generator) * s_noise * up
+    return x
+
+
+def sample_dpm_adaptive(model, x, sigmas, *, extra_args=None, callback=None, generator=None, order=3,
+                        rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0,
+                        accept_safety=0.81):
+    """DPM-Solver-12 / -23 with adaptive step size (Lu et al. 2022, "DPM-Solver", sec. 3.4 and
+    app. C): each step computes an order-2 and an order-3 solution from shared model calls; their
+    gap, scaled by max(atol, rtol * |x|) and RMS-averaged, is the error; a PID controller
+    (Soederlind 2003; k-diffusion's coefficients) accepts the step when its proposed growth
+    factor 1 + atan(f - 1) >= accept_safety, and rescales h by it. Every image has its own step
+    sizes, so an image does not depend on what else is in the batch. Integrates from the
+    schedule's first sigma to its last positive one; callback's info carries `nfe` so far."""
+    if order not in (2, 3):
+        raise limner.LimnerError(f"dpm_adaptive: order must be 2 or 3, got {order}")
+    if rtol <= 0 or atol <= 0 or h_init <= 0 or not 0 < accept_safety <= 1:
+        raise limner.LimnerError(f"dpm_adaptive: rtol, atol and h_init must be > 0 and accept_safety in (0, 1], "
+                                 f"got rtol={rtol}, atol={atol}, h_init={h_init}, accept_safety={accept_safety}")
+    sigma_max, sigma_min = _endpoints(as_floats(sigmas), "dpm_adaptive")
+    extra, b, view = extra_args or {}, x.shape[0], (-1,) + (1,) * (x.ndim - 1)
+    nfe = 0
+
+    def eps(x_, sigma):  # sigma: [B, 1, ...]
+        nonlocal nfe
+        nfe += 1
+        return to_d(x_, sigma, model(x_, sigma.reshape(-1), **extra))
+
+    lam_end = -math.log(sigma_min)
+    lam = torch.full((b,), -math.log(sigma_max), dtype=torch.float64)
+    h = torch.full((b,), float(h_init), dtype=torch.float64)
+    exponents = torch.tensor([pcoeff + icoeff + dcoeff, -(pcoeff + 2 * dcoeff), dcoeff], dtype=torch.float64) / order
+    inv_errors = None  # [3, B]: this step's and the last two accepted steps' 1 / error
+    x_prev, step, eps_s = x, 0, None
+    while (active := lam < lam_end - 1e-5).any():
+        lam_next = torch.minimum(lam + h, torch.tensor(lam_end, dtype=torch.float64))
+        lam_next = torch.where(active, lam_next, lam - 1.0)  # finished items: a dummy step, discarded
+        s, t = (torch.exp(-v).to(x.dtype).view(view) for v in (lam, lam_next))
+        eps_s = eps(x, s) if eps_s is None else eps_s  # kept after a step every image rejected
+        x_high, x_low = _dpm_solver_step(eps, x, s, t, order, eps_s)
+        delta = torch.maximum(torch.full_like(x, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+        error = (((x_low - x_high) / delta).flatten(1).pow(2).mean(1).sqrt()).double()
+        inv = 1 / (error + 1e-8)
+        inv_errors = inv.expand(3, b).clone() if inv_errors is None else torch.cat([inv[None], inv_errors[1:]])
+        factor = (inv_errors ** exponents[:, None]).prod(0)
+        factor = 1 + torch.atan(factor - 1)
+        accept = active & (factor >= accept_safety)
+        inv_errors = torch.where(accept, torch.stack([inv_errors[0], inv_errors[0], inv_errors[1]]), inv_errors)
+        h = torch.where(active, h * factor, h)
+        keep = accept.view(view)
+        x_prev, x = torch.where(keep, x_low, x_prev), torch.where(keep, x_high, x)
+        if accept.any() and callback is not None:
+            callback({"x": x, "i": step, "sigma": s.reshape(-1), "sigma_hat": s.reshape(-1),
+                      "denoised": x - s * eps_s, "accepted": accept, "nfe": nfe})
+        lam = torch.where(accept, lam_next, lam)
+        step, eps_s = step + 1, None if accept.any() else eps_s
+    return x
+
+
 SAMPLERS = {
     "euler": sample_euler,
     "euler_ancestral": sample_euler_ancestral,
@@ -393,6 +615,13 @@ SAMPLERS = {
     "ddpm": sample_ddpm,
     "unipc": sample_unipc,
     "lcm": sample_lcm,
+    "deis": sample_deis,
+    "ipndm": sample_ipndm,
+    "res_multistep": sample_res_multistep,
+    "res_multistep_ancestral": sample_res_multistep_ancestral,
+    "heunpp2": sample_heunpp2,
+    "dpm_fast": sample_dpm_fast,
+    "dpm_adaptive": sample_dpm_adaptive,
 }
 # name -> factory(**options) -> sampler; limner.plugins registers them under these names
 FACTORIES = {name: sampler_spec(fn, name).factory for name, fn in SAMPLERS.items()}

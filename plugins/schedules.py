@@ -157,6 +157,33 @@ def align_your_steps(n, sigma_min, sigma_max, *, model="sd1", device=None):
     return _finish(torch.from_numpy(np.exp(scaled[:-1]).copy()), device)
 
 
+def ddim_uniform(n, sigma_min, sigma_max, *, table="loglinear", device=None):
+    """ComfyUI's `ddim_uniform` (DDIM's "uniform" timestep skip, Song et al. 2021): every
+    (len // n)-th entry of the model's sigma table from its second to its end, largest first.
+    NOTE: as in ComfyUI, the stride can fit once more than asked (1000 entries, 6 steps: 7)."""
+    sig = SigmaTable.named(table, sigma_min, sigma_max).sigmas
+    picked = list(range(1, len(sig), max(len(sig) // n, 1)))
+    return _finish(sig[picked[::-1]], device)
+
+
+def linear_quadratic(n, sigma_min, sigma_max, *, threshold_noise=0.025, linear_steps=None, device=None):
+    """Genmo's Mochi schedule (ComfyUI's `linear_quadratic`, 2024): noise fraction 1 - t with t
+    rising linearly to `threshold_noise` over the first `linear_steps` (default n // 2) steps,
+    then along the quadratic that reaches 1 at step n with a continuous slope; times sigma_max.
+    Made for flow models (sigma in [0, 1]); sigma_min is not used."""
+    if n == 1:
+        return torch.tensor([sigma_max, 0.0], dtype=F64, device=device)
+    k = n // 2 if linear_steps is None else int(linear_steps)
+    if not 0 < k < n:
+        raise limner.LimnerError(f"linear_quadratic: linear_steps must be in 1..{n - 1}, got {linear_steps}")
+    quad_steps = n - k
+    diff = k - threshold_noise * n
+    a = diff / (k * quad_steps**2)
+    b = threshold_noise / k - 2 * diff / quad_steps**2
+    t = [i * threshold_noise / k for i in range(k)] + [a * i**2 + b * i + a * k**2 for i in range(k, n)] + [1.0]
+    return torch.tensor([(1 - v) * sigma_max for v in t], dtype=F64, device=device)
+
+
 SCHEDULES = {
     "karras": karras,
     "exponential": exponential,
@@ -172,6 +199,8 @@ SCHEDULES = {
     "laplace": laplace,
     "kl_optimal": kl_optimal,
     "align_your_steps": align_your_steps,
+    "ddim_uniform": ddim_uniform,
+    "linear_quadratic": linear_quadratic,
 }
 # name -> factory(**options) -> schedule; limner.plugins registers them under these names
 FACTORIES = {name: schedule_spec(fn, name).factory for name, fn in SCHEDULES.items()}

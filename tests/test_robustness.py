@@ -137,6 +137,9 @@ BAD_SAMPLE_OPTIONS = [
     (["--truncation", "nan"], "'nan' is not a finite number"),
     (["--sampler", "eulr"], "unknown sampler 'eulr'"),
     (["-p", " "], "--prompt is empty"),
+    (["--sigmas", "3,5,0"], "sigmas must be two or more finite numbers >= 0, strictly falling"),
+    (["--sigmas", "3,x"], "--sigmas takes comma-separated numbers"),
+    (["--sigmas", "3,1,0"], "sigmas are the whole schedule: give them, or a schedule and steps, not both"),
 ]
 
 
@@ -207,3 +210,13 @@ def test_stale_temp_folders_of_killed_writers_go_and_resumes_log_each_step_once(
     train(path)
     assert not stale.exists()
     assert [r["step"] for r in strict_rows(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_explicit_sigmas_are_a_schedule(run):
+    """--sigmas replaces schedule + steps: the karras sigmas written out give the karras image."""
+    pipe = limner.load_pipeline(run)
+    karras = limner.create("schedules", "karras")(4, 0.002, 80.0).tolist()
+    by_name = pipe.generate(["a red circle"], schedule="karras", steps=4, sampler="euler")
+    by_hand = pipe.generate(["a red circle"], sigmas=karras, sampler="euler")
+    assert torch.allclose(by_name, by_hand, atol=1e-6)
+    assert (pipe.generate(["a red circle"], sigmas=karras[:3] + [0.0], sampler="euler") - by_hand).abs().max() > 1e-3

@@ -1,6 +1,7 @@
 """Samplers against exact answers: on Gaussian data N(mu, s^2) the optimal denoiser is
 D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu), and the probability-flow ODE keeps
 (x - mu) / sqrt(s^2 + sigma^2) constant, so every solver's error and order can be measured."""
+import pathlib
 import re
 
 import numpy as np
@@ -56,6 +57,10 @@ DETERMINISTIC = [  # (name, options, known order)
     ("unipc", {}, 3),  # UniPC-2 with its corrector is third order (Zhao et al. 2023, Thm 3.3)
     ("unipc", {"corrector": False}, 2),
     ("unipc", {"variant": "bh1"}, 3),
+    ("deis", {}, 3),  # = lms of order 3 (see test_deis_is_lms_of_order_3)
+    ("ipndm", {}, 2),  # fixed equal-step weights on karras steps: second order, not fourth
+    ("res_multistep", {}, 2),
+    ("heunpp2", {}, 1),  # its sigma-proportional weights are no quadrature rule
 ]
 
 
@@ -102,6 +107,8 @@ STOCHASTIC = [  # (name, options, weak order): first-order methods keep a bias o
     ("dpmpp_2m", {}, 2),
     ("lms", {}, 2),
     ("unipc", {}, 2),
+    ("res_multistep_ancestral", {}, 1),
+    ("dpm_fast", {"eta": 1.0}, 2),
 ]
 N = 40_000
 
@@ -135,7 +142,7 @@ def test_lcm_with_a_plain_denoiser_shrinks_the_variance():
 
 
 STOCHASTIC_NAMES = ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-                    "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm"]
+                    "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm", "res_multistep_ancestral"]
 
 
 @pytest.mark.parametrize("name", STOCHASTIC_NAMES)
@@ -151,6 +158,9 @@ def test_same_seed_same_result_other_seed_other_result(name):
     assert not torch.allclose(run(0), run(1))
 
 
+OWN_STEPS = ("dpm_fast", "dpm_adaptive")  # take only the schedule's end points
+
+
 @pytest.mark.parametrize("name", limner.list_components("samplers")["samplers"])
 def test_callback_sees_every_step_and_docstring_names_a_paper(name):
     sigmas = limner.create("schedules", "exponential")(7, 0.01, 10.0)
@@ -158,8 +168,12 @@ def test_callback_sees_every_step_and_docstring_names_a_paper(name):
     fn = limner.create("samplers", name)
     fn(gaussian_denoiser, torch.zeros(3, 2, dtype=torch.float64) + 10, sigmas,
        callback=lambda info: seen.append((info["i"], info["sigma"], info["denoised"].shape)))
-    assert [i for i, _, _ in seen] == list(range(7))
-    assert [s for _, s, _ in seen] == pytest.approx(sigmas[:-1].tolist())
+    steps = [torch.as_tensor(s).max().item() for _, s, _ in seen]
+    if name in OWN_STEPS:  # their own steps, from the first sigma down towards the last positive one
+        assert steps[0] == pytest.approx(10.0) and steps == sorted(steps, reverse=True) and steps[-1] > 0.01
+    else:
+        assert [i for i, _, _ in seen] == list(range(7))
+        assert steps == pytest.approx(sigmas[:-1].tolist())
     doc = limner.get_component("samplers", name).load().__doc__
     assert re.search(r"(18|19|20)\d\d", doc), f"{name}'s docstring cites no paper"
 
@@ -174,14 +188,14 @@ def test_unknown_sampler_and_bad_option_are_clear():
 
 
 class Counting:
-    """A conditional linear denoiser that counts its calls: D = x * 0.5 + cond."""
+    """A denoiser that counts its calls: by default the conditional linear D = x * 0.5 + cond."""
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, inner=None):
+        self.calls, self.inner = 0, inner
 
     def __call__(self, x, sigma, cond=None):
         self.calls += 1
-        return x * 0.5 + cond
+        return x * 0.5 + cond if self.inner is None else self.inner(x, sigma)
 
 
 def test_guidance_combines_both_branches_in_one_call():
@@ -215,3 +229,66 @@ def test_sample_rejects_bad_steps_and_sigma_range():
         sample(gaussian_denoiser, torch.zeros(1, 2), steps=0)
     with pytest.raises(limner.LimnerError, match="need 0 < sigma_min < sigma_max"):
         sample(gaussian_denoiser, torch.zeros(1, 2), sigma_min=5.0, sigma_max=1.0)
+
+
+def test_deis_is_lms_of_order_3():
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 80
+    sigmas = limner.create("schedules", "karras")(10, 0.002, 80.0)
+    deis = limner.create("samplers", "deis")(gaussian_denoiser, x.clone(), sigmas)
+    lms3 = limner.create("samplers", "lms", order=3)(gaussian_denoiser, x.clone(), sigmas)
+    assert torch.equal(deis, lms3)
+    assert limner.get_component("samplers", "ipndm_v").name == "lms"
+
+
+def test_dpm_fast_is_third_order_in_its_model_calls():
+    # nfe = 3k + 2: k third-order steps and one second-order step, equally spaced in log sigma
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 20
+    nfes, errors = (8, 14, 26, 50), []
+    for n in nfes:
+        model = Counting(gaussian_denoiser)
+        out = limner.create("samplers", "dpm_fast")(model, x.clone(), limner.create("schedules", "karras")(n, 0.05, 20.0))
+        assert model.calls == n
+        errors.append((out - exact_flow(x, 20.0, 0.05)).abs().max().item())
+    assert -np.polyfit(np.log(nfes), np.log(errors), 1)[0] > 3.0, errors
+
+
+def test_dpm_adaptive_spends_calls_on_tolerance_and_keeps_each_image_to_itself():
+    x = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 20
+    sigmas = limner.create("schedules", "karras")(10, 0.05, 20.0)
+    runs = []
+    for rtol in (0.05, 0.002):
+        model = Counting(gaussian_denoiser)
+        out = limner.create("samplers", "dpm_adaptive", rtol=rtol, atol=rtol / 6)(model, x.clone(), sigmas)
+        runs.append((model.calls, (out - exact_flow(x, 20.0, 0.05)).abs().mean().item()))
+    (loose_calls, loose_error), (tight_calls, tight_error) = runs
+    assert tight_calls > loose_calls and tight_error < 0.7 * loose_error, runs  # measured 29 vs 44 calls, 0.026 vs 0.014
+    fn = limner.create("samplers", "dpm_adaptive")
+    batch = fn(gaussian_denoiser, x.clone(), sigmas)
+    alone = torch.cat([fn(gaussian_denoiser, x[i : i + 1].clone(), sigmas) for i in range(3)])
+    assert torch.equal(batch[:3], alone)  # per-image step sizes: the batch does not matter
+    with pytest.raises(limner.LimnerError, match="order must be 2 or 3, got 4"):
+        limner.create("samplers", "dpm_adaptive", order=4)(gaussian_denoiser, x, sigmas)
+
+
+@pytest.mark.parametrize("name, options, tolerance", [
+    ("dpm_fast", {}, 1e-5), ("dpm_adaptive", {"order": 2}, 1e-5), ("dpm_adaptive", {}, 1e-3)])
+def test_equal_to_k_diffusion(name, options, tolerance):
+    """Against k-diffusion's functions where installed (`make bench-setup`). NOTE: k-diffusion
+    keeps log-sigma times in float32: measured 1.8e-6 (dpm_fast), 1.0e-6 (dpm_adaptive order 2)
+    and 1.2e-4 (order 3, whose step-size decisions amplify it) on this problem."""
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
+    anchors = pytest.importorskip("anchors")
+    try:
+        k = anchors.k_diffusion_sampling()
+    except ImportError:
+        pytest.skip("k-diffusion is not installed")
+    x = torch.randn(1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 20
+    sigmas = limner.create("schedules", "karras")(10, 0.05, 20.0)
+    ours = limner.create("samplers", name, **options)(gaussian_denoiser, x.clone(), sigmas)
+    if name == "dpm_fast":
+        theirs = k.sample_dpm_fast(gaussian_denoiser, x.clone(), 0.05, 20.0, 10, disable=True)
+    else:
+        theirs = k.sample_dpm_adaptive(gaussian_denoiser, x.clone(), 0.05, 20.0, disable=True, **options)
+    assert (ours - theirs).abs().max() < tolerance

@@ -19,9 +19,11 @@ def make(name, n=10, lo=0.03, hi=14.6, **opts):
 def test_every_schedule_descends_to_a_final_zero(name):
     sigmas = make(name, n=13)
     assert sigmas.dtype == torch.float64 and sigmas[-1] == 0
-    assert len(sigmas) == 14 or name == "beta"  # beta drops repeated timesteps
+    # beta drops repeated timesteps; ddim_uniform's stride fits once more (ComfyUI's definition)
+    assert len(sigmas) == 14 or name == "beta" or (name == "ddim_uniform" and len(sigmas) == 15)
     assert (sigmas[:-2] > sigmas[1:-1]).all()
-    assert sigmas[-2] >= 0.03 - 1e-9 and sigmas[0] <= 14.6 + 1e-9 or name.startswith("ddpm")
+    assert sigmas[0] <= 14.6 + 1e-9 or name.startswith("ddpm")
+    assert sigmas[-2] >= 0.03 - 1e-9 or name.startswith("ddpm") or name == "linear_quadratic"  # a flow schedule
 
 
 @pytest.mark.parametrize("name", ["karras", "exponential", "polyexponential", "linear", "normal"])
@@ -133,3 +135,21 @@ def test_align_your_steps_is_the_papers_table_at_its_own_range():
     assert float(other[0]) == pytest.approx(80.0)
     with pytest.raises(limner.LimnerError, match="unknown model 'sd3'; valid: sd1, sdxl, svd"):
         make("align_your_steps", model="sd3")
+
+
+def test_ddim_uniform_strides_the_table_from_its_second_entry():
+    table = SigmaTable.named("linear", 0.03, 14.6).sigmas  # 1000 DDPM sigmas, ascending
+    sigmas = limner.create("schedules", "ddim_uniform", table="linear")(6, 0.03, 14.6)
+    assert torch.equal(sigmas[:-1], table[[997, 831, 665, 499, 333, 167, 1]].to(sigmas))  # 7 steps for 6, as ComfyUI
+
+
+def test_linear_quadratic_is_linear_then_a_matching_quadratic_to_one():
+    n, k, threshold = 12, 6, 0.025
+    t = 1 - make("linear_quadratic", n=n, hi=1.0).numpy()  # time = 1 - sigma / sigma_max
+    assert np.allclose(np.diff(t[: k + 1]), threshold / k)  # linear up to the threshold
+    quad = np.polyfit(np.arange(k, n + 1), t[k:], 2)  # then one quadratic through the rest, ending at 1
+    assert np.allclose(np.polyval(quad, np.arange(k, n + 1)), t[k:]) and t[-1] == 1
+    assert np.polyval(np.polyder(quad), k) == pytest.approx(threshold / k)  # with the slope continuous
+    assert make("linear_quadratic", n=1, hi=5.0).tolist() == [5.0, 0.0]
+    with pytest.raises(limner.LimnerError, match="linear_steps must be in 1..11, got 12"):
+        make("linear_quadratic", n=12, linear_steps=12)
