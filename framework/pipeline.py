@@ -17,7 +17,7 @@ from .checkpoint import find_checkpoint, load_module
 from .config import ComponentConfig
 from .errors import LimnerError
 from .images import to_pil
-from .sampling import (Guided, explicit_sigmas, item_generators, make_sigmas, progress_bar, randn_like, resolve_sampler,
+from .sampling import (Guided, explicit_sigmas, guidance_mode, item_generators, make_sigmas, progress_bar, randn_like, resolve_sampler,
                        split_sampler_name)
 from .t2i import TextToImage
 
@@ -82,7 +82,9 @@ class Pipeline:
         size, channels = self.model.cfg.image_size, self.model.cfg.channels
         gen = item_generators(seed, len(prompts), num, self.device)  # each image its own noise stream
         x = randn_like(torch.empty((len(prompts), channels, size, size), device=self.device), gen)
-        model, init = Guided(self.model, guidance), None
+        fn = resolve_sampler(sampler_cfg.name, **sampler_cfg.options)
+        mode = guidance_mode(fn)
+        model, init = Guided(self.model, guidance, mode), None
         if init_image is not None or mask is not None:
             if init_image is None:
                 raise LimnerError("--mask needs --init-image: the picture whose masked part is redrawn")
@@ -101,8 +103,7 @@ class Pipeline:
         if mask is not None:
             model = KeepKnown(model, init, self._mask_tensor(mask, len(prompts)))
         cond = self.model.encode(prompts)
-        uncond = self.model.encode([""] * len(prompts)) if guidance != 1 else None
-        fn = resolve_sampler(sampler_cfg.name, **sampler_cfg.options)
+        uncond = self.model.encode([""] * len(prompts)) if guidance != 1 or mode == "cfg_pp" else None
         callback = None
         if progress:
             callback = progress_bar(len(sigmas) - 1)

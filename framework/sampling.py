@@ -42,6 +42,9 @@ def as_floats(sigmas: torch.Tensor | Sequence[float]) -> list[float]:
 def bind(model: Denoiser, x: torch.Tensor, extra_args: dict | None) -> Callable[[torch.Tensor, float], torch.Tensor]:
     """model as f(x, sigma: float): sigma broadcast to a [B] tensor, extra_args passed on."""
     extra = extra_args or {}
+    if isinstance(model, Guided) and model.mode == "cfg_pp":
+        raise LimnerError("CFG++ changes how a sampler's update reads x, which only samplers built on the "
+                          f"framework's fused update allow: {', '.join(CFG_PP_SAMPLERS)} (as <name>_cfg_pp)")
 
     def denoise(x_: torch.Tensor, sigma: float) -> torch.Tensor:
         return model(x_, x_.new_full((x_.shape[0],), sigma), **extra)
@@ -61,6 +64,8 @@ def bind_update(model: Denoiser, x: torch.Tensor, extra_args: dict | None) -> Ca
         if isinstance(model, Guided):
             with_cond, without = model.branches(x_, s, **extra)
             guidance = model.guidance
+            if model.mode == "cfg_pp":  # CFG++: the x part of the update is x + D_guided - D_uncond
+                x_ = x_ + guidance * (with_cond - without)
         else:
             with_cond, without, guidance = model(x_, s, **extra), None, 1.0
         return guided_update(x_, with_cond, without, guidance, a, b, old, e, noise, c)
@@ -175,6 +180,21 @@ def sampler_spec(fn: Callable, name: str, aliases: tuple[str, ...] = ()) -> Comp
     return options_spec("samplers", fn, name, SAMPLER_ARGS, aliases)
 
 
+def cfg_pp_spec(fn: Callable, name: str) -> ComponentSpec:
+    """<name>_cfg_pp: the sampler `fn` itself, marked so the framework guides it with CFG++."""
+    base = sampler_spec(fn, name).factory
+
+    def factory(**options: Any) -> Callable[..., torch.Tensor]:
+        inner = base(**options)
+        marked = functools.wraps(inner)(lambda *args, **kwargs: inner(*args, **kwargs))
+        marked.guidance_mode = "cfg_pp"  # type: ignore[attr-defined]
+        return marked
+
+    factory.__signature__ = base.__signature__  # type: ignore[attr-defined]
+    factory.__doc__ = f"{fn.__doc__}\n\nGuided with CFG++ (Chung et al. 2024): see limner.sampling.Guided."
+    return ComponentSpec(f"{name}_cfg_pp", factory)
+
+
 def schedule_spec(fn: Callable, name: str, aliases: tuple[str, ...] = ()) -> ComponentSpec:
     """A ComponentSpec for a schedule fn(n, sigma_min, sigma_max, *, device, **options)."""
     return options_spec("schedules", fn, name, ("n", "sigma_min", "sigma_max", "device"), aliases)
@@ -198,13 +218,30 @@ def _cat(a: Any, b: Any) -> Any:
     raise LimnerError(f"cannot batch a conditioning of type {type(a).__name__} for guidance")
 
 
+# Samplers whose every update goes through bind_update, so the framework can apply CFG++ to them
+CFG_PP_SAMPLERS = ("euler", "euler_ancestral", "ddim", "dpmpp_2m", "res_multistep", "res_multistep_ancestral")
+GUIDANCE_MODES = ("cfg", "cfg_pp")
+
+
+def guidance_mode(sampler: Callable) -> str:
+    """'cfg_pp' for a sampler registered as <name>_cfg_pp, else 'cfg'."""
+    return getattr(sampler, "guidance_mode", "cfg")
+
+
 class Guided:
     """Classifier-free guidance (Ho & Salimans 2022) around a denoiser, applied once here
     so no sampler re-implements it: D = D(x|uncond) + g * (D(x|cond) - D(x|uncond)),
-    with the two branches evaluated in one batched call."""
+    with the two branches evaluated in one batched call.
 
-    def __init__(self, model: Denoiser, guidance: float):
-        self.model, self.guidance = model, float(guidance)
+    mode "cfg_pp" is CFG++ (Chung et al. 2024): a step lands on the guided x0 estimate but
+    re-noises along the *unconditional* noise estimate, x' = D_g + s' (x - D_u) / s for DDIM /
+    Euler; in any update x' = a x + b D_g + ... that is x replaced by x + D_g - D_u, which
+    bind_update applies for every sampler built on it (g is CFG++'s lambda, in [0, 1] in the paper)."""
+
+    def __init__(self, model: Denoiser, guidance: float, mode: str = "cfg"):
+        if mode not in GUIDANCE_MODES:
+            raise LimnerError(f"unknown guidance mode {mode!r}. Valid: {', '.join(GUIDANCE_MODES)}.")
+        self.model, self.guidance, self.mode = model, float(guidance), mode
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None, uncond: Any = None,
                  **kwargs: Any) -> torch.Tensor:
@@ -214,7 +251,9 @@ class Guided:
     def branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None, uncond: Any = None,
                  **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(D(x|cond), D(x|uncond)) from one batched call; (D(x|cond), None) without guidance."""
-        if uncond is None or self.guidance == 1.0:
+        if self.mode == "cfg_pp" and uncond is None:
+            raise LimnerError("CFG++ needs the unconditional branch: pass uncond (the empty prompt's embedding)")
+        if uncond is None or (self.guidance == 1.0 and self.mode == "cfg"):
             return self.model(x, sigma, cond=cond, **kwargs), None
         both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=_cat(cond, uncond), **kwargs)
         with_cond, without = both.chunk(2)
@@ -296,7 +335,7 @@ def sample(model: Denoiser, noise: torch.Tensor, *, sampler: str | Callable = "e
     """Draw x0 from unit `noise` with a named sampler and schedule, guidance applied once."""
     sigmas = make_sigmas(schedule, steps, sigma_min, sigma_max, device=noise.device, **(schedule_options or {}))
     fn = resolve_sampler(sampler, **(sampler_options or {}))
-    guided = Guided(model, guidance)
+    guided = Guided(model, guidance, guidance_mode(fn))
     if progress:
         callback = progress_bar(len(sigmas) - 1, callback)
     extra = {"cond": cond, "uncond": uncond}

@@ -15,7 +15,8 @@ import torch
 
 import limner
 from limner.sampling import (
-    BrownianNoise, ancestral_step, as_floats, bind, bind_update, churn, randn_like, report, sampler_spec, to_d,
+    CFG_PP_SAMPLERS, BrownianNoise, ancestral_step, as_floats, bind, bind_update, cfg_pp_spec, churn, randn_like,
+    report, sampler_spec, to_d,
 )
 
 INF = float("inf")
@@ -36,15 +37,16 @@ def sample_euler(model, x, sigmas, *, extra_args=None, callback=None, generator=
 
 def sample_euler_ancestral(model, x, sigmas, *, extra_args=None, callback=None, generator=None,
                            eta=1.0, s_noise=1.0):
-    """Ancestral sampling with Euler steps (Song et al. 2021; k-diffusion's euler_ancestral)."""
-    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    """Ancestral sampling with Euler steps (Song et al. 2021; k-diffusion's euler_ancestral):
+    an Euler step to sigma_down, then fresh noise of sigma_up (the same update as ddim's)."""
+    sig, step = as_floats(sigmas), bind_update(model, x, extra_args)
     for i in range(len(sig) - 1):
-        denoised = f(x, sig[i])
-        report(callback, i, x, sig[i], sig[i], denoised)
         down, up = ancestral_step(sig[i], sig[i + 1], eta)
-        x = x + to_d(x, sig[i], denoised) * (down - sig[i])
-        if up > 0:
-            x = x + randn_like(x, generator) * s_noise * up
+        noise = randn_like(x, generator) if up > 0 else None
+        # x + (x - D) / s * (down - s) + up z = (down/s) x + (1 - down/s) D + up z
+        x_next, denoised = step(x, sig[i], down / sig[i], 1 - down / sig[i], noise=noise, c=up * s_noise)
+        report(callback, i, x, sig[i], sig[i], denoised)
+        x = x_next
     return x
 
 
@@ -415,23 +417,20 @@ def sample_res_multistep(model, x, sigmas, *, extra_args=None, callback=None, ge
     analysis and design of exponential integrator for diffusion models"): the data prediction,
     linearly interpolated in lambda = -log sigma through its last two values, integrated
     exactly (phi_2, where DPM-Solver++(2M) approximates it). eta > 0: ancestral steps."""
-    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    sig, step = as_floats(sigmas), bind_update(model, x, extra_args)
     old_denoised = None
     for i in range(len(sig) - 1):
-        denoised = f(x, sig[i])
-        report(callback, i, x, sig[i], sig[i], denoised)
         down, up = ancestral_step(sig[i], sig[i + 1], eta)
         if down == 0:  # the last step lands on D
-            x = denoised
-            continue
-        h = math.log(sig[i]) - math.log(down)
-        phi_1 = -math.expm1(-h)  # h * phi_1(h); h^2 * phi_2(h) = h - phi_1
-        x = (down / sig[i]) * x + phi_1 * denoised
-        if old_denoised is not None:  # slope of D per unit lambda between the two evaluations
-            x = x + (h - phi_1) / (math.log(sig[i - 1]) - math.log(sig[i])) * (denoised - old_denoised)
-        if up > 0:
-            x = x + randn_like(x, generator) * s_noise * up
-        old_denoised = denoised
+            x_next, denoised = step(x, sig[i], 0.0, 1.0)
+        else:  # x' = (down/s) x + phi_1 D + k (D - D_old) + up z, k = h^2 phi_2 / (lambda_i - lambda_{i-1})
+            h = math.log(sig[i]) - math.log(down)
+            phi_1 = -math.expm1(-h)  # h * phi_1(h); h^2 * phi_2(h) = h - phi_1
+            k = (h - phi_1) / (math.log(sig[i - 1]) - math.log(sig[i])) if old_denoised is not None else 0.0
+            noise = randn_like(x, generator) if up > 0 else None
+            x_next, denoised = step(x, sig[i], down / sig[i], phi_1 + k, old_denoised, -k, noise, up * s_noise)
+        report(callback, i, x, sig[i], sig[i], denoised)
+        x, old_denoised = x_next, denoised
     return x
 
 
@@ -623,5 +622,7 @@ SAMPLERS = {
     "dpm_fast": sample_dpm_fast,
     "dpm_adaptive": sample_dpm_adaptive,
 }
-# name -> factory(**options) -> sampler; limner.plugins registers them under these names
+# name -> factory(**options) -> sampler; limner.plugins registers them under these names.
+# <name>_cfg_pp: the same function, guided with CFG++ by the framework (limner.sampling.Guided)
 FACTORIES = {name: sampler_spec(fn, name).factory for name, fn in SAMPLERS.items()}
+FACTORIES.update({f"{name}_cfg_pp": cfg_pp_spec(SAMPLERS[name], name).factory for name in CFG_PP_SAMPLERS})

@@ -292,3 +292,33 @@ def test_equal_to_k_diffusion(name, options, tolerance):
     else:
         theirs = k.sample_dpm_adaptive(gaussian_denoiser, x.clone(), 0.05, 20.0, disable=True, **options)
     assert (ours - theirs).abs().max() < tolerance
+
+
+def test_cfg_pp_lands_on_the_guided_estimate_and_renoises_along_the_unconditional_one():
+    """euler_cfg_pp: x' = D_g + s' (x - D_u) / s (Chung et al. 2024), for a conditional linear D."""
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10
+    cond, uncond = torch.full((3, 2), 2.0, dtype=torch.float64), torch.full((3, 2), -1.0, dtype=torch.float64)
+    sigmas, lam = torch.tensor([10.0, 4.0], dtype=torch.float64), 0.6
+    model = Counting()
+    out = limner.create("samplers", "euler_cfg_pp")(Guided(model, lam, "cfg_pp"), x.clone(), sigmas,
+                                                   extra_args={"cond": cond, "uncond": uncond})
+    d_c, d_u = 0.5 * x + cond, 0.5 * x + uncond
+    d_g = d_u + lam * (d_c - d_u)
+    assert torch.allclose(out, d_g + 4.0 * (x - d_u) / 10.0)
+    assert model.calls == 1
+    # through sample(): the name alone switches the mode, and guidance 1 still runs both branches
+    noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    plain = sample(Counting(), noise, sampler="dpmpp_2m", steps=4, guidance=1.0, cond=cond, uncond=uncond)
+    pp = sample(Counting(), noise, sampler="dpmpp_2m_cfg_pp", steps=4, guidance=1.0, cond=cond, uncond=uncond)
+    assert not torch.allclose(plain, pp)
+
+
+def test_cfg_pp_refuses_samplers_outside_the_fused_update():
+    model = Guided(Counting(), 0.5, "cfg_pp")
+    with pytest.raises(limner.LimnerError, match="CFG\\+\\+ changes how a sampler's update reads x.*euler, "):
+        limner.create("samplers", "heun")(model, torch.ones(1, 2), [1.0, 0.0],
+                                          extra_args={"cond": torch.ones(1, 2), "uncond": torch.zeros(1, 2)})
+    with pytest.raises(limner.LimnerError, match="CFG\\+\\+ needs the unconditional branch"):
+        limner.create("samplers", "euler_cfg_pp")(model, torch.ones(1, 2), [1.0, 0.0], extra_args={"cond": torch.ones(1, 2)})
+    with pytest.raises(limner.LimnerError, match="unknown guidance mode 'pp'. Valid: cfg, cfg_pp"):
+        Guided(Counting(), 1.0, "pp")
