@@ -219,7 +219,8 @@ def _cat(a: Any, b: Any) -> Any:
 
 
 # Samplers whose every update goes through bind_update, so the framework can apply CFG++ to them
-CFG_PP_SAMPLERS = ("euler", "euler_ancestral", "ddim", "dpmpp_2m", "res_multistep", "res_multistep_ancestral")
+CFG_PP_SAMPLERS = ("euler", "euler_ancestral", "ddim", "dpmpp_2m", "res_multistep", "res_multistep_ancestral",
+                   "gradient_estimation")
 GUIDANCE_MODES = ("cfg", "cfg_pp")
 
 

@@ -20,9 +20,10 @@ def _specs(module: str, entries: list) -> list[ComponentSpec]:
 SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
                  "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm", "unipc", "lcm", "deis",
                  "ipndm", "res_multistep", "res_multistep_ancestral", "heunpp2", "dpm_fast", "dpm_adaptive",
+                 "dpmpp_2m_sde_heun", "uni_pc", "gradient_estimation", "er_sde", "seeds_2",
                  # the same samplers guided with CFG++ (limner.sampling.CFG_PP_SAMPLERS)
                  "euler_cfg_pp", "euler_ancestral_cfg_pp", "ddim_cfg_pp", "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp",
-                 "res_multistep_ancestral_cfg_pp")
+                 "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp")
 # Other tools' names for the same algorithms. Lookups ignore case, spaces, hyphens and turn "+"
 # into "p", so A1111's display names ("DPM++ 2M SDE", "Euler a") resolve too; a trailing schedule
 # ("DPM++ 2M Karras") is split off by the pipeline. ComfyUI's *_gpu variants differ only in
@@ -38,10 +39,11 @@ SAMPLER_ALIASES = {
     "dpmpp_sde": ("dpmpp_sde_gpu", "dpmsolversdescheduler"),
     "dpmpp_2m": ("dpmsolvermultistepscheduler",),
     "dpmpp_2m_sde": ("dpmpp_2m_sde_gpu",),
+    "dpmpp_2m_sde_heun": ("dpmpp_2m_sde_heun_gpu",),
     "dpmpp_3m_sde": ("dpmpp_3m_sde_gpu",),
     "ddim": ("ddimscheduler",),
     "ddpm": ("ddpmscheduler",),
-    "unipc": ("uni_pc", "unipcmultistepscheduler"),
+    "unipc": ("uni_pc_bh2", "unipcmultistepscheduler"),  # ComfyUI's uni_pc is bh1: the uni_pc sampler
     "lcm": ("lcmscheduler",),
 }
 SCHEDULE_NAMES = ("karras", "exponential", "polyexponential", "linear", "simple", "normal", "sgm_uniform", "beta",

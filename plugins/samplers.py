@@ -470,6 +470,113 @@ def sample_heunpp2(model, x, sigmas, *, extra_args=None, callback=None, generato
     return x
 
 
+def sample_dpmpp_2m_sde_heun(model, x, sigmas, *, extra_args=None, callback=None, generator=None,
+                             eta=1.0, s_noise=1.0):
+    """DPM-Solver++(2M) SDE with the heun solver type (Lu et al. 2022; ComfyUI's dpmpp_2m_sde_heun)."""
+    return sample_dpmpp_2m_sde(model, x, sigmas, extra_args=extra_args, callback=callback, generator=generator,
+                               eta=eta, s_noise=s_noise, solver_type="heun")
+
+
+def sample_uni_pc(model, x, sigmas, *, extra_args=None, callback=None, generator=None, order=2):
+    """UniPC with B(h) = h, variant bh1 (Zhao et al. 2023), as ComfyUI's `uni_pc` ('uni_pc_bh2'
+    and diffusers' UniPCMultistepScheduler default to bh2: `unipc`)."""
+    return sample_unipc(model, x, sigmas, extra_args=extra_args, callback=callback, order=order, variant="bh1")
+
+
+def sample_gradient_estimation(model, x, sigmas, *, extra_args=None, callback=None, generator=None, ge_gamma=2.0):
+    """Gradient estimation (Permenter & Yuan 2024, "Interpreting and Improving Diffusion Models
+    from an Optimization Perspective"): Euler steps along ge_gamma * d + (1 - ge_gamma) * d_prev,
+    the denoising direction extrapolated from the last two."""
+    sig, step = as_floats(sigmas), bind_update(model, x, extra_args)
+    old_d = None
+    for i in range(len(sig) - 1):
+        dt = sig[i + 1] - sig[i]
+        if old_d is None:  # x + dt (x - D) / s
+            x_next, denoised = step(x, sig[i], 1 + dt / sig[i], -dt / sig[i])
+        else:  # x + dt (g (x - D) / s + (1 - g) d_prev)
+            g = ge_gamma
+            x_next, denoised = step(x, sig[i], 1 + g * dt / sig[i], -g * dt / sig[i], old_d, (1 - g) * dt)
+        report(callback, i, x, sig[i], sig[i], denoised)
+        x, old_d = x_next, to_d(x, sig[i], denoised)
+    return x
+
+
+def _er_sde_scaler(sigma):
+    """ComfyUI's default noise scale function of the ER SDE: phi(sigma) = sigma (exp(sigma^0.3) + 10)."""
+    return sigma * (math.exp(sigma**0.3) + 10.0)
+
+
+def sample_er_sde(model, x, sigmas, *, extra_args=None, callback=None, generator=None, s_noise=1.0, max_stage=3):
+    """ER-SDE-Solver-3 (Cui et al. 2023, "Elucidating the Solution Space of Extended Reverse-Time
+    SDE for Diffusion Models"), VE form with ComfyUI's noise scale phi: x' = r x + (1 - r) D +
+    (ds + phi' I_1) D' + (ds^2 / 2 + phi' I_2) D'' + sqrt(s'^2 - s^2 r^2) z, r = phi(s') / phi(s),
+    I_k = int_{s'}^{s} (t - s)^(k-1) / phi(t) dt (Gauss-Legendre, exact for these smooth phi),
+    D' and D'' divided differences of the last three denoised estimates."""
+    if max_stage not in (1, 2, 3):
+        raise limner.LimnerError(f"er_sde: max_stage must be 1, 2 or 3, got {max_stage}")
+    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    nodes, weights = _gauss_legendre(8)
+    history: list[torch.Tensor] = []  # denoised estimates, newest first
+    old_slope = None
+    for i in range(len(sig) - 1):
+        denoised = f(x, sig[i])
+        report(callback, i, x, sig[i], sig[i], denoised)
+        history = [denoised, *history][:3]
+        if sig[i + 1] == 0:
+            x = denoised
+            continue
+        s, s_next = sig[i], sig[i + 1]
+        r = _er_sde_scaler(s_next) / _er_sde_scaler(s)
+        x = r * x + (1 - r) * denoised
+        stage, ds = min(max_stage, len(history)), s_next - s
+        ts = [(s + s_next) / 2 + (s - s_next) / 2 * u for u in nodes]
+
+        def integral(k):
+            return (s - s_next) / 2 * sum(w * (t - s) ** k / _er_sde_scaler(t) for t, w in zip(ts, weights))
+
+        slope = (history[0] - history[1]) / (s - sig[i - 1]) if stage >= 2 else None
+        if stage >= 2:
+            x = x + (ds + _er_sde_scaler(s_next) * integral(0)) * slope
+        if stage >= 3 and old_slope is not None:
+            curvature = (slope - old_slope) / ((s - sig[i - 2]) / 2)  # D'' (the 1/2 is in the coefficient)
+            x = x + (ds**2 / 2 + _er_sde_scaler(s_next) * integral(1)) * curvature
+        old_slope = slope
+        if s_noise > 0:
+            x = x + randn_like(x, generator) * s_noise * math.sqrt(max(s_next**2 - s**2 * r**2, 0.0))
+    return x
+
+
+def sample_seeds_2(model, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0, s_noise=1.0, r=0.5):
+    """SEEDS-2 (Gonzalez et al. 2023, "SEEDS: Exponential SDE Solvers for Fast High-Quality
+    Sampling from Diffusion Models"), data prediction: a stochastic exponential step to the
+    point r of the way in log sigma, then the full step with D extrapolated through both
+    estimates; the noise of the two sub-intervals is reused so the whole step's noise is one
+    consistent draw of the linear SDE's exact solution."""
+    if not 0 < r < 1:
+        raise limner.LimnerError(f"seeds_2: r must be in (0, 1), got {r}")
+    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    for i in range(len(sig) - 1):
+        denoised = f(x, sig[i])
+        report(callback, i, x, sig[i], sig[i], denoised)
+        if sig[i + 1] == 0:
+            x = denoised
+            continue
+        h = math.log(sig[i]) - math.log(sig[i + 1])
+        sigma_mid = sig[i] * math.exp(-r * h)
+        z_1 = randn_like(x, generator) if eta > 0 else None
+        x_2 = (sigma_mid / sig[i]) * math.exp(-eta * r * h) * x - math.expm1(-(1 + eta) * r * h) * denoised
+        if z_1 is not None:
+            x_2 = x_2 + sigma_mid * math.sqrt(-math.expm1(-2 * eta * r * h)) * s_noise * z_1
+        denoised_2 = f(x_2, sigma_mid)
+        mixed = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * denoised_2
+        x = (sig[i + 1] / sig[i]) * math.exp(-eta * h) * x - math.expm1(-(1 + eta) * h) * mixed
+        if z_1 is not None:  # [s, s_mid]'s noise carried to s', plus fresh noise of [s_mid, s']
+            carried = math.sqrt(max(math.exp(-2 * eta * (1 - r) * h) - math.exp(-2 * eta * h), 0.0))
+            fresh = math.sqrt(-math.expm1(-2 * eta * (1 - r) * h))
+            x = x + sig[i + 1] * s_noise * (carried * z_1 + fresh * randn_like(x, generator))
+    return x
+
+
 # --- DPM-Solver (Lu et al. 2022) with noise prediction, for dpm_fast and dpm_adaptive ----------
 # In sigma form (alpha = 1), lambda = -log sigma and h = lambda_t - lambda_s, eps = (x - D) / sigma:
 # order 1 is x_t = x_s - sigma_t expm1(h) eps_s (= Euler); orders 2 and 3 are its Algorithms 1-2
@@ -621,6 +728,11 @@ SAMPLERS = {
     "heunpp2": sample_heunpp2,
     "dpm_fast": sample_dpm_fast,
     "dpm_adaptive": sample_dpm_adaptive,
+    "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
+    "uni_pc": sample_uni_pc,
+    "gradient_estimation": sample_gradient_estimation,
+    "er_sde": sample_er_sde,
+    "seeds_2": sample_seeds_2,
 }
 # name -> factory(**options) -> sampler; limner.plugins registers them under these names.
 # <name>_cfg_pp: the same function, guided with CFG++ by the framework (limner.sampling.Guided)

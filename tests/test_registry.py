@@ -26,7 +26,7 @@ def test_unknown_name_lists_valid_names_and_closest():
     msg = str(err.value)
     assert "unknown sampler 'dpmpp2m'" in msg
     assert "Did you mean: dpmpp_2m" in msg
-    assert "Valid samplers: ddim, ddpm," in msg
+    assert "Valid samplers: ddim, ddim_cfg_pp, ddpm," in msg
 
 
 def test_unknown_kind_names_the_valid_kinds():
@@ -211,7 +211,7 @@ def test_a_malformed_factory_string_is_refused_at_registration():
 
 @pytest.mark.parametrize("asked,name", [("DPM++ 2M SDE", "dpmpp_2m_sde"), ("Euler a", "euler_ancestral"),
                                         ("DPM2 a", "dpm_2_ancestral"), ("dpmpp_3m_sde_gpu", "dpmpp_3m_sde"),
-                                        ("uni_pc", "unipc"), ("EulerDiscreteScheduler", "euler"),
+                                        ("uni_pc_bh2", "unipc"), ("EulerDiscreteScheduler", "euler"),
                                         ("DPMSolverMultistepScheduler", "dpmpp_2m"), ("  LMS ", "lms")])
 def test_names_other_tools_use_resolve(asked, name):
     """ComfyUI's names, A1111's display names (case, spaces and "+" aside) and diffusers'
@@ -235,4 +235,4 @@ def test_plugins_command_shows_aliases_on_request(capsys):
     assert "euler_ancestral (euler_a, eulerancestraldiscretescheduler)" in capsys.readouterr().out.replace("\n" + " " * 22, " ")
     main(["plugins", "--json"])
     rows = {r["plugin"]: r for r in json.loads(capsys.readouterr().out)["plugins"]}
-    assert rows["limner.samplers"]["aliases"]["samplers"]["unipc"] == ["uni_pc", "unipcmultistepscheduler"]
+    assert rows["limner.samplers"]["aliases"]["samplers"]["unipc"] == ["uni_pc_bh2", "unipcmultistepscheduler"]
