@@ -8,7 +8,7 @@ from torch import nn
 
 from .config import ComponentConfig, bounded, component
 from .protocols import TextEmbedding
-from .text_cache import EmbeddingCache
+from .text_cache import EmbeddingCache, with_phrase_tokens
 
 
 @dataclass
@@ -19,6 +19,7 @@ class ModelConfig:
     denoiser: ComponentConfig = component("denoisers", "unet")
     image_size: int = bounded(32, ge=1)
     channels: int = bounded(3, ge=1)
+    phrase_tokens: bool = False  # encode the prompt clause by clause (text_cache.with_phrase_tokens)
 
 
 @dataclass
@@ -49,6 +50,8 @@ class TextToImage(nn.Module):
 
     def encode(self, prompts: list[str]) -> TextEmbedding:
         """The prompts' embedding; a frozen encoder's come from the cache when seen before."""
+        if self.cfg.phrase_tokens:
+            return with_phrase_tokens(lambda ps: self.text_cache.encode(self.text_encoder, ps), prompts)
         return self.text_cache.encode(self.text_encoder, prompts)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextEmbedding | None = None) -> torch.Tensor:

@@ -9,12 +9,14 @@ empties it. It never serves an encoder with a trainable weight: then every call 
 """
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from .errors import LimnerError
 from .protocols import TextEmbedding
 
 
@@ -111,3 +113,47 @@ class FrozenStaysEval:
 
     def train(self, mode: bool = True):
         return super().train(mode and not is_frozen(self))
+
+
+PHRASE_BREAK = re.compile(r"\s*(?:[,;]|\band\b)\s*", re.IGNORECASE)
+
+
+def phrases(prompt: str) -> list[str]:
+    """The clauses of a prompt, split at commas, semicolons and 'and' ('' gives [''])."""
+    parts = [p for p in PHRASE_BREAK.split(prompt.strip()) if p]
+    return parts or [prompt.strip()]
+
+
+def with_phrase_tokens(encode: Callable[[list[str]], TextEmbedding], prompts: Sequence[str]) -> TextEmbedding:
+    """Token states clause by clause: each clause of a prompt encoded alone, its pooled vector
+    added to each of its tokens, the clauses' tokens concatenated (the prompt's own pooled
+    vector is kept for the per-sample conditioning).
+
+    Why: in "a red circle at the top left and a blue square at the bottom" encoded whole,
+    "red" and "top left" sit in different tokens, both contextualised by both objects, so a
+    pixel's cross-attention query - which finds its place by the place words - reads no colour
+    there: binding needs a second hop. Encoded alone, a clause's tokens know only their own
+    object, and its pooled vector (where colour and shape dominate) rides on every one of them,
+    place words included: one lookup by place returns what to draw there. (Measured: a pooled
+    clause vector alone, appended as one extra token, was ignored by the UNet - its norm is 0.6x
+    a token's and top-left vs bottom-left differ by cosine 0.976.) Encoding noun phrases
+    separately for attribute binding follows Structured Diffusion Guidance (Feng et al., ICLR 2023)."""
+    emb = encode(list(prompts))
+    parts = [phrases(p) for p in prompts]
+    unique = list(dict.fromkeys(q for ps in parts for q in ps))
+    clauses = encode(unique)
+    if clauses.pooled.shape[-1] != clauses.tokens.shape[-1]:
+        raise LimnerError(f"phrase tokens need an encoder whose pooled vector is as wide as its tokens, got "
+                          f"{clauses.pooled.shape[-1]} and {clauses.tokens.shape[-1]}: turn phrase_tokens off for "
+                          "this encoder")
+    index = {q: i for i, q in enumerate(unique)}
+    rows = []
+    for ps in parts:
+        pieces = [clauses.tokens[index[q], clauses.mask[index[q]]] + clauses.pooled[index[q]] for q in ps]
+        rows.append(torch.cat(pieces))
+    length = max(len(r) for r in rows)
+    tokens = rows[0].new_zeros((len(rows), length, rows[0].shape[-1]))
+    mask = torch.zeros((len(rows), length), dtype=torch.bool, device=tokens.device)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)], mask[i, : len(r)] = r, True
+    return TextEmbedding(tokens.to(emb.tokens.dtype), mask, emb.pooled)

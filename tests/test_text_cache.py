@@ -81,3 +81,32 @@ def test_minilm_checkpoint_holds_only_what_was_trained(tmp_path):
     assert not model.text_encoder.training  # frozen: no dropout in training mode
     emb = model.encode(["a red circle at the top left"] * 3)
     assert model.text_cache.misses == 1 and emb.tokens.shape[0] == 3
+
+
+def test_phrase_tokens_encode_each_clause_alone_with_its_pooled_vector_on_every_token():
+    from limner.text_cache import phrases, with_phrase_tokens
+
+    assert phrases("a red circle at the top left and a blue square, a cat; a dog") == [
+        "a red circle at the top left", "a blue square", "a cat", "a dog"]
+    assert phrases("") == [""] and phrases("Sand and sandals") == ["Sand", "sandals"]  # whole words only
+    enc, cache = byte_encoder(), EmbeddingCache()
+    prompts = ["a red circle at the top left and a blue square", "a blue square", ""]
+    emb = with_phrase_tokens(lambda ps: cache.encode(enc, ps), prompts)
+    tokens, pooled = valid(emb)
+    alone = enc.encode(["a red circle at the top left", "a blue square", ""])
+    clause = [alone.tokens[i, alone.mask[i]] + alone.pooled[i] for i in range(3)]
+    torch.testing.assert_close(tokens[0], torch.cat(clause[:2]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tokens[1], clause[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, enc.encode(prompts).pooled, atol=1e-5, rtol=1e-5)  # the whole prompt's
+    # swapping the clauses' attributes changes the tokens, not only their order
+    swapped = with_phrase_tokens(enc.encode, ["a blue circle at the top left and a red square"])
+    assert not torch.allclose(valid(swapped)[0][0], tokens[0])
+
+
+def test_a_model_with_phrase_tokens_encodes_clause_by_clause():
+    cfg = ModelConfig(text_encoder=ComponentConfig("text_encoders", "bert", {"dim": 16, "layers": 1, "heads": 2}),
+                      denoiser=ComponentConfig("denoisers", "dit", {"dim": 16, "depth": 1, "heads": 2, "patch": 4}),
+                      image_size=16, phrase_tokens=True)
+    model = TextToImage(cfg)
+    emb = model.encode(["a cat and a dog"])
+    assert emb.mask.sum().item() == len("a cat") + 2 + len("a dog") + 2  # byte tokens + [CLS]/[SEP] per clause
