@@ -43,8 +43,9 @@ def bind(model: Denoiser, x: torch.Tensor, extra_args: dict | None) -> Callable[
     """model as f(x, sigma: float): sigma broadcast to a [B] tensor, extra_args passed on."""
     extra = extra_args or {}
     if isinstance(model, Guided) and model.mode == "cfg_pp":
-        raise LimnerError("CFG++ changes how a sampler's update reads x, which only samplers built on the "
-                          f"framework's fused update allow: {', '.join(CFG_PP_SAMPLERS)} (as <name>_cfg_pp)")
+        raise LimnerError("CFG++ changes how a sampler's update reads x, which only samplers whose every step "
+                          "goes through the framework's fused update (bind_update) allow; `limner plugins` lists "
+                          "them as <name>_cfg_pp")
 
     def denoise(x_: torch.Tensor, sigma: float) -> torch.Tensor:
         return model(x_, x_.new_full((x_.shape[0],), sigma), **extra)
@@ -218,9 +219,6 @@ def _cat(a: Any, b: Any) -> Any:
     raise LimnerError(f"cannot batch a conditioning of type {type(a).__name__} for guidance")
 
 
-# Samplers whose every update goes through bind_update, so the framework can apply CFG++ to them
-CFG_PP_SAMPLERS = ("euler", "euler_ancestral", "ddim", "dpmpp_2m", "res_multistep", "res_multistep_ancestral",
-                   "gradient_estimation")
 GUIDANCE_MODES = ("cfg", "cfg_pp")
 
 

@@ -15,7 +15,7 @@ import torch
 
 import limner
 from limner.sampling import (
-    CFG_PP_SAMPLERS, BrownianNoise, ancestral_step, as_floats, bind, bind_update, cfg_pp_spec, churn, randn_like,
+    BrownianNoise, ancestral_step, as_floats, bind, bind_update, cfg_pp_spec, churn, randn_like,
     report, sampler_spec, to_d,
 )
 
@@ -734,6 +734,9 @@ SAMPLERS = {
     "er_sde": sample_er_sde,
     "seeds_2": sample_seeds_2,
 }
+# Samplers whose every step goes through bind_update, so the framework can guide them with CFG++
+CFG_PP_SAMPLERS = ("euler", "euler_ancestral", "ddim", "dpmpp_2m", "res_multistep", "res_multistep_ancestral",
+                   "gradient_estimation")
 # name -> factory(**options) -> sampler; limner.plugins registers them under these names.
 # <name>_cfg_pp: the same function, guided with CFG++ by the framework (limner.sampling.Guided)
 FACTORIES = {name: sampler_spec(fn, name).factory for name, fn in SAMPLERS.items()}
