@@ -6,8 +6,15 @@ here, for every parameterisation (Karras et al. 2022, Table 1):
   v    as edm with c_out negated: F predicts v (Salimans & Ho 2022)
   eps  c_skip = 1                c_out = -s                      (F predicts the noise)
   x0   c_skip = 0                c_out = 1                       (F predicts the image)
-with c_in = 1/sqrt(s^2+sd^2) and c_noise = log(s)/4. Training weights the x0 error by
-1/c_out^2, which is exactly the plain MSE of F against its own target.
+with c_in = 1/sqrt(s^2+sd^2) and c_noise = log(s)/4, and
+  flow c_skip = c_in = 1/(1+s)  c_out = -s/(1+s)  c_noise = t      (F predicts the velocity)
+for rectified flow (Liu et al. 2023; Lipman et al. 2023): x_t = (1-t) x0 + t eps is x/(1+s) at
+t = s/(1+s), and F predicts v = eps - x0, so D = x_t - t F. Its logit-normal training times
+t = sigmoid(n), n ~ N(m, s^2) (Esser et al. 2024) are exactly log-normal sigmas, sigma = e^n:
+p_mean = m, p_std = s in [train]. Euler's step is the same in either view (x' = (s'/s) x +
+(1 - s'/s) D is x_t' = x_t + (t' - t) v), so every sampler drives a flow model through sigmas.
+Training weights the x0 error by 1/c_out^2, which is exactly the plain MSE of F against its
+own target.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from torch import nn
 
 from .errors import LimnerError
 
-PARAMETERIZATIONS = ("edm", "v", "eps", "x0")
+PARAMETERIZATIONS = ("edm", "v", "eps", "x0", "flow")
 
 
 def preconditioning(sigma: torch.Tensor, kind: str, sigma_data: float) -> tuple[torch.Tensor, ...]:
@@ -32,6 +39,9 @@ def preconditioning(sigma: torch.Tensor, kind: str, sigma_data: float) -> tuple[
         return torch.ones_like(sigma), -sigma, c_in, c_noise
     if kind == "x0":
         return torch.zeros_like(sigma), torch.ones_like(sigma), c_in, c_noise
+    if kind == "flow":
+        inv = 1 / (1 + sigma)
+        return inv, -sigma * inv, inv, sigma * inv
     raise LimnerError(f"unknown parameterization {kind!r}. Valid: {', '.join(PARAMETERIZATIONS)}.")
 
 

@@ -23,12 +23,14 @@ class Oracle(torch.nn.Module):
             return eps
         if self.kind == "x0":
             return x0
+        if self.kind == "flow":
+            return eps - x0  # the velocity of x_t = (1 - t) x0 + t eps
         # EDM's F target: (x0 - c_skip x) / c_out (Karras et al. 2022, eq. 8); v negates it
         edm_target = (x0 - sd**2 / (s**2 + sd**2) * (x0 + s * eps)) / (s * sd / (s**2 + sd**2).sqrt())
         return -edm_target if self.kind == "v" else edm_target
 
 
-@pytest.mark.parametrize("kind", ["edm", "v", "eps", "x0"])
+@pytest.mark.parametrize("kind", ["edm", "v", "eps", "x0", "flow"])
 def test_each_parameterisation_recovers_x0_from_its_exact_target(kind):
     gen = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)
@@ -55,8 +57,34 @@ def test_v_target_is_salimans_and_ho_v():
     assert torch.allclose(seen["x_in"], alpha * (x0 + s * eps), atol=1e-6)  # c_in x = the VP sample
 
 
+def test_flow_sees_the_interpolant_at_its_time_and_euler_steps_alike_in_either_view():
+    """Rectified flow: the net gets x_t = (1 - t) x0 + t eps and t = s / (1 + s); a step of
+    limner's euler in sigmas is the flow's own Euler step x_t' = x_t + (t' - t) v."""
+    x0, eps, s = torch.randn(2, 1, 3, 3), torch.randn(2, 1, 3, 3), torch.tensor([0.5, 4.0])
+    t = (s / (1 + s)).view(-1, 1, 1, 1)
+    seen = {}
+
+    class Velocity(torch.nn.Module):  # a made-up velocity field of x_t and t
+        def forward(self, x_in, c_noise, cond):
+            seen["x_in"], seen["t"] = x_in, c_noise
+            return torch.sin(3 * x_in) + c_noise.view(-1, 1, 1, 1)
+
+    model = Preconditioned(Velocity(), "flow")
+    x = x0 + s.view(-1, 1, 1, 1) * eps
+    denoised = model(x, s)
+    x_t = (1 - t) * x0 + t * eps
+    assert torch.allclose(seen["x_in"], x_t, atol=1e-6) and torch.allclose(seen["t"], t.flatten())
+    sigmas = torch.tensor([4.0, 1.5], dtype=torch.float64)
+    one = x[1:].double()
+    out = limner.create("samplers", "euler")(lambda x_, s_: model(x_.float(), s_.float()).double(), one, sigmas)
+    t0, t1 = 4.0 / 5.0, 1.5 / 2.5
+    xt0 = one / 5.0
+    v = (xt0 - denoised[1:].double()) / t0  # D = x_t - t v
+    assert torch.allclose(out / 2.5, xt0 + (t1 - t0) * v, atol=1e-5)  # x_t' in the sigma view is x' / (1 + s')
+
+
 def test_unknown_parameterisation_is_named():
-    with pytest.raises(limner.LimnerError, match="unknown parameterization 'epsilon'. Valid: edm, v, eps, x0"):
+    with pytest.raises(limner.LimnerError, match="unknown parameterization 'epsilon'. Valid: edm, v, eps, x0, flow"):
         Preconditioned(torch.nn.Identity(), "epsilon")
 
 
