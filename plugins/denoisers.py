@@ -19,17 +19,18 @@ from limner.protocols import TextEmbedding
 
 
 class Conditioning(nn.Module):
-    """The per-sample vector every block sees: noise-level features + pooled text."""
+    """The per-sample vector every block sees: noise-level features + pooled text (unless
+    `pooled` is off: then text reaches the network through cross-attention alone)."""
 
-    def __init__(self, base: int, dim: int, context_dim: int):
+    def __init__(self, base: int, dim: int, context_dim: int, pooled: bool = True):
         super().__init__()
         self.base = base
         self.time = nn.Sequential(nn.Linear(base, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.text = nn.Linear(context_dim, dim)
+        self.text = nn.Linear(context_dim, dim) if pooled else None
 
     def forward(self, c_noise: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
         emb = self.time(noise_embedding(c_noise, self.base))
-        return emb if cond is None else emb + self.text(cond.pooled.to(emb.dtype))
+        return emb if cond is None or self.text is None else emb + self.text(cond.pooled.to(emb.dtype))
 
 
 def _context(cond: TextEmbedding | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -140,11 +141,11 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, mults: tuple[int, ...], blocks: int,
                  attention_levels: tuple[int, ...], heads: int, context_dim: int, groups: int, dropout: float,
-                 image_size: int, positions: bool, context_layers: int = 0):
+                 image_size: int, positions: bool, context_layers: int = 0, pooled: bool = True):
         super().__init__()
         emb_dim = 4 * channels
         self.refiner = ContextRefiner(context_dim, context_layers, _refiner_heads(context_dim)) if context_layers else None
-        self.cond = Conditioning(channels, emb_dim, context_dim)
+        self.cond = Conditioning(channels, emb_dim, context_dim, pooled)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
         def res(cin, cout):
@@ -194,10 +195,12 @@ class UNet(nn.Module):
 def unet(context_dim: int, in_channels: int = 3, image_size: int = 32, channels: int = 64,
          mults: list[int] = (1, 2, 2), blocks: int = 2, attention_levels: list[int] = (1, 2), heads: int = 4,
          groups: int = 32, dropout: float = 0.0, positions: bool = True, context_layers: int = 0,
-         parameterization: str = "edm", sigma_data: float = 0.5):
+         pooled: bool = True, parameterization: str = "edm", sigma_data: float = 0.5):
     """ADM-style UNet with text cross-attention (Dhariwal & Nichol 2021; Rombach et al. 2022);
     `positions` adds 2-D sine-cosine position features to its attention tokens, `context_layers`
-    trainable transformer layers refine the text tokens first."""
+    trainable transformer layers refine the text tokens first; `pooled = false` keeps the pooled
+    text vector out of the per-sample scale/shift (a vector for the whole image blends the
+    colours of several objects: with it off, text arrives through cross-attention only)."""
     if context_layers < 0:
         raise limner.LimnerError(f"unet: context_layers must be >= 0, got {context_layers}")
     if image_size % 2 ** (len(mults) - 1):
@@ -205,7 +208,7 @@ def unet(context_dim: int, in_channels: int = 3, image_size: int = 32, channels:
     if channels % groups:
         raise limner.LimnerError(f"unet: channels {channels} must be divisible by groups {groups}")
     net = UNet(in_channels, channels, tuple(mults), blocks, tuple(attention_levels), heads, context_dim, groups,
-               dropout, image_size, positions, context_layers)
+               dropout, image_size, positions, context_layers, pooled)
     return Preconditioned(net, parameterization, sigma_data)
 
 
@@ -235,10 +238,10 @@ class DiT(nn.Module):
     """Diffusion transformer over image patches (Peebles & Xie 2023)."""
 
     def __init__(self, in_channels: int, image_size: int, patch: int, dim: int, depth: int, heads: int,
-                 context_dim: int):
+                 context_dim: int, pooled: bool = True):
         super().__init__()
         self.patch, self.side = patch, image_size // patch
-        self.cond = Conditioning(dim, dim, context_dim)
+        self.cond = Conditioning(dim, dim, context_dim, pooled)
         self.patchify = nn.Conv2d(in_channels, dim, patch, stride=patch)
         self.register_buffer("pos", sincos_2d(dim, self.side), persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(dim, heads, context_dim) for _ in range(depth))
@@ -256,11 +259,12 @@ class DiT(nn.Module):
 
 
 def dit(context_dim: int, in_channels: int = 3, image_size: int = 32, patch: int = 2, dim: int = 256,
-        depth: int = 6, heads: int = 4, parameterization: str = "edm", sigma_data: float = 0.5):
-    """DiT with adaLN-zero and text cross-attention (Peebles & Xie 2023; Chen et al. 2023)."""
+        depth: int = 6, heads: int = 4, pooled: bool = True, parameterization: str = "edm", sigma_data: float = 0.5):
+    """DiT with adaLN-zero and text cross-attention (Peebles & Xie 2023; Chen et al. 2023);
+    `pooled = false`: text through cross-attention only, as the unet's."""
     if image_size % patch:
         raise limner.LimnerError(f"dit: image_size {image_size} must be divisible by patch {patch}")
     if dim % 4:
         raise limner.LimnerError(f"dit: dim {dim} must be divisible by 4")
-    net = DiT(in_channels, image_size, patch, dim, depth, heads, context_dim)
+    net = DiT(in_channels, image_size, patch, dim, depth, heads, context_dim, pooled)
     return Preconditioned(net, parameterization, sigma_data)

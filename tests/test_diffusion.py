@@ -152,6 +152,18 @@ def test_denoisers_map_shapes_and_listen_to_the_text(name, options):
 
 
 @pytest.mark.parametrize("name, options", NETS, ids=[n for n, _ in NETS])
+def test_pooled_off_leaves_text_to_cross_attention_alone(name, options):
+    torch.manual_seed(0)
+    model = wake(limner.create("denoisers", name, context_dim=16, image_size=16, pooled=False, **options)).eval()
+    x, sigma, cond = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0]), text(2, seed=0)
+    other_pooled = TextEmbedding(cond.tokens, cond.mask, cond.pooled + 3.0)
+    other_tokens = TextEmbedding(cond.tokens + 1.0, cond.mask, cond.pooled)
+    assert torch.equal(model(x, sigma, cond), model(x, sigma, other_pooled))
+    assert (model(x, sigma, cond) - model(x, sigma, other_tokens)).abs().mean() > 1e-3
+    assert not any("cond.text" in n for n, _ in model.named_parameters())  # no unused weights
+
+
+@pytest.mark.parametrize("name, options", NETS, ids=[n for n, _ in NETS])
 def test_training_lowers_the_denoising_loss(name, options):
     torch.manual_seed(0)
     model = limner.create("denoisers", name, context_dim=16, image_size=16, **options)
