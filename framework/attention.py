@@ -6,8 +6,10 @@ call at a new shape times every candidate backend (CUDA events, median of a few 
 remembers the winner, in memory and in ~/.cache/limner/attention-<gpu>.json
 (LIMNER_CACHE_DIR moves it), so later processes skip the measurement. On 2026-11-22
 xformers measured ~1.5x slower than sdpa at diffusion shapes on an H100 - a fixed
-preference would have been wrong there. On the CPU `auto` follows a fixed rule by key length
-(`math` up to CPU_MATH_MAX_KEYS, else torch's sdpa), so CPU runs stay deterministic.
+preference would have been wrong there. On the CPU `auto` is sdpa (torch's CPU kernels;
+`math` is the reference), so CPU runs stay deterministic. NOTE: `math` is 1.8-2.3x faster than
+sdpa on contiguous [16, 4, L, 16] inputs with 20-64 keys, but inside the demo UNet (strided
+q/k/v views) taking it for <= 64 keys made the forward 5%, training 5% slower (2026-11-24).
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ from .registry import create, list_components, registry
 
 _built: dict[str, tuple[object, Callable]] = {}  # name -> (the registry it came from, backend)
 CANDIDATES = ("sdpa", "xformers", "triton", "math")  # built-ins, measured first; plugins' backends follow
-CPU_MATH_MAX_KEYS = 64  # on the CPU, `auto` is `math` up to this many keys, `sdpa` above
 
 
 def _backend(name: str) -> Callable:
@@ -139,13 +140,9 @@ def available_candidates(q: torch.Tensor) -> list[str]:
 
 def preferred_backend(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
                       mask: torch.Tensor | None = None, table: PreferenceTable | None = None) -> str:
-    """The backend `auto` uses for these inputs: measured on CUDA; on the CPU a fixed rule by
-    shape (so CPU runs stay deterministic): `math` for short keys, else `sdpa`."""
+    """The backend `auto` uses for these inputs: measured on CUDA, sdpa elsewhere."""
     if not q.is_cuda and table is None:
-        # NOTE: torch's CPU flash kernel pays a fixed cost per block that short keys never repay;
-        # fwd + bwd on 2 cores, [16, 4, L, 16] queries: 64 keys sdpa 0.96 ms / math 0.53 ms, 20 keys
-        # (text) at L=256 2.09 / 1.11 ms; 256 keys sdpa 7.8 / math 13.1 ms.
-        return "math" if (k if k is not None else q).shape[2] <= CPU_MATH_MAX_KEYS else "sdpa"
+        return "sdpa"
     k, v = (q if t is None else t for t in (k, v))
     table = table or preference_table(q.device)
     key = shape_key(q, k, mask)

@@ -329,14 +329,3 @@ def test_vae_agrees_with_fused_kernels(monkeypatch):
     for got, want in zip(*reversed(run_both(monkeypatch, encode_decode))):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
-
-def test_cpu_auto_takes_math_for_short_keys_and_sdpa_for_long_ones():
-    from limner.attention import CPU_MATH_MAX_KEYS, attention
-
-    q = torch.randn(2, 3, 40, 8)
-    short, long_ = torch.randn(2, 3, CPU_MATH_MAX_KEYS, 8), torch.randn(2, 3, CPU_MATH_MAX_KEYS + 1, 8)
-    assert preferred_backend(q, short, short) == "math" and preferred_backend(q, long_, long_) == "sdpa"
-    mask = torch.ones(2, 1, 1, CPU_MATH_MAX_KEYS, dtype=torch.bool)
-    mask[1, ..., 5:] = False
-    torch.testing.assert_close(attention(q, short, short, mask), attention(q, short, short, mask, backend="sdpa"),
-                               atol=1e-5, rtol=1e-5)
