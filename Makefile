@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup demo test bench bench-setup bench-anchors clean
+.PHONY: setup data demo test bench bench-setup bench-anchors clean
 
 # Set-up: a venv, a CPU build of torch when no GPU is present (an unpinned torch pulls
 # a multi-GB CUDA build), then the project with its dev extra.
@@ -27,7 +27,17 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/limner demo
 
-test: setup
+# Real data for the metric tests, best effort: Debian's dataset-fashion-mnist (needs root and
+# apt); without it those tests skip and say so.
+FASHION := /usr/share/datasets/fashion-mnist
+data:
+	@if [ ! -d $(FASHION) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+		|| echo "note: dataset-fashion-mnist could not be installed; its tests will skip"; \
+	fi
+
+test: setup data
 	cd $(CURDIR) && HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
 
 bench: setup

@@ -202,18 +202,29 @@ def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed
 @click.option("--sampler", default=None, help="Diffusion: sampler name (default: the checkpoint's).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Diffusion: sampling steps.")
 @click.option("--guidance", type=float, default=None, help="Diffusion: classifier-free guidance scale.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the report as JSON here.")
-def evaluate(checkpoint, prompts, sampler, steps, guidance, out):
-    """Score a checkpoint on its run's held-out prompts with the run's metric."""
+@click.option("--metrics", default=None,
+              help="Comma-separated metrics (e.g. fid,kid,inception_score,ssim) [default: the run's metric].")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report as JSON here, and as a markdown table beside it (.md).")
+def evaluate(checkpoint, prompts, sampler, steps, guidance, metrics, out):
+    """Score a checkpoint on its run's held-out prompts with the run's metric, or --metrics."""
     from pathlib import Path
 
+    from .checkpoint import write_text_atomic
     from .train import evaluate_checkpoint
 
+    names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    if metrics is not None and not names:
+        raise LimnerError(f"--metrics names no metric: {metrics!r}; give e.g. fid,kid (see limner plugins)")
     sampling = {k: v for k, v in dict(sampler=sampler, steps=steps, guidance=guidance).items() if v is not None}
-    report = evaluate_checkpoint(checkpoint, prompts, **sampling)
+    report = evaluate_checkpoint(checkpoint, prompts, metrics=names, **sampling)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=1) + "\n")
+        write_text_atomic(Path(out), json.dumps(report, indent=1, allow_nan=False) + "\n")
+        rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in report["scores"].items())
+        write_text_atomic(Path(out).with_suffix(".md"),
+                          f"{report['checkpoint']} (step {report['step']}), {report['prompts']} held-out prompts\n\n"
+                          f"| metric | value |\n|---|---:|\n{rows}\n")
     click.echo(f"{report['checkpoint']} (step {report['step']}), {report['metric']} on {report['prompts']} "
                "held-out prompts:")
     for key, value in report["scores"].items():

@@ -17,6 +17,7 @@ KINDS = (
     "schedules",
     "datasets",
     "metrics",
+    "feature_networks",
     "attention_backends",
 )
 
@@ -64,6 +65,12 @@ def limner_register_datasets():
 @hookspec
 def limner_register_metrics():
     """Return ComponentSpecs of metrics."""
+
+
+@hookspec
+def limner_register_feature_networks():
+    """Return ComponentSpecs of feature networks for FID/KID/IS: images [N, C, H, W] in [0, 1]
+    -> features [N, num_features] (or class logits)."""
 
 
 @hookspec

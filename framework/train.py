@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import time
@@ -513,31 +514,47 @@ def train(config_path: str | Path, overrides: dict[str, Any] | None = None):
     return trainer
 
 
-def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, **sampling) -> dict[str, float]:
+def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, metrics: list[str] | None = None,
+             **sampling) -> dict[str, float]:
     """Draw the first `eval_cfg.prompts` captions of a held-out dataset with `pipeline` (prompt k
-    with seed k; `sampling` options as Pipeline.generate takes them) and score them with
-    the metric; `seconds_per_image` is the sampling time."""
-    from .registry import create
+    with seed k; `sampling` options as Pipeline.generate takes them) and score them with each of
+    `metrics` (default: the run's metric); a metric that takes `references` gets the held-out
+    images of the same prompts. `seconds_per_image` is the sampling time."""
+    from .registry import create, get_component
 
-    if not eval_cfg.metric:
-        raise LimnerError("no metric to evaluate with: the run's config has no [eval] metric")
-    held_out = create("datasets", eval_cfg.dataset.get("name", "shapes"),
-                      **{k: v for k, v in eval_cfg.dataset.items() if k != "name"})
+    names = list(metrics) if metrics else ([eval_cfg.metric] if eval_cfg.metric else [])
+    if not names:
+        raise LimnerError("no metric to evaluate with: the run's config has no [eval] metric; name some with "
+                          "--metrics")
+    scorers = {name: create("metrics", name) for name in names}  # unknown names fail before any sampling
+    if "name" not in eval_cfg.dataset:
+        raise LimnerError("no held-out dataset to evaluate on: the run's config has no [eval] dataset")
+    held_out = create("datasets", eval_cfg.dataset["name"], **{k: v for k, v in eval_cfg.dataset.items() if k != "name"})
     if not 0 < eval_cfg.prompts <= len(held_out):
         raise LimnerError(f"eval prompts must be 1..{len(held_out)} (the held-out dataset's size), "
                           f"got {eval_cfg.prompts}")
-    prompts = [held_out[i][1] for i in range(eval_cfg.prompts)]
+    items = [held_out[i] for i in range(eval_cfg.prompts)]
+    prompts = [caption for _, caption in items]
     start = time.perf_counter()
     # prompt k is drawn with seed k, whatever the batching: its own noise, the same every time
     images = torch.cat([pipeline.generate(prompts[i:i + batch], seed=list(range(i, i + len(prompts[i:i + batch]))),
-                                          **sampling) for i in range(0, len(prompts), batch)])
+                                          **sampling) for i in range(0, len(prompts), batch)]).cpu()
     seconds = (time.perf_counter() - start) / len(prompts)
-    scores = create("metrics", eval_cfg.metric)(images.cpu(), prompts)
-    return {**{k: float(v) for k, v in scores.items()}, "seconds_per_image": seconds}
+    references = torch.stack([image for image, _ in items])
+    scores: dict[str, float] = {}
+    for name, scorer in scorers.items():
+        takes = "references" in inspect.signature(scorer).parameters
+        if takes and references.shape != images.shape:
+            raise LimnerError(f"{name} compares generated images {tuple(images.shape[1:])} with the held-out ones "
+                              f"{tuple(references.shape[1:])}: give [eval] dataset the model's size and channels")
+        result = scorer(images, prompts, references=references) if takes else scorer(images, prompts)
+        scores.update({k: float(v) for k, v in result.items()})
+    return {**scores, "seconds_per_image": seconds}
 
 
-def evaluate_checkpoint(path: str | Path, prompts: int | None = None, **sampling) -> dict[str, Any]:
-    """A checkpoint's score on its run's held-out prompts (`limner eval`)."""
+def evaluate_checkpoint(path: str | Path, prompts: int | None = None, metrics: list[str] | None = None,
+                        **sampling) -> dict[str, Any]:
+    """A checkpoint's scores on its run's held-out prompts (`limner eval`): the run's metric, or `metrics`."""
     from .pipeline import load_pipeline
 
     ckpt = find_checkpoint(path)
@@ -545,9 +562,10 @@ def evaluate_checkpoint(path: str | Path, prompts: int | None = None, **sampling
         raise LimnerError(f"no checkpoint found at {path}")
     cfg = load_run_config(ckpt / "config.toml")
     eval_cfg = dataclasses.replace(cfg.eval, prompts=prompts or cfg.eval.prompts or 200)
-    scores = evaluate(load_pipeline(ckpt), eval_cfg, **sampling)
-    return {"checkpoint": str(ckpt), "step": read_state(ckpt).get("step"), "metric": eval_cfg.metric,
-            "prompts": eval_cfg.prompts, "sampling": sampling, "scores": scores}
+    scores = evaluate(load_pipeline(ckpt), eval_cfg, metrics=metrics, **sampling)
+    return {"checkpoint": str(ckpt), "step": read_state(ckpt).get("step"),
+            "metric": ", ".join(metrics) if metrics else eval_cfg.metric, "prompts": eval_cfg.prompts,
+            "sampling": sampling, "scores": scores}
 
 
 def params_digest(model: nn.Module) -> float:

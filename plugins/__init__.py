@@ -143,4 +143,18 @@ class losses:
             ("elbo", "elbo", (), "VAE: negative ELBO with KL warm-up")])
 
 
-PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, attention_backends, denoisers, gans, vae, losses)
+class image_metrics:
+    @hookimpl
+    def limner_register_metrics():
+        """PSNR, SSIM, MS-SSIM, FID, KID and Inception Score on torchmetrics."""
+        return _specs("image_metrics", [(n, n, (), "") for n in ("psnr", "ssim", "ms_ssim", "fid", "kid",
+                                                                   "inception_score")])
+
+    @hookimpl
+    def limner_register_feature_networks():
+        """limner's Fashion-MNIST classifier as features for FID/KID/IS."""
+        return _specs("image_metrics", [("fashion_net", "fashion_net", (), "")])
+
+
+PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, attention_backends, denoisers, gans, vae, losses,
+           image_metrics)

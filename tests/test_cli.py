@@ -32,7 +32,7 @@ def test_demo_without_a_checkpoint_samples_the_exact_denoiser(capsys, tmp_path):
                       'images = 4\ncheckpoints = ["no/such/dir"]\n')
     code, out, _ = run(capsys, "demo", "--config", str(config), "--out", str(tmp_path / "o"))
     assert code == 0
-    assert "samplers            ddim, ddpm" in out and "No checkpoint at 'no/such/dir'" in out
+    assert "samplers            ddim, ddim_cfg_pp, ddpm" in out and "No checkpoint at 'no/such/dir'" in out
     grid = Image.open(tmp_path / "o" / "grid.png")
     assert grid.size[1] == 2 * (32 + 2) + 2  # two sampler rows
     rms = [float(line.split()[-1]) for line in out.splitlines() if line.strip().startswith(("euler", "dpmpp"))]
