@@ -20,7 +20,7 @@ def _specs(module: str, entries: list) -> list[ComponentSpec]:
 SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
                  "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm", "unipc", "lcm", "deis",
                  "ipndm", "res_multistep", "res_multistep_ancestral", "heunpp2", "dpm_fast", "dpm_adaptive",
-                 "dpmpp_2m_sde_heun", "uni_pc", "gradient_estimation", "er_sde", "seeds_2",
+                 "dpmpp_2m_sde_heun", "uni_pc", "gradient_estimation", "er_sde", "seeds_2", "seeds_3",
                  # the same samplers guided with CFG++ (samplers.CFG_PP_SAMPLERS)
                  "euler_cfg_pp", "euler_ancestral_cfg_pp", "ddim_cfg_pp", "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp",
                  "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp")

@@ -577,6 +577,50 @@ def sample_seeds_2(model, x, sigmas, *, extra_args=None, callback=None, generato
     return x
 
 
+def sample_seeds_3(model, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0, s_noise=1.0,
+                   r_1=1 / 3, r_2=2 / 3):
+    """SEEDS-3 (Gonzalez et al. 2023), data prediction: DPM-Solver++(3S)'s three stages at r_1
+    and r_2 of the step in log sigma (Lu et al. 2022), each a stochastic exponential step whose
+    noise is composed from the same three sub-interval draws, so every stage sees one
+    consistent path of the linear SDE's exact solution. eta=0 is DPM-Solver++(3S)."""
+    if not 0 < r_1 < r_2 < 1:
+        raise limner.LimnerError(f"seeds_3: need 0 < r_1 < r_2 < 1, got r_1={r_1}, r_2={r_2}")
+    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    for i in range(len(sig) - 1):
+        denoised = f(x, sig[i])
+        report(callback, i, x, sig[i], sig[i], denoised)
+        if sig[i + 1] == 0:
+            x = denoised
+            continue
+        h = math.log(sig[i]) - math.log(sig[i + 1])
+        cuts = (0.0, r_1, r_2, 1.0)  # sub-interval ends, as fractions of h
+        zs = [randn_like(x, generator) for _ in range(3)] if eta > 0 else []
+
+        def noise(k):  # the exact solution's noise at cut k, from the sub-intervals before it, over sigma there
+            return sum(math.exp(-eta * (cuts[k] - cuts[j + 1]) * h)
+                       * math.sqrt(-math.expm1(-2 * eta * (cuts[j + 1] - cuts[j]) * h)) * zs[j] for j in range(k))
+
+        def stage(frac):  # (sigma at frac, x's factor, phi_1 = expm1(-h_eta), h_eta) for a step of frac * h
+            h_eta = (1 + eta) * frac * h
+            return sig[i] * math.exp(-frac * h), math.exp(-frac * h) * math.exp(-eta * frac * h), math.expm1(-h_eta), h_eta
+
+        sigma_1, a_1, phi_1, _ = stage(r_1)
+        x_1 = a_1 * x - phi_1 * denoised
+        if zs:
+            x_1 = x_1 + sigma_1 * s_noise * noise(1)
+        d_1 = f(x_1, sigma_1) - denoised
+        sigma_2, a_2, phi_2, h_2 = stage(r_2)
+        x_2 = a_2 * x - phi_2 * denoised + (r_2 / r_1) * (phi_2 / h_2 + 1) * d_1
+        if zs:
+            x_2 = x_2 + sigma_2 * s_noise * noise(2)
+        d_2 = f(x_2, sigma_2) - denoised
+        _, a_t, phi_t, h_t = stage(1.0)
+        x = a_t * x - phi_t * denoised + (1 / r_2) * (phi_t / h_t + 1) * d_2
+        if zs:
+            x = x + sig[i + 1] * s_noise * noise(3)
+    return x
+
+
 # --- DPM-Solver (Lu et al. 2022) with noise prediction, for dpm_fast and dpm_adaptive ----------
 # In sigma form (alpha = 1), lambda = -log sigma and h = lambda_t - lambda_s, eps = (x - D) / sigma:
 # order 1 is x_t = x_s - sigma_t expm1(h) eps_s (= Euler); orders 2 and 3 are its Algorithms 1-2
@@ -733,6 +777,7 @@ SAMPLERS = {
     "gradient_estimation": sample_gradient_estimation,
     "er_sde": sample_er_sde,
     "seeds_2": sample_seeds_2,
+    "seeds_3": sample_seeds_3,
 }
 # Samplers whose every step goes through bind_update, so the framework can guide them with CFG++
 CFG_PP_SAMPLERS = ("euler", "euler_ancestral", "ddim", "dpmpp_2m", "res_multistep", "res_multistep_ancestral",

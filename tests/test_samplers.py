@@ -63,6 +63,7 @@ DETERMINISTIC = [  # (name, options, known order)
     ("heunpp2", {}, 1),  # its sigma-proportional weights are no quadrature rule
     ("uni_pc", {}, 3),  # ComfyUI's uni_pc: bh1
     ("seeds_2", {"eta": 0.0}, 2),  # = DPM-Solver++(2S)
+    ("seeds_3", {"eta": 0.0}, 3),  # = DPM-Solver++(3S)
     ("gradient_estimation", {}, 1),  # the extrapolated direction overshoots AB2's: first order
 ]
 
@@ -114,6 +115,7 @@ STOCHASTIC = [  # (name, options, weak order): first-order methods keep a bias o
     ("dpm_fast", {"eta": 1.0}, 2),
     ("dpmpp_2m_sde_heun", {}, 2),
     ("seeds_2", {}, 2),
+    ("seeds_3", {}, 2),
     ("er_sde", {}, 2),  # stage 3; stage 1 alone keeps a 1.4% bias in the std
 ]
 N = 40_000
@@ -149,7 +151,7 @@ def test_lcm_with_a_plain_denoiser_shrinks_the_variance():
 
 STOCHASTIC_NAMES = ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
                     "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm", "lcm", "res_multistep_ancestral", "dpmpp_2m_sde_heun",
-                    "er_sde", "seeds_2"]
+                    "er_sde", "seeds_2", "seeds_3"]
 
 
 @pytest.mark.parametrize("name", STOCHASTIC_NAMES)
