@@ -17,8 +17,8 @@ from .checkpoint import find_checkpoint, load_module
 from .config import ComponentConfig
 from .errors import LimnerError
 from .images import to_pil
-from .sampling import (Guided, explicit_sigmas, guidance_mode, item_generators, make_sigmas, progress_bar, randn_like, resolve_sampler,
-                       split_sampler_name)
+from .sampling import (Guided, explicit_sigmas, guidance_mode, item_generators, make_sigmas, progress_bar,
+                       randn_like, resolve_sampler, split_sampler_name)
 from .t2i import TextToImage
 
 
@@ -101,6 +101,9 @@ class Pipeline:
         else:
             x = x * float(sigmas[0])
         if mask is not None:
+            if mode == "cfg_pp":  # KeepKnown hides the two branches CFG++ reads from the fused update
+                raise LimnerError(f"{sampler_cfg.name} (CFG++) does not combine with --mask yet; inpaint with "
+                                  f"{sampler_cfg.name.removesuffix('_cfg_pp')} instead")
             model = KeepKnown(model, init, self._mask_tensor(mask, len(prompts)))
         cond = self.model.encode(prompts)
         uncond = self.model.encode([""] * len(prompts)) if guidance != 1 or mode == "cfg_pp" else None

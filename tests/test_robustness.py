@@ -220,3 +220,11 @@ def test_explicit_sigmas_are_a_schedule(run):
     by_hand = pipe.generate(["a red circle"], sigmas=karras, sampler="euler")
     assert torch.allclose(by_name, by_hand, atol=1e-6)
     assert (pipe.generate(["a red circle"], sigmas=karras[:3] + [0.0], sampler="euler") - by_hand).abs().max() > 1e-3
+
+
+def test_cfg_pp_with_a_mask_is_refused_not_ignored(run):
+    pipe = limner.load_pipeline(run)
+    init, mask = Image.new("RGB", (32, 32), (200, 30, 30)), Image.new("L", (32, 32), 255)
+    with pytest.raises(limner.LimnerError, match="euler_cfg_pp \\(CFG\\+\\+\\) does not combine with --mask yet; "
+                                                 "inpaint with euler instead"):
+        pipe(["x"], init_image=init, mask=mask, sampler="euler_cfg_pp", steps=2)
