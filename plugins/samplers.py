@@ -546,6 +546,21 @@ def sample_er_sde(model, x, sigmas, *, extra_args=None, callback=None, generator
     return x
 
 
+def _exact_noise(zs: list[torch.Tensor], cuts: tuple[float, ...], k: int, h: float, eta: float) -> torch.Tensor:
+    """The noise of the linear SDE's exact solution at cut k of a step of h in log sigma (over
+    sigma there), composed from one standard draw per sub-interval [cuts[j], cuts[j+1]]: each
+    carried forward with its decay, so every stage of a step sees one consistent path."""
+    return sum(math.exp(-eta * (cuts[k] - cuts[j + 1]) * h)
+               * math.sqrt(-math.expm1(-2 * eta * (cuts[j + 1] - cuts[j]) * h)) * zs[j] for j in range(k))
+
+
+def _exponential_stage(sigma: float, frac: float, h: float, eta: float) -> tuple[float, float, float, float]:
+    """(sigma after frac of the step, x's factor, expm1(-h_eta), h_eta) of a stochastic exponential
+    step of frac * h in log sigma: x' = factor x - expm1(-h_eta) D + ... (data prediction)."""
+    h_eta = (1 + eta) * frac * h
+    return sigma * math.exp(-frac * h), math.exp(-(1 + eta) * frac * h), math.expm1(-h_eta), h_eta
+
+
 def sample_seeds_2(model, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0, s_noise=1.0, r=0.5):
     """SEEDS-2 (Gonzalez et al. 2023, "SEEDS: Exponential SDE Solvers for Fast High-Quality
     Sampling from Diffusion Models"), data prediction: a stochastic exponential step to the
@@ -561,19 +576,17 @@ def sample_seeds_2(model, x, sigmas, *, extra_args=None, callback=None, generato
         if sig[i + 1] == 0:
             x = denoised
             continue
-        h = math.log(sig[i]) - math.log(sig[i + 1])
-        sigma_mid = sig[i] * math.exp(-r * h)
-        z_1 = randn_like(x, generator) if eta > 0 else None
-        x_2 = (sigma_mid / sig[i]) * math.exp(-eta * r * h) * x - math.expm1(-(1 + eta) * r * h) * denoised
-        if z_1 is not None:
-            x_2 = x_2 + sigma_mid * math.sqrt(-math.expm1(-2 * eta * r * h)) * s_noise * z_1
-        denoised_2 = f(x_2, sigma_mid)
-        mixed = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * denoised_2
-        x = (sig[i + 1] / sig[i]) * math.exp(-eta * h) * x - math.expm1(-(1 + eta) * h) * mixed
-        if z_1 is not None:  # [s, s_mid]'s noise carried to s', plus fresh noise of [s_mid, s']
-            carried = math.sqrt(max(math.exp(-2 * eta * (1 - r) * h) - math.exp(-2 * eta * h), 0.0))
-            fresh = math.sqrt(-math.expm1(-2 * eta * (1 - r) * h))
-            x = x + sig[i + 1] * s_noise * (carried * z_1 + fresh * randn_like(x, generator))
+        h, cuts = math.log(sig[i]) - math.log(sig[i + 1]), (0.0, r, 1.0)
+        zs = [randn_like(x, generator) for _ in range(2)] if eta > 0 else []
+        sigma_mid, a_mid, phi_mid, _ = _exponential_stage(sig[i], r, h, eta)
+        x_2 = a_mid * x - phi_mid * denoised
+        if zs:
+            x_2 = x_2 + sigma_mid * s_noise * _exact_noise(zs, cuts, 1, h, eta)
+        mixed = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * f(x_2, sigma_mid)
+        _, a_t, phi_t, _ = _exponential_stage(sig[i], 1.0, h, eta)
+        x = a_t * x - phi_t * mixed
+        if zs:
+            x = x + sig[i + 1] * s_noise * _exact_noise(zs, cuts, 2, h, eta)
     return x
 
 
@@ -592,32 +605,22 @@ def sample_seeds_3(model, x, sigmas, *, extra_args=None, callback=None, generato
         if sig[i + 1] == 0:
             x = denoised
             continue
-        h = math.log(sig[i]) - math.log(sig[i + 1])
-        cuts = (0.0, r_1, r_2, 1.0)  # sub-interval ends, as fractions of h
+        h, cuts = math.log(sig[i]) - math.log(sig[i + 1]), (0.0, r_1, r_2, 1.0)
         zs = [randn_like(x, generator) for _ in range(3)] if eta > 0 else []
-
-        def noise(k):  # the exact solution's noise at cut k, from the sub-intervals before it, over sigma there
-            return sum(math.exp(-eta * (cuts[k] - cuts[j + 1]) * h)
-                       * math.sqrt(-math.expm1(-2 * eta * (cuts[j + 1] - cuts[j]) * h)) * zs[j] for j in range(k))
-
-        def stage(frac):  # (sigma at frac, x's factor, phi_1 = expm1(-h_eta), h_eta) for a step of frac * h
-            h_eta = (1 + eta) * frac * h
-            return sig[i] * math.exp(-frac * h), math.exp(-frac * h) * math.exp(-eta * frac * h), math.expm1(-h_eta), h_eta
-
-        sigma_1, a_1, phi_1, _ = stage(r_1)
+        sigma_1, a_1, phi_1, _ = _exponential_stage(sig[i], r_1, h, eta)
         x_1 = a_1 * x - phi_1 * denoised
         if zs:
-            x_1 = x_1 + sigma_1 * s_noise * noise(1)
+            x_1 = x_1 + sigma_1 * s_noise * _exact_noise(zs, cuts, 1, h, eta)
         d_1 = f(x_1, sigma_1) - denoised
-        sigma_2, a_2, phi_2, h_2 = stage(r_2)
+        sigma_2, a_2, phi_2, h_2 = _exponential_stage(sig[i], r_2, h, eta)
         x_2 = a_2 * x - phi_2 * denoised + (r_2 / r_1) * (phi_2 / h_2 + 1) * d_1
         if zs:
-            x_2 = x_2 + sigma_2 * s_noise * noise(2)
+            x_2 = x_2 + sigma_2 * s_noise * _exact_noise(zs, cuts, 2, h, eta)
         d_2 = f(x_2, sigma_2) - denoised
-        _, a_t, phi_t, h_t = stage(1.0)
+        _, a_t, phi_t, h_t = _exponential_stage(sig[i], 1.0, h, eta)
         x = a_t * x - phi_t * denoised + (1 / r_2) * (phi_t / h_t + 1) * d_2
         if zs:
-            x = x + sig[i + 1] * s_noise * noise(3)
+            x = x + sig[i + 1] * s_noise * _exact_noise(zs, cuts, 3, h, eta)
     return x
 
 
