@@ -10,7 +10,8 @@ with Inception FIDs. A plugin can register Inception or CLIP features as another
 `feature_networks` component where a user has the weights; the metrics take its name.
 
 Every metric is metric(images, prompts, references=None) -> dict of floats; images and
-references are [N, C, H, W] in [-1, 1].
+references are [N, C, H, W] in [-1, 1]. The feature network is trained, and its real-vs-real
+baselines measured, by `python -m limner.plugins.image_metrics train [RESULTS.json]`.
 """
 from __future__ import annotations
 
@@ -163,7 +164,8 @@ def _feature_net(features: str, output: str, path: str | None = None) -> nn.Modu
 
 def fid(features: str = "fashion_net", path: str | None = None):
     """Frechet distance between Gaussian fits of real and generated features (Heusel et al.
-    2017), torchmetrics' implementation, with `features` from a feature network by name."""
+    2017), torchmetrics' implementation, with `features` from a feature network by name
+    (`path`: its weights file, for one that takes one)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     def metric(images, prompts=None, references=None):
