@@ -73,12 +73,10 @@ class Pipeline:
             if schedule or steps:
                 raise LimnerError("sigmas are the whole schedule: give them, or a schedule and steps, not both")
             sigmas = explicit_sigmas(sigmas, self.device)
-            steps = len(sigmas) - 1
         else:
-            steps = steps or d.steps
-            sigmas = make_sigmas(schedule_cfg.name, steps, d.sigma_min, d.sigma_max, device=self.device,
+            sigmas = make_sigmas(schedule_cfg.name, steps or d.steps, d.sigma_min, d.sigma_max, device=self.device,
                                  **schedule_cfg.options)
-            steps = len(sigmas) - 1  # a table stride (ddim_uniform) may fit one step more
+        steps = len(sigmas) - 1  # what is sampled: given sigmas, or a table stride (ddim_uniform) fitting one more
         size, channels = self.model.cfg.image_size, self.model.cfg.channels
         gen = item_generators(seed, len(prompts), num, self.device)  # each image its own noise stream
         x = randn_like(torch.empty((len(prompts), channels, size, size), device=self.device), gen)

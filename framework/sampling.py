@@ -186,10 +186,9 @@ def cfg_pp_spec(fn: Callable, name: str) -> ComponentSpec:
     base = sampler_spec(fn, name).factory
 
     def factory(**options: Any) -> Callable[..., torch.Tensor]:
-        inner = base(**options)
-        marked = functools.wraps(inner)(lambda *args, **kwargs: inner(*args, **kwargs))
-        marked.guidance_mode = "cfg_pp"  # type: ignore[attr-defined]
-        return marked
+        sampler = base(**options)  # a fresh partial each call: marking it marks no other
+        sampler.guidance_mode = "cfg_pp"  # type: ignore[attr-defined]
+        return sampler
 
     factory.__signature__ = base.__signature__  # type: ignore[attr-defined]
     factory.__doc__ = f"{fn.__doc__}\n\nGuided with CFG++ (Chung et al. 2024): see limner.sampling.Guided."

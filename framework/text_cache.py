@@ -147,13 +147,6 @@ def with_phrase_tokens(encode: Callable[[list[str]], TextEmbedding], prompts: Se
                           f"{clauses.pooled.shape[-1]} and {clauses.tokens.shape[-1]}: turn phrase_tokens off for "
                           "this encoder")
     index = {q: i for i, q in enumerate(unique)}
-    rows = []
-    for ps in parts:
-        pieces = [clauses.tokens[index[q], clauses.mask[index[q]]] + clauses.pooled[index[q]] for q in ps]
-        rows.append(torch.cat(pieces))
-    length = max(len(r) for r in rows)
-    tokens = rows[0].new_zeros((len(rows), length, rows[0].shape[-1]))
-    mask = torch.zeros((len(rows), length), dtype=torch.bool, device=tokens.device)
-    for i, r in enumerate(rows):
-        tokens[i, : len(r)], mask[i, : len(r)] = r, True
-    return TextEmbedding(tokens.to(emb.tokens.dtype), mask, emb.pooled)
+    rows = [(torch.cat([clauses.tokens[index[q], clauses.mask[index[q]]] + clauses.pooled[index[q]] for q in ps])
+             .to(emb.tokens.dtype), pooled) for ps, pooled in zip(parts, emb.pooled)]
+    return _stack(rows)

@@ -520,7 +520,7 @@ def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, metrics: list[str]
     with seed k; `sampling` options as Pipeline.generate takes them) and score them with each of
     `metrics` (default: the run's metric); a metric that takes `references` gets the held-out
     images of the same prompts. `seconds_per_image` is the sampling time."""
-    from .registry import create, get_component
+    from .registry import create
 
     names = list(metrics) if metrics else ([eval_cfg.metric] if eval_cfg.metric else [])
     if not names:

@@ -235,7 +235,6 @@ def fashion_arrays(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(out: Path = WEIGHTS, epochs: int = 8, batch: int = 128, lr: float = 2e-3, seed: int = 0) -> dict:
     """Train FashionNet on the train split (Adam, one-cycle cosine), report test accuracy."""
-    import json
     import time
 
     from safetensors.torch import save_file

@@ -38,16 +38,10 @@ def sample_euler(model, x, sigmas, *, extra_args=None, callback=None, generator=
 def sample_euler_ancestral(model, x, sigmas, *, extra_args=None, callback=None, generator=None,
                            eta=1.0, s_noise=1.0):
     """Ancestral sampling with Euler steps (Song et al. 2021; k-diffusion's euler_ancestral):
-    an Euler step to sigma_down, then fresh noise of sigma_up (the same update as ddim's)."""
-    sig, step = as_floats(sigmas), bind_update(model, x, extra_args)
-    for i in range(len(sig) - 1):
-        down, up = ancestral_step(sig[i], sig[i + 1], eta)
-        noise = randn_like(x, generator) if up > 0 else None
-        # x + (x - D) / s * (down - s) + up z = (down/s) x + (1 - down/s) D + up z
-        x_next, denoised = step(x, sig[i], down / sig[i], 1 - down / sig[i], noise=noise, c=up * s_noise)
-        report(callback, i, x, sig[i], sig[i], denoised)
-        x = x_next
-    return x
+    an Euler step to sigma_down, then fresh noise of sigma_up - in sigma form the same update
+    as DDIM with that eta, so it is ddim at eta=1."""
+    return sample_ddim(model, x, sigmas, extra_args=extra_args, callback=callback, generator=generator,
+                       eta=eta, s_noise=s_noise)
 
 
 def sample_heun(model, x, sigmas, *, extra_args=None, callback=None, generator=None,
