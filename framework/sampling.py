@@ -55,21 +55,32 @@ def bind(model: Denoiser, x: torch.Tensor, extra_args: dict | None) -> Callable[
 
 def bind_update(model: Denoiser, x: torch.Tensor, extra_args: dict | None) -> Callable[..., tuple]:
     """model fused with a linear sampler update, as step(x, sigma, a, b, old=None, e=0, noise=None,
-    c=0) -> (x', D) with x' = a x + b D + e old + c noise. Around a `Guided` model the
+    c=0, x_from=None) -> (x', D) with x' = a x + b D + e old + c noise, D evaluated at x. A
+    two-stage step evaluates at its midpoint but updates from where it began: x_from is then
+    the x of the update (it must be the point of the call before). Around a `Guided` model the
     guidance combine happens inside the same fused pass (limner.kernels.guided_update)."""
     extra = extra_args or {}
+    last: list = [None, None]  # CFG++: the point of the previous call and its guidance shift
 
     def step(x_: torch.Tensor, sigma: float, a: float, b: float, old: torch.Tensor | None = None,
-             e: float = 0.0, noise: torch.Tensor | None = None, c: float = 0.0):
+             e: float = 0.0, noise: torch.Tensor | None = None, c: float = 0.0, x_from: torch.Tensor | None = None):
         s = x_.new_full((x_.shape[0],), sigma)
+        update_x = x_ if x_from is None else x_from
         if isinstance(model, Guided):
             with_cond, without = model.branches(x_, s, **extra)
             guidance = model.guidance
-            if model.mode == "cfg_pp":  # CFG++: the x part of the update is x + D_guided - D_uncond
-                x_ = x_ + guidance * (with_cond - without)
+            if model.mode == "cfg_pp":  # CFG++: the x part of the update is x + D_guided - D_uncond at that x
+                shift = guidance * (with_cond - without)
+                if x_from is not None:
+                    if last[0] is not x_from:
+                        raise LimnerError("CFG++: x_from must be the point of the previous step call")
+                    update_x = x_from + last[1]
+                else:
+                    update_x = x_ + shift
+                last[:] = [x_, shift]
         else:
             with_cond, without, guidance = model(x_, s, **extra), None, 1.0
-        return guided_update(x_, with_cond, without, guidance, a, b, old, e, noise, c)
+        return guided_update(update_x, with_cond, without, guidance, a, b, old, e, noise, c)
 
     return step
 

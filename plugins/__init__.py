@@ -21,8 +21,10 @@ SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral",
                  "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm", "unipc", "lcm", "deis",
                  "ipndm", "res_multistep", "res_multistep_ancestral", "heunpp2", "dpm_fast", "dpm_adaptive",
                  "dpmpp_2m_sde_heun", "uni_pc", "gradient_estimation", "er_sde", "seeds_2", "seeds_3",
+                 "exp_heun_2_x0", "exp_heun_2_x0_sde", "sa_solver", "sa_solver_pece",
                  # the same samplers guided with CFG++ (samplers.CFG_PP_SAMPLERS)
-                 "euler_cfg_pp", "euler_ancestral_cfg_pp", "ddim_cfg_pp", "dpmpp_2m_cfg_pp", "res_multistep_cfg_pp",
+                 "euler_cfg_pp", "euler_ancestral_cfg_pp", "ddim_cfg_pp", "dpmpp_2m_cfg_pp", "dpmpp_2s_ancestral_cfg_pp",
+                 "res_multistep_cfg_pp",
                  "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp")
 # Other tools' names for the same algorithms. Lookups ignore case, spaces, hyphens and turn "+"
 # into "p", so A1111's display names ("DPM++ 2M SDE", "Euler a") resolve too; a trailing schedule

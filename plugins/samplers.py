@@ -141,20 +141,19 @@ def sample_lms(model, x, sigmas, *, extra_args=None, callback=None, generator=No
 def sample_dpmpp_2s_ancestral(model, x, sigmas, *, extra_args=None, callback=None, generator=None,
                               eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022, "DPM-Solver++")."""
-    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    sig, step = as_floats(sigmas), bind_update(model, x, extra_args)
     for i in range(len(sig) - 1):
-        denoised = f(x, sig[i])
-        report(callback, i, x, sig[i], sig[i], denoised)
         down, up = ancestral_step(sig[i], sig[i + 1], eta)
-        if down == 0:
-            x = x + to_d(x, sig[i], denoised) * (down - sig[i])
-        else:
-            h = math.log(sig[i]) - math.log(down)  # step in lambda = -log(sigma)
+        noise = randn_like(x, generator) if up > 0 else None
+        if down == 0:  # the last step lands on D
+            x_next, denoised = step(x, sig[i], 0.0, 1.0)
+        else:  # a step to the midpoint in lambda = -log(sigma), then the whole step from x with D there
+            h = math.log(sig[i]) - math.log(down)
             sigma_mid = sig[i] * math.exp(-h / 2)
-            x_2 = (sigma_mid / sig[i]) * x - math.expm1(-h / 2) * denoised
-            x = (down / sig[i]) * x - math.expm1(-h) * f(x_2, sigma_mid)
-        if up > 0:
-            x = x + randn_like(x, generator) * s_noise * up
+            x_2, denoised = step(x, sig[i], sigma_mid / sig[i], -math.expm1(-h / 2))
+            x_next, _ = step(x_2, sigma_mid, down / sig[i], -math.expm1(-h), noise=noise, c=up * s_noise, x_from=x)
+        report(callback, i, x, sig[i], sig[i], denoised)
+        x = x_next
     return x
 
 
@@ -555,14 +554,18 @@ def _exponential_stage(sigma: float, frac: float, h: float, eta: float) -> tuple
     return sigma * math.exp(-frac * h), math.exp(-(1 + eta) * frac * h), math.expm1(-h_eta), h_eta
 
 
-def sample_seeds_2(model, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0, s_noise=1.0, r=0.5):
+def sample_seeds_2(model, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0, s_noise=1.0, r=0.5,
+                   solver_type="phi_1"):
     """SEEDS-2 (Gonzalez et al. 2023, "SEEDS: Exponential SDE Solvers for Fast High-Quality
     Sampling from Diffusion Models"), data prediction: a stochastic exponential step to the
     point r of the way in log sigma, then the full step with D extrapolated through both
-    estimates; the noise of the two sub-intervals is reused so the whole step's noise is one
-    consistent draw of the linear SDE's exact solution."""
-    if not 0 < r < 1:
-        raise limner.LimnerError(f"seeds_2: r must be in (0, 1), got {r}")
+    estimates (solver_type phi_1) or integrated with the phi_2 weight of its slope (phi_2); the
+    noise of the two sub-intervals is reused so the whole step's noise is one consistent draw of
+    the linear SDE's exact solution. r = 1 is an exponential Heun step (exp_heun_2_x0)."""
+    if not 0 < r <= 1:
+        raise limner.LimnerError(f"seeds_2: r must be in (0, 1], got {r}")
+    if solver_type not in ("phi_1", "phi_2"):
+        raise limner.LimnerError(f"seeds_2: unknown solver_type {solver_type!r}. Valid: phi_1, phi_2.")
     sig, f = as_floats(sigmas), bind(model, x, extra_args)
     for i in range(len(sig) - 1):
         denoised = f(x, sig[i])
@@ -571,17 +574,36 @@ def sample_seeds_2(model, x, sigmas, *, extra_args=None, callback=None, generato
             x = denoised
             continue
         h, cuts = math.log(sig[i]) - math.log(sig[i + 1]), (0.0, r, 1.0)
-        zs = [randn_like(x, generator) for _ in range(2)] if eta > 0 else []
+        zs = [randn_like(x, generator) for _ in range(2)] if eta > 0 and s_noise > 0 else []
         sigma_mid, a_mid, phi_mid, _ = _exponential_stage(sig[i], r, h, eta)
         x_2 = a_mid * x - phi_mid * denoised
         if zs:
             x_2 = x_2 + sigma_mid * s_noise * _exact_noise(zs, cuts, 1, h, eta)
-        mixed = (1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * f(x_2, sigma_mid)
-        _, a_t, phi_t, _ = _exponential_stage(sig[i], 1.0, h, eta)
-        x = a_t * x - phi_t * mixed
+        denoised_2 = f(x_2, sigma_mid)
+        _, a_t, phi_t, h_t = _exponential_stage(sig[i], 1.0, h, eta)
+        if solver_type == "phi_1":
+            x = a_t * x - phi_t * ((1 - 1 / (2 * r)) * denoised + 1 / (2 * r) * denoised_2)
+        else:
+            x = a_t * x - phi_t * denoised + (1 / r) * (phi_t / h_t + 1) * (denoised_2 - denoised)
         if zs:
             x = x + sig[i + 1] * s_noise * _exact_noise(zs, cuts, 2, h, eta)
     return x
+
+
+def sample_exp_heun_2_x0(model, x, sigmas, *, extra_args=None, callback=None, generator=None, solver_type="phi_2"):
+    """Exponential Heun in data prediction and log-SNR time (ComfyUI's exp_heun_2_x0): an
+    exponential Euler step, D at its end, the step redone with D's slope weighted by phi_2
+    (Hochbruck & Ostermann 2010, "Exponential integrators", sec. 2.2): SEEDS-2 at r = 1, eta = 0."""
+    return sample_seeds_2(model, x, sigmas, extra_args=extra_args, callback=callback, generator=generator,
+                          eta=0.0, s_noise=0.0, r=1.0, solver_type=solver_type)
+
+
+def sample_exp_heun_2_x0_sde(model, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0,
+                             s_noise=1.0, solver_type="phi_2"):
+    """Stochastic exponential Heun (ComfyUI's exp_heun_2_x0_sde): SEEDS-2 (Gonzalez et al. 2023)
+    at r = 1, the exact noise of the linear SDE added once per step."""
+    return sample_seeds_2(model, x, sigmas, extra_args=extra_args, callback=callback, generator=generator,
+                          eta=eta, s_noise=s_noise, r=1.0, solver_type=solver_type)
 
 
 def sample_seeds_3(model, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0, s_noise=1.0,
@@ -616,6 +638,76 @@ def sample_seeds_3(model, x, sigmas, *, extra_args=None, callback=None, generato
         if zs:
             x = x + sig[i + 1] * s_noise * _exact_noise(zs, cuts, 3, h, eta)
     return x
+
+
+def sa_coefficients(lambdas: list[float], lam_s: float, lam_t: float, tau: float) -> list[float]:
+    """SA-Solver's b_j (Xue et al. 2023, eqs. 15 and 18, alpha = 1): the integral over [lam_s,
+    lam_t] of (1 + tau^2) exp(-(1 + tau^2)(lam_t - lam)) times the Lagrange basis polynomial of
+    node lambdas[j]. The integrand is smooth and the interval short in lambda: 12-node
+    Gauss-Legendre is exact to rounding for (1 + tau^2) h < 8 (NOTE: 3e-16 on order-1's
+    1 - exp(-h) at h = 2)."""
+    c, half = 1 + tau**2, (lam_t - lam_s) / 2
+    total = [0.0] * len(lambdas)
+    for u, w in zip(*_gauss_legendre(12)):
+        lam = lam_s + half * (1 + u)
+        weight = w * half * c * math.exp(-c * (lam_t - lam))
+        for j, node in enumerate(lambdas):
+            total[j] += weight * math.prod((lam - m) / (node - m) for k, m in enumerate(lambdas) if k != j)
+    return total
+
+
+def sample_sa_solver(model, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0, s_noise=1.0,
+                     s_tmin=0.57, s_tmax=5.1, predictor_order=3, corrector_order=4, pece=False):
+    """SA-Solver (Xue et al. 2023, "SA-Solver: Stochastic Adams Solver for Fast Sampling of
+    Diffusion Models"), data prediction: a stochastic Adams-Bashforth predictor through the last
+    `predictor_order` estimates of D in lambda = -log sigma, then an Adams-Moulton corrector of
+    the same step through `corrector_order` estimates, the new one included, with the same
+    noise. tau = eta while s_tmin <= sigma <= s_tmax (ComfyUI's default window: SD's sigmas at
+    timesteps 200 and 800), else the step is the ODE's. pece: D evaluated again after each
+    correction (two model calls a step). Orders drop near the end, as in ComfyUI."""
+    if not 1 <= predictor_order <= 6 or not 0 <= corrector_order <= 6:
+        raise limner.LimnerError(f"sa_solver: predictor_order must be 1..6 and corrector_order 0..6 (0: no corrector), "
+                                 f"got {predictor_order} and {corrector_order}")
+    sig, f = as_floats(sigmas), bind(model, x, extra_args)
+    n, lam = len(sig) - 1, [-math.log(s) if s > 0 else INF for s in sig]
+    to_end = sig[-1] == 0  # lower the orders over the last steps (ComfyUI's lower_order_to_end)
+    ds: list[torch.Tensor] = []
+    x_pred, noise, tau, h = x, None, 0.0, 0.0
+    for i in range(n):
+        denoised = f(x_pred, sig[i])
+        report(callback, i, x_pred, sig[i], sig[i], denoised)
+        ds = [*ds, denoised][-max(predictor_order, corrector_order, 1):]
+        k = 0 if i == 0 or (sig[i + 1] == 0 and not pece) else min(corrector_order, len(ds))
+        k = min(k, n - i) if to_end else k
+        if k:  # correct the step lam[i-1] -> lam[i] with D at the predicted point
+            b = sa_coefficients(lam[i - k + 1 : i + 1], lam[i - 1], lam[i], tau)
+            x = sig[i] / sig[i - 1] * math.exp(-(tau**2) * h) * x + sum(bj * d for bj, d in zip(b, ds[-k:]))
+            if noise is not None:
+                x = x + noise
+            if pece:
+                ds[-1] = denoised = f(x, sig[i])
+        else:
+            x = x_pred
+        if sig[i + 1] == 0:
+            return denoised
+        tau = eta if s_tmin <= sig[i + 1] <= s_tmax else 0.0
+        k = min(predictor_order, len(ds), n - 1 - i) if to_end else min(predictor_order, len(ds))
+        b = sa_coefficients(lam[i - k + 1 : i + 1], lam[i], lam[i + 1], tau)
+        h = lam[i + 1] - lam[i]
+        x_pred = sig[i + 1] / sig[i] * math.exp(-(tau**2) * h) * x + sum(bj * d for bj, d in zip(b, ds[-k:]))
+        noise = None
+        if tau > 0 and s_noise > 0:
+            noise = randn_like(x, generator) * (sig[i + 1] * math.sqrt(-math.expm1(-2 * tau**2 * h)) * s_noise)
+            x_pred = x_pred + noise
+    return x_pred
+
+
+def sample_sa_solver_pece(model, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=1.0,
+                          s_noise=1.0, s_tmin=0.57, s_tmax=5.1, predictor_order=3, corrector_order=4):
+    """SA-Solver (Xue et al. 2023) in PECE mode: predict, evaluate, correct, evaluate again."""
+    return sample_sa_solver(model, x, sigmas, extra_args=extra_args, callback=callback, generator=generator,
+                            eta=eta, s_noise=s_noise, s_tmin=s_tmin, s_tmax=s_tmax, predictor_order=predictor_order,
+                            corrector_order=corrector_order, pece=True)
 
 
 # --- DPM-Solver (Lu et al. 2022) with noise prediction, for dpm_fast and dpm_adaptive ----------
@@ -775,10 +867,14 @@ SAMPLERS = {
     "er_sde": sample_er_sde,
     "seeds_2": sample_seeds_2,
     "seeds_3": sample_seeds_3,
+    "exp_heun_2_x0": sample_exp_heun_2_x0,
+    "exp_heun_2_x0_sde": sample_exp_heun_2_x0_sde,
+    "sa_solver": sample_sa_solver,
+    "sa_solver_pece": sample_sa_solver_pece,
 }
 # Samplers whose every step goes through bind_update, so the framework can guide them with CFG++
-CFG_PP_SAMPLERS = ("euler", "euler_ancestral", "ddim", "dpmpp_2m", "res_multistep", "res_multistep_ancestral",
-                   "gradient_estimation")
+CFG_PP_SAMPLERS = ("euler", "euler_ancestral", "ddim", "dpmpp_2m", "dpmpp_2s_ancestral", "res_multistep",
+                   "res_multistep_ancestral", "gradient_estimation")
 # name -> factory(**options) -> sampler; limner.plugins registers them under these names.
 # <name>_cfg_pp: the same function, guided with CFG++ by the framework (limner.sampling.Guided)
 FACTORIES = {name: sampler_spec(fn, name).factory for name, fn in SAMPLERS.items()}

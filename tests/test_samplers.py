@@ -65,6 +65,12 @@ DETERMINISTIC = [  # (name, options, known order)
     ("seeds_2", {"eta": 0.0}, 2),  # = DPM-Solver++(2S)
     ("seeds_3", {"eta": 0.0}, 3),  # = DPM-Solver++(3S)
     ("gradient_estimation", {}, 1),  # the extrapolated direction overshoots AB2's: first order
+    ("exp_heun_2_x0", {}, 2),
+    ("exp_heun_2_x0", {"solver_type": "phi_1"}, 2),
+    ("seeds_2", {"eta": 0.0, "solver_type": "phi_2"}, 2),
+    ("sa_solver", {"eta": 0.0}, 4),  # Adams-Bashforth 3 predicting, Adams-Moulton 4 correcting: measured 3.99
+    ("sa_solver", {"eta": 0.0, "predictor_order": 2, "corrector_order": 0}, 2),
+    ("sa_solver_pece", {"eta": 0.0}, 4),
 ]
 
 
@@ -117,6 +123,10 @@ STOCHASTIC = [  # (name, options, weak order): first-order methods keep a bias o
     ("seeds_2", {}, 2),
     ("seeds_3", {}, 2),
     ("er_sde", {}, 2),  # stage 3; stage 1 alone keeps a 1.4% bias in the std
+    ("exp_heun_2_x0_sde", {}, 2),
+    ("sa_solver", {}, 2),  # noise only inside its sigma window: std 0.5% high, as with the window everywhere 0.1%
+    ("sa_solver", {"s_tmin": 0.0, "s_tmax": 1e9}, 2),
+    ("sa_solver_pece", {}, 2),
 ]
 N = 40_000
 
@@ -336,3 +346,61 @@ def test_cfg_pp_refuses_samplers_outside_the_fused_update():
         limner.create("samplers", "euler_cfg_pp")(model, torch.ones(1, 2), [1.0, 0.0], extra_args={"cond": torch.ones(1, 2)})
     with pytest.raises(limner.LimnerError, match="unknown guidance mode 'pp'. Valid: cfg, cfg_pp"):
         Guided(Counting(), 1.0, "pp")
+
+
+def test_sa_solver_of_order_one_is_ddim_and_its_weights_integrate_the_exponential():
+    """Without history and corrector, SA-Solver's step is DDIM's (tau = 0); its weights are the
+    exact integral (1 + tau^2) * int exp(-(1 + tau^2)(l_t - l)) l_j(l) dl of Xue et al. 2023."""
+    from limner.plugins.samplers import sa_coefficients
+
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 20
+    sigmas = limner.create("schedules", "karras")(12, 0.05, 20.0)
+    first = limner.create("samplers", "sa_solver", eta=0.0, predictor_order=1, corrector_order=0)
+    assert torch.allclose(first(gaussian_denoiser, x.clone(), sigmas), limner.create("samplers", "ddim")(
+        gaussian_denoiser, x.clone(), sigmas), atol=1e-12)
+    h, tau = 0.7, 0.8
+    (b,) = sa_coefficients([0.3], 0.3, 0.3 + h, tau)
+    assert b == pytest.approx(-np.expm1(-(1 + tau**2) * h), rel=1e-14)
+    # order 2: the weights of the two nodes integrate constants and lambda itself exactly
+    b1, b2 = sa_coefficients([0.3, -0.2], 0.3, 1.0, tau)
+    c = 1 + tau**2
+    ts = np.linspace(0.3, 1.0, 200_001)
+    kernel = c * np.exp(-c * (1.0 - ts))
+    assert b1 + b2 == pytest.approx(np.trapezoid(kernel, ts), rel=1e-9)
+    assert 0.3 * b1 - 0.2 * b2 == pytest.approx(np.trapezoid(kernel * ts, ts), rel=1e-9)
+    with pytest.raises(limner.LimnerError, match="predictor_order must be 1..6 and corrector_order 0..6.*got 0 and 4"):
+        limner.create("samplers", "sa_solver", predictor_order=0)(gaussian_denoiser, x, sigmas)
+
+
+def test_sa_solver_pece_calls_the_model_twice_a_step():
+    model = Counting(gaussian_denoiser)
+    x = torch.randn(2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 20
+    sigmas = limner.create("schedules", "karras")(6, 0.05, 20.0)  # 6 steps, the last to 0
+    limner.create("samplers", "sa_solver_pece")(model, x, sigmas)
+    pece_calls, model.calls = model.calls, 0
+    limner.create("samplers", "sa_solver")(model, x, sigmas)
+    assert (pece_calls, model.calls) == (6 + 5, 6)  # a correction (and its call) after every step but the first
+
+
+def test_dpmpp_2s_ancestral_cfg_pp_updates_both_stages_from_the_shifted_start():
+    """ComfyUI's dpmpp_2s_ancestral_cfg_pp: x_2 = (s_mid/s)(x + D_g - D_u) - expm1(-h/2) D_g and
+    x' = (s'/s)(x + D_g - D_u) - expm1(-h) D_g(x_2): both stages start from the CFG++-shifted x
+    of the first evaluation (the second stage's own shift is not used)."""
+    import math
+
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 10
+    cond, uncond = torch.full((3, 2), 2.0, dtype=torch.float64), torch.full((3, 2), -1.0, dtype=torch.float64)
+    sigmas, lam = torch.tensor([10.0, 4.0], dtype=torch.float64), 0.6
+    out = limner.create("samplers", "dpmpp_2s_ancestral_cfg_pp", eta=0.0)(
+        Guided(Counting(), lam, "cfg_pp"), x.clone(), sigmas, extra_args={"cond": cond, "uncond": uncond})
+
+    def guided(x_):
+        d_u = 0.5 * x_ + uncond
+        return d_u, d_u + lam * (0.5 * x_ + cond - d_u)
+
+    h = math.log(10.0 / 4.0)
+    d_u, d_g = guided(x)
+    shifted = x + d_g - d_u
+    x_2 = math.exp(-h / 2) * shifted - math.expm1(-h / 2) * d_g
+    expected = 0.4 * shifted - math.expm1(-h) * guided(x_2)[1]
+    assert torch.allclose(out, expected, atol=1e-12)
