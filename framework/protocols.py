@@ -15,37 +15,58 @@ import torch
 
 @dataclass
 class TextEmbedding:
-    """A batch of encoded prompts: per-token states, their padding mask, one pooled vector."""
+    """A batch of encoded prompts: per-token states, their padding mask, one pooled vector;
+    with phrase tokens also one pooled vector per clause of each prompt (`clauses`, padded,
+    `clause_mask` True where a clause is real)."""
 
     tokens: torch.Tensor  # [B, L, D]
     mask: torch.Tensor  # [B, L], True where a token is real
     pooled: torch.Tensor  # [B, D]
+    clauses: torch.Tensor | None = None  # [B, K, D]
+    clause_mask: torch.Tensor | None = None  # [B, K]
 
     def __post_init__(self) -> None:
         b, length, _ = self.tokens.shape
         if tuple(self.mask.shape) != (b, length) or self.pooled.shape[0] != b:
             raise ValueError(f"TextEmbedding shapes disagree: tokens {tuple(self.tokens.shape)}, "
                              f"mask {tuple(self.mask.shape)}, pooled {tuple(self.pooled.shape)}")
+        if (self.clauses is None) != (self.clause_mask is None) or (
+                self.clauses is not None and (self.clauses.ndim != 3 or self.clauses.shape[0] != b
+                                              or tuple(self.clause_mask.shape) != self.clauses.shape[:2])):
+            raise ValueError("TextEmbedding clauses [B, K, D] and clause_mask [B, K] come together and match the "
+                             f"batch of {b}")
+
+    def _fields(self) -> tuple[torch.Tensor | None, ...]:
+        return self.tokens, self.mask, self.pooled, self.clauses, self.clause_mask
 
     def cat(self, other: TextEmbedding) -> TextEmbedding:
-        """Both batches in one, token axes padded to the longer (padding masked out)."""
-        length = max(self.tokens.shape[1], other.tokens.shape[1])
+        """Both batches in one, token (and clause) axes padded to the longer (padding masked out)."""
+        if (self.clauses is None) != (other.clauses is None):
+            raise ValueError("cannot batch a TextEmbedding with clauses and one without")
 
-        def pad(t: torch.Tensor) -> torch.Tensor:
-            extra = length - t.shape[1]
-            return torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, extra)) if extra else t
+        def joined(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            """[B1, L1, ...] and [B2, L2, ...] as [B1 + B2, max(L1, L2), ...], zero-padded."""
+            if a is None:
+                return None
+            length = max(a.shape[1], b.shape[1])
+            return torch.cat([torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1]))
+                              for t in (a, b)])
 
-        return TextEmbedding(torch.cat([pad(self.tokens), pad(other.tokens)]),
-                             torch.cat([pad(self.mask), pad(other.mask)]),
-                             torch.cat([self.pooled, other.pooled]))
+        return TextEmbedding(joined(self.tokens, other.tokens), joined(self.mask, other.mask),
+                             torch.cat([self.pooled, other.pooled]), joined(self.clauses, other.clauses),
+                             joined(self.clause_mask, other.clause_mask))
 
     def detach(self) -> TextEmbedding:
         """The same embedding cut from its autograd graph."""
-        return TextEmbedding(self.tokens.detach(), self.mask, self.pooled.detach())
+        return TextEmbedding(*(None if t is None else t.detach() for t in self._fields()))
 
     def repeat(self, n: int) -> TextEmbedding:
         """Each prompt n times in a row (for several images per prompt)."""
-        return TextEmbedding(*(t.repeat_interleave(n, dim=0) for t in (self.tokens, self.mask, self.pooled)))
+        return TextEmbedding(*(None if t is None else t.repeat_interleave(n, dim=0) for t in self._fields()))
+
+    def roll(self, shifts: int) -> TextEmbedding:
+        """The batch's prompts rotated by `shifts` (each image paired with another's text)."""
+        return TextEmbedding(*(None if t is None else t.roll(shifts, dims=0) for t in self._fields()))
 
 
 @runtime_checkable

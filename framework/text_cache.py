@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -149,4 +150,12 @@ def with_phrase_tokens(encode: Callable[[list[str]], TextEmbedding], prompts: Se
     index = {q: i for i, q in enumerate(unique)}
     rows = [(torch.cat([clauses.tokens[index[q], clauses.mask[index[q]]] + clauses.pooled[index[q]] for q in ps])
              .to(emb.tokens.dtype), pooled) for ps, pooled in zip(parts, emb.pooled)]
-    return _stack(rows)
+    stacked = _stack(rows)
+    per_clause = clauses.pooled.to(emb.tokens.dtype)
+    k = max(len(ps) for ps in parts)
+    vectors = per_clause.new_zeros((len(parts), k, per_clause.shape[-1]))
+    real = torch.zeros((len(parts), k), dtype=torch.bool, device=per_clause.device)
+    for i, ps in enumerate(parts):
+        vectors[i, : len(ps)] = per_clause[[index[q] for q in ps]]
+        real[i, : len(ps)] = True
+    return replace(stacked, clauses=vectors, clause_mask=real)

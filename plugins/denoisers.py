@@ -6,6 +6,8 @@ by the trainer from the text encoder and dataset.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -52,14 +54,54 @@ def _refiner_heads(dim: int) -> int:
     return dim // 64 if dim % 64 == 0 else 1
 
 
+class ClauseLayout(nn.Module):
+    """Each clause of the prompt claims a region: a [B, dim, side, side] map whose every pixel
+    holds a mix of clause vectors, weighted by how well the pixel's place matches the clause.
+
+    Why: with two objects, cross-attention must find a pixel's place among the tokens and read
+    colour and shape from another token of the same clause; the query that does it is built
+    from noisy image features, and the place route was not learned in 4,000 steps
+    (benchmarks/results/cpu-two-object.md). Here the query is the pixel's place alone (learned
+    from fixed sine-cosine features) and each key and value is one clause's pooled vector, so
+    "where does this clause go" is one lookup that never sees the image, and what is drawn at a
+    pixel is the clause that owns it. A learned null clause takes pixels no clause claims (the
+    background). Clause vectors come from `model.phrase_tokens` (TextEmbedding.clauses).
+    Spatial conditioning from per-object text follows GLIGEN (Li et al. 2023), which is given
+    the boxes; here the places are read from the text."""
+
+    def __init__(self, context_dim: int, dim: int, side: int, key_dim: int = 64):
+        super().__init__()
+        self.side, self.scale = side, key_dim**-0.5
+        self.register_buffer("pos", sincos_2d(key_dim, side), persistent=False)  # [P, key_dim]
+        self.query = nn.Sequential(nn.Linear(key_dim, key_dim), nn.SiLU(), nn.Linear(key_dim, key_dim))
+        self.norm = nn.LayerNorm(context_dim)
+        self.key, self.value = nn.Linear(context_dim, key_dim), nn.Linear(context_dim, dim)
+        self.null_key, self.null_value = nn.Parameter(torch.zeros(key_dim)), nn.Parameter(torch.zeros(dim))
+
+    def forward(self, cond: TextEmbedding) -> torch.Tensor:
+        if cond.clauses is None:
+            raise limner.LimnerError("clause_layout reads one vector per clause of the prompt: set "
+                                     "model.phrase_tokens = true (or turn clause_layout off)")
+        clauses = self.norm(cond.clauses)  # [B, K, D]
+        b = clauses.shape[0]
+        keys = torch.cat([self.null_key.expand(b, 1, -1), self.key(clauses)], 1)  # [B, 1+K, key_dim]
+        values = torch.cat([self.null_value.expand(b, 1, -1), self.value(clauses)], 1)  # [B, 1+K, dim]
+        logits = torch.einsum("pd,bkd->bpk", self.query(self.pos), keys) * self.scale
+        real = F.pad(cond.clause_mask, (1, 0), value=True)[:, None]  # the null clause is always there
+        weights = logits.masked_fill(~real, float("-inf")).softmax(-1)  # [B, P, 1+K]
+        return rearrange(weights @ values, "b (h w) c -> b c h w", h=self.side)
+
+
 # --- UNet -------------------------------------------------------------------------------
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the noise embedding as a per-channel scale and shift (ADM)."""
+    """GroupNorm-SiLU-conv twice, the noise embedding as a per-channel scale and shift (ADM);
+    with a clause layout, its map (projected) is added after the first conv."""
 
-    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float):
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float, layout_dim: int = 0):
         super().__init__()
         self.groups = groups
+        self.layout = zero_init(nn.Conv2d(layout_dim, cout, 1)) if layout_dim else None
         self.norm1, self.norm2 = nn.GroupNorm(groups, cin), nn.GroupNorm(groups, cout)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.conv2 = zero_init(nn.Conv2d(cout, cout, 3, padding=1))
@@ -67,8 +109,10 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, layout: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
         h = self.conv1(group_norm_silu(x, self.groups, self.norm1.weight, self.norm1.bias))
+        if self.layout is not None and layout is not None:  # the clause map at this resolution
+            h = h + self.layout(layout[h.shape[-1]])
         scale, shift = self.emb(F.silu(emb)).chunk(2, dim=1)
         h = group_norm_silu(h, self.groups, self.norm2.weight, self.norm2.bias, scale=scale, shift=shift)
         return self.skip(x) + self.conv2(self.dropout(h))
@@ -128,11 +172,12 @@ class Up(nn.Module):
 
 
 class Stage(nn.Sequential):
-    """A list of blocks called with (x, emb, cond); ResBlocks ignore cond."""
+    """A list of blocks called with (x, emb, cond, layout); ResBlocks read the layout maps
+    ({side: map}) instead of cond."""
 
-    def forward(self, x, emb, cond):
+    def forward(self, x, emb, cond, layout=None):
         for block in self:
-            x = block(x, emb) if isinstance(block, ResBlock) else block(x, emb, cond)
+            x = block(x, emb, layout) if isinstance(block, ResBlock) else block(x, emb, cond)
         return x
 
 
@@ -141,15 +186,19 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, mults: tuple[int, ...], blocks: int,
                  attention_levels: tuple[int, ...], heads: int, context_dim: int, groups: int, dropout: float,
-                 image_size: int, positions: bool, context_layers: int = 0, pooled: bool = True):
+                 image_size: int, positions: bool, context_layers: int = 0, pooled: bool = True,
+                 clause_layout: bool = False):
         super().__init__()
         emb_dim = 4 * channels
+        layout_dim = channels if clause_layout else 0
+        self.layout = ClauseLayout(context_dim, layout_dim, image_size) if clause_layout else None
+        self.levels = len(mults)
         self.refiner = ContextRefiner(context_dim, context_layers, _refiner_heads(context_dim)) if context_layers else None
         self.cond = Conditioning(channels, emb_dim, context_dim, pooled)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
         def res(cin, cout):
-            return ResBlock(cin, cout, emb_dim, groups, dropout)
+            return ResBlock(cin, cout, emb_dim, groups, dropout, layout_dim)
 
         def attn(ch, level):
             return SpatialTransformer(ch, heads, context_dim, groups, image_size // 2**level, positions)
@@ -180,27 +229,33 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
         emb = self.cond(c_noise, cond)
         if cond is not None and self.refiner is not None:
-            cond = TextEmbedding(self.refiner(cond.tokens.to(x.dtype), cond.mask), cond.mask, cond.pooled)
+            cond = replace(cond, tokens=self.refiner(cond.tokens.to(x.dtype), cond.mask))
+        layout = None
+        if self.layout is not None and cond is not None:  # the clause map at every level's resolution
+            full = self.layout(cond).to(x.dtype)
+            layout = {full.shape[-1] >> k: F.avg_pool2d(full, 2**k) if k else full for k in range(self.levels)}
         h = self.conv_in(x)
         skips = [h]
         for stage in self.down:
-            h = stage(h, emb, cond)
+            h = stage(h, emb, cond, layout)
             skips.append(h)
-        h = self.middle(h, emb, cond)
+        h = self.middle(h, emb, cond, layout)
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb, cond)
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb, cond, layout)
         return self.conv_out(group_norm_silu(h, self.groups, self.norm_out.weight, self.norm_out.bias))
 
 
 def unet(context_dim: int, in_channels: int = 3, image_size: int = 32, channels: int = 64,
          mults: list[int] = (1, 2, 2), blocks: int = 2, attention_levels: list[int] = (1, 2), heads: int = 4,
          groups: int = 32, dropout: float = 0.0, positions: bool = True, context_layers: int = 0,
-         pooled: bool = True, parameterization: str = "edm", sigma_data: float = 0.5):
+         pooled: bool = True, clause_layout: bool = False, parameterization: str = "edm", sigma_data: float = 0.5):
     """ADM-style UNet with text cross-attention (Dhariwal & Nichol 2021; Rombach et al. 2022);
     `positions` adds 2-D sine-cosine position features to its attention tokens, `context_layers`
     trainable transformer layers refine the text tokens first; `pooled = false` keeps the pooled
     text vector out of the per-sample scale/shift (a vector for the whole image blends the
-    colours of several objects: with it off, text arrives through cross-attention only)."""
+    colours of several objects: with it off, text arrives through cross-attention only);
+    `clause_layout` lets each clause of the prompt claim a region of every ResBlock (ClauseLayout;
+    needs model.phrase_tokens)."""
     if context_layers < 0:
         raise limner.LimnerError(f"unet: context_layers must be >= 0, got {context_layers}")
     if image_size % 2 ** (len(mults) - 1):
@@ -208,7 +263,7 @@ def unet(context_dim: int, in_channels: int = 3, image_size: int = 32, channels:
     if channels % groups:
         raise limner.LimnerError(f"unet: channels {channels} must be divisible by groups {groups}")
     net = UNet(in_channels, channels, tuple(mults), blocks, tuple(attention_levels), heads, context_dim, groups,
-               dropout, image_size, positions, context_layers, pooled)
+               dropout, image_size, positions, context_layers, pooled, clause_layout)
     return Preconditioned(net, parameterization, sigma_data)
 
 
@@ -218,14 +273,18 @@ class DiTBlock(nn.Module):
     """adaLN-zero self-attention and MLP (Peebles & Xie 2023), plus cross-attention to the
     text tokens between them (PixArt-alpha, Chen et al. 2023)."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, context_dim: int, clause_layout: bool = False):
         super().__init__()
+        self.layout = zero_init(nn.Linear(dim, dim)) if clause_layout else None
         self.self_attn, self.cross_attn = Attention(dim, heads), Attention(dim, heads, context_dim)
         self.ln_cross = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
         self.ada = zero_init(nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, cond: TextEmbedding | None,
+                layout: torch.Tensor | None = None) -> torch.Tensor:
+        if layout is not None:  # [B, N, dim]: the clause map at each patch
+            x = x + self.layout(layout)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(emb)).chunk(6, dim=1)
         x = gated_residual(x, gate1, self.self_attn(adaln_modulate(x, shift1, scale1)))
         context, mask = _context(cond)
@@ -238,33 +297,38 @@ class DiT(nn.Module):
     """Diffusion transformer over image patches (Peebles & Xie 2023)."""
 
     def __init__(self, in_channels: int, image_size: int, patch: int, dim: int, depth: int, heads: int,
-                 context_dim: int, pooled: bool = True):
+                 context_dim: int, pooled: bool = True, clause_layout: bool = False):
         super().__init__()
         self.patch, self.side = patch, image_size // patch
         self.cond = Conditioning(dim, dim, context_dim, pooled)
+        self.layout = ClauseLayout(context_dim, dim, self.side) if clause_layout else None
         self.patchify = nn.Conv2d(in_channels, dim, patch, stride=patch)
         self.register_buffer("pos", sincos_2d(dim, self.side), persistent=False)
-        self.blocks = nn.ModuleList(DiTBlock(dim, heads, context_dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, context_dim, clause_layout) for _ in range(depth))
         self.final_ada = zero_init(nn.Linear(dim, 2 * dim))
         self.final = zero_init(nn.Linear(dim, patch * patch * in_channels))
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
         emb = self.cond(c_noise, cond)
         t = rearrange(self.patchify(x), "b d h w -> b (h w) d") + self.pos.to(x.dtype)
+        layout = None
+        if self.layout is not None and cond is not None:
+            layout = rearrange(self.layout(cond).to(x.dtype), "b d h w -> b (h w) d")
         for block in self.blocks:
-            t = block(t, emb, cond)
+            t = block(t, emb, cond, layout)
         shift, scale = self.final_ada(F.silu(emb)).chunk(2, dim=1)
         t = self.final(adaln_modulate(t, shift, scale))
         return rearrange(t, "b (h w) (p q c) -> b c (h p) (w q)", h=self.side, p=self.patch, q=self.patch)
 
 
 def dit(context_dim: int, in_channels: int = 3, image_size: int = 32, patch: int = 2, dim: int = 256,
-        depth: int = 6, heads: int = 4, pooled: bool = True, parameterization: str = "edm", sigma_data: float = 0.5):
+        depth: int = 6, heads: int = 4, pooled: bool = True, clause_layout: bool = False,
+        parameterization: str = "edm", sigma_data: float = 0.5):
     """DiT with adaLN-zero and text cross-attention (Peebles & Xie 2023; Chen et al. 2023);
-    `pooled = false`: text through cross-attention only, as the unet's."""
+    `pooled = false`: text through cross-attention only, and `clause_layout`, as the unet's."""
     if image_size % patch:
         raise limner.LimnerError(f"dit: image_size {image_size} must be divisible by patch {patch}")
     if dim % 4:
         raise limner.LimnerError(f"dit: dim {dim} must be divisible by 4")
-    net = DiT(in_channels, image_size, patch, dim, depth, heads, context_dim, pooled)
+    net = DiT(in_channels, image_size, patch, dim, depth, heads, context_dim, pooled, clause_layout)
     return Preconditioned(net, parameterization, sigma_data)

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 import limner
-from limner.protocols import TextEmbedding
 
 
 class NonSaturating:
@@ -101,8 +100,7 @@ class MatchingAware:
     def __call__(self, discriminator, real, fake, cond, adversarial):
         if cond is None or real.shape[0] < 2:
             return real.new_zeros(())
-        wrong = TextEmbedding(*(t.roll(1, dims=0) for t in (cond.tokens, cond.mask, cond.pooled)))
-        return self.weight * adversarial.d_fake(discriminator(real, wrong))
+        return self.weight * adversarial.d_fake(discriminator(real, cond.roll(1)))
 
 
 def _positive(name: str, **values: float) -> None:

@@ -163,6 +163,35 @@ def test_pooled_off_leaves_text_to_cross_attention_alone(name, options):
     assert not any("cond.text" in n for n, _ in model.named_parameters())  # no unused weights
 
 
+def clause_text(clauses, dim=16):
+    """A TextEmbedding with one vector per clause (as model.phrase_tokens makes it)."""
+    b, k, _ = clauses.shape
+    return TextEmbedding(clauses, torch.ones(b, k, dtype=torch.bool), clauses.mean(1), clauses,
+                         torch.ones(b, k, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name, options", NETS, ids=[n for n, _ in NETS])
+def test_clause_layout_reads_each_clause_and_not_their_order(name, options):
+    torch.manual_seed(0)
+    model = wake(limner.create("denoisers", name, context_dim=16, image_size=16, pooled=False, clause_layout=True,
+                               **options)).eval()
+    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0])
+    clauses = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(0))
+    out = model(x, sigma, clause_text(clauses))
+    # "A and B" is "B and A": the layout weighs clauses by where they go, not by their place in the prompt
+    assert torch.allclose(out, model(x, sigma, clause_text(clauses.flip(1))), atol=1e-5)
+    other = clauses.clone()
+    other[:, 1] += 1.0
+    assert (out - model(x, sigma, clause_text(other))).abs().mean() > 1e-3
+    # a padded clause is no clause
+    padded = clause_text(torch.cat([clauses, torch.randn(2, 1, 16) * 9], 1))
+    padded.clause_mask[:, 2] = False
+    padded.mask[:, 2] = False
+    assert torch.allclose(out, model(x, sigma, padded), atol=1e-5)
+    with pytest.raises(limner.LimnerError, match="clause_layout reads one vector per clause.*model.phrase_tokens = true"):
+        model(x, sigma, text(2))
+
+
 @pytest.mark.parametrize("name, options", NETS, ids=[n for n, _ in NETS])
 def test_training_lowers_the_denoising_loss(name, options):
     torch.manual_seed(0)

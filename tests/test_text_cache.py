@@ -98,6 +98,14 @@ def test_phrase_tokens_encode_each_clause_alone_with_its_pooled_vector_on_every_
     torch.testing.assert_close(tokens[0], torch.cat(clause[:2]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tokens[1], clause[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pooled, enc.encode(prompts).pooled, atol=1e-5, rtol=1e-5)  # the whole prompt's
+    # one pooled vector per clause, padded: what a clause layout reads
+    assert emb.clause_mask.tolist() == [[True, True], [True, False], [True, False]]
+    torch.testing.assert_close(emb.clauses[0], alone.pooled[:2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(emb.clauses[2, 0], alone.pooled[2], atol=1e-5, rtol=1e-5)
+    single = with_phrase_tokens(enc.encode, ["a cat"])  # one clause: batched with two, padded and masked
+    both = single.cat(emb.roll(1))
+    assert both.clause_mask.tolist() == [[True, False], [True, False], [True, True], [True, False]]
+    assert torch.equal(both.clauses[2], emb.clauses[0]) and both.repeat(2).clauses.shape == (8, 2, emb.clauses.shape[-1])
     # swapping the clauses' attributes changes the tokens, not only their order
     swapped = with_phrase_tokens(enc.encode, ["a blue circle at the top left and a red square"])
     assert not torch.allclose(valid(swapped)[0][0], tokens[0])
