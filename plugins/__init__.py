@@ -148,9 +148,9 @@ class losses:
 class image_metrics:
     @hookimpl
     def limner_register_metrics():
-        """PSNR, SSIM, MS-SSIM, FID, KID and Inception Score on torchmetrics."""
+        """PSNR, SSIM, MS-SSIM, FID, KID and Inception Score on torchmetrics; class agreement."""
         return _specs("image_metrics", [(n, n, (), "") for n in ("psnr", "ssim", "ms_ssim", "fid", "kid",
-                                                                   "inception_score")])
+                                                                   "inception_score", "class_agreement")])
 
     @hookimpl
     def limner_register_feature_networks():

@@ -15,6 +15,7 @@ baselines measured, by `python -m limner.plugins.image_metrics train [RESULTS.js
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ class FashionNet(nn.Module):
 
     num_classes = 10
     num_features = 128
+    classes = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 
     def __init__(self):
         super().__init__()
@@ -67,6 +69,7 @@ class FeatureOutput(nn.Module):
         super().__init__()
         self.net, self.output = net, output
         self.num_features = net.num_features if output == "features" else net.num_classes
+        self.classes = net.classes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net.features(images) if self.output == "features" else self.net(images)
@@ -216,6 +219,34 @@ def inception_score(features: str = "fashion_net", splits: int = 1, path: str | 
         return {f"inception_score_{features}": float(mean)}
 
     return metric
+
+
+def class_agreement(features: str = "fashion_net", path: str | None = None):
+    """The fraction of images a feature network's classifier assigns to the class its prompt
+    names ("a photo of a sneaker" -> sneaker; the longest class name found as a word, a plural
+    "s" allowed): a text-to-image model's prompt following on a labelled dataset."""
+
+    def metric(images, prompts):
+        net = _feature_net(features, "logits", path)
+        classes = getattr(net, "classes", None)
+        if not classes:
+            raise limner.LimnerError(f"class_agreement needs a feature network with class names; {features} has none")
+        wanted = [prompt_class(p, classes) for p in prompts]
+        with torch.no_grad():
+            predicted = torch.cat([net(_unit(images[i:i + 500])).argmax(1) for i in range(0, len(images), 500)])
+        return {f"class_agreement_{features}": float((predicted == torch.tensor(wanted)).float().mean())}
+
+    return metric
+
+
+def prompt_class(prompt: str, classes: tuple[str, ...]) -> int:
+    """The index of the longest class name in the prompt, as a word ('t-shirt' before 'shirt')."""
+    text = prompt.lower()
+    for name in sorted(classes, key=len, reverse=True):
+        if re.search(rf"(?<![\w-]){re.escape(name)}s?\b", text):
+            return classes.index(name)
+    raise limner.LimnerError(f"class_agreement: the prompt {prompt!r} names none of the classes "
+                             f"{', '.join(classes)}")
 
 
 # --- training the feature network (python -m limner.plugins.image_metrics train) ------------

@@ -105,3 +105,29 @@ def test_eval_takes_metrics_by_name_and_writes_json_and_markdown(tmp_path, capsy
         main(["eval", str(tmp_path / "run"), "--metrics", "fidd"])
     err = capsys.readouterr().err
     assert exit_.value.code != 0 and "unknown metric 'fidd'" in err and "Traceback" not in err
+
+
+def test_prompt_class_finds_the_longest_class_name_as_a_word():
+    from limner.plugins.image_metrics import FashionNet, prompt_class
+
+    classes = FashionNet.classes
+    named = {p: classes[prompt_class(p, classes)] for p in (
+        "a photo of a t-shirt", "a shirt", "a pair of trousers", "a black and white picture of a ankle boot")}
+    assert named == {"a photo of a t-shirt": "t-shirt", "a shirt": "shirt", "a pair of trousers": "trouser",
+                     "a black and white picture of a ankle boot": "ankle boot"}
+    with pytest.raises(limner.LimnerError, match="the prompt 'a red circle' names none of the classes t-shirt, "):
+        metric("class_agreement")(torch.zeros(1, 1, 28, 28), ["a red circle"])
+
+
+@needs_fashion
+def test_class_agreement_of_real_images_with_their_own_captions_is_the_classifier_accuracy():
+    from limner.plugins.image_metrics import accuracy, fashion_arrays, load_fashion_net
+
+    data = limner.create("datasets", "fashion_mnist", size=28, split="test")
+    images, prompts = zip(*(data[i] for i in range(600)))
+    images = torch.stack(images)
+    agreement = metric("class_agreement")(images, list(prompts))["class_agreement_fashion_net"]
+    raw, labels = fashion_arrays("test")
+    assert agreement == pytest.approx(accuracy(load_fashion_net(), raw[:600], labels[:600]), abs=1e-6)
+    shuffled = metric("class_agreement")(images, list(prompts[1:]) + [prompts[0]])["class_agreement_fashion_net"]
+    assert agreement > 0.85 and shuffled < 0.3  # another image's caption: mostly another class
