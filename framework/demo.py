@@ -122,7 +122,7 @@ def trained_demo(cfg: DemoConfig, checkpoints: list[Path], out: Path) -> Path:
             options = {"sampler": sc.name, "steps": cfg.steps} if sc else {}
             start = time.perf_counter()
             images = pipe(cfg.prompts, seed=0, **options)
-            label = f"{family} {sc.name}" if sc else f"{run_cfg.recipe} {family}"
+            label = f"{ckpt.name} {sc.name}" if sc else f"{ckpt.name} ({run_cfg.recipe}, {family})"
             print(f"  {label:<24} {(time.perf_counter() - start) / len(images):6.3f} s/image")
             tiles += [im.resize((cfg.tile, cfg.tile), Image.Resampling.NEAREST) for im in images]
             labels.append(label)
