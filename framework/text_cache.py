@@ -150,12 +150,6 @@ def with_phrase_tokens(encode: Callable[[list[str]], TextEmbedding], prompts: Se
     index = {q: i for i, q in enumerate(unique)}
     rows = [(torch.cat([clauses.tokens[index[q], clauses.mask[index[q]]] + clauses.pooled[index[q]] for q in ps])
              .to(emb.tokens.dtype), pooled) for ps, pooled in zip(parts, emb.pooled)]
-    stacked = _stack(rows)
     per_clause = clauses.pooled.to(emb.tokens.dtype)
-    k = max(len(ps) for ps in parts)
-    vectors = per_clause.new_zeros((len(parts), k, per_clause.shape[-1]))
-    real = torch.zeros((len(parts), k), dtype=torch.bool, device=per_clause.device)
-    for i, ps in enumerate(parts):
-        vectors[i, : len(ps)] = per_clause[[index[q] for q in ps]]
-        real[i, : len(ps)] = True
-    return replace(stacked, clauses=vectors, clause_mask=real)
+    by_clause = _stack([(per_clause[[index[q] for q in ps]], pooled) for ps, pooled in zip(parts, emb.pooled)])
+    return replace(_stack(rows), clauses=by_clause.tokens, clause_mask=by_clause.mask)

@@ -227,6 +227,8 @@ def class_agreement(features: str = "fashion_net", path: str | None = None):
     "s" allowed): a text-to-image model's prompt following on a labelled dataset."""
 
     def metric(images, prompts):
+        if len(images) != len(prompts):
+            raise limner.LimnerError(f"class_agreement: {len(images)} images but {len(prompts)} prompts")
         net = _feature_net(features, "logits", path)
         classes = getattr(net, "classes", None)
         if not classes:

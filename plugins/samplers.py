@@ -574,7 +574,7 @@ def sample_seeds_2(model, x, sigmas, *, extra_args=None, callback=None, generato
             x = denoised
             continue
         h, cuts = math.log(sig[i]) - math.log(sig[i + 1]), (0.0, r, 1.0)
-        zs = [randn_like(x, generator) for _ in range(2)] if eta > 0 and s_noise > 0 else []
+        zs = [randn_like(x, generator) for _ in range(2)] if eta > 0 else []
         sigma_mid, a_mid, phi_mid, _ = _exponential_stage(sig[i], r, h, eta)
         x_2 = a_mid * x - phi_mid * denoised
         if zs:
