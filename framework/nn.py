@@ -8,7 +8,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import attention
-from limner.kernels import geglu
+from limner.kernels import geglu, linear
 
 
 def noise_embedding(c_noise: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -19,6 +19,14 @@ def noise_embedding(c_noise: torch.Tensor, dim: int, max_period: float = 10_000.
     return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) whose forward is limner.kernels.linear: on the
+    CPU, many tokens go through oneDNN rather than the BLAS sgemm (~2x there, onednn_linear.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention, or cross-attention to a context with a key mask."""
 
@@ -27,9 +35,9 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"attention dim {dim} is not divisible by heads {heads}")
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_kv = nn.Linear(context_dim or dim, 2 * dim, bias=False)
-        self.out = nn.Linear(dim, dim)
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_kv = Linear(context_dim or dim, 2 * dim, bias=False)
+        self.out = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,7 +53,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.proj_in, self.proj_out = nn.Linear(dim, 2 * mult * dim), nn.Linear(mult * dim, dim)
+        self.proj_in, self.proj_out = Linear(dim, 2 * mult * dim), Linear(mult * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_out(geglu(self.proj_in(x)))

@@ -3,7 +3,8 @@
 Each op has a Triton kernel, an eager reference with the same semantics and a
 `backend="auto"|"triton"|"eager"` argument ('auto': Triton on CUDA); LIMNER_KERNELS=eager
 forces the reference everywhere, LIMNER_KERNELS=triton the kernels (on CPU under
-TRITON_INTERPRET=1). minibatch_std has only its reference.
+TRITON_INTERPRET=1). minibatch_std has only its reference. `linear` is F.linear routed through
+oneDNN on the CPU (onednn_linear.py): there the BLAS sgemm is the slow path.
 """
 from .adaln import adaln_modulate, gated_residual
 from .flash_attention import attention_math, attention_sdpa, attention_triton
@@ -11,8 +12,9 @@ from .bias_act import bias_act
 from .geglu import geglu
 from .group_norm_silu import group_norm_silu
 from .minibatch_std import minibatch_std
+from .onednn_linear import linear
 from .sampler_update import guided_update
 from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
 
 __all__ = ["adaln_modulate", "attention_math", "attention_sdpa", "attention_triton", "bias_act", "downsample2d", "filter2d",
-           "gated_residual", "geglu", "guided_update", "group_norm_silu", "minibatch_std", "setup_filter", "upfirdn2d", "upsample2d"]
+           "gated_residual", "geglu", "guided_update", "group_norm_silu", "linear", "minibatch_std", "setup_filter", "upfirdn2d", "upsample2d"]

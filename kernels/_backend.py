@@ -41,7 +41,7 @@ def resolve(op: str, backend: str, x: torch.Tensor, has_triton: bool = True) -> 
     forced = os.environ.get("LIMNER_KERNELS", "").lower()
     if forced and forced not in BACKENDS:
         raise ValueError(f"LIMNER_KERNELS={forced!r} is not a backend; valid: {', '.join(BACKENDS)}")
-    if forced == "eager" or (forced == "triton" and not has_triton):  # ops with no kernel stay eager
+    if forced == "eager" or (forced == "triton" and not has_triton):  # ops with no kernel stay eager (forced_eager)
         return "eager"
     backend = forced or backend
     if backend == "eager":
@@ -57,6 +57,12 @@ def resolve(op: str, backend: str, x: torch.Tensor, has_triton: bool = True) -> 
             raise ValueError(f"{op}: cannot use backend 'triton': {where}; use backend='eager' or 'auto'")
         return "triton"
     return "triton" if usable and x.is_cuda else "eager"
+
+
+def forced_eager() -> bool:
+    """True where LIMNER_KERNELS forces a backend: ops with no Triton kernel then run their
+    eager reference (for LIMNER_KERNELS=triton too)."""
+    return os.environ.get("LIMNER_KERNELS", "").lower() in ("eager", "triton")
 
 
 def block_size(n: int, cap: int = 1024, floor: int = 16) -> int:

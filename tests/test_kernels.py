@@ -11,12 +11,13 @@ import limner
 from limner.attention import PreferenceTable, preferred_backend, shape_key
 from limner.kernels import (
     adaln_modulate, attention_math, attention_triton, bias_act, gated_residual, geglu, group_norm_silu,
-    guided_update, setup_filter, upfirdn2d,
+    guided_update, linear, setup_filter, upfirdn2d,
 )
 from limner.kernels.adaln import adaln_modulate_reference, gated_residual_reference
 from limner.kernels.bias_act import ACTIVATIONS, bias_act_reference
 from limner.kernels.geglu import geglu_reference
 from limner.kernels.group_norm_silu import group_norm_silu_reference
+from limner.kernels import onednn_linear
 from limner.kernels.sampler_update import guided_update_reference
 from limner.kernels.upfirdn2d import upfirdn2d_reference
 from limner.protocols import TextEmbedding
@@ -86,6 +87,39 @@ def test_adaln_modulate_and_gated_residual_match_reference(shape, dtype):
 @pytest.mark.parametrize("shape", [(3, 5, 38), (7, 2), (2, 1, 3, 2050)])
 def test_geglu_matches_reference(shape, dtype):
     check_against_reference(lambda x: geglu(x, backend="triton"), geglu_reference, [randn(*shape, scale=2.0)], dtype)
+
+
+@pytest.mark.parametrize("shape, cout, bias, strided", [
+    ((2049, 7), 5, True, False), ((3, 701, 13), 33, False, False), ((1, 1, 3), 2, True, False), ((5, 417, 9), 4, True, True),
+])
+def test_onednn_linear_matches_f_linear_forward_and_backward(shape, cout, bias, strided):
+    """The 1x1-convolution route gives F.linear's values and gradients (x, weight, bias), for
+    row counts that fill no tile, a single row, and a non-contiguous input."""
+    x = randn(*shape[:-1], shape[-1] + 3 if strided else shape[-1])
+    x = x[..., 3:] if strided else x
+    w, b = randn(cout, shape[-1], seed=1), (randn(cout, seed=2) if bias else None)
+    check_against_reference(lambda *t: linear(*t, backend="onednn"), torch.nn.functional.linear,
+                            [x, w, b], torch.float32)
+
+
+def test_linear_auto_takes_onednn_only_for_many_float32_cpu_rows(monkeypatch):
+    taken = []
+    real = onednn_linear.linear_onednn
+    monkeypatch.setattr(onednn_linear, "linear_onednn", lambda *a: taken.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(onednn_linear, "_X86", True)
+    w = randn(4, 6)
+    many, few = randn(onednn_linear.MIN_ROWS, 6), randn(onednn_linear.MIN_ROWS - 1, 6)
+    for x in (many, few, many.double()):
+        linear(x, w.to(x.dtype))
+    assert taken == [many.shape]
+    monkeypatch.setenv("LIMNER_KERNELS", "eager")
+    linear(many, w)
+    assert taken == [many.shape]
+    monkeypatch.delenv("LIMNER_KERNELS")
+    with pytest.raises(ValueError, match="linear: unknown backend 'mkl'; valid: auto, onednn, eager"):
+        linear(many, w, backend="mkl")
+    with pytest.raises(ValueError, match="backend 'onednn' takes float32 CPU tensors"):
+        linear(many.double(), w.double(), backend="onednn")
 
 
 # --- GAN paths -------------------------------------------------------------------------------
