@@ -17,6 +17,10 @@ def __getattr__(name: str):
         from .pipeline import load_pipeline
 
         return load_pipeline
+    if name in ("caption", "load_captioner"):  # image -> text
+        from . import captioning
+
+        return getattr(captioning, name)
     raise AttributeError(f"module 'limner' has no attribute {name!r}")
 
 
@@ -27,9 +31,11 @@ __all__ = [
     "LimnerError",
     "PluginConflictError",
     "UnknownComponentError",
+    "caption",
     "create",
     "get_component",
     "hookimpl",
     "list_components",
+    "load_captioner",
     "load_pipeline",
 ]

@@ -146,7 +146,7 @@ def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed
     from pathlib import Path
 
     from .checkpoint import write_text_atomic
-    from .images import check_writable, make_grid, output_name, save_atomic
+    from .images import check_writable, make_grid, output_name, save_atomic, to_pil
     from .pipeline import load_pipeline, open_image
 
     if strength is not None and init_image is None:
@@ -176,10 +176,15 @@ def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed
     given = dict(sampler=sampler, schedule=schedule, steps=steps, sigmas=sigmas, guidance=guidance, strength=strength,
                  init_image=open_image(init_image), mask=open_image(mask), truncation=truncation)
     given = {k: v for k, v in given.items() if v is not None}
-    images = pipe(list(prompts), seed=seed, num=num, progress=True, **given)
+    tensors = pipe.generate(list(prompts), seed=seed, num=num, progress=True, **given)
+    images = to_pil(tensors)
     settings = {"checkpoint": str(checkpoint), "seed": seed, "num": num,
                 **{k: v for k, v in given.items() if k not in ("init_image", "mask")},
                 **({"init_image": str(init_image)} if init_image else {}), **({"mask": str(mask)} if mask else {})}
+    kept = None
+    if init_image is not None and hasattr(pipe, "kept_psnr"):  # how much of the init image survived
+        kept = pipe.kept_psnr(tensors, given["init_image"], given.get("mask"))
+        settings["kept_psnr_db"] = "inf" if math.isinf(kept) else round(kept, 2)
     records = []
     for i, image in enumerate(images):
         prompt = prompts[i // num]
@@ -193,6 +198,10 @@ def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed
                                                           allow_nan=False))
     count = f"{len(images)} image{'s' if len(images) != 1 else ''}"
     click.echo(f"Wrote {count}, grid.png and prompts.json to {folder}")
+    if kept is not None:
+        region = "outside the mask" if mask else "the whole image (image-to-image)"
+        click.echo(f"PSNR against the init image, {region}: "
+                   + ("identical (inf dB)" if math.isinf(kept) else f"{kept:.2f} dB"))
 
 
 @cli.command(name="eval")
@@ -204,9 +213,11 @@ def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed
 @click.option("--guidance", type=float, default=None, help="Diffusion: classifier-free guidance scale.")
 @click.option("--metrics", default=None,
               help="Comma-separated metrics (e.g. fid,kid,inception_score,ssim) [default: the run's metric].")
+@click.option("--reconstruct", is_flag=True,
+              help="VAE: score reconstructions of the held-out images (encode + decode) instead of samples.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Also write the report as JSON here, and as a markdown table beside it (.md).")
-def evaluate(checkpoint, prompts, sampler, steps, guidance, metrics, out):
+def evaluate(checkpoint, prompts, sampler, steps, guidance, metrics, reconstruct, out):
     """Score a checkpoint on its run's held-out prompts with the run's metric, or --metrics."""
     from pathlib import Path
 
@@ -217,7 +228,7 @@ def evaluate(checkpoint, prompts, sampler, steps, guidance, metrics, out):
     if metrics is not None and not names:
         raise LimnerError(f"--metrics names no metric: {metrics!r}; give e.g. fid,kid (see limner plugins)")
     sampling = {k: v for k, v in dict(sampler=sampler, steps=steps, guidance=guidance).items() if v is not None}
-    report = evaluate_checkpoint(checkpoint, prompts, metrics=names, **sampling)
+    report = evaluate_checkpoint(checkpoint, prompts, metrics=names, reconstruct=reconstruct, **sampling)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(out), json.dumps(report, indent=1, allow_nan=False) + "\n")
@@ -225,10 +236,28 @@ def evaluate(checkpoint, prompts, sampler, steps, guidance, metrics, out):
         write_text_atomic(Path(out).with_suffix(".md"),
                           f"{report['checkpoint']} (step {report['step']}), {report['prompts']} held-out prompts\n\n"
                           f"| metric | value |\n|---|---:|\n{rows}\n")
-    click.echo(f"{report['checkpoint']} (step {report['step']}), {report['metric']} on {report['prompts']} "
+    what = "reconstructions of" if reconstruct else "samples of"
+    click.echo(f"{report['checkpoint']} (step {report['step']}), {report['metric']} on {what} {report['prompts']} "
                "held-out prompts:")
     for key, value in report["scores"].items():
         click.echo(f"  {key:<18} {value:.4g}")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--model", "-m", required=True,
+              help="The captioner: a registered name (see `limner plugins`: shapes, fashion_mnist) or a folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON ({file: caption}) instead of lines.")
+def caption(images, model, as_json):
+    """Say what each image shows (image -> text), one line per image."""
+    from .captioning import caption as caption_images
+
+    texts = caption_images(list(images), model)
+    if as_json:
+        click.echo(json.dumps(dict(zip(images, texts)), indent=1))
+        return
+    for path, text in zip(images, texts):
+        click.echo(f"{path}: {text}")
 
 
 @cli.command()

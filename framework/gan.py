@@ -136,3 +136,17 @@ class GeneratorPipeline:
         gen = item_generators(seed, len(prompts), num, self.device)  # same prompt + seed, same image, any batch
         z = randn_like(torch.empty((len(prompts), *self.model.generator.z_shape), device=self.device), gen)
         return self.model(z, self.model.encode(prompts), truncation=truncation, generator=gen).clamp(-1, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """A VAE's reconstructions [N, C, H, W] in [-1, 1]: decode(posterior mean of encode(image,
+        prompt), prompt). A generator with no encoder (a GAN) cannot reconstruct: an error says so."""
+        encoder = getattr(self.model.generator, "encode", None)
+        if encoder is None or not hasattr(self.model.generator, "decode"):
+            raise LimnerError(f"a {type(self.model.generator).__name__} has no encoder: only a VAE checkpoint "
+                              "reconstructs images (--reconstruct)")
+        if len(images) != len(prompts):
+            raise LimnerError(f"reconstruct: {len(images)} images but {len(prompts)} prompts")
+        cond = self.model.encode(list(prompts))
+        mean, _ = encoder(images.to(self.device), cond)
+        return self.model.generator.decode(mean, cond).clamp(-1, 1)

@@ -18,6 +18,7 @@ KINDS = (
     "datasets",
     "metrics",
     "feature_networks",
+    "captioners",
     "attention_backends",
 )
 
@@ -71,6 +72,11 @@ def limner_register_metrics():
 def limner_register_feature_networks():
     """Return ComponentSpecs of feature networks for FID/KID/IS: images [N, C, H, W] in [0, 1]
     -> features [N, num_features] (or class logits)."""
+
+
+@hookspec
+def limner_register_captioners():
+    """Return ComponentSpecs of captioners: caption(images [N, C, H, W] in [-1, 1]) -> list[str]."""
 
 
 @hookspec

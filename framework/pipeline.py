@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,18 @@ class Pipeline:
         if mask is not None:
             out = model.blend(out)
         return out.clamp(-1, 1)
+
+    def kept_psnr(self, images: torch.Tensor, init_image: Image.Image, mask: Image.Image | None = None) -> float:
+        """PSNR (dB, pixel range [0, 1]) of `images` against the init image where it was to be
+        kept: outside the mask for inpainting, everywhere for image-to-image (there it says
+        how far the redraw moved). inf where the kept pixels are exactly the init image's."""
+        init = self._image_tensor(init_image, len(images)).cpu()
+        keep = torch.ones_like(init[:, :1]) if mask is None else 1 - self._mask_tensor(mask, len(images)).cpu()
+        keep = keep.expand_as(init)
+        if not bool(keep.any()):
+            raise LimnerError("the mask redraws every pixel: no region is kept to compare")
+        mse = float((((images.cpu() - init) / 2) ** 2 * keep).sum() / keep.sum())
+        return math.inf if mse == 0 else -10 * math.log10(mse)
 
     def _image_tensor(self, image: Image.Image, n: int) -> torch.Tensor:
         """The init image at the model's size: a non-square image is centre-cropped to a square

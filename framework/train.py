@@ -515,11 +515,12 @@ def train(config_path: str | Path, overrides: dict[str, Any] | None = None):
 
 
 def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, metrics: list[str] | None = None,
-             **sampling) -> dict[str, float]:
+             reconstruct: bool = False, **sampling) -> dict[str, float]:
     """Draw the first `eval_cfg.prompts` captions of a held-out dataset with `pipeline` (prompt k
     with seed k; `sampling` options as Pipeline.generate takes them) and score them with each of
     `metrics` (default: the run's metric); a metric that takes `references` gets the held-out
-    images of the same prompts. `seconds_per_image` is the sampling time."""
+    images of the same prompts. With `reconstruct` (a VAE), the images scored are the held-out
+    images passed through the encoder and decoder instead. `seconds_per_image` is the time per image."""
     from .registry import create
 
     names = list(metrics) if metrics else ([eval_cfg.metric] if eval_cfg.metric else [])
@@ -535,12 +536,18 @@ def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, metrics: list[str]
                           f"got {eval_cfg.prompts}")
     items = [held_out[i] for i in range(eval_cfg.prompts)]
     prompts = [caption for _, caption in items]
-    start = time.perf_counter()
-    # prompt k is drawn with seed k, whatever the batching: its own noise, the same every time
-    images = torch.cat([pipeline.generate(prompts[i:i + batch], seed=list(range(i, i + len(prompts[i:i + batch]))),
-                                          **sampling) for i in range(0, len(prompts), batch)]).cpu()
-    seconds = (time.perf_counter() - start) / len(prompts)
     references = torch.stack([image for image, _ in items])
+    if reconstruct and (sampling or not hasattr(pipeline, "reconstruct")):
+        raise LimnerError("--reconstruct passes held-out images through a VAE's encoder and decoder: it takes a VAE "
+                          "checkpoint and no sampling options" + (f" (got {', '.join(sampling)})" if sampling else ""))
+    start = time.perf_counter()
+    if reconstruct:
+        images = torch.cat([pipeline.reconstruct(references[i:i + batch], prompts[i:i + batch])
+                            for i in range(0, len(prompts), batch)]).cpu()
+    else:  # prompt k is drawn with seed k, whatever the batching: its own noise, the same every time
+        images = torch.cat([pipeline.generate(prompts[i:i + batch], seed=list(range(i, i + len(prompts[i:i + batch]))),
+                                              **sampling) for i in range(0, len(prompts), batch)]).cpu()
+    seconds = (time.perf_counter() - start) / len(prompts)
     scores: dict[str, float] = {}
     for name, scorer in scorers.items():
         takes = "references" in inspect.signature(scorer).parameters
@@ -553,7 +560,7 @@ def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, metrics: list[str]
 
 
 def evaluate_checkpoint(path: str | Path, prompts: int | None = None, metrics: list[str] | None = None,
-                        **sampling) -> dict[str, Any]:
+                        reconstruct: bool = False, **sampling) -> dict[str, Any]:
     """A checkpoint's scores on its run's held-out prompts (`limner eval`): the run's metric, or `metrics`."""
     from .pipeline import load_pipeline
 
@@ -562,10 +569,10 @@ def evaluate_checkpoint(path: str | Path, prompts: int | None = None, metrics: l
         raise LimnerError(f"no checkpoint found at {path}")
     cfg = load_run_config(ckpt / "config.toml")
     eval_cfg = dataclasses.replace(cfg.eval, prompts=prompts or cfg.eval.prompts or 200)
-    scores = evaluate(load_pipeline(ckpt), eval_cfg, metrics=metrics, **sampling)
+    scores = evaluate(load_pipeline(ckpt), eval_cfg, metrics=metrics, reconstruct=reconstruct, **sampling)
     return {"checkpoint": str(ckpt), "step": read_state(ckpt).get("step"),
             "metric": ", ".join(metrics) if metrics else eval_cfg.metric, "prompts": eval_cfg.prompts,
-            "sampling": sampling, "scores": scores}
+            "sampling": sampling, **({"reconstruct": True} if reconstruct else {}), "scores": scores}
 
 
 def params_digest(model: nn.Module) -> float:

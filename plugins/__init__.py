@@ -158,5 +158,18 @@ class image_metrics:
         return _specs("image_metrics", [("fashion_net", "fashion_net", (), "")])
 
 
+class captioners:
+    @hookimpl
+    def limner_register_captioners():
+        """Show-attend-tell captioners: shipped for shapes and Fashion-MNIST, or from a folder."""
+        return _specs("captioners", [("shapes", "shapes", (), ""), ("fashion_mnist", "fashion_mnist", ("fashion",), ""),
+                                     ("show_attend_tell", "show_attend_tell", (), "")])
+
+    @hookimpl
+    def limner_register_metrics():
+        """Caption the image, compare with its prompt."""
+        return _specs("captioners", [("caption_agreement", "caption_agreement", (), "")])
+
+
 PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, attention_backends, denoisers, gans, vae, losses,
-           image_metrics)
+           image_metrics, captioners)

@@ -15,7 +15,6 @@ baselines measured, by `python -m limner.plugins.image_metrics train [RESULTS.js
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import limner
+from limner.words import named_class
 
 WEIGHTS = Path(__file__).parent / "weights" / "fashion_net.safetensors"
 MEAN, STD = 0.286, 0.353  # Fashion-MNIST's pixel mean and std, in [0, 1]
@@ -243,10 +243,9 @@ def class_agreement(features: str = "fashion_net", path: str | None = None):
 
 def prompt_class(prompt: str, classes: tuple[str, ...]) -> int:
     """The index of the longest class name in the prompt, as a word ('t-shirt' before 'shirt')."""
-    text = prompt.lower()
-    for name in sorted(classes, key=len, reverse=True):
-        if re.search(rf"(?<![\w-]){re.escape(name)}s?\b", text):
-            return classes.index(name)
+    found = named_class(prompt, classes)
+    if found is not None:
+        return found
     raise limner.LimnerError(f"class_agreement: the prompt {prompt!r} names none of the classes "
                              f"{', '.join(classes)}")
 

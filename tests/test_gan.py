@@ -2,6 +2,7 @@
 and discriminators that read the caption, and training that learns, resumes and samples."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,6 +233,24 @@ def test_vae_training_lowers_the_elbo(tmp_path):
     assert last < 0.5 * first, (first, last)
     pipe = limner.load_pipeline(tmp_path / "vae")
     assert pipe("a red circle", seed=0)[0].size == (32, 32)
+
+
+def test_vae_reconstructions_score_above_its_samples_and_gans_cannot_reconstruct(tmp_path, capsys):
+    """`limner eval --reconstruct`: held-out images through the shipped VAE's encoder and decoder
+    come back closer (PSNR) than samples of their prompts; a GAN says it has no encoder."""
+    from limner.train import evaluate_checkpoint
+
+    vae = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-vae"
+    rec = evaluate_checkpoint(vae, 40, metrics=["psnr", "ssim"], reconstruct=True)
+    drawn = evaluate_checkpoint(vae, 40, metrics=["psnr", "ssim"])
+    assert rec["reconstruct"] and rec["scores"]["psnr"] > drawn["scores"]["psnr"] + 3
+    assert rec["scores"]["ssim"] > drawn["scores"]["ssim"]
+    with pytest.raises(limner.LimnerError, match="takes a VAE checkpoint and no sampling options"):
+        evaluate_checkpoint(vae, 4, metrics=["psnr"], reconstruct=True, truncation=0.5)
+    gan = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-gan"
+    with pytest.raises(SystemExit):
+        main(["eval", str(gan), "--prompts", "4", "--metrics", "psnr", "--reconstruct"])
+    assert "has no encoder: only a VAE checkpoint reconstructs" in capsys.readouterr().err
 
 
 def test_reconstruction_term_is_logged_and_checked(tmp_path):

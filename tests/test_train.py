@@ -147,6 +147,14 @@ def test_image_to_image_and_inpainting(trained):
     mask.paste(255, (0, 0, 16, 32))  # redraw the left half only
     painted = np.asarray(pipe(["x"], init_image=init, mask=mask, steps=4)[0])
     assert (painted[:, 16:] == [200, 30, 30]).all()
+    # the kept region's PSNR: exact outside the mask; image-to-image moves the whole image a little
+    tensors = pipe.generate(["x"], init_image=init, mask=mask, steps=4)
+    assert pipe.kept_psnr(tensors, init, mask) == float("inf")
+    moved = pipe.kept_psnr(pipe.generate(["x"], init_image=init, strength=0.05, steps=20), init)
+    redrawn = pipe.kept_psnr(pipe.generate(["x"], init_image=init, strength=1.0, steps=20), init)
+    assert 15 < moved < 60 and redrawn < moved
+    with pytest.raises(limner.LimnerError, match="no region is kept"):
+        pipe.kept_psnr(tensors, init, Image.new("L", (32, 32), 255))
     with pytest.raises(limner.LimnerError, match="strength must be in \\(0, 1\\], got 1.5"):
         pipe(["x"], init_image=init, strength=1.5)
 
