@@ -95,7 +95,7 @@ def render(data: dict) -> str:
                  *(f"{100 * a[k]:.1f}%" if a else "-" for k in ("size", "colour", "shape", "position", "all"))]
         lines.append(f"| {name} | {r['images']} | " + " | ".join(cells) + f" | {r['ms_per_image']:.2f} |")
     lines += ["", "Training (from each folder's captioner.json; `python -m limner.plugins.captioners train "
-              "configs/captioner-<name>.toml`):", "", "| captioner | steps | CPU minutes | held-out exact | class word |",
+              "configs/captioners/<name>.toml`):", "", "| captioner | steps | CPU minutes | held-out exact | class word |",
               "|---|---:|---:|---:|---:|"]
     for name, s in data["training"].items():
         word = f"{100 * s['class_word']:.1f}%" if "class_word" in s else "-"

@@ -9,7 +9,7 @@ Words come from the training captions (`vocab`); a word never seen reads as <unk
 
 Saved as a folder: captioner.json (options, vocabulary, class names, held-out scores) and
 model.safetensors. limner ships two, trained on this 2-core CPU by
-`python -m limner.plugins.captioners train configs/captioner-<name>.toml`: `shapes` and
+`python -m limner.plugins.captioners train configs/captioners/<name>.toml`: `shapes` and
 `fashion_mnist` (plugins/weights/captioner-*/; scores in benchmarks/results/captioners.md).
 """
 from __future__ import annotations
@@ -269,16 +269,51 @@ def evaluate(model: Captioner, images: torch.Tensor, captions: list[str]) -> dic
     return out
 
 
-def train(config: str | Path) -> dict:
-    """Train a captioner as a TOML config says, save it, return its held-out scores."""
+SCHEMA = {  # section -> (its keys, the required ones); "" is the top level
+    "": ({"out", "seed", "data", "model", "train", "eval"}, {"out", "data", "train", "eval"}),
+    "data": ({"dataset", "batch_size", "items"}, {"dataset"}),
+    "model": ({"channels", "dim", "layers", "heads", "classes"}, set()),
+    "train": ({"steps", "lr", "warmup"}, {"steps"}),
+    "eval": ({"dataset"}, {"dataset"}),
+}
+
+
+def read_config(path: str | Path) -> dict:
+    """A captioner training config (configs/captioners/*.toml), its keys and datasets checked."""
     import tomllib
 
+    file = Path(path)
+    try:
+        cfg = tomllib.loads(file.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise limner.LimnerError(f"cannot read captioner config {file}: {exc}") from None
+    for section, (allowed, required) in SCHEMA.items():
+        table = cfg if not section else cfg.get(section, {})
+        where = f"[{section}] " if section else ""
+        if not isinstance(table, dict):
+            raise limner.LimnerError(f"{file}: {where or section} must be a table")
+        unknown, missing = sorted(set(table) - allowed), sorted(required - set(table))
+        if unknown:
+            raise limner.LimnerError(f"{file}: {where}unknown key {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
+        if missing:
+            raise limner.LimnerError(f"{file}: {where}needs {', '.join(missing)}")
+    known = limner.list_components("datasets")["datasets"]
+    for section in ("data", "eval"):
+        spec = cfg[section]["dataset"]
+        if not isinstance(spec, dict) or spec.get("name") not in known:
+            raise limner.LimnerError(f"{file}: [{section}] dataset must be {{ name = ..., options }} naming one of "
+                                     f"{', '.join(known)}; got {spec!r}")
+    return cfg
+
+
+def train(config: str | Path) -> dict:
+    """Train a captioner as a TOML config says, save it, return its held-out scores."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     from limner.checkpoint import write_text_atomic
 
-    cfg = tomllib.loads(Path(config).read_text())
+    cfg = read_config(config)
     data, model_cfg, train_cfg, eval_cfg = cfg["data"], cfg.get("model", {}), cfg["train"], cfg["eval"]
     torch.manual_seed(cfg.get("seed", 0))
     spec = dict(data["dataset"])
@@ -324,4 +359,7 @@ def train(config: str | Path) -> dict:
 if __name__ == "__main__":  # python -m limner.plugins.captioners train CONFIG
     if len(sys.argv) != 3 or sys.argv[1] != "train":
         sys.exit("usage: python -m limner.plugins.captioners train CONFIG.toml")
-    print(json.dumps(train(sys.argv[2]), indent=1))
+    try:
+        print(json.dumps(train(sys.argv[2]), indent=1))
+    except limner.LimnerError as exc:
+        sys.exit(f"Error: {exc}")

@@ -1,6 +1,7 @@
 """Image -> text: the `captioners` kind, the shipped captioners, `caption_agreement` and
 `limner caption`."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from PIL import Image
 
 import limner
 from limner.cli import main
-from limner.plugins.captioners import WEIGHTS, agreement, evaluate, train
+from limner.plugins.captioners import WEIGHTS, agreement, evaluate, read_config, train
 from limner.plugins.image_metrics import WEIGHTS as FASHION_NET
 
 
@@ -112,3 +113,26 @@ def test_limner_caption_command(capsys, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     code, _, err = run(capsys, "caption", str(tmp_path / "bad.png"), "--model", "shapes")
     assert code == 1 and "cannot read image" in err
+
+
+@pytest.mark.parametrize("name", ["shapes", "fashion-mnist"])
+def test_shipped_captioner_configs_are_valid_and_name_their_folders(name):
+    root = Path(__file__).resolve().parents[1]
+    cfg = read_config(root / "configs" / "captioners" / f"{name}.toml")
+    assert (root / cfg["out"] / "captioner.json").is_file()
+    meta = json.loads((root / cfg["out"] / "captioner.json").read_text())
+    assert meta["config"] == f"configs/captioners/{name}.toml"
+
+
+def test_captioner_config_mistakes_are_named(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('out = "x"\n[data]\ndataset = { name = "shapes" }\nbatchsize = 4\n[train]\nsteps = 1\n'
+                   '[eval]\ndataset = { name = "shapes" }\n')
+    with pytest.raises(limner.LimnerError, match="\\[data\\] unknown key 'batchsize'; valid: batch_size, dataset, items"):
+        read_config(bad)
+    bad.write_text('out = "x"\n[data]\ndataset = { name = "shapez" }\n[train]\nsteps = 1\n[eval]\ndataset = "shapes"\n')
+    with pytest.raises(limner.LimnerError, match="\\[data\\] dataset must be .* naming one of .*shapes"):
+        read_config(bad)
+    bad.write_text('out = "x"\n[data]\ndataset = { name = "shapes" }\n[eval]\ndataset = { name = "shapes" }\n')
+    with pytest.raises(limner.LimnerError, match="needs train"):
+        read_config(bad)
