@@ -116,9 +116,16 @@ def parse_config(data: dict[str, Any], schema: type[T], path: str = "") -> T:
             values[name] = _convert(data[name], hints[name], f.metadata.get("kind"), where)
             if "range" in f.metadata:
                 check_range(values[name], where, *f.metadata["range"])
+        elif hints[name] is not ComponentConfig and dataclasses.is_dataclass(hints[name]) and _has_required(hints[name]):
+            values[name] = parse_config({}, hints[name], where)  # names the section's missing options
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required option")
     return schema(**values)
+
+
+def _has_required(schema: type) -> bool:
+    return any(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               for f in dataclasses.fields(schema))
 
 
 def set_option(cfg: Any, key: str, value: Any) -> None:

@@ -3,8 +3,8 @@ whose rows are each diffusion model under a few samplers and each GAN or VAE, wh
 are the prompts (labelled with their text) — and a table of each model's size, training
 time, sampling time per image and scores on held-out prompts.
 
-Without a checkpoint, the demo samples from the *exact* denoiser of a few images of the
-`shapes` dataset (the posterior mean under the empirical data distribution, Karras et al.
+Without a checkpoint, the demo samples from the *exact* denoiser of the first images of the
+config's dataset (`shapes` in the built-in demo.toml; the posterior mean under the empirical data distribution, Karras et al.
 2022 eq. 57), so every sampler should land on one of those training images: the printed
 distance to the nearest one checks that it did.
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .config import ComponentConfig, component, components, load_config
+from .config import ComponentConfig, component, load_config
+from .errors import LimnerError
 from .hookspecs import KINDS
 from .images import make_grid, save_atomic, to_pil
 from .registry import create, list_components, registry
@@ -30,10 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class DemoConfig:
-    """What the demo draws: samplers x seeds on one schedule."""
+    """What the demo draws: samplers x seeds on one schedule (named by the demo's config: the
+    framework names no component), and the dataset whose first images the exact denoiser holds."""
 
-    samplers: list[ComponentConfig] = components("samplers", "euler", "heun", "dpmpp_2m")
-    schedule: ComponentConfig = component("schedules", "karras")
+    samplers: list[ComponentConfig] = field(metadata={"kind": "samplers"})
+    schedule: ComponentConfig = component("schedules")
+    dataset: ComponentConfig = component("datasets")
     steps: int = 20
     seeds: int = 4
     size: int = 32
@@ -46,9 +49,11 @@ class DemoConfig:
     tile: int = 96  # pixels of one image in the grid (upscaled, nearest neighbour)
 
 
-def training_images(size: int, count: int) -> torch.Tensor:
-    """The first `count` images of the `shapes` dataset, float64 [count, 3, size, size]."""
-    data = create("datasets", "shapes", size=size, length=count)
+def training_images(dataset: ComponentConfig, size: int, count: int) -> torch.Tensor:
+    """The first `count` images of `dataset` (built at `size`), float64 [count, C, size, size]."""
+    data = create("datasets", dataset.name, **{"size": size, **dataset.options})
+    if len(data) < count:
+        raise LimnerError(f"the demo's dataset {dataset.name} has {len(data)} images; images = {count} asks for more")
     return torch.stack([data[i][0] for i in range(count)]).double()
 
 
@@ -160,8 +165,8 @@ def render_table(rows: list[dict]) -> str:
 
 
 def exact_demo(cfg: DemoConfig, out: Path) -> Path:
-    """Every sampler on the exact denoiser of a few shapes images; returns the grid path."""
-    data = training_images(cfg.size, cfg.images)
+    """Every sampler on the exact denoiser of a dataset's first images; returns the grid path."""
+    data = training_images(cfg.dataset, cfg.size, cfg.images)
     model = Guided(ExactDenoiser(data), 1.0)
     sigmas = make_sigmas(cfg.schedule.name, cfg.steps, cfg.sigma_min, cfg.sigma_max, **cfg.schedule.options)
     print(f"\n{cfg.steps} steps of the {cfg.schedule.name} schedule, {cfg.seeds} seeds per sampler:")
@@ -192,6 +197,6 @@ def _draw(sc: ComponentConfig, model, sigmas, cfg: DemoConfig):
     start = time.perf_counter()
     for seed in range(cfg.seeds):
         gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn((1, 3, cfg.size, cfg.size), generator=gen, dtype=torch.float64)
+        noise = torch.randn((1, *model.model.shape), generator=gen, dtype=torch.float64)
         out.append(fn(counted, noise * float(sigmas[0]), sigmas, generator=gen))
     return torch.cat(out), calls // cfg.seeds, time.perf_counter() - start

@@ -25,7 +25,7 @@ RECIPES = ("diffusion", "gan", "vae")
 
 @dataclass
 class GenDataConfig:
-    dataset: ComponentConfig = component("datasets", "shapes")
+    dataset: ComponentConfig = component("datasets")
     batch_size: int = bounded(32, ge=1)
     workers: int = bounded(0, ge=0)
 
@@ -34,9 +34,9 @@ class GenDataConfig:
 class GenModelConfig:
     """Text encoder, generator and (for the GAN recipe) discriminator, by name."""
 
-    text_encoder: ComponentConfig = component("text_encoders", "clip_text")
-    generator: ComponentConfig = component("generators", "stylegan2")
-    discriminator: ComponentConfig = component("discriminators", "stylegan2")  # GAN recipe only
+    text_encoder: ComponentConfig = component("text_encoders")
+    generator: ComponentConfig = component("generators")
+    discriminator: ComponentConfig | None = field(default=None, metadata={"kind": "discriminators"})  # GAN only
     image_size: int = bounded(32, ge=1)
     channels: int = bounded(3, ge=1)
     train_text_encoder: bool = True  # GAN: trained by D's loss (G reads it); VAE: by the ELBO
@@ -44,14 +44,14 @@ class GenModelConfig:
 
 @dataclass
 class GenOptimConfig:
+    loss: ComponentConfig = component("losses")  # the objective: a GAN loss (hinge, ...), or the VAE's (elbo)
     steps: int = bounded(10_000, ge=1)
     lr: float = bounded(2e-3, gt=0)  # generator (VAE: the whole model)
     d_lr: float = bounded(2e-3, gt=0)
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     ema: float = bounded(0.999, ge=0, lt=1)
     grad_clip: float = bounded(0.0, ge=0)
-    loss: ComponentConfig | None = field(default=None, metadata={"kind": "losses"})  # gan: nonsaturating, vae: elbo
-    penalties: list[ComponentConfig] = components("losses", "r1")  # GAN recipe only
+    penalties: list[ComponentConfig] = components("losses")  # GAN recipe only
     # GAN: weight of a squared-error term between G(z, prompt) and the batch's real image of that
     # prompt, beside the adversarial loss (Pathak et al. 2016; pix2pix's L1, Isola et al. 2017):
     # right where a prompt pins its image down; 0 = a pure GAN

@@ -45,14 +45,15 @@ class GenTrainer(TrainerBase):
 
     def _discriminator(self):
         m = self.cfg.model
+        if m.discriminator is None:
+            raise LimnerError("recipe 'gan' needs model.discriminator: name one (see `limner plugins`, "
+                              "discriminators), e.g. discriminator = { name = \"projection\", width = 32 }")
         return m.discriminator.build(context_dim=self.model.text_encoder.dim, channels=m.channels,
                                      image_size=m.image_size)
 
     def _losses(self) -> None:
-        from .config import ComponentConfig
-
         t = self.cfg.train
-        loss_cfg = t.loss or ComponentConfig("losses", "nonsaturating" if self.gan else "elbo")
+        loss_cfg = t.loss
         self.loss = loss_cfg.build()
         if self.gan != isinstance(self.loss, AdversarialLoss):
             want = "an adversarial loss (nonsaturating, hinge, wgan)" if self.gan else "a VAE loss (elbo)"

@@ -335,13 +335,14 @@ def progress_bar(total: int, callback: Callback | None = None, desc: str = "samp
     return step
 
 
-def sample(model: Denoiser, noise: torch.Tensor, *, sampler: str | Callable = "euler",
-           schedule: str | Callable = "karras", steps: int = 20, sigma_min: float = 0.002,
+def sample(model: Denoiser, noise: torch.Tensor, *, sampler: str | Callable, schedule: str | Callable,
+           steps: int = 20, sigma_min: float = 0.002,
            sigma_max: float = 80.0, guidance: float = 1.0, cond: Any = None, uncond: Any = None,
            generator: torch.Generator | None = None, sampler_options: dict | None = None,
            schedule_options: dict | None = None, callback: Callback | None = None,
            progress: bool = False) -> torch.Tensor:
-    """Draw x0 from unit `noise` with a named sampler and schedule, guidance applied once."""
+    """Draw x0 from unit `noise` with a named sampler and schedule (or the callables
+    themselves), guidance applied once."""
     sigmas = make_sigmas(schedule, steps, sigma_min, sigma_max, device=noise.device, **(schedule_options or {}))
     fn = resolve_sampler(sampler, **(sampler_options or {}))
     guided = Guided(model, guidance, guidance_mode(fn))

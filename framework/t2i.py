@@ -13,10 +13,11 @@ from .text_cache import EmbeddingCache, with_phrase_tokens
 
 @dataclass
 class ModelConfig:
-    """Which text encoder and denoiser, by name with their options."""
+    """Which text encoder and denoiser, by name with their options (no defaults: the framework
+    names no component; the shipped configs do)."""
 
-    text_encoder: ComponentConfig = component("text_encoders", "clip_text")
-    denoiser: ComponentConfig = component("denoisers", "unet")
+    text_encoder: ComponentConfig = component("text_encoders")
+    denoiser: ComponentConfig = component("denoisers")
     image_size: int = bounded(32, ge=1)
     channels: int = bounded(3, ge=1)
     phrase_tokens: bool = False  # encode the prompt clause by clause (text_cache.with_phrase_tokens)
@@ -26,8 +27,8 @@ class ModelConfig:
 class SampleConfig:
     """How images are drawn: in training's sample grids, `limner sample` and the demo."""
 
-    sampler: ComponentConfig = component("samplers", "dpmpp_2m")
-    schedule: ComponentConfig = component("schedules", "karras")
+    sampler: ComponentConfig = component("samplers")
+    schedule: ComponentConfig = component("schedules")
     steps: int = bounded(20, ge=1)
     guidance: float = bounded(3.0, ge=0)
     sigma_min: float = bounded(0.002, gt=0)

@@ -33,7 +33,7 @@ from .t2i import ModelConfig, SampleConfig, TextToImage
 
 @dataclass
 class DataConfig:
-    dataset: ComponentConfig = component("datasets", "shapes")
+    dataset: ComponentConfig = component("datasets")
     batch_size: int = bounded(64, ge=1)
     workers: int = bounded(0, ge=0)
     caption_dropout: float = bounded(0.1, ge=0, le=1)

@@ -29,7 +29,8 @@ def test_plugins_table_and_json(capsys):
 def test_demo_without_a_checkpoint_samples_the_exact_denoiser(capsys, tmp_path):
     config = tmp_path / "demo.toml"
     config.write_text('samplers = ["euler", { name = "dpmpp_2m_sde", eta = 1.0 }]\nsteps = 12\nseeds = 3\n'
-                      'images = 4\ncheckpoints = ["no/such/dir"]\n')
+                      'images = 4\ncheckpoints = ["no/such/dir"]\nschedule = "karras"\n'
+                      'dataset = { name = "shapes", length = 8 }\n')
     code, out, _ = run(capsys, "demo", "--config", str(config), "--out", str(tmp_path / "o"))
     assert code == 0
     assert "samplers            ddim, ddim_cfg_pp, ddpm" in out and "No checkpoint at 'no/such/dir'" in out
@@ -51,7 +52,7 @@ def test_demo_draws_prompts_by_samplers_from_a_checkpoint(capsys, tmp_path):
     assert not (tmp_path / "latest").exists()
     config = tmp_path / "demo.toml"
     config.write_text(f'samplers = ["euler", "dpmpp_2m"]\nsteps = 3\ncheckpoints = ["{(tmp_path / "release").as_posix()}"]\n'
-                      'eval_prompts = 4\nprompts = ["a red circle at the top", "a blue square at the left", "x"]\n')
+                      'schedule = "karras"\ndataset = "shapes"\neval_prompts = 4\nprompts = ["a red circle at the top", "a blue square at the left", "x"]\n')
     code, out, _ = run(capsys, "demo", "--config", str(config), "--out", str(tmp_path / "o"))
     assert code == 0, out
     scores = json.loads((tmp_path / "o" / "scores.json").read_text())
@@ -66,7 +67,7 @@ def test_demo_draws_prompts_by_samplers_from_a_checkpoint(capsys, tmp_path):
 
 def test_user_errors_are_one_paragraph_and_exit_1(capsys, tmp_path):
     config = tmp_path / "demo.toml"
-    config.write_text('samplers = ["eulr"]\n')
+    config.write_text('samplers = ["eulr"]\nschedule = "karras"\ndataset = "shapes"\n')
     code, out, err = run(capsys, "demo", "--config", str(config))
     assert code == 1
     assert err.startswith("Error: ")

@@ -164,6 +164,7 @@ log_every = 1
 sample_every = 1000
 checkpoint_every = 5
 penalties = [{{ name = "r1", gamma = 0.1, interval = 4 }}, "matching_aware"]
+loss = "{loss}"
 [sample]
 prompts = ["a red circle at the top left", "a blue square at the center"]
 """
@@ -171,10 +172,11 @@ STYLEGAN = '{ name = "stylegan2", z_dim = 16, w_dim = 32, mapping_layers = 2, ch
 VAE = '{ name = "vae", width = 16, latent_channels = 2 }'
 
 
-def gan_config(tmp_path, name="gan", steps=10, recipe="gan", generator=STYLEGAN, lr=2e-3):
+def gan_config(tmp_path, name="gan", steps=10, recipe="gan", generator=STYLEGAN, lr=2e-3, loss=None):
     path = tmp_path / f"{name}.toml"
+    loss = loss or ("elbo" if recipe == "vae" else "nonsaturating")  # the framework has no default loss
     path.write_text(GAN.format(out=(tmp_path / name).as_posix(), steps=steps, recipe=recipe, generator=generator,
-                               lr=lr))
+                               lr=lr, loss=loss))
     return path
 
 
@@ -271,7 +273,14 @@ def test_recipe_and_loss_mistakes_are_named(tmp_path):
         train(bad)
     with pytest.raises(limner.LimnerError, match="recipe 'vae' needs a generator with encode/decode"):
         train(gan_config(tmp_path, "vae_of_stylegan", recipe="vae"))
-    path = gan_config(tmp_path, "wrong_loss")
-    path.write_text(path.read_text().replace("[train]\n", '[train]\nloss = "elbo"\n'))
+    path = gan_config(tmp_path, "wrong_loss", loss="elbo")
     with pytest.raises(limner.LimnerError, match="train.loss 'elbo' does not fit recipe 'gan'"):
+        train(path)
+    path = gan_config(tmp_path, "no_disc")
+    path.write_text(path.read_text().replace("discriminator = ", "# discriminator = "))
+    with pytest.raises(limner.LimnerError, match="recipe 'gan' needs model.discriminator"):
+        train(path)
+    path = gan_config(tmp_path, "no_loss")
+    path.write_text(path.read_text().replace('loss = "nonsaturating"', ""))
+    with pytest.raises(limner.LimnerError, match="train.loss: missing required option"):
         train(path)

@@ -103,3 +103,43 @@ def test_module_level_imports_of_the_framework_form_no_cycle():
                                        "imports inside functions; the recipes refactor removes the circle")
 def test_no_import_of_the_framework_closes_a_cycle_even_inside_functions():
     assert cycles(framework_graph(top_level_only=False)) == []
+
+
+NAMING_CALLS = {"component", "components", "ComponentConfig", "create", "get_component"}
+# parameters that pick a component by name (a kind's singular, or the metrics' `features`)
+PICKERS = {"sampler", "schedule", "dataset", "text_encoder", "denoiser", "generator", "discriminator", "loss",
+           "metric", "features", "captioner", "attention", "backend"}
+
+
+def component_names_in(path: Path, builtins: set[str]) -> list[str]:
+    """Built-in component names a module's code names itself: string arguments (after the kind)
+    of the calls that pick a component, and string defaults of function parameters."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if func in NAMING_CALLS:
+                found += [a.value for a in node.args[1:] if isinstance(a, ast.Constant) and a.value in builtins]
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):  # sampler="euler", features="..."
+            positional = node.args.posonlyargs + node.args.args
+            pairs = list(zip(positional[len(positional) - len(node.args.defaults):], node.args.defaults))
+            pairs += [(a, d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None]
+            found += [d.value for a, d in pairs if a.arg in PICKERS and isinstance(d, ast.Constant) and d.value in builtins]
+    return found
+
+
+def test_the_scanner_sees_component_names_in_calls_and_defaults(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text('a = component("samplers", "euler")\ndef f(x, schedule="karras", *, sampler="heun", kind="shapes"): '
+                   'pass\nb = create("datasets", name)\n')
+    assert sorted(component_names_in(src, {"euler", "heun", "karras", "shapes"})) == ["euler", "heun", "karras"]
+
+
+@pytest.mark.parametrize("name,path,found", list(modules("framework")), ids=lambda v: getattr(v, "name", ""))
+def test_the_framework_names_no_built_in_component(name, path, found):
+    """Defaults come from the shipped configs, never from the framework's code."""
+    import limner
+
+    builtins = {n for names in limner.list_components().values() for n in names}
+    named = component_names_in(path, builtins)
+    assert not named, f"{path.relative_to(ROOT)} names built-in components {named}: take them from a config"

@@ -245,9 +245,9 @@ def test_sample_applies_guidance_once_for_any_sampler():
 
 def test_sample_rejects_bad_steps_and_sigma_range():
     with pytest.raises(limner.LimnerError, match="steps must be >= 1, got 0"):
-        sample(gaussian_denoiser, torch.zeros(1, 2), steps=0)
+        sample(gaussian_denoiser, torch.zeros(1, 2), sampler="euler", schedule="karras", steps=0)
     with pytest.raises(limner.LimnerError, match="need 0 < sigma_min < sigma_max"):
-        sample(gaussian_denoiser, torch.zeros(1, 2), sigma_min=5.0, sigma_max=1.0)
+        sample(gaussian_denoiser, torch.zeros(1, 2), sampler="euler", schedule="karras", sigma_min=5.0, sigma_max=1.0)
 
 
 def test_deis_is_lms_of_order_3():
@@ -332,8 +332,10 @@ def test_cfg_pp_lands_on_the_guided_estimate_and_renoises_along_the_unconditiona
     assert model.calls == 1
     # through sample(): the name alone switches the mode, and guidance 1 still runs both branches
     noise = torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    plain = sample(Counting(), noise, sampler="dpmpp_2m", steps=4, guidance=1.0, cond=cond, uncond=uncond)
-    pp = sample(Counting(), noise, sampler="dpmpp_2m_cfg_pp", steps=4, guidance=1.0, cond=cond, uncond=uncond)
+    plain = sample(Counting(), noise, sampler="dpmpp_2m", schedule="karras", steps=4, guidance=1.0, cond=cond,
+                   uncond=uncond)
+    pp = sample(Counting(), noise, sampler="dpmpp_2m_cfg_pp", schedule="karras", steps=4, guidance=1.0, cond=cond,
+                uncond=uncond)
     assert not torch.allclose(plain, pp)
 
 

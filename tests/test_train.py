@@ -30,6 +30,8 @@ log_every = 1
 sample_every = 100
 checkpoint_every = 2
 [sample]
+sampler = "dpmpp_2m"
+schedule = "karras"
 steps = 3
 prompts = ["a red circle at the top left", "a blue square at the center"]
 [eval]
