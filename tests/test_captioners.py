@@ -8,17 +8,9 @@ import torch
 from PIL import Image
 
 import limner
-from limner.cli import main
 from limner.plugins.captioners import WEIGHTS, agreement, evaluate, read_config, train
 from limner.plugins.image_metrics import WEIGHTS as FASHION_NET
-
-
-def run(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exit_info.value.code or 0, out.out, out.err
+from test_cli import run
 
 
 def renders(n, **options):
