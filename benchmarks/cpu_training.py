@@ -21,7 +21,7 @@ from pathlib import Path
 
 def run_row(run: Path, note: str = "") -> dict:
     from limner.checkpoint import find_checkpoint, read_state
-    from limner.train import load_run_config
+    from limner.recipes import load_run_config
 
     ckpt = find_checkpoint(run)
     if ckpt is None:
@@ -50,7 +50,7 @@ def curve(run: Path, prompts: int | None, steps_per_s: float | None) -> list[dic
     """Held-out scores of every checkpoint the run kept, with the training time it had taken
     (a checkpoint older than the train_seconds field: its step / the run's steps/s, marked ~)."""
     from limner.checkpoint import read_state
-    from limner.train import evaluate_checkpoint
+    from limner.recipes import evaluate_checkpoint
 
     points = []
     for ckpt in sorted((run / "checkpoints").glob("step_*")):

@@ -20,7 +20,7 @@ KEYS = ("colour", "shape", "position", "all")
 def points(run: Path, prompts: int) -> list[dict]:
     """Scores of every checkpoint the run kept, with the training minutes it had taken."""
     from limner.checkpoint import read_state
-    from limner.train import evaluate_checkpoint
+    from limner.recipes import evaluate_checkpoint
 
     out = []
     for ckpt in sorted((run / "checkpoints").glob("step_*")):

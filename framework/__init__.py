@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # load_pipeline pulls in torch, transformers and accelerate: import it on first use only
     if name == "load_pipeline":
-        from .pipeline import load_pipeline
+        from .recipes import load_pipeline
 
         return load_pipeline
     if name in ("caption", "load_captioner"):  # image -> text

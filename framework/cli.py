@@ -89,7 +89,7 @@ def train(config: str, steps: int | None) -> None:
 
     Multi-process: `accelerate launch -m limner.cli train CONFIG` or `torchrun --nproc_per_node N ...`.
     """
-    from .train import train as run_training
+    from .recipes import train as run_training
 
     run_training(config, {"train.steps": steps} if steps is not None else None)
 
@@ -147,7 +147,8 @@ def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed
 
     from .checkpoint import write_text_atomic
     from .images import check_writable, make_grid, output_name, save_atomic, to_pil
-    from .pipeline import load_pipeline, open_image
+    from .pipeline import open_image
+    from .recipes import load_pipeline
 
     if strength is not None and init_image is None:
         raise LimnerError("--strength sets how much of --init-image is redrawn; it has no effect without "
@@ -222,7 +223,7 @@ def evaluate(checkpoint, prompts, sampler, steps, guidance, metrics, reconstruct
     from pathlib import Path
 
     from .checkpoint import write_text_atomic
-    from .train import evaluate_checkpoint
+    from .recipes import evaluate_checkpoint
 
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     if metrics is not None and not names:

@@ -10,7 +10,6 @@ does) instead of through DDP, because R1's double backward does not go through D
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -19,8 +18,7 @@ from .checkpoint import to_toml
 from .errors import LimnerError
 from .gan import GeneratorModel, GeneratorPipeline, GenTrainConfig
 from .protocols import AdversarialLoss, Penalty
-from .train import (EMA, NonFinite, TrainerBase, _Log, _progress, check_image_shape, check_ranks_agree,
-                    config_dict, step_generator)
+from .train import EMA, NonFinite, TrainerBase, check_image_shape, config_dict, step_generator
 
 
 class GenTrainer(TrainerBase):
@@ -140,41 +138,20 @@ class GenTrainer(TrainerBase):
         self._update("vae", loss)
         return {"loss": float(loss.detach()), **parts}
 
-    # --- the loop ----------------------------------------------------------------------
+    # --- in the shared loop (TrainerBase.fit) ----------------------------------------------
 
-    def fit(self) -> dict[str, float]:
-        t = self.cfg.train
-        self.start_clock()
-        loader = self._loader(t.steps)
-        log, progress = _Log(self.out, self.acc.is_main_process, self.step), _progress(self.acc.is_main_process, self.step,
-                                                                              t.steps)
-        step_fn, rows, last = self.gan_step if self.gan else self.vae_step, [], {}
+    def before_fit(self) -> None:
         self.model.train()
-        for images, captions in loader:
-            rows.append(step_fn(images.to(self.acc.device), captions))
-            self.ema.update(self.model, self.step)
-            self.step += 1
-            progress.update(1)
-            if self.step % t.log_every == 0 or self.step == t.steps:
-                last = {"step": self.step, **_means(rows)}
-                log.write(last)
-                progress.set_postfix({k: f"{v:.3f}" for k, v in last.items() if k != "step" and math.isfinite(v)})
-                rows = []
-            self.end_of_step(t.sample_every, t.checkpoint_every, t.steps)
-        progress.close()
-        log.close()
-        check_ranks_agree(self.acc, torch.nn.ModuleList(self.modules().values()), self.out, self.step)
-        return last
+
+    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+        step = self.gan_step if self.gan else self.vae_step
+        row = step(images.to(self.acc.device), captions)
+        self.ema.update(self.model, self.step)
+        return row
 
     def pipeline(self) -> GeneratorPipeline:
         """The EMA generator as a pipeline with the run's sampling defaults."""
         return GeneratorPipeline(self.ema.model, self.cfg.sample, self.acc.device)
-
-
-def _means(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Each metric's mean over the rows that have it (lazy penalties appear every k steps)."""
-    keys = dict.fromkeys(k for r in rows for k in r)
-    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
 
 
 def _detach(cond):

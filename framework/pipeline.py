@@ -1,4 +1,5 @@
-"""`limner.load_pipeline(dir)`: a trained checkpoint as a callable that draws PIL images.
+"""The diffusion pipeline: a trained model as a callable that draws PIL images
+(`limner.load_pipeline(dir)`, in recipes.py, builds it from a checkpoint).
 
     pipe = limner.load_pipeline("runs/shapes")
     images = pipe(["a red circle at the top left"], sampler="dpmpp_2m", schedule="karras",
@@ -14,7 +15,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import find_checkpoint, load_module
 from .config import ComponentConfig
 from .errors import LimnerError
 from .images import to_pil
@@ -187,22 +187,3 @@ def open_image(path: str | Path | None) -> Image.Image | None:
             return im
     except (OSError, ValueError) as exc:
         raise LimnerError(f"cannot read image {path}: {exc}") from None
-
-
-def load_pipeline(path: str | Path, device: str | torch.device | None = None):
-    """A Pipeline (diffusion) or GeneratorPipeline (GAN, VAE) from a checkpoint directory, a
-    run's checkpoints/ folder or the run folder."""
-    from .gan import GeneratorModel, GeneratorPipeline, GenTrainConfig
-    from .train import load_run_config
-
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        raise LimnerError(f"no checkpoint found at {path} (expected config.toml + *.safetensors, "
-                          "or a run folder with checkpoints/latest)")
-    cfg = load_run_config(ckpt / "config.toml")
-    gan = isinstance(cfg, GenTrainConfig)
-    model = GeneratorModel(cfg.model) if gan else TextToImage(cfg.model)
-    weights = ckpt / "ema.safetensors"
-    load_module(model, weights if weights.is_file() else ckpt / "model.safetensors")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return (GeneratorPipeline if gan else Pipeline)(model, cfg.sample, device)

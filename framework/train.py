@@ -1,5 +1,7 @@
-"""`limner train CONFIG.toml`: text-to-image diffusion training on HF Accelerate (configs
-with `recipe = "gan"` or `"vae"` go to gan_train.py, which shares the helpers here).
+"""Training on HF Accelerate: the loop every recipe shares (TrainerBase.fit: batches by step
+and rank, logging, progress, sample grids, checkpoints, exact resume, the rank check) and the
+diffusion recipe's trainer; gan_train.py holds the GAN and VAE trainer, recipes.py picks one
+by the config's `recipe` (`limner train CONFIG.toml`).
 
 One script for CPU, one GPU or many (`accelerate launch` / `torchrun`). Every random draw
 of step s (batch order, caption dropout, noise levels, noise, dropout) comes from seeds
@@ -23,10 +25,10 @@ from torch import nn
 
 from .checkpoint import (find_checkpoint, load_module, load_tensors, optimizer_tensors, read_state, remove_stale_temps,
                          restore_optimizer, to_toml, write_checkpoint, write_text_atomic)
-from .config import ComponentConfig, bounded, component, load_config, set_option
+from .config import ComponentConfig, bounded, component
 from .diffusion import training_sigmas
 from .errors import LimnerError
-from .images import check_writable, make_grid, save_atomic, to_pil
+from .images import make_grid, save_atomic, to_pil
 from .pipeline import Pipeline
 from .t2i import ModelConfig, SampleConfig, TextToImage
 
@@ -285,6 +287,52 @@ class TrainerBase:
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=batches, num_workers=self.cfg.data.workers,
                                            collate_fn=collate)
 
+    # --- the one training loop: a recipe's trainer supplies train_step and summary ----------
+
+    def before_fit(self) -> None:
+        """Set-up of a recipe's trainer just before the first step (devices, accelerate)."""
+
+    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+        """One optimisation step on a batch (self.step counts the steps done before it): the
+        metrics to log, or None when the step was skipped (non-finite loss or gradients)."""
+        raise NotImplementedError
+
+    def summary(self, rows: list[dict[str, float]]) -> dict[str, Any]:
+        """What a log line says about the steps since the last one: each metric's mean."""
+        keys = dict.fromkeys(k for r in rows for k in r)
+        return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
+
+    def postfix(self, row: dict[str, Any]) -> dict[str, str]:
+        """The progress bar's text for a log line."""
+        return {k: f"{v:.3f}" for k, v in row.items() if k != "step" and isinstance(v, float) and math.isfinite(v)}
+
+    def fit(self) -> dict[str, Any]:
+        """Train to cfg.train.steps: batches by step and rank, the recipe's train_step, a log
+        line every log_every steps, sample grids and checkpoints when due, a progress bar, and
+        a final check that every rank holds the same weights; returns the last log line."""
+        t = self.cfg.train
+        self.start_clock()
+        self.before_fit()
+        log = _Log(self.out, self.acc.is_main_process, self.step)
+        self.progress = _progress(self.acc.is_main_process, self.step, t.steps)
+        rows, last = [], {}
+        for images, captions in self._loader(t.steps):
+            row = self.train_step(images, captions)
+            if row is not None:
+                rows.append(row)
+            self.step += 1
+            self.progress.update(1)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                last = {"step": self.step, **self.summary(rows)}
+                log.write(last)
+                self.progress.set_postfix(self.postfix(last))
+                rows = []
+            self.end_of_step(t.sample_every, t.checkpoint_every, t.steps)
+        self.progress.close()
+        log.close()
+        check_ranks_agree(self.acc, nn.ModuleList(self.modules().values()), self.out, self.step)
+        return last
+
     def end_of_step(self, sample_every: int, checkpoint_every: int, steps: int) -> None:
         """The periodic work after a step: a sample grid and a checkpoint when due, both at the last step."""
         last = self.step == steps
@@ -348,46 +396,37 @@ class Trainer(TrainerBase):
         noise = torch.randn(images.shape, generator=gen)
         return captions, sigma.to(self.acc.device), noise.to(self.acc.device)
 
-    def fit(self) -> dict[str, float]:
-        """Train to cfg.train.steps; returns the last logged metrics."""
-        cfg = self.cfg.train
-        self.start_clock()
-        step_module, opt = self.acc.prepare(TrainStep(self.model), self.opt)
+    def before_fit(self) -> None:
+        self.step_module, self.prepared_opt = self.acc.prepare(TrainStep(self.model), self.opt)
         self.ema.model.to(self.acc.device)
-        log = _Log(self.out, self.acc.is_main_process, self.step)
-        progress = _progress(self.acc.is_main_process, self.step, cfg.steps)
-        guard = self.guard
-        losses, last = [], {}
-        for images, captions in self._loader(cfg.steps):
-            captions, sigma, noise = self._randomness(images, captions)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(self.step, cfg)
-            images = images.to(self.acc.device)
-            if cfg.channels_last:
-                images, noise = (t.contiguous(memory_format=torch.channels_last) for t in (images, noise))
-            loss = step_module(images, captions, sigma, noise)
-            opt.zero_grad(set_to_none=True)
-            self.acc.backward(loss)
-            value = loss.item()
-            if self.guarded_step(opt, self.trained, value, cfg.grad_clip):
-                self.ema.update(self.model, self.step)
-                losses.append(value)
-            else:
-                progress.write(f"step {self.step}: non-finite loss or gradients, step skipped "
-                               f"({guard.in_a_row} in a row; train.max_nonfinite = {cfg.max_nonfinite})")
-            self.step += 1
-            progress.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                last = {"step": self.step, "loss": sum(losses) / len(losses) if losses else None,
-                        "lr": lr_at(self.step - 1, cfg), "skipped": guard.skipped}
-                log.write(last)
-                progress.set_postfix(loss="skipped" if last["loss"] is None else f"{last['loss']:.4f}")
-                losses = []
-            self.end_of_step(cfg.sample_every, cfg.checkpoint_every, cfg.steps)
-        progress.close()
-        log.close()
-        check_ranks_agree(self.acc, self.model, self.out, self.step)
-        return last
+
+    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+        """EDM denoising loss (Karras et al. 2022) on the batch, one AdamW update, the EMA."""
+        cfg = self.cfg.train
+        captions, sigma, noise = self._randomness(images, captions)
+        for group in self.prepared_opt.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        images = images.to(self.acc.device)
+        if cfg.channels_last:
+            images, noise = (t.contiguous(memory_format=torch.channels_last) for t in (images, noise))
+        loss = self.step_module(images, captions, sigma, noise)
+        self.prepared_opt.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        value = loss.item()
+        if not self.guarded_step(self.prepared_opt, self.trained, value, cfg.grad_clip):
+            self.progress.write(f"step {self.step}: non-finite loss or gradients, step skipped "
+                                f"({self.guard.in_a_row} in a row; train.max_nonfinite = {cfg.max_nonfinite})")
+            return None
+        self.ema.update(self.model, self.step)
+        return {"loss": value}
+
+    def summary(self, rows: list[dict[str, float]]) -> dict[str, Any]:
+        losses = [r["loss"] for r in rows]
+        return {"loss": sum(losses) / len(losses) if losses else None, "lr": lr_at(self.step - 1, self.cfg.train),
+                "skipped": self.guard.skipped}
+
+    def postfix(self, row: dict[str, Any]) -> dict[str, str]:
+        return {"loss": "skipped" if row["loss"] is None else f"{row['loss']:.4f}"}
 
     def pipeline(self) -> Pipeline:
         """The EMA model as a pipeline with the run's sampling defaults."""
@@ -460,60 +499,6 @@ def _progress(active: bool, start: int, total: int):
     return tqdm(total=total, initial=start, desc="training", disable=not active, dynamic_ncols=True)
 
 
-def recipe_of(config_path: str | Path) -> str:
-    """The `recipe` a config names ("diffusion" when it names none)."""
-    from .config import tomllib
-    from .errors import ConfigError, did_you_mean
-    from .gan import RECIPES
-
-    try:
-        recipe = tomllib.loads(Path(config_path).read_text(encoding="utf-8")).get("recipe", "diffusion")
-    except (OSError, tomllib.TOMLDecodeError):
-        return "diffusion"  # load_config reports the missing or broken file
-    if recipe not in RECIPES:
-        raise ConfigError(f"{config_path}: recipe: unknown recipe {recipe!r}{did_you_mean(str(recipe), RECIPES)}"
-                          f" Valid recipes: {', '.join(RECIPES)}.")
-    return recipe
-
-
-def load_run_config(config_path: str | Path):
-    """A TrainConfig, or a GenTrainConfig for the gan and vae recipes."""
-    if recipe_of(config_path) == "diffusion":
-        return load_config(config_path, TrainConfig)
-    from .gan import GenTrainConfig
-
-    return load_config(config_path, GenTrainConfig)
-
-
-def train(config_path: str | Path, overrides: dict[str, Any] | None = None):
-    """Load a config, resume if the run has a checkpoint, train; returns the trainer."""
-    cfg = load_run_config(config_path)
-    for key, value in (overrides or {}).items():  # dotted keys: "out", "train.steps", ...
-        set_option(cfg, key, value)
-    check_writable(cfg.out)  # before the model is built, not at the first checkpoint
-    if isinstance(cfg, TrainConfig):
-        trainer = Trainer(cfg)
-    else:
-        from .gan_train import GenTrainer
-
-        trainer = GenTrainer(cfg)
-    try:
-        trainer.resume()
-        if trainer.step >= cfg.train.steps:
-            trainer.acc.print(f"{cfg.out} is already trained to step {trainer.step}")
-            return trainer
-        trainer.fit()
-        if cfg.eval.prompts > 0 and trainer.acc.is_main_process:
-            scores = evaluate(trainer.pipeline(), cfg.eval)
-            (trainer.out / "eval.json").write_text(json.dumps(scores, indent=1))
-            trainer.acc.print("held-out attribute scores: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()  # else gloo's threads may abort the exit
-    return trainer
-
-
 def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, metrics: list[str] | None = None,
              reconstruct: bool = False, **sampling) -> dict[str, float]:
     """Draw the first `eval_cfg.prompts` captions of a held-out dataset with `pipeline` (prompt k
@@ -557,22 +542,6 @@ def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, metrics: list[str]
         result = scorer(images, prompts, references=references) if takes else scorer(images, prompts)
         scores.update({k: float(v) for k, v in result.items()})
     return {**scores, "seconds_per_image": seconds}
-
-
-def evaluate_checkpoint(path: str | Path, prompts: int | None = None, metrics: list[str] | None = None,
-                        reconstruct: bool = False, **sampling) -> dict[str, Any]:
-    """A checkpoint's scores on its run's held-out prompts (`limner eval`): the run's metric, or `metrics`."""
-    from .pipeline import load_pipeline
-
-    ckpt = find_checkpoint(path)
-    if ckpt is None:
-        raise LimnerError(f"no checkpoint found at {path}")
-    cfg = load_run_config(ckpt / "config.toml")
-    eval_cfg = dataclasses.replace(cfg.eval, prompts=prompts or cfg.eval.prompts or 200)
-    scores = evaluate(load_pipeline(ckpt), eval_cfg, metrics=metrics, reconstruct=reconstruct, **sampling)
-    return {"checkpoint": str(ckpt), "step": read_state(ckpt).get("step"),
-            "metric": ", ".join(metrics) if metrics else eval_cfg.metric, "prompts": eval_cfg.prompts,
-            "sampling": sampling, **({"reconstruct": True} if reconstruct else {}), "scores": scores}
 
 
 def params_digest(model: nn.Module) -> float:

@@ -44,7 +44,7 @@ def test_demo_draws_prompts_by_samplers_from_a_checkpoint(capsys, tmp_path):
     from test_train import write_config
 
     from limner.checkpoint import export_checkpoint
-    from limner.train import train
+    from limner.recipes import train
 
     train(write_config(tmp_path, steps=2))
     export_checkpoint(tmp_path / "run", tmp_path / "release")
@@ -78,7 +78,7 @@ def test_user_errors_are_one_paragraph_and_exit_1(capsys, tmp_path):
 def test_eval_scores_a_checkpoint_from_the_command_line(capsys, tmp_path):
     from test_train import write_config
 
-    from limner.train import train
+    from limner.recipes import train
 
     train(write_config(tmp_path, steps=2))  # its [eval]: shapes_attributes on 8 held-out prompts
     report_path = tmp_path / "report" / "eval.json"

@@ -100,7 +100,7 @@ def test_a_missing_file_is_named(tmp_path):
                          ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     """Every ready config names installed components with valid options."""
-    from limner.train import load_run_config
+    from limner.recipes import load_run_config
 
     cfg = load_run_config(path)
     assert cfg.out.startswith("runs/") and cfg.train.steps > 0

@@ -12,7 +12,7 @@ import limner
 from limner.checkpoint import find_checkpoint
 from limner.cli import main
 from limner.protocols import TextEmbedding
-from limner.train import train
+from limner.recipes import train
 
 
 def embedding(pooled: torch.Tensor) -> TextEmbedding:
@@ -240,7 +240,7 @@ def test_vae_training_lowers_the_elbo(tmp_path):
 def test_vae_reconstructions_score_above_its_samples_and_gans_cannot_reconstruct(tmp_path, capsys):
     """`limner eval --reconstruct`: held-out images through the shipped VAE's encoder and decoder
     come back closer (PSNR) than samples of their prompts; a GAN says it has no encoder."""
-    from limner.train import evaluate_checkpoint
+    from limner.recipes import evaluate_checkpoint
 
     vae = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-vae"
     rec = evaluate_checkpoint(vae, 40, metrics=["psnr", "ssim"], reconstruct=True)

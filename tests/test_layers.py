@@ -99,8 +99,6 @@ def test_module_level_imports_of_the_framework_form_no_cycle():
     assert cycles(framework_graph(top_level_only=True)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: train, gan_train, gan and pipeline still reach each other through "
-                                       "imports inside functions; the recipes refactor removes the circle")
 def test_no_import_of_the_framework_closes_a_cycle_even_inside_functions():
     assert cycles(framework_graph(top_level_only=False)) == []
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from limner.train import train
+from limner.recipes import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

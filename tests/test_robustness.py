@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import limner
 from limner.checkpoint import find_checkpoint
 from limner.cli import main
-from limner.train import train
+from limner.recipes import train
 
 from test_train import TINY, write_config
 
@@ -182,7 +182,7 @@ def test_mask_and_init_image_sizes_are_checked_and_crops_are_explicit(run):
 def test_a_checkpoint_of_another_size_gets_one_paragraph(run, tmp_path):
     import shutil
 
-    from limner.pipeline import load_pipeline
+    from limner.recipes import load_pipeline
 
     copy = tmp_path / "edited"
     shutil.copytree(find_checkpoint(run), copy)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import limner
 from limner.checkpoint import find_checkpoint
 from limner.cli import main
-from limner.train import train
+from limner.recipes import train
 
 TINY = """
 out = "{out}"
