@@ -120,8 +120,9 @@ def trained_demo(cfg: DemoConfig, checkpoints: list[Path], out: Path) -> Path:
     tiles, labels, table = [], [], []
     for ckpt in checkpoints:
         pipe, run_cfg, state = load_pipeline(ckpt), load_run_config(ckpt / "config.toml"), read_state(ckpt)
-        diffusion = run_cfg.recipe == "diffusion"
-        family = run_cfg.model.denoiser.name if diffusion else run_cfg.model.generator.name
+        diffusion = hasattr(run_cfg.sample, "sampler")  # a sampled model: one grid row per sampler
+        net = getattr(run_cfg.model, "denoiser", None) or getattr(run_cfg.model, "generator", None)
+        family = net.name if net is not None else run_cfg.recipe
         print(f"\n{ckpt} ({run_cfg.recipe}, {family}, step {state.get('step')}):")
         for sc in cfg.samplers if diffusion else [None]:
             options = {"sampler": sc.name, "steps": cfg.steps} if sc else {}

@@ -20,8 +20,6 @@ from .sampling import item_generators, randn_like
 from .text_cache import EmbeddingCache
 from .train import EvalConfig
 
-RECIPES = ("diffusion", "gan", "vae")
-
 
 @dataclass
 class GenDataConfig:
@@ -74,7 +72,7 @@ class GenSampleConfig:
 @dataclass
 class GenTrainConfig:
     out: str
-    recipe: str = "gan"
+    recipe: str  # "gan" or "vae"
     seed: int = 0
     data: GenDataConfig = field(default_factory=GenDataConfig)
     model: GenModelConfig = field(default_factory=GenModelConfig)

@@ -10,36 +10,26 @@ does) instead of through DDP, because R1's double backward does not go through D
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from .checkpoint import to_toml
 from .errors import LimnerError
 from .gan import GeneratorModel, GeneratorPipeline, GenTrainConfig
 from .protocols import AdversarialLoss, Penalty
-from .train import EMA, NonFinite, TrainerBase, check_image_shape, config_dict, step_generator
+from .train import EMA, TrainerBase, step_generator
 
 
 class GenTrainer(TrainerBase):
     """Owns the accelerator, models, EMA, optimisers and data of one GAN or VAE run."""
 
     def __init__(self, cfg: GenTrainConfig):
-        from accelerate import Accelerator
-
-        self.cfg, self.out, self.step = cfg, Path(cfg.out), 0
-        self.acc = Accelerator(cpu=not torch.cuda.is_available())
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.setup(cfg)
         self.model = GeneratorModel(cfg.model).to(self.acc.device)
         self.gan = cfg.recipe == "gan"
         self.disc = self._discriminator().to(self.acc.device) if self.gan else None
         self.ema = EMA(self.model, cfg.train.ema)
         self._losses()
         self.opts = self._optimizers()
-        self.guard = NonFinite(cfg.train.nonfinite, cfg.train.max_nonfinite)
-        self.dataset = cfg.data.dataset.build()
-        self.config_text = to_toml(config_dict(cfg))
-        check_image_shape(self.dataset, cfg.model.channels, cfg.model.image_size)
+        self.setup_data(cfg.model.channels, cfg.model.image_size)
 
     def _discriminator(self):
         m = self.cfg.model

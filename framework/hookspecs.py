@@ -20,6 +20,7 @@ KINDS = (
     "feature_networks",
     "captioners",
     "attention_backends",
+    "recipes",
 )
 
 
@@ -82,6 +83,12 @@ def limner_register_captioners():
 @hookspec
 def limner_register_attention_backends():
     """Return ComponentSpecs of attention backends: attn(q, k, v, mask) -> out."""
+
+
+@hookspec
+def limner_register_recipes():
+    """Return ComponentSpecs of training recipes: a factory returning limner.recipes.Recipe
+    (config schema, trainer with train_step, model, pipeline), picked by a config's `recipe`."""
 
 
 @hookspec

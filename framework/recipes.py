@@ -1,55 +1,88 @@
-"""Dispatch by recipe, at the top of the framework: which config schema, trainer and pipeline
-a run's `recipe` ("diffusion", "gan", "vae") means - `train`, `load_run_config`,
-`load_pipeline`, `evaluate_checkpoint`. The machinery below (train.py's shared loop and the
-diffusion trainer, gan.py and gan_train.py for GANs and VAEs, pipeline.py) never imports this
-module, so no import closes a circle.
+"""Training recipes and the dispatch by recipe, at the top of the framework.
+
+A recipe is a component (kind `recipes`, hook `limner_register_recipes`): what a run config's
+`recipe = "<name>"` means - the dataclass schema the config is read into, the trainer (a
+`limner.train.TrainerBase` that supplies `train_step`; the loop, logging, checkpoints and
+exact resume are the framework's), the model a checkpoint's weights load into, and the
+pipeline that draws from it. limner's own `diffusion`, `gan` and `vae` are registered by
+`limner.plugins.recipes` like any third-party recipe. `train`, `load_run_config`,
+`load_pipeline` and `evaluate_checkpoint` dispatch through it; the machinery below this module
+(train.py, gan.py, gan_train.py, pipeline.py) never imports it, so no import closes a circle.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .checkpoint import find_checkpoint, load_module, read_state
 from .config import load_config, set_option, tomllib
-from .errors import ConfigError, LimnerError, did_you_mean
-from .gan import RECIPES, GeneratorModel, GeneratorPipeline, GenTrainConfig
-from .gan_train import GenTrainer
+from .errors import ConfigError, LimnerError, UnknownComponentError
 from .images import check_writable
-from .pipeline import Pipeline
-from .t2i import TextToImage
-from .train import TrainConfig, Trainer, evaluate
+from .registry import create, get_component, list_components
+from .train import TrainerBase, evaluate
 
 
-def recipe_of(config_path: str | Path) -> str:
-    """The `recipe` a config names ("diffusion" when it names none)."""
-    try:
-        recipe = tomllib.loads(Path(config_path).read_text(encoding="utf-8")).get("recipe", "diffusion")
-    except (OSError, tomllib.TOMLDecodeError):
-        return "diffusion"  # load_config reports the missing or broken file
-    if recipe not in RECIPES:
-        raise ConfigError(f"{config_path}: recipe: unknown recipe {recipe!r}{did_you_mean(str(recipe), RECIPES)}"
-                          f" Valid recipes: {', '.join(RECIPES)}.")
+@dataclass(frozen=True)
+class Recipe:
+    """What a recipe name stands for. `config`: the run config's dataclass (with `out`,
+    `recipe`, `seed`, `data`, `model`, `train`, `sample` and `eval` sections); `trainer(cfg)`
+    -> a TrainerBase; `model(cfg)` -> the module a checkpoint's EMA weights load into;
+    `pipeline(model, cfg.sample, device)` -> what `limner sample` and `limner eval` call."""
+
+    config: type
+    trainer: Callable[[Any], TrainerBase]
+    model: Callable[[Any], nn.Module]
+    pipeline: Callable[[nn.Module, Any, torch.device], Any]
+
+
+def get_recipe(name: str) -> Recipe:
+    recipe = create("recipes", name)
+    if not isinstance(recipe, Recipe):
+        raise LimnerError(f"recipe {name!r} did not build a limner.recipes.Recipe (got {type(recipe).__name__})")
     return recipe
 
 
+def recipe_of(config_path: str | Path) -> str:
+    """The `recipe` a run config names; a missing or unknown one is a ConfigError listing the
+    registered recipes."""
+    try:
+        data = tomllib.loads(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return ""  # load_config reports the missing or broken file
+    known = list_components("recipes")["recipes"]
+    if "recipe" not in data:
+        raise ConfigError(f"{config_path}: recipe: missing required option: name the training recipe "
+                          f"({', '.join(known)}; see `limner plugins`)")
+    try:
+        return get_component("recipes", str(data["recipe"])).name
+    except UnknownComponentError as exc:
+        raise ConfigError(f"{config_path}: recipe: {exc}") from None
+
+
 def load_run_config(config_path: str | Path):
-    """A TrainConfig, or a GenTrainConfig for the gan and vae recipes."""
-    if recipe_of(config_path) == "diffusion":
-        return load_config(config_path, TrainConfig)
-    return load_config(config_path, GenTrainConfig)
+    """A run config read into its recipe's schema."""
+    name = recipe_of(config_path)
+    if not name:
+        raise ConfigError(f"cannot read the config file {config_path}")
+    return load_config(config_path, get_recipe(name).config)
 
 
 def train(config_path: str | Path, overrides: dict[str, Any] | None = None):
     """Load a config, resume if the run has a checkpoint, train; returns the trainer."""
+    if not Path(config_path).is_file():
+        raise ConfigError(f"config file not found: {config_path}")
     cfg = load_run_config(config_path)
     for key, value in (overrides or {}).items():  # dotted keys: "out", "train.steps", ...
         set_option(cfg, key, value)
     check_writable(cfg.out)  # before the model is built, not at the first checkpoint
-    trainer = Trainer(cfg) if isinstance(cfg, TrainConfig) else GenTrainer(cfg)
+    trainer = get_recipe(cfg.recipe).trainer(cfg)
     try:
         trainer.resume()
         if trainer.step >= cfg.train.steps:
@@ -82,16 +115,16 @@ def evaluate_checkpoint(path: str | Path, prompts: int | None = None, metrics: l
 
 
 def load_pipeline(path: str | Path, device: str | torch.device | None = None):
-    """A Pipeline (diffusion) or GeneratorPipeline (GAN, VAE) from a checkpoint directory, a
-    run's checkpoints/ folder or the run folder."""
+    """The pipeline of a checkpoint directory, a run's checkpoints/ folder or the run folder,
+    as its recipe builds it (diffusion: Pipeline; GAN, VAE: GeneratorPipeline)."""
     ckpt = find_checkpoint(path)
     if ckpt is None:
         raise LimnerError(f"no checkpoint found at {path} (expected config.toml + *.safetensors, "
                           "or a run folder with checkpoints/latest)")
     cfg = load_run_config(ckpt / "config.toml")
-    gan = isinstance(cfg, GenTrainConfig)
-    model = GeneratorModel(cfg.model) if gan else TextToImage(cfg.model)
+    recipe = get_recipe(cfg.recipe)
+    model = recipe.model(cfg)
     weights = ckpt / "ema.safetensors"
     load_module(model, weights if weights.is_file() else ckpt / "model.safetensors")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return (GeneratorPipeline if gan else Pipeline)(model, cfg.sample, device)
+    return recipe.pipeline(model, cfg.sample, device)

@@ -75,7 +75,7 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     out: str
-    recipe: str = "diffusion"  # "gan" and "vae" configs follow limner.gan.GenTrainConfig
+    recipe: str  # which registered recipe reads this config (limner.recipes)
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -223,6 +223,29 @@ class TrainerBase:
     seconds_before = 0.0  # training wall time of earlier sessions of this run (from a resume)
     started: float | None = None  # perf_counter() when this session's fit() began
 
+    def setup(self, cfg: Any, mixed_precision: str = "no") -> None:
+        """What every trainer's __init__ starts with: the config, the run folder, step 0, the
+        accelerator (mixed precision on CUDA only) and the seed, so that every rank builds
+        identical initial weights. Then the trainer builds its modules and optimisers and
+        calls setup_data()."""
+        from accelerate import Accelerator
+
+        cuda = torch.cuda.is_available()
+        precision = mixed_precision if cuda else "no"
+        if precision not in ("no", "bf16", "fp16"):
+            raise LimnerError(f"train.mixed_precision must be no, bf16 or fp16, got {precision!r}")
+        self.cfg, self.out, self.step = cfg, Path(cfg.out), 0
+        self.acc = Accelerator(mixed_precision=precision, cpu=not cuda)
+        torch.manual_seed(cfg.seed)
+
+    def setup_data(self, channels: int, image_size: int) -> None:
+        """The non-finite guard ([train] nonfinite, max_nonfinite), the dataset (checked against
+        the model's image shape) and the resolved config a checkpoint stores."""
+        self.guard = NonFinite(self.cfg.train.nonfinite, self.cfg.train.max_nonfinite)
+        self.dataset = self.cfg.data.dataset.build()
+        self.config_text = to_toml(config_dict(self.cfg))
+        check_image_shape(self.dataset, channels, image_size)
+
     def modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 
@@ -355,17 +378,8 @@ class TrainerBase:
 class Trainer(TrainerBase):
     """Owns the accelerator, model, EMA, optimiser and data of one run."""
 
-    def __init__(self, cfg: TrainConfig, config_text: str | None = None):
-        from accelerate import Accelerator
-
-        self.cfg = cfg
-        self.out = Path(cfg.out)
-        cuda = torch.cuda.is_available()
-        precision = cfg.train.mixed_precision if cuda else "no"
-        if precision not in ("no", "bf16", "fp16"):
-            raise LimnerError(f"train.mixed_precision must be no, bf16 or fp16, got {precision!r}")
-        self.acc = Accelerator(mixed_precision=precision, cpu=not cuda)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    def __init__(self, cfg: TrainConfig):
+        self.setup(cfg, cfg.train.mixed_precision)
         self.model = TextToImage(cfg.model)
         self.ema = EMA(self.model, cfg.train.ema)
         if cfg.train.compile:  # in place: parameter names, checkpoints and the EMA copy stay as they are
@@ -373,14 +387,10 @@ class Trainer(TrainerBase):
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.ema.model.to(memory_format=torch.channels_last)
-        self.guard = NonFinite(cfg.train.nonfinite, cfg.train.max_nonfinite)  # checked before any work
         self.trained = trained = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = adamw(trained, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.opts = {"model": self.opt}
-        self.dataset = cfg.data.dataset.build()
-        self.step = 0
-        self.config_text = to_toml(config_dict(cfg))
-        check_image_shape(self.dataset, cfg.model.channels, cfg.model.image_size)
+        self.setup_data(cfg.model.channels, cfg.model.image_size)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "ema": self.ema.model}

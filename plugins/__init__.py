@@ -171,5 +171,12 @@ class captioners:
         return _specs("captioners", [("caption_agreement", "caption_agreement", (), "")])
 
 
+class recipes:
+    @hookimpl
+    def limner_register_recipes():
+        """Diffusion, GAN and VAE training."""
+        return _specs("recipes", [(n, n, (), "") for n in ("diffusion", "gan", "vae")])
+
+
 PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, attention_backends, denoisers, gans, vae, losses,
-           image_metrics, captioners)
+           image_metrics, captioners, recipes)

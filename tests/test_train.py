@@ -15,6 +15,7 @@ from limner.recipes import train
 
 TINY = """
 out = "{out}"
+recipe = "diffusion"
 seed = 3
 [data]
 dataset = {{ name = "shapes", size = 32, length = 256, max_objects = 1 }}

@@ -1,4 +1,4 @@
-"""An example limner plugin: one sampler, one loss and one CLI command."""
+"""An example limner plugin: one sampler, one loss, one training recipe and one CLI command."""
 from __future__ import annotations
 
 import click
@@ -48,10 +48,17 @@ def limner_register_losses():
 
 
 @limner.hookimpl
+def limner_register_recipes():
+    """The `prototype` recipe (limner_example/recipe.py)."""
+    return [limner.ComponentSpec("prototype", "limner_example.recipe:prototype")]
+
+
+@limner.hookimpl
 def limner_register_commands(cli):
     """Adds `limner example-info`."""
 
     @cli.command(name="example-info")
     def example_info():
         """Say what the example plugin provides."""
-        click.echo("limner-example-plugin provides the sampler rk_midpoint and the loss pseudo_huber")
+        click.echo("limner-example-plugin provides the sampler rk_midpoint, the loss pseudo_huber and the recipe "
+                   "prototype")
