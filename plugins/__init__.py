@@ -171,6 +171,13 @@ class captioners:
         return _specs("captioners", [("caption_agreement", "caption_agreement", (), "")])
 
 
+class matching:
+    @hookimpl
+    def limner_register_metrics():
+        """Image-text matching with limner's contrastive model (the offline CLIP score)."""
+        return _specs("matching", [("matching_score", "matching_score", (), "")])
+
+
 class recipes:
     @hookimpl
     def limner_register_recipes():
@@ -179,4 +186,4 @@ class recipes:
 
 
 PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, attention_backends, denoisers, gans, vae, losses,
-           image_metrics, captioners, recipes)
+           image_metrics, captioners, matching, recipes)
