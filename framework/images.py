@@ -10,6 +10,23 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from .errors import LimnerError
+
+
+def conform(images: torch.Tensor, channels: int, size: int, device: torch.device, who: str) -> torch.Tensor:
+    """[N, 1 or 3, H, W] images as float32 on `device` with `channels` (grey <-> RGB) and
+    `size` x `size` pixels (antialiased bilinear resize); `who` names the model in the error."""
+    import torch.nn.functional as F
+
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise LimnerError(f"{who} takes [N, 1 or 3, H, W] images, got {tuple(images.shape)}")
+    x = images.float().to(device)
+    if x.shape[1] != channels:
+        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[N, C, H, W] in [-1, 1] -> N RGB (or L) PIL images."""

@@ -59,6 +59,19 @@ class FeedForward(nn.Module):
         return self.proj_out(geglu(self.proj_in(x)))
 
 
+def conv_stages(in_channels: int, channels: int) -> list[nn.Module]:
+    """Three stages of two 3x3 conv-GroupNorm-SiLU layers, channels c, 2c, 4c, the last two
+    entered with stride 2 (a 32x32 image -> an 8x8 grid): the image encoder of the captioner
+    and the image-text matcher."""
+
+    def stage(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+                             nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+
+    c = channels
+    return [stage(in_channels, c, 1), stage(c, 2 * c, 2), stage(2 * c, 4 * c, 2)]
+
+
 def zero_init(module: nn.Module) -> nn.Module:
     """Zero a layer's parameters, so a residual branch starts as the identity."""
     for p in module.parameters():

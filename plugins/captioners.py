@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import limner
+from limner.images import conform
+from limner.nn import conv_stages
 from limner.words import clauses, named_class
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -48,13 +50,7 @@ class Captioner(nn.Module):
         self.vocab, self.index = list(vocab), {w: i for i, w in enumerate(vocab)}
         self.in_channels, self.image_size, self.max_words, self.classes = in_channels, image_size, max_words, tuple(classes)
 
-        def stage(cin, cout, stride):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
-
-        c = channels
-        self.encoder = nn.Sequential(stage(in_channels, c, 1), stage(c, 2 * c, 2), stage(2 * c, 4 * c, 2),
-                                     nn.Conv2d(4 * c, dim, 1))
+        self.encoder = nn.Sequential(*conv_stages(in_channels, channels), nn.Conv2d(4 * channels, dim, 1))
         side = math.ceil(math.ceil(image_size / 2) / 2)
         self.place = nn.Parameter(torch.randn(side * side, dim) * 0.02)  # one per image token
         self.words = nn.Embedding(len(vocab), dim, padding_idx=PAD)
@@ -66,15 +62,7 @@ class Captioner(nn.Module):
     # --- images and words --------------------------------------------------------------------
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """[N, 1 or 3, H, W] in [-1, 1] -> this captioner's channels and size."""
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise limner.LimnerError(f"a captioner takes [N, 1 or 3, H, W] images, got {tuple(images.shape)}")
-        x = images.float().to(self.place.device)
-        if x.shape[1] != self.in_channels:
-            x = x.mean(1, keepdim=True) if self.in_channels == 1 else x.expand(-1, 3, -1, -1)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                              align_corners=False)
-        return x
+        return conform(images, self.in_channels, self.image_size, self.place.device, "a captioner")
 
     def tokens(self, captions: list[str]) -> torch.Tensor:
         """[N, max_words + 2]: <bos> words <eos>, padded; a caption too long is an error."""

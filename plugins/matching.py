@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import limner
+from limner.images import conform
+from limner.nn import conv_stages
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -36,28 +38,15 @@ class Matcher(nn.Module):
         self.options = {"in_channels": in_channels, "image_size": image_size, "channels": channels, "dim": dim}
         self.in_channels, self.image_size = in_channels, image_size
 
-        def stage(cin, cout, stride):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
-
-        c = channels
         side = math.ceil(math.ceil(image_size / 2) / 2)
-        self.image = nn.Sequential(stage(in_channels, c, 1), stage(c, 2 * c, 2), stage(2 * c, 4 * c, 2),
-                                   nn.Flatten(1), nn.Linear(4 * c * side * side, dim))  # where things are counts
+        self.image = nn.Sequential(*conv_stages(in_channels, channels),  # flattened, not pooled: where things are counts
+                                   nn.Flatten(1), nn.Linear(4 * channels * side * side, dim))
         self.text_encoder = limner.create("text_encoders", "minilm")  # frozen, from its package
         self.text = nn.Linear(self.text_encoder.dim, dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise limner.LimnerError(f"a matcher takes [N, 1 or 3, H, W] images, got {tuple(images.shape)}")
-        x = images.float().to(self.log_scale.device)
-        if x.shape[1] != self.in_channels:
-            x = x.mean(1, keepdim=True) if self.in_channels == 1 else x.expand(-1, 3, -1, -1)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                              align_corners=False)
-        return x
+        return conform(images, self.in_channels, self.image_size, self.log_scale.device, "a matcher")
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image(self.prepare(images)), dim=-1)
@@ -132,7 +121,14 @@ def train(config: str | Path) -> dict:
 
     from limner.checkpoint import write_text_atomic
 
-    cfg = tomllib.loads(Path(config).read_text())
+    try:
+        cfg = tomllib.loads(Path(config).read_text())
+        missing = [k for k in ("out", "data", "train", "eval") if k not in cfg]
+        missing += [f"{s}.{k}" for s, k in (("data", "dataset"), ("train", "steps"), ("eval", "dataset")) if k not in cfg.get(s, {})]
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise limner.LimnerError(f"cannot read matcher config {config}: {exc}") from None
+    if missing:
+        raise limner.LimnerError(f"{config}: needs {', '.join(missing)} (see configs/matchers/shapes.toml)")
     torch.manual_seed(cfg.get("seed", 0))
 
     def materialise(spec):

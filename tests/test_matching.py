@@ -33,3 +33,12 @@ def test_the_shipped_matcher_reproduces_its_recorded_scores_and_bad_names_are_na
         limner.create("metrics", "matching_score", matcher="clip")
     with pytest.raises(limner.LimnerError, match="2 images but 1 prompts"):
         model.score(images[:2], prompts[:1])
+
+
+def test_a_matcher_config_missing_a_section_is_named(tmp_path):
+    from limner.plugins.matching import train
+
+    config = tmp_path / "m.toml"
+    config.write_text('out = "x"\n[data]\ndataset = { name = "shapes" }\n[eval]\ndataset = { name = "shapes" }\n')
+    with pytest.raises(limner.LimnerError, match="needs train, train.steps"):
+        train(config)
