@@ -52,10 +52,13 @@ def get_recipe(name: str) -> Recipe:
 def recipe_of(config_path: str | Path) -> str:
     """The `recipe` a run config names; a missing or unknown one is a ConfigError listing the
     registered recipes."""
+    path = Path(config_path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
     try:
-        data = tomllib.loads(Path(config_path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return ""  # load_config reports the missing or broken file
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     known = list_components("recipes")["recipes"]
     if "recipe" not in data:
         raise ConfigError(f"{config_path}: recipe: missing required option: name the training recipe "
@@ -68,16 +71,11 @@ def recipe_of(config_path: str | Path) -> str:
 
 def load_run_config(config_path: str | Path):
     """A run config read into its recipe's schema."""
-    name = recipe_of(config_path)
-    if not name:
-        raise ConfigError(f"cannot read the config file {config_path}")
-    return load_config(config_path, get_recipe(name).config)
+    return load_config(config_path, get_recipe(recipe_of(config_path)).config)
 
 
 def train(config_path: str | Path, overrides: dict[str, Any] | None = None):
     """Load a config, resume if the run has a checkpoint, train; returns the trainer."""
-    if not Path(config_path).is_file():
-        raise ConfigError(f"config file not found: {config_path}")
     cfg = load_run_config(config_path)
     for key, value in (overrides or {}).items():  # dotted keys: "out", "train.steps", ...
         set_option(cfg, key, value)
