@@ -84,15 +84,22 @@ def components(kind: str, *defaults: str) -> Any:
     return field(default_factory=lambda: [ComponentConfig(kind, d) for d in defaults], metadata={"kind": kind})
 
 
-def load_config(path: str | Path, schema: type[T]) -> T:
-    """Read a TOML file into `schema`, raising ConfigError with the path of any bad entry."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file's tables; a missing file or bad TOML is a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path, schema: type[T], data: dict[str, Any] | None = None) -> T:
+    """Read a TOML file (or `data` already read from it) into `schema`, raising ConfigError
+    with the path of any bad entry."""
+    path = Path(path)
+    data = read_toml(path) if data is None else data
     try:
         return parse_config(data, schema)
     except ConfigError as exc:

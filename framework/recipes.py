@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint import find_checkpoint, load_module, read_state
-from .config import load_config, set_option, tomllib
+from .config import load_config, read_toml, set_option
 from .errors import ConfigError, LimnerError, UnknownComponentError
 from .images import check_writable
 from .registry import create, get_component, list_components
@@ -49,16 +49,9 @@ def get_recipe(name: str) -> Recipe:
     return recipe
 
 
-def recipe_of(config_path: str | Path) -> str:
-    """The `recipe` a run config names; a missing or unknown one is a ConfigError listing the
-    registered recipes."""
-    path = Path(config_path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+def recipe_of(config_path: str | Path, data: dict[str, Any]) -> str:
+    """The `recipe` a run config (its tables, `data`) names; a missing or unknown one is a
+    ConfigError listing the registered recipes."""
     known = list_components("recipes")["recipes"]
     if "recipe" not in data:
         raise ConfigError(f"{config_path}: recipe: missing required option: name the training recipe "
@@ -70,8 +63,9 @@ def recipe_of(config_path: str | Path) -> str:
 
 
 def load_run_config(config_path: str | Path):
-    """A run config read into its recipe's schema."""
-    return load_config(config_path, get_recipe(recipe_of(config_path)).config)
+    """A run config read into its recipe's schema (the file is read once)."""
+    data = read_toml(config_path)
+    return load_config(config_path, get_recipe(recipe_of(config_path, data)).config, data)
 
 
 def train(config_path: str | Path, overrides: dict[str, Any] | None = None):

@@ -268,13 +268,10 @@ SCHEMA = {  # section -> (its keys, the required ones); "" is the top level
 
 def read_config(path: str | Path) -> dict:
     """A captioner training config (configs/captioners/*.toml), its keys and datasets checked."""
-    import tomllib
+    from limner.config import read_toml
 
     file = Path(path)
-    try:
-        cfg = tomllib.loads(file.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise limner.LimnerError(f"cannot read captioner config {file}: {exc}") from None
+    cfg = read_toml(file)
     for section, (allowed, required) in SCHEMA.items():
         table = cfg if not section else cfg.get(section, {})
         where = f"[{section}] " if section else ""

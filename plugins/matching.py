@@ -114,19 +114,16 @@ def matching_score(matcher: str = "shapes"):
 def train(config: str | Path) -> dict:
     """Train a matcher as a TOML config says ([data] dataset, batch_size; [model]; [train] steps,
     lr; [eval] dataset; out), save it, return its held-out scores."""
-    import tomllib
-
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     from limner.checkpoint import write_text_atomic
+    from limner.config import read_toml
 
-    try:
-        cfg = tomllib.loads(Path(config).read_text())
-        missing = [k for k in ("out", "data", "train", "eval") if k not in cfg]
-        missing += [f"{s}.{k}" for s, k in (("data", "dataset"), ("train", "steps"), ("eval", "dataset")) if k not in cfg.get(s, {})]
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise limner.LimnerError(f"cannot read matcher config {config}: {exc}") from None
+    cfg = read_toml(config)
+    missing = [k for k in ("out", "data", "train", "eval") if k not in cfg]
+    missing += [f"{s}.{k}" for s, k in (("data", "dataset"), ("train", "steps"), ("eval", "dataset"))
+                if k not in cfg.get(s, {})]
     if missing:
         raise limner.LimnerError(f"{config}: needs {', '.join(missing)} (see configs/matchers/shapes.toml)")
     torch.manual_seed(cfg.get("seed", 0))
