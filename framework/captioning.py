@@ -31,16 +31,13 @@ def read_images(paths: Sequence[str | Path]) -> torch.Tensor:
     """Image files as one [N, C, H, W] batch in [-1, 1]: grey stays one channel, the rest RGB;
     all must share one size and mode."""
     import numpy as np
-    from PIL import Image
+
+    from .pipeline import open_image
 
     batch = []
     for path in paths:
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if im.mode in ("L", "I", "I;16", "1") else "RGB")
-                array = np.asarray(im, dtype=np.float32)
-        except (OSError, ValueError) as exc:
-            raise LimnerError(f"cannot read image {path}: {exc}") from None
+        im = open_image(path)
+        array = np.asarray(im.convert("L" if im.mode in ("L", "I", "I;16", "1") else "RGB"), dtype=np.float32)
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         batch.append(torch.from_numpy(array.copy()) / 127.5 - 1)
     shapes = {tuple(t.shape) for t in batch}
