@@ -9,8 +9,11 @@ convolution backward for dx, dW and db.
 NOTE (2026-11-24, 2-core AMD EPYC Zen 5, torch 2.13.0+cpu with MKL 2024.2 and oneDNN 3.12):
 MKL's sgemm peaks at 216 GFLOPS here (2048^3), oneDNN's 3x3 convolution reaches 503. On the
 demo UNet's token shapes, forward + backward: 4096x64 -> 512 rows 4.17 -> 1.88 ms, 4096x256 -> 64
-2.03 -> 1.02 ms, 4096x64 -> 64 0.57 -> 0.40 ms; at 1024 rows the two tie and below it F.linear
-wins (0.04 vs 0.06 ms at 16 rows), hence MIN_ROWS. A training step of that UNet: 1.08-1.10x.
+2.03 -> 1.02 ms, 4096x64 -> 64 0.57 -> 0.40 ms. What decides is the work, not the rows alone:
+at 1024 rows 64 -> 512 1.08 -> 0.65 ms, 256 -> 64 0.57 -> 0.40, 64 -> 128 0.33 -> 0.28, but
+64 -> 64 (4M multiply-adds) 0.19 -> 0.23; at 512 rows 64 -> 64 0.10 -> 0.17; at 16 rows F.linear
+wins (2048 -> 2048: 4.1 vs 17.4 ms), and at 256 rows of 2048 -> 2048 the two tie. Hence oneDNN
+from MIN_ROWS rows and MIN_MACS multiply-adds on. A training step of that UNet: 1.08-1.10x.
 Intel CPUs, whose MKL runs its AVX-512 kernels, are not measured: LIMNER_KERNELS=eager
 (or backend="eager") keeps F.linear.
 """
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from ._backend import forced_eager
 
 BACKENDS = ("auto", "onednn", "eager")
-MIN_ROWS = 2048
+MIN_ROWS, MIN_MACS = 1024, 1 << 23
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 _ONEDNN = torch.backends.mkldnn.is_available()  # asked once: torch.compile cannot trace the call
 
@@ -36,7 +39,8 @@ def linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
-    """F.linear, routed through oneDNN for float32 CPU inputs of at least MIN_ROWS rows on x86."""
+    """F.linear, routed through oneDNN for float32 CPU inputs of at least MIN_ROWS rows and MIN_MACS
+    multiply-adds on x86."""
     if backend not in BACKENDS:
         raise ValueError(f"linear: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "eager" or forced_eager():
@@ -47,6 +51,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             raise ValueError(f"linear: backend 'onednn' takes float32 CPU tensors with oneDNN available, got "
                              f"{x.dtype} on {x.device.type}; use backend='eager' or 'auto'")
         return linear_onednn(x, weight, bias)
-    if fits and _X86 and x.numel() >= MIN_ROWS * x.shape[-1] > 0:
+    rows = x.numel() // max(x.shape[-1], 1)
+    if fits and _X86 and rows >= MIN_ROWS and rows * weight.numel() >= MIN_MACS:
         return linear_onednn(x, weight, bias)
     return F.linear(x, weight, bias)

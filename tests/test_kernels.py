@@ -10,7 +10,7 @@ import torch
 import limner
 from limner.attention import PreferenceTable, preferred_backend, shape_key
 from limner.kernels import (
-    adaln_modulate, attention_math, attention_triton, bias_act, gated_residual, geglu, group_norm_silu,
+    adaln_modulate, attention_math, attention_sdpa, attention_triton, bias_act, gated_residual, geglu, group_norm_silu,
     guided_update, linear, setup_filter, upfirdn2d,
 )
 from limner.kernels.adaln import adaln_modulate_reference, gated_residual_reference
@@ -107,10 +107,11 @@ def test_linear_auto_takes_onednn_only_for_many_float32_cpu_rows(monkeypatch):
     real = onednn_linear.linear_onednn
     monkeypatch.setattr(onednn_linear, "linear_onednn", lambda *a: taken.append(a[0].shape) or real(*a))
     monkeypatch.setattr(onednn_linear, "_X86", True)
-    w = randn(4, 6)
-    many, few = randn(onednn_linear.MIN_ROWS, 6), randn(onednn_linear.MIN_ROWS - 1, 6)
-    for x in (many, few, many.double()):
-        linear(x, w.to(x.dtype))
+    rows = onednn_linear.MIN_ROWS
+    w = randn(onednn_linear.MIN_MACS // (rows * 64), 64)  # exactly MIN_MACS multiply-adds at MIN_ROWS rows
+    many, few = randn(rows, 64), randn(rows - 1, 64)
+    for x, weight in ((many, w), (few, w), (many.double(), w.double()), (many, w[:-1])):  # last: too little work
+        linear(x, weight)
     assert taken == [many.shape]
     monkeypatch.setenv("LIMNER_KERNELS", "eager")
     linear(many, w)
@@ -233,6 +234,31 @@ def test_triton_attention_is_a_registered_backend_that_ignores_padding():
     mask[1, ..., 11:] = False
     out = attention(q, k, v, mask, backend="triton")
     assert torch.allclose(out[1], attention(q[1:], k[1:, :, :11], v[1:, :, :11], backend="triton")[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("lk, mask_kind", [(1, None), (7, "keys"), (10, "full"), (15, "broadcast"), (16, "keys"),
+                                         (23, None)])
+def test_sdpa_pads_few_keys_on_the_cpu_to_the_same_attention(lk, mask_kind):
+    """Fewer than CPU_MIN_KEYS keys are padded with masked-out ones (torch's CPU flash kernel is
+    ~2x slower below 16): values and gradients stay those of the unpadded math reference."""
+    from limner.kernels import flash_attention
+    b, h, lq, d = 2, 3, 37, 16
+    gen = torch.Generator().manual_seed(0)
+    mask = {None: None, "keys": torch.rand(b, 1, 1, lk, generator=gen) > 0.3,
+            "full": torch.rand(b, h, lq, lk, generator=gen) > 0.5, "broadcast": torch.ones(b, 1, lq, 1, dtype=torch.bool)}[mask_kind]
+    if mask is not None:
+        mask[..., 0] = True
+    q, k, v = (randn(*shape, seed=s).requires_grad_() for s, shape in
+               enumerate([(b, h, lq, d), (b, h, lk, d), (b, h, lk, d)]))
+    if lk < flash_attention.CPU_MIN_KEYS:
+        padded_k, padded_v, padded_mask = flash_attention.pad_keys(k, v, mask, flash_attention.CPU_MIN_KEYS)
+        assert padded_k.shape[-2] == padded_mask.shape[-1] == flash_attention.CPU_MIN_KEYS
+        assert not padded_mask[..., lk:].any() and torch.equal(padded_k[..., :lk, :], k)
+    got, want = attention_sdpa(q, k, v, mask), attention_math(q, k, v, mask)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    out_grad = randn(*got.shape, seed=5)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), out_grad), torch.autograd.grad(want, (q, k, v), out_grad)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
 # --- the backend switch and the attention preference table -------------------------------------
