@@ -21,9 +21,12 @@ def short_run(tmp_path, config: str, steps: int, prompts: int = 48) -> tuple[lis
 
 def test_shapes_tiny_learns_colour_on_cpu(tmp_path):
     """The byte-level CLIP encoder trained from scratch: colour comes first."""
-    rows, scores = short_run(tmp_path, "shapes-tiny.toml", 250)
+    rows, scores = short_run(tmp_path, "shapes-tiny.toml", 400)
     assert rows[-1]["loss"] < 0.3 * rows[0]["loss"], rows
-    # measured 0.50 after 200 steps, 0.72 after 300
+    # NOTE measured 2026-11-24 (48 prompts, chance 1/6): 0.27-0.42 after 250 steps and 0.42 after
+    # 300, 0.60 after 400 (0.46 when rounding differs: every linear layer through BLAS). A short
+    # run from scratch is still on the steep part of its curve, where float rounding alone moves
+    # the score by ~0.15: 400 steps leave a margin over 2/6 that 250 did not.
     assert scores["colour"] > 2 / 6, scores
 
 
