@@ -1,5 +1,6 @@
-"""The diffusion pipeline: a trained model as a callable that draws PIL images
-(`limner.load_pipeline(dir)`, in recipes.py, builds it from a checkpoint).
+"""Pipelines: a trained model as a callable that draws PIL images (`limner.load_pipeline(dir)`,
+in recipes.py, builds a checkpoint's through its recipe). `PipelineBase` is what every recipe's
+pipeline shares; `Pipeline` is the diffusion recipe's.
 
     pipe = limner.load_pipeline("runs/shapes")
     images = pipe(["a red circle at the top left"], sampler="dpmpp_2m", schedule="karras",
@@ -23,11 +24,51 @@ from .sampling import (Guided, explicit_sigmas, guidance_mode, item_generators, 
 from .t2i import TextToImage
 
 
-class Pipeline:
+class PipelineBase:
+    """What every recipe's pipeline shares: the model in eval mode on its device and its default
+    sampling settings, `pipe(prompts, **options)` -> PIL images, `num` images per prompt, one
+    seeded noise stream per image, and a clear refusal of options its kind of model does not take.
+    A recipe's pipeline subclasses it and writes `generate(prompts, *, seed, num, progress, ...)`
+    -> [N, C, H, W] in [-1, 1]."""
+
+    def __init__(self, model: torch.nn.Module, defaults, device: torch.device):
+        self.model, self.defaults, self.device = model.eval().to(device), defaults, device
+
+    def __call__(self, prompts: list[str] | str, **options) -> list[Image.Image]:
+        """Images for `prompts`: see `generate` for the options. Same arguments, same images."""
+        return to_pil(self.generate(prompts, **options))
+
+    def generate(self, prompts: list[str] | str, **options) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define generate()")
+
+    @staticmethod
+    def expand(prompts: list[str] | str, num: int) -> list[str]:
+        """Each prompt `num` times in a row (image j of prompt k is item k * num + j)."""
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            raise LimnerError(f"num (images per prompt) must be a whole number >= 1, got {num!r}")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return [p for p in prompts for _ in range(num)]
+
+    def noise(self, shape: tuple[int, ...], seed: int | list[int], items: int,
+              num: int) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """[items, *shape] standard normal noise, each item from its own generator (seeded by
+        item_generators: a prompt draws the same images alone or in any batch), and the generators."""
+        gen = item_generators(seed, items, num, self.device)
+        return randn_like(torch.empty((items, *shape), device=self.device), gen), gen
+
+    @staticmethod
+    def refuse(options: dict, why: str) -> None:
+        """An error naming the options given (not None) that this pipeline does not take, and why."""
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:
+            raise LimnerError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply here: {why}")
+
+
+class Pipeline(PipelineBase):
     """Text encoder + EMA denoiser of one checkpoint, with its default sampling settings."""
 
     def __init__(self, model: TextToImage, defaults, device: torch.device):
-        self.model, self.defaults, self.device = model.eval().to(device), defaults, device
+        super().__init__(model, defaults, device)
         self.memory_format = torch.channels_last if defaults.channels_last else torch.contiguous_format
         self.model.denoiser.to(memory_format=self.memory_format)
         self.compiled = False
@@ -42,10 +83,6 @@ class Pipeline:
         self.model.denoiser.requires_grad_(False).compile(dynamic=False)
         self.compiled = True
 
-    def __call__(self, prompts: list[str] | str, **options) -> list[Image.Image]:
-        """Images for `prompts`: see `generate` for the options. Same arguments, same images."""
-        return to_pil(self.generate(prompts, **options))
-
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, *, sampler: str | None = None, schedule: str | None = None,
                  steps: int | None = None, guidance: float | None = None, seed: int | list[int] = 0, num: int = 1,
@@ -55,11 +92,9 @@ class Pipeline:
         """[N, C, H, W] in [-1, 1] for `prompts` (num each); init_image for image-to-image,
         mask (white = redraw) for inpainting; sampler settings default to the checkpoint's;
         `sigmas`, a falling list, replaces schedule and steps."""
-        if truncation is not None:
-            raise LimnerError("truncation applies to GAN and VAE checkpoints; a diffusion model trades "
-                              "variety for fidelity with guidance")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        prompts = [p for p in prompts for _ in range(num)]
+        self.refuse({"truncation": truncation}, "truncation is for GAN and VAE checkpoints; a diffusion model "
+                    "trades variety for fidelity with guidance")
+        prompts = self.expand(prompts, num)
         d = self.defaults
         if sampler:
             sampler, implied = split_sampler_name(sampler)  # "DPM++ 2M Karras" = dpmpp_2m + karras
@@ -79,8 +114,7 @@ class Pipeline:
                                  **schedule_cfg.options)
         steps = len(sigmas) - 1  # what is sampled: given sigmas, or a table stride (ddim_uniform) fitting one more
         size, channels = self.model.cfg.image_size, self.model.cfg.channels
-        gen = item_generators(seed, len(prompts), num, self.device)  # each image its own noise stream
-        x = randn_like(torch.empty((len(prompts), channels, size, size), device=self.device), gen)
+        x, gen = self.noise((channels, size, size), seed, len(prompts), num)  # each image its own noise stream
         fn = resolve_sampler(sampler_cfg.name, **sampler_cfg.options)
         mode = guidance_mode(fn)
         model, init = Guided(self.model, guidance, mode), None

@@ -5,9 +5,10 @@ A recipe is a component (kind `recipes`, hook `limner_register_recipes`): what a
 `limner.train.TrainerBase` that supplies `train_step`; the loop, logging, checkpoints and
 exact resume are the framework's), the model a checkpoint's weights load into, and the
 pipeline that draws from it. limner's own `diffusion`, `gan` and `vae` are registered by
-`limner.plugins.recipes` like any third-party recipe. `train`, `load_run_config`,
+`limner.plugins.diffusion_recipe` and `limner.plugins.generator_recipes` like any third-party
+recipe. `train`, `load_run_config`,
 `load_pipeline` and `evaluate_checkpoint` dispatch through it; the machinery below this module
-(train.py, gan.py, gan_train.py, pipeline.py) never imports it, so no import closes a circle.
+(train.py, pipeline.py) never imports it, so no import closes a circle.
 """
 from __future__ import annotations
 

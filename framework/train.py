@@ -1,6 +1,6 @@
 """Training on HF Accelerate: the loop every recipe shares (TrainerBase.fit: batches by step
 and rank, logging, progress, sample grids, checkpoints, exact resume, the rank check) and the
-diffusion recipe's trainer; gan_train.py holds the GAN and VAE trainer, recipes.py picks one
+diffusion recipe's trainer; limner.plugins.generator_recipes holds the GAN and VAE trainer, recipes.py picks one
 by the config's `recipe` (`limner train CONFIG.toml`).
 
 One script for CPU, one GPU or many (`accelerate launch` / `torchrun`). Every random draw

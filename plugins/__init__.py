@@ -182,7 +182,8 @@ class recipes:
     @hookimpl
     def limner_register_recipes():
         """Diffusion, GAN and VAE training."""
-        return _specs("recipes", [(n, n, (), "") for n in ("diffusion", "gan", "vae")])
+        return _specs("diffusion_recipe", [("diffusion", "diffusion", (), "")]) + \
+            _specs("generator_recipes", [(n, n, (), "") for n in ("gan", "vae")])
 
 
 PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, attention_backends, denoisers, gans, vae, losses,

@@ -1,5 +1,8 @@
-"""limner's own training recipes, registered like any other component: `diffusion`
-(text-to-image EDM diffusion), `gan` and `vae` (a generator in one step)."""
+"""The `diffusion` recipe, registered like any other component: text-to-image EDM diffusion. Its
+parts are the framework's own, because sampling, the demo and `limner eval` build on them:
+the run config (limner.train.TrainConfig), the trainer (limner.train.Trainer), the model
+(limner.t2i.TextToImage) and the pipeline (limner.pipeline.Pipeline). The `gan` and `vae`
+recipes live whole in generator_recipes.py."""
 from __future__ import annotations
 
 from limner.recipes import Recipe
@@ -12,21 +15,3 @@ def diffusion() -> Recipe:
     from limner.train import Trainer, TrainConfig
 
     return Recipe(config=TrainConfig, trainer=Trainer, model=lambda cfg: TextToImage(cfg.model), pipeline=Pipeline)
-
-
-def _generator() -> Recipe:
-    from limner.gan import GeneratorModel, GeneratorPipeline, GenTrainConfig
-    from limner.gan_train import GenTrainer
-
-    return Recipe(config=GenTrainConfig, trainer=GenTrainer, model=lambda cfg: GeneratorModel(cfg.model),
-                  pipeline=GeneratorPipeline)
-
-
-def gan() -> Recipe:
-    """A text-conditional GAN: generator and discriminator updates per step, EMA generator."""
-    return _generator()
-
-
-def vae() -> Recipe:
-    """A conditional VAE trained on its ELBO."""
-    return _generator()

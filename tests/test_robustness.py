@@ -228,3 +228,19 @@ def test_cfg_pp_with_a_mask_is_refused_not_ignored(run):
     with pytest.raises(limner.LimnerError, match="euler_cfg_pp \\(CFG\\+\\+\\) does not combine with --mask yet; "
                                                  "inpaint with euler instead"):
         pipe(["x"], init_image=init, mask=mask, sampler="euler_cfg_pp", steps=2)
+
+
+def test_every_recipe_pipeline_shares_the_one_base_and_its_checks(run):
+    """Prompt expansion, per-image seeds and option refusal live once, in PipelineBase."""
+    from limner.pipeline import PipelineBase
+    from limner.registry import create
+
+    for name in limner.list_components()["recipes"]:
+        assert issubclass(create("recipes", name).pipeline, PipelineBase), name
+    pipe = limner.load_pipeline(run)
+    for num in (0, 1.5, True):
+        with pytest.raises(limner.LimnerError, match=rf"num \(images per prompt\) must be a whole number >= 1, got {num!r}"):
+            pipe.generate("a red circle", num=num, steps=2)
+    with pytest.raises(limner.LimnerError, match="truncation does not apply here: truncation is for GAN and VAE"):
+        pipe.generate("a red circle", truncation=0.7, steps=2)
+    assert PipelineBase.expand(["a", "b"], 2) == ["a", "a", "b", "b"] and PipelineBase.expand("a", 1) == ["a"]

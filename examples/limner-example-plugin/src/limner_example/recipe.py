@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-import limner
-
 from limner.config import ComponentConfig, bounded, component
-from limner.images import to_pil
+from limner.pipeline import PipelineBase
 from limner.recipes import Recipe
 from limner.train import EMA, EvalConfig, TrainerBase
 
@@ -81,24 +79,16 @@ class Prototype(nn.Module):
         return self.head(pooled).view(-1, *self.shape).tanh()
 
 
-class ProtoPipeline:
-    """Draws the model's image of each prompt (the same for every seed: it has no noise)."""
-
-    def __init__(self, model: Prototype, defaults: ProtoSample, device: torch.device):
-        self.model, self.defaults, self.device = model.eval().to(device), defaults, device
+class ProtoPipeline(PipelineBase):
+    """Draws the model's image of each prompt (the same for every seed: it has no noise). The base
+    puts the model on its device, turns `pipe(prompts)` into PIL images, expands `num` and refuses
+    options that do not apply."""
 
     @torch.no_grad()
     def generate(self, prompts: list[str] | str, *, seed: int | list[int] = 0, num: int = 1, progress: bool = False,
                  **others) -> torch.Tensor:
-        given = sorted(k for k, v in others.items() if v is not None)
-        if given:
-            raise limner.LimnerError(f"the prototype recipe draws without noise or steps: {', '.join(given)} "
-                                     "do not apply (it takes prompts, seed and num)")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return self.model([p for p in prompts for _ in range(num)])
-
-    def __call__(self, prompts, **options):
-        return to_pil(self.generate(prompts, **options))
+        self.refuse(others, "the prototype recipe draws without noise or steps (it takes prompts, seed and num)")
+        return self.model(self.expand(prompts, num))
 
 
 class ProtoTrainer(TrainerBase):
