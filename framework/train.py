@@ -41,9 +41,25 @@ class DataConfig:
     caption_dropout: float = bounded(0.1, ge=0, le=1)
 
 
-@dataclass
-class OptimConfig:
+@dataclass(kw_only=True)
+class LoopConfig:
+    """The [train] settings of the one training loop (TrainerBase.fit and setup_data): every
+    recipe's [train] schema subclasses it and adds its own (optimiser, loss, ...)."""
+
     steps: int = bounded(10_000, ge=1)
+    # a step whose loss or gradients hold NaN/inf: "skip" it (no update, no EMA) or "stop" the run;
+    # max_nonfinite skipped steps in a row also stop it. Checkpoints never hold non-finite weights.
+    nonfinite: str = "skip"
+    max_nonfinite: int = bounded(10, ge=1)
+    log_every: int = bounded(25, ge=1)
+    sample_every: int = bounded(1000, ge=1)
+    checkpoint_every: int = bounded(1000, ge=1)
+
+
+@dataclass(kw_only=True)
+class OptimConfig(LoopConfig):
+    """[train] of the diffusion recipe."""
+
     lr: float = bounded(2e-4, gt=0)
     weight_decay: float = bounded(0.0, ge=0)
     warmup: int = bounded(200, ge=0)
@@ -52,15 +68,8 @@ class OptimConfig:
     mixed_precision: str = "bf16"  # used on GPU only: "no", "bf16" or "fp16"
     compile: bool = False  # torch.compile the denoiser (first steps pay the compile time)
     channels_last: bool = True  # NHWC activations: oneDNN's (and tensor cores') fast layout; same math
-    # a step whose loss or gradients hold NaN/inf: "skip" it (no update, no EMA) or "stop" the run;
-    # max_nonfinite skipped steps in a row also stop it. Checkpoints never hold non-finite weights.
-    nonfinite: str = "skip"
-    max_nonfinite: int = bounded(10, ge=1)
     p_mean: float = -1.2
     p_std: float = bounded(1.2, gt=0)
-    log_every: int = bounded(25, ge=1)
-    sample_every: int = bounded(1000, ge=1)
-    checkpoint_every: int = bounded(1000, ge=1)
 
 
 @dataclass
@@ -72,16 +81,26 @@ class EvalConfig:
     prompts: int = bounded(0, ge=0)
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class RunConfig:
+    """The top level of every run config: where the run lives, which recipe reads it, its seed
+    and the scoring after training. A recipe's schema subclasses it and adds its [data],
+    [model], [train] (a LoopConfig) and [sample] tables."""
+
     out: str
     recipe: str  # which registered recipe reads this config (limner.recipes)
     seed: int = 0
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass(kw_only=True)
+class TrainConfig(RunConfig):
+    """A diffusion run."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def config_dict(obj: Any) -> Any:

@@ -27,7 +27,7 @@ from limner.pipeline import PipelineBase
 from limner.protocols import AdversarialLoss, Penalty, TextEmbedding
 from limner.recipes import Recipe
 from limner.text_cache import EmbeddingCache
-from limner.train import EMA, EvalConfig, TrainerBase, step_generator
+from limner.train import EMA, LoopConfig, RunConfig, TrainerBase, step_generator
 
 
 @dataclass
@@ -49,10 +49,11 @@ class GenModelConfig:
     train_text_encoder: bool = True  # GAN: trained by D's loss (G reads it); VAE: by the ELBO
 
 
-@dataclass
-class GenOptimConfig:
+@dataclass(kw_only=True)
+class GenOptimConfig(LoopConfig):
+    """[train] of the gan and vae recipes (the loop's own settings come from LoopConfig)."""
+
     loss: ComponentConfig = component("losses")  # the objective: a GAN loss (hinge, ...), or the VAE's (elbo)
-    steps: int = bounded(10_000, ge=1)
     lr: float = bounded(2e-3, gt=0)  # generator (VAE: the whole model)
     d_lr: float = bounded(2e-3, gt=0)
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
@@ -63,11 +64,6 @@ class GenOptimConfig:
     # prompt, beside the adversarial loss (Pathak et al. 2016; pix2pix's L1, Isola et al. 2017):
     # right where a prompt pins its image down; 0 = a pure GAN
     reconstruction: float = bounded(0.0, ge=0)
-    nonfinite: str = "skip"  # as [train] of a diffusion run: "skip" an update with NaN/inf loss or gradients, or "stop"
-    max_nonfinite: int = bounded(10, ge=1)
-    log_every: int = bounded(25, ge=1)
-    sample_every: int = bounded(1000, ge=1)
-    checkpoint_every: int = bounded(1000, ge=1)
 
 
 @dataclass
@@ -78,16 +74,14 @@ class GenSampleConfig:
     prompts: list[str] = field(default_factory=list)
 
 
-@dataclass
-class GenTrainConfig:
-    out: str
-    recipe: str  # "gan" or "vae"
-    seed: int = 0
+@dataclass(kw_only=True)
+class GenTrainConfig(RunConfig):
+    """A GAN or VAE run (recipe = "gan" | "vae")."""
+
     data: GenDataConfig = field(default_factory=GenDataConfig)
     model: GenModelConfig = field(default_factory=GenModelConfig)
     train: GenOptimConfig = field(default_factory=GenOptimConfig)
     sample: GenSampleConfig = field(default_factory=GenSampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if self.recipe not in ("gan", "vae"):

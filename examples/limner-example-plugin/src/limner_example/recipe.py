@@ -16,7 +16,7 @@ from torch import nn
 from limner.config import ComponentConfig, bounded, component
 from limner.pipeline import PipelineBase
 from limner.recipes import Recipe
-from limner.train import EMA, EvalConfig, TrainerBase
+from limner.train import EMA, LoopConfig, RunConfig, TrainerBase
 
 
 @dataclass
@@ -34,17 +34,15 @@ class ProtoModel:
     hidden: int = bounded(128, ge=1)
 
 
-@dataclass
-class ProtoTrain:
-    steps: int = bounded(100, ge=1)
+@dataclass(kw_only=True)
+class ProtoTrain(LoopConfig):
+    """[train]: the loop's settings (limner.train.LoopConfig) and this recipe's own."""
+
+    steps: int = bounded(100, ge=1)  # two of the loop's settings, with other defaults
+    log_every: int = bounded(10, ge=1)
     lr: float = bounded(1e-3, gt=0)
     ema: float = bounded(0.99, ge=0, lt=1)
     grad_clip: float = bounded(1.0, ge=0)
-    nonfinite: str = "skip"
-    max_nonfinite: int = bounded(10, ge=1)
-    log_every: int = bounded(10, ge=1)
-    sample_every: int = bounded(1000, ge=1)
-    checkpoint_every: int = bounded(1000, ge=1)
 
 
 @dataclass
@@ -52,16 +50,14 @@ class ProtoSample:
     prompts: list[str] = field(default_factory=list)
 
 
-@dataclass
-class ProtoConfig:
-    out: str
-    recipe: str
-    seed: int = 0
+@dataclass(kw_only=True)
+class ProtoConfig(RunConfig):
+    """The run config: out, recipe, seed and [eval] come from limner.train.RunConfig."""
+
     data: ProtoData = field(default_factory=ProtoData)
     model: ProtoModel = field(default_factory=ProtoModel)
     train: ProtoTrain = field(default_factory=ProtoTrain)
     sample: ProtoSample = field(default_factory=ProtoSample)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class Prototype(nn.Module):
