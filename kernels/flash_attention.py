@@ -33,14 +33,14 @@ CPU_MIN_KEYS = 16
 
 def pad_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
              keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """k, v [B, H, Lk, Dh] and the mask (True = attend, made if None) padded to `keys` keys that
-    no query attends to."""
+    """k, v [B, H, Lk, Dh] and the mask (True = attend, made if None; a float mask is an additive
+    bias and gets -inf) padded to `keys` keys that no query attends to."""
     short = keys - k.shape[-2]
     k, v = (F.pad(t, (0, 0, 0, short)) for t in (k, v))
     if mask is None:
         mask = torch.ones(1, 1, 1, keys - short, dtype=torch.bool, device=k.device)
     mask = mask.expand(*mask.shape[:-1], keys - short)
-    return k, v, F.pad(mask, (0, short), value=False)
+    return k, v, F.pad(mask, (0, short), value=False if mask.dtype == torch.bool else float("-inf"))
 
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -259,6 +259,11 @@ def test_sdpa_pads_few_keys_on_the_cpu_to_the_same_attention(lk, mask_kind):
     out_grad = randn(*got.shape, seed=5)
     for g, w in zip(torch.autograd.grad(got, (q, k, v), out_grad), torch.autograd.grad(want, (q, k, v), out_grad)):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    if mask is not None:  # an additive float bias is padded with -inf, not 0
+        bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf")) + randn(*mask.shape, seed=6)
+        torch.testing.assert_close(attention_sdpa(q, k, v, bias),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+                                   atol=2e-6, rtol=1e-5)
 
 
 # --- the backend switch and the attention preference table -------------------------------------
