@@ -102,16 +102,18 @@ def alternate(ours: Callable[[], object], anchor: Callable[[], object], rounds: 
 
 @contextlib.contextmanager
 def force_eager_kernels():
-    """LIMNER_KERNELS=eager inside: every fused op and linear layer takes its eager path."""
-    before = os.environ.get("LIMNER_KERNELS")
-    os.environ["LIMNER_KERNELS"] = "eager"
+    """LIMNER_KERNELS=eager and LIMNER_ATTENTION=sdpa inside: every fused op and linear layer takes
+    its eager path, attention torch's kernel."""
+    before = {name: os.environ.get(name) for name in ("LIMNER_KERNELS", "LIMNER_ATTENTION")}
+    os.environ.update(LIMNER_KERNELS="eager", LIMNER_ATTENTION="sdpa")
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["LIMNER_KERNELS"]
-        else:
-            os.environ["LIMNER_KERNELS"] = before
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -496,7 +498,7 @@ def run(out_dir: Path, quick: bool = False) -> Path:
         alternate(ours_train, s.diffusers_train_step(), n(12, 3), 2, sync))
     plain = s.limner_train_step(copy.deepcopy(s.ours), channels_last=False, fused=False)
     with force_eager_kernels():
-        row(trn, "eager, contiguous, per-parameter AdamW, BLAS linear (limner before)", "diffusers eager",
+        row(trn, "eager, contiguous, per-parameter AdamW, BLAS linear, torch's attention (limner before)", "diffusers eager",
             alternate(plain, s.diffusers_train_step(), n(12, 3), 2, sync))
     row(full, "limner train (cached frozen-text embeddings)", "train_text_to_image.py (encoder every step)",
         alternate(s.limner_full_step(), s.diffusers_full_step(), n(12, 3), 2, sync))

@@ -6,8 +6,10 @@ call at a new shape times every candidate backend (CUDA events, median of a few 
 remembers the winner, in memory and in ~/.cache/limner/attention-<gpu>.json
 (LIMNER_CACHE_DIR moves it), so later processes skip the measurement. On 2026-11-22
 xformers measured ~1.5x slower than sdpa at diffusion shapes on an H100 - a fixed
-preference would have been wrong there. On the CPU `auto` is sdpa (torch's CPU kernels;
-`math` is the reference), so CPU runs stay deterministic. NOTE: `math` is 1.8-2.3x faster than
+preference would have been wrong there. On the CPU `auto` is a fixed rule, so CPU runs stay
+deterministic: `cpu` (limner's C++ kernel, kernels/cpu_attention.py: 1.8-6x faster than
+torch's flash kernel forward + backward at head dim 16) for the inputs it takes, where it
+builds; else sdpa (torch's CPU kernels; `math` is the reference). NOTE: `math` is 1.8-2.3x faster than
 sdpa on contiguous [16, 4, L, 16] inputs with 20-64 keys, but inside the demo UNet (strided
 q/k/v views) taking it for <= 64 keys made the forward 5%, training 5% slower (2026-11-24).
 """
@@ -20,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from limner.kernels import cpu_attention
 
 from .errors import LimnerError
 from .registry import create, list_components, registry
@@ -140,9 +144,11 @@ def available_candidates(q: torch.Tensor) -> list[str]:
 
 def preferred_backend(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
                       mask: torch.Tensor | None = None, table: PreferenceTable | None = None) -> str:
-    """The backend `auto` uses for these inputs: measured on CUDA, sdpa elsewhere."""
+    """The backend `auto` uses for these inputs: measured on CUDA; on the CPU limner's kernel
+    where it takes them and is built, else sdpa."""
     if not q.is_cuda and table is None:
-        return "sdpa"
+        k_, v_ = (q if t is None else t for t in (k, v))
+        return "cpu" if cpu_attention.fits(q, k_, v_, mask) and cpu_attention.module() is not None else "sdpa"
     k, v = (q if t is None else t for t in (k, v))
     table = table or preference_table(q.device)
     key = shape_key(q, k, mask)

@@ -98,8 +98,8 @@ class text_encoders:
 class attention_backends:
     @hookimpl
     def limner_register_attention_backends():
-        """sdpa, math, triton and xformers attention."""
-        return _specs("attention_backends", [(n, n, (), "") for n in ("sdpa", "math", "triton", "xformers")])
+        """sdpa, math, triton, xformers and limner's CPU attention."""
+        return _specs("attention_backends", [(n, n, (), "") for n in ("sdpa", "math", "triton", "xformers", "cpu")])
 
 
 class denoisers:

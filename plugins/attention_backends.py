@@ -1,11 +1,11 @@
-"""Attention backends: `sdpa` (torch), `math` (plain PyTorch), `triton` (our FlashAttention forward)
-and `xformers` (when installed)."""
+"""Attention backends: `sdpa` (torch), `math` (plain PyTorch), `triton` (our FlashAttention forward),
+`xformers` (when installed) and `cpu` (our fused C++ kernel for head dim 16 on AVX-512 CPUs)."""
 from __future__ import annotations
 
 from einops import rearrange
 
 import limner
-from limner.kernels import attention_math, attention_sdpa, attention_triton
+from limner.kernels import attention_cpu, attention_math, attention_sdpa, attention_triton
 
 
 def sdpa():
@@ -21,6 +21,11 @@ def math():
 def triton():
     """Our FlashAttention forward in Triton (Dao et al. 2022); CUDA, or CPU under TRITON_INTERPRET=1."""
     return attention_triton
+
+
+def cpu():
+    """limner's fused attention for the CPU at head dim 16 (AVX-512, forward and backward; built at first use)."""
+    return attention_cpu
 
 
 def xformers():

@@ -266,6 +266,79 @@ def test_sdpa_pads_few_keys_on_the_cpu_to_the_same_attention(lk, mask_kind):
                                    atol=2e-6, rtol=1e-5)
 
 
+def _cpu_kernel():
+    from limner.kernels import cpu_attention
+    if cpu_attention.module() is None:
+        pytest.skip(f"limner's CPU attention kernel is not available here: {cpu_attention._failure}")
+    return cpu_attention
+
+
+@pytest.mark.parametrize("b, h, lq, lk, mask_kind", [
+    (2, 4, 256, 256, None), (3, 2, 37, 23, "keys"), (1, 1, 1, 1, None), (2, 3, 5, 70, "keys"),
+    (2, 1, 19, 10, "one_row"), (1, 2, 33, 16, "keys"),
+])
+def test_cpu_attention_matches_math_with_gradients(b, h, lq, lk, mask_kind):
+    """limner's C++ CPU kernel against the float64 math reference: outputs and all gradients, over
+    odd lengths (padding to 16 keys, query blocks of 4 with a remainder), masks and strided inputs."""
+    cpu_attention = _cpu_kernel()
+    gen = torch.Generator().manual_seed(0)
+    mask = None
+    if mask_kind == "keys":
+        mask = torch.rand(b, 1, 1, lk, generator=gen) > 0.4
+        mask[..., 0] = True
+    elif mask_kind == "one_row":  # one mask for the whole batch
+        mask = torch.arange(lk).view(1, 1, 1, lk) < 3
+    qkv = randn(b, lq, 3 * h * 16) * 2  # strided views of one projection, as the models make them
+    q, k, v = (t.unflatten(-1, (h, 16)).transpose(1, 2) for t in qkv[:, :, :3 * h * 16].chunk(3, -1))
+    if lk != lq:
+        k, v = (randn(b, lk, 2 * h * 16, seed=1).chunk(2, -1)[i].unflatten(-1, (h, 16)).transpose(1, 2)
+                for i in (0, 1))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    assert cpu_attention.fits(q, k, v, mask)
+    got = cpu_attention.attention_cpu(q, k, v, mask)
+    want = attention_math(*(t.double() for t in (q, k, v)), mask)
+    torch.testing.assert_close(got.double(), want, atol=3e-6, rtol=1e-5)
+    out_grad = randn(*got.shape, seed=5)
+    grads = torch.autograd.grad(got, (q, k, v), out_grad)
+    wants = torch.autograd.grad(want, (q, k, v), out_grad.double())
+    for name, g, w in zip("qkv", grads, wants):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+def test_cpu_attention_takes_only_its_inputs_and_auto_picks_it_for_them():
+    cpu_attention = _cpu_kernel()
+    from limner.attention import attention
+    q, k = randn(2, 4, 9, 16), randn(2, 4, 11, 16, seed=1)
+    key_mask, full_mask = torch.ones(2, 1, 1, 11, dtype=torch.bool), torch.ones(2, 4, 9, 11, dtype=torch.bool)
+    assert preferred_backend(q, k, k, key_mask) == "cpu" and preferred_backend(q, k, k) == "cpu"
+    for args in [(q.double(), k.double(), k.double(), None), (randn(2, 4, 9, 24), randn(2, 4, 11, 24),) * 1 +
+                 (randn(2, 4, 11, 24),) + (None,), (q, k, k, full_mask), (q.transpose(-1, -2).contiguous().transpose(-1, -2), k, k, None)]:
+        assert not cpu_attention.fits(*args) and preferred_backend(*args) == "sdpa"
+        with pytest.raises(ValueError, match="attention_cpu takes float32 CPU q, k, v"):
+            cpu_attention.attention_cpu(*args)
+    torch.testing.assert_close(attention(q, k, k, key_mask), attention(q, k, k, key_mask, backend="math"),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_without_the_cpu_kernel_auto_says_why_once_and_uses_sdpa(monkeypatch):
+    from limner.kernels import cpu_attention
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpu_attention, "_module", None)
+    monkeypatch.setattr(cpu_attention, "_failure", None)
+    monkeypatch.setattr(cpu_attention, "_build", no_compiler)
+    monkeypatch.setattr(cpu_attention, "supported_cpu", lambda: True)
+    q = randn(2, 4, 9, 16)
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(RuntimeError: no C\+\+ compiler found\); "
+                                            "attention on the CPU uses torch's sdpa"):
+        assert preferred_backend(q, q, q) == "sdpa"
+    assert preferred_backend(q, q, q) == "sdpa"  # asked once: no second build, no second warning
+    with pytest.raises(RuntimeError, match="not available here: RuntimeError: no C\\+\\+ compiler found"):
+        cpu_attention.attention_cpu(q, q, q)
+
+
 # --- the backend switch and the attention preference table -------------------------------------
 
 def test_backend_switch_names_bad_values(monkeypatch):

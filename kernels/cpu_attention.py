@@ -1,0 +1,133 @@
+"""limner's fused CPU attention at head dim 16: cpu_attention.cpp (AVX-512), forward and backward.
+
+attention_cpu(q, k, v, mask) = softmax(q k^T / 4) v for float32 CPU tensors q, k, v [B, H, L, 16]
+(any strides with the last dim contiguous) and an optional key mask broadcastable to [B, 1, 1, Lk]
+(True = attend). The C++ source is compiled with torch.utils.cpp_extension the first time it is
+needed (about 20 s; needs a C++ compiler) into LIMNER_CACHE_DIR or ~/.cache/limner, and later
+processes import the built module directly (no compiler, no cpp_extension import: a `limner
+sample` start stays fast). `fits` says whether inputs can take it; the attention dispatcher's `auto`
+takes it on the CPU for those (framework/attention.py), and where it cannot be built it says so
+once and uses torch's sdpa.
+
+NOTE (2026-11-24, 2-core AMD Zen 5, torch 2.13.0+cpu), forward + backward against torch's CPU flash
+kernel on the demo UNet's shapes (q from a [16, L, 64] projection, 4 heads): self-attention over 256
+pixels 8.01 -> 4.54 ms (forward 2.59 -> 1.62), over 64 pixels 1.01 -> 0.42; cross-attention to a
+10-token prompt with a key mask from 256 pixels 2.81 -> 0.48, from 64 pixels 0.97 -> 0.19.
+Largest difference from sdpa 1.2e-6 (outputs), 7.6e-6 (gradients).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+HEAD_DIM = 16
+SOURCE = Path(__file__).with_name("cpu_attention.cpp")
+FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mfma", "-fopenmp"]
+_module = None
+_failure: str | None = None
+
+
+def supported_cpu() -> bool:
+    """x86-64 with AVX-512, as torch's own CPU kernels see it."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LIMNER_CACHE_DIR") or Path.home() / ".cache" / "limner")
+
+
+def _build():
+    """The compiled module: imported from the cache when built before, else compiled now."""
+    text = SOURCE.read_text()
+    tag = hashlib.sha256((text + " ".join(FLAGS) + torch.__version__ + sys.version).encode()).hexdigest()[:12]
+    name = f"limner_cpu_attention_{tag}"
+    folder = _cache_dir() / "cpp" / name
+    built = folder / f"{name}.so"
+    if built.is_file():
+        try:
+            spec = importlib.util.spec_from_file_location(name, built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except ImportError:  # half-written by a process building it now: load_inline waits for that build
+            pass
+    from torch.utils.cpp_extension import load_inline
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return load_inline(name, cpp_sources=[text], functions=["forward", "backward"], extra_cflags=FLAGS,
+                       extra_ldflags=["-fopenmp"], build_directory=str(folder))
+
+
+def module():
+    """The built kernel module, or None where it cannot be built here (said once, with why)."""
+    global _module, _failure
+    if _module is None and _failure is None:
+        if not supported_cpu():
+            _failure = "this CPU has no AVX-512"
+        else:
+            try:
+                _module = _build()
+            except Exception as exc:  # noqa: BLE001 - no compiler, a failed build: sdpa still works
+                _failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            if _failure:
+                warnings.warn(f"limner's CPU attention kernel could not be built ({_failure}); attention on the "
+                              "CPU uses torch's sdpa (slower at head dim 16)", RuntimeWarning, stacklevel=3)
+    return _module
+
+
+def key_bias(mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor:
+    """A boolean key mask [B|1, 1, 1, Lk] as the kernel's additive [B, Lk] bias (0 / -inf); an empty
+    tensor for no mask."""
+    if mask is None:
+        return torch.empty(0)
+    keep = mask.expand(batch, 1, 1, keys).reshape(batch, keys)
+    return torch.zeros(batch, keys, device=mask.device).masked_fill_(~keep, float("-inf"))
+
+
+def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+    """Whether attention_cpu takes these inputs: float32 CPU tensors, head dim 16, last dim
+    contiguous, a key mask or none, outside a torch.compile trace (which keeps torch's sdpa)."""
+    if torch.compiler.is_compiling():
+        return False
+    shapes_ok = q.ndim == k.ndim == v.ndim == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1] == HEAD_DIM \
+        and k.shape[:3] == v.shape[:3] and q.shape[:2] == k.shape[:2] and k.shape[2] > 0
+    tensors_ok = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v))
+    mask_ok = mask is None or (mask.dtype == torch.bool and mask.ndim == 4 and mask.shape[1] == mask.shape[2] == 1)
+    return shapes_ok and tensors_ok and mask_ok
+
+
+class CPUAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias):
+        scale = q.shape[-1] ** -0.5
+        out, lse = _module.forward(q, k, v, bias, scale)
+        out = out.transpose(1, 2)  # [B, Lq, H, D] memory: "b h l d -> b l (h d)" after this is a view
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        dq, dk, dv = _module.backward(dout, q, k, v, bias, out, lse, q.shape[-1] ** -0.5)
+        return dq, dk, dv, None
+
+
+def attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(16)) v with limner's CPU kernel; q, k, v [B, H, L, 16] float32 on the
+    CPU, mask a key mask broadcastable to [B, 1, 1, Lk] (True = attend) or None."""
+    if not fits(q, k, v, mask):
+        raise ValueError(f"attention_cpu takes float32 CPU q, k, v [B, H, L, {HEAD_DIM}] with the last dim "
+                         f"contiguous and a boolean key mask [B|1, 1, 1, Lk] or none; got q {tuple(q.shape)} "
+                         f"{q.dtype} on {q.device.type}, mask {None if mask is None else tuple(mask.shape)}: use "
+                         "the sdpa or math backend for these")
+    if module() is None:
+        raise RuntimeError(f"limner's CPU attention kernel is not available here: {_failure}")
+    return CPUAttention.apply(q, k, v, key_bias(mask, q.shape[0], k.shape[2]))
