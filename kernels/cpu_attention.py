@@ -99,7 +99,8 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     shapes_ok = q.ndim == k.ndim == v.ndim == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1] == HEAD_DIM \
         and k.shape[:3] == v.shape[:3] and q.shape[:2] == k.shape[:2] and k.shape[2] > 0
     tensors_ok = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v))
-    mask_ok = mask is None or (mask.dtype == torch.bool and mask.ndim == 4 and mask.shape[1] == mask.shape[2] == 1)
+    mask_ok = mask is None or (mask.dtype == torch.bool and mask.ndim == 4 and mask.shape[1] == mask.shape[2] == 1
+                               and mask.shape[0] in (1, q.shape[0]) and mask.shape[3] in (1, k.shape[2]))
     return shapes_ok and tensors_ok and mask_ok
 
 

@@ -312,7 +312,8 @@ def test_cpu_attention_takes_only_its_inputs_and_auto_picks_it_for_them():
     key_mask, full_mask = torch.ones(2, 1, 1, 11, dtype=torch.bool), torch.ones(2, 4, 9, 11, dtype=torch.bool)
     assert preferred_backend(q, k, k, key_mask) == "cpu" and preferred_backend(q, k, k) == "cpu"
     for args in [(q.double(), k.double(), k.double(), None), (randn(2, 4, 9, 24), randn(2, 4, 11, 24),) * 1 +
-                 (randn(2, 4, 11, 24),) + (None,), (q, k, k, full_mask), (q.transpose(-1, -2).contiguous().transpose(-1, -2), k, k, None)]:
+                 (randn(2, 4, 11, 24),) + (None,), (q, k, k, full_mask), (q.transpose(-1, -2).contiguous().transpose(-1, -2), k, k, None),
+                 (q, k, k, torch.ones(3, 1, 1, 11, dtype=torch.bool)), (q, k, k, torch.ones(2, 1, 1, 5, dtype=torch.bool))]:
         assert not cpu_attention.fits(*args) and preferred_backend(*args) == "sdpa"
         with pytest.raises(ValueError, match="attention_cpu takes float32 CPU q, k, v"):
             cpu_attention.attention_cpu(*args)
