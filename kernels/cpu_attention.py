@@ -2,10 +2,9 @@
 
 attention_cpu(q, k, v, mask) = softmax(q k^T / 4) v for float32 CPU tensors q, k, v [B, H, L, 16]
 (any strides with the last dim contiguous) and an optional key mask broadcastable to [B, 1, 1, Lk]
-(True = attend). The C++ source is compiled with torch.utils.cpp_extension the first time it is
-needed (about 20 s; needs a C++ compiler) into LIMNER_CACHE_DIR or ~/.cache/limner, and later
-processes import the built module directly (no compiler, no cpp_extension import: a `limner
-sample` start stays fast). `fits` says whether inputs can take it; the attention dispatcher's `auto`
+(True = attend). The C++ source is compiled the first time it is needed and imported
+from the cache afterwards (kernels/_cpp.py: about 20 s once, needs a C++ compiler; later
+processes import it in ~1 ms, so a `limner sample` start stays fast). `fits` says whether inputs can take it; the attention dispatcher's `auto`
 takes it on the CPU for those (framework/attention.py), and where it cannot be built it says so
 once and uses torch's sdpa.
 
@@ -17,69 +16,18 @@ Largest difference from sdpa 1.2e-6 (outputs), 7.6e-6 (gradients).
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
-import platform
-import sys
-import warnings
-from pathlib import Path
-
 import torch
 
+from ._cpp import CppKernel
+
 HEAD_DIM = 16
-SOURCE = Path(__file__).with_name("cpu_attention.cpp")
-FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mfma", "-fopenmp"]
-_module = None
-_failure: str | None = None
-
-
-def supported_cpu() -> bool:
-    """x86-64 with AVX-512, as torch's own CPU kernels see it."""
-    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() == "AVX512"
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LIMNER_CACHE_DIR") or Path.home() / ".cache" / "limner")
-
-
-def _build():
-    """The compiled module: imported from the cache when built before, else compiled now."""
-    text = SOURCE.read_text()
-    tag = hashlib.sha256((text + " ".join(FLAGS) + torch.__version__ + sys.version).encode()).hexdigest()[:12]
-    name = f"limner_cpu_attention_{tag}"
-    folder = _cache_dir() / "cpp" / name
-    built = folder / f"{name}.so"
-    if built.is_file():
-        try:
-            spec = importlib.util.spec_from_file_location(name, built)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-        except ImportError:  # half-written by a process building it now: load_inline waits for that build
-            pass
-    from torch.utils.cpp_extension import load_inline
-
-    folder.mkdir(parents=True, exist_ok=True)
-    return load_inline(name, cpp_sources=[text], functions=["forward", "backward"], extra_cflags=FLAGS,
-                       extra_ldflags=["-fopenmp"], build_directory=str(folder))
+KERNEL = CppKernel("cpu_attention.cpp", ["forward", "backward"],
+                   "attention on the CPU uses torch's sdpa (slower at head dim 16)")
 
 
 def module():
     """The built kernel module, or None where it cannot be built here (said once, with why)."""
-    global _module, _failure
-    if _module is None and _failure is None:
-        if not supported_cpu():
-            _failure = "this CPU has no AVX-512"
-        else:
-            try:
-                _module = _build()
-            except Exception as exc:  # noqa: BLE001 - no compiler, a failed build: sdpa still works
-                _failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-            if _failure:
-                warnings.warn(f"limner's CPU attention kernel could not be built ({_failure}); attention on the "
-                              "CPU uses torch's sdpa (slower at head dim 16)", RuntimeWarning, stacklevel=3)
-    return _module
+    return KERNEL.module()
 
 
 def key_bias(mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor:
@@ -108,7 +56,7 @@ class CPUAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias):
         scale = q.shape[-1] ** -0.5
-        out, lse = _module.forward(q, k, v, bias, scale)
+        out, lse = KERNEL.module().forward(q, k, v, bias, scale)
         out = out.transpose(1, 2)  # [B, Lq, H, D] memory: "b h l d -> b l (h d)" after this is a view
         ctx.save_for_backward(q, k, v, bias, out, lse)
         return out
@@ -117,7 +65,7 @@ class CPUAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, bias, out, lse = ctx.saved_tensors
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dq, dk, dv = _module.backward(dout, q, k, v, bias, out, lse, q.shape[-1] ** -0.5)
+        dq, dk, dv = KERNEL.module().backward(dout, q, k, v, bias, out, lse, q.shape[-1] ** -0.5)
         return dq, dk, dv, None
 
 
@@ -130,5 +78,5 @@ def attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                          f"{q.dtype} on {q.device.type}, mask {None if mask is None else tuple(mask.shape)}: use "
                          "the sdpa or math backend for these")
     if module() is None:
-        raise RuntimeError(f"limner's CPU attention kernel is not available here: {_failure}")
+        raise RuntimeError(f"limner's CPU attention kernel is not available here: {KERNEL.failure}")
     return CPUAttention.apply(q, k, v, key_bias(mask, q.shape[0], k.shape[2]))

@@ -269,7 +269,7 @@ def test_sdpa_pads_few_keys_on_the_cpu_to_the_same_attention(lk, mask_kind):
 def _cpu_kernel():
     from limner.kernels import cpu_attention
     if cpu_attention.module() is None:
-        pytest.skip(f"limner's CPU attention kernel is not available here: {cpu_attention._failure}")
+        pytest.skip(f"limner's CPU attention kernel is not available here: {cpu_attention.KERNEL.failure}")
     return cpu_attention
 
 
@@ -327,17 +327,69 @@ def test_without_the_cpu_kernel_auto_says_why_once_and_uses_sdpa(monkeypatch):
     def no_compiler():
         raise RuntimeError("no C++ compiler found")
 
-    monkeypatch.setattr(cpu_attention, "_module", None)
-    monkeypatch.setattr(cpu_attention, "_failure", None)
-    monkeypatch.setattr(cpu_attention, "_build", no_compiler)
-    monkeypatch.setattr(cpu_attention, "supported_cpu", lambda: True)
+    from limner.kernels import _cpp
+
+    kernel = _cpp.CppKernel("cpu_attention.cpp", ["forward", "backward"], cpu_attention.KERNEL.fallback)
+    monkeypatch.setattr(cpu_attention, "KERNEL", kernel)
+    monkeypatch.setattr(kernel, "build", no_compiler)
+    monkeypatch.setattr(_cpp, "supported_cpu", lambda: True)
     q = randn(2, 4, 9, 16)
-    with pytest.warns(RuntimeWarning, match=r"could not be built \(RuntimeError: no C\+\+ compiler found\); "
-                                            "attention on the CPU uses torch's sdpa"):
+    with pytest.warns(RuntimeWarning, match=r"cpu_attention.cpp kernel could not be built \(RuntimeError: no C\+\+ "
+                                            r"compiler found\); attention on the CPU uses torch's sdpa"):
         assert preferred_backend(q, q, q) == "sdpa"
     assert preferred_backend(q, q, q) == "sdpa"  # asked once: no second build, no second warning
     with pytest.raises(RuntimeError, match="not available here: RuntimeError: no C\\+\\+ compiler found"):
         cpu_attention.attention_cpu(q, q, q)
+
+
+def _gns_module():
+    import sys
+    module = sys.modules["limner.kernels.group_norm_silu"]
+    if module.CPU_KERNEL.module() is None:
+        pytest.skip(f"limner's CPU GroupNorm kernel is not available here: {module.CPU_KERNEL.failure}")
+    return module
+
+
+@pytest.mark.parametrize("shape, groups, params", [
+    ((4, 32, 9, 7), 8, "w b scale shift"), ((3, 48, 5, 7), 16, "w b"), ((2, 16, 1, 1), 4, "scale shift"),
+    ((2, 64, 6, 6), 32, "b scale"), ((1, 32, 3, 5), 1, ""),
+])
+def test_cpu_group_norm_silu_matches_the_reference_with_gradients(shape, groups, params):
+    """The C++ channels-last GroupNorm + FiLM + SiLU against the float64 reference: output and the
+    gradients of every input, over odd spatial sizes, group counts and parameter subsets."""
+    module = _gns_module()
+    n, c = shape[:2]
+    x = (randn(*shape) * 3 + 1).contiguous(memory_format=torch.channels_last).requires_grad_()
+    given = {"w": randn(c, seed=1), "b": randn(c, seed=2), "scale": randn(n, c, seed=3), "shift": randn(n, c, seed=4)}
+    w, b, sc, sh = (given[k].requires_grad_() if k in params.split() else None for k in ("w", "b", "scale", "shift"))
+    inputs = [t for t in (x, w, b, sc, sh) if t is not None]
+    assert module.cpu_kernel_fits(x, groups, w, b, sc, sh)
+    got = module.GroupNormSiLUCPU.apply(x, groups, w, b, 1e-5, sc, sh)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    want = group_norm_silu_reference(*(t.double() if t is not None else None for t in (x,)), groups,
+                                     *(t.double() if t is not None else None for t in (w, b)), 1e-5,
+                                     *(t.double() if t is not None else None for t in (sc, sh)))
+    torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=1e-5)
+    out_grad = randn(*shape, seed=5)
+    for g, r in zip(torch.autograd.grad(got, inputs, out_grad), torch.autograd.grad(want, inputs, out_grad.double())):
+        torch.testing.assert_close(g.double(), r.double(), atol=2e-4 * r.abs().max().item(), rtol=1e-4)
+
+
+def test_group_norm_silu_takes_the_cpu_kernel_only_for_channels_last_float32(monkeypatch):
+    module = _gns_module()
+    taken = []
+    real = module.GroupNormSiLUCPU.apply
+    monkeypatch.setattr(module.GroupNormSiLUCPU, "apply", lambda *a: taken.append(a[0].shape) or real(*a))
+    cl = randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    w = randn(32)
+    group_norm_silu(cl, 8, w)
+    assert taken == [cl.shape]
+    for x in (cl.contiguous(), randn(2, 24, 4, 4).contiguous(memory_format=torch.channels_last), cl.double()):
+        group_norm_silu(x, 8, w.to(x.dtype) if x.shape[1] == 32 else None)
+    group_norm_silu(cl, 8, w, backend="eager")
+    monkeypatch.setenv("LIMNER_KERNELS", "eager")
+    group_norm_silu(cl, 8, w)
+    assert taken == [cl.shape]
 
 
 # --- the backend switch and the attention preference table -------------------------------------

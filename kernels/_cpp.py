@@ -1,0 +1,70 @@
+"""Building limner's C++ CPU kernels (kernels/*.cpp) once and importing them afterwards.
+
+A kernel is compiled with torch.utils.cpp_extension the first time a process needs it (about
+20 s; needs a C++ compiler) into LIMNER_CACHE_DIR or ~/.cache/limner/cpp/<name>_<hash> (the hash
+covers the source, the flags, torch's and python's versions); a later process imports the built
+module directly (~1 ms, without importing cpp_extension). Where it cannot be built (no AVX-512,
+no compiler, a failed build) `module()` is None, and limner says so once, with the reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mfma", "-fopenmp"]
+
+
+def supported_cpu() -> bool:
+    """x86-64 with AVX-512, as torch's own CPU kernels see it."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+class CppKernel:
+    """One kernels/<file>.cpp exposing `functions`, built or imported on first use."""
+
+    def __init__(self, source: str, functions: list[str], fallback: str):
+        self.source, self.functions, self.fallback = Path(__file__).with_name(source), functions, fallback
+        self._module, self.failure = None, None
+
+    def build(self):
+        text = self.source.read_text()
+        tag = hashlib.sha256((text + " ".join(FLAGS) + torch.__version__ + sys.version).encode()).hexdigest()[:12]
+        name = f"limner_{self.source.stem}_{tag}"
+        folder = Path(os.environ.get("LIMNER_CACHE_DIR") or Path.home() / ".cache" / "limner") / "cpp" / name
+        built = folder / f"{name}.so"
+        if built.is_file():
+            try:
+                spec = importlib.util.spec_from_file_location(name, built)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                return module
+            except ImportError:  # half-written by a process building it now: load_inline waits for that build
+                pass
+        from torch.utils.cpp_extension import load_inline
+
+        folder.mkdir(parents=True, exist_ok=True)
+        return load_inline(name, cpp_sources=[text], functions=self.functions, extra_cflags=FLAGS,
+                           extra_ldflags=["-fopenmp"], build_directory=str(folder))
+
+    def module(self):
+        """The built module, or None where it cannot be built here (said once, with why)."""
+        if self._module is None and self.failure is None:
+            if not supported_cpu():
+                self.failure = "this CPU has no AVX-512"
+            else:
+                try:
+                    self._module = self.build()
+                except Exception as exc:  # noqa: BLE001 - no compiler, a failed build: the fallback still works
+                    text = str(exc).strip()
+                    self.failure = f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
+            if self.failure:
+                warnings.warn(f"limner's {self.source.name} kernel could not be built ({self.failure}); "
+                              f"{self.fallback}", RuntimeWarning, stacklevel=3)
+        return self._module
