@@ -34,7 +34,7 @@ class CppKernel:
         self._module, self.failure = None, None
 
     def build(self):
-        text = self.source.read_text()
+        text = self.source.with_name("cpu_math.h").read_text() + self.source.read_text()  # shared vector math first
         tag = hashlib.sha256((text + " ".join(FLAGS) + torch.__version__ + sys.version).encode()).hexdigest()[:12]
         name = f"limner_{self.source.stem}_{tag}"
         folder = Path(os.environ.get("LIMNER_CACHE_DIR") or Path.home() / ".cache" / "limner") / "cpp" / name

@@ -16,24 +16,6 @@
 #include <cmath>
 #include <vector>
 
-// exp2(x) for x <= ~0 as 2^n * P(f), n = round(x), f = x - n in [-1/2, 1/2], P the degree-7 Taylor
-// polynomial of e^(f ln 2) (relative error < 6e-9); inputs below -126 (masked keys, -inf) give exactly 0.
-static inline __m512 exp2_ps(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);                 // ln2^7 / 7!
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381608e-4f));  // ln2^6 / 6!
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));  // ln2^5 / 5!
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));  // ln2^4 / 4!
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));  // ln2^3 / 3!
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));  // ln2^2 / 2!
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));  // ln2
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
-}
-
 struct Head {  // one (batch, head): keys and values transposed and as rows, the key bias; padded to Lp keys
   int64_t Lk, Lp;
   std::vector<float> kt, vt, k, v, bias;

@@ -16,28 +16,6 @@
 #include <cmath>
 #include <vector>
 
-// 2^x as 2^round(x) * (degree-7 Taylor polynomial of e^(f ln 2)), f in [-1/2, 1/2]; 0 below -126.
-static inline __m512 exp2_ps(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.f)), _mm512_set1_ps(128.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381608e-4f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
-}
-
-static inline __m512 sigmoid_ps(__m512 u) {  // 1 / (1 + e^-u)
-  const __m512 e = exp2_ps(_mm512_mul_ps(u, _mm512_set1_ps(-1.4426950408889634f)));
-  return _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_add_ps(_mm512_set1_ps(1.f), e));
-}
-
 struct Coefs {  // per-channel a, e of u = x * a + e for one sample, and the pieces the backward needs
   std::vector<float> a, e, m, w, b;
   explicit Coefs(int64_t C) : a(C), e(C), m(C), w(C), b(C) {}
