@@ -148,7 +148,7 @@ def preferred_backend(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.T
     where it takes them and is built, else sdpa."""
     if not q.is_cuda and table is None:
         k_, v_ = (q if t is None else t for t in (k, v))
-        return "cpu" if cpu_attention.fits(q, k_, v_, mask) and cpu_attention.module() is not None else "sdpa"
+        return "cpu" if cpu_attention.fits(q, k_, v_, mask) and cpu_attention.KERNEL.module() is not None else "sdpa"
     k, v = (q if t is None else t for t in (k, v))
     table = table or preference_table(q.device)
     key = shape_key(q, k, mask)

@@ -25,11 +25,6 @@ KERNEL = CppKernel("cpu_attention.cpp", ["forward", "backward"],
                    "attention on the CPU uses torch's sdpa (slower at head dim 16)")
 
 
-def module():
-    """The built kernel module, or None where it cannot be built here (said once, with why)."""
-    return KERNEL.module()
-
-
 def key_bias(mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor:
     """A boolean key mask [B|1, 1, 1, Lk] as the kernel's additive [B, Lk] bias (0 / -inf); an empty
     tensor for no mask."""
@@ -77,6 +72,6 @@ def attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                          f"contiguous and a boolean key mask [B|1, 1, 1, Lk] or none; got q {tuple(q.shape)} "
                          f"{q.dtype} on {q.device.type}, mask {None if mask is None else tuple(mask.shape)}: use "
                          "the sdpa or math backend for these")
-    if module() is None:
+    if KERNEL.module() is None:
         raise RuntimeError(f"limner's CPU attention kernel is not available here: {KERNEL.failure}")
     return CPUAttention.apply(q, k, v, key_bias(mask, q.shape[0], k.shape[2]))

@@ -214,7 +214,7 @@ CPU_KERNEL = CppKernel("cpu_group_norm_silu.cpp", ["forward", "backward"],
                        "GroupNorm + SiLU on the CPU runs its eager reference")
 
 
-def cpu_kernel_fits(x, num_groups, *params) -> bool:
+def cpu_kernel_fits(x, *params) -> bool:
     """Float32 channels-last [N, C, H, W] CPU activations with C a multiple of 16, outside a
     torch.compile trace, and every given parameter float32 on the CPU."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 4 and x.shape[1] % 16 == 0
@@ -247,7 +247,7 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, scale=None,
     """Fused GroupNorm (+ modulation) + SiLU; see group_norm_silu_reference for the semantics."""
     _check(x, num_groups, weight, bias, scale, shift)
     if resolve("group_norm_silu", backend, x) == "eager":
-        if backend == "auto" and not forced_eager() and cpu_kernel_fits(x, num_groups, weight, bias, scale, shift) \
+        if backend == "auto" and not forced_eager() and cpu_kernel_fits(x, weight, bias, scale, shift) \
                 and CPU_KERNEL.module() is not None:
             return GroupNormSiLUCPU.apply(x, num_groups, weight, bias, eps, scale, shift)
         return group_norm_silu_reference(x, num_groups, weight, bias, eps, scale, shift)
