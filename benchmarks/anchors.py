@@ -426,10 +426,15 @@ else:
 
 def run_process(argv: list[str], env: dict, report: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one fresh python process running `argv` ("limner ..."
-    runs the CLI as its console script does, "-c CODE" runs code, anything else is a script)."""
-    code = [sys.executable, "-c", MEASURED.format(report=str(report), argv=argv)]
+    runs the CLI as its console script does, "-c CODE" runs code, anything else is a script).
+    The child never has the working folder on sys.path (-P, and the report's folder as working
+    folder): started in the repository root, `import kernels` would find limner's kernels/
+    folder instead of Hugging Face's `kernels` package that diffusers imports."""
+    safe = ["-P"] if sys.version_info >= (3, 11) else []
+    code = [sys.executable, *safe, "-c", MEASURED.format(report=str(report), argv=argv)]
     start = time.perf_counter()
-    proc = subprocess.run(code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.run(code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
+                          cwd=report.parent)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr[-800:]}")

@@ -26,6 +26,7 @@ import torch
 from limner.kernels import cpu_attention
 
 from .errors import LimnerError
+from .files import write_text_atomic
 from .registry import create, list_components, registry
 
 _built: dict[str, tuple[object, Callable]] = {}  # name -> (the registry it came from, backend)
@@ -106,10 +107,7 @@ class PreferenceTable:
         if self.path is None:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.timings, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, json.dumps(self.timings, indent=1, sort_keys=True))
         except OSError:
             pass  # a read-only home only costs a re-measurement next process
 

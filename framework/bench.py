@@ -6,6 +6,7 @@ import platform
 from pathlib import Path
 
 from .errors import LimnerError
+from .files import write_text_atomic
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -65,7 +66,7 @@ def _tidy(json_path: Path) -> None:
     except ImportError:
         pass
     data["limner"] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", **versions}
-    json_path.write_text(json.dumps(data, indent=1))
+    write_text_atomic(json_path, json.dumps(data, indent=1))
 
 
 def _median(bench: dict) -> float:
@@ -182,5 +183,5 @@ def render_file(json_path: Path) -> Path:
     except (OSError, json.JSONDecodeError) as exc:
         raise LimnerError(f"cannot read benchmark results {json_path}: {exc}") from None
     md = Path(json_path).with_suffix(".md")
-    md.write_text(render(data))
+    write_text_atomic(md, render(data))
     return md

@@ -14,12 +14,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import LimnerError
+from .files import temp_dir, write_text_atomic
 
 LATEST = "latest"
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    """A safetensors file; a failed write (a full disk) raises OSError naming it."""
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+        os.chmod(path, 0o644)  # safetensors creates 0600: a checkpoint is for sharing, as the config beside it
+    except SafetensorError as exc:
+        raise OSError(28 if "No space" in str(exc) else 5, str(exc).split(": ", 1)[-1], str(path)) from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -43,63 +49,71 @@ def _first(items: list[str], sep: str = ", ", n: int = 3) -> str:
     return sep.join(items[:n]) + (f"{sep}..." if len(items) > n else "")
 
 
-def remove_stale_temps(folder: Path) -> list[Path]:
-    """Delete the temp folders of checkpoint writers that died mid-write (kill -9, power
-    loss): `.step_N.tmp<pid>` whose pid is no longer running. Returns what was removed."""
-    removed = []
-    for tmp in Path(folder).glob(".*.tmp*"):
-        pid = tmp.name.rsplit(".tmp", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
+CHECKPOINT_FILES = ("config.toml", "state.json")
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def is_checkpoint(folder: Path) -> bool:
+    """Whether `folder` is a checkpoint limner wrote (and so may replace): a real folder holding
+    config.toml, state.json and nothing but those and *.safetensors files."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
         return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
+    entries = list(folder.iterdir())
+    names = {e.name for e in entries}
+    return all(n in names for n in CHECKPOINT_FILES) and all(
+        e.is_file() and not e.is_symlink() and (e.name in CHECKPOINT_FILES or e.name.endswith(".safetensors"))
+        for e in entries)
+
+
+def check_destination(folder: Path, force: bool = False) -> None:
+    """Refuse to write a checkpoint at `folder` unless it is new, an empty folder, or (with
+    `force`) a checkpoint limner wrote: nothing of the user's is ever replaced."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        raise LimnerError(f"not writing {folder}: it is a symbolic link; give a new folder")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise LimnerError(f"not writing {folder}: it is a file; give a new folder")
+    entries = sorted(e.name for e in folder.iterdir())
+    if not entries:
+        return
+    if not is_checkpoint(folder):
+        raise LimnerError(f"not writing {folder}: the folder holds files that are not a limner checkpoint "
+                          f"({_first(entries)}); nothing was changed. Give a new or empty folder.")
+    if not force:
+        raise LimnerError(f"not writing {folder}: it already holds a checkpoint; nothing was changed. "
+                          "Give a new folder, or --force to replace that checkpoint.")
 
 
 def write_checkpoint(folder: Path, files: dict[str, dict[str, torch.Tensor]], config_text: str,
                      state: dict[str, Any], point_latest: bool = True) -> Path:
-    """Write `folder` atomically: every file into a sibling temp dir, then one rename; then
-    (for a run's checkpoints) point the `latest` file beside it at it. Weights holding a NaN
-    or an infinity are refused: a diverged model never replaces the last good checkpoint."""
+    """Write `folder` atomically: every file into a new, exclusively created temp folder beside
+    it, then one rename; then (for a run's checkpoints) point the `latest` file beside it at it.
+    An existing `folder` is replaced only when it is empty or a checkpoint limner wrote. Weights
+    holding a NaN or an infinity are refused: a diverged model never replaces the last good
+    checkpoint."""
     folder = Path(folder)
     bad = nonfinite_tensors(files)
     if bad:
         raise LimnerError(f"not writing {folder}: {len(bad)} tensors hold NaN or infinite values "
                           f"({_first(bad)}); the checkpoints already written are untouched")
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, tensors in files.items():
-        save_tensors(tensors, tmp / f"{name}.safetensors")
-    (tmp / "config.toml").write_text(config_text)
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    check_destination(folder, force=True)
+    tmp = temp_dir(folder)
+    try:
+        for name, tensors in files.items():
+            save_tensors(tensors, tmp / f"{name}.safetensors")
+        (tmp / "config.toml").write_text(config_text)
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if point_latest:
         _point_latest(folder)
     return folder
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temp file beside it and a rename: a reader (or a kill)
-    never sees half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _point_latest(folder: Path) -> None:
@@ -107,33 +121,57 @@ def _point_latest(folder: Path) -> None:
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
-    """A checkpoint dir from itself, a checkpoints/ folder or a run folder; None if none yet."""
+    """A checkpoint dir from itself, a checkpoints/ folder or a run folder; None if there is
+    none yet. A `latest` that names no checkpoint folder beside it is an error, never "none
+    yet": a run must not silently start again from step 0 over its own checkpoints."""
     path = Path(path)
     if (path / "config.toml").is_file() and (path / "state.json").is_file():
         return path
     for folder in (path, path / "checkpoints"):
         pointer = folder / LATEST
         if pointer.is_file():
-            target = folder / pointer.read_text().strip()
-            if target.is_dir():
-                return target
+            try:
+                name = pointer.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise LimnerError(f"cannot read {pointer}: {exc}") from None
+            target = folder / name
+            if not name or "/" in name or "\\" in name or name in (".", "..") or not is_checkpoint(target):
+                steps = sorted(p.name for p in folder.glob("step_*") if is_checkpoint(p))
+                have = (f"the checkpoints there are {_first(steps[::-1], n=4)}: write one of their names into "
+                        f"{pointer} to go on from it" if steps else "there is no checkpoint folder beside it")
+                raise LimnerError(f"{pointer} names {name[:80]!r}, which is not a checkpoint folder beside it; "
+                                  f"{have}, or remove the run folder to start again from step 0.")
+            return target
+        steps = sorted(p.name for p in folder.glob("step_*") if is_checkpoint(p)) if folder.is_dir() else []
+        if steps:
+            raise LimnerError(f"{folder} holds checkpoints ({_first(steps[::-1], n=4)}) but no `latest` file naming "
+                              f"the one to use; write one of their names into {pointer} (the newest: "
+                              f"{steps[-1]}), or remove the run folder to start again from step 0.")
     return None
 
 
 def read_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's state.json: a JSON object, or an error naming the file."""
+    path = folder / "state.json"
     try:
-        return json.loads((folder / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LimnerError(f"corrupt checkpoint state {folder / 'state.json'}: {exc}") from None
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise LimnerError(f"corrupt checkpoint state {path}: {exc}") from None
+    if not isinstance(state, dict):
+        raise LimnerError(f"corrupt checkpoint state {path}: expected a JSON object, got {type(state).__name__}")
+    return state
 
 
 def load_module(module: torch.nn.Module, path: Path) -> None:
-    """Load weights into `module`, naming the file on a missing or mismatched tensor."""
+    """Load weights into `module`, naming the file on a missing or mismatched tensor, a tensor
+    of another kind (integer weights for float parameters) or one holding NaN or infinity."""
     tensors = load_tensors(path)
     own = module.state_dict()
     wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in tensors.items() if k in own and v.shape != own[k].shape]
     missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if wrong or missing or extra:
+    kinds = [f"{k}: file {v.dtype}, model {own[k].dtype}" for k, v in tensors.items()
+             if k in own and v.is_floating_point() != own[k].is_floating_point()]
+    if wrong or missing or extra or kinds:
         parts = []
         if wrong:
             shown = _first([f"{k}: file {a}, model {b}" for k, a, b in wrong], sep="; ")
@@ -142,9 +180,15 @@ def load_module(module: torch.nn.Module, path: Path) -> None:
             parts.append(f"{len(missing)} the model needs are missing ({_first(missing)})")
         if extra:
             parts.append(f"{len(extra)} are not in the model ({_first(extra)})")
+        if kinds:
+            parts.append(f"{len(kinds)} are of another kind ({_first(kinds, sep='; ')})")
         raise LimnerError(f"checkpoint {path} does not fit this model: {'; '.join(parts)}. Likely cause: the "
                           "config beside the weights was edited (a width, depth or component changed) or the "
                           "weights come from another run; use the config the checkpoint was trained with.")
+    bad = nonfinite_tensors({path.stem: tensors})
+    if bad:
+        raise LimnerError(f"checkpoint {path} holds NaN or infinite weights ({len(bad)} tensors: {_first(bad)}); "
+                          "it would draw blank images. Use an earlier checkpoint of the run.")
     try:
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
@@ -164,12 +208,48 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: Any,
+                      path: Path | str = "optimizer state") -> None:
+    """Load what optimizer_tensors saved into `opt`, checked first: every moment must have its
+    parameter's shape, be floating and finite, and the parameter groups must match (a wrong
+    shape would let the fused update write outside its buffers). `path` names the file."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+
+    def refuse(why: str) -> LimnerError:
+        return LimnerError(f"optimizer state {path} does not fit this run: {why}. The file is damaged or comes "
+                           "from another run; nothing was loaded.")
+
+    if not isinstance(rest, dict) or not isinstance(rest.get("param_groups"), list) \
+            or not isinstance(rest.get("scalars"), dict):
+        raise refuse("its record in state.json lacks param_groups or scalars")
+    groups = rest["param_groups"]
+    own_groups = opt.state_dict()["param_groups"]
+    if len(groups) != len(own_groups) or any(
+            not isinstance(g, dict) or g.get("params") != o["params"] for g, o in zip(groups, own_groups)):
+        raise refuse(f"its parameter groups differ from the model's ({len(own_groups)} groups of "
+                     f"{[len(o['params']) for o in own_groups]} parameters)")
     state: dict[int, dict[str, Any]] = {}
     for flat, value in [*tensors.items(), *rest["scalars"].items()]:
-        idx, key = flat.split(".", 1)
+        idx, _, key = flat.partition(".")
+        if not idx.isdigit() or int(idx) >= len(params) or not key:
+            raise refuse(f"entry {flat!r} names no parameter (the model has {len(params)})")
+        param = params[int(idx)]
+        if isinstance(value, torch.Tensor):
+            if not value.is_floating_point():
+                raise refuse(f"{flat} is {value.dtype}, not a floating tensor")
+            if key == "step" and value.dim() != 0:
+                raise refuse(f"{flat} has shape {tuple(value.shape)}; a step count is a scalar")
+            if key != "step" and value.shape != param.shape:
+                raise refuse(f"{flat} has shape {tuple(value.shape)}, its parameter {tuple(param.shape)}")
+            if not torch.isfinite(value).all():
+                raise refuse(f"{flat} holds NaN or infinite values")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise refuse(f"{flat} is {type(value).__name__}, not a number")
         state.setdefault(int(idx), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise refuse(str(exc)) from None
     # a saved moment comes back contiguous; its parameter may be channels_last, and the fused
     # optimizers pair them element by element in memory order: give each its parameter's strides
     for group in opt.param_groups:
@@ -208,17 +288,36 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
-def export_checkpoint(src: str | Path, dest: str | Path, half: bool = True) -> Path:
-    """A small release copy of a checkpoint: its config and EMA weights (fp16 if `half`)."""
+def weights_of(ckpt: Path) -> Path:
+    """The weights a checkpoint draws with: ema.safetensors where there is one, else
+    model.safetensors; an ema entry that is not a plain file is named, never passed over."""
+    ema = ckpt / "ema.safetensors"
+    if ema.is_symlink() or (ema.exists() and not ema.is_file()):
+        raise LimnerError(f"{ema} is not a plain file (a link, folder or pipe); a checkpoint's weights are plain "
+                          "safetensors files")
+    return ema if ema.exists() else ckpt / "model.safetensors"
+
+
+def export_checkpoint(src: str | Path, dest: str | Path, half: bool = True, force: bool = False) -> Path:
+    """A small release copy of a checkpoint: its config and EMA weights (fp16 if `half`). `dest`
+    must be new or empty, or (with `force`) a checkpoint limner wrote other than the source."""
     ckpt = find_checkpoint(src)
     if ckpt is None:
         raise LimnerError(f"no checkpoint found at {src}")
+    dest = Path(dest)
+    source = ckpt.resolve()
+    if dest.exists() and (dest.resolve() == source or dest.resolve() in source.parents):
+        raise LimnerError(f"not writing {dest}: it {'is' if dest.resolve() == source else 'holds'} the checkpoint "
+                          f"being exported ({ckpt}); give a new folder")
+    check_destination(dest, force)
     state = read_state(ckpt)
-    ema = ckpt / "ema.safetensors"
-    tensors = load_tensors(ema if ema.is_file() else ckpt / "model.safetensors")
+    tensors = load_tensors(weights_of(ckpt))
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     release = {"step": state.get("step"), "model_config": state.get("model_config"),
                "train_seconds": state.get("train_seconds")}
-    dest = Path(dest)
-    return write_checkpoint(dest, {"ema": tensors}, (ckpt / "config.toml").read_text(), release, point_latest=False)
+    from .config import read_toml
+
+    read_toml(ckpt / "config.toml")  # a config that does not read back is named, not copied
+    return write_checkpoint(dest, {"ema": tensors}, (ckpt / "config.toml").read_text(encoding="utf-8"), release,
+                            point_latest=False)

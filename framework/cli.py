@@ -121,16 +121,18 @@ class Number(click.ParamType):
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="A prompt (repeat for more).")
 @click.option("--sampler", default=None, help="Sampler name (default: the checkpoint's).")
 @click.option("--schedule", default=None, help="Schedule name (default: the checkpoint's).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps (default: the checkpoint's).")
+@click.option("--steps", type=click.IntRange(1, 10_000), default=None,
+              help="Sampling steps, 1 to 10000 (default: the checkpoint's).")
 @click.option("--sigmas", default=None,
               help="Diffusion: the noise levels themselves, falling, comma-separated (e.g. 14.6,3.1,0.6,0); "
                    "replaces --schedule and --steps.")
 @click.option("--guidance", type=Number(low=0), default=None,
               help="Classifier-free guidance scale, >= 0 (default: the checkpoint's).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise: same seed, same images.")
-@click.option("--num", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+              help="Seed of the noise, 0 to 2^64-1: same seed, same images.")
+@click.option("--num", type=click.IntRange(1, 1000), default=1, show_default=True, help="Images per prompt, 1 to 1000.")
 @click.option("--out", type=click.Path(file_okay=False), default="out/samples", show_default=True,
-              help="Folder for the PNGs, grid.png and prompts.json.")
+              help="Folder for the PNGs, the grid and prompts.jsonl (added to, never overwritten).")
 @click.option("--init-image", type=click.Path(dir_okay=False), default=None, help="Image-to-image start.")
 @click.option("--strength", type=Number(low=0, high=1, low_open=True), default=None,
               help="How much of --init-image to redraw, in (0, 1] [default: 0.6].")
@@ -142,11 +144,12 @@ class Number(click.ParamType):
 def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed, num, out, init_image, strength,
            mask, truncation, compile_):
     """Draw images from a trained checkpoint (diffusion, GAN or VAE): one PNG per image, named
-    after its prompt, a labelled grid and prompts.json."""
+    after its prompt and numbered on from the folder's earlier images, a labelled grid, and a line
+    of settings in prompts.jsonl. Nothing already in --out is overwritten."""
     from pathlib import Path
 
-    from .checkpoint import write_text_atomic
-    from .images import check_writable, make_grid, output_name, save_atomic, to_pil
+    from .files import RECORDS, FolderLock, append_record
+    from .images import check_writable, make_grid, next_output_index, output_name, save_atomic, to_pil
     from .pipeline import open_image
     from .recipes import load_pipeline
 
@@ -186,19 +189,29 @@ def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed
     if init_image is not None and hasattr(pipe, "kept_psnr"):  # how much of the init image survived
         kept = pipe.kept_psnr(tensors, given["init_image"], given.get("mask"))
         settings["kept_psnr_db"] = "inf" if math.isinf(kept) else round(kept, 2)
-    records = []
-    for i, image in enumerate(images):
-        prompt = prompts[i // num]
-        name = output_name(i, prompt)
-        save_atomic(image, folder / name, {"prompt": prompt, "index_of_prompt": str(i % num),
-                                           "limner": json.dumps(settings)})
-        records.append({"file": name, "prompt": prompt, "image_of_prompt": i % num})
-    labels = [f"seed {seed + k}" for k in range(num)] if num > 1 else []  # image k of a prompt: seed + k
-    save_atomic(make_grid(images, ncols=num, row_labels=list(prompts), col_labels=labels), folder / "grid.png")
-    write_text_atomic(folder / "prompts.json", json.dumps({"settings": settings, "images": records}, indent=1,
-                                                          allow_nan=False))
+    written: list[Path] = []
+    with FolderLock(folder, "sample", wait=True, note=False):  # samplers into one folder take turns numbering files
+        try:
+            first = next_output_index(folder)
+            records = []
+            for i, image in enumerate(images):
+                prompt = prompts[i // num]
+                name = output_name(first + i, prompt)
+                written.append(save_atomic(image, folder / name, {"prompt": prompt, "index_of_prompt": str(i % num),
+                                                                 "limner": json.dumps(settings)}, replace=False))
+                records.append({"file": name, "prompt": prompt, "image_of_prompt": i % num})
+            labels = [f"seed {seed + k}" for k in range(num)] if num > 1 else []  # image k of a prompt: seed + k
+            grid = f"grid-{first:03d}.png"
+            written.append(save_atomic(make_grid(images, ncols=num, row_labels=list(prompts), col_labels=labels),
+                                       folder / grid, replace=False))
+            append_record(folder / RECORDS, {"settings": settings, "grid": grid, "images": records})
+        except BaseException:  # a full disk, Ctrl-C: no half run is left behind
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
     count = f"{len(images)} image{'s' if len(images) != 1 else ''}"
-    click.echo(f"Wrote {count}, grid.png and prompts.json to {folder}")
+    click.echo(f"Wrote {count} ({records[0]['file']} .. {records[-1]['file']}), {grid} and a line of {RECORDS} "
+               f"to {folder}")
     if kept is not None:
         region = "outside the mask" if mask else "the whole image (image-to-image)"
         click.echo(f"PSNR against the init image, {region}: "
@@ -210,8 +223,8 @@ def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed
 @click.option("--prompts", type=click.IntRange(min=1), default=None,
               help="How many held-out prompts [default: the run's eval.prompts].")
 @click.option("--sampler", default=None, help="Diffusion: sampler name (default: the checkpoint's).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Diffusion: sampling steps.")
-@click.option("--guidance", type=float, default=None, help="Diffusion: classifier-free guidance scale.")
+@click.option("--steps", type=click.IntRange(1, 10_000), default=None, help="Diffusion: sampling steps, 1 to 10000.")
+@click.option("--guidance", type=Number(low=0), default=None, help="Diffusion: classifier-free guidance scale, >= 0.")
 @click.option("--metrics", default=None,
               help="Comma-separated metrics (e.g. fid,kid,inception_score,ssim) [default: the run's metric].")
 @click.option("--reconstruct", is_flag=True,
@@ -222,7 +235,7 @@ def evaluate(checkpoint, prompts, sampler, steps, guidance, metrics, reconstruct
     """Score a checkpoint on its run's held-out prompts with the run's metric, or --metrics."""
     from pathlib import Path
 
-    from .checkpoint import write_text_atomic
+    from .files import write_text_atomic
     from .recipes import evaluate_checkpoint
 
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
@@ -265,11 +278,13 @@ def caption(images, model, as_json):
 @click.argument("run", type=click.Path())
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--full-precision", is_flag=True, help="Keep float32 weights (default: float16).")
-def export(run: str, dest: str, full_precision: bool) -> None:
-    """Copy a run's latest checkpoint as a small release: config + EMA weights."""
+@click.option("--force", is_flag=True, help="Replace DEST when it is a checkpoint limner wrote (never other files).")
+def export(run: str, dest: str, full_precision: bool, force: bool) -> None:
+    """Copy a run's latest checkpoint as a small release: config + EMA weights. DEST must be a
+    new or empty folder."""
     from .checkpoint import export_checkpoint
 
-    path = export_checkpoint(run, dest, half=not full_precision)
+    path = export_checkpoint(run, dest, half=not full_precision, force=force)
     size = sum(p.stat().st_size for p in path.iterdir()) / 1e6
     click.echo(f"Wrote {path} ({size:.1f} MB)")
 
@@ -318,6 +333,11 @@ def _add_plugin_commands() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `limner` script: user errors print one paragraph and exit 1."""
+    from .registry import working_folder_entries
+
+    for entry in working_folder_entries():  # `python -m limner.cli` in a downloaded folder: import nothing from it
+        while entry in sys.path:
+            sys.path.remove(entry)
     _add_plugin_commands()
     try:
         cli.main(args=argv, prog_name="limner", standalone_mode=False)
@@ -329,6 +349,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except LimnerError as exc:
         click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # a full or read-only disk, a vanished folder: the temp files are already removed
+        where = f" {exc.filename}" if exc.filename else ""
+        click.echo(f"Error: cannot read or write{where}: {exc.strerror or exc}. Files limner was writing were "
+                   "removed; what was there before is untouched.", err=True)
+        sys.exit(1)
+    except MemoryError:
+        click.echo("Error: out of memory: use fewer or smaller images (--num, prompts, image size).", err=True)
         sys.exit(1)
 
 

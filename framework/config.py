@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import types
 import typing
@@ -69,7 +70,8 @@ def range_text(ge: float | None = None, gt: float | None = None, le: float | Non
                lt: float | None = None) -> str:
     """The bounds in words: ">= 0 and < 1"."""
     parts = [(">=", ge), (">", gt), ("<=", le), ("<", lt)]
-    return " and ".join(f"{op} {bound:g}" for op, bound in parts if bound is not None)
+    return " and ".join(f"{op} {bound if isinstance(bound, int) else format(bound, 'g')}"
+                        for op, bound in parts if bound is not None)
 
 
 def check_range(value: float, where: str, ge: float | None = None, gt: float | None = None,
@@ -77,6 +79,23 @@ def check_range(value: float, where: str, ge: float | None = None, gt: float | N
     """Raise naming `where`, the value and the allowed range when value is outside it."""
     if not in_range(value, ge, gt, le, lt):
         raise ConfigError(f"{where}: must be {range_text(ge, gt, le, lt)}, got {value!r}")
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_memory(nbytes: float, what: str, fix: str, share: float = 0.5) -> None:
+    """Refuse work whose tensors alone (`nbytes`, a lower bound: activations come on top) would
+    take more than `share` of this machine's RAM, with the estimate, before any is allocated."""
+    ram = physical_memory()
+    if ram and nbytes > share * ram:
+        raise LimnerError(f"{what} needs at least {nbytes / 2**30:.1f} GiB for its tensors alone, more than "
+                          f"{share:.0%} of this machine's {ram / 2**30:.0f} GiB; {fix}")
 
 
 def components(kind: str, *defaults: str) -> Any:
@@ -93,6 +112,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a TOML text file (byte {exc.start} is not UTF-8)") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
 
 
 def load_config(path: str | Path, schema: type[T], data: dict[str, Any] | None = None) -> T:
@@ -199,6 +224,9 @@ def _component(value: Any, kind: str | None, where: str) -> ComponentConfig:
         raise ConfigError(f"{where}: expected a {singular(kind)} name or a table with name = \"...\","
                           f" got {_show(value)}")
     options = {k: v for k, v in value.items() if k != "name"}
+    for key, option in options.items():
+        if isinstance(option, float) and not math.isfinite(option):
+            raise ConfigError(f"{where}.{key}: must be a finite number, got {option!r}")
     try:
         spec = registry().component(kind, value["name"]).spec
     except LimnerError as exc:

@@ -20,6 +20,7 @@ import torch
 
 from .config import ComponentConfig, component, load_config
 from .errors import LimnerError
+from .files import write_text_atomic
 from .hookspecs import KINDS
 from .images import make_grid, save_atomic, to_pil
 from .registry import create, list_components, registry
@@ -141,7 +142,7 @@ def trained_demo(cfg: DemoConfig, checkpoints: list[Path], out: Path) -> Path:
     path = out / "grid.png"
     save_atomic(make_grid(tiles, len(cfg.prompts), labels, col_labels=cfg.prompts), path)
     print("\n" + render_table(table))
-    (out / "scores.json").write_text(json.dumps(table, indent=1) + "\n")
+    write_text_atomic(out / "scores.json", json.dumps(table, indent=1) + "\n")
     print(f"\nWrote {path} (rows: models and samplers, columns: prompts) and {out / 'scores.json'}.")
     return path
 

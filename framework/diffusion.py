@@ -50,6 +50,9 @@ class Preconditioned(nn.Module):
 
     def __init__(self, net: nn.Module, parameterization: str = "edm", sigma_data: float = 0.5):
         super().__init__()
+        if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) or not 0 < sigma_data <= 1e3:
+            raise LimnerError(f"sigma_data (the data's standard deviation) must be a number in (0, 1000], got "
+                              f"{sigma_data!r}")
         preconditioning(torch.ones(1), parameterization, sigma_data)  # validate the name early
         self.net, self.parameterization, self.sigma_data = net, parameterization, sigma_data
 

@@ -24,6 +24,21 @@ class ConfigError(LimnerError):
     """A config file with a bad key, value or component."""
 
 
+_said: set[str] = set()
+
+
+def notice(message: str, key: str | None = None) -> None:
+    """Say `message` on stderr once per process (per `key`, default the message): what limner
+    changed or left out on the user's behalf (a prompt cut to the encoder's length, a setting
+    that does not apply here) is never silent, and never repeated for every batch."""
+    import sys
+
+    key = message if key is None else key
+    if key not in _said:
+        _said.add(key)
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
 def closest(word: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The choices nearest to `word`, best first (may be empty)."""
     return difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)

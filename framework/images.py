@@ -60,23 +60,19 @@ def make_grid(images: Sequence[Image.Image], ncols: int, row_labels: Sequence[st
     return grid
 
 
-def save_atomic(image: Image.Image, path: str | Path, text: dict[str, str] | None = None) -> None:
-    """Write a PNG through a temp file and a rename, so a reader never sees half a file;
-    `text` goes into the PNG's tEXt chunks (prompt, settings)."""
+def save_atomic(image: Image.Image, path: str | Path, text: dict[str, str] | None = None,
+                replace: bool = True) -> Path:
+    """Write a PNG through an exclusive temp file and a rename (limner.files.write_atomic), so a
+    reader never sees half a file; `text` goes into the PNG's tEXt chunks (prompt, settings).
+    replace=False never overwrites: FileExistsError when `path` exists."""
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    from .files import write_atomic
+
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
+    return write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info), replace=replace)
 
 
 def output_name(index: int, prompt: str, limit: int = 60) -> str:
@@ -84,6 +80,19 @@ def output_name(index: int, prompt: str, limit: int = 60) -> str:
     says which prompt made the file."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-")
     return f"{index:03d}-{slug or 'prompt'}.png"
+
+
+_NUMBERED = re.compile(r"^(?:grid-)?(\d+)(?:-.*)?\.png$")
+
+
+def next_output_index(folder: str | Path) -> int:
+    """The first index after every numbered output in `folder` (`007-...png`, `grid-007.png`):
+    a new run's files continue the numbering instead of replacing an earlier run's."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    found = [int(m.group(1)) for p in folder.iterdir() if (m := _NUMBERED.match(p.name))]
+    return max(found, default=-1) + 1
 
 
 def check_writable(folder: str | Path) -> None:

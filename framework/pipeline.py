@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ComponentConfig
+from .config import ComponentConfig, check_memory
 from .errors import LimnerError
 from .images import to_pil
 from .sampling import (Guided, explicit_sigmas, guidance_mode, item_generators, make_sigmas, progress_bar,
@@ -41,6 +41,10 @@ class PipelineBase:
     def generate(self, prompts: list[str] | str, **options) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define generate()")
 
+    def check(self, **options) -> None:
+        """Raise on settings `generate` would refuse (the defaults, or `options`), without
+        drawing: a trainer calls it before its first step, not at its first sample grid."""
+
     @staticmethod
     def expand(prompts: list[str] | str, num: int) -> list[str]:
         """Each prompt `num` times in a row (image j of prompt k is item k * num + j)."""
@@ -53,6 +57,8 @@ class PipelineBase:
               num: int) -> tuple[torch.Tensor, list[torch.Generator]]:
         """[items, *shape] standard normal noise, each item from its own generator (seeded by
         item_generators: a prompt draws the same images alone or in any batch), and the generators."""
+        check_memory(items * math.prod(shape) * 4 * 4, f"drawing {items} images of {'x'.join(map(str, shape))}",
+                     "draw fewer images at a time (--num, prompts)")
         gen = item_generators(seed, items, num, self.device)
         return randn_like(torch.empty((items, *shape), device=self.device), gen), gen
 
@@ -95,28 +101,10 @@ class Pipeline(PipelineBase):
         self.refuse({"truncation": truncation}, "truncation is for GAN and VAE checkpoints; a diffusion model "
                     "trades variety for fidelity with guidance")
         prompts = self.expand(prompts, num)
-        d = self.defaults
-        if sampler:
-            sampler, implied = split_sampler_name(sampler)  # "DPM++ 2M Karras" = dpmpp_2m + karras
-            if implied and schedule and schedule != implied:
-                raise LimnerError(f"the sampler name says schedule {implied!r} but --schedule says {schedule!r}: "
-                                  "give one of them")
-            schedule = schedule or implied
-        sampler_cfg = ComponentConfig("samplers", sampler) if sampler else d.sampler
-        schedule_cfg = ComponentConfig("schedules", schedule) if schedule else d.schedule
-        guidance = d.guidance if guidance is None else guidance
-        if sigmas is not None:
-            if schedule or steps:
-                raise LimnerError("sigmas are the whole schedule: give them, or a schedule and steps, not both")
-            sigmas = explicit_sigmas(sigmas, self.device)
-        else:
-            sigmas = make_sigmas(schedule_cfg.name, steps or d.steps, d.sigma_min, d.sigma_max, device=self.device,
-                                 **schedule_cfg.options)
+        sampler_name, fn, mode, sigmas, guidance = self.plan(sampler, schedule, steps, sigmas, guidance)
         steps = len(sigmas) - 1  # what is sampled: given sigmas, or a table stride (ddim_uniform) fitting one more
         size, channels = self.model.cfg.image_size, self.model.cfg.channels
         x, gen = self.noise((channels, size, size), seed, len(prompts), num)  # each image its own noise stream
-        fn = resolve_sampler(sampler_cfg.name, **sampler_cfg.options)
-        mode = guidance_mode(fn)
         model, init = Guided(self.model, guidance, mode), None
         if init_image is not None or mask is not None:
             if init_image is None:
@@ -135,8 +123,8 @@ class Pipeline(PipelineBase):
             x = x * float(sigmas[0])
         if mask is not None:
             if mode == "cfg_pp":  # KeepKnown hides the two branches CFG++ reads from the fused update
-                raise LimnerError(f"{sampler_cfg.name} (CFG++) does not combine with --mask yet; inpaint with "
-                                  f"{sampler_cfg.name.removesuffix('_cfg_pp')} instead")
+                raise LimnerError(f"{sampler_name} (CFG++) does not combine with --mask yet; inpaint with "
+                                  f"{sampler_name.removesuffix('_cfg_pp')} instead")
             model = KeepKnown(model, init, self._mask_tensor(mask, len(prompts)))
         cond = self.model.encode(prompts)
         uncond = self.model.encode([""] * len(prompts)) if guidance != 1 or mode == "cfg_pp" else None
@@ -148,7 +136,42 @@ class Pipeline(PipelineBase):
             out = fn(model, x, sigmas, extra_args={"cond": cond, "uncond": uncond}, callback=callback, generator=gen)
         if mask is not None:
             out = model.blend(out)
+        if not bool(torch.isfinite(out).all()):
+            raise LimnerError(f"sampling produced NaN or infinite pixels (sampler {sampler_name}, {steps} steps, "
+                              f"guidance {guidance:g}): the images would be blank. Lower the guidance, use more steps "
+                              "or another sampler; nothing was written.")
         return out.clamp(-1, 1)
+
+    def plan(self, sampler: str | None = None, schedule: str | None = None, steps: int | None = None,
+             sigmas: list[float] | None = None, guidance: float | None = None):
+        """(sampler name, sampler function, its guidance mode, sigmas, guidance scale) as `generate`
+        uses them: the given settings over the checkpoint's defaults, each checked."""
+        d = self.defaults
+        for what, given in (("sampler", sampler), ("schedule", schedule)):
+            if given is not None and not str(given).strip():
+                raise LimnerError(f"the {what} name is empty: give one (see `limner plugins`), or leave it out for "
+                                  f"the checkpoint's {getattr(d, what).name!r}")
+        if sampler:
+            sampler, implied = split_sampler_name(sampler)  # "DPM++ 2M Karras" = dpmpp_2m + karras
+            if implied and schedule and schedule != implied:
+                raise LimnerError(f"the sampler name says schedule {implied!r} but --schedule says {schedule!r}: "
+                                  "give one of them")
+            schedule = schedule or implied
+        sampler_cfg = ComponentConfig("samplers", sampler) if sampler else d.sampler
+        schedule_cfg = ComponentConfig("schedules", schedule) if schedule else d.schedule
+        guidance = d.guidance if guidance is None else guidance
+        if sigmas is not None:
+            if schedule or steps:
+                raise LimnerError("sigmas are the whole schedule: give them, or a schedule and steps, not both")
+            sigmas = explicit_sigmas(sigmas, self.device)
+        else:
+            sigmas = make_sigmas(schedule_cfg.name, steps or d.steps, d.sigma_min, d.sigma_max, device=self.device,
+                                 **schedule_cfg.options)
+        fn = resolve_sampler(sampler_cfg.name, **sampler_cfg.options)
+        return sampler_cfg.name, fn, guidance_mode(fn), sigmas, guidance
+
+    def check(self, **options) -> None:
+        self.plan(**options)
 
     def kept_psnr(self, images: torch.Tensor, init_image: Image.Image, mask: Image.Image | None = None) -> float:
         """PSNR (dB, pixel range [0, 1]) of `images` against the init image where it was to be
@@ -211,13 +234,33 @@ def _inference_compile(freeze: bool):
     return inductor_config.patch(freezing=True)
 
 
+MAX_IMAGE_PIXELS = 64 * 2**20  # an init image or mask larger than 64 megapixels is refused, not decoded
+
+
 def open_image(path: str | Path | None) -> Image.Image | None:
-    """Open an image file, naming it if it is missing or unreadable; None passes through."""
+    """Open an image file, naming it if it is missing, unreadable or too large to decode (a
+    decompression bomb); 16-bit and float images are scaled to 8 bits, never clipped. None
+    passes through."""
     if path is None:
         return None
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise LimnerError(f"image {path} is {im.width}x{im.height} pixels; init images and masks may have at "
+                                  f"most {MAX_IMAGE_PIXELS // 2**20} megapixels (they are resized to the model's size)")
             im.load()
-            return im
-    except (OSError, ValueError) as exc:
+            return _eight_bit(im)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise LimnerError(f"cannot read image {path}: {exc}") from None
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """An image of more than 8 bits a channel (PNG's I;16, TIFF's I or F) scaled to its full range
+    in 8 bits: PIL's convert("L"/"RGB") would clip every value above 255."""
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return image
+    arr = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 255.0
+    if image.mode == "F":
+        top = 1.0 if arr.size and arr.max() <= 1 else top
+    return Image.fromarray(np.clip(np.round(arr / top * 255), 0, 255).astype(np.uint8), mode="L")

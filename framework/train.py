@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import (find_checkpoint, load_module, load_tensors, optimizer_tensors, read_state, remove_stale_temps,
-                         restore_optimizer, to_toml, write_checkpoint, write_text_atomic)
-from .config import ComponentConfig, bounded, component
+from .checkpoint import (find_checkpoint, load_module, load_tensors, optimizer_tensors, read_state, restore_optimizer,
+                         to_toml, write_checkpoint)
+from .config import ComponentConfig, bounded, check_memory, component
 from .diffusion import training_sigmas
-from .errors import LimnerError
+from .errors import LimnerError, notice
+from .files import remove_stale_temps, write_text_atomic
 from .images import make_grid, save_atomic, to_pil
 from .pipeline import Pipeline
 from .t2i import ModelConfig, SampleConfig, TextToImage
@@ -51,6 +52,11 @@ class LoopConfig:
     # max_nonfinite skipped steps in a row also stop it. Checkpoints never hold non-finite weights.
     nonfinite: str = "skip"
     max_nonfinite: int = bounded(10, ge=1)
+    # divergence that stays finite: the trained weights' RMS past max_weight_growth x its value
+    # when this session started, or a logged loss past max_loss_growth x the median of the run's
+    # earlier logged losses, stops the run before its next checkpoint (`latest` stays loadable)
+    max_weight_growth: float = bounded(100.0, gt=1)
+    max_loss_growth: float = bounded(1000.0, gt=1)
     log_every: int = bounded(25, ge=1)
     sample_every: int = bounded(1000, ge=1)
     checkpoint_every: int = bounded(1000, ge=1)
@@ -89,7 +95,7 @@ class RunConfig:
 
     out: str
     recipe: str  # which registered recipe reads this config (limner.recipes)
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**40)  # step seeds are seed * 1_000_003 + ...: kept below 2^64
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -142,10 +148,12 @@ class StepBatches(torch.utils.data.Sampler):
         return max(self.steps - self.start, 0)
 
 
-def check_image_shape(dataset, channels: int, image_size: int) -> None:
+def check_image_shape(dataset, channels: int, image_size: int, batch_size: int = 1) -> None:
     """The dataset's images must be [channels, image_size, image_size]; say how to fix it if not."""
-    image, _ = dataset[0]
     expected = (channels, image_size, image_size)
+    check_memory(batch_size * math.prod(expected) * 4 * 16, f"a batch of {batch_size} images of "
+                 f"{'x'.join(map(str, expected))}", "lower data.batch_size or model.image_size")
+    image, _ = dataset[0]
     if tuple(image.shape) != expected:
         raise LimnerError(f"dataset images are {tuple(image.shape)} but model.channels/image_size expect "
                           f"{expected}: set them to match the dataset")
@@ -234,6 +242,45 @@ class NonFinite:
         return False
 
 
+class Divergence:
+    """Training health beyond NaN: a run whose weights or loss blow up while staying finite (lr
+    far too high) is stopped before it writes a checkpoint, measured against its own history."""
+
+    def __init__(self, params: list[nn.Parameter], weight_growth: float, loss_growth: float, out: Path):
+        self.params, self.weight_growth, self.loss_growth, self.out = params, weight_growth, loss_growth, out
+        self.start_rms = self.rms()
+        self.losses: list[float] = []
+
+    @torch.no_grad()
+    def rms(self) -> float:
+        """Root mean square of all trained weights (float64 sums: no overflow at 1e30)."""
+        count = sum(p.numel() for p in self.params)
+        if not count:
+            return 0.0
+        return math.sqrt(math.fsum(float(p.detach().double().square().sum()) for p in self.params) / count)
+
+    def check(self, step: int, loss: float | None = None) -> None:
+        """Raise, naming what blew up, when the weights or `loss` (a logged mean) diverged."""
+        rms = self.rms()
+        limit = self.weight_growth * max(self.start_rms, 1e-6)
+        if not rms <= limit:
+            self.stop(step, f"the trained weights' RMS grew from {self.start_rms:.3g} to {rms:.3g} (limit "
+                            f"train.max_weight_growth = {self.weight_growth:g}x)")
+        if loss is None or not math.isfinite(loss):
+            return
+        if len(self.losses) >= 3:
+            typical = sorted(self.losses)[len(self.losses) // 2]
+            if typical > 0 and loss > self.loss_growth * typical:
+                self.stop(step, f"the loss rose to {loss:.3g}, {loss / typical:.3g}x its median so far "
+                                f"{typical:.3g} (limit train.max_loss_growth = {self.loss_growth:g}x)")
+        self.losses.append(loss)
+
+    def stop(self, step: int, what: str) -> None:
+        raise LimnerError(f"training stopped at step {step}: the run diverged: {what}. No checkpoint was written "
+                          f"after it: the ones in {self.out / 'checkpoints'} are untouched and `latest` loads. Usual "
+                          "causes: train.lr too high or too little warm-up.")
+
+
 class TrainerBase:
     """What every recipe's trainer shares: checkpoints, the step-seeded loader, sample grids.
     A subclass sets acc, cfg, out, step, dataset, config_text and opts (name -> optimizer),
@@ -250,9 +297,12 @@ class TrainerBase:
         from accelerate import Accelerator
 
         cuda = torch.cuda.is_available()
+        if mixed_precision not in ("no", "bf16", "fp16"):
+            raise LimnerError(f"train.mixed_precision must be no, bf16 or fp16, got {mixed_precision!r}")
+        if not cuda and mixed_precision != "no":
+            notice(f"train.mixed_precision = {mixed_precision!r} applies on a GPU; on the CPU limner trains in float32 "
+                   "(set it to \"no\" to silence this)")
         precision = mixed_precision if cuda else "no"
-        if precision not in ("no", "bf16", "fp16"):
-            raise LimnerError(f"train.mixed_precision must be no, bf16 or fp16, got {precision!r}")
         self.cfg, self.out, self.step = cfg, Path(cfg.out), 0
         self.acc = Accelerator(mixed_precision=precision, cpu=not cuda)
         torch.manual_seed(cfg.seed)
@@ -263,7 +313,7 @@ class TrainerBase:
         self.guard = NonFinite(self.cfg.train.nonfinite, self.cfg.train.max_nonfinite)
         self.dataset = self.cfg.data.dataset.build()
         self.config_text = to_toml(config_dict(self.cfg))
-        check_image_shape(self.dataset, channels, image_size)
+        check_image_shape(self.dataset, channels, image_size, self.cfg.data.batch_size)
 
     def modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
@@ -288,17 +338,26 @@ class TrainerBase:
         if state.get("model_config") != config_dict(self.cfg.model) or state.get("recipe") != self.cfg.recipe:
             raise LimnerError(f"{ckpt} was trained with a different [model] config or recipe; "
                               f"use a new `out` folder or restore the config")
+        step, seconds, saved = state.get("step"), state.get("train_seconds", 0.0), state.get("optimizers")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise LimnerError(f"{ckpt / 'state.json'}: step must be a whole number >= 0, got {step!r}")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+            raise LimnerError(f"{ckpt / 'state.json'}: train_seconds must be a number, got {seconds!r}")
+        if not isinstance(saved, dict) or set(self.opts) - set(saved):
+            raise LimnerError(f"{ckpt / 'state.json'}: optimizers must hold the state of "
+                              f"{', '.join(self.opts)}, got {sorted(saved) if isinstance(saved, dict) else saved!r}")
         for name, module in self.modules().items():
             load_module(module, ckpt / f"{name}.safetensors")
         for name, opt in self.opts.items():
-            restore_optimizer(opt, load_tensors(ckpt / f"opt_{name}.safetensors"), state["optimizers"][name])
-        self.step = state["step"]
-        self.seconds_before = state.get("train_seconds", 0.0)
+            file = ckpt / f"opt_{name}.safetensors"
+            restore_optimizer(opt, load_tensors(file), saved[name], file)
+        self.step, self.seconds_before = step, float(seconds)
         self.acc.print(f"resumed from {ckpt} at step {self.step}")
         return True
 
     def save(self) -> None:
         """Modules, optimisers and state into checkpoints/step_N, atomically (main process)."""
+        self.divergence.check(self.step)  # a diverged model never becomes `latest`
         if not self.acc.is_main_process:
             return
         files = {name: m.state_dict() for name, m in self.modules().items()}
@@ -355,33 +414,40 @@ class TrainerBase:
         t = self.cfg.train
         self.start_clock()
         self.before_fit()
+        trained = [p for opt in self.opts.values() for group in opt.param_groups for p in group["params"]]
+        self.divergence = Divergence(trained, t.max_weight_growth, t.max_loss_growth, self.out)
         log = _Log(self.out, self.acc.is_main_process, self.step)
         self.progress = _progress(self.acc.is_main_process, self.step, t.steps)
         rows, last = [], {}
-        for images, captions in self._loader(t.steps):
-            row = self.train_step(images, captions)
-            if row is not None:
-                rows.append(row)
-            self.step += 1
-            self.progress.update(1)
-            if self.step % t.log_every == 0 or self.step == t.steps:
-                last = {"step": self.step, **self.summary(rows)}
-                log.write(last)
-                self.progress.set_postfix(self.postfix(last))
-                rows = []
-            self.end_of_step(t.sample_every, t.checkpoint_every, t.steps)
-        self.progress.close()
-        log.close()
+        try:
+            for images, captions in self._loader(t.steps):
+                row = self.train_step(images, captions)
+                if row is not None:
+                    rows.append(row)
+                self.step += 1
+                self.progress.update(1)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    last = {"step": self.step, **self.summary(rows)}
+                    log.write(last)
+                    loss = last.get("loss")
+                    self.divergence.check(self.step, loss if isinstance(loss, float) else None)
+                    self.progress.set_postfix(self.postfix(last))
+                    rows = []
+                self.end_of_step(t.sample_every, t.checkpoint_every, t.steps)
+        finally:
+            self.progress.close()
+            log.close()
         check_ranks_agree(self.acc, nn.ModuleList(self.modules().values()), self.out, self.step)
         return last
 
     def end_of_step(self, sample_every: int, checkpoint_every: int, steps: int) -> None:
-        """The periodic work after a step: a sample grid and a checkpoint when due, both at the last step."""
+        """The periodic work after a step: a checkpoint and a sample grid when due, both at the last
+        step; the checkpoint first, so a grid that fails never costs the steps since the last one."""
         last = self.step == steps
-        if self.step % sample_every == 0 or last:
-            self.sample_grid()
         if self.step % checkpoint_every == 0 or last:
             self.save()
+        if self.step % sample_every == 0 or last:
+            self.sample_grid()
 
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
@@ -471,7 +537,7 @@ def check_ranks_agree(acc, model: nn.Module, out: Path, step: int) -> None:
     digest = torch.tensor([params_digest(model)], dtype=torch.float64, device=acc.device)
     digests = acc.gather(digest).tolist()
     if acc.is_main_process:
-        (out / "ranks.json").write_text(json.dumps({"step": step, "digests": digests}))
+        write_text_atomic(out / "ranks.json", json.dumps({"step": step, "digests": digests}))
     if len(set(digests)) != 1:
         raise LimnerError(f"ranks hold different weights after step {step}: {digests}")
 
@@ -486,7 +552,8 @@ class _Log:
         out.mkdir(parents=True, exist_ok=True)
         path = out / "metrics.jsonl"
         if path.is_file():  # rows past the resumed checkpoint are logged again: drop the old ones
-            kept = [line for line in path.read_text().splitlines() if _row_step(line) <= step]
+            rows = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+            kept = [line for line in rows if _row_step(line) <= step]
             write_text_atomic(path, "".join(f"{line}\n" for line in kept))
         self.jsonl = path.open("a")
         try:
@@ -528,6 +595,25 @@ def _progress(active: bool, start: int, total: int):
     return tqdm(total=total, initial=start, desc="training", disable=not active, dynamic_ncols=True)
 
 
+def check_eval(eval_cfg: EvalConfig, metrics: list[str] | None = None) -> tuple[dict[str, Any], Any]:
+    """The scorers (name -> metric) and held-out dataset of an evaluation, each checked: an
+    unknown metric, a missing dataset or a prompt count outside it is named before any sampling."""
+    from .registry import create
+
+    names = list(metrics) if metrics else ([eval_cfg.metric] if eval_cfg.metric else [])
+    if not names:
+        raise LimnerError("no metric to evaluate with: the run's config has no [eval] metric; name some with "
+                          "--metrics")
+    scorers = {name: create("metrics", name) for name in names}
+    if "name" not in eval_cfg.dataset:
+        raise LimnerError("no held-out dataset to evaluate on: the run's config has no [eval] dataset")
+    held_out = create("datasets", eval_cfg.dataset["name"], **{k: v for k, v in eval_cfg.dataset.items() if k != "name"})
+    if not 0 < eval_cfg.prompts <= len(held_out):
+        raise LimnerError(f"eval prompts must be 1..{len(held_out)} (the held-out dataset's size), "
+                          f"got {eval_cfg.prompts}")
+    return scorers, held_out
+
+
 def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, metrics: list[str] | None = None,
              reconstruct: bool = False, **sampling) -> dict[str, float]:
     """Draw the first `eval_cfg.prompts` captions of a held-out dataset with `pipeline` (prompt k
@@ -535,19 +621,7 @@ def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, metrics: list[str]
     `metrics` (default: the run's metric); a metric that takes `references` gets the held-out
     images of the same prompts. With `reconstruct` (a VAE), the images scored are the held-out
     images passed through the encoder and decoder instead. `seconds_per_image` is the time per image."""
-    from .registry import create
-
-    names = list(metrics) if metrics else ([eval_cfg.metric] if eval_cfg.metric else [])
-    if not names:
-        raise LimnerError("no metric to evaluate with: the run's config has no [eval] metric; name some with "
-                          "--metrics")
-    scorers = {name: create("metrics", name) for name in names}  # unknown names fail before any sampling
-    if "name" not in eval_cfg.dataset:
-        raise LimnerError("no held-out dataset to evaluate on: the run's config has no [eval] dataset")
-    held_out = create("datasets", eval_cfg.dataset["name"], **{k: v for k, v in eval_cfg.dataset.items() if k != "name"})
-    if not 0 < eval_cfg.prompts <= len(held_out):
-        raise LimnerError(f"eval prompts must be 1..{len(held_out)} (the held-out dataset's size), "
-                          f"got {eval_cfg.prompts}")
+    scorers, held_out = check_eval(eval_cfg, metrics)
     items = [held_out[i] for i in range(eval_cfg.prompts)]
     prompts = [caption for _, caption in items]
     references = torch.stack([image for image, _ in items])

@@ -296,7 +296,7 @@ def train(config: str | Path) -> dict:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from limner.checkpoint import write_text_atomic
+    from limner.files import write_text_atomic
 
     cfg = read_config(config)
     data, model_cfg, train_cfg, eval_cfg = cfg["data"], cfg.get("model", {}), cfg["train"], cfg["eval"]

@@ -14,6 +14,7 @@ from einops import rearrange
 from torch import nn
 
 import limner
+from limner.config import check_range
 from limner.diffusion import Preconditioned
 from limner.kernels import adaln_modulate, gated_residual, group_norm_silu
 from limner.nn import Attention, ContextRefiner, FeedForward, noise_embedding, zero_init
@@ -256,6 +257,14 @@ def unet(context_dim: int, in_channels: int = 3, image_size: int = 32, channels:
     colours of several objects: with it off, text arrives through cross-attention only);
     `clause_layout` lets each clause of the prompt claim a region of every ResBlock (ClauseLayout;
     needs model.phrase_tokens)."""
+    for name, value in dict(channels=channels, blocks=blocks, heads=heads, groups=groups).items():
+        check_range(value, f"unet: {name}", ge=1)
+    check_range(dropout, "unet: dropout", ge=0, lt=1)
+    if not mults or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in mults):
+        raise limner.LimnerError(f"unet: mults must list one whole number >= 1 per level, got {list(mults)}")
+    if any(not 0 <= level < len(mults) for level in attention_levels):
+        raise limner.LimnerError(f"unet: attention_levels must be levels 0..{len(mults) - 1}, got "
+                                 f"{list(attention_levels)}")
     if context_layers < 0:
         raise limner.LimnerError(f"unet: context_layers must be >= 0, got {context_layers}")
     if image_size % 2 ** (len(mults) - 1):
@@ -326,8 +335,12 @@ def dit(context_dim: int, in_channels: int = 3, image_size: int = 32, patch: int
         parameterization: str = "edm", sigma_data: float = 0.5):
     """DiT with adaLN-zero and text cross-attention (Peebles & Xie 2023; Chen et al. 2023);
     `pooled = false`: text through cross-attention only, and `clause_layout`, as the unet's."""
+    for name, value in dict(patch=patch, dim=dim, depth=depth, heads=heads).items():
+        check_range(value, f"dit: {name}", ge=1)
     if image_size % patch:
         raise limner.LimnerError(f"dit: image_size {image_size} must be divisible by patch {patch}")
+    if dim % heads:
+        raise limner.LimnerError(f"dit: dim {dim} must be divisible by heads {heads}")
     if dim % 4:
         raise limner.LimnerError(f"dit: dim {dim} must be divisible by 4")
     net = DiT(in_channels, image_size, patch, dim, depth, heads, context_dim, pooled, clause_layout)

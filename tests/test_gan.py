@@ -214,8 +214,8 @@ def test_gan_resume_is_exact_and_samples_from_the_cli(tmp_path, capsys):
     main(["sample", str(tmp_path / "straight"), "-p", "a red circle", "-p", "a blue square", "--num", "2",
           "--truncation", "0.7", "--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["000-a-red-circle.png", "001-a-red-circle.png",
-                                                     "002-a-blue-square.png", "003-a-blue-square.png", "grid.png",
-                                                     "prompts.json"]
+                                                     "002-a-blue-square.png", "003-a-blue-square.png", "grid-000.png",
+                                                     "prompts.jsonl"]
     with pytest.raises(SystemExit):
         main(["sample", str(tmp_path / "straight"), "-p", "a red circle", "--sampler", "euler", "--out", str(out)])
     assert "sampler does not apply here: a " in capsys.readouterr().err

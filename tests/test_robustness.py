@@ -38,7 +38,8 @@ def test_a_diverging_run_skips_then_stops_and_keeps_its_last_good_checkpoint(tmp
     after train.max_nonfinite in a row naming the step, every checkpoint it leaves is finite,
     `latest` points at one, and metrics.jsonl stays strict JSON."""
     path = write_config(tmp_path, "nan", steps=40)
-    path.write_text(path.read_text().replace("lr = 1e-3", "lr = 1e30\nmax_nonfinite = 3"))
+    # max_weight_growth off: this is the NaN guard's test (the divergence watch would stop it first)
+    path.write_text(path.read_text().replace("lr = 1e-3", "lr = 1e30\nmax_nonfinite = 3\nmax_weight_growth = 1e300"))
     with pytest.raises(limner.LimnerError, match=r"training stopped at step \d+: .*3 non-finite updates in a row"):
         train(path)
     ckpt = finite_checkpoint(tmp_path / "nan")
@@ -49,7 +50,7 @@ def test_a_diverging_run_skips_then_stops_and_keeps_its_last_good_checkpoint(tmp
 
 def test_the_stop_policy_stops_at_the_first_bad_step(tmp_path):
     path = write_config(tmp_path, "stop", steps=40)
-    path.write_text(path.read_text().replace("lr = 1e-3", "lr = 1e30\nnonfinite = \"stop\""))
+    path.write_text(path.read_text().replace("lr = 1e-3", "lr = 1e30\nnonfinite = \"stop\"\nmax_weight_growth = 1e300"))
     with pytest.raises(limner.LimnerError, match=r"1 non-finite update in a row, policy 'stop'"):
         train(path)
     bad = write_config(tmp_path, "typo", steps=2)
@@ -62,7 +63,7 @@ def test_a_diverging_gan_skips_its_bad_updates_and_stops(tmp_path):
     from test_gan import gan_config
 
     path = gan_config(tmp_path, "gan-nan", steps=40, lr=1e30)
-    path.write_text(path.read_text().replace("d_lr = 2e-3", "d_lr = 1e30\nmax_nonfinite = 3"))
+    path.write_text(path.read_text().replace("d_lr = 2e-3", "d_lr = 1e30\nmax_nonfinite = 3\nmax_weight_growth = 1e300"))
     with pytest.raises(limner.LimnerError, match=r"training stopped at step \d+: .*3 non-finite updates in a row"):
         train(path)
     strict_rows(tmp_path / "gan-nan" / "metrics.jsonl")
@@ -94,7 +95,7 @@ BAD_CONFIG_VALUES = [
     ("[train]\n", "grad_clip = nan", "train.grad_clip: must be a finite number, got nan"),
     ("[sample]\n", "guidance = inf", "sample.guidance: must be a finite number, got inf"),
     ("[sample]\n", "guidance = -1.0", "sample.guidance: must be >= 0, got -1.0"),
-    ("[model]\n", "image_size = 0", "model.image_size: must be >= 1, got 0"),
+    ("[model]\n", "image_size = 0", "model.image_size: must be >= 1 and <= 4096, got 0"),
 ]
 
 
@@ -130,8 +131,8 @@ BAD_SAMPLE_OPTIONS = [
     (["--guidance", "nan"], "'nan' is not a finite number"),
     (["--guidance", "inf"], "'inf' is not a finite number"),
     (["--guidance", "-2"], "-2 is not >= 0"),
-    (["--steps", "0"], "0 is not in the range x>=1"),
-    (["--num", "0"], "0 is not in the range x>=1"),
+    (["--steps", "0"], "0 is not in the range 1<=x<=10000"),
+    (["--num", "0"], "0 is not in the range 1<=x<=1000"),
     (["--strength", "0.5"], "--strength sets how much of --init-image is redrawn"),
     (["--strength", "0"], "0 is not > 0 and <= 1"),
     (["--truncation", "nan"], "'nan' is not a finite number"),

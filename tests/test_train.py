@@ -163,20 +163,29 @@ def test_image_to_image_and_inpainting(trained):
 
 
 def test_sample_command_writes_images_and_grid(trained, tmp_path, capsys):
-    """Files say which prompt made them (name, PNG text chunks, prompts.json); the grid is labelled."""
+    """Files say which prompt made them (name, PNG text chunks, prompts.jsonl); the grid is labelled;
+    a second run into the same folder numbers on and overwrites nothing."""
     main(["sample", str(trained), "-p", "a red circle at the top left", "-p", "A green square, at the top!",
           "--num", "2", "--steps", "3", "--sampler", "dpmpp_2m_sde", "--out", str(tmp_path / "o")])
     out = tmp_path / "o"
     assert sorted(p.name for p in out.iterdir()) == [
         "000-a-red-circle-at-the-top-left.png", "001-a-red-circle-at-the-top-left.png",
-        "002-a-green-square-at-the-top.png", "003-a-green-square-at-the-top.png", "grid.png", "prompts.json"]
+        "002-a-green-square-at-the-top.png", "003-a-green-square-at-the-top.png", "grid-000.png", "prompts.jsonl"]
     meta = Image.open(out / "002-a-green-square-at-the-top.png").text
     assert meta["prompt"] == "A green square, at the top!" and json.loads(meta["limner"])["sampler"] == "dpmpp_2m_sde"
-    record = json.loads((out / "prompts.json").read_text())
+    record = json.loads((out / "prompts.jsonl").read_text())
     assert record["images"][3] == {"file": "003-a-green-square-at-the-top.png", "prompt": "A green square, at the top!",
                                    "image_of_prompt": 1}
-    assert Image.open(out / "grid.png").size[0] > 2 * 32 + 100  # a label column beside two tiles
-    assert "Wrote 4 images, grid.png and prompts.json" in capsys.readouterr().out
+    assert record["grid"] == "grid-000.png"
+    assert Image.open(out / "grid-000.png").size[0] > 2 * 32 + 100  # a label column beside two tiles
+    assert "Wrote 4 images (000-a-red-circle-at-the-top-left.png .. 003-a-green-square-at-the-top.png), grid-000.png" \
+        in capsys.readouterr().out
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".png"}
+    main(["sample", str(trained), "-p", "a blue circle", "--steps", "2", "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
+    assert {"004-a-blue-circle.png", "grid-004.png"} <= {p.name for p in out.iterdir()}
+    runs = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert [r["grid"] for r in runs] == ["grid-000.png", "grid-004.png"] and runs[1]["settings"]["steps"] == 2
     with pytest.raises(SystemExit):
         main(["sample", str(trained), "-p", "x", "--sampler", "eulr"])
     assert "unknown sampler 'eulr'" in capsys.readouterr().err
