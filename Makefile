@@ -37,7 +37,9 @@ data:
 		|| echo "note: dataset-fashion-mnist could not be installed; its tests will skip"; \
 	fi
 
+# the linter first (style and likely bugs: pyproject's [tool.ruff]), then the suite
 test: setup data
+	cd $(CURDIR) && $(VENV)/bin/ruff check .
 	cd $(CURDIR) && HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
 
 bench: setup

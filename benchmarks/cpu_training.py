@@ -66,8 +66,13 @@ def curve(run: Path, prompts: int | None, steps_per_s: float | None) -> list[dic
 
 
 def render_curves(curves: dict[str, list[dict]]) -> str:
-    lines = ["", "Time to score: every kept checkpoint on the same held-out prompts.", "",
-             "| run | step | CPU minutes | colour | shape | position | all three |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        "Time to score: every kept checkpoint on the same held-out prompts.",
+        "",
+        "| run | step | CPU minutes | colour | shape | position | all three |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for run, points in curves.items():
         lines += [f"| {run} | {p['step']} | {p['train_minutes']} | {p.get('colour')} | {p.get('shape')} | "
                   f"{p.get('position')} | {p.get('all')} |" for p in points]

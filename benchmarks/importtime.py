@@ -22,8 +22,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "cpu-importtime.json"
 COMMANDS = {
-    "limner sample (demo checkpoint, 20 steps)": ["sample", "checkpoints/shapes-unet", "-p", "a red circle at the top left",
-                                                  "--steps", "20", "--out", "/tmp/limner-importtime"],
+    "limner sample (demo checkpoint, 20 steps)": [
+        "sample",
+        "checkpoints/shapes-unet",
+        "-p",
+        "a red circle at the top left",
+        "--steps",
+        "20",
+        "--out",
+        "/tmp/limner-importtime",
+    ],
     "limner plugins": ["plugins"],
     "limner --help": ["--help"],
 }

@@ -26,7 +26,10 @@ def _inputs(name):
     k, v = (torch.randn(b, h, lk, dh, device="cuda", dtype=torch.float16, generator=gen) for _ in range(2))
     mask = None
     if masked:
-        mask = torch.arange(lk, device="cuda")[None, None, None, :] < torch.tensor([20, 77], device="cuda")[:b, None, None, None]
+        mask = (
+            torch.arange(lk, device="cuda")[None, None, None, :]
+            < torch.tensor([20, 77], device="cuda")[:b, None, None, None]
+        )
     return q, k, v, mask
 
 

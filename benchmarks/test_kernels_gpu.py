@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from limner.kernels import (
-    adaln_modulate, bias_act, gated_residual, geglu, group_norm_silu, guided_update, setup_filter, upfirdn2d,
+    adaln_modulate,
+    bias_act,
+    gated_residual,
+    geglu,
+    group_norm_silu,
+    guided_update,
+    setup_filter,
+    upfirdn2d,
 )
 from limner.kernels.adaln import adaln_modulate_reference, gated_residual_reference
 from limner.kernels.bias_act import bias_act_reference

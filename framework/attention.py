@@ -7,11 +7,9 @@ remembers the winner, in memory and in ~/.cache/limner/attention-<gpu>.json
 (LIMNER_CACHE_DIR moves it), so later processes skip the measurement. On 2026-11-22
 xformers measured ~1.5x slower than sdpa at diffusion shapes on an H100 - a fixed
 preference would have been wrong there. On the CPU `auto` is a fixed rule, so CPU runs stay
-deterministic: `cpu` (limner's C++ kernel, kernels/cpu_attention.py: 1.8-6x faster than
-torch's flash kernel forward + backward at head dim 16) for the inputs it takes, where it
-builds; else sdpa (torch's CPU kernels; `math` is the reference). NOTE: `math` is 1.8-2.3x faster than
-sdpa on contiguous [16, 4, L, 16] inputs with 20-64 keys, but inside the demo UNet (strided
-q/k/v views) taking it for <= 64 keys made the forward 5%, training 5% slower (2026-11-24).
+deterministic: `cpu` (limner's C++ kernel, kernels/cpu_attention.py) for the inputs it
+takes, where it builds; else sdpa (torch's CPU kernels; `math` is the reference). Why not
+`math` for short keys, and the kernel's speed: benchmarks/results/cpu-kernel-measurements.md.
 """
 from __future__ import annotations
 
@@ -51,8 +49,10 @@ def shape_key(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> st
     """What the preference depends on: dtype, batch x heads, lengths, head dim, mask, grad."""
     b, h, lq, dh = q.shape
     grad = torch.is_grad_enabled() and q.requires_grad
-    return f"{str(q.dtype).removeprefix('torch.')}|{b * h}|{lq}|{k.shape[2]}|{dh}|{'mask' if mask is not None else '-'}|" \
-           f"{'grad' if grad else 'nograd'}"
+    return (
+        f"{str(q.dtype).removeprefix('torch.')}|{b * h}|{lq}|{k.shape[2]}|{dh}|{'mask' if mask is not None else '-'}|"
+        f"{'grad' if grad else 'nograd'}"
+    )
 
 
 def cuda_timer(fn: Callable[[], object], repeats: int = 5) -> float:

@@ -21,8 +21,10 @@ def load_captioner(model: str | Path):
         try:
             name = json.loads(meta.read_text())["captioner"]
         except (OSError, ValueError, KeyError, TypeError):
-            raise LimnerError(f"{folder} is not a captioner folder: it needs a captioner.json naming its captioner "
-                              "component (e.g. written by `python -m limner.plugins.captioners train CONFIG`)") from None
+            raise LimnerError(
+                f"{folder} is not a captioner folder: it needs a captioner.json naming its captioner "
+                "component (e.g. written by `python -m limner.plugins.captioners train CONFIG`)"
+            ) from None
         return create("captioners", name, path=str(folder))
     return create("captioners", str(model))
 

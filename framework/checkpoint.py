@@ -167,7 +167,9 @@ def load_module(module: torch.nn.Module, path: Path) -> None:
     of another kind (integer weights for float parameters) or one holding NaN or infinity."""
     tensors = load_tensors(path)
     own = module.state_dict()
-    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in tensors.items() if k in own and v.shape != own[k].shape]
+    wrong = [
+        (k, tuple(v.shape), tuple(own[k].shape)) for k, v in tensors.items() if k in own and v.shape != own[k].shape
+    ]
     missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     kinds = [f"{k}: file {v.dtype}, model {own[k].dtype}" for k, v in tensors.items()
              if k in own and v.is_floating_point() != own[k].is_floating_point()]

@@ -174,7 +174,7 @@ def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed
     check_writable(folder)  # before minutes of sampling, not after
     pipe = load_pipeline(checkpoint)
     if compile_:
-        if not hasattr(pipe, "compile"):
+        if "compile" not in pipe.features:
             raise LimnerError(f"--compile is for diffusion checkpoints; {checkpoint} is a GAN or VAE")
         pipe.compile()
     given = dict(sampler=sampler, schedule=schedule, steps=steps, sigmas=sigmas, guidance=guidance, strength=strength,
@@ -186,7 +186,7 @@ def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed
                 **{k: v for k, v in given.items() if k not in ("init_image", "mask")},
                 **({"init_image": str(init_image)} if init_image else {}), **({"mask": str(mask)} if mask else {})}
     kept = None
-    if init_image is not None and hasattr(pipe, "kept_psnr"):  # how much of the init image survived
+    if init_image is not None and "init_image" in pipe.features:  # how much of the init image survived
         kept = pipe.kept_psnr(tensors, given["init_image"], given.get("mask"))
         settings["kept_psnr_db"] = "inf" if math.isinf(kept) else round(kept, 2)
     written: list[Path] = []
@@ -235,16 +235,20 @@ def evaluate(checkpoint, prompts, sampler, steps, guidance, metrics, reconstruct
     """Score a checkpoint on its run's held-out prompts with the run's metric, or --metrics."""
     from pathlib import Path
 
-    from .files import write_text_atomic
+    from .files import check_own_file, write_text_atomic
+    from .images import check_writable
     from .recipes import evaluate_checkpoint
 
+    if out:  # checked before minutes of sampling: only a report limner wrote is replaced
+        for path, what in ((Path(out), "report"), (Path(out).with_suffix(".md"), "report table")):
+            check_own_file(path, lambda data: b"held-out prompts" in data or b'"scores"' in data, f"eval {what}")
+        check_writable(Path(out).parent)
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     if metrics is not None and not names:
         raise LimnerError(f"--metrics names no metric: {metrics!r}; give e.g. fid,kid (see limner plugins)")
     sampling = {k: v for k, v in dict(sampler=sampler, steps=steps, guidance=guidance).items() if v is not None}
     report = evaluate_checkpoint(checkpoint, prompts, metrics=names, reconstruct=reconstruct, **sampling)
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(out), json.dumps(report, indent=1, allow_nan=False) + "\n")
         rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in report["scores"].items())
         write_text_atomic(Path(out).with_suffix(".md"),

@@ -148,7 +148,9 @@ def parse_config(data: dict[str, Any], schema: type[T], path: str = "") -> T:
             values[name] = _convert(data[name], hints[name], f.metadata.get("kind"), where)
             if "range" in f.metadata:
                 check_range(values[name], where, *f.metadata["range"])
-        elif hints[name] is not ComponentConfig and dataclasses.is_dataclass(hints[name]) and _has_required(hints[name]):
+        elif (
+            hints[name] is not ComponentConfig and dataclasses.is_dataclass(hints[name]) and _has_required(hints[name])
+        ):
             values[name] = parse_config({}, hints[name], where)  # names the section's missing options
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required option")

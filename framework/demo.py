@@ -4,8 +4,8 @@ are the prompts (labelled with their text) — and a table of each model's size,
 time, sampling time per image and scores on held-out prompts.
 
 Without a checkpoint, the demo samples from the *exact* denoiser of the first images of the
-config's dataset (`shapes` in the built-in demo.toml; the posterior mean under the empirical data distribution, Karras et al.
-2022 eq. 57), so every sampler should land on one of those training images: the printed
+config's dataset (`shapes` in the built-in demo.toml; the posterior mean under the empirical
+data distribution, Karras et al. 2022 eq. 57), so every sampler should land on one of those training images: the printed
 distance to the nearest one checks that it did.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from .config import ComponentConfig, component, load_config
 from .errors import LimnerError
-from .files import write_text_atomic
+from .files import check_own_folder, write_text_atomic
 from .hookspecs import KINDS
 from .images import make_grid, save_atomic, to_pil
 from .registry import create, list_components, registry
@@ -98,6 +98,7 @@ def find_shipped(name: str) -> Path | None:
 def run_demo(config_path: str | None, out: str) -> Path:
     """Run the demo; returns the path of the written grid."""
     cfg = load_config(config_path or DEFAULT_CONFIG, DemoConfig)
+    check_own_folder(out, {"grid.png", "scores.json"}, "demo")  # its own grid and scores, nothing of the user's
     report_components()
     found = [find_shipped(c) for c in cfg.checkpoints]
     missing = [c for c, f in zip(cfg.checkpoints, found) if f is None]
@@ -121,7 +122,7 @@ def trained_demo(cfg: DemoConfig, checkpoints: list[Path], out: Path) -> Path:
     tiles, labels, table = [], [], []
     for ckpt in checkpoints:
         pipe, run_cfg, state = load_pipeline(ckpt), load_run_config(ckpt / "config.toml"), read_state(ckpt)
-        diffusion = hasattr(run_cfg.sample, "sampler")  # a sampled model: one grid row per sampler
+        diffusion = "samplers" in pipe.features  # a sampled model: one grid row per sampler
         net = getattr(run_cfg.model, "denoiser", None) or getattr(run_cfg.model, "generator", None)
         family = net.name if net is not None else run_cfg.recipe
         print(f"\n{ckpt} ({run_cfg.recipe}, {family}, step {state.get('step')}):")

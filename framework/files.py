@@ -82,6 +82,30 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda f: f.write(data))
 
 
+def check_own_folder(folder: str | Path, entries: set[str], what: str) -> None:
+    """Refuse to write into `folder` unless it is new, empty, or holds only `entries` (the names
+    that limner's `what` writes there): a folder of the user's is never written into."""
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise LimnerError(f"{folder} is not a folder; name a new folder for the {what}")
+    if not folder.is_dir():
+        return
+    foreign = sorted(e.name for e in folder.iterdir() if e.name not in entries and not _TEMP.match(e.name))
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise LimnerError(f"{folder} holds files that are not a limner {what}'s ({shown}); the {what} writes only "
+                          f"into a new, empty or earlier {what} folder. Name another.")
+
+
+def check_own_file(path: str | Path, ours: Callable[[bytes], bool], what: str) -> None:
+    """Refuse to replace `path` unless it is absent or `ours(its bytes)` says limner wrote it."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise LimnerError(f"not writing {path}: it is not a plain file")
+    if path.is_file() and not ours(path.read_bytes()):
+        raise LimnerError(f"not writing {path}: it holds something other than a limner {what}; give a new file name")
+
+
 def append_record(path: str | Path, record: dict) -> None:
     """Add one JSON line to a records file limner keeps (the caller holds the folder's lock).
     The file is rewritten whole through write_atomic, so a kill leaves the old or the new one;

@@ -7,8 +7,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .attention import attention
 from limner.kernels import geglu, linear
+
+from .attention import attention
 
 
 def noise_embedding(c_noise: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:

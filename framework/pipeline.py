@@ -19,8 +19,17 @@ from PIL import Image
 from .config import ComponentConfig, check_memory
 from .errors import LimnerError
 from .images import to_pil
-from .sampling import (Guided, explicit_sigmas, guidance_mode, item_generators, make_sigmas, progress_bar,
-                       randn_like, resolve_sampler, split_sampler_name)
+from .sampling import (
+    Guided,
+    explicit_sigmas,
+    guidance_mode,
+    item_generators,
+    make_sigmas,
+    progress_bar,
+    randn_like,
+    resolve_sampler,
+    split_sampler_name,
+)
 from .t2i import TextToImage
 
 
@@ -30,6 +39,12 @@ class PipelineBase:
     seeded noise stream per image, and a clear refusal of options its kind of model does not take.
     A recipe's pipeline subclasses it and writes `generate(prompts, *, seed, num, progress, ...)`
     -> [N, C, H, W] in [-1, 1]."""
+
+    # What this pipeline offers beyond drawing, declared (callers ask `"compile" in pipe.features`,
+    # never hasattr): "samplers" (sampler, schedule, steps, sigmas, guidance), "compile"
+    # (torch.compile for sampling), "init_image" (image-to-image, inpainting, kept_psnr),
+    # "truncation", "reconstruct" (encode + decode held-out images).
+    features: frozenset[str] = frozenset()
 
     def __init__(self, model: torch.nn.Module, defaults, device: torch.device):
         self.model, self.defaults, self.device = model.eval().to(device), defaults, device
@@ -73,6 +88,8 @@ class PipelineBase:
 class Pipeline(PipelineBase):
     """Text encoder + EMA denoiser of one checkpoint, with its default sampling settings."""
 
+    features = frozenset({"samplers", "compile", "init_image"})
+
     def __init__(self, model: TextToImage, defaults, device: torch.device):
         super().__init__(model, defaults, device)
         self.memory_format = torch.channels_last if defaults.channels_last else torch.contiguous_format
@@ -84,7 +101,7 @@ class Pipeline(PipelineBase):
     def compile(self) -> None:
         """torch.compile the denoiser in place for sampling (static shapes: one compile per batch
         size). On the CPU, inductor's freezing folds the weights into the graph and pre-packs them
-        for oneDNN (NOTE: 1.5-2x on the demo UNet's forward, benchmarks/results/cpu-anchors.md);
+        for oneDNN (the speed-up: benchmarks/results/cpu-anchors.md);
         the weights must not change afterwards."""
         self.model.denoiser.requires_grad_(False).compile(dynamic=False)
         self.compiled = True

@@ -130,3 +130,11 @@ class Penalty(Protocol):
 
     def __call__(self, discriminator: Any, real: torch.Tensor, fake: torch.Tensor, cond: Any,
                  adversarial: AdversarialLoss) -> torch.Tensor: ...
+
+
+# What a component of each kind must have; limner.create checks what a factory built against it
+# (a runtime_checkable Protocol checks that the methods exist, not their signatures).
+KIND_PROTOCOLS: dict[str, type] = {
+    "text_encoders": TextEncoder, "denoisers": Denoiser, "samplers": Sampler, "schedules": Schedule,
+    "generators": Generator, "discriminators": Discriminator, "attention_backends": AttentionBackend,
+}

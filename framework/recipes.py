@@ -25,9 +25,9 @@ from torch import nn
 from .checkpoint import find_checkpoint, load_module, read_state, weights_of
 from .config import ComponentConfig, load_config, read_toml, set_option
 from .errors import ConfigError, LimnerError, UnknownComponentError
+from .files import LOCK_NAME, FolderLock, check_own_folder, write_text_atomic
 from .images import check_writable
 from .registry import create, get_component, list_components
-from .files import LOCK_NAME, FolderLock, write_text_atomic
 from .train import TrainerBase, check_eval, evaluate
 
 
@@ -77,19 +77,13 @@ def check_run_folder(out: Path) -> None:
     """A run's `out` must be new, empty or a run folder limner made (its checkpoints, logs and
     grids, nothing else): a config whose `out` names a folder of the user's (".", a home, a
     repository) is refused before anything is written there."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ConfigError(f"out: {out} is not a folder; name a new folder for the run")
-    if not out.is_dir():
-        return
-    foreign = sorted(e.name for e in out.iterdir() if e.name not in RUN_ENTRIES)
-    ckpts = out / "checkpoints"
-    if ckpts.is_dir():
-        foreign += [f"checkpoints/{e.name}" for e in sorted(ckpts.iterdir())
-                    if e.name != "latest" and not e.name.startswith((".step_", "step_", ".latest."))]
-    if foreign:
-        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
-        raise ConfigError(f"out: {out} holds files that are not a limner run's ({shown}); a run writes its "
-                          "checkpoints, logs and grids only into a new, empty or earlier run folder. Name another.")
+    try:
+        check_own_folder(out, RUN_ENTRIES, "run")
+        ckpts = out / "checkpoints"
+        if ckpts.is_dir():
+            check_own_folder(ckpts, {"latest"} | {p.name for p in ckpts.glob("step_*")}, "run")
+    except LimnerError as exc:
+        raise ConfigError(f"out: {exc}") from None
 
 
 def train(config_path: str | Path, overrides: dict[str, Any] | None = None):

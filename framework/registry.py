@@ -11,8 +11,8 @@ import importlib
 import importlib.metadata
 import inspect
 import os
-import sys
 import re
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -397,7 +397,7 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
     factory = spec.load()
     check_options(kind, spec.name, factory, kwargs)
     try:
-        return factory(**kwargs)
+        built = factory(**kwargs)
     except LimnerError:
         raise
     except (ValueError, TypeError, ArithmeticError, IndexError, KeyError, AssertionError, RuntimeError,
@@ -405,3 +405,16 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
         shown = ", ".join(f"{k} = {v!r:.40}" for k, v in kwargs.items()) or "no options"
         raise LimnerError(f"{singular(kind)} {spec.name!r} cannot be built with {shown}: {type(exc).__name__}: "
                           f"{str(exc)[:300]}. Check those values against its options (limner plugins).") from None
+    check_protocol(kind, spec.name, built)
+    return built
+
+
+def check_protocol(kind: str, name: str, built: Any) -> None:
+    """Raise unless `built` has what a component of `kind` must (limner.protocols.KIND_PROTOCOLS)."""
+    from .protocols import KIND_PROTOCOLS
+
+    protocol = KIND_PROTOCOLS.get(kind)
+    if protocol is not None and not isinstance(built, protocol):
+        needs = ", ".join(n for n in ("encode", "__call__") if hasattr(protocol, n) and n in protocol.__dict__)
+        raise LimnerError(f"{singular(kind)} {name!r}: its factory built a {type(built).__name__}, which lacks "
+                          f"{needs or 'the methods'} of a {singular(kind)} (limner.protocols.{protocol.__name__})")

@@ -9,7 +9,6 @@ empties it. It never serves an encoder with a trainable weight: then every call 
 """
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -19,6 +18,7 @@ from torch import nn
 
 from .errors import LimnerError
 from .protocols import TextEmbedding
+from .words import split_clauses
 
 
 def is_frozen(encoder: nn.Module) -> bool:
@@ -116,13 +116,6 @@ class FrozenStaysEval:
         return super().train(mode and not is_frozen(self))
 
 
-PHRASE_BREAK = re.compile(r"\s*(?:[,;]|\band\b)\s*", re.IGNORECASE)
-
-
-def phrases(prompt: str) -> list[str]:
-    """The clauses of a prompt, split at commas, semicolons and 'and' ('' gives [''])."""
-    parts = [p for p in PHRASE_BREAK.split(prompt.strip()) if p]
-    return parts or [prompt.strip()]
 
 
 def with_phrase_tokens(encode: Callable[[list[str]], TextEmbedding], prompts: Sequence[str]) -> TextEmbedding:
@@ -140,7 +133,7 @@ def with_phrase_tokens(encode: Callable[[list[str]], TextEmbedding], prompts: Se
     a token's and top-left vs bottom-left differ by cosine 0.976.) Encoding noun phrases
     separately for attribute binding follows Structured Diffusion Guidance (Feng et al., ICLR 2023)."""
     emb = encode(list(prompts))
-    parts = [phrases(p) for p in prompts]
+    parts = [split_clauses(p) for p in prompts]
     unique = list(dict.fromkeys(q for ps in parts for q in ps))
     clauses = encode(unique)
     if clauses.pooled.shape[-1] != clauses.tokens.shape[-1]:

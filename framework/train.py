@@ -23,8 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import (find_checkpoint, load_module, load_tensors, optimizer_tensors, read_state, restore_optimizer,
-                         to_toml, write_checkpoint)
+from .checkpoint import (
+    find_checkpoint,
+    load_module,
+    load_tensors,
+    optimizer_tensors,
+    read_state,
+    restore_optimizer,
+    to_toml,
+    write_checkpoint,
+)
 from .config import ComponentConfig, bounded, check_memory, component
 from .diffusion import training_sigmas
 from .errors import LimnerError, notice
@@ -424,10 +432,13 @@ class TrainerBase:
                 row = self.train_step(images, captions)
                 if row is not None:
                     rows.append(row)
+                else:  # the non-finite guard skipped it: no update, no EMA, no row
+                    self.progress.write(f"step {self.step}: non-finite loss or gradients, step skipped "
+                                        f"({self.guard.in_a_row} in a row; train.max_nonfinite = {t.max_nonfinite})")
                 self.step += 1
                 self.progress.update(1)
                 if self.step % t.log_every == 0 or self.step == t.steps:
-                    last = {"step": self.step, **self.summary(rows)}
+                    last = {"step": self.step, **self.summary(rows), "skipped": self.guard.skipped}
                     log.write(last)
                     loss = last.get("loss")
                     self.divergence.check(self.step, loss if isinstance(loss, float) else None)
@@ -509,16 +520,13 @@ class Trainer(TrainerBase):
         self.acc.backward(loss)
         value = loss.item()
         if not self.guarded_step(self.prepared_opt, self.trained, value, cfg.grad_clip):
-            self.progress.write(f"step {self.step}: non-finite loss or gradients, step skipped "
-                                f"({self.guard.in_a_row} in a row; train.max_nonfinite = {cfg.max_nonfinite})")
             return None
         self.ema.update(self.model, self.step)
         return {"loss": value}
 
     def summary(self, rows: list[dict[str, float]]) -> dict[str, Any]:
         losses = [r["loss"] for r in rows]
-        return {"loss": sum(losses) / len(losses) if losses else None, "lr": lr_at(self.step - 1, self.cfg.train),
-                "skipped": self.guard.skipped}
+        return {"loss": sum(losses) / len(losses) if losses else None, "lr": lr_at(self.step - 1, self.cfg.train)}
 
     def postfix(self, row: dict[str, Any]) -> dict[str, str]:
         return {"loss": "skipped" if row["loss"] is None else f"{row['loss']:.4f}"}
@@ -607,7 +615,9 @@ def check_eval(eval_cfg: EvalConfig, metrics: list[str] | None = None) -> tuple[
     scorers = {name: create("metrics", name) for name in names}
     if "name" not in eval_cfg.dataset:
         raise LimnerError("no held-out dataset to evaluate on: the run's config has no [eval] dataset")
-    held_out = create("datasets", eval_cfg.dataset["name"], **{k: v for k, v in eval_cfg.dataset.items() if k != "name"})
+    held_out = create(
+        "datasets", eval_cfg.dataset["name"], **{k: v for k, v in eval_cfg.dataset.items() if k != "name"}
+    )
     if not 0 < eval_cfg.prompts <= len(held_out):
         raise LimnerError(f"eval prompts must be 1..{len(held_out)} (the held-out dataset's size), "
                           f"got {eval_cfg.prompts}")
@@ -625,9 +635,12 @@ def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, metrics: list[str]
     items = [held_out[i] for i in range(eval_cfg.prompts)]
     prompts = [caption for _, caption in items]
     references = torch.stack([image for image, _ in items])
-    if reconstruct and (sampling or not hasattr(pipeline, "reconstruct")):
+    if reconstruct and sampling:
         raise LimnerError("--reconstruct passes held-out images through a VAE's encoder and decoder: it takes a VAE "
-                          "checkpoint and no sampling options" + (f" (got {', '.join(sampling)})" if sampling else ""))
+                          f"checkpoint and no sampling options (got {', '.join(sampling)})")
+    if reconstruct and "reconstruct" not in pipeline.features:
+        raise LimnerError(f"--reconstruct: this {type(pipeline).__name__}'s model has no encoder: only a VAE "
+                          "checkpoint reconstructs images")
     start = time.perf_counter()
     if reconstruct:
         images = torch.cat([pipeline.reconstruct(references[i:i + batch], prompts[i:i + batch])

@@ -7,9 +7,9 @@ TRITON_INTERPRET=1). minibatch_std has only its reference. `linear` is F.linear 
 oneDNN on the CPU (onednn_linear.py): there the BLAS sgemm is the slow path.
 """
 from .adaln import adaln_modulate, gated_residual
+from .bias_act import bias_act
 from .cpu_attention import attention_cpu
 from .flash_attention import attention_math, attention_sdpa, attention_triton
-from .bias_act import bias_act
 from .geglu import geglu
 from .group_norm_silu import group_norm_silu
 from .minibatch_std import minibatch_std
@@ -17,5 +17,6 @@ from .onednn_linear import linear
 from .sampler_update import guided_update
 from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
 
-__all__ = ["adaln_modulate", "attention_cpu", "attention_math", "attention_sdpa", "attention_triton", "bias_act", "downsample2d", "filter2d",
-           "gated_residual", "geglu", "guided_update", "group_norm_silu", "linear", "minibatch_std", "setup_filter", "upfirdn2d", "upsample2d"]
+__all__ = ["adaln_modulate", "attention_cpu", "attention_math", "attention_sdpa", "attention_triton", "bias_act",
+           "downsample2d", "filter2d", "gated_residual", "geglu", "guided_update", "group_norm_silu", "linear",
+           "minibatch_std", "setup_filter", "upfirdn2d", "upsample2d"]

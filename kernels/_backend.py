@@ -18,13 +18,13 @@ def interpreting() -> bool:
 
 
 # Triton kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1. Elsewhere importing
-# triton buys nothing and costs start-up time (NOTE: 150 ms of a 2.2 s `limner sample` on the
-# 2-core CPU), so it is imported only where a kernel can run.
+# triton buys nothing and costs start-up time (benchmarks/results/cpu-kernel-measurements.md),
+# so it is imported only where a kernel can run.
 triton, tl, HAS_TRITON = None, None, False
 if interpreting() or torch.cuda.is_available():
     try:  # triton is a Linux dependency; elsewhere every op runs its eager reference
         import triton
-        import triton.language as tl
+        import triton.language as tl  # noqa: F401 (imported by the kernel modules from here)
         HAS_TRITON = True
     except ImportError:  # pragma: no cover - exercised only where triton is missing
         pass
@@ -34,7 +34,8 @@ def resolve(op: str, backend: str, x: torch.Tensor, has_triton: bool = True) -> 
     """'eager' or 'triton' for this call.
 
     LIMNER_KERNELS=eager|triton overrides `backend` everywhere (triton: for every op that has a
-    kernel; on CPU tensors it needs TRITON_INTERPRET=1); 'auto' takes Triton on CUDA tensors of a Triton dtype, else the eager reference.
+    kernel; on CPU tensors it needs TRITON_INTERPRET=1); 'auto' takes Triton on CUDA tensors of a
+    Triton dtype, else the eager reference.
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")

@@ -4,15 +4,11 @@ attention_cpu(q, k, v, mask) = softmax(q k^T / 4) v for float32 CPU tensors q, k
 (any strides with the last dim contiguous) and an optional key mask broadcastable to [B, 1, 1, Lk]
 (True = attend). The C++ source is compiled the first time it is needed and imported
 from the cache afterwards (kernels/_cpp.py: about 20 s once, needs a C++ compiler; later
-processes import it in ~1 ms, so a `limner sample` start stays fast). `fits` says whether inputs can take it; the attention dispatcher's `auto`
-takes it on the CPU for those (framework/attention.py), and where it cannot be built it says so
-once and uses torch's sdpa.
+processes import it in ~1 ms, so a `limner sample` start stays fast). `fits` says whether
+inputs can take it; the attention dispatcher's `auto` takes it on the CPU for those
+(framework/attention.py), and where it cannot be built it says so once and uses torch's sdpa.
 
-NOTE (2026-11-24, 2-core AMD Zen 5, torch 2.13.0+cpu), forward + backward against torch's CPU flash
-kernel on the demo UNet's shapes (q from a [16, L, 64] projection, 4 heads): self-attention over 256
-pixels 8.01 -> 4.54 ms (forward 2.59 -> 1.62), over 64 pixels 1.01 -> 0.42; cross-attention to a
-10-token prompt with a key mask from 256 pixels 2.81 -> 0.48, from 64 pixels 0.97 -> 0.19.
-Largest difference from sdpa 1.2e-6 (outputs), 7.6e-6 (gradients).
+Its speed against torch's CPU flash kernel: benchmarks/results/cpu-kernel-measurements.md.
 """
 from __future__ import annotations
 

@@ -22,10 +22,9 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
 
-# NOTE (2026-11-24, 2-core AMD Zen 5, torch 2.13.0+cpu): torch's CPU flash kernel is about twice
-# as slow with fewer than 16 keys as with 16: q, k, v [16, 4, 256, 16] forward 1.58 ms with 10
-# keys, 0.75 ms with 16; forward + backward 3.23 vs 2.06 ms (at 64 queries 0.47 vs 0.26 ms
-# forward). Text prompts are that short (the demo's are 8-12 tokens), so on the CPU the keys are
+# torch's CPU flash kernel is about twice as slow with fewer than 16 keys as with 16
+# (benchmarks/results/cpu-kernel-measurements.md).
+# Text prompts are that short (the demo's are 8-12 tokens), so on the CPU the keys are
 # padded to CPU_MIN_KEYS with masked-out zeros: a masked key's weight is exp(-inf) = 0, the result
 # is the same attention (to float rounding), and gradients flow back through the pad's slice.
 CPU_MIN_KEYS = 16
@@ -45,7 +44,7 @@ def pad_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
 
 def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """torch's scaled_dot_product_attention (flash / memory-efficient / math, chosen by torch);
-    on the CPU, fewer than CPU_MIN_KEYS keys are padded with masked-out ones (see the NOTE)."""
+    on the CPU, fewer than CPU_MIN_KEYS keys are padded with masked-out ones (see CPU_MIN_KEYS)."""
     if q.device.type == "cpu" and 0 < k.shape[-2] < CPU_MIN_KEYS:
         k, v, mask = pad_keys(k, v, mask, CPU_MIN_KEYS)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -132,7 +131,9 @@ class FlashAttention(torch.autograd.Function):
         return (*(next(it) if need else None for need in ctx.needs_input_grad[:3]), None)
 
 
-def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Our FlashAttention forward; see the module docstring."""
     if resolve("attention_triton", "triton", q) == "eager":  # LIMNER_KERNELS=eager: the reference everywhere
         return attention_math(q, k, v, mask)

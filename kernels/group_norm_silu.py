@@ -206,10 +206,8 @@ def _check(x, num_groups, weight, bias, scale, shift) -> None:
 
 
 # On the CPU, channels-last float32 activations (the UNet's) take a C++ kernel instead of the eager
-# reference: cpu_group_norm_silu.cpp, the same math, forward and backward in two passes each.
-# NOTE (2026-11-24, 2-core AMD Zen 5, torch 2.13.0+cpu): in channels-last memory torch's GroupNorm
-# backward is ~4x slower than in contiguous memory, and the eager path is five kernels forward and
-# more backward: per demo-UNet training step GroupNorm, modulation and SiLU took ~27 ms of ~165.
+# reference: cpu_group_norm_silu.cpp, the same math, forward and backward in two passes each
+# (torch's channels-last GroupNorm backward is the slow path: benchmarks/results/cpu-kernel-measurements.md).
 CPU_KERNEL = CppKernel("cpu_group_norm_silu.cpp", ["forward", "backward"],
                        "GroupNorm + SiLU on the CPU runs its eager reference")
 

@@ -4,6 +4,7 @@ penalises mode collapse. Eager reference; the Triton kernel plugs in here."""
 from __future__ import annotations
 
 import torch
+
 from ._backend import resolve
 
 

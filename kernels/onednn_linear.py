@@ -6,16 +6,10 @@ conv2d with the weight as a [Cout, Cin, 1, 1] kernel gives a channels-last [1, C
 whose memory is exactly y [..., Cout]. Same products, same sums; autograd runs oneDNN's
 convolution backward for dx, dW and db.
 
-NOTE (2026-11-24, 2-core AMD EPYC Zen 5, torch 2.13.0+cpu with MKL 2024.2 and oneDNN 3.12):
-MKL's sgemm peaks at 216 GFLOPS here (2048^3), oneDNN's 3x3 convolution reaches 503. On the
-demo UNet's token shapes, forward + backward: 4096x64 -> 512 rows 4.17 -> 1.88 ms, 4096x256 -> 64
-2.03 -> 1.02 ms, 4096x64 -> 64 0.57 -> 0.40 ms. What decides is the work, not the rows alone:
-at 1024 rows 64 -> 512 1.08 -> 0.65 ms, 256 -> 64 0.57 -> 0.40, 64 -> 128 0.33 -> 0.28, but
-64 -> 64 (4M multiply-adds) 0.19 -> 0.23; at 512 rows 64 -> 64 0.10 -> 0.17; at 16 rows F.linear
-wins (2048 -> 2048: 4.1 vs 17.4 ms), and at 256 rows of 2048 -> 2048 the two tie. Hence oneDNN
-from MIN_ROWS rows and MIN_MACS multiply-adds on. A training step of that UNet: 1.08-1.10x.
-Intel CPUs, whose MKL runs its AVX-512 kernels, are not measured: LIMNER_KERNELS=eager
-(or backend="eager") keeps F.linear.
+On the AMD CPU it was measured on, oneDNN's JIT beats MKL's sgemm once the work is large enough:
+hence oneDNN from MIN_ROWS rows and MIN_MACS multiply-adds on (the measurements:
+benchmarks/results/cpu-kernel-measurements.md). Intel CPUs, whose MKL runs its AVX-512 kernels, are not measured:
+LIMNER_KERNELS=eager (or backend="eager") keeps F.linear.
 """
 import platform
 
@@ -38,7 +32,9 @@ def linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
     """F.linear, routed through oneDNN for float32 CPU inputs of at least MIN_ROWS rows and MIN_MACS
     multiply-adds on x86."""
     if backend not in BACKENDS:

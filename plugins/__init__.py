@@ -4,7 +4,7 @@ The `limner` entry point loads this package; the registry then registers every s
 in PLUGINS, exactly as it would a third-party plugin. Each factory is named by where it
 lives ("limner.plugins.module:attr"), so listing components - `limner plugins`,
 `limner --help`, a config's names - imports no torch; a module is imported when one of its
-components is first built (NOTE: `limner plugins` 1.30 s -> see README's start-up table).
+components is first built (start-up times: benchmarks/results/cpu-importtime.md).
 """
 from limner import ComponentSpec, hookimpl
 
@@ -17,39 +17,50 @@ def _specs(module: str, entries: list) -> list[ComponentSpec]:
             for name, attr, aliases, description in entries]
 
 
-SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
-                 "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddim", "ddpm", "unipc", "lcm", "deis",
-                 "ipndm", "res_multistep", "res_multistep_ancestral", "heunpp2", "dpm_fast", "dpm_adaptive",
-                 "dpmpp_2m_sde_heun", "uni_pc", "gradient_estimation", "er_sde", "seeds_2", "seeds_3",
-                 "exp_heun_2_x0", "exp_heun_2_x0_sde", "sa_solver", "sa_solver_pece",
-                 # the same samplers guided with CFG++ (samplers.CFG_PP_SAMPLERS)
-                 "euler_cfg_pp", "euler_ancestral_cfg_pp", "ddim_cfg_pp", "dpmpp_2m_cfg_pp", "dpmpp_2s_ancestral_cfg_pp",
-                 "res_multistep_cfg_pp",
-                 "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp")
-# Other tools' names for the same algorithms. Lookups ignore case, spaces, hyphens and turn "+"
-# into "p", so A1111's display names ("DPM++ 2M SDE", "Euler a") resolve too; a trailing schedule
-# ("DPM++ 2M Karras") is split off by the pipeline. ComfyUI's *_gpu variants differ only in
-# where the Brownian noise is drawn. diffusers' scheduler classes are named as they are spelled.
-SAMPLER_ALIASES = {
-    "euler": ("eulerdiscretescheduler",),
-    "euler_ancestral": ("euler_a", "eulerancestraldiscretescheduler"),
-    "heun": ("heundiscretescheduler",),
-    "dpm_2": ("dpm2", "kdpm2discretescheduler"),
-    "dpm_2_ancestral": ("dpm2_a", "kdpm2ancestraldiscretescheduler"),
-    "lms": ("lmsdiscretescheduler", "ipndm_v"),  # iPNDM-v: Adams-Bashforth with variable-step weights = lms
-    "dpmpp_2s_ancestral": ("dpmpp_2s_a",),
-    "dpmpp_sde": ("dpmpp_sde_gpu", "dpmsolversdescheduler"),
-    "dpmpp_2m": ("dpmsolvermultistepscheduler",),
-    "dpmpp_2m_sde": ("dpmpp_2m_sde_gpu",),
-    "dpmpp_2m_sde_heun": ("dpmpp_2m_sde_heun_gpu",),
-    "dpmpp_3m_sde": ("dpmpp_3m_sde_gpu",),
-    "ddim": ("ddimscheduler",),
-    "ddpm": ("ddpmscheduler",),
-    "unipc": ("uni_pc_bh2", "unipcmultistepscheduler"),  # ComfyUI's uni_pc is bh1: the uni_pc sampler
-    "lcm": ("lcmscheduler",),
-}
+# The samplers, each written once: its name (plugins/samplers.py defines sample_<name>), other
+# tools' names for it, and whether it also comes guided with CFG++ as <name>_cfg_pp (a sampler
+# whose every step goes through limner.sampling.bind_update; the framework guides it). Lookups
+# ignore case, spaces, hyphens and turn "+" into "p", so A1111's display names ("DPM++ 2M SDE",
+# "Euler a") resolve too; a trailing schedule ("DPM++ 2M Karras") is split off by the pipeline.
+# ComfyUI's *_gpu variants differ only in where the Brownian noise is drawn; diffusers'
+# scheduler classes are named as they are spelled.
+SAMPLERS = (
+    ("euler", ("eulerdiscretescheduler",), True),
+    ("euler_ancestral", ("euler_a", "eulerancestraldiscretescheduler"), True),
+    ("heun", ("heundiscretescheduler",), False),
+    ("dpm_2", ("dpm2", "kdpm2discretescheduler"), False),
+    ("dpm_2_ancestral", ("dpm2_a", "kdpm2ancestraldiscretescheduler"), False),
+    ("lms", ("lmsdiscretescheduler", "ipndm_v"), False),  # iPNDM-v: Adams-Bashforth with variable-step weights = lms
+    ("dpmpp_2s_ancestral", ("dpmpp_2s_a",), True),
+    ("dpmpp_sde", ("dpmpp_sde_gpu", "dpmsolversdescheduler"), False),
+    ("dpmpp_2m", ("dpmsolvermultistepscheduler",), True),
+    ("dpmpp_2m_sde", ("dpmpp_2m_sde_gpu",), False),
+    ("dpmpp_3m_sde", ("dpmpp_3m_sde_gpu",), False),
+    ("ddim", ("ddimscheduler",), True),
+    ("ddpm", ("ddpmscheduler",), False),
+    ("unipc", ("uni_pc_bh2", "unipcmultistepscheduler"), False),  # ComfyUI's uni_pc is bh1: the uni_pc sampler
+    ("lcm", ("lcmscheduler",), False),
+    ("deis", (), False),
+    ("ipndm", (), False),
+    ("res_multistep", (), True),
+    ("res_multistep_ancestral", (), True),
+    ("heunpp2", (), False),
+    ("dpm_fast", (), False),
+    ("dpm_adaptive", (), False),
+    ("dpmpp_2m_sde_heun", ("dpmpp_2m_sde_heun_gpu",), False),
+    ("uni_pc", (), False),
+    ("gradient_estimation", (), True),
+    ("er_sde", (), False),
+    ("seeds_2", (), False),
+    ("seeds_3", (), False),
+    ("exp_heun_2_x0", (), False),
+    ("exp_heun_2_x0_sde", (), False),
+    ("sa_solver", (), False),
+    ("sa_solver_pece", (), False),
+)
 SCHEDULE_NAMES = ("karras", "exponential", "polyexponential", "linear", "simple", "normal", "sgm_uniform", "beta",
-                  "ddpm_linear", "ddpm_cosine", "vp", "laplace", "kl_optimal", "align_your_steps", "ddim_uniform", "linear_quadratic")
+                  "ddpm_linear", "ddpm_cosine", "vp", "laplace", "kl_optimal", "align_your_steps", "ddim_uniform",
+                  "linear_quadratic")
 SCHEDULE_ALIASES = {"align_your_steps": ("ays",)}
 
 
@@ -57,7 +68,9 @@ class samplers:
     @hookimpl
     def limner_register_samplers():
         """The k-diffusion / ComfyUI sampler family."""
-        return _specs("samplers", [(n, f"FACTORIES.{n}", SAMPLER_ALIASES.get(n, ()), "") for n in SAMPLER_NAMES])
+        plain = [(n, f"FACTORIES.{n}", aliases, "") for n, aliases, _ in SAMPLERS]
+        return _specs("samplers", plain + [(f"{n}_cfg_pp", f"FACTORIES.{n}_cfg_pp", (), "") for n, _, cfg_pp in SAMPLERS
+                                           if cfg_pp])
 
 
 class schedules:

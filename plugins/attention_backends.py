@@ -33,7 +33,9 @@ def xformers():
     try:
         import xformers.ops as xops
     except ImportError:
-        raise limner.LimnerError("the xformers attention backend needs xformers: pip install limner[xformers]") from None
+        raise limner.LimnerError(
+            "the xformers attention backend needs xformers: pip install limner[xformers]"
+        ) from None
 
     def attend(q, k, v, mask=None):
         bias = None

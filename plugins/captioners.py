@@ -48,7 +48,12 @@ class Captioner(nn.Module):
                         "channels": channels, "dim": dim, "layers": layers, "heads": heads, "max_words": max_words,
                         "classes": list(classes)}
         self.vocab, self.index = list(vocab), {w: i for i, w in enumerate(vocab)}
-        self.in_channels, self.image_size, self.max_words, self.classes = in_channels, image_size, max_words, tuple(classes)
+        self.in_channels, self.image_size, self.max_words, self.classes = (
+            in_channels,
+            image_size,
+            max_words,
+            tuple(classes),
+        )
 
         self.encoder = nn.Sequential(*conv_stages(in_channels, channels), nn.Conv2d(4 * channels, dim, 1))
         side = math.ceil(math.ceil(image_size / 2) / 2)
@@ -134,8 +139,10 @@ def load_captioner(path: str | Path) -> Captioner:
     folder = Path(path)
     meta_file, weights = folder / "captioner.json", folder / "model.safetensors"
     if not meta_file.is_file() or not weights.is_file():
-        raise limner.LimnerError(f"no captioner in {folder}: a captioner folder holds captioner.json and "
-                                 "model.safetensors (train one with `python -m limner.plugins.captioners train CONFIG`)")
+        raise limner.LimnerError(
+            f"no captioner in {folder}: a captioner folder holds captioner.json and "
+            "model.safetensors (train one with `python -m limner.plugins.captioners train CONFIG`)"
+        )
     meta = json.loads(meta_file.read_text())
     model = Captioner(**meta["options"])
     model.load_state_dict({k: v.float() for k, v in load_file(weights).items()})

@@ -157,7 +157,9 @@ class ImageFolder(torch.utils.data.Dataset):
         sidecar = image.with_suffix(".txt")
         if sidecar.is_file():
             return sidecar.read_text(encoding="utf-8").strip()
-        raise limner.LimnerError(f"imagefolder: no caption for {image}: add it to metadata.jsonl or write {sidecar.name}")
+        raise limner.LimnerError(
+            f"imagefolder: no caption for {image}: add it to metadata.jsonl or write {sidecar.name}"
+        )
 
     def __len__(self) -> int:
         return len(self.items)

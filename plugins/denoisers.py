@@ -110,7 +110,9 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, layout: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, layout: dict[int, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         h = self.conv1(group_norm_silu(x, self.groups, self.norm1.weight, self.norm1.bias))
         if self.layout is not None and layout is not None:  # the clause map at this resolution
             h = h + self.layout(layout[h.shape[-1]])
@@ -194,7 +196,9 @@ class UNet(nn.Module):
         layout_dim = channels if clause_layout else 0
         self.layout = ClauseLayout(context_dim, layout_dim, image_size) if clause_layout else None
         self.levels = len(mults)
-        self.refiner = ContextRefiner(context_dim, context_layers, _refiner_heads(context_dim)) if context_layers else None
+        self.refiner = (
+            ContextRefiner(context_dim, context_layers, _refiner_heads(context_dim)) if context_layers else None
+        )
         self.cond = Conditioning(channels, emb_dim, context_dim, pooled)
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
@@ -207,7 +211,9 @@ class UNet(nn.Module):
         self.down, skips, ch = nn.ModuleList(), [channels], channels
         for level, mult in enumerate(mults):
             for _ in range(blocks):
-                layers = [res(ch, channels * mult)] + ([attn(channels * mult, level)] if level in attention_levels else [])
+                layers = [res(ch, channels * mult)] + (
+                    [attn(channels * mult, level)] if level in attention_levels else []
+                )
                 ch = channels * mult
                 self.down.append(Stage(*layers))
                 skips.append(ch)

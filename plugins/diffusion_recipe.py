@@ -12,6 +12,6 @@ def diffusion() -> Recipe:
     """Text-to-image diffusion: a denoiser trained with the EDM loss, sampled by any sampler."""
     from limner.pipeline import Pipeline
     from limner.t2i import TextToImage
-    from limner.train import Trainer, TrainConfig
+    from limner.train import TrainConfig, Trainer
 
     return Recipe(config=TrainConfig, trainer=Trainer, model=lambda cfg: TextToImage(cfg.model), pipeline=Pipeline)

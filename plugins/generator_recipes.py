@@ -114,9 +114,23 @@ class GeneratorModel(nn.Module):
 class GeneratorPipeline(PipelineBase):
     """A GAN or VAE checkpoint as a callable: one generator pass per image."""
 
+    @property
+    def features(self) -> frozenset[str]:
+        """truncation always; reconstruct where the generator has an encoder (a VAE)."""
+        vae = all(hasattr(self.model.generator, m) for m in ("encode", "decode"))
+        return frozenset({"truncation", "reconstruct"} if vae else {"truncation"})
+
     @torch.no_grad()
-    def generate(self, prompts: list[str] | str, *, seed: int | list[int] = 0, num: int = 1, truncation: float | None = None,
-                 progress: bool = False, **diffusion_only) -> torch.Tensor:
+    def generate(
+        self,
+        prompts: list[str] | str,
+        *,
+        seed: int | list[int] = 0,
+        num: int = 1,
+        truncation: float | None = None,
+        progress: bool = False,
+        **diffusion_only,
+    ) -> torch.Tensor:
         """[N, C, H, W] in [-1, 1]; truncation < 1 trades variety for typical images."""
         self.refuse(diffusion_only, f"a {type(self.model.generator).__name__} draws in one step and takes seed, "
                                     "num and truncation (sampler, schedule, steps, guidance and the rest are for "
@@ -137,14 +151,13 @@ class GeneratorPipeline(PipelineBase):
     def reconstruct(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """A VAE's reconstructions [N, C, H, W] in [-1, 1]: decode(posterior mean of encode(image,
         prompt), prompt). A generator with no encoder (a GAN) cannot reconstruct: an error says so."""
-        encoder = getattr(self.model.generator, "encode", None)
-        if encoder is None or not hasattr(self.model.generator, "decode"):
+        if "reconstruct" not in self.features:
             raise LimnerError(f"a {type(self.model.generator).__name__} has no encoder: only a VAE checkpoint "
                               "reconstructs images (--reconstruct)")
         if len(images) != len(prompts):
             raise LimnerError(f"reconstruct: {len(images)} images but {len(prompts)} prompts")
         cond = self.model.encode(list(prompts))
-        mean, _ = encoder(images.to(self.device), cond)
+        mean, _ = self.model.generator.encode(images.to(self.device), cond)
         return self.model.generator.decode(mean, cond).clamp(-1, 1)
 
 
@@ -215,7 +228,8 @@ class GenTrainer(TrainerBase):
     def _latent(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randn((n, *self.model.generator.z_shape), generator=gen).to(self.acc.device)
 
-    def _update(self, name: str, loss: torch.Tensor) -> None:
+    def _update(self, name: str, loss: torch.Tensor) -> bool:
+        """Backward and one guarded step of optimiser `name`: False when the guard skipped it."""
         opt = self.opts[name]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -224,9 +238,10 @@ class GenTrainer(TrainerBase):
             for p in params:
                 torch.distributed.all_reduce(p.grad)
                 p.grad /= self.acc.num_processes
-        self.guarded_step(opt, params, float(loss.detach()), self.cfg.train.grad_clip)
+        return self.guarded_step(opt, params, float(loss.detach()), self.cfg.train.grad_clip)
 
-    def gan_step(self, real: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    def gan_step(self, real: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+        """D's update, then G's; None (the step skipped, G untouched) when the guard skipped D's."""
         gen, n = self._seed_step(), real.shape[0]
         cond = self.model.encode(captions)  # trained through D's loss when train_text_encoder
         with torch.no_grad():
@@ -239,7 +254,8 @@ class GenTrainer(TrainerBase):
                 term = penalty(self.disc, real, fake, cond, self.loss)
                 d_loss = d_loss + term * penalty.interval
                 row[cfg.name] = float(term.detach())
-        self._update("d", d_loss)
+        if not self._update("d", d_loss):
+            return None
         self.disc.requires_grad_(False)
         fake = self.model.generator(self._latent(n, gen), _detach(cond))
         g_loss = self.loss.g(self.disc(fake, _detach(cond)))
@@ -247,17 +263,20 @@ class GenTrainer(TrainerBase):
             mse = (fake - real).square().mean()
             g_loss = g_loss + self.cfg.train.reconstruction * mse
             row["mse"] = float(mse.detach())
-        self._update("g", g_loss)
+        updated = self._update("g", g_loss)
         self.disc.requires_grad_(True)
+        if not updated:
+            return None
         return {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach()), **row}
 
-    def vae_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    def vae_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
         gen = self._seed_step()
         vae, cond = self.model.generator, self.model.encode(captions)
         mean, logvar = vae.encode(images, cond)
         z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen).to(mean)
         loss, parts = self.loss(images, vae.decode(z, cond), mean, logvar, self.step)
-        self._update("vae", loss)
+        if not self._update("vae", loss):
+            return None
         return {"loss": float(loss.detach()), **parts}
 
     # --- in the shared loop (TrainerBase.fit) ----------------------------------------------
@@ -265,10 +284,13 @@ class GenTrainer(TrainerBase):
     def before_fit(self) -> None:
         self.model.train()
 
-    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+        """A GAN's or VAE's step, then the EMA; a step the non-finite guard skipped is neither
+        averaged into the EMA nor logged (None), as in the diffusion recipe."""
         step = self.gan_step if self.gan else self.vae_step
         row = step(images.to(self.acc.device), captions)
-        self.ema.update(self.model, self.step)
+        if row is not None:
+            self.ema.update(self.model, self.step)
         return row
 
     def pipeline(self) -> GeneratorPipeline:

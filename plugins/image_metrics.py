@@ -295,9 +295,15 @@ def train(out: Path = WEIGHTS, epochs: int = 8, batch: int = 128, lr: float = 2e
     net.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
-    report = {"test_accuracy": accuracy(net, test_images, test_labels), "epochs": epochs, "steps": step,
-              "train_seconds": round(time.perf_counter() - start, 1), "parameters": sum(p.numel() for p in net.parameters()),
-              "seed": seed, "command": "python -m limner.plugins.image_metrics train"}
+    report = {
+        "test_accuracy": accuracy(net, test_images, test_labels),
+        "epochs": epochs,
+        "steps": step,
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "seed": seed,
+        "command": "python -m limner.plugins.image_metrics train",
+    }
     return {**report, "baselines": baselines(test_images, out)}
 
 

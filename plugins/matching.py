@@ -39,8 +39,11 @@ class Matcher(nn.Module):
         self.in_channels, self.image_size = in_channels, image_size
 
         side = math.ceil(math.ceil(image_size / 2) / 2)
-        self.image = nn.Sequential(*conv_stages(in_channels, channels),  # flattened, not pooled: where things are counts
-                                   nn.Flatten(1), nn.Linear(4 * channels * side * side, dim))
+        self.image = nn.Sequential(
+            *conv_stages(in_channels, channels),  # flattened, not pooled: where things are counts
+            nn.Flatten(1),
+            nn.Linear(4 * channels * side * side, dim),
+        )
         self.text_encoder = limner.create("text_encoders", "minilm")  # frozen, from its package
         self.text = nn.Linear(self.text_encoder.dim, dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -117,8 +120,8 @@ def train(config: str | Path) -> dict:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from limner.files import write_text_atomic
     from limner.config import read_toml
+    from limner.files import write_text_atomic
 
     cfg = read_toml(config)
     missing = [k for k in ("out", "data", "train", "eval") if k not in cfg]
@@ -141,10 +144,12 @@ def train(config: str | Path) -> dict:
     trained = [p for p in model.parameters() if p.requires_grad]
     steps, batch = cfg["train"]["steps"], cfg["data"].get("batch_size", 64)
     opt = torch.optim.AdamW(trained, lr=cfg["train"].get("lr", 1e-3), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     gen = torch.Generator().manual_seed(cfg.get("seed", 0))
     model.train()
-    for step in tqdm(range(steps), desc="matcher", unit="step", file=sys.stderr):
+    for _ in tqdm(range(steps), desc="matcher", unit="step", file=sys.stderr):
         pick = torch.randint(len(images), (batch,), generator=gen)
         loss = model.loss(images[pick], [captions[i] for i in pick.tolist()])
         opt.zero_grad(set_to_none=True)

@@ -14,9 +14,19 @@ import numpy as np
 import torch
 
 import limner
+from limner.plugins import SAMPLERS as CATALOGUE
 from limner.sampling import (
-    BrownianNoise, ancestral_step, as_floats, bind, bind_update, cfg_pp_spec, churn, randn_like,
-    report, sampler_spec, to_d,
+    BrownianNoise,
+    ancestral_step,
+    as_floats,
+    bind,
+    bind_update,
+    cfg_pp_spec,
+    churn,
+    randn_like,
+    report,
+    sampler_spec,
+    to_d,
 )
 
 INF = float("inf")
@@ -524,8 +534,9 @@ def sample_er_sde(model, x, sigmas, *, extra_args=None, callback=None, generator
         stage, ds = min(max_stage, len(history)), s_next - s
         ts = [(s + s_next) / 2 + (s - s_next) / 2 * u for u in nodes]
 
-        def integral(k):
-            return (s - s_next) / 2 * sum(w * (t - s) ** k / _er_sde_scaler(t) for t, w in zip(ts, weights))
+        def integral(k):  # used within this step only: the loop's s, s_next and ts are this step's
+            return (s - s_next) / 2 * sum(w * (t - s) ** k / _er_sde_scaler(t)  # noqa: B023
+                                          for t, w in zip(ts, weights))  # noqa: B023
 
         slope = (history[0] - history[1]) / (s - sig[i - 1]) if stage >= 2 else None
         if stage >= 2:
@@ -838,44 +849,8 @@ def sample_dpm_adaptive(model, x, sigmas, *, extra_args=None, callback=None, gen
     return x
 
 
-SAMPLERS = {
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpm_2": sample_dpm_2,
-    "dpm_2_ancestral": sample_dpm_2_ancestral,
-    "lms": sample_lms,
-    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
-    "dpmpp_sde": sample_dpmpp_sde,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
-    "ddim": sample_ddim,
-    "ddpm": sample_ddpm,
-    "unipc": sample_unipc,
-    "lcm": sample_lcm,
-    "deis": sample_deis,
-    "ipndm": sample_ipndm,
-    "res_multistep": sample_res_multistep,
-    "res_multistep_ancestral": sample_res_multistep_ancestral,
-    "heunpp2": sample_heunpp2,
-    "dpm_fast": sample_dpm_fast,
-    "dpm_adaptive": sample_dpm_adaptive,
-    "dpmpp_2m_sde_heun": sample_dpmpp_2m_sde_heun,
-    "uni_pc": sample_uni_pc,
-    "gradient_estimation": sample_gradient_estimation,
-    "er_sde": sample_er_sde,
-    "seeds_2": sample_seeds_2,
-    "seeds_3": sample_seeds_3,
-    "exp_heun_2_x0": sample_exp_heun_2_x0,
-    "exp_heun_2_x0_sde": sample_exp_heun_2_x0_sde,
-    "sa_solver": sample_sa_solver,
-    "sa_solver_pece": sample_sa_solver_pece,
-}
-# Samplers whose every step goes through bind_update, so the framework can guide them with CFG++
-CFG_PP_SAMPLERS = ("euler", "euler_ancestral", "ddim", "dpmpp_2m", "dpmpp_2s_ancestral", "res_multistep",
-                   "res_multistep_ancestral", "gradient_estimation")
-# name -> factory(**options) -> sampler; limner.plugins registers them under these names.
+# name -> factory(**options) -> sampler, from the one catalogue (limner.plugins.SAMPLERS);
 # <name>_cfg_pp: the same function, guided with CFG++ by the framework (limner.sampling.Guided)
-FACTORIES = {name: sampler_spec(fn, name).factory for name, fn in SAMPLERS.items()}
-FACTORIES.update({f"{name}_cfg_pp": cfg_pp_spec(SAMPLERS[name], name).factory for name in CFG_PP_SAMPLERS})
+FACTORIES = {name: sampler_spec(globals()[f"sample_{name}"], name).factory for name, _, _ in CATALOGUE}
+FACTORIES.update({f"{name}_cfg_pp": cfg_pp_spec(globals()[f"sample_{name}"], name).factory
+                  for name, _, cfg_pp in CATALOGUE if cfg_pp})

@@ -176,11 +176,20 @@ class Bert(nn.Module):
 
     def __init__(self, config: dict):
         super().__init__()
-        dim, eps, drop = config["hidden_size"], config.get("layer_norm_eps", 1e-12), config.get("hidden_dropout_prob", 0.1)
-        if config.get("hidden_act", "gelu") != "gelu" or config.get("position_embedding_type", "absolute") != "absolute":
-            raise limner.LimnerError("Bert: only absolute positions and exact GELU (BERT's own) are supported, "
-                                     f"got hidden_act={config.get('hidden_act')!r}, "
-                                     f"position_embedding_type={config.get('position_embedding_type')!r}")
+        dim, eps, drop = (
+            config["hidden_size"],
+            config.get("layer_norm_eps", 1e-12),
+            config.get("hidden_dropout_prob", 0.1),
+        )
+        if (
+            config.get("hidden_act", "gelu") != "gelu"
+            or config.get("position_embedding_type", "absolute") != "absolute"
+        ):
+            raise limner.LimnerError(
+                "Bert: only absolute positions and exact GELU (BERT's own) are supported, "
+                f"got hidden_act={config.get('hidden_act')!r}, "
+                f"position_embedding_type={config.get('position_embedding_type')!r}"
+            )
         self.hidden_size, self.dropout = dim, drop
         self.embeddings = nn.Module()
         self.embeddings.word_embeddings = nn.Embedding(config["vocab_size"], dim)
@@ -204,7 +213,7 @@ class Bert(nn.Module):
         return x
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "Bert":
+    def from_folder(cls, folder: Path) -> Bert:
         """config.json + model.safetensors (a transformers BertModel's files); the pooler is left out."""
         from safetensors.torch import load_file
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_cli import run
 
 import limner
 from limner.plugins.captioners import WEIGHTS, agreement, evaluate, read_config, train
 from limner.plugins.image_metrics import WEIGHTS as FASHION_NET
-from test_cli import run
 
 
 def renders(n, **options):
@@ -41,12 +41,14 @@ def test_a_captioner_learns_class_words_in_a_short_cpu_run(tmp_path):
     if not FASHION_NET.is_file():
         pytest.skip("needs dataset-fashion-mnist")
     config = tmp_path / "c.toml"
-    config.write_text(f'out = "{tmp_path / "cap"}"\nseed = 0\n[data]\n'
-                      'dataset = { name = "fashion_mnist", size = 28, channels = 1 }\nitems = 3000\nbatch_size = 32\n'
-                      '[model]\nchannels = 16\ndim = 64\nlayers = 1\n'
-                      'classes = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", '
-                      '"ankle boot"]\n[train]\nsteps = 200\nlr = 3e-3\nwarmup = 20\n'
-                      '[eval]\ndataset = { name = "fashion_mnist", size = 28, channels = 1, split = "test" }\n')
+    config.write_text(
+        f'out = "{tmp_path / "cap"}"\nseed = 0\n[data]\n'
+        'dataset = { name = "fashion_mnist", size = 28, channels = 1 }\nitems = 3000\nbatch_size = 32\n'
+        "[model]\nchannels = 16\ndim = 64\nlayers = 1\n"
+        'classes = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", '
+        '"ankle boot"]\n[train]\nsteps = 200\nlr = 3e-3\nwarmup = 20\n'
+        '[eval]\ndataset = { name = "fashion_mnist", size = 28, channels = 1, split = "test" }\n'
+    )
     try:
         scores = train(config)
     except limner.LimnerError as exc:
@@ -118,9 +120,13 @@ def test_shipped_captioner_configs_are_valid_and_name_their_folders(name):
 
 def test_captioner_config_mistakes_are_named(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text('out = "x"\n[data]\ndataset = { name = "shapes" }\nbatchsize = 4\n[train]\nsteps = 1\n'
-                   '[eval]\ndataset = { name = "shapes" }\n')
-    with pytest.raises(limner.LimnerError, match="\\[data\\] unknown key 'batchsize'; valid: batch_size, dataset, items"):
+    bad.write_text(
+        'out = "x"\n[data]\ndataset = { name = "shapes" }\nbatchsize = 4\n[train]\nsteps = 1\n'
+        '[eval]\ndataset = { name = "shapes" }\n'
+    )
+    with pytest.raises(
+        limner.LimnerError, match="\\[data\\] unknown key 'batchsize'; valid: batch_size, dataset, items"
+    ):
         read_config(bad)
     bad.write_text('out = "x"\n[data]\ndataset = { name = "shapez" }\n[train]\nsteps = 1\n[eval]\ndataset = "shapes"\n')
     with pytest.raises(limner.LimnerError, match="\\[data\\] dataset must be .* naming one of .*shapes"):

@@ -51,8 +51,11 @@ def test_demo_draws_prompts_by_samplers_from_a_checkpoint(capsys, tmp_path):
     assert {p.name for p in (tmp_path / "release").iterdir()} == {"config.toml", "ema.safetensors", "state.json"}
     assert not (tmp_path / "latest").exists()
     config = tmp_path / "demo.toml"
-    config.write_text(f'samplers = ["euler", "dpmpp_2m"]\nsteps = 3\ncheckpoints = ["{(tmp_path / "release").as_posix()}"]\n'
-                      'schedule = "karras"\ndataset = "shapes"\neval_prompts = 4\nprompts = ["a red circle at the top", "a blue square at the left", "x"]\n')
+    config.write_text(
+        f'samplers = ["euler", "dpmpp_2m"]\nsteps = 3\ncheckpoints = ["{(tmp_path / "release").as_posix()}"]\n'
+        'schedule = "karras"\ndataset = "shapes"\neval_prompts = 4\n'
+        'prompts = ["a red circle at the top", "a blue square at the left", "x"]\n'
+    )
     code, out, _ = run(capsys, "demo", "--config", str(config), "--out", str(tmp_path / "o"))
     assert code == 0, out
     scores = json.loads((tmp_path / "o" / "scores.json").read_text())

@@ -28,12 +28,19 @@ class Experiment:
     tags: list[str] = field(default_factory=list)
 
 
+class Toy(tuple):
+    """A denoiser (callable: D(x, sigma) = x) that equals the tuple of its options."""
+
+    def __call__(self, x, sigma, cond=None):
+        return x
+
+
 class ToyDenoisers:
     @limner.hookimpl
     def limner_register_denoisers(self):
         def toy(channels: int = 8, depth: int = 2):
             """A toy denoiser."""
-            return ("toy", channels, depth)
+            return Toy(("toy", channels, depth))
 
         return [limner.ComponentSpec("toy", toy)]
 
@@ -70,20 +77,28 @@ def test_a_bare_name_and_an_alias_select_a_component(toml):
     assert cfg.sampling.sampler.name == "euler_ancestral"
 
 
-@pytest.mark.parametrize("text, message", [
-    ('[model]\ndenoiser = { name = "toy", chanels = 3 }',
-     r"model\.denoiser\.chanels: unknown option, did you mean channels\? Valid options of denoiser 'toy': channels, depth\."),
-    ('[model]\ndenoiser = { name = "tyo" }',
-     r"model\.denoiser\.name: unknown denoiser 'tyo'\. Did you mean: toy\?"),
-    ('[model]\ndenoiser = 3', r"model\.denoiser: expected a denoiser name or a table"),
-    ('[model]\ndenoiser = "toy"\nwidht = 1', r"model\.widht: unknown option, did you mean width\?"),
-    ('[model]\ndenoiser = "toy"\n[sampling]\nsteps = "ten"', r"sampling\.steps: expected int, got str 'ten'"),
-    ('[model]\ndenoiser = "toy"\n[sampling]\nsteps = true', r"sampling\.steps: expected int, got bool True"),
-    ('tags = "a"\n[model]\ndenoiser = "toy"', r"tags: expected a list, got str 'a'"),
-    ('[model]\nwidth = 1.0', r"model\.denoiser: missing required option"),
-    ('[modle]\n', r"modle: unknown option, did you mean model\?"),
-    ('[model\n', r"not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            '[model]\ndenoiser = { name = "toy", chanels = 3 }',
+            r"model\.denoiser\.chanels: unknown option, did you mean channels\? "
+            r"Valid options of denoiser 'toy': channels, depth\.",
+        ),
+        (
+            '[model]\ndenoiser = { name = "tyo" }',
+            r"model\.denoiser\.name: unknown denoiser 'tyo'\. Did you mean: toy\?",
+        ),
+        ("[model]\ndenoiser = 3", r"model\.denoiser: expected a denoiser name or a table"),
+        ('[model]\ndenoiser = "toy"\nwidht = 1', r"model\.widht: unknown option, did you mean width\?"),
+        ('[model]\ndenoiser = "toy"\n[sampling]\nsteps = "ten"', r"sampling\.steps: expected int, got str 'ten'"),
+        ('[model]\ndenoiser = "toy"\n[sampling]\nsteps = true', r"sampling\.steps: expected int, got bool True"),
+        ('tags = "a"\n[model]\ndenoiser = "toy"', r"tags: expected a list, got str 'a'"),
+        ("[model]\nwidth = 1.0", r"model\.denoiser: missing required option"),
+        ("[modle]\n", r"modle: unknown option, did you mean model\?"),
+        ("[model\n", r"not valid TOML"),
+    ],
+)
 def test_errors_name_the_path_in_the_file(toml, text, message):
     path = toml(text)
     with pytest.raises(limner.ConfigError, match=message) as err:

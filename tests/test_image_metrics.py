@@ -62,7 +62,10 @@ def test_fid_and_kid_are_zero_for_one_set_and_grow_with_a_shift():
     y = torch.rand(64, 1, 28, 28, generator=gen) * 2 - 1
     fid = metric("fid")
     assert abs(fid(x, references=x)["fid_fashion_net"]) < 1e-3
-    near, far = fid(y, references=x)["fid_fashion_net"], fid((y * 0.3 + 0.6).clamp(-1, 1), references=x)["fid_fashion_net"]
+    near, far = (
+        fid(y, references=x)["fid_fashion_net"],
+        fid((y * 0.3 + 0.6).clamp(-1, 1), references=x)["fid_fashion_net"],
+    )
     assert far > near > 0
     kid = metric("kid", subset_size=32, subsets=10)
     same = kid(x, references=x)  # unbiased MMD^2 over random subsets: about 0, within its spread
@@ -88,7 +91,9 @@ def test_the_feature_network_reaches_its_reported_accuracy_and_is_spreads_over_c
     assert acc >= 0.90 and acc == pytest.approx(reported["test_accuracy"], abs=1e-4)
     score = metric("inception_score")(images * 2 - 1)["inception_score_fashion_net"]
     # ten balanced classes, but shirts, t-shirts, pullovers and coats are told apart with doubt
-    assert score == pytest.approx(reported["baselines"]["inception_score_fashion_net"], rel=1e-3) and 3.0 < score <= 10.0
+    assert (
+        score == pytest.approx(reported["baselines"]["inception_score_fashion_net"], rel=1e-3) and 3.0 < score <= 10.0
+    )
 
 
 def test_eval_takes_metrics_by_name_and_writes_json_and_markdown(tmp_path, capsys):

@@ -10,14 +10,24 @@ import torch
 import limner
 from limner.attention import PreferenceTable, preferred_backend, shape_key
 from limner.kernels import (
-    adaln_modulate, attention_math, attention_sdpa, attention_triton, bias_act, gated_residual, geglu, group_norm_silu,
-    guided_update, linear, setup_filter, upfirdn2d,
+    adaln_modulate,
+    attention_math,
+    attention_sdpa,
+    attention_triton,
+    bias_act,
+    gated_residual,
+    geglu,
+    group_norm_silu,
+    guided_update,
+    linear,
+    onednn_linear,
+    setup_filter,
+    upfirdn2d,
 )
 from limner.kernels.adaln import adaln_modulate_reference, gated_residual_reference
 from limner.kernels.bias_act import ACTIVATIONS, bias_act_reference
 from limner.kernels.geglu import geglu_reference
 from limner.kernels.group_norm_silu import group_norm_silu_reference
-from limner.kernels import onednn_linear
 from limner.kernels.sampler_update import guided_update_reference
 from limner.kernels.upfirdn2d import upfirdn2d_reference
 from limner.protocols import TextEmbedding
@@ -76,11 +86,19 @@ def test_group_norm_silu_matches_reference(shape, groups, parts, dtype):
 @pytest.mark.parametrize("shape", [(2, 7, 37), (3, 1, 5), (1, 33, 130)])
 def test_adaln_modulate_and_gated_residual_match_reference(shape, dtype):
     b, _, d = shape
-    x, shift, scale, gate, y = randn(*shape), randn(b, d, seed=1), randn(b, d, seed=2), randn(b, d, seed=3), randn(*shape, seed=4)
-    check_against_reference(lambda *a: adaln_modulate(*a, backend="triton"), adaln_modulate_reference,
-                            [x, shift, scale], dtype)
-    check_against_reference(lambda *a: gated_residual(*a, backend="triton"), gated_residual_reference,
-                            [x, gate, y], dtype)
+    x, shift, scale, gate, y = (
+        randn(*shape),
+        randn(b, d, seed=1),
+        randn(b, d, seed=2),
+        randn(b, d, seed=3),
+        randn(*shape, seed=4),
+    )
+    check_against_reference(
+        lambda *a: adaln_modulate(*a, backend="triton"), adaln_modulate_reference, [x, shift, scale], dtype
+    )
+    check_against_reference(
+        lambda *a: gated_residual(*a, backend="triton"), gated_residual_reference, [x, gate, y], dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -89,9 +107,15 @@ def test_geglu_matches_reference(shape, dtype):
     check_against_reference(lambda x: geglu(x, backend="triton"), geglu_reference, [randn(*shape, scale=2.0)], dtype)
 
 
-@pytest.mark.parametrize("shape, cout, bias, strided", [
-    ((2049, 7), 5, True, False), ((3, 701, 13), 33, False, False), ((1, 1, 3), 2, True, False), ((5, 417, 9), 4, True, True),
-])
+@pytest.mark.parametrize(
+    "shape, cout, bias, strided",
+    [
+        ((2049, 7), 5, True, False),
+        ((3, 701, 13), 33, False, False),
+        ((1, 1, 3), 2, True, False),
+        ((5, 417, 9), 4, True, True),
+    ],
+)
 def test_onednn_linear_matches_f_linear_forward_and_backward(shape, cout, bias, strided):
     """The 1x1-convolution route gives F.linear's values and gradients (x, weight, bias), for
     row counts that fill no tile, a single row, and a non-contiguous input."""
@@ -244,8 +268,12 @@ def test_sdpa_pads_few_keys_on_the_cpu_to_the_same_attention(lk, mask_kind):
     from limner.kernels import flash_attention
     b, h, lq, d = 2, 3, 37, 16
     gen = torch.Generator().manual_seed(0)
-    mask = {None: None, "keys": torch.rand(b, 1, 1, lk, generator=gen) > 0.3,
-            "full": torch.rand(b, h, lq, lk, generator=gen) > 0.5, "broadcast": torch.ones(b, 1, lq, 1, dtype=torch.bool)}[mask_kind]
+    mask = {
+        None: None,
+        "keys": torch.rand(b, 1, 1, lk, generator=gen) > 0.3,
+        "full": torch.rand(b, h, lq, lk, generator=gen) > 0.5,
+        "broadcast": torch.ones(b, 1, lq, 1, dtype=torch.bool),
+    }[mask_kind]
     if mask is not None:
         mask[..., 0] = True
     q, k, v = (randn(*shape, seed=s).requires_grad_() for s, shape in
@@ -302,7 +330,9 @@ def test_cpu_attention_matches_math_with_gradients(b, h, lq, lk, mask_kind):
     grads = torch.autograd.grad(got, (q, k, v), out_grad)
     wants = torch.autograd.grad(want, (q, k, v), out_grad.double())
     for name, g, w in zip("qkv", grads, wants):
-        torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(
+            g.double(), w.double(), atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}"
+        )
 
 
 def test_cpu_attention_takes_only_its_inputs_and_auto_picks_it_for_them():
@@ -311,9 +341,20 @@ def test_cpu_attention_takes_only_its_inputs_and_auto_picks_it_for_them():
     q, k = randn(2, 4, 9, 16), randn(2, 4, 11, 16, seed=1)
     key_mask, full_mask = torch.ones(2, 1, 1, 11, dtype=torch.bool), torch.ones(2, 4, 9, 11, dtype=torch.bool)
     assert preferred_backend(q, k, k, key_mask) == "cpu" and preferred_backend(q, k, k) == "cpu"
-    for args in [(q.double(), k.double(), k.double(), None), (randn(2, 4, 9, 24), randn(2, 4, 11, 24),) * 1 +
-                 (randn(2, 4, 11, 24),) + (None,), (q, k, k, full_mask), (q.transpose(-1, -2).contiguous().transpose(-1, -2), k, k, None),
-                 (q, k, k, torch.ones(3, 1, 1, 11, dtype=torch.bool)), (q, k, k, torch.ones(2, 1, 1, 5, dtype=torch.bool))]:
+    for args in [
+        (q.double(), k.double(), k.double(), None),
+        (
+            randn(2, 4, 9, 24),
+            randn(2, 4, 11, 24),
+        )
+        * 1
+        + (randn(2, 4, 11, 24),)
+        + (None,),
+        (q, k, k, full_mask),
+        (q.transpose(-1, -2).contiguous().transpose(-1, -2), k, k, None),
+        (q, k, k, torch.ones(3, 1, 1, 11, dtype=torch.bool)),
+        (q, k, k, torch.ones(2, 1, 1, 5, dtype=torch.bool)),
+    ]:
         assert not cpu_attention.fits(*args) and preferred_backend(*args) == "sdpa"
         with pytest.raises(ValueError, match="attention_cpu takes float32 CPU q, k, v"):
             cpu_attention.attention_cpu(*args)

@@ -35,7 +35,9 @@ def test_unknown_kind_names_the_valid_kinds():
 
 
 def test_create_checks_options_before_calling_the_factory():
-    with pytest.raises(limner.LimnerError, match=r"unknown option 'etta', did you mean eta\? Valid options: eta, s_noise"):
+    with pytest.raises(
+        limner.LimnerError, match=r"unknown option 'etta', did you mean eta\? Valid options: eta, s_noise"
+    ):
         limner.create("samplers", "euler_ancestral", etta=0.5)
     fn = limner.create("samplers", "euler_ancestral", eta=0.5)
     assert fn.keywords == {"eta": 0.5}
@@ -234,7 +236,28 @@ def test_plugins_command_shows_aliases_on_request(capsys):
     from limner.cli import main
 
     main(["plugins", "--aliases"])
-    assert "euler_ancestral (euler_a, eulerancestraldiscretescheduler)" in capsys.readouterr().out.replace("\n" + " " * 22, " ")
+    assert "euler_ancestral (euler_a, eulerancestraldiscretescheduler)" in capsys.readouterr().out.replace(
+        "\n" + " " * 22, " "
+    )
     main(["plugins", "--json"])
     rows = {r["plugin"]: r for r in json.loads(capsys.readouterr().out)["plugins"]}
     assert rows["limner.samplers"]["aliases"]["samplers"]["unipc"] == ["uni_pc_bh2", "unipcmultistepscheduler"]
+
+
+def test_a_component_that_lacks_its_kinds_methods_is_refused_when_built():
+    """The Protocols of limner.protocols are enforced (issue 24): a factory that builds something
+    without a text encoder's encode() is named, not passed on to fail later."""
+    from limner.registry import build_registry, set_registry
+
+    class Broken:
+        @limner.hookimpl
+        def limner_register_text_encoders(self):
+            return [limner.ComponentSpec("mute", lambda: object())]
+
+    set_registry(build_registry([Broken()]))
+    try:
+        with pytest.raises(limner.LimnerError, match=r"text_encoder 'mute': its factory built a object, which lacks "
+                                                     r"encode of a text_encoder \(limner.protocols.TextEncoder\)"):
+            limner.create("text_encoders", "mute")
+    finally:
+        set_registry(None)

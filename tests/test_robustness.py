@@ -9,13 +9,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_train import TINY, write_config
 
 import limner
 from limner.checkpoint import find_checkpoint
 from limner.cli import main
 from limner.recipes import train
-
-from test_train import TINY, write_config
 
 
 def strict_rows(path):
@@ -63,7 +62,9 @@ def test_a_diverging_gan_skips_its_bad_updates_and_stops(tmp_path):
     from test_gan import gan_config
 
     path = gan_config(tmp_path, "gan-nan", steps=40, lr=1e30)
-    path.write_text(path.read_text().replace("d_lr = 2e-3", "d_lr = 1e30\nmax_nonfinite = 3\nmax_weight_growth = 1e300"))
+    path.write_text(
+        path.read_text().replace("d_lr = 2e-3", "d_lr = 1e30\nmax_nonfinite = 3\nmax_weight_growth = 1e300")
+    )
     with pytest.raises(limner.LimnerError, match=r"training stopped at step \d+: .*3 non-finite updates in a row"):
         train(path)
     strict_rows(tmp_path / "gan-nan" / "metrics.jsonl")
@@ -240,7 +241,9 @@ def test_every_recipe_pipeline_shares_the_one_base_and_its_checks(run):
         assert issubclass(create("recipes", name).pipeline, PipelineBase), name
     pipe = limner.load_pipeline(run)
     for num in (0, 1.5, True):
-        with pytest.raises(limner.LimnerError, match=rf"num \(images per prompt\) must be a whole number >= 1, got {num!r}"):
+        with pytest.raises(
+            limner.LimnerError, match=rf"num \(images per prompt\) must be a whole number >= 1, got {num!r}"
+        ):
             pipe.generate("a red circle", num=num, steps=2)
     with pytest.raises(limner.LimnerError, match="truncation does not apply here: truncation is for GAN and VAE"):
         pipe.generate("a red circle", truncation=0.7, steps=2)

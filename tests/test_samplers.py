@@ -265,7 +265,9 @@ def test_dpm_fast_is_third_order_in_its_model_calls():
     nfes, errors = (8, 14, 26, 50), []
     for n in nfes:
         model = Counting(gaussian_denoiser)
-        out = limner.create("samplers", "dpm_fast")(model, x.clone(), limner.create("schedules", "karras")(n, 0.05, 20.0))
+        out = limner.create("samplers", "dpm_fast")(
+            model, x.clone(), limner.create("schedules", "karras")(n, 0.05, 20.0)
+        )
         assert model.calls == n
         errors.append((out - exact_flow(x, 20.0, 0.05)).abs().max().item())
     assert -np.polyfit(np.log(nfes), np.log(errors), 1)[0] > 3.0, errors
@@ -280,7 +282,9 @@ def test_dpm_adaptive_spends_calls_on_tolerance_and_keeps_each_image_to_itself()
         out = limner.create("samplers", "dpm_adaptive", rtol=rtol, atol=rtol / 6)(model, x.clone(), sigmas)
         runs.append((model.calls, (out - exact_flow(x, 20.0, 0.05)).abs().mean().item()))
     (loose_calls, loose_error), (tight_calls, tight_error) = runs
-    assert tight_calls > loose_calls and tight_error < 0.7 * loose_error, runs  # measured 29 vs 44 calls, 0.026 vs 0.014
+    assert tight_calls > loose_calls and tight_error < 0.7 * loose_error, (
+        runs
+    )  # measured 29 vs 44 calls, 0.026 vs 0.014
     fn = limner.create("samplers", "dpm_adaptive")
     batch = fn(gaussian_denoiser, x.clone(), sigmas)
     alone = torch.cat([fn(gaussian_denoiser, x[i : i + 1].clone(), sigmas) for i in range(3)])
@@ -345,7 +349,9 @@ def test_cfg_pp_refuses_samplers_outside_the_fused_update():
         limner.create("samplers", "heun")(model, torch.ones(1, 2), [1.0, 0.0],
                                           extra_args={"cond": torch.ones(1, 2), "uncond": torch.zeros(1, 2)})
     with pytest.raises(limner.LimnerError, match="CFG\\+\\+ needs the unconditional branch"):
-        limner.create("samplers", "euler_cfg_pp")(model, torch.ones(1, 2), [1.0, 0.0], extra_args={"cond": torch.ones(1, 2)})
+        limner.create("samplers", "euler_cfg_pp")(
+            model, torch.ones(1, 2), [1.0, 0.0], extra_args={"cond": torch.ones(1, 2)}
+        )
     with pytest.raises(limner.LimnerError, match="unknown guidance mode 'pp'. Valid: cfg, cfg_pp"):
         Guided(Counting(), 1.0, "pp")
 
@@ -406,3 +412,17 @@ def test_dpmpp_2s_ancestral_cfg_pp_updates_both_stages_from_the_shifted_start():
     x_2 = math.exp(-h / 2) * shifted - math.expm1(-h / 2) * d_g
     expected = 0.4 * shifted - math.expm1(-h) * guided(x_2)[1]
     assert torch.allclose(out, expected, atol=1e-12)
+
+
+def test_each_sampler_is_one_function_and_one_catalogue_line():
+    """A sampler is written once (issue 24): `sample_<name>` in plugins/samplers.py and one line
+    of limner.plugins.SAMPLERS (aliases, CFG++ variant); the registry holds exactly those."""
+    import limner.plugins as catalogue
+    import limner.plugins.samplers as module
+
+    functions = {n.removeprefix("sample_") for n, f in vars(module).items()
+                 if n.startswith("sample_") and callable(f) and f.__module__ == module.__name__}
+    names = [n for n, _, _ in catalogue.SAMPLERS]
+    assert len(names) == len(set(names)) and set(names) == functions
+    expected = set(names) | {f"{n}_cfg_pp" for n, _, cfg_pp in catalogue.SAMPLERS if cfg_pp}
+    assert set(limner.list_components("samplers")["samplers"]) == expected

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import limner
-from limner.t2i import ModelConfig, TextToImage
 from limner.config import ComponentConfig
+from limner.t2i import ModelConfig, TextToImage
 from limner.text_cache import EmbeddingCache, weights_from_factory
 
 PROMPTS = ["a red circle at the top left", "a square", "", "a large yellow triangle at the bottom right"]
@@ -84,7 +84,8 @@ def test_minilm_checkpoint_holds_only_what_was_trained(tmp_path):
 
 
 def test_phrase_tokens_encode_each_clause_alone_with_its_pooled_vector_on_every_token():
-    from limner.text_cache import phrases, with_phrase_tokens
+    from limner.text_cache import with_phrase_tokens
+    from limner.words import split_clauses as phrases
 
     assert phrases("a red circle at the top left and a blue square, a cat; a dog") == [
         "a red circle at the top left", "a blue square", "a cat", "a dog"]
@@ -105,7 +106,11 @@ def test_phrase_tokens_encode_each_clause_alone_with_its_pooled_vector_on_every_
     single = with_phrase_tokens(enc.encode, ["a cat"])  # one clause: batched with two, padded and masked
     both = single.cat(emb.roll(1))
     assert both.clause_mask.tolist() == [[True, False], [True, False], [True, True], [True, False]]
-    assert torch.equal(both.clauses[2], emb.clauses[0]) and both.repeat(2).clauses.shape == (8, 2, emb.clauses.shape[-1])
+    assert torch.equal(both.clauses[2], emb.clauses[0]) and both.repeat(2).clauses.shape == (
+        8,
+        2,
+        emb.clauses.shape[-1],
+    )
     # swapping the clauses' attributes changes the tokens, not only their order
     swapped = with_phrase_tokens(enc.encode, ["a blue circle at the top left and a red square"])
     assert not torch.allclose(valid(swapped)[0][0], tokens[0])

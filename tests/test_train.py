@@ -49,7 +49,10 @@ def write_config(tmp_path, name="run", steps=4):
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
     ckpt = find_checkpoint(run)
-    return {**load_file(ckpt / "model.safetensors"), **{f"ema.{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()}}
+    return {
+        **load_file(ckpt / "model.safetensors"),
+        **{f"ema.{k}": v for k, v in load_file(ckpt / "ema.safetensors").items()},
+    }
 
 
 def test_resume_after_a_stop_is_exact(tmp_path):
@@ -61,8 +64,12 @@ def test_resume_after_a_stop_is_exact(tmp_path):
     assert resumed.step == 4
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "interrupted")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    logged = [json.loads(line)["loss"] for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()]
-    assert logged == [json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    logged = [
+        json.loads(line)["loss"] for line in (tmp_path / "interrupted" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert logged == [
+        json.loads(line)["loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_checkpoints_are_atomic_and_corruption_is_named(tmp_path):

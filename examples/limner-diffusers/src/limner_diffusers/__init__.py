@@ -99,8 +99,11 @@ def diffusers_unet(path: str, context_dim: int | None = None, in_channels: int |
         raise limner.LimnerError(f"diffusers_unet: prediction_type {prediction!r} is not supported; "
                                  f"valid: {', '.join(PREDICTIONS)}")
     unet = UNet2DConditionModel.from_pretrained(unet_dir)
-    checks = {"context_dim": (context_dim, unet.config.cross_attention_dim),
-              "in_channels": (in_channels, unet.config.in_channels), "image_size": (image_size, unet.config.sample_size)}
+    checks = {
+        "context_dim": (context_dim, unet.config.cross_attention_dim),
+        "in_channels": (in_channels, unet.config.in_channels),
+        "image_size": (image_size, unet.config.sample_size),
+    }
     for name, (given, own) in checks.items():
         if given is not None and given != own:
             raise limner.LimnerError(f"diffusers_unet: the model's {name} is {own}, the config asks for {given}")
