@@ -20,14 +20,13 @@ from .config import ComponentConfig, check_memory
 from .errors import LimnerError
 from .images import to_pil
 from .sampling import (
-    Guided,
     explicit_sigmas,
     guidance_mode,
     item_generators,
     make_sigmas,
-    progress_bar,
     randn_like,
     resolve_sampler,
+    sample,
     split_sampler_name,
 )
 from .t2i import TextToImage
@@ -118,11 +117,10 @@ class Pipeline(PipelineBase):
         self.refuse({"truncation": truncation}, "truncation is for GAN and VAE checkpoints; a diffusion model "
                     "trades variety for fidelity with guidance")
         prompts = self.expand(prompts, num)
-        sampler_name, fn, mode, sigmas, guidance = self.plan(sampler, schedule, steps, sigmas, guidance)
-        steps = len(sigmas) - 1  # what is sampled: given sigmas, or a table stride (ddim_uniform) fitting one more
-        size, channels = self.model.cfg.image_size, self.model.cfg.channels
-        x, gen = self.noise((channels, size, size), seed, len(prompts), num)  # each image its own noise stream
-        model, init = Guided(self.model, guidance, mode), None
+        name, options, mode, sigmas, guidance = self.plan(sampler, schedule, steps, sigmas, guidance)
+        size, channels, n = self.model.cfg.image_size, self.model.cfg.channels, len(prompts)
+        noise, gen = self.noise((channels, size, size), seed, n, num)  # each image its own noise stream
+        init = redraw = None
         if init_image is not None or mask is not None:
             if init_image is None:
                 raise LimnerError("--mask needs --init-image: the picture whose masked part is redrawn")
@@ -130,39 +128,24 @@ class Pipeline(PipelineBase):
                 raise LimnerError(f"the mask is {mask.size[0]}x{mask.size[1]} but the init image is "
                                   f"{init_image.size[0]}x{init_image.size[1]}: give a mask of the image's size "
                                   "(white = redraw)")
-            init = self._image_tensor(init_image, len(prompts))
-        if init is not None and mask is None:
-            if not 0 < strength <= 1:
-                raise LimnerError(f"strength must be in (0, 1], got {strength}")
-            sigmas = sigmas[int(round(steps * (1 - strength))):]
-            x = init + x * float(sigmas[0])
-        else:
-            x = x * float(sigmas[0])
-        if mask is not None:
-            if mode == "cfg_pp":  # KeepKnown hides the two branches CFG++ reads from the fused update
-                raise LimnerError(f"{sampler_name} (CFG++) does not combine with --mask yet; inpaint with "
-                                  f"{sampler_name.removesuffix('_cfg_pp')} instead")
-            model = KeepKnown(model, init, self._mask_tensor(mask, len(prompts)))
+            init = self._image_tensor(init_image, n).contiguous(memory_format=self.memory_format)
+            redraw = None if mask is None else self._mask_tensor(mask, n)
         cond = self.model.encode(prompts)
-        uncond = self.model.encode([""] * len(prompts)) if guidance != 1 or mode == "cfg_pp" else None
-        callback = None
-        if progress:
-            callback = progress_bar(len(sigmas) - 1)
-        x = x.contiguous(memory_format=self.memory_format)
+        uncond = self.model.encode([""] * n) if guidance != 1 or mode == "cfg_pp" else None
         with _inference_compile(self.compiled and self.device.type == "cpu"):
-            out = fn(model, x, sigmas, extra_args={"cond": cond, "uncond": uncond}, callback=callback, generator=gen)
-        if mask is not None:
-            out = model.blend(out)
+            out = sample(self.model, noise.contiguous(memory_format=self.memory_format), sampler=name,
+                         sampler_options=options, sigmas=sigmas, guidance=guidance, cond=cond, uncond=uncond,
+                         generator=gen, progress=progress, init=init, strength=strength, mask=redraw)
         if not bool(torch.isfinite(out).all()):
-            raise LimnerError(f"sampling produced NaN or infinite pixels (sampler {sampler_name}, {steps} steps, "
+            raise LimnerError(f"sampling produced NaN or infinite pixels (sampler {name}, {len(sigmas) - 1} steps, "
                               f"guidance {guidance:g}): the images would be blank. Lower the guidance, use more steps "
                               "or another sampler; nothing was written.")
         return out.clamp(-1, 1)
 
     def plan(self, sampler: str | None = None, schedule: str | None = None, steps: int | None = None,
              sigmas: list[float] | None = None, guidance: float | None = None):
-        """(sampler name, sampler function, its guidance mode, sigmas, guidance scale) as `generate`
-        uses them: the given settings over the checkpoint's defaults, each checked."""
+        """(sampler name, its options, its guidance mode, sigmas, guidance scale) as `generate` uses
+        them: the given settings over the checkpoint's defaults, each checked."""
         d = self.defaults
         for what, given in (("sampler", sampler), ("schedule", schedule)):
             if given is not None and not str(given).strip():
@@ -185,7 +168,7 @@ class Pipeline(PipelineBase):
             sigmas = make_sigmas(schedule_cfg.name, steps or d.steps, d.sigma_min, d.sigma_max, device=self.device,
                                  **schedule_cfg.options)
         fn = resolve_sampler(sampler_cfg.name, **sampler_cfg.options)
-        return sampler_cfg.name, fn, guidance_mode(fn), sigmas, guidance
+        return sampler_cfg.name, sampler_cfg.options, guidance_mode(fn), sigmas, guidance
 
     def check(self, **options) -> None:
         self.plan(**options)
@@ -218,21 +201,6 @@ class Pipeline(PipelineBase):
         mask = _centre_square(mask.convert("L")).resize((size, size), Image.Resampling.NEAREST)
         arr = np.asarray(mask, dtype=np.float32) / 255
         return torch.from_numpy(arr > 0.5).float()[None, None].expand(n, 1, -1, -1).to(self.device)
-
-
-class KeepKnown:
-    """Inpainting with any sampler and an ordinary model: the x0 estimate is replaced by the
-    known image outside the mask, so only the masked region is generated (as in blended
-    diffusion, Avrahami et al. 2022, applied to the denoised estimate)."""
-
-    def __init__(self, model, known: torch.Tensor, redraw: torch.Tensor):
-        self.model, self.known, self.redraw = model, known, redraw
-
-    def __call__(self, x, sigma, **kwargs):
-        return self.blend(self.model(x, sigma, **kwargs))
-
-    def blend(self, x0: torch.Tensor) -> torch.Tensor:
-        return self.redraw * x0 + (1 - self.redraw) * self.known
 
 
 def _centre_square(image: Image.Image) -> Image.Image:

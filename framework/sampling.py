@@ -342,18 +342,56 @@ def progress_bar(total: int, callback: Callback | None = None, desc: str = "samp
     return step
 
 
-def sample(model: Denoiser, noise: torch.Tensor, *, sampler: str | Callable, schedule: str | Callable,
-           steps: int = 20, sigma_min: float = 0.002,
+def sample(model: Denoiser, noise: torch.Tensor, *, sampler: str | Callable, schedule: str | Callable | None = None,
+           steps: int = 20, sigmas: Sequence[float] | torch.Tensor | None = None, sigma_min: float = 0.002,
            sigma_max: float = 80.0, guidance: float = 1.0, cond: Any = None, uncond: Any = None,
-           generator: torch.Generator | None = None, sampler_options: dict | None = None,
-           schedule_options: dict | None = None, callback: Callback | None = None,
-           progress: bool = False) -> torch.Tensor:
-    """Draw x0 from unit `noise` with a named sampler and schedule (or the callables
-    themselves), guidance applied once."""
-    sigmas = make_sigmas(schedule, steps, sigma_min, sigma_max, device=noise.device, **(schedule_options or {}))
+           generator: torch.Generator | list[torch.Generator] | None = None, sampler_options: dict | None = None,
+           schedule_options: dict | None = None, callback: Callback | None = None, progress: bool = False,
+           init: torch.Tensor | None = None, strength: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw x0 from unit `noise`: the one sampling path (pipelines call it too). A named sampler
+    (or the function itself) over the sigmas of a named schedule, or over explicit falling
+    `sigmas`; guidance applied once (Guided). With `init`, image-to-image: the last `strength`
+    of the steps redraw init + noise (SDEdit, Meng et al. 2022); with `init` and `mask` (1 =
+    redraw), inpainting: the known pixels are kept at every step (KeepKnown)."""
+    if sigmas is not None:
+        sigmas = sigmas.to(noise.device) if isinstance(sigmas, torch.Tensor) else explicit_sigmas(sigmas, noise.device)
+    else:
+        if schedule is None:
+            raise LimnerError("sample() needs a schedule (with steps) or explicit sigmas")
+        sigmas = make_sigmas(schedule, steps, sigma_min, sigma_max, device=noise.device, **(schedule_options or {}))
     fn = resolve_sampler(sampler, **(sampler_options or {}))
-    guided = Guided(model, guidance, guidance_mode(fn))
+    mode = guidance_mode(fn)
+    guided: Any = Guided(model, guidance, mode)
+    x = noise * float(sigmas[0])
+    if init is not None and mask is None:
+        if not 0 < strength <= 1:
+            raise LimnerError(f"strength must be in (0, 1], got {strength}")
+        sigmas = sigmas[int(round((len(sigmas) - 1) * (1 - strength))):]
+        x = init + noise * float(sigmas[0])
+    elif mask is not None:
+        if init is None:
+            raise LimnerError("a mask needs an init image: the picture whose masked part is redrawn")
+        if mode == "cfg_pp":  # KeepKnown hides the two branches CFG++ reads from the fused update
+            name = sampler if isinstance(sampler, str) else getattr(sampler, "limner_name", "this sampler")
+            raise LimnerError(f"{name} (CFG++) does not combine with --mask yet; inpaint with "
+                              f"{name.removesuffix('_cfg_pp')} instead")
+        guided = KeepKnown(guided, init, mask)
     if progress:
         callback = progress_bar(len(sigmas) - 1, callback)
-    extra = {"cond": cond, "uncond": uncond}
-    return fn(guided, noise * float(sigmas[0]), sigmas, extra_args=extra, callback=callback, generator=generator)
+    out = fn(guided, x, sigmas, extra_args={"cond": cond, "uncond": uncond}, callback=callback, generator=generator)
+    return guided.blend(out) if mask is not None else out
+
+
+class KeepKnown:
+    """Inpainting with any sampler and an ordinary model: the x0 estimate is replaced by the
+    known image outside the mask, so only the masked region is generated (as in blended
+    diffusion, Avrahami et al. 2022, applied to the denoised estimate)."""
+
+    def __init__(self, model, known: torch.Tensor, redraw: torch.Tensor):
+        self.model, self.known, self.redraw = model, known, redraw
+
+    def __call__(self, x, sigma, **kwargs):
+        return self.blend(self.model(x, sigma, **kwargs))
+
+    def blend(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.redraw * x0 + (1 - self.redraw) * self.known

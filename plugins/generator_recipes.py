@@ -164,61 +164,41 @@ class GeneratorPipeline(PipelineBase):
 # --- training -------------------------------------------------------------------------
 
 class GenTrainer(TrainerBase):
-    """Owns the accelerator, models, EMA, optimisers and data of one GAN or VAE run."""
+    """What the GAN and VAE trainers share: the generator model and its EMA, the loss, the
+    optimisers, the step seeds and the guarded update. A subclass builds its extra modules,
+    checks its loss and writes one step (`generator_step`)."""
 
     def __init__(self, cfg: GenTrainConfig):
         self.setup(cfg)
         self.model = GeneratorModel(cfg.model).to(self.acc.device)
-        self.gan = cfg.recipe == "gan"
-        self.disc = self._discriminator().to(self.acc.device) if self.gan else None
+        self.build()
         self.ema = EMA(self.model, cfg.train.ema)
-        self._losses()
-        self.opts = self._optimizers()
+        self.loss = cfg.train.loss.build()
+        self.check_loss()
+        if not cfg.model.train_text_encoder:
+            self.model.text_encoder.requires_grad_(False)
+        text = list(self.model.text_encoder.parameters()) if cfg.model.train_text_encoder else []
+        self.opts = self.optimizers(text, tuple(cfg.train.betas))
         self.setup_data(cfg.model.channels, cfg.model.image_size)
 
-    def _discriminator(self):
-        m = self.cfg.model
-        if m.discriminator is None:
-            raise LimnerError("recipe 'gan' needs model.discriminator: name one (see `limner plugins`, "
-                              "discriminators), e.g. discriminator = { name = \"projection\", width = 32 }")
-        return m.discriminator.build(context_dim=self.model.text_encoder.dim, channels=m.channels,
-                                     image_size=m.image_size)
+    def build(self) -> None:
+        """Modules beyond the generator model (a GAN's discriminator)."""
 
-    def _losses(self) -> None:
-        t = self.cfg.train
-        loss_cfg = t.loss
-        self.loss = loss_cfg.build()
-        if self.gan != isinstance(self.loss, AdversarialLoss):
-            want = "an adversarial loss (nonsaturating, hinge, wgan)" if self.gan else "a VAE loss (elbo)"
-            raise LimnerError(f"train.loss {loss_cfg.name!r} does not fit recipe {self.cfg.recipe!r}: it needs {want}")
-        self.penalties = [p.build() for p in t.penalties] if self.gan else []
-        if t.reconstruction < 0 or (t.reconstruction and not self.gan):
-            raise LimnerError(f"train.reconstruction must be >= 0 and is for recipe 'gan' only (the VAE's ELBO "
-                              f"has its own reconstruction term), got {t.reconstruction} for {self.cfg.recipe!r}")
-        for p_cfg, penalty in zip(t.penalties, self.penalties):
-            if not isinstance(penalty, Penalty):
-                raise LimnerError(f"train.penalties: {p_cfg.name!r} is not a discriminator penalty "
-                                  "(r1, wgan_gp, matching_aware)")
-        if not self.gan and not all(hasattr(self.model.generator, a) for a in ("encode", "decode")):
-            raise LimnerError(f"recipe 'vae' needs a generator with encode/decode (e.g. 'vae'), "
-                              f"got {self.cfg.model.generator.name!r}")
+    def check_loss(self) -> None:
+        raise NotImplementedError
 
-    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        t, m = self.cfg.train, self.cfg.model
-        text = list(self.model.text_encoder.parameters()) if m.train_text_encoder else []
-        if not m.train_text_encoder:
-            self.model.text_encoder.requires_grad_(False)
-        betas = tuple(t.betas)
-        if not self.gan:
-            return {"vae": torch.optim.Adam([*self.model.generator.parameters(), *text], lr=t.lr, betas=betas)}
-        return {"g": torch.optim.Adam(self.model.generator.parameters(), lr=t.lr, betas=betas),
-                "d": torch.optim.Adam([*self.disc.parameters(), *text], lr=t.d_lr, betas=betas)}
+    def optimizers(self, text: list[torch.nn.Parameter], betas: tuple) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def generator_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+        raise NotImplementedError
+
+    def refuse_loss(self, want: str) -> None:
+        raise LimnerError(f"train.loss {self.cfg.train.loss.name!r} does not fit recipe {self.cfg.recipe!r}: it needs "
+                          f"{want}")
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        mods = {"model": self.model, "ema": self.ema.model}
-        if self.gan:
-            mods["discriminator"] = self.disc
-        return mods
+        return {"model": self.model, "ema": self.ema.model}
 
     # --- one step --------------------------------------------------------------------
 
@@ -240,7 +220,54 @@ class GenTrainer(TrainerBase):
                 p.grad /= self.acc.num_processes
         return self.guarded_step(opt, params, float(loss.detach()), self.cfg.train.grad_clip)
 
-    def gan_step(self, real: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+    # --- in the shared loop (TrainerBase.fit) ----------------------------------------------
+
+    def before_fit(self) -> None:
+        self.model.train()
+
+    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+        """A GAN's or VAE's step, then the EMA; a step the non-finite guard skipped is neither
+        averaged into the EMA nor logged (None), as in the diffusion recipe."""
+        row = self.generator_step(images.to(self.acc.device), captions)
+        if row is not None:
+            self.ema.update(self.model, self.step)
+        return row
+
+    def pipeline(self) -> GeneratorPipeline:
+        """The EMA generator as a pipeline with the run's sampling defaults."""
+        return GeneratorPipeline(self.ema.model, self.cfg.sample, self.acc.device)
+
+
+class GANTrainer(GenTrainer):
+    """A text-conditional GAN: a discriminator update, then a generator update, per step."""
+
+    def build(self) -> None:
+        m = self.cfg.model
+        if m.discriminator is None:
+            raise LimnerError("recipe 'gan' needs model.discriminator: name one (see `limner plugins`, "
+                              "discriminators), e.g. discriminator = { name = \"projection\", width = 32 }")
+        self.disc = m.discriminator.build(context_dim=self.model.text_encoder.dim, channels=m.channels,
+                                          image_size=m.image_size).to(self.acc.device)
+
+    def check_loss(self) -> None:
+        t = self.cfg.train
+        if not isinstance(self.loss, AdversarialLoss):
+            self.refuse_loss("an adversarial loss (nonsaturating, hinge, wgan)")
+        self.penalties = [p.build() for p in t.penalties]
+        for p_cfg, penalty in zip(t.penalties, self.penalties):
+            if not isinstance(penalty, Penalty):
+                raise LimnerError(f"train.penalties: {p_cfg.name!r} is not a discriminator penalty "
+                                  "(r1, wgan_gp, matching_aware)")
+
+    def optimizers(self, text, betas):
+        t = self.cfg.train
+        return {"g": torch.optim.Adam(self.model.generator.parameters(), lr=t.lr, betas=betas),
+                "d": torch.optim.Adam([*self.disc.parameters(), *text], lr=t.d_lr, betas=betas)}
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {**super().modules(), "discriminator": self.disc}
+
+    def generator_step(self, real: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
         """D's update, then G's; None (the step skipped, G untouched) when the guard skipped D's."""
         gen, n = self._seed_step(), real.shape[0]
         cond = self.model.encode(captions)  # trained through D's loss when train_text_encoder
@@ -269,7 +296,26 @@ class GenTrainer(TrainerBase):
             return None
         return {"d_loss": float(d_loss.detach()), "g_loss": float(g_loss.detach()), **row}
 
-    def vae_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+
+class VAETrainer(GenTrainer):
+    """A conditional VAE trained on its ELBO."""
+
+    def check_loss(self) -> None:
+        if isinstance(self.loss, AdversarialLoss):
+            self.refuse_loss("a VAE loss (elbo)")
+        if self.cfg.train.reconstruction:
+            raise LimnerError(f"train.reconstruction must be >= 0 and is for recipe 'gan' only (the VAE's ELBO "
+                              f"has its own reconstruction term), got {self.cfg.train.reconstruction} for 'vae'")
+        if not all(hasattr(self.model.generator, a) for a in ("encode", "decode")):
+            raise LimnerError(f"recipe 'vae' needs a generator with encode/decode (e.g. 'vae'), "
+                              f"got {self.cfg.model.generator.name!r}")
+
+    def optimizers(self, text, betas):
+        t = self.cfg.train
+        return {"vae": torch.optim.Adam([*self.model.generator.parameters(), *text], lr=t.lr, betas=betas)}
+
+    def generator_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+        """One ELBO step (Kingma & Welling 2014) with the reparameterised sample of this step's seed."""
         gen = self._seed_step()
         vae, cond = self.model.generator, self.model.encode(captions)
         mean, logvar = vae.encode(images, cond)
@@ -279,24 +325,6 @@ class GenTrainer(TrainerBase):
             return None
         return {"loss": float(loss.detach()), **parts}
 
-    # --- in the shared loop (TrainerBase.fit) ----------------------------------------------
-
-    def before_fit(self) -> None:
-        self.model.train()
-
-    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
-        """A GAN's or VAE's step, then the EMA; a step the non-finite guard skipped is neither
-        averaged into the EMA nor logged (None), as in the diffusion recipe."""
-        step = self.gan_step if self.gan else self.vae_step
-        row = step(images.to(self.acc.device), captions)
-        if row is not None:
-            self.ema.update(self.model, self.step)
-        return row
-
-    def pipeline(self) -> GeneratorPipeline:
-        """The EMA generator as a pipeline with the run's sampling defaults."""
-        return GeneratorPipeline(self.ema.model, self.cfg.sample, self.acc.device)
-
 
 def _detach(cond):
     """The prompt embedding without its graph: G's loss must not train D's text encoder."""
@@ -305,10 +333,11 @@ def _detach(cond):
 
 def gan() -> Recipe:
     """A text-conditional GAN: generator and discriminator updates per step, EMA generator."""
-    return Recipe(config=GenTrainConfig, trainer=GenTrainer, model=lambda cfg: GeneratorModel(cfg.model),
+    return Recipe(config=GenTrainConfig, trainer=GANTrainer, model=lambda cfg: GeneratorModel(cfg.model),
                   pipeline=GeneratorPipeline)
 
 
 def vae() -> Recipe:
     """A conditional VAE trained on its ELBO."""
-    return gan()
+    return Recipe(config=GenTrainConfig, trainer=VAETrainer, model=lambda cfg: GeneratorModel(cfg.model),
+                  pipeline=GeneratorPipeline)

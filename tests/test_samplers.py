@@ -426,3 +426,30 @@ def test_each_sampler_is_one_function_and_one_catalogue_line():
     assert len(names) == len(set(names)) and set(names) == functions
     expected = set(names) | {f"{n}_cfg_pp" for n, _, cfg_pp in catalogue.SAMPLERS if cfg_pp}
     assert set(limner.list_components("samplers")["samplers"]) == expected
+
+
+def test_sample_is_the_one_path_with_explicit_sigmas_image_to_image_and_inpainting():
+    """limner.sampling.sample takes what pipelines need (issue 24): explicit sigmas, an init
+    image redrawn from part-way (strength), and a mask whose known pixels survive exactly."""
+    from limner.sampling import sample
+
+    gen = torch.Generator().manual_seed(0)
+    noise, init = torch.randn(2, 1, 4, 4, generator=gen), torch.rand(2, 1, 4, 4, generator=gen)
+    zero = lambda x, sigma, cond=None: torch.zeros_like(x)  # noqa: E731 - a denoiser that says 0
+    assert sample(zero, noise, sampler="euler", sigmas=[2.0, 1.0, 0.0]).abs().max() == 0
+    seen = []
+    def spy(x, sigma, cond=None):
+        seen.append(float(sigma[0]))
+        return torch.zeros_like(x)
+    sample(spy, noise, sampler="euler", schedule="karras", steps=10, init=init, strength=0.3)
+    assert len(seen) == 3  # the last 30% of 10 steps
+    redraw = torch.zeros(2, 1, 4, 4)
+    redraw[..., :2] = 1
+    out = sample(zero, noise, sampler="dpmpp_2m", schedule="karras", steps=4, init=init, mask=redraw)
+    assert torch.equal(out[..., 2:], init[..., 2:]) and out[..., :2].abs().max() == 0
+    with pytest.raises(limner.LimnerError, match="a mask needs an init image"):
+        sample(zero, noise, sampler="euler", schedule="karras", mask=redraw)
+    with pytest.raises(limner.LimnerError, match=r"euler_cfg_pp \(CFG\+\+\) does not combine with --mask"):
+        sample(zero, noise, sampler="euler_cfg_pp", schedule="karras", init=init, mask=redraw, uncond=1, cond=1)
+    with pytest.raises(limner.LimnerError, match="needs a schedule"):
+        sample(zero, noise, sampler="euler")
