@@ -531,21 +531,11 @@ def run(out_dir: Path, quick: bool = False) -> Path:
         "channels_last": (fwd_cl() - eager).abs().max().item(),
         "compiled": (compiled_fwd() - eager).abs().max().item(),
     }
-    row(
-        fwd,
-        "compiled (freezing)",
-        "diffusers eager",
-        alternate(compiled_fwd, s.diffusers_forward(), n(20, 4), 3, sync),
-        compile_s=compile_fwd_s,
-    )
+    row(fwd, "compiled (freezing)", "diffusers eager",
+        alternate(compiled_fwd, s.diffusers_forward(), n(20, 4), 3, sync), compile_s=compile_fwd_s)
     compiled_smp, compile_smp_s = compiled_for_inference(s.ours, lambda m: s.limner_sampling(m, True))
-    row(
-        smp,
-        "compiled (freezing)",
-        "diffusers eager",
-        alternate(compiled_smp, s.diffusers_sampling(), n(8, 2), 1, sync),
-        compile_s=compile_smp_s,
-    )
+    row(smp, "compiled (freezing)", "diffusers eager",
+        alternate(compiled_smp, s.diffusers_sampling(), n(8, 2), 1, sync), compile_s=compile_smp_s)
     compiled_model = copy.deepcopy(s.ours)
     compiled_model.compile(dynamic=False)
     compiled_train = s.limner_train_step(compiled_model, channels_last=True)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from .errors import LimnerError
+from .errors import LimnerError, notice
 
 LOCK_NAME = ".limner.lock"
 RECORDS = "prompts.jsonl"  # `limner sample`'s record: one JSON line per run
@@ -169,22 +169,31 @@ class FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.fd: int | None = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.release()
-            try:
-                holder = (self.folder / LOCK_NAME).read_text(encoding="utf-8", errors="replace").strip()
-            except OSError:
-                holder = ""
-            raise LimnerError(f"{self.folder} is in use by {holder or 'another limner process'}. Two processes "
-                              "writing one folder would overwrite each other's files; wait for it to finish, stop "
-                              "it, or use another folder.") from None
+            if wait:  # queue behind the holder, and say so: a wait is never silent
+                notice(f"waiting for {self._holder()} to finish writing {self.folder}")
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            else:
+                holder = self._holder()
+                self.release()
+                raise LimnerError(f"{self.folder} is in use by {holder}. Two processes writing one folder would "
+                                  "overwrite each other's files; wait for it to finish, stop it, or use another "
+                                  "folder.") from None
         if note:
             try:
                 write_text_atomic(self.folder / LOCK_NAME, f"limner {what} (pid {os.getpid()})\n")
             except OSError:
                 self.release()
                 raise
+
+    def _holder(self) -> str:
+        """Who holds the lock, as its note says."""
+        try:
+            return (self.folder / LOCK_NAME).read_text(encoding="utf-8", errors="replace").strip() or \
+                "another limner process"
+        except OSError:
+            return "another limner process"
 
     def release(self) -> None:
         if self.fd is not None:
