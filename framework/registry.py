@@ -32,8 +32,11 @@ SINGULAR = {"losses": "loss", "metrics": "metric"}
 def working_folder_entries() -> list[str]:
     """The entries of sys.path that stand for the working folder: '' and its own path, which
     `python -m` and `python -c` put first."""
-    here = os.path.realpath(os.getcwd())
-    return [p for p in sys.path if p in ("", ".") or os.path.realpath(p) == here]
+    try:
+        here = os.path.realpath(os.getcwd())
+    except OSError:  # the working folder was removed: only '' and '.' can stand for it
+        here = None
+    return [p for p in sys.path if p in ("", ".") or (here is not None and os.path.realpath(p) == here)]
 
 
 @contextlib.contextmanager
