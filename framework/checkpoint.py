@@ -136,18 +136,23 @@ def find_checkpoint(path: str | Path) -> Path | None:
                 raise LimnerError(f"cannot read {pointer}: {exc}") from None
             target = folder / name
             if not name or "/" in name or "\\" in name or name in (".", "..") or not is_checkpoint(target):
-                steps = sorted(p.name for p in folder.glob("step_*") if is_checkpoint(p))
+                steps = _step_checkpoints(folder)
                 have = (f"the checkpoints there are {_first(steps[::-1], n=4)}: write one of their names into "
                         f"{pointer} to go on from it" if steps else "there is no checkpoint folder beside it")
                 raise LimnerError(f"{pointer} names {name[:80]!r}, which is not a checkpoint folder beside it; "
                                   f"{have}, or remove the run folder to start again from step 0.")
             return target
-        steps = sorted(p.name for p in folder.glob("step_*") if is_checkpoint(p)) if folder.is_dir() else []
+        steps = _step_checkpoints(folder)
         if steps:
             raise LimnerError(f"{folder} holds checkpoints ({_first(steps[::-1], n=4)}) but no `latest` file naming "
                               f"the one to use; write one of their names into {pointer} (the newest: "
                               f"{steps[-1]}), or remove the run folder to start again from step 0.")
     return None
+
+
+def _step_checkpoints(folder: Path) -> list[str]:
+    """The names of the step_* checkpoints in `folder`, oldest first (none if it is no folder)."""
+    return sorted(p.name for p in folder.glob("step_*") if is_checkpoint(p)) if folder.is_dir() else []
 
 
 def read_state(folder: Path) -> dict[str, Any]:
