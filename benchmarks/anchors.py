@@ -279,7 +279,8 @@ class Sides:
         encoder's embedding cache (already holding the dataset's captions, as after a run's first
         few hundred steps), EDM loss, backward, gradient clipping at 1.0, fused AdamW, EMA."""
         from limner.diffusion import training_sigmas
-        from limner.train import EMA, adamw
+        from limner.ema import EMA
+        from limner.train import adamw
 
         pool, (images, _, gen) = self.captions(), self.batch()
         model = copy.deepcopy(self.demo).train()  # text encoder (frozen, cached) + denoiser

@@ -111,8 +111,9 @@ def render(data: dict) -> str:
         lines.append(f"| {name} | {r['images']} | " + " | ".join(cells) + f" | {r['ms_per_image']:.2f} |")
     lines += [
         "",
-        "Training (from each folder's captioner.json; `python -m limner.plugins.captioners train "
-        "configs/captioners/<name>.toml`):",
+        "Training of the shipped folders (from each one's captioner.json; trained by the hand-written loop "
+        "of 2026-11-24, which `limner train configs/captioners/<name>.toml`, the `captioner` recipe on the one "
+        "loop, replaced on 2026-12-05: its retrained scores are in retrained-on-the-loop.md):",
         "",
         "| captioner | steps | CPU minutes | held-out exact | class word |",
         "|---|---:|---:|---:|---:|",

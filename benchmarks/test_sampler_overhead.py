@@ -10,9 +10,8 @@ import torch
 
 import limner
 from limner.config import load_config
+from limner.plugins.diffusion_recipe import TextToImage, TrainConfig
 from limner.sampling import Guided
-from limner.t2i import TextToImage
-from limner.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (6, 3, 32, 32)

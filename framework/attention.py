@@ -1,15 +1,16 @@
 """The attention dispatcher: one call site for every model, many registered backends.
 
-`backend=None` takes LIMNER_ATTENTION if set, else `auto`: on CUDA, the fastest backend for
-this (GPU, dtype, shape) by a preference table that is measured, not assumed: the first
-call at a new shape times every candidate backend (CUDA events, median of a few runs) and
-remembers the winner, in memory and in ~/.cache/limner/attention-<gpu>.json
-(LIMNER_CACHE_DIR moves it), so later processes skip the measurement. On 2026-11-22
-xformers measured ~1.5x slower than sdpa at diffusion shapes on an H100 - a fixed
-preference would have been wrong there. On the CPU `auto` is a fixed rule, so CPU runs stay
-deterministic: `cpu` (limner's C++ kernel, kernels/cpu_attention.py) for the inputs it
-takes, where it builds; else sdpa (torch's CPU kernels; `math` is the reference). Why not
-`math` for short keys, and the kernel's speed: benchmarks/results/cpu-kernel-measurements.md.
+`backend=None` takes LIMNER_ATTENTION if set, else `auto`. A backend declares what it is good
+for (`Declared`: the inputs it `fits`, and a `rank` for the untimed choice); the dispatcher
+names none of them. On CUDA `auto` is the fastest backend for this (GPU, dtype, shape) by a
+preference table that is measured, not assumed: the first call at a new shape times every
+backend that builds here (CUDA events, median of a few runs) and remembers the winner, in
+memory and in ~/.cache/limner/attention-<gpu>.json (LIMNER_CACHE_DIR moves it), so later
+processes skip the measurement (on 2026-11-22 xformers measured ~1.5x slower than sdpa at
+diffusion shapes on an H100: a fixed preference would have been wrong there). On the CPU, and
+inside a trace where nothing can be timed, `auto` is a fixed rule, so CPU runs stay
+deterministic: the highest-ranked backend that fits the inputs (limner's own: the C++ kernel
+where it takes them and is built, else torch's sdpa; benchmarks/results/cpu-kernel-measurements.md).
 """
 from __future__ import annotations
 
@@ -21,14 +22,26 @@ from pathlib import Path
 
 import torch
 
-from limner.kernels import cpu_attention
-
 from .errors import LimnerError
 from .files import write_text_atomic
 from .registry import create, list_components, registry
 
 _built: dict[str, tuple[object, Callable]] = {}  # name -> (the registry it came from, backend)
-CANDIDATES = ("sdpa", "xformers", "triton", "math")  # built-ins, measured first; plugins' backends follow
+
+
+class Declared:
+    """An attention backend that says what it is for: `fits(q, k, v, mask)` is False for inputs
+    it cannot take (default: it takes all), and `rank` orders the untimed choice (the CPU's
+    `auto`, and inside a trace): the highest-ranked backend that fits wins; None (default)
+    leaves it to measurement on CUDA and to being named."""
+
+    def __init__(self, fn: Callable, *, fits: Callable[..., bool] | None = None, rank: int | None = None):
+        self.fn, self.fits, self.rank = fn, fits or (lambda q, k, v, mask: True), rank
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fn(q, k, v, mask)
 
 
 def _backend(name: str) -> Callable:
@@ -128,35 +141,58 @@ def preference_table(device: torch.device) -> PreferenceTable:
     return _tables[name]
 
 
-def available_candidates(q: torch.Tensor) -> list[str]:
-    """Every registered backend (a plugin's too), built-ins first; xformers only where it imports."""
-    registered = list_components("attention_backends")["attention_backends"]
-    names = [n for n in CANDIDATES if n in registered] + sorted(n for n in registered if n not in CANDIDATES)
-    if "xformers" in names:
-        try:
-            import xformers.ops  # noqa: F401
-        except ImportError:
-            names.remove("xformers")
-    return names
+# (the registry, the backends that build here, the ranked ones highest first), built once per registry
+_buildable: tuple[object, list[tuple[str, Callable]], list[tuple[str, Declared]]] | None = None
+
+
+def _refresh() -> tuple[object, list[tuple[str, Callable]], list[tuple[str, Declared]]]:
+    global _buildable
+    current = registry()
+    if _buildable is None or _buildable[0] is not current:
+        found = []
+        for name in sorted(list_components("attention_backends")["attention_backends"]):
+            try:
+                found.append((name, _build(name)))
+            except LimnerError:  # a factory that refuses here (xformers not installed) is no candidate
+                continue
+        ranked = [(name, fn) for name, fn in found if isinstance(fn, Declared) and fn.rank is not None]
+        _buildable = (current, found, sorted(ranked, key=lambda item: -item[1].rank))
+    return _buildable
+
+
+def buildable_backends() -> list[tuple[str, Callable]]:
+    """Every registered backend (a plugin's too) that builds here, by name."""
+    return _refresh()[1]
+
+
+def untimed_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> str:
+    """The fixed rule: the highest-ranked declared backend whose `fits` takes these inputs."""
+    if torch.compiler.is_compiling():  # a trace reads the list built before it; plugin loading stays untraced
+        ranked = _buildable[2] if _buildable is not None else torch.compiler.disable(_refresh)()[2]
+    else:
+        ranked = _refresh()[2]
+    for name, fn in ranked:
+        if fn.fits(q, k, v, mask):
+            return name
+    raise LimnerError(f"no attention backend declares that it takes {shape_key(q, k, mask)} on "
+                      f"{q.device.type}; name one with LIMNER_ATTENTION (see `limner plugins`)")
 
 
 def preferred_backend(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None,
                       mask: torch.Tensor | None = None, table: PreferenceTable | None = None) -> str:
-    """The backend `auto` uses for these inputs: measured on CUDA; on the CPU limner's kernel
-    where it takes them and is built, else sdpa."""
-    if not q.is_cuda and table is None:
-        k_, v_ = (q if t is None else t for t in (k, v))
-        return "cpu" if cpu_attention.fits(q, k_, v_, mask) and cpu_attention.KERNEL.module() is not None else "sdpa"
+    """The backend `auto` uses for these inputs: measured on CUDA, the fixed rule on the CPU."""
     k, v = (q if t is None else t for t in (k, v))
+    if not q.is_cuda and table is None:
+        return untimed_choice(q, k, v, mask)
     table = table or preference_table(q.device)
     key = shape_key(q, k, mask)
     best = table.best(key)
     if best is not None:
         return best
     if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return "sdpa"  # no timing inside a trace or a CUDA graph capture
+        return untimed_choice(q, k, v, mask)  # no timing inside a trace or a CUDA graph capture
     grad = key.endswith("|grad")
-    runs = {name: _timed_call(_backend(name), q, k, v, mask, grad) for name in available_candidates(q)}
+    runs = {name: _timed_call(fn, q, k, v, mask, grad) for name, fn in buildable_backends()}
     return table.measure(key, runs)
 
 

@@ -23,7 +23,7 @@ def load_captioner(model: str | Path):
         except (OSError, ValueError, KeyError, TypeError):
             raise LimnerError(
                 f"{folder} is not a captioner folder: it needs a captioner.json naming its captioner "
-                "component (e.g. written by `python -m limner.plugins.captioners train CONFIG`)"
+                "component (e.g. written by `limner train CONFIG` with recipe = \"captioner\")"
             ) from None
         return create("captioners", name, path=str(folder))
     return create("captioners", str(model))

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import LimnerError
-from .files import temp_dir, write_text_atomic
+from .files import temp_dir, write_atomic, write_text_atomic
 
 LATEST = "latest"
 
@@ -26,6 +26,16 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         os.chmod(path, 0o644)  # safetensors creates 0600: a checkpoint is for sharing, as the config beside it
     except SafetensorError as exc:
         raise OSError(28 if "No space" in str(exc) else 5, str(exc).split(": ", 1)[-1], str(path)) from None
+
+
+def write_weights(path: Path, tensors: dict[str, torch.Tensor], half: bool = False) -> None:
+    """A safetensors file written atomically (limner.files.write_atomic); `half`: floating
+    tensors stored in float16 (a shipped model's size halved)."""
+    from safetensors.torch import save
+
+    data = save({k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().cpu()
+                 for k, v in tensors.items()})
+    write_atomic(path, lambda f: f.write(data))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -116,8 +116,8 @@ def trained_demo(cfg: DemoConfig, checkpoints: list[Path], out: Path) -> Path:
     from PIL import Image
 
     from .checkpoint import read_state
+    from .evaluation import evaluate
     from .recipes import load_pipeline, load_run_config
-    from .train import evaluate
 
     tiles, labels, table = [], [], []
     for ckpt in checkpoints:

@@ -1,6 +1,7 @@
 """Pipelines: a trained model as a callable that draws PIL images (`limner.load_pipeline(dir)`,
 in recipes.py, builds a checkpoint's through its recipe). `PipelineBase` is what every recipe's
-pipeline shares; `Pipeline` is the diffusion recipe's.
+pipeline shares, with the init-image and mask helpers image-to-image and inpainting use; each
+recipe's pipeline lives in its plugin module (the diffusion one in limner.plugins.diffusion_recipe).
 
     pipe = limner.load_pipeline("runs/shapes")
     images = pipe(["a red circle at the top left"], sampler="dpmpp_2m", schedule="karras",
@@ -16,20 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ComponentConfig, check_memory
+from .config import check_memory
 from .errors import LimnerError
 from .images import to_pil
-from .sampling import (
-    explicit_sigmas,
-    guidance_mode,
-    item_generators,
-    make_sigmas,
-    randn_like,
-    resolve_sampler,
-    sample,
-    split_sampler_name,
-)
-from .t2i import TextToImage
+from .sampling import item_generators, randn_like
 
 
 class PipelineBase:
@@ -84,123 +75,41 @@ class PipelineBase:
             raise LimnerError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply here: {why}")
 
 
-class Pipeline(PipelineBase):
-    """Text encoder + EMA denoiser of one checkpoint, with its default sampling settings."""
+def image_tensor(image: Image.Image, size: int, channels: int, n: int, device: torch.device) -> torch.Tensor:
+    """[n, channels, size, size] in [-1, 1]: an init image at a model's size. A non-square image
+    is centre-cropped to a square first (never squashed), then resized."""
+    image = _centre_square(image.convert("RGB" if channels == 3 else "L")).resize((size, size),
+                                                                              Image.Resampling.BICUBIC)
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
+    arr = arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
+    return arr[None].expand(n, -1, -1, -1).to(device)
 
-    features = frozenset({"samplers", "compile", "init_image"})
 
-    def __init__(self, model: TextToImage, defaults, device: torch.device):
-        super().__init__(model, defaults, device)
-        self.memory_format = torch.channels_last if defaults.channels_last else torch.contiguous_format
-        self.model.denoiser.to(memory_format=self.memory_format)
-        self.compiled = False
-        if defaults.compile:
-            self.compile()
+def mask_tensor(mask: Image.Image, size: int, n: int, device: torch.device) -> torch.Tensor:
+    """[n, 1, size, size] of 0/1 (1 = redraw): a mask cropped exactly as its init image is, then resized."""
+    mask = _centre_square(mask.convert("L")).resize((size, size), Image.Resampling.NEAREST)
+    arr = np.asarray(mask, dtype=np.float32) / 255
+    return torch.from_numpy(arr > 0.5).float()[None, None].expand(n, 1, -1, -1).to(device)
 
-    def compile(self) -> None:
-        """torch.compile the denoiser in place for sampling (static shapes: one compile per batch
-        size). On the CPU, inductor's freezing folds the weights into the graph and pre-packs them
-        for oneDNN (the speed-up: benchmarks/results/cpu-anchors.md);
-        the weights must not change afterwards."""
-        self.model.denoiser.requires_grad_(False).compile(dynamic=False)
-        self.compiled = True
 
-    @torch.no_grad()
-    def generate(self, prompts: list[str] | str, *, sampler: str | None = None, schedule: str | None = None,
-                 steps: int | None = None, guidance: float | None = None, seed: int | list[int] = 0, num: int = 1,
-                 init_image: Image.Image | None = None, strength: float = 0.6, mask: Image.Image | None = None,
-                 progress: bool = False, truncation: float | None = None,
-                 sigmas: list[float] | None = None) -> torch.Tensor:
-        """[N, C, H, W] in [-1, 1] for `prompts` (num each); init_image for image-to-image,
-        mask (white = redraw) for inpainting; sampler settings default to the checkpoint's;
-        `sigmas`, a falling list, replaces schedule and steps."""
-        self.refuse({"truncation": truncation}, "truncation is for GAN and VAE checkpoints; a diffusion model "
-                    "trades variety for fidelity with guidance")
-        prompts = self.expand(prompts, num)
-        name, options, mode, sigmas, guidance = self.plan(sampler, schedule, steps, sigmas, guidance)
-        size, channels, n = self.model.cfg.image_size, self.model.cfg.channels, len(prompts)
-        noise, gen = self.noise((channels, size, size), seed, n, num)  # each image its own noise stream
-        init = redraw = None
-        if init_image is not None or mask is not None:
-            if init_image is None:
-                raise LimnerError("--mask needs --init-image: the picture whose masked part is redrawn")
-            if mask is not None and mask.size != init_image.size:
-                raise LimnerError(f"the mask is {mask.size[0]}x{mask.size[1]} but the init image is "
-                                  f"{init_image.size[0]}x{init_image.size[1]}: give a mask of the image's size "
-                                  "(white = redraw)")
-            init = self._image_tensor(init_image, n).contiguous(memory_format=self.memory_format)
-            redraw = None if mask is None else self._mask_tensor(mask, n)
-        cond = self.model.encode(prompts)
-        uncond = self.model.encode([""] * n) if guidance != 1 or mode == "cfg_pp" else None
-        with _inference_compile(self.compiled and self.device.type == "cpu"):
-            out = sample(self.model, noise.contiguous(memory_format=self.memory_format), sampler=name,
-                         sampler_options=options, sigmas=sigmas, guidance=guidance, cond=cond, uncond=uncond,
-                         generator=gen, progress=progress, init=init, strength=strength, mask=redraw)
-        if not bool(torch.isfinite(out).all()):
-            raise LimnerError(f"sampling produced NaN or infinite pixels (sampler {name}, {len(sigmas) - 1} steps, "
-                              f"guidance {guidance:g}): the images would be blank. Lower the guidance, use more steps "
-                              "or another sampler; nothing was written.")
-        return out.clamp(-1, 1)
+def check_mask_size(init_image: Image.Image | None, mask: Image.Image | None) -> None:
+    """A mask must have its init image's size (both are cropped and resized alike)."""
+    if init_image is not None and mask is not None and mask.size != init_image.size:
+        raise LimnerError(f"the mask is {mask.size[0]}x{mask.size[1]} but the init image is "
+                          f"{init_image.size[0]}x{init_image.size[1]}: give a mask of the image's size "
+                          "(white = redraw)")
 
-    def plan(self, sampler: str | None = None, schedule: str | None = None, steps: int | None = None,
-             sigmas: list[float] | None = None, guidance: float | None = None):
-        """(sampler name, its options, its guidance mode, sigmas, guidance scale) as `generate` uses
-        them: the given settings over the checkpoint's defaults, each checked."""
-        d = self.defaults
-        for what, given in (("sampler", sampler), ("schedule", schedule)):
-            if given is not None and not str(given).strip():
-                raise LimnerError(f"the {what} name is empty: give one (see `limner plugins`), or leave it out for "
-                                  f"the checkpoint's {getattr(d, what).name!r}")
-        if sampler:
-            sampler, implied = split_sampler_name(sampler)  # "DPM++ 2M Karras" = dpmpp_2m + karras
-            if implied and schedule and schedule != implied:
-                raise LimnerError(f"the sampler name says schedule {implied!r} but --schedule says {schedule!r}: "
-                                  "give one of them")
-            schedule = schedule or implied
-        sampler_cfg = ComponentConfig("samplers", sampler) if sampler else d.sampler
-        schedule_cfg = ComponentConfig("schedules", schedule) if schedule else d.schedule
-        guidance = d.guidance if guidance is None else guidance
-        if sigmas is not None:
-            if schedule or steps:
-                raise LimnerError("sigmas are the whole schedule: give them, or a schedule and steps, not both")
-            sigmas = explicit_sigmas(sigmas, self.device)
-        else:
-            sigmas = make_sigmas(schedule_cfg.name, steps or d.steps, d.sigma_min, d.sigma_max, device=self.device,
-                                 **schedule_cfg.options)
-        fn = resolve_sampler(sampler_cfg.name, **sampler_cfg.options)
-        return sampler_cfg.name, sampler_cfg.options, guidance_mode(fn), sigmas, guidance
 
-    def check(self, **options) -> None:
-        self.plan(**options)
-
-    def kept_psnr(self, images: torch.Tensor, init_image: Image.Image, mask: Image.Image | None = None) -> float:
-        """PSNR (dB, pixel range [0, 1]) of `images` against the init image where it was to be
-        kept: outside the mask for inpainting, everywhere for image-to-image (there it says
-        how far the redraw moved). inf where the kept pixels are exactly the init image's."""
-        init = self._image_tensor(init_image, len(images)).cpu()
-        keep = torch.ones_like(init[:, :1]) if mask is None else 1 - self._mask_tensor(mask, len(images)).cpu()
-        keep = keep.expand_as(init)
-        if not bool(keep.any()):
-            raise LimnerError("the mask redraws every pixel: no region is kept to compare")
-        mse = float((((images.cpu() - init) / 2) ** 2 * keep).sum() / keep.sum())
-        return math.inf if mse == 0 else -10 * math.log10(mse)
-
-    def _image_tensor(self, image: Image.Image, n: int) -> torch.Tensor:
-        """The init image at the model's size: a non-square image is centre-cropped to a square
-        first (never squashed), then resized."""
-        size, channels = self.model.cfg.image_size, self.model.cfg.channels
-        image = _centre_square(image.convert("RGB" if channels == 3 else "L")).resize((size, size),
-                                                                                  Image.Resampling.BICUBIC)
-        arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
-        arr = arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1)
-        return arr[None].expand(n, -1, -1, -1).to(self.device)
-
-    def _mask_tensor(self, mask: Image.Image, n: int) -> torch.Tensor:
-        """The mask cropped exactly as its init image is, then resized (white = redraw)."""
-        size = self.model.cfg.image_size
-        mask = _centre_square(mask.convert("L")).resize((size, size), Image.Resampling.NEAREST)
-        arr = np.asarray(mask, dtype=np.float32) / 255
-        return torch.from_numpy(arr > 0.5).float()[None, None].expand(n, 1, -1, -1).to(self.device)
+def kept_psnr(images: torch.Tensor, init: torch.Tensor, redraw: torch.Tensor | None = None) -> float:
+    """PSNR (dB, pixel range [0, 1]) of `images` against `init` where it was to be kept: outside
+    the `redraw` mask for inpainting, everywhere for image-to-image (there it says how far the
+    redraw moved). inf where the kept pixels are exactly the init image's."""
+    keep = torch.ones_like(init[:, :1]) if redraw is None else 1 - redraw
+    keep = keep.expand_as(init)
+    if not bool(keep.any()):
+        raise LimnerError("the mask redraws every pixel: no region is kept to compare")
+    mse = float((((images - init) / 2) ** 2 * keep).sum() / keep.sum())
+    return math.inf if mse == 0 else -10 * math.log10(mse)
 
 
 def _centre_square(image: Image.Image) -> Image.Image:
@@ -210,7 +119,7 @@ def _centre_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def _inference_compile(freeze: bool):
+def inference_compile(freeze: bool):
     """Inductor's freezing for the compiles this block triggers (the first call at each shape)."""
     if not freeze:
         return contextlib.nullcontext()

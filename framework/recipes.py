@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,20 +28,26 @@ from .errors import ConfigError, LimnerError, UnknownComponentError
 from .files import LOCK_NAME, FolderLock, check_own_folder, write_text_atomic
 from .images import check_writable
 from .registry import create, get_component, list_components
-from .train import TrainerBase, check_eval, evaluate
+
+if TYPE_CHECKING:  # the training loop is imported by the recipes that train, not by sampling
+    from .train import TrainerBase
+from .evaluation import evaluate
 
 
 @dataclass(frozen=True)
 class Recipe:
     """What a recipe name stands for. `config`: the run config's dataclass (with `out`,
-    `recipe`, `seed`, `data`, `model`, `train`, `sample` and `eval` sections); `trainer(cfg)`
-    -> a TrainerBase; `model(cfg)` -> the module a checkpoint's EMA weights load into;
-    `pipeline(model, cfg.sample, device)` -> what `limner sample` and `limner eval` call."""
+    `recipe`, `seed`, `data`, `model`, `train` and `eval` sections, and `sample` where it
+    draws); `trainer(cfg)` -> a TrainerBase; `model(cfg)` -> the module a checkpoint's weights
+    load into; `pipeline(model, cfg.sample, device)` -> what `limner sample` and `limner eval`
+    call (None for a recipe that trains something else: a captioner, a matcher); `outputs`:
+    the names its trainer's `finish` adds to the run folder."""
 
     config: type
     trainer: Callable[[Any], TrainerBase]
     model: Callable[[Any], nn.Module]
-    pipeline: Callable[[nn.Module, Any, torch.device], Any]
+    pipeline: Callable[[nn.Module, Any, torch.device], Any] | None  # None: the recipe draws no images
+    outputs: frozenset[str] = frozenset()  # what its trainer writes into the run folder besides RUN_ENTRIES
 
 
 def get_recipe(name: str) -> Recipe:
@@ -73,12 +79,12 @@ def load_run_config(config_path: str | Path):
 RUN_ENTRIES = {"checkpoints", "metrics.jsonl", "samples", "tensorboard", "eval.json", "ranks.json", LOCK_NAME}
 
 
-def check_run_folder(out: Path) -> None:
+def check_run_folder(out: Path, outputs: frozenset[str] = frozenset()) -> None:
     """A run's `out` must be new, empty or a run folder limner made (its checkpoints, logs and
     grids, nothing else): a config whose `out` names a folder of the user's (".", a home, a
     repository) is refused before anything is written there."""
     try:
-        check_own_folder(out, RUN_ENTRIES, "run")
+        check_own_folder(out, RUN_ENTRIES | outputs, "run")
         ckpts = out / "checkpoints"
         if ckpts.is_dir():
             check_own_folder(ckpts, {"latest"} | {p.name for p in ckpts.glob("step_*")}, "run")
@@ -93,12 +99,11 @@ def train(config_path: str | Path, overrides: dict[str, Any] | None = None):
         set_option(cfg, key, value)
     if not str(cfg.out).strip():
         raise ConfigError(f"{config_path}: out: is empty; name the run's folder (e.g. out = \"runs/shapes\")")
-    check_run_folder(Path(cfg.out))
+    recipe = get_recipe(cfg.recipe)
+    check_run_folder(Path(cfg.out), recipe.outputs)
     check_writable(cfg.out)  # before the model is built, not at the first checkpoint
-    if cfg.eval.prompts > 0:
-        check_eval(cfg.eval)  # a bad metric or held-out set is named now, not after training
-    trainer = get_recipe(cfg.recipe).trainer(cfg)
-    trainer.pipeline().check()  # [sample] settings checked now, not at the first sample grid
+    trainer = recipe.trainer(cfg)
+    trainer.check()  # [eval] and [sample] settings named now, not after training
     lock = FolderLock(cfg.out, "train") if trainer.acc.is_main_process else None  # one trainer per run folder
     try:
         trainer.resume()
@@ -106,10 +111,11 @@ def train(config_path: str | Path, overrides: dict[str, Any] | None = None):
             trainer.acc.print(f"{cfg.out} is already trained to step {trainer.step}")
             return trainer
         trainer.fit()
-        if cfg.eval.prompts > 0 and trainer.acc.is_main_process:
-            scores = evaluate(trainer.pipeline(), cfg.eval)
+        scores = trainer.finish() if trainer.acc.is_main_process else None
+        if scores is not None:
             write_text_atomic(trainer.out / "eval.json", json.dumps(scores, indent=1))
-            trainer.acc.print("held-out attribute scores: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+            trainer.acc.print("held-out scores: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()
+                                                             if isinstance(v, (int, float))))
     finally:
         if lock is not None:
             lock.release()
@@ -164,6 +170,9 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None):
     cfg = load_run_config(ckpt / "config.toml")
     confine_paths(cfg.model, ckpt)
     recipe = get_recipe(cfg.recipe)
+    if recipe.pipeline is None:
+        raise LimnerError(f"{ckpt} is a {cfg.recipe!r} checkpoint, which draws no images (recipes that draw: "
+                          f"{', '.join(n for n in list_components('recipes')['recipes'] if get_recipe(n).pipeline)})")
     model = recipe.model(cfg)
     load_module(model, weights_of(ckpt))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

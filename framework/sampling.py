@@ -186,7 +186,9 @@ def options_spec(kind: str, fn: Callable, name: str, call_args: tuple[str, ...],
     and returns fn ready to call, so configs and the CLI can set options by name."""
     def factory(**options: Any) -> Callable[..., torch.Tensor]:
         check_options(kind, name, factory, options)
-        return functools.wraps(fn)(functools.partial(fn, **options))
+        bound = functools.wraps(fn)(functools.partial(fn, **options))
+        bound.limner_name = name  # type: ignore[attr-defined]  # what errors call it
+        return bound
 
     params = [p for p in inspect.signature(fn).parameters.values() if p.name not in call_args]
     factory.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -206,6 +208,7 @@ def cfg_pp_spec(fn: Callable, name: str) -> ComponentSpec:
     def factory(**options: Any) -> Callable[..., torch.Tensor]:
         sampler = base(**options)  # a fresh partial each call: marking it marks no other
         sampler.guidance_mode = "cfg_pp"  # type: ignore[attr-defined]
+        sampler.limner_name = f"{name}_cfg_pp"  # type: ignore[attr-defined]
         return sampler
 
     factory.__signature__ = base.__signature__  # type: ignore[attr-defined]
@@ -370,7 +373,8 @@ def sample(model: Denoiser, noise: torch.Tensor, *, sampler: str | Callable, sch
         x = init + noise * float(sigmas[0])
     elif mask is not None:
         if init is None:
-            raise LimnerError("a mask needs an init image: the picture whose masked part is redrawn")
+            raise LimnerError("a mask (--mask) needs an init image (--init-image): the picture whose masked part "
+                              "is redrawn")
         if mode == "cfg_pp":  # KeepKnown hides the two branches CFG++ reads from the fused update
             name = sampler if isinstance(sampler, str) else getattr(sampler, "limner_name", "this sampler")
             raise LimnerError(f"{name} (CFG++) does not combine with --mask yet; inpaint with "

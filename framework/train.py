@@ -1,7 +1,9 @@
-"""Training on HF Accelerate: the loop every recipe shares (TrainerBase.fit: batches by step
-and rank, logging, progress, sample grids, checkpoints, exact resume, the rank check) and the
-diffusion recipe's trainer; limner.plugins.generator_recipes holds the GAN and VAE trainer, recipes.py picks one
-by the config's `recipe` (`limner train CONFIG.toml`).
+"""The one training loop, on HF Accelerate, which knows no model (as minGPT's trainer): the run
+config's shared tables, batches by step and rank, TrainerBase.fit (a recipe's `train_step`,
+logging, progress, sample grids, checkpoints, exact resume, the rank check). A recipe's trainer
+subclasses TrainerBase (limner.plugins.diffusion_recipe, limner.plugins.generator_recipes);
+recipes.py picks one by the config's `recipe` (`limner train CONFIG.toml`). The EMA is in ema.py,
+the non-finite guard and divergence watch in guard.py, scoring in evaluation.py.
 
 One script for CPU, one GPU or many (`accelerate launch` / `torchrun`). Every random draw
 of step s (batch order, caption dropout, noise levels, noise, dropout) comes from seeds
@@ -10,9 +12,7 @@ exactly as if it had never stopped.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import inspect
 import json
 import math
 import time
@@ -34,20 +34,20 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import ComponentConfig, bounded, check_memory, component
-from .diffusion import training_sigmas
 from .errors import LimnerError, notice
+from .evaluation import EvalConfig, check_eval, evaluate
 from .files import remove_stale_temps, write_text_atomic
+from .guard import Divergence, NonFinite
 from .images import make_grid, save_atomic, to_pil
-from .pipeline import Pipeline
-from .t2i import ModelConfig, SampleConfig, TextToImage
 
 
 @dataclass
 class DataConfig:
+    """[data] of a run: the dataset and how the loop batches it (a recipe may subclass it)."""
+
     dataset: ComponentConfig = component("datasets")
     batch_size: int = bounded(64, ge=1)
     workers: int = bounded(0, ge=0)
-    caption_dropout: float = bounded(0.1, ge=0, le=1)
 
 
 @dataclass(kw_only=True)
@@ -71,31 +71,6 @@ class LoopConfig:
 
 
 @dataclass(kw_only=True)
-class OptimConfig(LoopConfig):
-    """[train] of the diffusion recipe."""
-
-    lr: float = bounded(2e-4, gt=0)
-    weight_decay: float = bounded(0.0, ge=0)
-    warmup: int = bounded(200, ge=0)
-    ema: float = bounded(0.999, ge=0, lt=1)
-    grad_clip: float = bounded(1.0, ge=0)  # 0: no clipping
-    mixed_precision: str = "bf16"  # used on GPU only: "no", "bf16" or "fp16"
-    compile: bool = False  # torch.compile the denoiser (first steps pay the compile time)
-    channels_last: bool = True  # NHWC activations: oneDNN's (and tensor cores') fast layout; same math
-    p_mean: float = -1.2
-    p_std: float = bounded(1.2, gt=0)
-
-
-@dataclass
-class EvalConfig:
-    """Score samples of held-out prompts with a metric after training (0 prompts: skip)."""
-
-    metric: str = ""
-    dataset: dict = field(default_factory=dict)
-    prompts: int = bounded(0, ge=0)
-
-
-@dataclass(kw_only=True)
 class RunConfig:
     """The top level of every run config: where the run lives, which recipe reads it, its seed
     and the scoring after training. A recipe's schema subclasses it and adds its [data],
@@ -105,16 +80,6 @@ class RunConfig:
     recipe: str  # which registered recipe reads this config (limner.recipes)
     seed: int = bounded(0, ge=0, le=2**40)  # step seeds are seed * 1_000_003 + ...: kept below 2^64
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-@dataclass(kw_only=True)
-class TrainConfig(RunConfig):
-    """A diffusion run."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: OptimConfig = field(default_factory=OptimConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 def config_dict(obj: Any) -> Any:
@@ -179,114 +144,12 @@ def collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[s
     return torch.stack([img for img, _ in items]), [text for _, text in items]
 
 
-class TrainStep(nn.Module):
-    """The module DDP wraps: text encoding and the denoiser in one forward."""
-
-    def __init__(self, model: TextToImage):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, captions, sigma, noise):
-        return self.model.training_loss(images, captions, sigma, noise)
-
-
-class EMA:
-    """Exponential moving average of a model's weights, warmed up as in ADM (decay ramps
-    from ~0.1 to `decay` over the first steps); buffers (BatchNorm statistics) are copied."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            if p.requires_grad:  # a frozen weight (pretrained text encoder) is its own average
-                ema_p.lerp_(p.detach().to(ema_p.dtype), 1 - d)
-        for ema_b, b in zip(self.model.buffers(), model.buffers()):
-            ema_b.copy_(b)
-
-
 def adamw(params: list[nn.Parameter], **options: Any) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) as one fused kernel over all parameters where torch has
     one (CPU and CUDA floating tensors): the same update as the per-parameter loop, without
     ~10 kernel launches per parameter tensor per step."""
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **options)
-
-
-def lr_at(step: int, cfg: OptimConfig) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
-
-
-class NonFinite:
-    """The non-finite policy: counts bad steps in a row and stops the run with a clear message."""
-
-    POLICIES = ("skip", "stop")
-
-    def __init__(self, policy: str, limit: int):
-        if policy not in self.POLICIES:
-            raise LimnerError(f"train.nonfinite must be one of {', '.join(self.POLICIES)}, got {policy!r}")
-        self.policy, self.limit, self.in_a_row, self.skipped = policy, limit, 0, 0
-        self.last_good: tuple[int, float] | None = None
-
-    def check(self, step: int, loss: float, grad_norm: float, out: Path) -> bool:
-        """True when the step may update the weights; raises when the run must stop."""
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self.in_a_row, self.last_good = 0, (step, loss)
-            return True
-        self.in_a_row += 1
-        self.skipped += 1
-        if self.policy == "stop" or self.in_a_row >= self.limit:
-            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-            since = f"; the last finite loss was {self.last_good[1]:.4g} at step {self.last_good[0]}" \
-                if self.last_good else ""
-            raise LimnerError(
-                f"training stopped at step {step}: {what} ({self.in_a_row} non-finite update"
-                f"{'s' if self.in_a_row > 1 else ''} in a row, policy {self.policy!r}{since}). The checkpoints in "
-                f"{out / 'checkpoints'} hold only finite weights and resume from the last one. Usual causes: "
-                "train.lr too high, no warm-up, or bad data.")
-        return False
-
-
-class Divergence:
-    """Training health beyond NaN: a run whose weights or loss blow up while staying finite (lr
-    far too high) is stopped before it writes a checkpoint, measured against its own history."""
-
-    def __init__(self, params: list[nn.Parameter], weight_growth: float, loss_growth: float, out: Path):
-        self.params, self.weight_growth, self.loss_growth, self.out = params, weight_growth, loss_growth, out
-        self.start_rms = self.rms()
-        self.losses: list[float] = []
-
-    @torch.no_grad()
-    def rms(self) -> float:
-        """Root mean square of all trained weights (float64 sums: no overflow at 1e30)."""
-        count = sum(p.numel() for p in self.params)
-        if not count:
-            return 0.0
-        return math.sqrt(math.fsum(float(p.detach().double().square().sum()) for p in self.params) / count)
-
-    def check(self, step: int, loss: float | None = None) -> None:
-        """Raise, naming what blew up, when the weights or `loss` (a logged mean) diverged."""
-        rms = self.rms()
-        limit = self.weight_growth * max(self.start_rms, 1e-6)
-        if not rms <= limit:
-            self.stop(step, f"the trained weights' RMS grew from {self.start_rms:.3g} to {rms:.3g} (limit "
-                            f"train.max_weight_growth = {self.weight_growth:g}x)")
-        if loss is None or not math.isfinite(loss):
-            return
-        if len(self.losses) >= 3:
-            typical = sorted(self.losses)[len(self.losses) // 2]
-            if typical > 0 and loss > self.loss_growth * typical:
-                self.stop(step, f"the loss rose to {loss:.3g}, {loss / typical:.3g}x its median so far "
-                                f"{typical:.3g} (limit train.max_loss_growth = {self.loss_growth:g}x)")
-        self.losses.append(loss)
-
-    def stop(self, step: int, what: str) -> None:
-        raise LimnerError(f"training stopped at step {step}: the run diverged: {what}. No checkpoint was written "
-                          f"after it: the ones in {self.out / 'checkpoints'} are untouched and `latest` loads. Usual "
-                          "causes: train.lr too high or too little warm-up.")
 
 
 class TrainerBase:
@@ -315,13 +178,36 @@ class TrainerBase:
         self.acc = Accelerator(mixed_precision=precision, cpu=not cuda)
         torch.manual_seed(cfg.seed)
 
-    def setup_data(self, channels: int, image_size: int) -> None:
+    def load_dataset(self):
+        """The [data] dataset, built once (a trainer that sizes its model from the data asks first)."""
+        if getattr(self, "dataset", None) is None:
+            self.dataset = self.cfg.data.dataset.build()
+        return self.dataset
+
+    def setup_data(self, channels: int | None = None, image_size: int | None = None) -> None:
         """The non-finite guard ([train] nonfinite, max_nonfinite), the dataset (checked against
-        the model's image shape) and the resolved config a checkpoint stores."""
+        the model's image shape, when the model has a fixed one) and the resolved config a
+        checkpoint stores."""
         self.guard = NonFinite(self.cfg.train.nonfinite, self.cfg.train.max_nonfinite)
-        self.dataset = self.cfg.data.dataset.build()
+        self.load_dataset()
         self.config_text = to_toml(config_dict(self.cfg))
-        check_image_shape(self.dataset, channels, image_size, self.cfg.data.batch_size)
+        if channels is not None and image_size is not None:
+            check_image_shape(self.dataset, channels, image_size, self.cfg.data.batch_size)
+
+    def check(self) -> None:
+        """Raise now on settings that would fail after training: the [eval] scorers and held-out
+        set, the [sample] settings of the pipeline (a recipe with other work after training
+        overrides it, with finish)."""
+        if self.cfg.eval.prompts > 0:
+            check_eval(self.cfg.eval)
+        self.pipeline().check()
+
+    def finish(self) -> dict[str, Any] | None:
+        """The work after the last step, on the main process: the [eval] scores of held-out
+        prompts (None when [eval] prompts = 0); recipes.train writes them to eval.json."""
+        if self.cfg.eval.prompts <= 0:
+            return None
+        return evaluate(self.pipeline(), self.cfg.eval)
 
     def modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
@@ -463,78 +349,13 @@ class TrainerBase:
     @torch.no_grad()
     def sample_grid(self) -> Path | None:
         """Draw the configured prompts with the EMA model into samples/step_N.png."""
-        if not self.acc.is_main_process or not self.cfg.sample.prompts:
+        sample = getattr(self.cfg, "sample", None)  # a recipe that draws no images has no [sample]
+        if not self.acc.is_main_process or sample is None or not sample.prompts:
             return None
         images = self.pipeline().generate(self.cfg.sample.prompts, seed=0)
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         save_atomic(make_grid(to_pil(images), ncols=min(len(images), 8)), path)
         return path
-
-
-class Trainer(TrainerBase):
-    """Owns the accelerator, model, EMA, optimiser and data of one run."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.setup(cfg, cfg.train.mixed_precision)
-        self.model = TextToImage(cfg.model)
-        self.ema = EMA(self.model, cfg.train.ema)
-        if cfg.train.compile:  # in place: parameter names, checkpoints and the EMA copy stay as they are
-            self.model.denoiser.compile()
-        if cfg.train.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-            self.ema.model.to(memory_format=torch.channels_last)
-        self.trained = trained = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = adamw(trained, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        self.opts = {"model": self.opt}
-        self.setup_data(cfg.model.channels, cfg.model.image_size)
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model, "ema": self.ema.model}
-
-    # --- the loop ----------------------------------------------------------------------
-
-    def _randomness(self, images: torch.Tensor, captions: list[str]):
-        """Caption dropout, sigmas and noise of this step and rank, from their own seed."""
-        gen = step_generator(self.cfg.seed, self.step, self.acc.process_index)
-        keep = torch.rand(len(captions), generator=gen) >= self.cfg.data.caption_dropout
-        captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
-        sigma = training_sigmas(len(captions), self.cfg.train.p_mean, self.cfg.train.p_std, gen)
-        noise = torch.randn(images.shape, generator=gen)
-        return captions, sigma.to(self.acc.device), noise.to(self.acc.device)
-
-    def before_fit(self) -> None:
-        self.step_module, self.prepared_opt = self.acc.prepare(TrainStep(self.model), self.opt)
-        self.ema.model.to(self.acc.device)
-
-    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
-        """EDM denoising loss (Karras et al. 2022) on the batch, one AdamW update, the EMA."""
-        cfg = self.cfg.train
-        captions, sigma, noise = self._randomness(images, captions)
-        for group in self.prepared_opt.param_groups:
-            group["lr"] = lr_at(self.step, cfg)
-        images = images.to(self.acc.device)
-        if cfg.channels_last:
-            images, noise = (t.contiguous(memory_format=torch.channels_last) for t in (images, noise))
-        loss = self.step_module(images, captions, sigma, noise)
-        self.prepared_opt.zero_grad(set_to_none=True)
-        self.acc.backward(loss)
-        value = loss.item()
-        if not self.guarded_step(self.prepared_opt, self.trained, value, cfg.grad_clip):
-            return None
-        self.ema.update(self.model, self.step)
-        return {"loss": value}
-
-    def summary(self, rows: list[dict[str, float]]) -> dict[str, Any]:
-        losses = [r["loss"] for r in rows]
-        return {"loss": sum(losses) / len(losses) if losses else None, "lr": lr_at(self.step - 1, self.cfg.train)}
-
-    def postfix(self, row: dict[str, Any]) -> dict[str, str]:
-        return {"loss": "skipped" if row["loss"] is None else f"{row['loss']:.4f}"}
-
-    def pipeline(self) -> Pipeline:
-        """The EMA model as a pipeline with the run's sampling defaults."""
-        # never compiled here: inductor's freezing would keep the weights of the first grid
-        return Pipeline(self.ema.model, dataclasses.replace(self.cfg.sample, compile=False), self.acc.device)
 
 
 def check_ranks_agree(acc, model: nn.Module, out: Path, step: int) -> None:
@@ -601,63 +422,6 @@ def _progress(active: bool, start: int, total: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, desc="training", disable=not active, dynamic_ncols=True)
-
-
-def check_eval(eval_cfg: EvalConfig, metrics: list[str] | None = None) -> tuple[dict[str, Any], Any]:
-    """The scorers (name -> metric) and held-out dataset of an evaluation, each checked: an
-    unknown metric, a missing dataset or a prompt count outside it is named before any sampling."""
-    from .registry import create
-
-    names = list(metrics) if metrics else ([eval_cfg.metric] if eval_cfg.metric else [])
-    if not names:
-        raise LimnerError("no metric to evaluate with: the run's config has no [eval] metric; name some with "
-                          "--metrics")
-    scorers = {name: create("metrics", name) for name in names}
-    if "name" not in eval_cfg.dataset:
-        raise LimnerError("no held-out dataset to evaluate on: the run's config has no [eval] dataset")
-    held_out = create(
-        "datasets", eval_cfg.dataset["name"], **{k: v for k, v in eval_cfg.dataset.items() if k != "name"}
-    )
-    if not 0 < eval_cfg.prompts <= len(held_out):
-        raise LimnerError(f"eval prompts must be 1..{len(held_out)} (the held-out dataset's size), "
-                          f"got {eval_cfg.prompts}")
-    return scorers, held_out
-
-
-def evaluate(pipeline, eval_cfg: EvalConfig, batch: int = 50, metrics: list[str] | None = None,
-             reconstruct: bool = False, **sampling) -> dict[str, float]:
-    """Draw the first `eval_cfg.prompts` captions of a held-out dataset with `pipeline` (prompt k
-    with seed k; `sampling` options as Pipeline.generate takes them) and score them with each of
-    `metrics` (default: the run's metric); a metric that takes `references` gets the held-out
-    images of the same prompts. With `reconstruct` (a VAE), the images scored are the held-out
-    images passed through the encoder and decoder instead. `seconds_per_image` is the time per image."""
-    scorers, held_out = check_eval(eval_cfg, metrics)
-    items = [held_out[i] for i in range(eval_cfg.prompts)]
-    prompts = [caption for _, caption in items]
-    references = torch.stack([image for image, _ in items])
-    if reconstruct and sampling:
-        raise LimnerError("--reconstruct passes held-out images through a VAE's encoder and decoder: it takes a VAE "
-                          f"checkpoint and no sampling options (got {', '.join(sampling)})")
-    if reconstruct and "reconstruct" not in pipeline.features:
-        raise LimnerError(f"--reconstruct: this {type(pipeline).__name__}'s model has no encoder: only a VAE "
-                          "checkpoint reconstructs images")
-    start = time.perf_counter()
-    if reconstruct:
-        images = torch.cat([pipeline.reconstruct(references[i:i + batch], prompts[i:i + batch])
-                            for i in range(0, len(prompts), batch)]).cpu()
-    else:  # prompt k is drawn with seed k, whatever the batching: its own noise, the same every time
-        images = torch.cat([pipeline.generate(prompts[i:i + batch], seed=list(range(i, i + len(prompts[i:i + batch]))),
-                                              **sampling) for i in range(0, len(prompts), batch)]).cpu()
-    seconds = (time.perf_counter() - start) / len(prompts)
-    scores: dict[str, float] = {}
-    for name, scorer in scorers.items():
-        takes = "references" in inspect.signature(scorer).parameters
-        if takes and references.shape != images.shape:
-            raise LimnerError(f"{name} compares generated images {tuple(images.shape[1:])} with the held-out ones "
-                              f"{tuple(references.shape[1:])}: give [eval] dataset the model's size and channels")
-        result = scorer(images, prompts, references=references) if takes else scorer(images, prompts)
-        scores.update({k: float(v) for k, v in result.items()})
-    return {**scores, "seconds_per_image": seconds}
 
 
 def params_digest(model: nn.Module) -> float:

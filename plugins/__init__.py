@@ -170,6 +170,11 @@ class image_metrics:
         """limner's Fashion-MNIST classifier as features for FID/KID/IS."""
         return _specs("image_metrics", [("fashion_net", "fashion_net", (), "")])
 
+    @hookimpl
+    def limner_register_recipes():
+        """Feature-network training on limner's loop."""
+        return _specs("image_metrics", [("feature_net", "feature_net_recipe", (), "")])
+
 
 class captioners:
     @hookimpl
@@ -183,12 +188,22 @@ class captioners:
         """Caption the image, compare with its prompt."""
         return _specs("captioners", [("caption_agreement", "caption_agreement", (), "")])
 
+    @hookimpl
+    def limner_register_recipes():
+        """Captioner training on limner's loop."""
+        return _specs("captioners", [("captioner", "captioner_recipe", (), "")])
+
 
 class matching:
     @hookimpl
     def limner_register_metrics():
         """Image-text matching with limner's contrastive model (the offline CLIP score)."""
         return _specs("matching", [("matching_score", "matching_score", (), "")])
+
+    @hookimpl
+    def limner_register_recipes():
+        """Matcher training on limner's loop."""
+        return _specs("matching", [("matcher", "matcher_recipe", (), "")])
 
 
 class recipes:

@@ -1,31 +1,39 @@
-"""Attention backends: `sdpa` (torch), `math` (plain PyTorch), `triton` (our FlashAttention forward),
-`xformers` (when installed) and `cpu` (our fused C++ kernel for head dim 16 on AVX-512 CPUs)."""
+"""Attention backends, each declaring what it takes and its rank in the CPU's fixed `auto` rule
+(limner.attention.Declared): `sdpa` (torch; takes everything, the CPU's fallback), `cpu` (our
+fused C++ kernel for head dim 16 on AVX-512 CPUs: ranked first where it fits and is built),
+`math` (plain PyTorch: the reference), `triton` (our FlashAttention forward) and `xformers`
+(when installed). On CUDA `auto` measures them all."""
 from __future__ import annotations
 
 from einops import rearrange
 
 import limner
-from limner.kernels import attention_cpu, attention_math, attention_sdpa, attention_triton
+from limner.attention import Declared
+from limner.kernels import attention_cpu, attention_math, attention_sdpa, attention_triton, cpu_attention
 
 
 def sdpa():
     """torch.nn.functional.scaled_dot_product_attention."""
-    return attention_sdpa
+    return Declared(attention_sdpa, rank=0)
 
 
 def math():
     """Plain PyTorch attention in float32: the reference."""
-    return attention_math
+    return Declared(attention_math)
 
 
 def triton():
     """Our FlashAttention forward in Triton (Dao et al. 2022); CUDA, or CPU under TRITON_INTERPRET=1."""
-    return attention_triton
+    return Declared(attention_triton)
+
+
+def _cpu_fits(q, k, v, mask) -> bool:
+    return cpu_attention.fits(q, k, v, mask) and cpu_attention.KERNEL.module() is not None
 
 
 def cpu():
     """limner's fused attention for the CPU at head dim 16 (AVX-512, forward and backward; built at first use)."""
-    return attention_cpu
+    return Declared(attention_cpu, fits=_cpu_fits, rank=10)
 
 
 def xformers():
@@ -45,4 +53,4 @@ def xformers():
         out = xops.memory_efficient_attention(*(rearrange(t, "b h l d -> b l h d") for t in (q, k, v)), attn_bias=bias)
         return rearrange(out, "b l h d -> b h l d")
 
-    return attend
+    return Declared(attend, fits=lambda q, k, v, mask: q.is_cuda)

@@ -8,16 +8,16 @@ decoder writes the caption word by word (greedy), reading the grid through cross
 Words come from the training captions (`vocab`); a word never seen reads as <unk>.
 
 Saved as a folder: captioner.json (options, vocabulary, class names, held-out scores) and
-model.safetensors. limner ships two, trained on this 2-core CPU by
-`python -m limner.plugins.captioners train configs/captioners/<name>.toml`: `shapes` and
-`fashion_mnist` (plugins/weights/captioner-*/; scores in benchmarks/results/captioners.md).
+model.safetensors. Trained by `limner train configs/captioners/<name>.toml` (the `captioner`
+recipe on limner's one loop: resumable, logged) into RUN/captioner/. limner ships two, trained
+on this 2-core CPU: `shapes` and `fashion_mnist` (plugins/weights/captioner-*/; scores in
+benchmarks/results/captioners.md).
 """
 from __future__ import annotations
 
 import json
 import math
-import sys
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,8 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import limner
+from limner.checkpoint import write_weights
+from limner.config import bounded
+from limner.files import write_text_atomic
 from limner.images import conform
 from limner.nn import conv_stages
+from limner.recipes import Recipe
+from limner.train import DataConfig, LoopConfig, RunConfig, TrainerBase
 from limner.words import clauses, named_class
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -141,7 +146,7 @@ def load_captioner(path: str | Path) -> Captioner:
     if not meta_file.is_file() or not weights.is_file():
         raise limner.LimnerError(
             f"no captioner in {folder}: a captioner folder holds captioner.json and "
-            "model.safetensors (train one with `python -m limner.plugins.captioners train CONFIG`)"
+            "model.safetensors (train one with `limner train CONFIG`, recipe = 'captioner')"
         )
     meta = json.loads(meta_file.read_text())
     model = Captioner(**meta["options"])
@@ -235,28 +240,139 @@ def _captioner_for(prompts: list[str], name: str | None) -> Captioner:
                              + "); train one on this dataset and pass it as captioner=<folder>")
 
 
-# --- training (python -m limner.plugins.captioners train CONFIG) -------------------------------
+# --- training: the `captioner` recipe on limner's one loop (limner train CONFIG) -------------
 
-def _materialise(dataset, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
-    """Every item of a dataset as uint8 images [N, C, H, W] and captions (drawn once, reused)."""
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    first, _ = dataset[0]
-    images = torch.empty((n, *first.shape), dtype=torch.uint8)
-    captions = []
-    for i in range(n):
-        image, text = dataset[i]
-        images[i] = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        captions.append(text)
-    return images, captions
+@dataclass
+class CaptionerModelConfig:
+    """[model]: the network's sizes. vocab, max_words, in_channels and image_size are read from
+    the training data when left out (the run's config.toml then records them)."""
+
+    channels: int = bounded(32, ge=1)
+    dim: int = bounded(128, ge=1)
+    layers: int = bounded(2, ge=1)
+    heads: int = bounded(4, ge=1)
+    classes: list[str] = field(default_factory=list)  # class words a class captioner is scored on
+    vocab: list[str] = field(default_factory=list)
+    max_words: int = bounded(0, ge=0)
+    in_channels: int = bounded(0, ge=0)
+    image_size: int = bounded(0, ge=0)
 
 
-def _unit8_to_images(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 127.5 - 1
+@dataclass(kw_only=True)
+class CaptionerOptimConfig(LoopConfig):
+    """[train]: the loop's settings and AdamW with a linear warm-up and a cosine decay to zero."""
+
+    lr: float = bounded(1e-3, gt=0)
+    warmup: int = bounded(200, ge=0)
+    weight_decay: float = bounded(0.01, ge=0)
+    grad_clip: float = bounded(1.0, ge=0)
+
+
+@dataclass(kw_only=True)
+class CaptionerRunConfig(RunConfig):
+    """A captioner run (recipe = "captioner"); [eval] dataset is the held-out set it is scored on
+    ([eval] prompts: how many of its items, 0 = all)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: CaptionerModelConfig = field(default_factory=CaptionerModelConfig)
+    train: CaptionerOptimConfig = field(default_factory=CaptionerOptimConfig)
+
+
+def warmup_cosine(step: int, steps: int, lr: float, warmup: int) -> float:
+    """A linear warm-up over `warmup` steps, then a cosine decay to zero at `steps`."""
+    return lr * min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+def model_options(cfg: CaptionerModelConfig) -> dict:
+    return {"vocab": cfg.vocab, "in_channels": cfg.in_channels, "image_size": cfg.image_size,
+            "channels": cfg.channels, "dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads,
+            "max_words": cfg.max_words, "classes": cfg.classes}
+
+
+def held_out(cfg) -> tuple[torch.Tensor, list[str]]:
+    """The first [eval] prompts items (0: all) of the [eval] dataset, named if it cannot be built."""
+    spec = dict(cfg.eval.dataset)
+    if "name" not in spec:
+        raise limner.LimnerError("[eval] dataset: name the held-out dataset the model is scored on, "
+                                 "e.g. { name = \"shapes\", split = \"test\" }")
+    data = limner.create("datasets", spec.pop("name"), **spec)
+    n = len(data) if not cfg.eval.prompts else cfg.eval.prompts
+    if not 0 < n <= len(data):
+        raise limner.LimnerError(f"[eval] prompts must be 0 (all) or 1..{len(data)}, got {cfg.eval.prompts}")
+    items = [data[i] for i in range(n)]
+    return torch.stack([image for image, _ in items]), [text for _, text in items]
+
+
+class _Loss(nn.Module):
+    """What accelerate wraps: the teacher-forced loss in one forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, captions):
+        return self.model.loss(images, captions)
+
+
+class CaptionerTrainer(TrainerBase):
+    """Cross-entropy of each next word (teacher forcing), AdamW; at the end the captioner folder."""
+
+    def __init__(self, cfg: CaptionerRunConfig):
+        self.setup(cfg)
+        m = cfg.model
+        if m.dim % m.heads:
+            raise limner.LimnerError(f"[model] dim ({m.dim}) must be a multiple of heads ({m.heads})")
+        if not m.vocab or not m.max_words or not m.in_channels or not m.image_size:
+            data = self.load_dataset()
+            captions = [data[i][1] for i in range(len(data))]
+            image, _ = data[0]
+            m.vocab = m.vocab or list(SPECIAL) + sorted({w for text in captions for w in text.lower().split()})
+            m.max_words = m.max_words or max(len(t.split()) for t in captions)
+            m.in_channels, m.image_size = m.in_channels or image.shape[0], m.image_size or image.shape[-1]
+        self.model = Captioner(**model_options(m))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.opts = {"model": self.opt}
+        self.setup_data()
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def check(self) -> None:
+        held_out(self.cfg)
+
+    def before_fit(self) -> None:
+        self.step_module, self.prepared = self.acc.prepare(_Loss(self.model), self.opt)
+        self.model.train()
+
+    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+        t = self.cfg.train
+        for group in self.prepared.param_groups:
+            group["lr"] = warmup_cosine(self.step, t.steps, t.lr, t.warmup)
+        loss = self.step_module(images.to(self.acc.device), captions)
+        self.prepared.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        value = loss.item()
+        if not self.guarded_step(self.prepared, list(self.model.parameters()), value, t.grad_clip):
+            return None
+        return {"loss": value}
+
+    def finish(self) -> dict:
+        """The captioner folder (out/captioner: captioner.json + float16 weights), scored as saved."""
+        folder = self.out / "captioner"
+        meta = {"captioner": "show_attend_tell", "options": model_options(self.cfg.model), "step": self.step}
+        write_weights(folder / "model.safetensors", self.model.state_dict(), half=True)
+        write_text_atomic(folder / "captioner.json", json.dumps(meta, indent=1) + "\n")
+        images, captions = held_out(self.cfg)
+        meta["scores"] = {**evaluate(load_captioner(folder), images, captions), "held_out": len(captions),
+                          "steps": self.step, "cpu_minutes": round(self.train_seconds() / 60, 2),
+                          "threads": torch.get_num_threads()}
+        write_text_atomic(folder / "captioner.json", json.dumps(meta, indent=1) + "\n")
+        return meta["scores"]
 
 
 def evaluate(model: Captioner, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
     """Exact-match rate (clauses in any order), clause F1 and, for a class captioner, class-word accuracy."""
-    got = model.caption(_unit8_to_images(images))
+    got = model.caption(images)
     scores = agreement(got, captions)
     out = {"exact_match": scores["caption_agreement"], "clause_f1": scores["caption_clause_f1"]}
     if model.classes:
@@ -264,94 +380,8 @@ def evaluate(model: Captioner, images: torch.Tensor, captions: list[str]) -> dic
     return out
 
 
-SCHEMA = {  # section -> (its keys, the required ones); "" is the top level
-    "": ({"out", "seed", "data", "model", "train", "eval"}, {"out", "data", "train", "eval"}),
-    "data": ({"dataset", "batch_size", "items"}, {"dataset"}),
-    "model": ({"channels", "dim", "layers", "heads", "classes"}, set()),
-    "train": ({"steps", "lr", "warmup"}, {"steps"}),
-    "eval": ({"dataset"}, {"dataset"}),
-}
-
-
-def read_config(path: str | Path) -> dict:
-    """A captioner training config (configs/captioners/*.toml), its keys and datasets checked."""
-    from limner.config import read_toml
-
-    file = Path(path)
-    cfg = read_toml(file)
-    for section, (allowed, required) in SCHEMA.items():
-        table = cfg if not section else cfg.get(section, {})
-        where = f"[{section}] " if section else ""
-        if not isinstance(table, dict):
-            raise limner.LimnerError(f"{file}: {where or section} must be a table")
-        unknown, missing = sorted(set(table) - allowed), sorted(required - set(table))
-        if unknown:
-            raise limner.LimnerError(f"{file}: {where}unknown key {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
-        if missing:
-            raise limner.LimnerError(f"{file}: {where}needs {', '.join(missing)}")
-    known = limner.list_components("datasets")["datasets"]
-    for section in ("data", "eval"):
-        spec = cfg[section]["dataset"]
-        if not isinstance(spec, dict) or spec.get("name") not in known:
-            raise limner.LimnerError(f"{file}: [{section}] dataset must be {{ name = ..., options }} naming one of "
-                                     f"{', '.join(known)}; got {spec!r}")
-    return cfg
-
-
-def train(config: str | Path) -> dict:
-    """Train a captioner as a TOML config says, save it, return its held-out scores."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    from limner.files import write_text_atomic
-
-    cfg = read_config(config)
-    data, model_cfg, train_cfg, eval_cfg = cfg["data"], cfg.get("model", {}), cfg["train"], cfg["eval"]
-    torch.manual_seed(cfg.get("seed", 0))
-    spec = dict(data["dataset"])
-    dataset = limner.create("datasets", spec.pop("name"), **spec)
-    start = time.perf_counter()
-    images, captions = _materialise(dataset, data.get("items"))
-    held_spec = dict(eval_cfg["dataset"])
-    held_images, held_captions = _materialise(limner.create("datasets", held_spec.pop("name"), **held_spec))
-    words = sorted({w for text in captions for w in text.lower().split()})
-    model = Captioner(list(SPECIAL) + words, in_channels=images.shape[1], image_size=images.shape[-1],
-                      max_words=max(len(t.split()) for t in captions), **model_cfg)
-    steps, batch = train_cfg["steps"], data.get("batch_size", 64)
-    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.get("lr", 1e-3), weight_decay=0.01)
-    warmup = train_cfg.get("warmup", 200)
-    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, cosine decay to zero
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    gen = torch.Generator().manual_seed(cfg.get("seed", 0))
-    model.train()
-    bar = tqdm(range(steps), desc="captioner", unit="step", file=sys.stderr)
-    for step in bar:
-        pick = torch.randint(len(images), (batch,), generator=gen)
-        loss = model.loss(_unit8_to_images(images[pick]), [captions[i] for i in pick.tolist()])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    minutes = (time.perf_counter() - start) / 60
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"captioner": "show_attend_tell", "options": model.options, "config": str(config)}
-    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
-    write_text_atomic(out / "captioner.json", json.dumps(meta, indent=1) + "\n")
-    shipped = load_captioner(out)  # scored as saved (float16 weights), so the numbers are the folder's
-    meta["scores"] = {**evaluate(shipped, held_images, held_captions), "held_out": len(held_captions),
-                      "steps": steps, "cpu_minutes": round(minutes, 2), "threads": torch.get_num_threads()}
-    write_text_atomic(out / "captioner.json", json.dumps(meta, indent=1) + "\n")
-    return meta["scores"]
-
-
-if __name__ == "__main__":  # python -m limner.plugins.captioners train CONFIG
-    if len(sys.argv) != 3 or sys.argv[1] != "train":
-        sys.exit("usage: python -m limner.plugins.captioners train CONFIG.toml")
-    try:
-        print(json.dumps(train(sys.argv[2]), indent=1))
-    except limner.LimnerError as exc:
-        sys.exit(f"Error: {exc}")
+def captioner_recipe() -> Recipe:
+    """Train a show-attend-tell captioner; `limner caption --model RUN/captioner` reads it."""
+    return Recipe(config=CaptionerRunConfig, trainer=CaptionerTrainer,
+                  model=lambda cfg: Captioner(**model_options(cfg.model)), pipeline=None,
+                  outputs=frozenset({"captioner"}))

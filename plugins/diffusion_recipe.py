@@ -1,17 +1,314 @@
-"""The `diffusion` recipe, registered like any other component: text-to-image EDM diffusion. Its
-parts are the framework's own, because sampling, the demo and `limner eval` build on them:
-the run config (limner.train.TrainConfig), the trainer (limner.train.Trainer), the model
-(limner.t2i.TextToImage) and the pipeline (limner.pipeline.Pipeline). The `gan` and `vae`
-recipes live whole in generator_recipes.py."""
+"""The `diffusion` recipe, whole in one module like `gan` and `vae`: text-to-image diffusion
+trained with the EDM loss (Karras et al. 2022) and drawn by any registered sampler. The run
+config's schema, the model (text encoder + denoiser), the trainer's step and the pipeline; the
+loop, checkpoints and resume are limner.train.TrainerBase's, sampling is limner.sampling.sample.
+
+    limner train configs/shapes-tiny.toml        # recipe = "diffusion"
+    pipe = limner.load_pipeline("runs/shapes")
+    images = pipe(["a red circle at the top left"], sampler="dpmpp_2m", schedule="karras",
+                  steps=20, guidance=3.0, seed=0)
+"""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from limner.config import ComponentConfig, bounded, component
+from limner.diffusion import training_sigmas
+from limner.ema import EMA
+from limner.errors import LimnerError
+from limner.pipeline import PipelineBase, check_mask_size, image_tensor, inference_compile, kept_psnr, mask_tensor
+from limner.protocols import TextEmbedding
 from limner.recipes import Recipe
+from limner.sampling import explicit_sigmas, guidance_mode, make_sigmas, resolve_sampler, sample, split_sampler_name
+from limner.text_cache import EmbeddingCache, with_phrase_tokens
+from limner.train import DataConfig, LoopConfig, RunConfig, TrainerBase, adamw, step_generator
+
+# --- the run config ----------------------------------------------------------------------
+
+
+@dataclass
+class DiffusionDataConfig(DataConfig):
+    caption_dropout: float = bounded(0.1, ge=0, le=1)  # the empty prompt's share: what guidance contrasts with
+
+
+@dataclass
+class ModelConfig:
+    """Which text encoder and denoiser, by name with their options (no defaults: the framework
+    names no component; the shipped configs do)."""
+
+    text_encoder: ComponentConfig = component("text_encoders")
+    denoiser: ComponentConfig = component("denoisers")
+    image_size: int = bounded(32, ge=1, le=4096)
+    channels: int = bounded(3, ge=1, le=64)
+    phrase_tokens: bool = False  # encode the prompt clause by clause (text_cache.with_phrase_tokens)
+
+
+@dataclass(kw_only=True)
+class OptimConfig(LoopConfig):
+    """[train] of the diffusion recipe (the loop's own settings come from LoopConfig)."""
+
+    lr: float = bounded(2e-4, gt=0)
+    weight_decay: float = bounded(0.0, ge=0)
+    warmup: int = bounded(200, ge=0)
+    ema: float = bounded(0.999, ge=0, lt=1)
+    grad_clip: float = bounded(1.0, ge=0)  # 0: no clipping
+    mixed_precision: str = "bf16"  # used on GPU only: "no", "bf16" or "fp16"
+    compile: bool = False  # torch.compile the denoiser (first steps pay the compile time)
+    channels_last: bool = True  # NHWC activations: oneDNN's (and tensor cores') fast layout; same math
+    p_mean: float = -1.2  # log-normal training sigmas (EDM's P_mean, P_std)
+    p_std: float = bounded(1.2, gt=0)
+
+
+@dataclass
+class SampleConfig:
+    """How images are drawn: in training's sample grids, `limner sample` and the demo."""
+
+    sampler: ComponentConfig = component("samplers")
+    schedule: ComponentConfig = component("schedules")
+    steps: int = bounded(20, ge=1, le=10_000)
+    guidance: float = bounded(3.0, ge=0)
+    # float32 bounds: the denoiser embeds log(sigma) and scales by 1/sqrt(sigma^2 + sigma_data^2)
+    sigma_min: float = bounded(0.002, ge=1e-6)
+    sigma_max: float = bounded(80.0, gt=0, le=1e5)
+    prompts: list[str] = field(default_factory=list)
+    compile: bool = False  # torch.compile the denoiser for sampling: pays ~30 s once per batch size
+    channels_last: bool = True  # NHWC activations: oneDNN's (and tensor cores') fast layout; same math
+
+
+@dataclass(kw_only=True)
+class TrainConfig(RunConfig):
+    """A diffusion run."""
+
+    data: DiffusionDataConfig = field(default_factory=DiffusionDataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# --- the model ---------------------------------------------------------------------------
+
+
+class TextToImage(nn.Module):
+    """encode(prompts) -> TextEmbedding; forward(x, sigma, cond) -> x0 estimate."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_encoder = cfg.text_encoder.build()
+        self.denoiser = cfg.denoiser.build(context_dim=self.text_encoder.dim, in_channels=cfg.channels,
+                                           image_size=cfg.image_size)
+        self.text_cache = EmbeddingCache()
+
+    def encode(self, prompts: list[str]) -> TextEmbedding:
+        """The prompts' embedding; a frozen encoder's come from the cache when seen before."""
+        if self.cfg.phrase_tokens:
+            return with_phrase_tokens(lambda ps: self.text_cache.encode(self.text_encoder, ps), prompts)
+        return self.text_cache.encode(self.text_encoder, prompts)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextEmbedding | None = None) -> torch.Tensor:
+        return self.denoiser(x, sigma, cond)
+
+    def training_loss(self, images: torch.Tensor, captions: list[str], sigma: torch.Tensor,
+                      noise: torch.Tensor) -> torch.Tensor:
+        """Mean denoising loss of a batch; text encoding inside, so DDP sees one forward."""
+        return self.denoiser.loss(images, self.encode(captions), sigma, noise).mean()
+
+
+class TrainStep(nn.Module):
+    """The module DDP wraps: text encoding and the denoiser in one forward."""
+
+    def __init__(self, model: TextToImage):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, captions, sigma, noise):
+        return self.model.training_loss(images, captions, sigma, noise)
+
+
+# --- the trainer -------------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """The learning rate of `step`: a linear warm-up to cfg.lr over cfg.warmup steps."""
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+
+
+class Trainer(TrainerBase):
+    """The model, its EMA and one AdamW; each step the EDM loss on a batch."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.setup(cfg, cfg.train.mixed_precision)
+        self.model = TextToImage(cfg.model)
+        self.ema = EMA(self.model, cfg.train.ema)
+        if cfg.train.compile:  # in place: parameter names, checkpoints and the EMA copy stay as they are
+            self.model.denoiser.compile()
+        if cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            self.ema.model.to(memory_format=torch.channels_last)
+        self.trained = trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = adamw(trained, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.opts = {"model": self.opt}
+        self.setup_data(cfg.model.channels, cfg.model.image_size)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, "ema": self.ema.model}
+
+    def _randomness(self, images: torch.Tensor, captions: list[str]):
+        """Caption dropout, sigmas and noise of this step and rank, from their own seed."""
+        gen = step_generator(self.cfg.seed, self.step, self.acc.process_index)
+        keep = torch.rand(len(captions), generator=gen) >= self.cfg.data.caption_dropout
+        captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
+        sigma = training_sigmas(len(captions), self.cfg.train.p_mean, self.cfg.train.p_std, gen)
+        noise = torch.randn(images.shape, generator=gen)
+        return captions, sigma.to(self.acc.device), noise.to(self.acc.device)
+
+    def before_fit(self) -> None:
+        self.step_module, self.prepared_opt = self.acc.prepare(TrainStep(self.model), self.opt)
+        self.ema.model.to(self.acc.device)
+
+    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+        """EDM denoising loss on the batch, one AdamW update, the EMA."""
+        cfg = self.cfg.train
+        captions, sigma, noise = self._randomness(images, captions)
+        for group in self.prepared_opt.param_groups:
+            group["lr"] = lr_at(self.step, cfg)
+        images = images.to(self.acc.device)
+        if cfg.channels_last:
+            images, noise = (t.contiguous(memory_format=torch.channels_last) for t in (images, noise))
+        loss = self.step_module(images, captions, sigma, noise)
+        self.prepared_opt.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        value = loss.item()
+        if not self.guarded_step(self.prepared_opt, self.trained, value, cfg.grad_clip):
+            return None
+        self.ema.update(self.model, self.step)
+        return {"loss": value}
+
+    def summary(self, rows: list[dict[str, float]]) -> dict[str, Any]:
+        losses = [r["loss"] for r in rows]
+        return {"loss": sum(losses) / len(losses) if losses else None, "lr": lr_at(self.step - 1, self.cfg.train)}
+
+    def postfix(self, row: dict[str, Any]) -> dict[str, str]:
+        return {"loss": "skipped" if row["loss"] is None else f"{row['loss']:.4f}"}
+
+    def pipeline(self) -> Pipeline:
+        """The EMA model as a pipeline with the run's sampling defaults."""
+        # never compiled here: inductor's freezing would keep the weights of the first grid
+        return Pipeline(self.ema.model, dataclasses.replace(self.cfg.sample, compile=False), self.acc.device)
+
+
+# --- the pipeline ------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What `generate` draws with: the given settings over the checkpoint's defaults, checked."""
+
+    sampler: Any  # the sampler function, options bound
+    sigmas: torch.Tensor
+    guidance: float
+
+    @property
+    def mode(self) -> str:
+        return guidance_mode(self.sampler)
+
+
+class Pipeline(PipelineBase):
+    """Text encoder + EMA denoiser of one checkpoint, with its default sampling settings."""
+
+    features = frozenset({"samplers", "compile", "init_image"})
+
+    def __init__(self, model: TextToImage, defaults: SampleConfig, device: torch.device):
+        super().__init__(model, defaults, device)
+        self.memory_format = torch.channels_last if defaults.channels_last else torch.contiguous_format
+        self.model.denoiser.to(memory_format=self.memory_format)
+        self.compiled = False
+        if defaults.compile:
+            self.compile()
+
+    def compile(self) -> None:
+        """torch.compile the denoiser in place for sampling (static shapes: one compile per batch
+        size). On the CPU, inductor's freezing folds the weights into the graph and pre-packs them
+        for oneDNN (the speed-up: benchmarks/results/cpu-anchors.md);
+        the weights must not change afterwards."""
+        self.model.denoiser.requires_grad_(False).compile(dynamic=False)
+        self.compiled = True
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str] | str, *, sampler: str | None = None, schedule: str | None = None,
+                 steps: int | None = None, guidance: float | None = None, seed: int | list[int] = 0, num: int = 1,
+                 init_image: Image.Image | None = None, strength: float = 0.6, mask: Image.Image | None = None,
+                 progress: bool = False, truncation: float | None = None,
+                 sigmas: list[float] | None = None) -> torch.Tensor:
+        """[N, C, H, W] in [-1, 1] for `prompts` (num each); init_image for image-to-image,
+        mask (white = redraw) for inpainting; sampler settings default to the checkpoint's;
+        `sigmas`, a falling list, replaces schedule and steps."""
+        self.refuse({"truncation": truncation}, "truncation is for GAN and VAE checkpoints; a diffusion model "
+                    "trades variety for fidelity with guidance")
+        prompts = self.expand(prompts, num)
+        plan = self.plan(sampler, schedule, steps, sigmas, guidance)
+        size, channels, n = self.model.cfg.image_size, self.model.cfg.channels, len(prompts)
+        noise, gen = self.noise((channels, size, size), seed, n, num)  # each image its own noise stream
+        check_mask_size(init_image, mask)
+        init = None if init_image is None else image_tensor(init_image, size, channels, n, self.device)
+        redraw = None if mask is None else mask_tensor(mask, size, n, self.device)
+        cond = self.model.encode(prompts)
+        uncond = self.model.encode([""] * n) if plan.guidance != 1 or plan.mode == "cfg_pp" else None
+        with inference_compile(self.compiled and self.device.type == "cpu"):
+            out = sample(self.model, noise.contiguous(memory_format=self.memory_format), sampler=plan.sampler,
+                         sigmas=plan.sigmas, guidance=plan.guidance, cond=cond, uncond=uncond, generator=gen,
+                         progress=progress, strength=strength, mask=redraw,
+                         init=None if init is None else init.contiguous(memory_format=self.memory_format))
+        if not bool(torch.isfinite(out).all()):
+            raise LimnerError(f"sampling produced NaN or infinite pixels (sampler {plan.sampler.limner_name}, "
+                              f"{len(plan.sigmas) - 1} steps, guidance {plan.guidance:g}): the images would be blank. "
+                              "Lower the guidance, use more steps or another sampler; nothing was written.")
+        return out.clamp(-1, 1)
+
+    def plan(self, sampler: str | None = None, schedule: str | None = None, steps: int | None = None,
+             sigmas: list[float] | None = None, guidance: float | None = None) -> Plan:
+        """The sampler (options bound), sigmas and guidance scale `generate` uses: the given
+        settings over the checkpoint's defaults, each checked."""
+        d = self.defaults
+        for what, given in (("sampler", sampler), ("schedule", schedule)):
+            if given is not None and not str(given).strip():
+                raise LimnerError(f"the {what} name is empty: give one (see `limner plugins`), or leave it out for "
+                                  f"the checkpoint's {getattr(d, what).name!r}")
+        if sampler:
+            sampler, implied = split_sampler_name(sampler)  # "DPM++ 2M Karras" = dpmpp_2m + karras
+            if implied and schedule and schedule != implied:
+                raise LimnerError(f"the sampler name says schedule {implied!r} but --schedule says {schedule!r}: "
+                                  "give one of them")
+            schedule = schedule or implied
+        sampler_cfg = ComponentConfig("samplers", sampler) if sampler else d.sampler
+        schedule_cfg = ComponentConfig("schedules", schedule) if schedule else d.schedule
+        if sigmas is not None:
+            if schedule or steps:
+                raise LimnerError("sigmas are the whole schedule: give them, or a schedule and steps, not both")
+            sigmas = explicit_sigmas(sigmas, self.device)
+        else:
+            sigmas = make_sigmas(schedule_cfg.name, steps or d.steps, d.sigma_min, d.sigma_max, device=self.device,
+                                 **schedule_cfg.options)
+        return Plan(resolve_sampler(sampler_cfg.name, **sampler_cfg.options), sigmas,
+                    d.guidance if guidance is None else guidance)
+
+    def check(self, **options) -> None:
+        self.plan(**options)
+
+    def kept_psnr(self, images: torch.Tensor, init_image: Image.Image, mask: Image.Image | None = None) -> float:
+        """PSNR (dB) of `images` against the init image where it was to be kept (limner.pipeline.kept_psnr)."""
+        size, channels, n = self.model.cfg.image_size, self.model.cfg.channels, len(images)
+        init = image_tensor(init_image, size, channels, n, torch.device("cpu"))
+        redraw = None if mask is None else mask_tensor(mask, size, n, torch.device("cpu"))
+        return kept_psnr(images.cpu(), init, redraw)
 
 
 def diffusion() -> Recipe:
     """Text-to-image diffusion: a denoiser trained with the EDM loss, sampled by any sampler."""
-    from limner.pipeline import Pipeline
-    from limner.t2i import TextToImage
-    from limner.train import TrainConfig, Trainer
-
     return Recipe(config=TrainConfig, trainer=Trainer, model=lambda cfg: TextToImage(cfg.model), pipeline=Pipeline)

@@ -22,19 +22,18 @@ import torch
 from torch import nn
 
 from limner.config import ComponentConfig, bounded, component, components
+from limner.ema import EMA
 from limner.errors import LimnerError
 from limner.pipeline import PipelineBase
 from limner.protocols import AdversarialLoss, Penalty, TextEmbedding
 from limner.recipes import Recipe
 from limner.text_cache import EmbeddingCache
-from limner.train import EMA, LoopConfig, RunConfig, TrainerBase, step_generator
+from limner.train import DataConfig, LoopConfig, RunConfig, TrainerBase, step_generator
 
 
 @dataclass
-class GenDataConfig:
-    dataset: ComponentConfig = component("datasets")
+class GenDataConfig(DataConfig):
     batch_size: int = bounded(32, ge=1)
-    workers: int = bounded(0, ge=0)
 
 
 @dataclass

@@ -11,10 +11,13 @@ with Inception FIDs. A plugin can register Inception or CLIP features as another
 
 Every metric is metric(images, prompts, references=None) -> dict of floats; images and
 references are [N, C, H, W] in [-1, 1]. The feature network is trained, and its real-vs-real
-baselines measured, by `python -m limner.plugins.image_metrics train [RESULTS.json]`.
+baselines measured, by `limner train configs/feature-nets/fashion-net.toml` (the `feature_net`
+recipe on limner's one loop; its eval.json is benchmarks/results/fashion-net.json's kind).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import limner
+from limner.checkpoint import write_weights
+from limner.config import bounded
+from limner.recipes import Recipe
+from limner.train import DataConfig, LoopConfig, RunConfig, TrainerBase, step_generator
 from limner.words import named_class
 
 WEIGHTS = Path(__file__).parent / "weights" / "fashion_net.safetensors"
@@ -81,7 +88,7 @@ def load_fashion_net(path: str | Path | None = None) -> FashionNet:
     file = Path(path) if path else WEIGHTS
     if not file.is_file():
         raise limner.LimnerError(f"fashion_net: no weights at {file}; train them with "
-                                 "`python -m limner.plugins.image_metrics train` (needs dataset-fashion-mnist)")
+                                 "`limner train configs/feature-nets/fashion-net.toml` (needs dataset-fashion-mnist)")
     net = FashionNet()
     net.load_state_dict(load_file(file))
     return net.eval().requires_grad_(False)
@@ -250,7 +257,7 @@ def prompt_class(prompt: str, classes: tuple[str, ...]) -> int:
                              f"{', '.join(classes)}")
 
 
-# --- training the feature network (python -m limner.plugins.image_metrics train) ------------
+# --- training the feature network: the `feature_net` recipe on limner's one loop ------------
 
 def accuracy(net: FashionNet, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
     with torch.no_grad():
@@ -265,46 +272,109 @@ def fashion_arrays(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(data.images, dtype=torch.float32)[:, None], torch.tensor(data.labels, dtype=torch.long)
 
 
-def train(out: Path = WEIGHTS, epochs: int = 8, batch: int = 128, lr: float = 2e-3, seed: int = 0) -> dict:
-    """Train FashionNet on the train split (Adam, one-cycle cosine), report test accuracy."""
-    import time
+@dataclass
+class FeatureNetModelConfig:
+    """[model]: FashionNet has a fixed shape (28x28 grey in, 128 features, its 10 classes)."""
 
-    from safetensors.torch import save_file
 
-    torch.manual_seed(seed)
-    images, labels = fashion_arrays("train")
-    test_images, test_labels = fashion_arrays("test")
-    net = FashionNet()
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    steps = epochs * (len(images) // batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    gen, start, step = torch.Generator().manual_seed(seed), time.perf_counter(), 0
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=gen)
-        for i in range(0, len(images) - batch + 1, batch):
-            idx = order[i:i + batch]
-            x = images[idx]
-            flip = torch.rand(len(x), generator=gen) < 0.5  # left-right flips: clothes are symmetric enough
+@dataclass(kw_only=True)
+class FeatureNetOptimConfig(LoopConfig):
+    """[train]: the loop's settings, Adam with a one-cycle schedule, left-right flips."""
+
+    lr: float = bounded(2e-3, gt=0)  # the one cycle's peak
+    flip: bool = True  # clothes are symmetric enough
+
+
+@dataclass(kw_only=True)
+class FeatureNetRunConfig(RunConfig):
+    """A feature-network run (recipe = "feature_net"): captions name the class ("a photo of a
+    coat"); [eval] dataset is the test split it is scored on."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: FeatureNetModelConfig = field(default_factory=FeatureNetModelConfig)
+    train: FeatureNetOptimConfig = field(default_factory=FeatureNetOptimConfig)
+
+
+def one_cycle(step: int, steps: int, peak: float) -> tuple[float, float]:
+    """(learning rate, Adam's beta1) of a one-cycle schedule (Smith & Topin 2019), as torch's
+    OneCycleLR defaults have it: 30% of the steps from peak/25 up to the peak with beta1 falling
+    0.95 -> 0.85, then down to peak/25e4 with beta1 rising back; cosine in both phases."""
+    def anneal(start: float, end: float, pct: float) -> float:
+        return end + (start - end) / 2 * (1 + math.cos(math.pi * pct))
+
+    turn = 0.3 * steps - 1
+    if step <= turn:
+        pct = step / turn if turn > 0 else 1.0
+        return anneal(peak / 25, peak, pct), anneal(0.95, 0.85, pct)
+    pct = min((step - turn) / max(steps - 1 - turn, 1e-9), 1.0)
+    return anneal(peak, peak / 25 / 1e4, pct), anneal(0.85, 0.95, pct)
+
+
+class FeatureNetTrainer(TrainerBase):
+    """Cross-entropy on the class each caption names; at the end the weights file, its test
+    accuracy and the real-vs-real FID/KID/IS baselines."""
+
+    def __init__(self, cfg: FeatureNetRunConfig):
+        self.setup(cfg)
+        self.net = FashionNet()
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.train.lr)
+        self.opts = {"net": self.opt}
+        self.setup_data()
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net}
+
+    def check(self) -> None:
+        self._test_split()
+
+    def _test_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = dict(self.cfg.eval.dataset)
+        if "name" not in spec:
+            raise limner.LimnerError("[eval] dataset: name the test split the network is scored on, e.g. "
+                                     "{ name = \"fashion_mnist\", size = 28, split = \"test\" }")
+        data = limner.create("datasets", spec.pop("name"), **spec)
+        items = [data[i] for i in range(len(data))]
+        labels = torch.tensor([prompt_class(text, FashionNet.classes) for _, text in items])
+        return torch.stack([image for image, _ in items]), labels
+
+    def before_fit(self) -> None:
+        self.net.train()
+
+    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+        t = self.cfg.train
+        gen = step_generator(self.cfg.seed, self.step, self.acc.process_index)
+        labels = torch.tensor([prompt_class(text, FashionNet.classes) for text in captions])
+        x = (images + 1) / 2  # FashionNet reads [0, 1]
+        if t.flip:
+            flip = torch.rand(len(x), generator=gen) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = F.cross_entropy(net(x), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-    net.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
-    report = {
-        "test_accuracy": accuracy(net, test_images, test_labels),
-        "epochs": epochs,
-        "steps": step,
-        "train_seconds": round(time.perf_counter() - start, 1),
-        "parameters": sum(p.numel() for p in net.parameters()),
-        "seed": seed,
-        "command": "python -m limner.plugins.image_metrics train",
-    }
-    return {**report, "baselines": baselines(test_images, out)}
+        lr, beta1 = one_cycle(self.step, t.steps, t.lr)
+        for group in self.opt.param_groups:
+            group["lr"], group["betas"] = lr, (beta1, group["betas"][1])
+        loss = F.cross_entropy(self.net(x), labels)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        value = loss.item()
+        if not self.guarded_step(self.opt, list(self.net.parameters()), value, 0.0):
+            return None
+        return {"loss": value}
+
+    def finish(self) -> dict:
+        """out/fashion_net.safetensors, its test accuracy and the real-vs-real baselines."""
+        path = self.out / "fashion_net.safetensors"
+        self.net.eval()
+        write_weights(path, self.net.state_dict())
+        images, labels = self._test_split()
+        return {"test_accuracy": accuracy(load_fashion_net(path), (images + 1) / 2, labels), "steps": self.step,
+                "train_seconds": round(self.train_seconds(), 1),
+                "parameters": sum(p.numel() for p in self.net.parameters()), "seed": self.cfg.seed,
+                "baselines": baselines((images + 1) / 2, path)}
+
+
+def feature_net_recipe() -> Recipe:
+    """Train limner's Fashion-MNIST feature network (`fid`, `kid`, ... take `path = RUN/fashion_net.safetensors`)."""
+    return Recipe(config=FeatureNetRunConfig, trainer=FeatureNetTrainer, model=lambda cfg: FashionNet(),
+                  pipeline=None, outputs=frozenset({"fashion_net.safetensors"}))
 
 
 def baselines(test_images: torch.Tensor, weights: Path = WEIGHTS) -> dict:
@@ -317,17 +387,3 @@ def baselines(test_images: torch.Tensor, weights: Path = WEIGHTS) -> dict:
     return {"images_per_half": half,
             **fid(path=path)(a, references=b), **kid(path=path)(a, references=b),
             **inception_score(path=path)(test_images * 2 - 1)}
-
-
-if __name__ == "__main__":
-    import json
-    import sys
-
-    if sys.argv[1:2] != ["train"]:
-        raise SystemExit("usage: python -m limner.plugins.image_metrics train [RESULTS.json]")
-    result = train()
-    print(json.dumps(result, indent=1))
-    if len(sys.argv) > 2:
-        from limner.files import write_text_atomic
-
-        write_text_atomic(Path(sys.argv[2]), json.dumps(result, indent=1) + "\n")

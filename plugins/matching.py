@@ -8,15 +8,15 @@ the others'. `matching_score` reports the mean cosine similarity x 100 of each i
 prompt (CLIP score's scale, Hessel et al. 2021) and the share of images whose own prompt is the
 best match among the set's distinct prompts (`matching_top1`), which reads more directly.
 
-Trained and shipped by `python -m limner.plugins.matching train configs/matchers/<name>.toml`
-(plugins/weights/matcher-<name>/: matcher.json + model.safetensors).
+Trained by `limner train configs/matchers/<name>.toml` (the `matcher` recipe on limner's one
+loop: resumable, logged) into RUN/matcher/ (matcher.json + model.safetensors); shipped as
+plugins/weights/matcher-<name>/.
 """
 from __future__ import annotations
 
 import json
 import math
-import sys
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,8 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import limner
+from limner.checkpoint import write_weights
+from limner.config import bounded
+from limner.files import write_text_atomic
 from limner.images import conform
 from limner.nn import conv_stages
+from limner.recipes import Recipe
+from limner.train import DataConfig, LoopConfig, RunConfig, TrainerBase
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -88,7 +93,7 @@ def load_matcher(path: str | Path) -> Matcher:
     folder = Path(path)
     if not (folder / "matcher.json").is_file() or not (folder / "model.safetensors").is_file():
         raise limner.LimnerError(f"no image-text matcher in {folder}: it holds matcher.json and model.safetensors "
-                                 "(train one with `python -m limner.plugins.matching train CONFIG`)")
+                                 "(train one with `limner train CONFIG`, recipe = 'matcher')")
     meta = json.loads((folder / "matcher.json").read_text())
     model = Matcher(**meta["options"])
     state = {k: v.float() for k, v in load_file(folder / "model.safetensors").items()}
@@ -112,70 +117,125 @@ def matching_score(matcher: str = "shapes"):
     return metric
 
 
-# --- training (python -m limner.plugins.matching train CONFIG) ----------------------------------
+# --- training: the `matcher` recipe on limner's one loop (limner train CONFIG) ----------------
 
-def train(config: str | Path) -> dict:
-    """Train a matcher as a TOML config says ([data] dataset, batch_size; [model]; [train] steps,
-    lr; [eval] dataset; out), save it, return its held-out scores."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
+@dataclass
+class MatcherModelConfig:
+    """[model]: the image tower's width and the shared embedding's; in_channels and image_size
+    are read from the training data when left out (the run's config.toml records them)."""
 
-    from limner.config import read_toml
-    from limner.files import write_text_atomic
-
-    cfg = read_toml(config)
-    missing = [k for k in ("out", "data", "train", "eval") if k not in cfg]
-    missing += [f"{s}.{k}" for s, k in (("data", "dataset"), ("train", "steps"), ("eval", "dataset"))
-                if k not in cfg.get(s, {})]
-    if missing:
-        raise limner.LimnerError(f"{config}: needs {', '.join(missing)} (see configs/matchers/shapes.toml)")
-    torch.manual_seed(cfg.get("seed", 0))
-
-    def materialise(spec):
-        spec = dict(spec)
-        data = limner.create("datasets", spec.pop("name"), **spec)
-        pairs = [data[i] for i in range(len(data))]
-        return torch.stack([p[0] for p in pairs]), [p[1] for p in pairs]
-
-    start = time.perf_counter()
-    images, captions = materialise(cfg["data"]["dataset"])
-    held_images, held_captions = materialise(cfg["eval"]["dataset"])
-    model = Matcher(in_channels=images.shape[1], image_size=images.shape[-1], **cfg.get("model", {}))
-    trained = [p for p in model.parameters() if p.requires_grad]
-    steps, batch = cfg["train"]["steps"], cfg["data"].get("batch_size", 64)
-    opt = torch.optim.AdamW(trained, lr=cfg["train"].get("lr", 1e-3), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
-    gen = torch.Generator().manual_seed(cfg.get("seed", 0))
-    model.train()
-    for _ in tqdm(range(steps), desc="matcher", unit="step", file=sys.stderr):
-        pick = torch.randint(len(images), (batch,), generator=gen)
-        loss = model.loss(images[pick], [captions[i] for i in pick.tolist()])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith("text_encoder.")}
-    save_file({k: v.detach().half().contiguous() for k, v in own.items()}, out / "model.safetensors")
-    meta = {"options": model.options, "config": str(config)}
-    write_text_atomic(out / "matcher.json", json.dumps(meta, indent=1) + "\n")
-    shipped = load_matcher(out)
-    shuffled = held_captions[1:] + held_captions[:1]
-    meta["scores"] = {**shipped.score(held_images, held_captions),
-                      "matching_score_shuffled_prompts": shipped.score(held_images, shuffled)["matching_score"],
-                      "held_out": len(held_captions), "steps": steps,
-                      "cpu_minutes": round((time.perf_counter() - start) / 60, 2)}
-    write_text_atomic(out / "matcher.json", json.dumps(meta, indent=1) + "\n")
-    return meta["scores"]
+    channels: int = bounded(32, ge=1)
+    dim: int = bounded(128, ge=1)
+    in_channels: int = bounded(0, ge=0)
+    image_size: int = bounded(0, ge=0)
 
 
-if __name__ == "__main__":  # python -m limner.plugins.matching train CONFIG
-    if len(sys.argv) != 3 or sys.argv[1] != "train":
-        sys.exit("usage: python -m limner.plugins.matching train CONFIG.toml")
-    try:
-        print(json.dumps(train(sys.argv[2]), indent=1))
-    except limner.LimnerError as exc:
-        sys.exit(f"Error: {exc}")
+@dataclass(kw_only=True)
+class MatcherOptimConfig(LoopConfig):
+    """[train]: the loop's settings and AdamW with a linear warm-up and a cosine decay."""
+
+    lr: float = bounded(1e-3, gt=0)
+    warmup: int = bounded(100, ge=0)
+    weight_decay: float = bounded(0.01, ge=0)
+    grad_clip: float = bounded(0.0, ge=0)  # 0: no clipping
+
+
+@dataclass(kw_only=True)
+class MatcherRunConfig(RunConfig):
+    """A matcher run (recipe = "matcher"); [eval] dataset is the held-out set it is scored on
+    ([eval] prompts: how many of its items, 0 = all)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: MatcherModelConfig = field(default_factory=MatcherModelConfig)
+    train: MatcherOptimConfig = field(default_factory=MatcherOptimConfig)
+
+
+def model_options(cfg: MatcherModelConfig) -> dict:
+    return {"in_channels": cfg.in_channels, "image_size": cfg.image_size, "channels": cfg.channels, "dim": cfg.dim}
+
+
+def held_out(cfg) -> tuple[torch.Tensor, list[str]]:
+    """The first [eval] prompts items (0: all) of the [eval] dataset, named if it cannot be built."""
+    spec = dict(cfg.eval.dataset)
+    if "name" not in spec:
+        raise limner.LimnerError("[eval] dataset: name the held-out dataset the model is scored on, "
+                                 "e.g. { name = \"shapes\", split = \"test\" }")
+    data = limner.create("datasets", spec.pop("name"), **spec)
+    n = len(data) if not cfg.eval.prompts else cfg.eval.prompts
+    if not 0 < n <= len(data):
+        raise limner.LimnerError(f"[eval] prompts must be 0 (all) or 1..{len(data)}, got {cfg.eval.prompts}")
+    items = [data[i] for i in range(n)]
+    return torch.stack([image for image, _ in items]), [text for _, text in items]
+
+
+class _Loss(nn.Module):
+    """What accelerate wraps: the contrastive loss in one forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, captions):
+        return self.model.loss(images, captions)
+
+
+class MatcherTrainer(TrainerBase):
+    """Symmetric InfoNCE over each batch, AdamW; at the end the matcher folder."""
+
+    def __init__(self, cfg: MatcherRunConfig):
+        self.setup(cfg)
+        m = cfg.model
+        if not m.in_channels or not m.image_size:
+            image, _ = self.load_dataset()[0]
+            m.in_channels, m.image_size = m.in_channels or image.shape[0], m.image_size or image.shape[-1]
+        self.model = Matcher(**model_options(m))
+        self.trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.trained, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.opts = {"model": self.opt}
+        self.setup_data()
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def check(self) -> None:
+        held_out(self.cfg)
+
+    def before_fit(self) -> None:
+        self.step_module, self.prepared = self.acc.prepare(_Loss(self.model), self.opt)
+        self.model.train()
+
+    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+        t = self.cfg.train
+        for group in self.prepared.param_groups:  # linear warm-up, cosine decay
+            group["lr"] = t.lr * min(1.0, (self.step + 1) / max(t.warmup, 1)) * \
+                0.5 * (1 + math.cos(math.pi * min(self.step, t.steps) / t.steps))
+        loss = self.step_module(images.to(self.acc.device), captions)
+        self.prepared.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        value = loss.item()
+        if not self.guarded_step(self.prepared, self.trained, value, t.grad_clip):
+            return None
+        return {"loss": value}
+
+    def finish(self) -> dict:
+        """The matcher folder (out/matcher: matcher.json + float16 weights, the frozen text
+        encoder's left out), scored as saved, also against shuffled prompts (the floor)."""
+        folder = self.out / "matcher"
+        meta = {"options": model_options(self.cfg.model), "step": self.step}
+        write_weights(folder / "model.safetensors", self.model.state_dict(), half=True)
+        write_text_atomic(folder / "matcher.json", json.dumps(meta, indent=1) + "\n")
+        shipped = load_matcher(folder)
+        images, captions = held_out(self.cfg)
+        shuffled = captions[1:] + captions[:1]
+        meta["scores"] = {**shipped.score(images, captions),
+                          "matching_score_shuffled_prompts": shipped.score(images, shuffled)["matching_score"],
+                          "held_out": len(captions), "steps": self.step,
+                          "cpu_minutes": round(self.train_seconds() / 60, 2)}
+        write_text_atomic(folder / "matcher.json", json.dumps(meta, indent=1) + "\n")
+        return meta["scores"]
+
+
+def matcher_recipe() -> Recipe:
+    """Train an image-text matcher; `matching_score` takes `matcher = "RUN/matcher"`."""
+    return Recipe(config=MatcherRunConfig, trainer=MatcherTrainer,
+                  model=lambda cfg: Matcher(**model_options(cfg.model)), pipeline=None, outputs=frozenset({"matcher"}))

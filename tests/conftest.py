@@ -13,9 +13,13 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-import limner.registry as registry_mod  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+# `python -m pytest` from the repository root puts the root on sys.path, where the top-level
+# kernels/ folder would shadow Hugging Face's `kernels` package (transformers and diffusers import
+# it): the root never stays on the path (limner itself is installed, editable)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+
+import limner.registry as registry_mod  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

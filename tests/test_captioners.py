@@ -9,8 +9,9 @@ from PIL import Image
 from test_cli import run
 
 import limner
-from limner.plugins.captioners import WEIGHTS, agreement, evaluate, read_config, train
+from limner.plugins.captioners import WEIGHTS, agreement, evaluate
 from limner.plugins.image_metrics import WEIGHTS as FASHION_NET
+from limner.recipes import load_run_config, train
 
 
 def renders(n, **options):
@@ -42,29 +43,32 @@ def test_a_captioner_learns_class_words_in_a_short_cpu_run(tmp_path):
         pytest.skip("needs dataset-fashion-mnist")
     config = tmp_path / "c.toml"
     config.write_text(
-        f'out = "{tmp_path / "cap"}"\nseed = 0\n[data]\n'
-        'dataset = { name = "fashion_mnist", size = 28, channels = 1 }\nitems = 3000\nbatch_size = 32\n'
+        f'out = "{tmp_path / "run"}"\nrecipe = "captioner"\nseed = 0\n[data]\n'
+        'dataset = { name = "fashion_mnist", size = 28, channels = 1 }\nbatch_size = 32\n'
         "[model]\nchannels = 16\ndim = 64\nlayers = 1\n"
         'classes = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", '
-        '"ankle boot"]\n[train]\nsteps = 200\nlr = 3e-3\nwarmup = 20\n'
-        '[eval]\ndataset = { name = "fashion_mnist", size = 28, channels = 1, split = "test" }\n'
+        '"ankle boot"]\n[train]\nsteps = 300\nlr = 3e-3\nwarmup = 20\nlog_every = 20\n'
+        '[eval]\nprompts = 2000\ndataset = { name = "fashion_mnist", size = 28, channels = 1, split = "test" }\n'
     )
     try:
-        scores = train(config)
+        train(config)
     except limner.LimnerError as exc:
         pytest.skip(str(exc))
+    scores = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert scores["class_word"] > 0.5  # chance: 0.1
-    meta = json.loads((tmp_path / "cap" / "captioner.json").read_text())
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] / 2  # logged by the one loop, as every recipe's
+    meta = json.loads((tmp_path / "run" / "captioner" / "captioner.json").read_text())
     assert meta["captioner"] == "show_attend_tell" and meta["scores"] == scores
     # the folder loads by path, through the component its captioner.json names
-    again = limner.load_captioner(tmp_path / "cap")
+    again = limner.load_captioner(tmp_path / "run" / "captioner")
     assert again.classes[-1] == "ankle boot" and again.vocab[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
 def test_shipped_shapes_captioner_reproduces_its_recorded_score_and_reads_two_objects():
     model = limner.create("captioners", "shapes")
     data = limner.create("datasets", "shapes", size=32, split="test", max_objects=1, length=1000)
-    images = torch.stack([((data[i][0] + 1) * 127.5).round().to(torch.uint8) for i in range(1000)])
+    images = torch.stack([data[i][0] for i in range(1000)])
     scores = evaluate(model, images, [data[i][1] for i in range(1000)])
     assert scores["exact_match"] == model.scores["exact_match"] >= 0.9  # the issue's target
     pictures, truths = renders(100, min_objects=2, max_objects=2)
@@ -112,25 +116,28 @@ def test_limner_caption_command(capsys, tmp_path):
 @pytest.mark.parametrize("name", ["shapes", "fashion-mnist"])
 def test_shipped_captioner_configs_are_valid_and_name_their_folders(name):
     root = Path(__file__).resolve().parents[1]
-    cfg = read_config(root / "configs" / "captioners" / f"{name}.toml")
-    assert (root / cfg["out"] / "captioner.json").is_file()
-    meta = json.loads((root / cfg["out"] / "captioner.json").read_text())
-    assert meta["config"] == f"configs/captioners/{name}.toml"
+    config = root / "configs" / "captioners" / f"{name}.toml"
+    cfg = load_run_config(config)
+    assert cfg.recipe == "captioner" and cfg.out == f"runs/captioner-{name}"
+    assert f"cp -r runs/captioner-{name}/captioner plugins/weights/captioner-{name}" in config.read_text()
+    meta = json.loads((WEIGHTS / f"captioner-{name}" / "captioner.json").read_text())
+    assert meta["captioner"] == "show_attend_tell" and meta["scores"]["held_out"] > 0
 
 
-def test_captioner_config_mistakes_are_named(tmp_path):
+def test_captioner_config_mistakes_are_named_before_anything_is_written(tmp_path):
+    run = tmp_path / "run"
     bad = tmp_path / "bad.toml"
-    bad.write_text(
-        'out = "x"\n[data]\ndataset = { name = "shapes" }\nbatchsize = 4\n[train]\nsteps = 1\n'
-        '[eval]\ndataset = { name = "shapes" }\n'
-    )
-    with pytest.raises(
-        limner.LimnerError, match="\\[data\\] unknown key 'batchsize'; valid: batch_size, dataset, items"
-    ):
-        read_config(bad)
-    bad.write_text('out = "x"\n[data]\ndataset = { name = "shapez" }\n[train]\nsteps = 1\n[eval]\ndataset = "shapes"\n')
-    with pytest.raises(limner.LimnerError, match="\\[data\\] dataset must be .* naming one of .*shapes"):
-        read_config(bad)
-    bad.write_text('out = "x"\n[data]\ndataset = { name = "shapes" }\n[eval]\ndataset = { name = "shapes" }\n')
-    with pytest.raises(limner.LimnerError, match="needs train"):
-        read_config(bad)
+    head = f'out = "{run}"\nrecipe = "captioner"\n'
+    bad.write_text(head + '[data]\ndataset = { name = "shapes" }\nbatchsize = 4\n')
+    with pytest.raises(limner.ConfigError, match="data.batchsize: unknown option, did you mean batch_size"):
+        train(bad)
+    bad.write_text(head + '[data]\ndataset = { name = "shapez" }\n')
+    with pytest.raises(limner.ConfigError, match="unknown dataset 'shapez'. Did you mean: shapes"):
+        train(bad)
+    bad.write_text(head + '[data]\ndataset = { name = "shapes", length = 100 }\n[model]\ndim = 30\n')
+    with pytest.raises(limner.LimnerError, match=r"\[model\] dim \(30\) must be a multiple of heads \(4\)"):
+        train(bad)
+    bad.write_text(head + '[data]\ndataset = { name = "shapes", length = 100 }\n')
+    with pytest.raises(limner.LimnerError, match=r"\[eval\] dataset: name the held-out dataset"):
+        train(bad)
+    assert not run.exists()

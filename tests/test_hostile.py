@@ -203,7 +203,7 @@ def test_a_finite_divergence_stops_before_its_checkpoint_and_latest_still_sample
 
 
 def test_a_loss_blow_up_is_a_divergence(tmp_path):
-    from limner.train import Divergence
+    from limner.guard import Divergence
 
     params = [torch.nn.Parameter(torch.ones(10))]
     watch = Divergence(params, weight_growth=100, loss_growth=50, out=tmp_path)

@@ -111,11 +111,33 @@ PICKERS = {"sampler", "schedule", "dataset", "text_encoder", "denoiser", "genera
            "metric", "features", "captioner", "attention", "backend"}
 
 
+def constants(node: ast.AST | None) -> list[str]:
+    """The strings an expression evaluates to when it is a literal: "x", a if c else "y", ("x", "y")."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.IfExp):
+        return constants(node.body) + constants(node.orelse)
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [v for e in node.elts for v in constants(e)]
+    return []
+
+
 def component_names_in(path: Path, builtins: set[str]) -> list[str]:
     """Built-in component names a module's code names itself: string arguments (after the kind)
-    of the calls that pick a component, and string defaults of function parameters."""
+    of the calls that pick a component, string defaults of function parameters, strings a
+    function returns, tables of names (an UPPER_CASE constant naming two or more) and names compared with a
+    picker (`backend == "sdpa"`)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Return):  # return "sdpa", return "cpu" if fits else "sdpa"
+            found += [v for v in constants(node.value) if v in builtins]
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets):
+            table = [v for v in constants(node.value) if v in builtins]
+            found += table if len(table) > 1 else []  # one hit may be another namespace's word ("linear" betas)
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            picks = any((getattr(s, "id", None) or getattr(s, "attr", None)) in PICKERS | {"name"} for s in sides)
+            found += [v for s in sides for v in constants(s) if picks and v in builtins]
         if isinstance(node, ast.Call):
             func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
             if func in NAMING_CALLS:
@@ -135,6 +157,10 @@ def test_the_scanner_sees_component_names_in_calls_and_defaults(tmp_path):
     src.write_text('a = component("samplers", "euler")\ndef f(x, schedule="karras", *, sampler="heun", kind="shapes"): '
                    'pass\nb = create("datasets", name)\n')
     assert sorted(component_names_in(src, {"euler", "heun", "karras", "shapes"})) == ["euler", "heun", "karras"]
+    src.write_text('CANDIDATES = ("sdpa", "math")\ndef g(q):\n    if backend == "triton":\n        pass\n'
+                   '    return "cpu" if q else "sdpa"\nkind = "shapes"\nOK = "shapes"\n')
+    found = component_names_in(src, {"sdpa", "math", "triton", "cpu", "shapes"})
+    assert sorted(found) == ["cpu", "math", "sdpa", "sdpa", "triton"]  # what framework/attention.py did
 
 
 @pytest.mark.parametrize("name,path,found", list(modules("framework")), ids=lambda v: getattr(v, "name", ""))
@@ -145,3 +171,16 @@ def test_the_framework_names_no_built_in_component(name, path, found):
     builtins = {n for names in limner.list_components().values() for n in names}
     named = component_names_in(path, builtins)
     assert not named, f"{path.relative_to(ROOT)} names built-in components {named}: take them from a config"
+
+
+def test_sampling_imports_no_training_code():
+    """`limner sample`'s machinery (pipelines, the sampling path, the recipe dispatch and
+    evaluation) loads without the training loop; only a recipe's own module brings it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, limner.pipeline, limner.sampling, limner.recipes, limner.evaluation; "
+            "training = ('limner.train', 'limner.guard', 'limner.ema', 'accelerate'); "
+            "print(sorted(m for m in sys.modules if m in training))")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

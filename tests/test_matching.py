@@ -35,10 +35,27 @@ def test_the_shipped_matcher_reproduces_its_recorded_scores_and_bad_names_are_na
         model.score(images[:2], prompts[:1])
 
 
-def test_a_matcher_config_missing_a_section_is_named(tmp_path):
-    from limner.plugins.matching import train
+def test_a_matcher_trains_on_the_one_loop_and_its_folder_scores_as_saved(tmp_path):
+    import json
+
+    from limner.plugins.matching import load_matcher
+    from limner.recipes import train
 
     config = tmp_path / "m.toml"
-    config.write_text('out = "x"\n[data]\ndataset = { name = "shapes" }\n[eval]\ndataset = { name = "shapes" }\n')
-    with pytest.raises(limner.LimnerError, match="needs train, train.steps"):
-        train(config)
+    config.write_text(f'out = "{tmp_path / "run"}"\nrecipe = "matcher"\n[data]\n'
+                      'dataset = { name = "shapes", size = 32, length = 2000, max_objects = 1 }\nbatch_size = 32\n'
+                      '[model]\nchannels = 8\ndim = 32\n[train]\nsteps = 60\nlr = 3e-3\nwarmup = 10\nlog_every = 10\n'
+                      '[eval]\nprompts = 100\ndataset = { name = "shapes", size = 32, split = "test", length = 200 }\n')
+    train(config)
+    scores = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert scores["matching_score"] > scores["matching_score_shuffled_prompts"] + 5  # it learnt to match
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    model = load_matcher(tmp_path / "run" / "matcher")
+    images, prompts = renders(100, max_objects=1)
+    assert model.options["in_channels"] == 3 and model.scores["held_out"] == 100
+    shuffled = prompts[1:] + prompts[:1]
+    assert model.score(images, prompts)["matching_top1"] > model.score(images, shuffled)["matching_top1"]
+    config.write_text(config.read_text().replace("[eval]\nprompts = 100\n", "[eval]\nprompts = 1000\n"))
+    with pytest.raises(limner.LimnerError, match=r"\[eval\] prompts must be 0 \(all\) or 1..200, got 1000"):
+        train(config, {"train.steps": 70})

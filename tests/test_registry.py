@@ -153,7 +153,7 @@ def test_plugins_command_lists_everything_and_marks_a_clash(fake_dist, capsys):
     the first component field of the config (data.dataset.name)."""
     from limner.cli import main
     from limner.config import ConfigError, parse_config
-    from limner.train import TrainConfig
+    from limner.plugins.diffusion_recipe import TrainConfig
 
     fake_dist("limner-copycat", THIRD_PARTY.replace('"third"', '"euler"', 1))
     set_registry(None)

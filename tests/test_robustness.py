@@ -237,7 +237,9 @@ def test_every_recipe_pipeline_shares_the_one_base_and_its_checks(run):
     from limner.pipeline import PipelineBase
     from limner.registry import create
 
-    for name in limner.list_components()["recipes"]:
+    drawing = [name for name in limner.list_components()["recipes"] if create("recipes", name).pipeline is not None]
+    assert {"diffusion", "gan", "vae"} <= set(drawing)  # the captioner, matcher and feature_net recipes draw none
+    for name in drawing:
         assert issubclass(create("recipes", name).pipeline, PipelineBase), name
     pipe = limner.load_pipeline(run)
     for num in (0, 1.5, True):

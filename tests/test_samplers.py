@@ -447,7 +447,7 @@ def test_sample_is_the_one_path_with_explicit_sigmas_image_to_image_and_inpainti
     redraw[..., :2] = 1
     out = sample(zero, noise, sampler="dpmpp_2m", schedule="karras", steps=4, init=init, mask=redraw)
     assert torch.equal(out[..., 2:], init[..., 2:]) and out[..., :2].abs().max() == 0
-    with pytest.raises(limner.LimnerError, match="a mask needs an init image"):
+    with pytest.raises(limner.LimnerError, match=r"a mask \(--mask\) needs an init image"):
         sample(zero, noise, sampler="euler", schedule="karras", mask=redraw)
     with pytest.raises(limner.LimnerError, match=r"euler_cfg_pp \(CFG\+\+\) does not combine with --mask"):
         sample(zero, noise, sampler="euler_cfg_pp", schedule="karras", init=init, mask=redraw, uncond=1, cond=1)

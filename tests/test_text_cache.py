@@ -8,7 +8,7 @@ import torch
 
 import limner
 from limner.config import ComponentConfig
-from limner.t2i import ModelConfig, TextToImage
+from limner.plugins.diffusion_recipe import ModelConfig, TextToImage
 from limner.text_cache import EmbeddingCache, weights_from_factory
 
 PROMPTS = ["a red circle at the top left", "a square", "", "a large yellow triangle at the bottom right"]

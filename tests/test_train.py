@@ -127,11 +127,11 @@ def test_pipeline_layouts_and_compile_draw_the_same_images(trained):
         assert (images[name] - images["contiguous"]).abs().max() < 1e-4, name
 
 
-def load_with(run: Path, settings: dict) -> "limner.pipeline.Pipeline":
+def load_with(run: Path, settings: dict) -> "limner.plugins.diffusion_recipe.Pipeline":
     """The checkpoint's pipeline with [sample] settings changed, as a config edit would."""
     import dataclasses
 
-    from limner.pipeline import Pipeline
+    from limner.plugins.diffusion_recipe import Pipeline
 
     pipe = limner.load_pipeline(run)
     sample = dataclasses.replace(pipe.defaults, **{k.split(".", 1)[1]: v for k, v in settings.items()})

@@ -14,16 +14,15 @@ import torch
 from torch import nn
 
 from limner.config import ComponentConfig, bounded, component
+from limner.ema import EMA
 from limner.pipeline import PipelineBase
 from limner.recipes import Recipe
-from limner.train import EMA, LoopConfig, RunConfig, TrainerBase
+from limner.train import DataConfig, LoopConfig, RunConfig, TrainerBase
 
 
 @dataclass
-class ProtoData:
-    dataset: ComponentConfig = component("datasets")
+class ProtoData(DataConfig):
     batch_size: int = bounded(16, ge=1)
-    workers: int = bounded(0, ge=0)
 
 
 @dataclass
