@@ -10,6 +10,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 KINDS = (
     "text_encoders",
     "denoisers",
+    "autoencoders",
     "generators",
     "discriminators",
     "losses",
@@ -27,6 +28,12 @@ KINDS = (
 @hookspec
 def limner_register_text_encoders():
     """Return ComponentSpecs of text encoders: encode(list[str]) -> TextEmbedding."""
+
+
+@hookspec
+def limner_register_autoencoders():
+    """Return ComponentSpecs of autoencoders for latent diffusion: encode(images) -> latents in
+    the denoiser's (scaled) space, decode(latents) -> images, latent_shape(channels, size)."""
 
 
 @hookspec

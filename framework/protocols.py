@@ -82,6 +82,18 @@ class Denoiser(Protocol):
 
 
 @runtime_checkable
+class Autoencoder(Protocol):
+    """Latent diffusion's image <-> latent map: images in [-1, 1], latents scaled (and shifted) to
+    about unit variance, as the denoiser sees them; latent_shape(channels, size) -> [C, H, W]."""
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def latent_shape(self, channels: int, size: int) -> tuple[int, int, int]: ...
+
+
+@runtime_checkable
 class Sampler(Protocol):
     def __call__(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
                  callback: Any = None, generator: torch.Generator | None = None) -> torch.Tensor: ...
@@ -135,6 +147,7 @@ class Penalty(Protocol):
 # What a component of each kind must have; limner.create checks what a factory built against it
 # (a runtime_checkable Protocol checks that the methods exist, not their signatures).
 KIND_PROTOCOLS: dict[str, type] = {
-    "text_encoders": TextEncoder, "denoisers": Denoiser, "samplers": Sampler, "schedules": Schedule,
-    "generators": Generator, "discriminators": Discriminator, "attention_backends": AttentionBackend,
+    "text_encoders": TextEncoder, "denoisers": Denoiser, "autoencoders": Autoencoder, "samplers": Sampler,
+    "schedules": Schedule, "generators": Generator, "discriminators": Discriminator,
+    "attention_backends": AttentionBackend,
 }

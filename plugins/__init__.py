@@ -108,6 +108,21 @@ class text_encoders:
                                         ("minilm", "minilm", ("all-minilm-l6-v2",), "")])
 
 
+class clip:
+    @hookimpl
+    def limner_register_text_encoders():
+        """CLIP's text transformers and BPE tokenizer: Stable Diffusion's text encoders."""
+        return _specs("clip", [("clip_l", "clip_l", ("clip_vit_l",), ""), ("openclip_h", "openclip_h", (), ""),
+                               ("clip_text_transformer", "clip_text_transformer", (), "")])
+
+
+class autoencoders:
+    @hookimpl
+    def limner_register_autoencoders():
+        """Latent diffusion's KL autoencoder (Stable Diffusion's VAE)."""
+        return _specs("autoencoder_kl", [("autoencoder_kl", "autoencoder_kl", ("sd_vae",), "")])
+
+
 class attention_backends:
     @hookimpl
     def limner_register_attention_backends():
@@ -119,7 +134,8 @@ class denoisers:
     @hookimpl
     def limner_register_denoisers():
         """ADM-style UNet and DiT."""
-        return _specs("denoisers", [("unet", "unet", (), ""), ("dit", "dit", (), "")])
+        return _specs("denoisers", [("unet", "unet", (), ""), ("dit", "dit", (), "")]) + \
+            _specs("sd_unet", [("sd_unet", "sd_unet", (), "Stable Diffusion 1.x/2.x's UNet, driven by sigmas")])
 
 
 class gans:
@@ -214,5 +230,5 @@ class recipes:
             _specs("generator_recipes", [(n, n, (), "") for n in ("gan", "vae")])
 
 
-PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, attention_backends, denoisers, gans, vae, losses,
-           image_metrics, captioners, matching, recipes)
+PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, clip, autoencoders, attention_backends, denoisers,
+           gans, vae, losses, image_metrics, captioners, matching, recipes)
