@@ -180,7 +180,12 @@ def read_state(folder: Path) -> dict[str, Any]:
 def load_module(module: torch.nn.Module, path: Path) -> None:
     """Load weights into `module`, naming the file on a missing or mismatched tensor, a tensor
     of another kind (integer weights for float parameters) or one holding NaN or infinity."""
-    tensors = load_tensors(path)
+    load_state(module, load_tensors(path), path)
+
+
+def load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path | str) -> None:
+    """load_module's checks and load for tensors already read (from `path`, which errors name)."""
+    path = Path(path)
     own = module.state_dict()
     wrong = [
         (k, tuple(v.shape), tuple(own[k].shape)) for k, v in tensors.items() if k in own and v.shape != own[k].shape

@@ -279,6 +279,27 @@ def caption(images, model, as_json):
 
 
 @cli.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+def inspect(path: str, as_json: bool) -> None:
+    """Say what a checkpoint, model file or folder is: recipe or family, parts and their size."""
+    from .recipes import describe
+
+    info = describe(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            click.echo(f"{key}:")
+            for k, v in value.items():
+                shown = ", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else v
+                click.echo(f"  {k}: {shown}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+@cli.command()
 @click.argument("run", type=click.Path())
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--full-precision", is_flag=True, help="Keep float32 weights (default: float16).")

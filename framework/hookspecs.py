@@ -22,6 +22,7 @@ KINDS = (
     "captioners",
     "attention_backends",
     "recipes",
+    "families",
 )
 
 
@@ -96,6 +97,14 @@ def limner_register_attention_backends():
 def limner_register_recipes():
     """Return ComponentSpecs of training recipes: a factory returning limner.recipes.Recipe
     (config schema, trainer with train_step, model, pipeline), picked by a config's `recipe`."""
+
+
+@hookspec
+def limner_register_families():
+    """Return ComponentSpecs of model families limner loads from other tools' files (a Stable
+    Diffusion single file, a diffusers folder): a factory returning an object with
+    detect(path) -> limner.protocols.Found | None and load(path) -> (run config as a dict,
+    the state dict of its recipe's model)."""
 
 
 @hookspec

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -93,6 +94,28 @@ class Autoencoder(Protocol):
     def latent_shape(self, channels: int, size: int) -> tuple[int, int, int]: ...
 
 
+@dataclass
+class Found:
+    """What a family recognised in a path: its name ("sd1", ...), the form ("single file",
+    "diffusers folder") and facts worth showing (`limner inspect`): prediction type, parameters
+    per part, dtype, size."""
+
+    family: str
+    form: str
+    facts: dict[str, Any]
+
+
+@runtime_checkable
+class Family(Protocol):
+    """A family of checkpoints limner did not write: detect(path) says whether a file or folder
+    is one (reading keys and shapes, never the whole file), load(path) gives the run config
+    (a dict a recipe's schema reads, with `recipe`) and the state dict of that recipe's model."""
+
+    def detect(self, path: Path) -> Found | None: ...
+
+    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+
+
 @runtime_checkable
 class Sampler(Protocol):
     def __call__(self, model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, extra_args: dict | None = None,
@@ -149,5 +172,5 @@ class Penalty(Protocol):
 KIND_PROTOCOLS: dict[str, type] = {
     "text_encoders": TextEncoder, "denoisers": Denoiser, "autoencoders": Autoencoder, "samplers": Sampler,
     "schedules": Schedule, "generators": Generator, "discriminators": Discriminator,
-    "attention_backends": AttentionBackend,
+    "attention_backends": AttentionBackend, "families": Family,
 }

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .checkpoint import find_checkpoint, load_module, read_state, weights_of
+from .checkpoint import find_checkpoint, load_module, load_state, read_state, weights_of
 from .config import ComponentConfig, load_config, read_toml, set_option
 from .errors import ConfigError, LimnerError, UnknownComponentError
 from .files import LOCK_NAME, FolderLock, check_own_folder, write_text_atomic
@@ -160,13 +160,48 @@ def confine_paths(section: Any, ckpt: Path) -> None:
             value.options[key] = str(inside)
 
 
+def find_family(path: str | Path):
+    """(family name, the family, what it found) for a file or folder a registered family
+    recognises (a Stable Diffusion single file, a diffusers folder), else None."""
+    for name in list_components("families")["families"]:
+        family = create("families", name)
+        found = family.detect(Path(path))
+        if found is not None:
+            return name, family, found
+    return None
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What a path holds (`limner inspect`): a limner checkpoint's recipe, step and model config,
+    or what a registered family found in another tool's file or folder."""
+    ckpt = find_checkpoint(path)
+    if ckpt is not None:
+        data = read_toml(ckpt / "config.toml")
+        state = read_state(ckpt)
+        return {"path": str(ckpt), "format": "limner checkpoint", "recipe": data.get("recipe"),
+                "step": state.get("step"), "model": data.get("model", {})}
+    found = find_family(path) if Path(path).exists() else None
+    if found is None:
+        families = ", ".join(list_components("families")["families"]) or "none registered"
+        raise LimnerError(f"{path} is neither a limner checkpoint nor a model file or folder of a family limner reads "
+                          f"({families})")
+    name, _, what = found
+    return {"path": str(path), "format": what.form, "family": what.family, "reader": name, **what.facts}
+
+
 def load_pipeline(path: str | Path, device: str | torch.device | None = None):
     """The pipeline of a checkpoint directory, a run's checkpoints/ folder or the run folder,
-    as its recipe builds it (diffusion: Pipeline; GAN, VAE: GeneratorPipeline)."""
+    as its recipe builds it (diffusion: Pipeline; GAN, VAE: GeneratorPipeline), or of another
+    tool's file or folder that a registered family recognises."""
     ckpt = find_checkpoint(path)
     if ckpt is None:
-        raise LimnerError(f"no checkpoint found at {path} (expected config.toml + *.safetensors, "
-                          "or a run folder with checkpoints/latest)")
+        foreign = find_family(path) if Path(path).exists() else None
+        if foreign is None:
+            families = ", ".join(list_components("families")["families"]) or "none registered"
+            raise LimnerError(f"no checkpoint found at {path}: expected a limner checkpoint (config.toml + "
+                              "*.safetensors, or a run folder with checkpoints/latest) or a model file or folder of a "
+                              f"family limner reads ({families}; `limner inspect PATH` says what a file is)")
+        return _foreign_pipeline(path, *foreign, device)
     cfg = load_run_config(ckpt / "config.toml")
     confine_paths(cfg.model, ckpt)
     recipe = get_recipe(cfg.recipe)
@@ -177,3 +212,16 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None):
     load_module(model, weights_of(ckpt))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return recipe.pipeline(model, cfg.sample, device)
+
+
+def _foreign_pipeline(path: str | Path, name: str, family, found, device):
+    """A pipeline from a family's run config and state dict (checked as a checkpoint's are)."""
+    data, tensors = family.load(Path(path))
+    cfg = load_config(Path(path), get_recipe(recipe_of(path, data)).config, data)
+    recipe = get_recipe(cfg.recipe)
+    model = recipe.model(cfg)
+    load_state(model, tensors, path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = recipe.pipeline(model, cfg.sample, device)
+    pipe.found = found
+    return pipe

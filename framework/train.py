@@ -33,8 +33,8 @@ from .checkpoint import (
     to_toml,
     write_checkpoint,
 )
-from .config import ComponentConfig, bounded, check_memory, component
-from .errors import LimnerError, notice
+from .config import ComponentConfig, bounded, check_memory
+from .errors import ConfigError, LimnerError, notice
 from .evaluation import EvalConfig, check_eval, evaluate
 from .files import remove_stale_temps, write_text_atomic
 from .guard import Divergence, NonFinite
@@ -43,9 +43,10 @@ from .images import make_grid, save_atomic, to_pil
 
 @dataclass
 class DataConfig:
-    """[data] of a run: the dataset and how the loop batches it (a recipe may subclass it)."""
+    """[data] of a run: the dataset and how the loop batches it (a recipe may subclass it). The
+    dataset is needed to train, not to sample (a model converted from another tool has none)."""
 
-    dataset: ComponentConfig = component("datasets")
+    dataset: ComponentConfig | None = field(default=None, metadata={"kind": "datasets"})
     batch_size: int = bounded(64, ge=1)
     workers: int = bounded(0, ge=0)
 
@@ -181,6 +182,9 @@ class TrainerBase:
     def load_dataset(self):
         """The [data] dataset, built once (a trainer that sizes its model from the data asks first)."""
         if getattr(self, "dataset", None) is None:
+            if self.cfg.data.dataset is None:
+                raise ConfigError("data.dataset: missing required option: name the dataset to train on, e.g. "
+                                  "dataset = { name = \"shapes\" } (see `limner plugins`)")
             self.dataset = self.cfg.data.dataset.build()
         return self.dataset
 

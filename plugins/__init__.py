@@ -123,6 +123,13 @@ class autoencoders:
         return _specs("autoencoder_kl", [("autoencoder_kl", "autoencoder_kl", ("sd_vae",), "")])
 
 
+class families:
+    @hookimpl
+    def limner_register_families():
+        """Stable Diffusion 1.x and 2.x diffusers folders."""
+        return _specs("stable_diffusion", [("stable_diffusion", "stable_diffusion", ("sd",), "")])
+
+
 class attention_backends:
     @hookimpl
     def limner_register_attention_backends():
@@ -230,5 +237,5 @@ class recipes:
             _specs("generator_recipes", [(n, n, (), "") for n in ("gan", "vae")])
 
 
-PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, clip, autoencoders, attention_backends, denoisers,
-           gans, vae, losses, image_metrics, captioners, matching, recipes)
+PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, clip, autoencoders, families, attention_backends,
+           denoisers, gans, vae, losses, image_metrics, captioners, matching, recipes)

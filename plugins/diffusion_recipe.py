@@ -44,6 +44,8 @@ class ModelConfig:
 
     text_encoder: ComponentConfig = component("text_encoders")
     denoiser: ComponentConfig = component("denoisers")
+    # latent diffusion (Rombach et al. 2022): the denoiser works on this autoencoder's latents
+    autoencoder: ComponentConfig | None = field(default=None, metadata={"kind": "autoencoders"})
     image_size: int = bounded(32, ge=1, le=4096)
     channels: int = bounded(3, ge=1, le=64)
     phrase_tokens: bool = False  # encode the prompt clause by clause (text_cache.with_phrase_tokens)
@@ -95,15 +97,30 @@ class TrainConfig(RunConfig):
 
 
 class TextToImage(nn.Module):
-    """encode(prompts) -> TextEmbedding; forward(x, sigma, cond) -> x0 estimate."""
+    """encode(prompts) -> TextEmbedding; forward(x, sigma, cond) -> x0 estimate, where x is an
+    image or, with an autoencoder, its latent (`latent`: the [C, H, W] the denoiser works on;
+    to_latent and to_image map between the two, the identity without an autoencoder)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.text_encoder = cfg.text_encoder.build()
-        self.denoiser = cfg.denoiser.build(context_dim=self.text_encoder.dim, in_channels=cfg.channels,
-                                           image_size=cfg.image_size)
+        self.autoencoder = cfg.autoencoder.build() if cfg.autoencoder is not None else None
+        self.latent = (self.autoencoder.latent_shape(cfg.channels, cfg.image_size) if self.autoencoder is not None
+                       else (cfg.channels, cfg.image_size, cfg.image_size))
+        self.denoiser = cfg.denoiser.build(context_dim=self.text_encoder.dim, in_channels=self.latent[0],
+                                           image_size=self.latent[1])
         self.text_cache = EmbeddingCache()
+
+    def to_latent(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] as the denoiser sees them (the autoencoder's scaled latents)."""
+        if self.autoencoder is None:
+            return images
+        with torch.no_grad():
+            return self.autoencoder.encode(images, generator)
+
+    def to_image(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.autoencoder is None else self.autoencoder.decode(x)
 
     def encode(self, prompts: list[str]) -> TextEmbedding:
         """The prompts' embedding; a frozen encoder's come from the cache when seen before."""
@@ -116,8 +133,9 @@ class TextToImage(nn.Module):
 
     def training_loss(self, images: torch.Tensor, captions: list[str], sigma: torch.Tensor,
                       noise: torch.Tensor) -> torch.Tensor:
-        """Mean denoising loss of a batch; text encoding inside, so DDP sees one forward."""
-        return self.denoiser.loss(images, self.encode(captions), sigma, noise).mean()
+        """Mean denoising loss of a batch (of latents, with an autoencoder, which stays frozen);
+        text encoding inside, so DDP sees one forward."""
+        return self.denoiser.loss(self.to_latent(images), self.encode(captions), sigma, noise).mean()
 
 
 class TrainStep(nn.Module):
@@ -165,7 +183,7 @@ class Trainer(TrainerBase):
         keep = torch.rand(len(captions), generator=gen) >= self.cfg.data.caption_dropout
         captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
         sigma = training_sigmas(len(captions), self.cfg.train.p_mean, self.cfg.train.p_std, gen)
-        noise = torch.randn(images.shape, generator=gen)
+        noise = torch.randn((len(images), *self.model.latent), generator=gen)
         return captions, sigma.to(self.acc.device), noise.to(self.acc.device)
 
     def before_fit(self) -> None:
@@ -254,10 +272,12 @@ class Pipeline(PipelineBase):
         prompts = self.expand(prompts, num)
         plan = self.plan(sampler, schedule, steps, sigmas, guidance)
         size, channels, n = self.model.cfg.image_size, self.model.cfg.channels, len(prompts)
-        noise, gen = self.noise((channels, size, size), seed, n, num)  # each image its own noise stream
+        noise, gen = self.noise(self.model.latent, seed, n, num)  # each image its own noise stream
         check_mask_size(init_image, mask)
-        init = None if init_image is None else image_tensor(init_image, size, channels, n, self.device)
-        redraw = None if mask is None else mask_tensor(mask, size, n, self.device)
+        init = None if init_image is None else self.model.to_latent(
+            image_tensor(init_image, size, channels, n, self.device))
+        # with an autoencoder, inpainting blends latents: the mask at the latent's size
+        redraw = None if mask is None else mask_tensor(mask, self.model.latent[1], n, self.device)
         cond = self.model.encode(prompts)
         uncond = self.model.encode([""] * n) if plan.guidance != 1 or plan.mode == "cfg_pp" else None
         with inference_compile(self.compiled and self.device.type == "cpu"):
@@ -265,6 +285,7 @@ class Pipeline(PipelineBase):
                          sigmas=plan.sigmas, guidance=plan.guidance, cond=cond, uncond=uncond, generator=gen,
                          progress=progress, strength=strength, mask=redraw,
                          init=None if init is None else init.contiguous(memory_format=self.memory_format))
+            out = self.model.to_image(out)
         if not bool(torch.isfinite(out).all()):
             raise LimnerError(f"sampling produced NaN or infinite pixels (sampler {plan.sampler.limner_name}, "
                               f"{len(plan.sigmas) - 1} steps, guidance {plan.guidance:g}): the images would be blank. "
