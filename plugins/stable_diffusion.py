@@ -87,6 +87,8 @@ class StableDiffusion:
     """detect(path) -> Found | None; load(path) -> (run config, state dict)."""
 
     def detect(self, path: Path) -> Found | None:
+        if path.is_file():
+            return self.detect_file(path)
         index = path / "model_index.json"
         if not path.is_dir() or not index.is_file():
             return None
@@ -107,7 +109,36 @@ class StableDiffusion:
         return Found(family, "diffusers folder", {"pipeline": kind, "prediction": scheduler.get(
             "prediction_type", "epsilon"), "context": width, "latent_size": unet.get("sample_size"), "parts": parts})
 
+    def detect_file(self, path: Path) -> Found | None:
+        if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+            raise limner.LimnerError(f"{path} is a pickled checkpoint: limner never unpickles a file (unpickling runs "
+                                     "whatever code the file holds); use its .safetensors release or convert it")
+        if path.suffix.lower() != ".safetensors":
+            return None
+        f = SingleFile(path)
+        what = _what_file(f)
+        if what is not None:
+            raise limner.LimnerError(f"{path} is {what}; limner runs Stable Diffusion 1.x and 2.x checkpoints (one "
+                                     ".safetensors file with UNet, VAE and text encoder, or a diffusers folder)")
+        family, options = _file_config(f)
+        parts = {}
+        for part, prefix in (("text_encoder", "cond_stage_model."), ("unet", UNET), ("vae", VAE)):
+            keys = [k for k in f.shapes if k.startswith(prefix)]
+            dtypes = sorted({f.handle.get_slice(k).get_dtype() for k in keys})
+            parts[part] = {"parameters": sum(int(torch.Size(f.shapes[k]).numel()) for k in keys),
+                           "dtype": "/".join(dtypes)}
+        return Found(family, "single file", {"prediction": self.prediction(f), "context": options["context"],
+                                             "megabytes": round(path.stat().st_size / 1e6, 1), "parts": parts})
+
+    @staticmethod
+    def prediction(f: SingleFile) -> str:
+        """The prediction type a file's metadata states (ModelSpec's modelspec.prediction_type), else epsilon."""
+        said = str(f.metadata.get("modelspec.prediction_type", f.metadata.get("prediction_type", "epsilon"))).lower()
+        return "v_prediction" if said in ("v", "v_prediction", "v-prediction") else "epsilon"
+
     def load(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        if path.is_file():
+            return self.load_file(path)
         found = self.detect(path)
         if found is None:
             raise limner.LimnerError(f"{path} is not a Stable Diffusion 1.x/2.x diffusers folder")
@@ -127,6 +158,46 @@ class StableDiffusion:
                              ("vae", "autoencoder.")):
             tensors.update(_read(_weights(path / part), prefix))
         return config, {_text_key(k): v for k, v in tensors.items() if not k.endswith("position_ids")}
+
+    def load_file(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The run config and state dict of a single file: the model's parameter names (from its
+        components built on the meta device: no memory) looked up in the file under their
+        original names."""
+        f = SingleFile(path)
+        family, options = _file_config(f)
+        context = options.pop("context")
+        prediction = self.prediction(f)
+        options["denoiser"]["prediction"] = prediction
+        with torch.device("meta"):
+            parts = {"text_encoder": _build("text_encoders", options["text_encoder"]),
+                     "denoiser": _build("denoisers", options["denoiser"], context_dim=context,
+                                        in_channels=options["autoencoder"]["latent_channels"]),
+                     "autoencoder": _build("autoencoders", options["autoencoder"])}
+        unet, vae = options["denoiser"], options["autoencoder"]
+        tensors = {}
+        for part, module in parts.items():
+            for key, want in module.state_dict().items():
+                if part == "denoiser":
+                    name = UNET + unet_name(key.removeprefix("net.unet."), unet["blocks"], unet["attention"])
+                    chunk = None
+                elif part == "autoencoder":
+                    name, chunk = VAE + vae_name(key, len(vae["widths"])), None
+                elif family == "sd2":
+                    name, chunk = open_clip_name(key)
+                    name = OPEN_CLIP + name
+                else:
+                    name, chunk = CLIP_L + key, None
+                t = f.tensor(name)
+                t = t.chunk(3)[chunk] if chunk is not None else t
+                tensors[f"{part}.{key}"] = t.reshape(want.shape) if t.numel() == want.numel() else t
+        sigmas = ddpm_sigmas("scaled_linear")
+        # the size it was trained at: 512 pixels (a 64-latent), 768 for the SD 2 v-prediction models
+        size = (96 if prediction == "v_prediction" else 64) * 2 ** (len(vae["widths"]) - 1)
+        config = {"out": str(path), "recipe": "diffusion",
+                  "model": {**options, "image_size": size, "channels": 3},
+                  "sample": {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "karras"}, "steps": 25,
+                             "guidance": 7.5, "sigma_min": float(sigmas[0]), "sigma_max": float(sigmas[-1])}}
+        return config, tensors
 
     @staticmethod
     def text_encoder(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -173,3 +244,187 @@ class StableDiffusion:
 def stable_diffusion() -> StableDiffusion:
     """Stable Diffusion 1.x and 2.x from a diffusers folder."""
     return StableDiffusion()
+
+
+# --- single files in the original (CompVis/Stability) layout --------------------------------------
+# One name function per part maps a limner (= diffusers) parameter name to the file's; loading
+# asks the file for exactly the names the model needs, so nothing is read twice or kept unused.
+# The layouts are CompVis latent-diffusion's (openaimodel.py's input_blocks / middle_block /
+# output_blocks, the autoencoder's down.i.block.j, OpenCLIP's resblocks), as diffusers'
+# single_file_utils and ComfyUI read them.
+
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+CLIP_L, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+OTHER_FILES = {  # a key that marks a file limner cannot run as a model, and what it is
+    "lora_unet_": "a LoRA (kohya/A1111 layout), not a model: LoRA support is issue 29",
+    "lora_te_": "a LoRA (kohya/A1111 layout), not a model: LoRA support is issue 29",
+    "conditioner.embedders.1.model.": "an SDXL checkpoint: SDXL is issue 29",
+    "model.diffusion_model.joint_blocks.": "a Stable Diffusion 3 checkpoint",
+    "model.diffusion_model.double_blocks.": "a Flux checkpoint",
+    "double_blocks.": "a Flux transformer",
+    "joint_blocks.": "a Stable Diffusion 3 transformer",
+}
+
+
+def unet_name(key: str, blocks: int, attention: list[bool]) -> str:
+    """The original name of a diffusers UNet parameter (levels of `blocks` resnets each)."""
+    parts = key.split(".")
+    levels = len(attention)
+
+    def resnet(rest: list[str]) -> str:
+        return ".".join([RESNET.get(rest[0], rest[0]), *rest[1:]])
+
+    if parts[0] == "conv_in":
+        return f"input_blocks.0.0.{parts[1]}"
+    if parts[0] == "time_embedding":
+        return f"time_embed.{'0' if parts[1] == 'linear_1' else '2'}.{parts[2]}"
+    if parts[0] in ("conv_norm_out", "conv_out"):
+        return f"out.{'0' if parts[0] == 'conv_norm_out' else '2'}.{parts[1]}"
+    if parts[0] == "mid_block":
+        if parts[1] == "attentions":
+            return "middle_block.1." + ".".join(parts[3:])
+        return f"middle_block.{0 if parts[2] == '0' else 2}." + resnet(parts[3:])
+    i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+    if parts[0] == "down_blocks":
+        k = 1 + i * (blocks + 1)
+        if kind == "downsamplers":
+            return f"input_blocks.{k + blocks}.0.op." + ".".join(rest[1:])
+        return f"input_blocks.{k + j}.{0 if kind == 'resnets' else 1}." + (resnet(rest) if kind == "resnets"
+                                                                           else ".".join(rest))
+    k = i * (blocks + 1)  # up_blocks
+    if kind == "upsamplers":
+        return f"output_blocks.{k + blocks}.{2 if attention[levels - 1 - i] else 1}.conv." + ".".join(rest[1:])
+    return f"output_blocks.{k + j}.{0 if kind == 'resnets' else 1}." + (resnet(rest) if kind == "resnets"
+                                                                       else ".".join(rest))
+
+
+def vae_name(key: str, levels: int) -> str:
+    """The original name of a diffusers AutoencoderKL parameter."""
+    parts = key.split(".")
+    if parts[0] in ("quant_conv", "post_quant_conv"):
+        return key
+    half, rest = parts[0], parts[1:]
+    if rest[0] == "conv_norm_out":
+        return f"{half}.norm_out.{rest[1]}"
+    if rest[0] in ("conv_in", "conv_out"):
+        return key
+    if rest[0] == "mid_block":
+        if rest[1] == "attentions":
+            name = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}[rest[3]]
+            return f"{half}.mid.attn_1.{name}.{rest[-1]}"
+        return f"{half}.mid.block_{int(rest[2]) + 1}." + ".".join(rest[3:]).replace("conv_shortcut", "nin_shortcut")
+    i, kind = int(rest[1]), rest[2]
+    level = i if half == "encoder" else levels - 1 - i
+    side = "down" if half == "encoder" else "up"
+    if kind in ("downsamplers", "upsamplers"):
+        return f"{half}.{side}.{level}.{side}sample.conv.{rest[-1]}"
+    return f"{half}.{side}.{level}.block.{rest[3]}." + ".".join(rest[4:]).replace("conv_shortcut", "nin_shortcut")
+
+
+def open_clip_name(key: str) -> tuple[str, int | None]:
+    """The OpenCLIP name of a CLIP text parameter (SD 2), and which third of a fused q/k/v
+    projection it is (None where the tensor is whole)."""
+    parts = key.split(".")[1:]  # after text_model.
+    if parts[0] == "embeddings":
+        return ("token_embedding.weight" if parts[1] == "token_embedding" else "positional_embedding"), None
+    if parts[0] == "final_layer_norm":
+        return f"ln_final.{parts[1]}", None
+    i, module, rest = parts[2], parts[3], parts[4:]
+    base = f"transformer.resblocks.{i}."
+    if module == "self_attn":
+        if rest[0] in ("q_proj", "k_proj", "v_proj"):
+            return base + f"attn.in_proj_{rest[1]}", "qkv".index(rest[0][0])
+        return base + "attn.out_proj." + rest[1], None
+    if module == "mlp":
+        return base + ("mlp.c_fc." if rest[0] == "fc1" else "mlp.c_proj.") + rest[1], None
+    return base + ("ln_1." if module == "layer_norm1" else "ln_2.") + rest[0], None
+
+
+class SingleFile:
+    """The keys and shapes of a .safetensors file (its header only, until tensors are asked for)."""
+
+    def __init__(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            self.handle = safe_open(str(path), framework="pt")
+            self.shapes = {k: tuple(self.handle.get_slice(k).get_shape()) for k in self.handle.keys()}  # noqa: SIM118
+            self.metadata = self.handle.metadata() or {}
+        except (SafetensorError, OSError) as exc:
+            raise limner.LimnerError(f"cannot read {path}: {exc}") from None
+        self.path = path
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if key not in self.shapes:
+            raise limner.LimnerError(f"{self.path} has no tensor {key!r}, which this Stable Diffusion model needs: "
+                                     "the file is incomplete or of another layout")
+        return self.handle.get_tensor(key).float()
+
+    def indices(self, prefix: str) -> list[int]:
+        """The distinct integers right after `prefix` in the file's keys."""
+        return sorted({int(k[len(prefix):].split(".")[0]) for k in self.shapes if k.startswith(prefix)})
+
+
+def _build(kind: str, options: dict[str, Any], **extra: Any):
+    options = dict(options)
+    return limner.create(kind, options.pop("name"), **options, **extra)
+
+
+def _file_config(f: SingleFile) -> tuple[str, dict[str, Any]]:
+    """(family, the model's options) from a single file's keys and shapes."""
+    s = f.shapes
+    blocks_in = f.indices(UNET + "input_blocks.")
+    down = [k for k in blocks_in if f"{UNET}input_blocks.{k}.0.op.weight" in s]
+    blocks = down[0] - 1 if down else len(blocks_in) - 1
+    levels = len(down) + 1
+    firsts = [1 + i * (blocks + 1) for i in range(levels)]
+    channels = [s[f"{UNET}input_blocks.{k}.0.out_layers.3.weight"][0] for k in firsts]
+    attention = [f"{UNET}input_blocks.{k}.1.proj_in.weight" in s for k in firsts]
+    first = firsts[attention.index(True)]
+    linear = len(s[f"{UNET}input_blocks.{first}.1.proj_in.weight"]) == 2
+    depth = len(f.indices(f"{UNET}input_blocks.{first}.1.transformer_blocks."))
+    context = s[f"{UNET}input_blocks.{first}.1.transformer_blocks.0.attn2.to_k.weight"][1]
+    in_channels = s[UNET + "input_blocks.0.0.weight"][1]
+    if in_channels == 9:
+        raise limner.LimnerError(f"{f.path} is an inpainting checkpoint (a UNet of 9 input channels): not supported "
+                                 "yet; text-to-image checkpoints (4) also inpaint, by latent blending")
+    if depth != 1:
+        raise limner.LimnerError(f"{f.path}: UNet transformers of depth {depth} are not Stable Diffusion 1.x/2.x's (1)")
+    family = "sd2" if OPEN_CLIP + "token_embedding.weight" in s else "sd1"
+    heads = {"head_dim": 64} if family == "sd2" else {"heads": [8] * levels}
+    unet = {"name": "sd_unet", "channels": list(channels), "blocks": blocks, "attention": attention,
+            "linear_projection": linear, "out_channels": s[UNET + "out.2.weight"][0], **heads}
+    vae_levels = len(f.indices(VAE + "encoder.down."))
+    widths = [s[f"{VAE}encoder.down.{i}.block.0.conv2.weight"][0] for i in range(vae_levels)]
+    vae = {"name": "autoencoder_kl", "widths": widths, "blocks": len(f.indices(VAE + "encoder.down.0.block.")),
+           "latent_channels": s[VAE + "post_quant_conv.weight"][0], "scale": 0.18215}
+    if family == "sd2":
+        width = s[OPEN_CLIP + "token_embedding.weight"][1]
+        text = {"name": "clip_text_transformer", "width": width, "heads": width // 64, "act": "gelu", "pad": "!",
+                "layers": len(f.indices(OPEN_CLIP + "transformer.resblocks.")) - 1,  # SD 2 reads the penultimate
+                "vocab": s[OPEN_CLIP + "token_embedding.weight"][0]}
+    else:
+        width = s[CLIP_L + "text_model.embeddings.token_embedding.weight"][1]
+        text = {"name": "clip_text_transformer", "width": width, "heads": width // 64, "act": "quick_gelu",
+                "pad": "end", "layers": len(f.indices(CLIP_L + "text_model.encoder.layers.")),
+                "vocab": s[CLIP_L + "text_model.embeddings.token_embedding.weight"][0]}
+    return family, {"text_encoder": text, "denoiser": unet, "autoencoder": vae, "context": context}
+
+
+def _what_file(f: SingleFile) -> str | None:
+    """What a file is that is no SD 1.x/2.x checkpoint (or None when it is one)."""
+    for prefix, what in OTHER_FILES.items():
+        if any(k.startswith(prefix) for k in f.shapes):
+            return what
+    if UNET + "input_blocks.0.0.weight" not in f.shapes:
+        if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.")) for k in f.shapes):
+            return "a bare VAE, not a whole model"
+        return "no Stable Diffusion UNet (model.diffusion_model.input_blocks...) is in it"
+    if VAE + "post_quant_conv.weight" not in f.shapes:
+        return "a UNet without its VAE (first_stage_model...)"
+    if CLIP_L + "text_model.embeddings.token_embedding.weight" not in f.shapes and \
+            OPEN_CLIP + "token_embedding.weight" not in f.shapes:
+        return "a UNet without its text encoder (cond_stage_model...)"
+    return None

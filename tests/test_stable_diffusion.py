@@ -2,6 +2,7 @@
 (built as diffusers' own tests build theirs, saved with save_pretrained; no download): what is
 detected, the text embeddings, and a whole 8-step Euler image from the same initial latent."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,178 @@ def test_limner_inspect_names_the_folder_and_its_parts(pipelines, capsys):
     assert info["parts"]["unet"]["parameters"] == sum(p.numel() for p in anchor.unet.parameters())
     code, _, err = run(capsys, "inspect", str(folder / "unet"))
     assert code == 1 and "neither a limner checkpoint nor a model file or folder of a family" in err
+
+
+# --- one file in the original layout ------------------------------------------------------------
+
+def file_pipeline(folder, sd2: bool):
+    """A tiny pipeline whose heads are as Stable Diffusion's own rule gives them (8 heads for SD 1,
+    64-wide heads for SD 2 and for CLIP), which a single file does not record."""
+    encoder, ranks = _vocabulary(str(BPE))
+    (folder / "vocab.json").write_text(json.dumps(encoder))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in sorted(
+        ranks, key=ranks.get)) + "\n")
+    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                           pad_token="!" if sd2 else "<|endoftext|>", model_max_length=77)
+    torch.manual_seed(1)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(64, 128), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(1, 2) if sd2 else 8, use_linear_projection=sd2)
+    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=1,
+        hidden_act="gelu" if sd2 else "quick_gelu", eos_token_id=49407, bos_token_id=49406, pad_token_id=1))
+    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 timestep_spacing="leading", steps_offset=1)
+    return diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
+                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+
+
+def original_layout(anchor, sd2: bool) -> dict:
+    """The pipeline's weights under their original (CompVis/Stability) names, by limner's name maps."""
+    from limner.plugins.stable_diffusion import CLIP_L, OPEN_CLIP, UNET, VAE, open_clip_name, unet_name, vae_name
+
+    out = {UNET + unet_name(k, 1, [True, False]): v for k, v in anchor.unet.state_dict().items()}
+    for k, v in anchor.vae.state_dict().items():
+        out[VAE + vae_name(k, 2)] = v[:, :, None, None] if ".attentions." in k and v.ndim == 2 else v
+    text = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in
+            anchor.text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    if not sd2:
+        out.update({CLIP_L + k: v for k, v in text.items()})
+        return {k: v.contiguous() for k, v in out.items()}
+    fused = {}
+    for k, v in text.items():
+        name, third = open_clip_name(k)
+        if third is None:
+            out[OPEN_CLIP + name] = v
+        else:
+            fused.setdefault(OPEN_CLIP + name, [None] * 3)[third] = v
+    out.update({k: torch.cat(v) for k, v in fused.items()})
+    width, gen = 64, torch.Generator().manual_seed(5)  # OpenCLIP's last block, which SD 2 does not read
+    for name, shape in (("attn.in_proj_weight", (3 * width, width)), ("attn.in_proj_bias", (3 * width,)),
+                        ("attn.out_proj.weight", (width, width)), ("attn.out_proj.bias", (width,)),
+                        ("ln_1.weight", (width,)), ("ln_1.bias", (width,)), ("ln_2.weight", (width,)),
+                        ("ln_2.bias", (width,)), ("mlp.c_fc.weight", (4 * width, width)),
+                        ("mlp.c_fc.bias", (4 * width,)), ("mlp.c_proj.weight", (width, 4 * width)),
+                        ("mlp.c_proj.bias", (width,))):
+        out[f"{OPEN_CLIP}transformer.resblocks.3.{name}"] = torch.randn(shape, generator=gen)
+    out[OPEN_CLIP + "text_projection"] = torch.randn(width, width, generator=gen)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["sd1-file", "sd2-file"])
+def single_files(request, tmp_path_factory):
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("file")
+    anchor = file_pipeline(folder, request.param)
+    state = original_layout(anchor, request.param)
+    save_file(state, str(folder / "model.safetensors"), metadata={"modelspec.architecture": "stable-diffusion"})
+    return anchor, state, folder / "model.safetensors", request.param
+
+
+def test_limners_original_names_are_the_ones_diffusers_reads(single_files):
+    """diffusers' own single-file converters map the file limner's name maps wrote back to the
+    pipeline's parameters: the names are the original layout's, not an invention of limner's."""
+    from diffusers.loaders import single_file_utils as convert
+
+    anchor, state, _, sd2 = single_files
+    unet = convert.convert_ldm_unet_checkpoint(dict(state), anchor.unet.config)
+    assert set(unet) == set(anchor.unet.state_dict())
+    assert all(torch.equal(unet[k], v) for k, v in anchor.unet.state_dict().items())
+    vae = convert.convert_ldm_vae_checkpoint(dict(state), anchor.vae.config)
+    assert all(torch.equal(vae[k].reshape(v.shape), v) for k, v in anchor.vae.state_dict().items())
+    text = convert.convert_open_clip_checkpoint(anchor.text_encoder, dict(state)) if sd2 else \
+        convert.convert_ldm_clip_checkpoint(dict(state))
+    own = {k.removeprefix("text_model."): v for k, v in anchor.text_encoder.state_dict().items()}
+    assert all(torch.equal(text.get(k, text.get(f"text_model.{k}")), v) for k, v in own.items()
+               if not k.endswith("position_ids"))
+
+
+def test_a_single_file_loads_and_draws_what_diffusers_draws(single_files, capsys):
+    from test_cli import run
+
+    anchor, _, file, sd2 = single_files
+    pipe = limner.load_pipeline(file, device="cpu")
+    assert (pipe.found.family, pipe.found.form) == ("sd2" if sd2 else "sd1", "single file")
+    prompt = "a red circle at the top left"
+    with torch.no_grad():
+        want_text, _ = anchor.encode_prompt([prompt], "cpu", 1, False)
+    torch.testing.assert_close(pipe.model.encode([prompt]).tokens, want_text, atol=1e-4, rtol=1e-4)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = anchor(prompt, num_inference_steps=6, guidance_scale=4.0, latents=latents.clone(),
+                      output_type="pt").images
+        anchor.scheduler.set_timesteps(6)
+        sigmas = anchor.scheduler.sigmas.double()
+        x = sample(pipe.model, latents * anchor.scheduler.init_noise_sigma / sigmas[0], sampler="euler",
+                   sigmas=sigmas, guidance=4.0, cond=pipe.model.encode([prompt]), uncond=pipe.model.encode([""]))
+        got = (pipe.model.to_image(x).clamp(-1, 1) + 1) / 2
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    code, out, _ = run(capsys, "inspect", str(file), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["format"] == "single file" and info["prediction"] == "epsilon"
+    assert info["parts"]["unet"]["parameters"] == sum(p.numel() for p in anchor.unet.parameters())
+
+
+def test_files_limner_cannot_run_are_named(tmp_path, single_files):
+    from safetensors.torch import save_file
+
+    _, state, _, _ = single_files
+    cases = {
+        "lora.safetensors": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(1)},
+                             "is a LoRA"),
+        "vae.safetensors": ({"encoder.down.0.block.0.conv1.weight": torch.zeros(1)}, "is a bare VAE"),
+        "xl.safetensors": ({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, "is an SDXL"),
+        "unet.safetensors": ({k: v for k, v in state.items() if k.startswith("model.")}, "a UNet without its VAE"),
+    }
+    for name, (tensors, what) in cases.items():
+        save_file(tensors, str(tmp_path / name))
+        with pytest.raises(limner.LimnerError, match=what):
+            limner.load_pipeline(tmp_path / name)
+    (tmp_path / "old.ckpt").write_bytes(b"not read")
+    with pytest.raises(limner.LimnerError, match="is a pickled checkpoint: limner never unpickles"):
+        limner.load_pipeline(tmp_path / "old.ckpt")
+
+
+@pytest.mark.parametrize("sd2", [False, True], ids=["sd1.5", "sd2.1"])
+def test_full_size_files_are_read_for_what_they_are_from_keys_and_shapes(sd2):
+    """The real architectures at full size, built on the meta device (no memory), named as the
+    original files name them: the options limner reads off the keys and shapes are SD's own."""
+    from limner.plugins import stable_diffusion as sd
+
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(cross_attention_dim=1024 if sd2 else 768, use_linear_projection=sd2,
+                                              attention_head_dim=(5, 10, 20, 20) if sd2 else 8)
+        vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
+                                      down_block_types=("DownEncoderBlock2D",) * 4,
+                                      up_block_types=("UpDecoderBlock2D",) * 4)
+    shapes = {sd.UNET + sd.unet_name(k, 2, [True, True, True, False]): tuple(v.shape)
+              for k, v in unet.state_dict().items()}
+    shapes.update({sd.VAE + sd.vae_name(k, 4): tuple(v.shape) for k, v in vae.state_dict().items()})
+    if sd2:
+        shapes.update({f"{sd.OPEN_CLIP}transformer.resblocks.{i}.ln_1.weight": (1024,) for i in range(24)})
+        shapes[sd.OPEN_CLIP + "token_embedding.weight"] = (49408, 1024)
+    else:
+        shapes.update({f"{sd.CLIP_L}text_model.encoder.layers.{i}.layer_norm1.weight": (768,) for i in range(12)})
+        shapes[sd.CLIP_L + "text_model.embeddings.token_embedding.weight"] = (49408, 768)
+
+    class Header(sd.SingleFile):
+        def __init__(self):
+            self.shapes, self.path, self.metadata = shapes, Path("full.safetensors"), {}
+
+    family, options = sd._file_config(Header())
+    assert family == ("sd2" if sd2 else "sd1") and options["context"] == (1024 if sd2 else 768)
+    u = options["denoiser"]
+    assert (u["channels"], u["blocks"], u["attention"], u["linear_projection"]) == (
+        [320, 640, 1280, 1280], 2, [True, True, True, False], sd2)
+    assert u.get("head_dim") == 64 if sd2 else u["heads"] == [8] * 4
+    assert options["autoencoder"]["widths"] == [128, 256, 512, 512] and options["autoencoder"]["blocks"] == 2
+    t = options["text_encoder"]
+    assert (t["width"], t["layers"], t["heads"], t["act"], t["pad"]) == (
+        (1024, 23, 16, "gelu", "!") if sd2 else (768, 12, 12, "quick_gelu", "end"))
+    assert sd._what_file(Header()) is None
