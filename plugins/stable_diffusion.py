@@ -117,6 +117,8 @@ class StableDiffusion:
             return None
         f = SingleFile(path)
         what = _what_file(f)
+        if what == "unknown":  # no Stable Diffusion UNet in it: not this family's (another may know it)
+            return None
         if what is not None:
             raise limner.LimnerError(f"{path} is {what}; limner runs Stable Diffusion 1.x and 2.x checkpoints (one "
                                      ".safetensors file with UNet, VAE and text encoder, or a diffusers folder)")
@@ -414,14 +416,15 @@ def _file_config(f: SingleFile) -> tuple[str, dict[str, Any]]:
 
 
 def _what_file(f: SingleFile) -> str | None:
-    """What a file is that is no SD 1.x/2.x checkpoint (or None when it is one)."""
+    """What a file is that is no SD 1.x/2.x checkpoint (None when it is one, "unknown" when it
+    holds no Stable Diffusion UNet and is nothing this family knows)."""
     for prefix, what in OTHER_FILES.items():
         if any(k.startswith(prefix) for k in f.shapes):
             return what
     if UNET + "input_blocks.0.0.weight" not in f.shapes:
         if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.")) for k in f.shapes):
             return "a bare VAE, not a whole model"
-        return "no Stable Diffusion UNet (model.diffusion_model.input_blocks...) is in it"
+        return "unknown"
     if VAE + "post_quant_conv.weight" not in f.shapes:
         return "a UNet without its VAE (first_stage_model...)"
     if CLIP_L + "text_model.embeddings.token_embedding.weight" not in f.shapes and \

@@ -243,6 +243,10 @@ def test_files_limner_cannot_run_are_named(tmp_path, single_files):
         save_file(tensors, str(tmp_path / name))
         with pytest.raises(limner.LimnerError, match=what):
             limner.load_pipeline(tmp_path / name)
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(limner.LimnerError, match="no checkpoint found at .*other.safetensors: expected a limner "
+                                                 "checkpoint .* or a model file or folder of a family limner reads"):
+        limner.load_pipeline(tmp_path / "other.safetensors")
     (tmp_path / "old.ckpt").write_bytes(b"not read")
     with pytest.raises(limner.LimnerError, match="is a pickled checkpoint: limner never unpickles"):
         limner.load_pipeline(tmp_path / "old.ckpt")
