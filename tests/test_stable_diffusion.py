@@ -289,3 +289,26 @@ def test_full_size_files_are_read_for_what_they_are_from_keys_and_shapes(sd2):
     assert (t["width"], t["layers"], t["heads"], t["act"], t["pad"]) == (
         (1024, 23, 16, "gelu", "!") if sd2 else (768, 12, 12, "quick_gelu", "end"))
     assert sd._what_file(Header()) is None
+
+
+def test_a_dpmpp_2m_image_equals_diffusers_dpm_solver_from_the_same_latent(pipelines):
+    """DPM-Solver++(2M) (Lu et al. 2022): limner's dpmpp_2m over the sigmas of diffusers'
+    DPMSolverMultistepScheduler equals that scheduler's loop (first order at the last step, as both do)."""
+    anchor, _, pipe = pipelines
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(anchor.scheduler.config, algorithm_type="dpmsolver++",
+                                                                  solver_order=2, final_sigmas_type="zero")
+    anchor = diffusers.StableDiffusionPipeline(**{**anchor.components, "scheduler": scheduler})
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    prompt, steps, guidance = "a blue square at the center", 8, 3.0
+    with torch.no_grad():
+        want = anchor(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(),
+                      output_type="pt").images
+        scheduler.set_timesteps(steps)
+        sigmas = scheduler.sigmas.double()
+        # DPM-Solver's state is the variance-preserving x (unit variance at the start); limner's the
+        # variance-exploding x / alpha = x * sqrt(1 + sigma^2)
+        start = latents * (1 + sigmas[0] ** 2).sqrt() / sigmas[0]
+        x = sample(pipe.model, start.float(), sampler="dpmpp_2m", sigmas=sigmas,
+                   guidance=guidance, cond=pipe.model.encode([prompt]), uncond=pipe.model.encode([""]))
+        got = (pipe.model.to_image(x).clamp(-1, 1) + 1) / 2
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
