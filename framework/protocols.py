@@ -108,12 +108,13 @@ class Found:
 @runtime_checkable
 class Family(Protocol):
     """A family of checkpoints limner did not write: detect(path) says whether a file or folder
-    is one (reading keys and shapes, never the whole file), load(path) gives the run config
-    (a dict a recipe's schema reads, with `recipe`) and the state dict of that recipe's model."""
+    is one (reading keys and shapes, never the whole file), load(path, **options) gives the run
+    config (a dict a recipe's schema reads, with `recipe`) and the state dict of that recipe's
+    model; options: `prediction` ("eps" or "v") where the file does not say."""
 
     def detect(self, path: Path) -> Found | None: ...
 
-    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+    def load(self, path: Path, **options: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
 
 
 @runtime_checkable

@@ -189,11 +189,15 @@ def describe(path: str | Path) -> dict[str, Any]:
     return {"path": str(path), "format": what.form, "family": what.family, "reader": name, **what.facts}
 
 
-def load_pipeline(path: str | Path, device: str | torch.device | None = None):
+def load_pipeline(path: str | Path, device: str | torch.device | None = None, prediction: str | None = None):
     """The pipeline of a checkpoint directory, a run's checkpoints/ folder or the run folder,
     as its recipe builds it (diffusion: Pipeline; GAN, VAE: GeneratorPipeline), or of another
-    tool's file or folder that a registered family recognises."""
+    tool's file or folder that a registered family recognises (`prediction`, "eps" or "v":
+    what such a file's model predicts, where the file does not say)."""
     ckpt = find_checkpoint(path)
+    if ckpt is not None and prediction is not None:
+        raise LimnerError(f"--prediction is for model files of other tools, which may not say what they predict; "
+                          f"{ckpt} is a limner checkpoint, whose config says it")
     if ckpt is None:
         foreign = find_family(path) if Path(path).exists() else None
         if foreign is None:
@@ -201,7 +205,7 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None):
             raise LimnerError(f"no checkpoint found at {path}: expected a limner checkpoint (config.toml + "
                               "*.safetensors, or a run folder with checkpoints/latest) or a model file or folder of a "
                               f"family limner reads ({families}; `limner inspect PATH` says what a file is)")
-        return _foreign_pipeline(path, *foreign, device)
+        return _foreign_pipeline(path, *foreign, device, prediction)
     cfg = load_run_config(ckpt / "config.toml")
     confine_paths(cfg.model, ckpt)
     recipe = get_recipe(cfg.recipe)
@@ -214,9 +218,9 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None):
     return recipe.pipeline(model, cfg.sample, device)
 
 
-def _foreign_pipeline(path: str | Path, name: str, family, found, device):
+def _foreign_pipeline(path: str | Path, name: str, family, found, device, prediction: str | None = None):
     """A pipeline from a family's run config and state dict (checked as a checkpoint's are)."""
-    data, tensors = family.load(Path(path))
+    data, tensors = family.load(Path(path), **({"prediction": prediction} if prediction else {}))
     cfg = load_config(Path(path), get_recipe(recipe_of(path, data)).config, data)
     recipe = get_recipe(cfg.recipe)
     model = recipe.model(cfg)

@@ -138,9 +138,13 @@ class StableDiffusion:
         said = str(f.metadata.get("modelspec.prediction_type", f.metadata.get("prediction_type", "epsilon"))).lower()
         return "v_prediction" if said in ("v", "v_prediction", "v-prediction") else "epsilon"
 
-    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def load(self, path: Path, prediction: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The run config and state dict; `prediction` ("eps" or "v") overrides what the file or
+        the folder's scheduler says (or the epsilon a file that says nothing is assumed to be)."""
+        if prediction not in (None, "eps", "v"):
+            raise limner.LimnerError(f"prediction must be eps or v, got {prediction!r}")
         if path.is_file():
-            return self.load_file(path)
+            return self.load_file(path, prediction)
         found = self.detect(path)
         if found is None:
             raise limner.LimnerError(f"{path} is not a Stable Diffusion 1.x/2.x diffusers folder")
@@ -148,7 +152,7 @@ class StableDiffusion:
         text, scheduler = _json(path / "text_encoder" / "config.json"), _json(path / "scheduler" /
                                                                               "scheduler_config.json")
         model = {"text_encoder": self.text_encoder(path, text), "autoencoder": self.autoencoder(vae),
-                 "denoiser": self.denoiser(unet, scheduler),
+                 "denoiser": self.denoiser(unet, scheduler, prediction),
                  "image_size": int(unet.get("sample_size", 64)) * 2 ** (len(vae["block_out_channels"]) - 1),
                  "channels": int(vae.get("in_channels", 3))}
         sigmas = ddpm_sigmas(model["denoiser"]["betas"], int(scheduler.get("num_train_timesteps", 1000)))
@@ -161,14 +165,14 @@ class StableDiffusion:
             tensors.update(_read(_weights(path / part), prefix))
         return config, {_text_key(k): v for k, v in tensors.items() if not k.endswith("position_ids")}
 
-    def load_file(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def load_file(self, path: Path, given: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The run config and state dict of a single file: the model's parameter names (from its
         components built on the meta device: no memory) looked up in the file under their
         original names."""
         f = SingleFile(path)
         family, options = _file_config(f)
         context = options.pop("context")
-        prediction = self.prediction(f)
+        prediction = {"eps": "epsilon", "v": "v_prediction"}.get(given) or self.prediction(f)
         options["denoiser"]["prediction"] = prediction
         with torch.device("meta"):
             parts = {"text_encoder": _build("text_encoders", options["text_encoder"]),
@@ -226,7 +230,7 @@ class StableDiffusion:
                 "groups": int(cfg.get("norm_num_groups", 32)), "scale": float(cfg.get("scaling_factor", 0.18215))}
 
     @staticmethod
-    def denoiser(cfg: dict[str, Any], scheduler: dict[str, Any]) -> dict[str, Any]:
+    def denoiser(cfg: dict[str, Any], scheduler: dict[str, Any], prediction: str | None = None) -> dict[str, Any]:
         channels = list(cfg["block_out_channels"])
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
         betas = scheduler.get("beta_schedule", "scaled_linear")
@@ -240,7 +244,7 @@ class StableDiffusion:
                 "heads": list(heads) if isinstance(heads, (list, tuple)) else [int(heads)] * len(channels),
                 "linear_projection": bool(cfg.get("use_linear_projection", False)),
                 "groups": int(cfg.get("norm_num_groups", 32)), "out_channels": int(cfg.get("out_channels", 4)),
-                "prediction": scheduler.get("prediction_type", "epsilon"), "betas": betas}
+                "prediction": prediction or scheduler.get("prediction_type", "epsilon"), "betas": betas}
 
 
 def stable_diffusion() -> StableDiffusion:

@@ -312,3 +312,19 @@ def test_a_dpmpp_2m_image_equals_diffusers_dpm_solver_from_the_same_latent(pipel
                    guidance=guidance, cond=pipe.model.encode([prompt]), uncond=pipe.model.encode([""]))
         got = (pipe.model.to_image(x).clamp(-1, 1) + 1) / 2
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+def test_prediction_given_on_the_command_line_overrides_a_file_that_says_nothing(single_files, tmp_path, capsys):
+    from test_cli import run
+
+    _, _, file, _ = single_files
+    assert limner.load_pipeline(file).model.denoiser.parameterization == "eps"  # no metadata: epsilon assumed
+    assert limner.load_pipeline(file, prediction="v").model.denoiser.parameterization == "v"
+    code, _, _ = run(capsys, "sample", str(file), "-p", "a cat", "--steps", "2", "--prediction", "v",
+                     "--out", str(tmp_path / "out"))
+    record = json.loads((tmp_path / "out" / "prompts.jsonl").read_text().splitlines()[0])
+    assert code == 0 and record["settings"]["prediction"] == "v"
+    code, _, err = run(capsys, "sample", str(file), "-p", "a cat", "--prediction", "x0")
+    assert code != 0 and "x0" in err
+    with pytest.raises(limner.LimnerError, match="--prediction is for model files of other tools"):
+        limner.load_pipeline(Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-unet", prediction="v")
