@@ -183,8 +183,10 @@ def load_module(module: torch.nn.Module, path: Path) -> None:
     load_state(module, load_tensors(path), path)
 
 
-def load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path | str) -> None:
-    """load_module's checks and load for tensors already read (from `path`, which errors name)."""
+def load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path | str,
+               assign: bool = False) -> None:
+    """load_module's checks and load for tensors already read (from `path`, which errors name);
+    `assign`: the tensors become the module's parameters (a module built on the meta device)."""
     path = Path(path)
     own = module.state_dict()
     wrong = [
@@ -212,7 +214,7 @@ def load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: 
         raise LimnerError(f"checkpoint {path} holds NaN or infinite weights ({len(bad)} tensors: {_first(bad)}); "
                           "it would draw blank images. Use an earlier checkpoint of the run.")
     try:
-        module.load_state_dict(tensors, strict=True)
+        module.load_state_dict(tensors, strict=True, assign=assign)
     except RuntimeError as exc:
         raise LimnerError(f"checkpoint {path} does not fit this model (was the config changed?): {exc}") from None
 

@@ -16,17 +16,17 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 
 
 def ddpm_betas(kind: str = "linear", timesteps: int = 1000) -> torch.Tensor:
-    """Betas of DDPM training, float64.
+    """Betas of DDPM training, float64, on the CPU (also when a model is built on the meta device).
 
     linear: Ho et al. 2020, 1e-4 .. 0.02; scaled_linear: Stable Diffusion's, linear in
     sqrt(beta) from 0.00085 to 0.012; cosine: Nichol & Dhariwal 2021, s=0.008, beta <= 0.999.
     """
     if kind == "linear":
-        return torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
+        return torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64, device="cpu")
     if kind == "scaled_linear":
-        return torch.linspace(0.00085**0.5, 0.012**0.5, timesteps, dtype=torch.float64) ** 2
+        return torch.linspace(0.00085**0.5, 0.012**0.5, timesteps, dtype=torch.float64, device="cpu") ** 2
     if kind == "cosine":
-        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        steps = torch.arange(timesteps + 1, dtype=torch.float64, device="cpu") / timesteps
         abar = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
         return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
     raise LimnerError(f"unknown beta schedule {kind!r}. Valid: {', '.join(BETA_SCHEDULES)}.")
@@ -49,7 +49,8 @@ class SigmaTable:
     @classmethod
     def loglinear(cls, sigma_min: float, sigma_max: float, size: int = 1000) -> SigmaTable:
         """The table of a continuous-sigma (EDM) model: log-uniform between the bounds."""
-        return cls(torch.linspace(math.log(sigma_min), math.log(sigma_max), size, dtype=torch.float64).exp())
+        logs = torch.linspace(math.log(sigma_min), math.log(sigma_max), size, dtype=torch.float64, device="cpu")
+        return cls(logs.exp())
 
     @classmethod
     def named(cls, table: str, sigma_min: float, sigma_max: float) -> SigmaTable:

@@ -223,8 +223,12 @@ def _foreign_pipeline(path: str | Path, name: str, family, found, device, predic
     data, tensors = family.load(Path(path), **({"prediction": prediction} if prediction else {}))
     cfg = load_config(Path(path), get_recipe(recipe_of(path, data)).config, data)
     recipe = get_recipe(cfg.recipe)
-    model = recipe.model(cfg)
-    load_state(model, tensors, path)
+    with torch.device("meta"):  # no random weights for a model whose every weight comes from the file:
+        model = recipe.model(cfg)  # the file's tensors become the parameters, never copied twice
+    load_state(model, tensors, path, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise LimnerError(f"{path}: the {found.family} reader left {len(left)} tensors unset ({', '.join(left[:3])})")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = recipe.pipeline(model, cfg.sample, device)
     pipe.found = found

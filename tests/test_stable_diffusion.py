@@ -328,3 +328,27 @@ def test_prediction_given_on_the_command_line_overrides_a_file_that_says_nothing
     assert code != 0 and "x0" in err
     with pytest.raises(limner.LimnerError, match="--prediction is for model files of other tools"):
         limner.load_pipeline(Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-unet", prediction="v")
+
+
+def test_the_files_tensors_become_the_parameters_never_a_second_copy(single_files, monkeypatch):
+    """The model is built on the meta device and takes the tensors the family read as its own:
+    a full-size file is never held twice (random weights plus the file's)."""
+    from limner.plugins.stable_diffusion import StableDiffusion
+
+    _, _, file, _ = single_files
+    read = {}
+    original = StableDiffusion.load
+
+    def load(self, path, **options):
+        config, tensors = original(self, path, **options)
+        read.update(tensors)
+        return config, tensors
+
+    monkeypatch.setattr(StableDiffusion, "load", load)
+    pipe = limner.load_pipeline(file, device="cpu")
+    own = dict(pipe.model.named_parameters())
+    # (the denoiser's convolution weights are then laid out channels-last, one tensor at a time)
+    relaid = {k for k in own if k.startswith("denoiser.") and own[k].ndim == 4}
+    assert relaid and all(own[k].is_contiguous(memory_format=torch.channels_last) for k in relaid)
+    bad = [k for k in own if k not in relaid and own[k].data_ptr() != read[k].data_ptr()]
+    assert own and not bad, bad[:5]
