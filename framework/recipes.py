@@ -225,7 +225,10 @@ def _foreign_pipeline(path: str | Path, name: str, family, found, device, predic
     recipe = get_recipe(cfg.recipe)
     with torch.device("meta"):  # no random weights for a model whose every weight comes from the file:
         model = recipe.model(cfg)  # the file's tensors become the parameters, never copied twice
-    load_state(model, tensors, path, assign=True)
+    computed = set(dict(model.named_buffers())) - set(model.state_dict())
+    if computed:  # buffers a module computes when built (position tables) are in no file: build it for real
+        model = recipe.model(cfg)
+    load_state(model, tensors, path, assign=not computed)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise LimnerError(f"{path}: the {found.family} reader left {len(left)} tensors unset ({', '.join(left[:3])})")
