@@ -24,6 +24,22 @@ class EvalConfig:
     prompts: int = bounded(0, ge=0)
 
 
+def held_out_items(eval_cfg: EvalConfig) -> tuple[torch.Tensor, list[str]]:
+    """The first `eval_cfg.prompts` items (0: all) of the [eval] dataset as (images, captions), for a
+    recipe that scores something other than drawings (a captioner, a matcher); named if the
+    dataset is missing or the count is outside it."""
+    spec = dict(eval_cfg.dataset)
+    if "name" not in spec:
+        raise LimnerError("[eval] dataset: name the held-out dataset the model is scored on, "
+                          "e.g. { name = \"shapes\", split = \"test\" }")
+    data = create("datasets", spec.pop("name"), **spec)
+    n = len(data) if not eval_cfg.prompts else eval_cfg.prompts
+    if not 0 < n <= len(data):
+        raise LimnerError(f"[eval] prompts must be 0 (all) or 1..{len(data)}, got {eval_cfg.prompts}")
+    items = [data[i] for i in range(n)]
+    return torch.stack([image for image, _ in items]), [text for _, text in items]
+
+
 def check_eval(eval_cfg: EvalConfig, metrics: list[str] | None = None) -> tuple[dict[str, Any], Any]:
     """The scorers (name -> metric) and held-out dataset of an evaluation, each checked: an
     unknown metric, a missing dataset or a prompt count outside it is named before any sampling."""

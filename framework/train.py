@@ -153,6 +153,17 @@ def adamw(params: list[nn.Parameter], **options: Any) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=fused or None, **options)
 
 
+class LossStep(nn.Module):
+    """What accelerate (DDP) wraps for a model trained by its `loss(images, captions)`: the loss in one forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        return self.model.loss(images, captions)
+
+
 class TrainerBase:
     """What every recipe's trainer shares: checkpoints, the step-seeded loader, sample grids.
     A subclass sets acc, cfg, out, step, dataset, config_text and opts (name -> optimizer),

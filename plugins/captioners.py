@@ -27,11 +27,12 @@ from torch import nn
 import limner
 from limner.checkpoint import write_weights
 from limner.config import bounded
+from limner.evaluation import held_out_items
 from limner.files import write_text_atomic
 from limner.images import conform
 from limner.nn import conv_stages
 from limner.recipes import Recipe
-from limner.train import DataConfig, LoopConfig, RunConfig, TrainerBase
+from limner.train import DataConfig, LoopConfig, LossStep, RunConfig, TrainerBase
 from limner.words import clauses, named_class
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -289,31 +290,6 @@ def model_options(cfg: CaptionerModelConfig) -> dict:
             "max_words": cfg.max_words, "classes": cfg.classes}
 
 
-def held_out(cfg) -> tuple[torch.Tensor, list[str]]:
-    """The first [eval] prompts items (0: all) of the [eval] dataset, named if it cannot be built."""
-    spec = dict(cfg.eval.dataset)
-    if "name" not in spec:
-        raise limner.LimnerError("[eval] dataset: name the held-out dataset the model is scored on, "
-                                 "e.g. { name = \"shapes\", split = \"test\" }")
-    data = limner.create("datasets", spec.pop("name"), **spec)
-    n = len(data) if not cfg.eval.prompts else cfg.eval.prompts
-    if not 0 < n <= len(data):
-        raise limner.LimnerError(f"[eval] prompts must be 0 (all) or 1..{len(data)}, got {cfg.eval.prompts}")
-    items = [data[i] for i in range(n)]
-    return torch.stack([image for image, _ in items]), [text for _, text in items]
-
-
-class _Loss(nn.Module):
-    """What accelerate wraps: the teacher-forced loss in one forward."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, captions):
-        return self.model.loss(images, captions)
-
-
 class CaptionerTrainer(TrainerBase):
     """Cross-entropy of each next word (teacher forcing), AdamW; at the end the captioner folder."""
 
@@ -338,10 +314,10 @@ class CaptionerTrainer(TrainerBase):
         return {"model": self.model}
 
     def check(self) -> None:
-        held_out(self.cfg)
+        held_out_items(self.cfg.eval)
 
     def before_fit(self) -> None:
-        self.step_module, self.prepared = self.acc.prepare(_Loss(self.model), self.opt)
+        self.step_module, self.prepared = self.acc.prepare(LossStep(self.model), self.opt)
         self.model.train()
 
     def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
@@ -362,7 +338,7 @@ class CaptionerTrainer(TrainerBase):
         meta = {"captioner": "show_attend_tell", "options": model_options(self.cfg.model), "step": self.step}
         write_weights(folder / "model.safetensors", self.model.state_dict(), half=True)
         write_text_atomic(folder / "captioner.json", json.dumps(meta, indent=1) + "\n")
-        images, captions = held_out(self.cfg)
+        images, captions = held_out_items(self.cfg.eval)
         meta["scores"] = {**evaluate(load_captioner(folder), images, captions), "held_out": len(captions),
                           "steps": self.step, "cpu_minutes": round(self.train_seconds() / 60, 2),
                           "threads": torch.get_num_threads()}

@@ -26,11 +26,12 @@ from torch import nn
 import limner
 from limner.checkpoint import write_weights
 from limner.config import bounded
+from limner.evaluation import held_out_items
 from limner.files import write_text_atomic
 from limner.images import conform
 from limner.nn import conv_stages
 from limner.recipes import Recipe
-from limner.train import DataConfig, LoopConfig, RunConfig, TrainerBase
+from limner.train import DataConfig, LoopConfig, LossStep, RunConfig, TrainerBase
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -154,31 +155,6 @@ def model_options(cfg: MatcherModelConfig) -> dict:
     return {"in_channels": cfg.in_channels, "image_size": cfg.image_size, "channels": cfg.channels, "dim": cfg.dim}
 
 
-def held_out(cfg) -> tuple[torch.Tensor, list[str]]:
-    """The first [eval] prompts items (0: all) of the [eval] dataset, named if it cannot be built."""
-    spec = dict(cfg.eval.dataset)
-    if "name" not in spec:
-        raise limner.LimnerError("[eval] dataset: name the held-out dataset the model is scored on, "
-                                 "e.g. { name = \"shapes\", split = \"test\" }")
-    data = limner.create("datasets", spec.pop("name"), **spec)
-    n = len(data) if not cfg.eval.prompts else cfg.eval.prompts
-    if not 0 < n <= len(data):
-        raise limner.LimnerError(f"[eval] prompts must be 0 (all) or 1..{len(data)}, got {cfg.eval.prompts}")
-    items = [data[i] for i in range(n)]
-    return torch.stack([image for image, _ in items]), [text for _, text in items]
-
-
-class _Loss(nn.Module):
-    """What accelerate wraps: the contrastive loss in one forward."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images, captions):
-        return self.model.loss(images, captions)
-
-
 class MatcherTrainer(TrainerBase):
     """Symmetric InfoNCE over each batch, AdamW; at the end the matcher folder."""
 
@@ -198,10 +174,10 @@ class MatcherTrainer(TrainerBase):
         return {"model": self.model}
 
     def check(self) -> None:
-        held_out(self.cfg)
+        held_out_items(self.cfg.eval)
 
     def before_fit(self) -> None:
-        self.step_module, self.prepared = self.acc.prepare(_Loss(self.model), self.opt)
+        self.step_module, self.prepared = self.acc.prepare(LossStep(self.model), self.opt)
         self.model.train()
 
     def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
@@ -225,7 +201,7 @@ class MatcherTrainer(TrainerBase):
         write_weights(folder / "model.safetensors", self.model.state_dict(), half=True)
         write_text_atomic(folder / "matcher.json", json.dumps(meta, indent=1) + "\n")
         shipped = load_matcher(folder)
-        images, captions = held_out(self.cfg)
+        images, captions = held_out_items(self.cfg.eval)
         shuffled = captions[1:] + captions[:1]
         meta["scores"] = {**shipped.score(images, captions),
                           "matching_score_shuffled_prompts": shipped.score(images, shuffled)["matching_score"],
