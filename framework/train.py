@@ -35,7 +35,7 @@ from .checkpoint import (
 )
 from .config import ComponentConfig, bounded, check_memory
 from .errors import ConfigError, LimnerError, notice
-from .evaluation import EvalConfig, check_eval, evaluate
+from .evaluation import EvalConfig, check_eval, evaluate, held_out_items
 from .files import remove_stale_temps, write_text_atomic
 from .guard import Divergence, NonFinite
 from .images import make_grid, save_atomic, to_pil
@@ -151,17 +151,6 @@ def adamw(params: list[nn.Parameter], **options: Any) -> torch.optim.AdamW:
     ~10 kernel launches per parameter tensor per step."""
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **options)
-
-
-class LossStep(nn.Module):
-    """What accelerate (DDP) wraps for a model trained by its `loss(images, captions)`: the loss in one forward."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        return self.model.loss(images, captions)
 
 
 class TrainerBase:
@@ -371,6 +360,72 @@ class TrainerBase:
         path = self.out / "samples" / f"step_{self.step:07d}.png"
         save_atomic(make_grid(to_pil(images), ncols=min(len(images), 8)), path)
         return path
+
+
+@dataclass(kw_only=True)
+class WarmupCosineConfig(LoopConfig):
+    """[train] of a model trained by its own loss (LossTrainer): the loop's settings and AdamW
+    with a linear warm-up and a cosine decay to zero (a recipe subclasses it for its defaults)."""
+
+    lr: float = bounded(1e-3, gt=0)
+    warmup: int = bounded(100, ge=0)
+    weight_decay: float = bounded(0.01, ge=0)
+    grad_clip: float = bounded(0.0, ge=0)  # 0: no clipping
+
+
+def warmup_cosine(step: int, steps: int, lr: float, warmup: int) -> float:
+    """A linear warm-up over `warmup` steps, then a cosine decay to zero at `steps`."""
+    return lr * min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+class LossStep(nn.Module):
+    """What accelerate (DDP) wraps for a model trained by its `loss(images, captions)`: the loss in one forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        return self.model.loss(images, captions)
+
+
+
+class LossTrainer(TrainerBase):
+    """A trainer for a model that computes its own `loss(images, captions)` (a captioner, a
+    matcher): AdamW over its trainable parameters on a warm-up-cosine schedule, guarded steps,
+    scored on [eval]'s held-out items. A subclass builds the model, calls use_model(model) and
+    writes what it trained in finish()."""
+
+    def use_model(self, model: nn.Module) -> None:
+        """The model, its optimiser and the loader (the end of the subclass's __init__)."""
+        self.model = model
+        self.trained = [p for p in model.parameters() if p.requires_grad]
+        t = self.cfg.train
+        self.opt = torch.optim.AdamW(self.trained, lr=t.lr, weight_decay=t.weight_decay)
+        self.opts = {"model": self.opt}
+        self.setup_data()
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def check(self) -> None:
+        held_out_items(self.cfg.eval)
+
+    def before_fit(self) -> None:
+        self.step_module, self.prepared = self.acc.prepare(LossStep(self.model), self.opt)
+        self.model.train()
+
+    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
+        t = self.cfg.train
+        for group in self.prepared.param_groups:
+            group["lr"] = warmup_cosine(self.step, t.steps, t.lr, t.warmup)
+        loss = self.step_module(images.to(self.acc.device), captions)
+        self.prepared.zero_grad(set_to_none=True)
+        self.acc.backward(loss)
+        value = loss.item()
+        if not self.guarded_step(self.prepared, self.trained, value, t.grad_clip):
+            return None
+        return {"loss": value}
 
 
 def check_ranks_agree(acc, model: nn.Module, out: Path, step: int) -> None:

@@ -32,7 +32,7 @@ from limner.files import write_text_atomic
 from limner.images import conform
 from limner.nn import conv_stages
 from limner.recipes import Recipe
-from limner.train import DataConfig, LoopConfig, LossStep, RunConfig, TrainerBase
+from limner.train import DataConfig, LossTrainer, RunConfig, WarmupCosineConfig
 from limner.words import clauses, named_class
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -260,12 +260,10 @@ class CaptionerModelConfig:
 
 
 @dataclass(kw_only=True)
-class CaptionerOptimConfig(LoopConfig):
+class CaptionerOptimConfig(WarmupCosineConfig):
     """[train]: the loop's settings and AdamW with a linear warm-up and a cosine decay to zero."""
 
-    lr: float = bounded(1e-3, gt=0)
     warmup: int = bounded(200, ge=0)
-    weight_decay: float = bounded(0.01, ge=0)
     grad_clip: float = bounded(1.0, ge=0)
 
 
@@ -279,18 +277,13 @@ class CaptionerRunConfig(RunConfig):
     train: CaptionerOptimConfig = field(default_factory=CaptionerOptimConfig)
 
 
-def warmup_cosine(step: int, steps: int, lr: float, warmup: int) -> float:
-    """A linear warm-up over `warmup` steps, then a cosine decay to zero at `steps`."""
-    return lr * min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-
-
 def model_options(cfg: CaptionerModelConfig) -> dict:
     return {"vocab": cfg.vocab, "in_channels": cfg.in_channels, "image_size": cfg.image_size,
             "channels": cfg.channels, "dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads,
             "max_words": cfg.max_words, "classes": cfg.classes}
 
 
-class CaptionerTrainer(TrainerBase):
+class CaptionerTrainer(LossTrainer):
     """Cross-entropy of each next word (teacher forcing), AdamW; at the end the captioner folder."""
 
     def __init__(self, cfg: CaptionerRunConfig):
@@ -305,32 +298,7 @@ class CaptionerTrainer(TrainerBase):
             m.vocab = m.vocab or list(SPECIAL) + sorted({w for text in captions for w in text.lower().split()})
             m.max_words = m.max_words or max(len(t.split()) for t in captions)
             m.in_channels, m.image_size = m.in_channels or image.shape[0], m.image_size or image.shape[-1]
-        self.model = Captioner(**model_options(m))
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        self.opts = {"model": self.opt}
-        self.setup_data()
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
-
-    def check(self) -> None:
-        held_out_items(self.cfg.eval)
-
-    def before_fit(self) -> None:
-        self.step_module, self.prepared = self.acc.prepare(LossStep(self.model), self.opt)
-        self.model.train()
-
-    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
-        t = self.cfg.train
-        for group in self.prepared.param_groups:
-            group["lr"] = warmup_cosine(self.step, t.steps, t.lr, t.warmup)
-        loss = self.step_module(images.to(self.acc.device), captions)
-        self.prepared.zero_grad(set_to_none=True)
-        self.acc.backward(loss)
-        value = loss.item()
-        if not self.guarded_step(self.prepared, list(self.model.parameters()), value, t.grad_clip):
-            return None
-        return {"loss": value}
+        self.use_model(Captioner(**model_options(m)))
 
     def finish(self) -> dict:
         """The captioner folder (out/captioner: captioner.json + float16 weights), scored as saved."""

@@ -31,7 +31,7 @@ from limner.files import write_text_atomic
 from limner.images import conform
 from limner.nn import conv_stages
 from limner.recipes import Recipe
-from limner.train import DataConfig, LoopConfig, LossStep, RunConfig, TrainerBase
+from limner.train import DataConfig, LossTrainer, RunConfig, WarmupCosineConfig
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -132,13 +132,8 @@ class MatcherModelConfig:
 
 
 @dataclass(kw_only=True)
-class MatcherOptimConfig(LoopConfig):
-    """[train]: the loop's settings and AdamW with a linear warm-up and a cosine decay."""
-
-    lr: float = bounded(1e-3, gt=0)
-    warmup: int = bounded(100, ge=0)
-    weight_decay: float = bounded(0.01, ge=0)
-    grad_clip: float = bounded(0.0, ge=0)  # 0: no clipping
+class MatcherOptimConfig(WarmupCosineConfig):
+    """[train]: the loop's settings and AdamW with a linear warm-up and a cosine decay to zero."""
 
 
 @dataclass(kw_only=True)
@@ -155,7 +150,7 @@ def model_options(cfg: MatcherModelConfig) -> dict:
     return {"in_channels": cfg.in_channels, "image_size": cfg.image_size, "channels": cfg.channels, "dim": cfg.dim}
 
 
-class MatcherTrainer(TrainerBase):
+class MatcherTrainer(LossTrainer):
     """Symmetric InfoNCE over each batch, AdamW; at the end the matcher folder."""
 
     def __init__(self, cfg: MatcherRunConfig):
@@ -164,34 +159,7 @@ class MatcherTrainer(TrainerBase):
         if not m.in_channels or not m.image_size:
             image, _ = self.load_dataset()[0]
             m.in_channels, m.image_size = m.in_channels or image.shape[0], m.image_size or image.shape[-1]
-        self.model = Matcher(**model_options(m))
-        self.trained = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.trained, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        self.opts = {"model": self.opt}
-        self.setup_data()
-
-    def modules(self) -> dict[str, nn.Module]:
-        return {"model": self.model}
-
-    def check(self) -> None:
-        held_out_items(self.cfg.eval)
-
-    def before_fit(self) -> None:
-        self.step_module, self.prepared = self.acc.prepare(LossStep(self.model), self.opt)
-        self.model.train()
-
-    def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
-        t = self.cfg.train
-        for group in self.prepared.param_groups:  # linear warm-up, cosine decay
-            group["lr"] = t.lr * min(1.0, (self.step + 1) / max(t.warmup, 1)) * \
-                0.5 * (1 + math.cos(math.pi * min(self.step, t.steps) / t.steps))
-        loss = self.step_module(images.to(self.acc.device), captions)
-        self.prepared.zero_grad(set_to_none=True)
-        self.acc.backward(loss)
-        value = loss.item()
-        if not self.guarded_step(self.prepared, self.trained, value, t.grad_clip):
-            return None
-        return {"loss": value}
+        self.use_model(Matcher(**model_options(m)))
 
     def finish(self) -> dict:
         """The matcher folder (out/matcher: matcher.json + float16 weights, the frozen text
