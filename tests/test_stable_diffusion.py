@@ -15,30 +15,42 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_pipeline(folder, linear: bool = False, prediction: str = "epsilon"):
+def clip_tokenizer(folder, sd2: bool):
+    """transformers' CLIPTokenizer over limner's shipped vocabulary (SD 2 pads with "!")."""
     encoder, ranks = _vocabulary(str(BPE))
     (folder / "vocab.json").write_text(json.dumps(encoder))
     pairs = sorted(ranks, key=ranks.get)
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in pairs) + "\n")
-    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                           pad_token="!" if linear else "<|endoftext|>", model_max_length=77)
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                      pad_token="!" if sd2 else "<|endoftext|>", model_max_length=77)
+
+
+def assemble(folder, sd2: bool, unet, width: int, layers: int, heads: int, prediction: str = "epsilon"):
+    """A StableDiffusionPipeline around `unet`: diffusers' tiny test VAE, a tiny CLIP text model
+    (`width`, `layers`, `heads`; SD 2's gelu or SD 1's quick_gelu) and SD's Euler scheduler."""
+    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+        num_attention_heads=heads, hidden_act="gelu" if sd2 else "quick_gelu", eos_token_id=49407,
+        bos_token_id=49406, pad_token_id=1))
+    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 timestep_spacing="leading", steps_offset=1,
+                                                 prediction_type=prediction)
+    return diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text,
+                                             tokenizer=clip_tokenizer(folder, sd2), scheduler=scheduler,
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+
+
+def tiny_pipeline(folder, linear: bool = False, prediction: str = "epsilon"):
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=linear)
-    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=5, num_attention_heads=4,
-        hidden_act="gelu" if linear else "quick_gelu", eos_token_id=49407, bos_token_id=49406, pad_token_id=1))
-    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                 timestep_spacing="leading", steps_offset=1,
-                                                 prediction_type=prediction)
-    pipe = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    pipe = assemble(folder, linear, unet, width=32, layers=5, heads=4, prediction=prediction)
     pipe.save_pretrained(folder / "sd")
     return pipe.to(torch.float32), folder / "sd"
 
@@ -114,31 +126,15 @@ def test_limner_inspect_names_the_folder_and_its_parts(pipelines, capsys):
 
 # --- one file in the original layout ------------------------------------------------------------
 
-def file_pipeline(folder, sd2: bool):
+def file_pipeline(folder, sd2: bool, in_channels: int = 4):
     """A tiny pipeline whose heads are as Stable Diffusion's own rule gives them (8 heads for SD 1,
     64-wide heads for SD 2 and for CLIP), which a single file does not record."""
-    encoder, ranks = _vocabulary(str(BPE))
-    (folder / "vocab.json").write_text(json.dumps(encoder))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in sorted(
-        ranks, key=ranks.get)) + "\n")
-    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                           pad_token="!" if sd2 else "<|endoftext|>", model_max_length=77)
     torch.manual_seed(1)
     unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(64, 128), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=(64, 128), layers_per_block=1, sample_size=8, in_channels=in_channels, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=64, attention_head_dim=(1, 2) if sd2 else 8, use_linear_projection=sd2)
-    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=1,
-        hidden_act="gelu" if sd2 else "quick_gelu", eos_token_id=49407, bos_token_id=49406, pad_token_id=1))
-    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                 timestep_spacing="leading", steps_offset=1)
-    return diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    return assemble(folder, sd2, unet, width=64, layers=3, heads=1)
 
 
 def original_layout(anchor, sd2: bool) -> dict:
