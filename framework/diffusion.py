@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import LimnerError
+from .protocols import WithImage
 
 PARAMETERIZATIONS = ("edm", "v", "eps", "x0", "flow")
 
@@ -46,10 +47,17 @@ def preconditioning(sigma: torch.Tensor, kind: str, sigma_data: float) -> tuple[
 
 
 class Preconditioned(nn.Module):
-    """D(x, sigma, cond) around a network net(x_in, c_noise, cond) -> [B, C, H, W]."""
+    """D(x, sigma, cond) around a network net(x_in, c_noise, cond) -> [B, C, H, W]. With
+    `concat` channels the network also reads an image beside x: cond is then a WithImage whose
+    `image` (that many channels) joins the scaled input, unscaled, as Stable Diffusion's
+    inpainting UNets take their mask and masked image."""
 
-    def __init__(self, net: nn.Module, parameterization: str = "edm", sigma_data: float = 0.5):
+    def __init__(self, net: nn.Module, parameterization: str = "edm", sigma_data: float = 0.5, concat: int = 0):
         super().__init__()
+        if isinstance(concat, bool) or not isinstance(concat, int) or concat < 0:
+            raise LimnerError(f"concat (image channels read beside the input) must be a whole number >= 0, got "
+                              f"{concat!r}")
+        self.concat = concat
         if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) or not 0 < sigma_data <= 1e3:
             raise LimnerError(f"sigma_data (the data's standard deviation) must be a number in (0, 1000], got "
                               f"{sigma_data!r}")
@@ -60,7 +68,16 @@ class Preconditioned(nn.Module):
         sigma = sigma.to(torch.float32).reshape(-1)
         c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in
                                         preconditioning(sigma, self.parameterization, self.sigma_data))
-        out = self.net((c_in * x).to(x.dtype), c_noise.flatten(), cond)
+        x_in = (c_in * x).to(x.dtype)
+        if self.concat:
+            if not isinstance(cond, WithImage) or cond.image.shape[1] != self.concat or \
+                    cond.image.shape[0] != x.shape[0] or cond.image.shape[2:] != x.shape[2:]:
+                got = f"a {type(cond).__name__}" if not isinstance(cond, WithImage) else \
+                    f"an image of shape {tuple(cond.image.shape)}"
+                raise LimnerError(f"this denoiser reads {self.concat} image channels beside its "
+                                  f"{tuple(x.shape)} input (an inpainting model: mask and masked image), got {got}")
+            x_in, cond = torch.cat([x_in, cond.image.to(x_in.dtype)], 1), cond.cond
+        out = self.net(x_in, c_noise.flatten(), cond)
         return (c_skip * x + c_out * out.float()).to(x.dtype)
 
     def loss(self, x0: torch.Tensor, cond: Any, sigma: torch.Tensor,

@@ -70,6 +70,16 @@ class TextEmbedding:
         return TextEmbedding(*(None if t is None else t.roll(shifts, dims=0) for t in self._fields()))
 
 
+@dataclass
+class WithImage:
+    """A conditioning plus image channels a denoiser reads beside its input (a Preconditioned
+    denoiser built with `concat` channels joins them after the input scaling): Stable Diffusion's
+    inpainting UNets read the mask and the masked image's latents this way (Rombach et al. 2022)."""
+
+    cond: Any
+    image: torch.Tensor  # [B, C, H, W], the latent's height and width
+
+
 @runtime_checkable
 class TextEncoder(Protocol):
     def encode(self, prompts: Sequence[str]) -> TextEmbedding: ...

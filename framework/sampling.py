@@ -372,9 +372,7 @@ def sample(model: Denoiser, noise: torch.Tensor, *, sampler: str | Callable, sch
         sigmas = sigmas[int(round((len(sigmas) - 1) * (1 - strength))):]
         x = init + noise * float(sigmas[0])
     elif mask is not None:
-        if init is None:
-            raise LimnerError("a mask (--mask) needs an init image (--init-image): the picture whose masked part "
-                              "is redrawn")
+        check_mask_init(init, mask)
         if mode == "cfg_pp":  # KeepKnown hides the two branches CFG++ reads from the fused update
             name = sampler if isinstance(sampler, str) else getattr(sampler, "limner_name", "this sampler")
             raise LimnerError(f"{name} (CFG++) does not combine with --mask yet; inpaint with "
@@ -384,6 +382,13 @@ def sample(model: Denoiser, noise: torch.Tensor, *, sampler: str | Callable, sch
         callback = progress_bar(len(sigmas) - 1, callback)
     out = fn(guided, x, sigmas, extra_args={"cond": cond, "uncond": uncond}, callback=callback, generator=generator)
     return guided.blend(out) if mask is not None else out
+
+
+def check_mask_init(init: Any, mask: Any) -> None:
+    """A mask is of an init image: refused without one."""
+    if mask is not None and init is None:
+        raise LimnerError("a mask (--mask) needs an init image (--init-image): the picture whose masked part "
+                          "is redrawn")
 
 
 class KeepKnown:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -23,9 +24,17 @@ from limner.diffusion import training_sigmas
 from limner.ema import EMA
 from limner.errors import LimnerError
 from limner.pipeline import PipelineBase, check_mask_size, image_tensor, inference_compile, kept_psnr, mask_tensor
-from limner.protocols import TextEmbedding
+from limner.protocols import TextEmbedding, WithImage
 from limner.recipes import Recipe
-from limner.sampling import explicit_sigmas, guidance_mode, make_sigmas, resolve_sampler, sample, split_sampler_name
+from limner.sampling import (
+    check_mask_init,
+    explicit_sigmas,
+    guidance_mode,
+    make_sigmas,
+    resolve_sampler,
+    sample,
+    split_sampler_name,
+)
 from limner.text_cache import EmbeddingCache, with_phrase_tokens
 from limner.train import DataConfig, LoopConfig, RunConfig, TrainerBase, adamw, step_generator
 
@@ -274,12 +283,18 @@ class Pipeline(PipelineBase):
         size, channels, n = self.model.cfg.image_size, self.model.cfg.channels, len(prompts)
         noise, gen = self.noise(self.model.latent, seed, n, num)  # each image its own noise stream
         check_mask_size(init_image, mask)
-        init = None if init_image is None else self.model.to_latent(
-            image_tensor(init_image, size, channels, n, self.device))
+        check_mask_init(init_image, mask)
+        pixels = None if init_image is None else image_tensor(init_image, size, channels, n, self.device)
+        init = None if pixels is None else self.model.to_latent(pixels)
         # with an autoencoder, inpainting blends latents: the mask at the latent's size
         redraw = None if mask is None else mask_tensor(mask, self.model.latent[1], n, self.device)
         cond = self.model.encode(prompts)
         uncond = self.model.encode([""] * n) if plan.guidance != 1 or plan.mode == "cfg_pp" else None
+        if getattr(self.model.denoiser, "concat", 0):  # an inpainting model keeps the unmasked part itself
+            image = self.inpainting_channels(pixels, mask, n).contiguous(memory_format=self.memory_format)
+            cond, uncond = (None if c is None else WithImage(c, image) for c in (cond, uncond))
+            if mask is not None:  # the masked part is drawn from noise, as with an ordinary model's mask
+                init, redraw = None, None
         with inference_compile(self.compiled and self.device.type == "cpu"):
             out = sample(self.model, noise.contiguous(memory_format=self.memory_format), sampler=plan.sampler,
                          sigmas=plan.sigmas, guidance=plan.guidance, cond=cond, uncond=uncond, generator=gen,
@@ -291,6 +306,24 @@ class Pipeline(PipelineBase):
                               f"{len(plan.sigmas) - 1} steps, guidance {plan.guidance:g}): the images would be blank. "
                               "Lower the guidance, use more steps or another sampler; nothing was written.")
         return out.clamp(-1, 1)
+
+    def inpainting_channels(self, pixels: torch.Tensor | None, mask: Image.Image | None, n: int) -> torch.Tensor:
+        """What an inpainting model (Stable Diffusion's 9-channel UNets) reads beside its latent,
+        as diffusers' StableDiffusionInpaintPipeline makes it: the mask (1 = redraw) at the
+        latent's size (nearest, the top-left pixel of each cell), then the latents of the image
+        with the masked part set to 0 (mid-grey). No init image: everything is redrawn (mask 1,
+        image 0, as A1111 feeds an inpainting model for text-to-image); no mask: likewise, over
+        the init image's noised latents (image-to-image)."""
+        concat, (c, h, w) = self.model.denoiser.concat, self.model.latent
+        if concat != c + 1:
+            raise LimnerError(f"this denoiser reads {concat} image channels beside its {c}-channel latent; limner "
+                              f"feeds inpainting models' {c + 1} (the mask and the masked image's latents)")
+        size, channels = self.model.cfg.image_size, self.model.cfg.channels
+        redraw = torch.ones(n, 1, size, size, device=self.device) if mask is None else mask_tensor(
+            mask, size, n, self.device)
+        kept = torch.zeros(n, channels, size, size, device=self.device) if pixels is None else pixels * (redraw < 0.5)
+        small = F.interpolate(redraw, size=(h, w), mode="nearest")
+        return torch.cat([small, self.model.to_latent(kept)], 1)
 
     def plan(self, sampler: str | None = None, schedule: str | None = None, steps: int | None = None,
              sigmas: list[float] | None = None, guidance: float | None = None) -> Plan:

@@ -288,14 +288,17 @@ def sd_unet(context_dim: int, in_channels: int = 4, image_size: int = 64, out_ch
             channels: list[int] = (320, 640, 1280, 1280), blocks: int = 2,
             attention: list[bool] = (True, True, True, False), heads: list[int] | int = 8, head_dim: int = 0,
             depth: int = 1, linear_projection: bool = False, groups: int = 32, prediction: str = "eps",
-            betas: str = "scaled_linear") -> Preconditioned:
+            betas: str = "scaled_linear", concat: int = 0) -> Preconditioned:
     """Stable Diffusion's UNet (SD 1.x by default; SD 2.x: head_dim = 64, linear_projection =
     true, context 1024, prediction "v" for the 768-v models), driven by sigmas: `prediction`
-    eps or v, `betas` the DDPM schedule it was trained with."""
+    eps or v, `betas` the DDPM schedule it was trained with; `concat` image channels read
+    beside the latent (5 for the inpainting models: the mask and the masked image's latents)."""
     levels = len(channels)
     for name, value in (("blocks", blocks), ("depth", depth), ("groups", groups), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise limner.LimnerError(f"sd_unet: {name} must be a whole number >= 1, got {value!r}")
+    if isinstance(concat, bool) or not isinstance(concat, int) or concat < 0:
+        raise limner.LimnerError(f"sd_unet: concat must be a whole number >= 0, got {concat!r}")
     if levels < 1 or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % groups for c in channels):
         raise limner.LimnerError(f"sd_unet: channels must list whole numbers, each a multiple of groups ({groups}), "
                                  f"got {list(channels)}")
@@ -309,6 +312,7 @@ def sd_unet(context_dim: int, in_channels: int = 4, image_size: int = 64, out_ch
         raise limner.LimnerError(f"sd_unet: prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
     if image_size % 2 ** (levels - 1):
         raise limner.LimnerError(f"sd_unet: the latent size {image_size} must be a multiple of {2 ** (levels - 1)}")
-    unet = UNet2DCondition(in_channels, out_channels or in_channels, list(channels), blocks, attention, heads,
-                           context_dim, depth, linear_projection, groups)
-    return Preconditioned(DiscreteTimeNet(unet, SigmaTable(ddpm_sigmas(betas))), PREDICTIONS[prediction], 1.0)
+    unet = UNet2DCondition(in_channels + concat, out_channels or in_channels, list(channels), blocks, attention,
+                           heads, context_dim, depth, linear_projection, groups)
+    return Preconditioned(DiscreteTimeNet(unet, SigmaTable(ddpm_sigmas(betas))), PREDICTIONS[prediction], 1.0,
+                          concat=concat)

@@ -8,7 +8,8 @@ type from the scheduler's config; sampling defaults to dpmpp_2m with Karras sigm
 own sigma range, 25 steps, guidance 7.5.
 
 Only safetensors are read (memory-mapped, never unpickled); a folder that holds only pickled .bin
-weights, an SDXL or SD 3 folder, or an inpainting UNet (9 input channels) is named as unsupported.
+weights, an SDXL or SD 3 folder, a depth or instruct-pix2pix UNet is named as unsupported. The
+inpainting models (a UNet of 9 input channels: latent, mask, masked image's latents) load as such.
 """
 from __future__ import annotations
 
@@ -101,12 +102,11 @@ class StableDiffusion:
         unet = _json(path / "unet" / "config.json")
         width = unet.get("cross_attention_dim")
         family = "sd2" if unet.get("use_linear_projection") else "sd1"  # SD 2's transformers project linearly
-        if unet.get("in_channels") == 9:
-            raise limner.LimnerError(f"{path}: inpainting UNets (9 input channels) are not supported yet; limner runs "
-                                     "the text-to-image ones (4), which also inpaint by latent blending")
+        latent = int(_json(path / "vae" / "config.json").get("latent_channels", 4))
+        task = _task(path, int(unet.get("in_channels", 4)), latent)
         scheduler = _json(path / "scheduler" / "scheduler_config.json")
         parts = {part: _header(_weights(path / part)) for part in ("text_encoder", "unet", "vae")}
-        return Found(family, "diffusers folder", {"pipeline": kind, "prediction": scheduler.get(
+        return Found(family, "diffusers folder", {"pipeline": kind, "task": task, "prediction": scheduler.get(
             "prediction_type", "epsilon"), "context": width, "latent_size": unet.get("sample_size"), "parts": parts})
 
     def detect_file(self, path: Path) -> Found | None:
@@ -129,7 +129,8 @@ class StableDiffusion:
             dtypes = sorted({f.handle.get_slice(k).get_dtype() for k in keys})
             parts[part] = {"parameters": sum(int(torch.Size(f.shapes[k]).numel()) for k in keys),
                            "dtype": "/".join(dtypes)}
-        return Found(family, "single file", {"prediction": self.prediction(f), "context": options["context"],
+        return Found(family, "single file", {"task": "inpainting" if options["denoiser"]["concat"] else "text-to-image",
+                                             "prediction": self.prediction(f), "context": options["context"],
                                              "megabytes": round(path.stat().st_size / 1e6, 1), "parts": parts})
 
     @staticmethod
@@ -152,7 +153,8 @@ class StableDiffusion:
         text, scheduler = _json(path / "text_encoder" / "config.json"), _json(path / "scheduler" /
                                                                               "scheduler_config.json")
         model = {"text_encoder": self.text_encoder(path, text), "autoencoder": self.autoencoder(vae),
-                 "denoiser": self.denoiser(unet, scheduler, prediction),
+                 "denoiser": {**self.denoiser(unet, scheduler, prediction),
+                              "concat": int(unet.get("in_channels", 4)) - int(vae.get("latent_channels", 4))},
                  "image_size": int(unet.get("sample_size", 64)) * 2 ** (len(vae["block_out_channels"]) - 1),
                  "channels": int(vae.get("in_channels", 3))}
         sigmas = ddpm_sigmas(model["denoiser"]["betas"], int(scheduler.get("num_train_timesteps", 1000)))
@@ -378,6 +380,19 @@ def _build(kind: str, options: dict[str, Any], **extra: Any):
     return limner.create(kind, options.pop("name"), **options, **extra)
 
 
+def _task(path: Path, in_channels: int, latent: int) -> str:
+    """What a UNet of `in_channels` over `latent`-channel latents is for: text-to-image (the
+    latent alone) or inpainting (mask + masked image's latents beside it); others are named."""
+    if in_channels == latent:
+        return "text-to-image"
+    if in_channels == 2 * latent + 1:
+        return "inpainting"
+    known = {latent + 1: "a depth-conditioned model (SD 2 depth)", 2 * latent: "an instruct-pix2pix model"}
+    raise limner.LimnerError(f"{path}: a UNet of {in_channels} input channels over {latent}-channel latents is "
+                             f"{known.get(in_channels, 'not a model limner knows')}; limner runs text-to-image UNets "
+                             f"({latent} channels) and inpainting ones ({2 * latent + 1})")
+
+
 def _file_config(f: SingleFile) -> tuple[str, dict[str, Any]]:
     """(family, the model's options) from a single file's keys and shapes."""
     s = f.shapes
@@ -392,20 +407,20 @@ def _file_config(f: SingleFile) -> tuple[str, dict[str, Any]]:
     linear = len(s[f"{UNET}input_blocks.{first}.1.proj_in.weight"]) == 2
     depth = len(f.indices(f"{UNET}input_blocks.{first}.1.transformer_blocks."))
     context = s[f"{UNET}input_blocks.{first}.1.transformer_blocks.0.attn2.to_k.weight"][1]
+    latent = s[VAE + "post_quant_conv.weight"][0]
     in_channels = s[UNET + "input_blocks.0.0.weight"][1]
-    if in_channels == 9:
-        raise limner.LimnerError(f"{f.path} is an inpainting checkpoint (a UNet of 9 input channels): not supported "
-                                 "yet; text-to-image checkpoints (4) also inpaint, by latent blending")
+    _task(f.path, in_channels, latent)
     if depth != 1:
         raise limner.LimnerError(f"{f.path}: UNet transformers of depth {depth} are not Stable Diffusion 1.x/2.x's (1)")
     family = "sd2" if OPEN_CLIP + "token_embedding.weight" in s else "sd1"
     heads = {"head_dim": 64} if family == "sd2" else {"heads": [8] * levels}
     unet = {"name": "sd_unet", "channels": list(channels), "blocks": blocks, "attention": attention,
-            "linear_projection": linear, "out_channels": s[UNET + "out.2.weight"][0], **heads}
+            "linear_projection": linear, "out_channels": s[UNET + "out.2.weight"][0], "concat": in_channels - latent,
+            **heads}
     vae_levels = len(f.indices(VAE + "encoder.down."))
     widths = [s[f"{VAE}encoder.down.{i}.block.0.conv2.weight"][0] for i in range(vae_levels)]
     vae = {"name": "autoencoder_kl", "widths": widths, "blocks": len(f.indices(VAE + "encoder.down.0.block.")),
-           "latent_channels": s[VAE + "post_quant_conv.weight"][0], "scale": 0.18215}
+           "latent_channels": latent, "scale": 0.18215}
     if family == "sd2":
         width = s[OPEN_CLIP + "token_embedding.weight"][1]
         text = {"name": "clip_text_transformer", "width": width, "heads": width // 64, "act": "gelu", "pad": "!",

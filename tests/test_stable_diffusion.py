@@ -4,6 +4,7 @@ detected, the text embeddings, and a whole 8-step Euler image from the same init
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,7 +27,7 @@ def clip_tokenizer(folder, sd2: bool):
 
 
 def assemble(folder, sd2: bool, unet, width: int, layers: int, heads: int, prediction: str = "epsilon"):
-    """A StableDiffusionPipeline around `unet`: diffusers' tiny test VAE, a tiny CLIP text model
+    """A StableDiffusionPipeline (its inpainting one for a 9-channel UNet) around `unet`: diffusers' tiny test VAE, a tiny CLIP text model
     (`width`, `layers`, `heads`; SD 2's gelu or SD 1's quick_gelu) and SD's Euler scheduler."""
     vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
                                   down_block_types=("DownEncoderBlock2D",) * 2,
@@ -38,10 +39,10 @@ def assemble(folder, sd2: bool, unet, width: int, layers: int, heads: int, predi
     scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                                  timestep_spacing="leading", steps_offset=1,
                                                  prediction_type=prediction)
-    return diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text,
-                                             tokenizer=clip_tokenizer(folder, sd2), scheduler=scheduler,
-                                             safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    kind = diffusers.StableDiffusionInpaintPipeline if unet.config.in_channels == 9 else \
+        diffusers.StableDiffusionPipeline
+    return kind(unet=unet, vae=vae, text_encoder=text, tokenizer=clip_tokenizer(folder, sd2), scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def tiny_pipeline(folder, linear: bool = False, prediction: str = "epsilon"):
@@ -348,3 +349,81 @@ def test_the_files_tensors_become_the_parameters_never_a_second_copy(single_file
     assert relaid and all(own[k].is_contiguous(memory_format=torch.channels_last) for k in relaid)
     bad = [k for k in own if k not in relaid and own[k].data_ptr() != read[k].data_ptr()]
     assert own and not bad, bad[:5]
+
+
+# --- inpainting models (a UNet of 9 input channels) ---------------------------------------------
+
+@pytest.mark.parametrize("form", ["folder", "file"])
+def test_an_inpainting_model_draws_what_diffusers_inpaint_pipeline_draws(form, tmp_path):
+    """The 9-channel UNet reads the mask and the masked image's latents beside its latent, unscaled,
+    as diffusers' StableDiffusionInpaintPipeline feeds it; limner's whole generate() (the mask at
+    the latent's size, the masked image encoded, guidance batching them) against it, from the
+    same initial latent. diffusers takes the masked image's latents ready-made (its posterior
+    mean, computed here with its own VAE), so its VAE's sampling noise is out of the comparison."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    anchor = file_pipeline(tmp_path, sd2=False, in_channels=9)
+    if form == "folder":
+        anchor.save_pretrained(tmp_path / "sd")
+        path = tmp_path / "sd"
+    else:
+        save_file(original_layout(anchor, sd2=False), str(tmp_path / "inpaint.safetensors"))
+        path = tmp_path / "inpaint.safetensors"
+    pipe = limner.load_pipeline(path, device="cpu")
+    assert pipe.found.facts["task"] == "inpainting" and pipe.model.denoiser.concat == 5
+    size = pipe.model.cfg.image_size  # a folder says 16 pixels (its UNet's sample_size); a file is taken as SD's
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[size // 4:size * 3 // 4, size * 3 // 8:] = 255  # whole 2x2 cells of the VAE's grid: downsampled alike
+    mask = Image.fromarray(mask)
+    prompt = "a red circle at the top left"
+    anchor.scheduler.set_timesteps(6)
+    sigmas = anchor.scheduler.sigmas.double()
+    noise, _ = pipe.noise(pipe.model.latent, 3, 1, 1)
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.asarray(init, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        keep = torch.from_numpy(np.asarray(mask) < 128)[None, None]
+        masked = anchor.vae.encode(pixels * keep).latent_dist.mode() * anchor.vae.config.scaling_factor
+        want = anchor(prompt, image=init, mask_image=mask, num_inference_steps=6, guidance_scale=4.0, strength=1.0,
+                      latents=noise * sigmas[0] / anchor.scheduler.init_noise_sigma, masked_image_latents=masked,
+                      height=size, width=size, output_type="pt").images
+    got = pipe.generate(prompt, init_image=init, mask=mask, sampler="euler", sigmas=sigmas.tolist(), guidance=4.0,
+                        seed=3)
+    torch.testing.assert_close((got + 1) / 2, want, atol=1e-3, rtol=1e-3)
+    # the mask matters: the same model given another mask draws another image
+    other = pipe.generate(prompt, init_image=init, mask=Image.fromarray(255 - np.asarray(mask)), sampler="euler",
+                          sigmas=sigmas.tolist(), guidance=4.0, seed=3)
+    assert (other - got).abs().max() > 0.05
+
+
+def test_an_inpainting_model_without_a_mask_draws_everything_and_other_unets_are_named(tmp_path):
+    """No init image: the whole picture is drawn (mask 1, image 0, as A1111 feeds an inpainting
+    model for text-to-image); a depth or instruct-pix2pix UNet is named for what it is."""
+    from safetensors.torch import save_file
+
+    anchor = file_pipeline(tmp_path, sd2=False, in_channels=9)
+    state = original_layout(anchor, sd2=False)
+    save_file(state, str(tmp_path / "inpaint.safetensors"))
+    pipe = limner.load_pipeline(tmp_path / "inpaint.safetensors", device="cpu")
+    size = pipe.model.cfg.image_size
+    with torch.no_grad():
+        image = pipe.inpainting_channels(None, None, 2)
+        blank = pipe.model.to_latent(torch.zeros(1, 3, size, size))
+    assert image.shape == (2, 5, size // 2, size // 2) and bool((image[:, :1] == 1).all())
+    torch.testing.assert_close(image[:, 1:], blank.expand(2, -1, -1, -1))
+    a = pipe.generate("a blue square", steps=4, seed=1)
+    assert a.shape == (1, 3, size, size) and bool(torch.isfinite(a).all())
+    for channels, what in ((5, "a depth-conditioned model"), (8, "an instruct-pix2pix model"),
+                           (7, "not a model limner knows")):
+        conv = UNET_IN
+        bad = dict(state)
+        bad[conv] = torch.zeros(bad[conv].shape[0], channels, 3, 3)
+        save_file(bad, str(tmp_path / f"c{channels}.safetensors"))
+        with pytest.raises(limner.LimnerError, match=f"a UNet of {channels} input channels over 4-channel latents "
+                                                     f"is {what}"):
+            limner.load_pipeline(tmp_path / f"c{channels}.safetensors")
+
+
+UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
