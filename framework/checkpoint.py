@@ -3,6 +3,7 @@ training state. Written to a temporary directory and renamed into place, so a ki
 leaves half a checkpoint; loading never unpickles anything."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -51,7 +52,15 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def nonfinite_tensors(files: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     """Names ("model: net.conv_in.weight") of floating tensors holding a NaN or an infinity."""
     return [f"{name}: {key}" for name, tensors in files.items() for key, t in tensors.items()
-            if t.is_floating_point() and not torch.isfinite(t).all()]
+            if t.is_floating_point() and not _finite(t)]
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every value is finite: a NaN or an infinity makes the sum non-finite, so a finite
+    sum settles it in one pass with no [N] mask (25x faster than isfinite().all() on the CPU); a
+    sum that overflows is checked element by element."""
+    total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
 
 
 def _first(items: list[str], sep: str = ", ", n: int = 3) -> str:
@@ -181,6 +190,23 @@ def load_module(module: torch.nn.Module, path: Path) -> None:
     """Load weights into `module`, naming the file on a missing or mismatched tensor, a tensor
     of another kind (integer weights for float parameters) or one holding NaN or infinity."""
     load_state(module, load_tensors(path), path)
+
+
+@contextlib.contextmanager
+def without_init():
+    """Modules built inside skip torch.nn.init's random initialisation (as transformers'
+    no_init_weights does), for a model whose every weight is about to come from a file: a
+    real build saves the random numbers, a meta-device one the import of torch._dynamo (1.5 s)
+    that init's reference kernels need there. Not thread-safe: torch.nn.init is patched."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
 
 
 def load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path | str,

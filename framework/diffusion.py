@@ -61,7 +61,7 @@ class Preconditioned(nn.Module):
         if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) or not 0 < sigma_data <= 1e3:
             raise LimnerError(f"sigma_data (the data's standard deviation) must be a number in (0, 1000], got "
                               f"{sigma_data!r}")
-        preconditioning(torch.ones(1), parameterization, sigma_data)  # validate the name early
+        preconditioning(torch.ones(1, device="cpu"), parameterization, sigma_data)  # validate the name early
         self.net, self.parameterization, self.sigma_data = net, parameterization, sigma_data
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .checkpoint import find_checkpoint, load_module, load_state, read_state, weights_of
+from .checkpoint import find_checkpoint, load_module, load_state, read_state, weights_of, without_init
 from .config import ComponentConfig, load_config, read_toml, set_option
 from .errors import ConfigError, LimnerError, UnknownComponentError
 from .files import LOCK_NAME, FolderLock, check_own_folder, write_text_atomic
@@ -223,11 +223,12 @@ def _foreign_pipeline(path: str | Path, name: str, family, found, device, predic
     data, tensors = family.load(Path(path), **({"prediction": prediction} if prediction else {}))
     cfg = load_config(Path(path), get_recipe(recipe_of(path, data)).config, data)
     recipe = get_recipe(cfg.recipe)
-    with torch.device("meta"):  # no random weights for a model whose every weight comes from the file:
-        model = recipe.model(cfg)  # the file's tensors become the parameters, never copied twice
+    with without_init(), torch.device("meta"):  # no weights for a model whose every weight comes from the
+        model = recipe.model(cfg)  # file: its tensors become the parameters, never copied twice
     computed = set(dict(model.named_buffers())) - set(model.state_dict())
     if computed:  # buffers a module computes when built (position tables) are in no file: build it for real
-        model = recipe.model(cfg)
+        with without_init():
+            model = recipe.model(cfg)
     load_state(model, tensors, path, assign=not computed)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 import limner
+from limner.checkpoint import without_init
 from limner.noise import ddpm_sigmas
 from limner.protocols import Found
 
@@ -176,7 +177,7 @@ class StableDiffusion:
         context = options.pop("context")
         prediction = {"eps": "epsilon", "v": "v_prediction"}.get(given) or self.prediction(f)
         options["denoiser"]["prediction"] = prediction
-        with torch.device("meta"):
+        with without_init(), torch.device("meta"):
             parts = {"text_encoder": _build("text_encoders", options["text_encoder"]),
                      "denoiser": _build("denoisers", options["denoiser"], context_dim=context,
                                         in_channels=options["autoencoder"]["latent_channels"]),

@@ -444,3 +444,16 @@ def test_eval_and_demo_replace_only_their_own_outputs(run, tmp_path, capsys):
     code, _, err = cli(capsys, "demo", "--out", str(home))
     assert code == 1 and "not a limner demo's (photo.png)" in err and "limner.samplers" not in _
     assert sorted(p.name for p in home.iterdir()) == ["photo.png"]
+
+
+def test_the_finiteness_check_is_exact_where_a_sum_overflows_or_cancels():
+    """Checkpoints are screened by one sum per tensor: a sum that overflows (huge but finite
+    weights) is checked element by element, and +inf beside -inf (a NaN sum) is still caught."""
+    from limner.checkpoint import nonfinite_tensors
+
+    big = torch.full((4,), 3e38)  # finite, sum overflows to inf in float32
+    half = torch.full((8,), 6e4, dtype=torch.float16)
+    assert nonfinite_tensors({"m": {"big": big, "half": half, "ints": torch.arange(3)}}) == []
+    for bad in (torch.tensor([1.0, float("inf"), -float("inf")]), torch.tensor([0.0, float("nan")]),
+                torch.tensor([float("inf")], dtype=torch.bfloat16), big.double().fill_(float("-inf"))):
+        assert nonfinite_tensors({"m": {"w": bad}}) == ["m: w"]
