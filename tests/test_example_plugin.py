@@ -94,3 +94,44 @@ def test_its_recipe_trains_through_limner_train_and_samples(installed, tmp_path,
     main(["sample", str(tmp_path / "run"), "-p", "a red circle at the top left", "--out", str(tmp_path / "s")])
     assert (tmp_path / "s" / "grid-000.png").is_file()
     assert train(config).step == 60 and "already trained to step 60" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shape", ["cifar10", "defaults"])
+def test_its_ddpm_family_loads_a_diffusers_folder_and_draws_what_diffusers_draws(installed, shape, tmp_path, capsys):
+    """A third family in one module of a third party's package (limner_example/ddpm.py): a tiny
+    random DDPMPipeline saved by diffusers, in google/ddpm-cifar10-32's settings (one attention
+    head, downsampling padded right and bottom, sin-first timestep features shifted by 1) and in
+    UNet2DModel's defaults, is found by path, its UNet equals diffusers' and a whole 6-step Euler
+    image equals diffusers' EulerDiscreteScheduler loop over the same sigmas from the same noise."""
+    diffusers = pytest.importorskip("diffusers")
+    from limner.recipes import describe
+
+    options = dict(attention_head_dim=None, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+                   norm_eps=1e-6) if shape == "cifar10" else {}
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=16, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=16,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), **options)
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    folder = tmp_path / "ddpm"
+    info = describe(folder)
+    assert info["family"] == "ddpm" and info["format"] == "diffusers folder", info
+    pipe = limner.load_pipeline(folder, device="cpu")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.model.denoiser.net.unet(x, t), unet(x, t).sample, atol=1e-4, rtol=1e-4)
+    euler = diffusers.EulerDiscreteScheduler.from_config(diffusers.DDPMScheduler().config)
+    euler.set_timesteps(6)
+    noise, _ = pipe.noise(pipe.model.latent, 5, 1, 1)
+    with torch.no_grad():
+        latents = noise * euler.sigmas[0]
+        for step in euler.timesteps:
+            eps = unet(euler.scale_model_input(latents, step), step).sample
+            latents = euler.step(eps, step, latents).prev_sample
+    got = pipe.generate([""], sampler="euler", sigmas=euler.sigmas.tolist(), seed=5)
+    torch.testing.assert_close(got, latents.clamp(-1, 1), atol=1e-3, rtol=1e-3)
+    with pytest.raises(limner.LimnerError, match="this model is unconditional: it reads no prompt"):
+        pipe.generate(["a cat"])
+    main(["inspect", str(folder)])
+    out = capsys.readouterr().out
+    assert "family: ddpm" in out and "pipeline: DDPMPipeline" in out, out

@@ -1,4 +1,5 @@
-"""An example limner plugin: one sampler, one loss, one training recipe and one CLI command."""
+"""An example limner plugin: one sampler, one loss, one training recipe, one CLI command and one
+model family (diffusers' DDPM folders, limner_example/ddpm.py: detector, networks, key map)."""
 from __future__ import annotations
 
 import click
@@ -51,6 +52,24 @@ def limner_register_losses():
 def limner_register_recipes():
     """The `prototype` recipe (limner_example/recipe.py)."""
     return [limner.ComponentSpec("prototype", "limner_example.recipe:prototype")]
+
+
+@limner.hookimpl
+def limner_register_families():
+    """Unconditional DDPM folders of diffusers (limner_example/ddpm.py)."""
+    return [limner.ComponentSpec("ddpm_folders", "limner_example.ddpm:ddpm_folders")]
+
+
+@limner.hookimpl
+def limner_register_denoisers():
+    """The DDPM family's UNet (diffusers' UNet2DModel)."""
+    return [limner.ComponentSpec("ddpm_unet", "limner_example.ddpm:ddpm_unet")]
+
+
+@limner.hookimpl
+def limner_register_text_encoders():
+    """No text, for unconditional models."""
+    return [limner.ComponentSpec("unconditional", "limner_example.ddpm:unconditional")]
 
 
 @limner.hookimpl
