@@ -141,10 +141,12 @@ class Number(click.ParamType):
               help="GAN/VAE: pull samples toward their prompt's typical image (1 = off) [default: the checkpoint's].")
 @click.option("--prediction", type=click.Choice(["eps", "v"]), default=None,
               help="What a model file of another tool predicts, where its metadata does not say (SD 2's 768-v: v).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:STRENGTH]",
+              help="Apply a LoRA file (kohya/A1111 or diffusers/PEFT layout) at STRENGTH (default 1); repeatable.")
 @click.option("--compile", "compile_", is_flag=True,
               help="Diffusion: torch.compile the denoiser first (~30 s once; pays off over many images).")
 def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed, num, out, init_image, strength,
-           mask, truncation, prediction, compile_):
+           mask, truncation, prediction, loras, compile_):
     """Draw images from a trained checkpoint (diffusion, GAN or VAE): one PNG per image, named
     after its prompt and numbered on from the folder's earlier images, a labelled grid, and a line
     of settings in prompts.jsonl. Nothing already in --out is overwritten."""
@@ -174,7 +176,12 @@ def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed
         explicit_sigmas(sigmas)  # checked before the checkpoint loads
     folder = Path(out)
     check_writable(folder)  # before minutes of sampling, not after
+    from .lora import parse_spec
+
+    lora_specs = [parse_spec(spec) for spec in loras]
     pipe = load_pipeline(checkpoint, prediction=prediction)
+    for path, weight in lora_specs:
+        pipe.load_lora(path, weight)
     if compile_:
         if "compile" not in pipe.features:
             raise LimnerError(f"--compile is for diffusion checkpoints; {checkpoint} is a GAN or VAE")
@@ -187,7 +194,8 @@ def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed
     settings = {"checkpoint": str(checkpoint), "seed": seed, "num": num,
                 **{k: v for k, v in given.items() if k not in ("init_image", "mask")},
                 **({"init_image": str(init_image)} if init_image else {}), **({"mask": str(mask)} if mask else {}),
-                **({"prediction": prediction} if prediction else {})}
+                **({"prediction": prediction} if prediction else {}),
+                **({"lora": [f"{path}:{weight:g}" for path, weight in lora_specs]} if lora_specs else {})}
     kept = None
     if init_image is not None and "init_image" in pipe.features:  # how much of the init image survived
         kept = pipe.kept_psnr(tensors, given["init_image"], given.get("mask"))

@@ -39,6 +39,26 @@ class PipelineBase:
     def __init__(self, model: torch.nn.Module, defaults, device: torch.device):
         self.model, self.defaults, self.device = model.eval().to(device), defaults, device
 
+    def load_lora(self, path: str | Path, strength: float = 1.0, merge: bool = True):
+        """Apply a LoRA file (limner.lora: kohya/A1111 or diffusers/PEFT layout) to the model:
+        merged into the weights, or kept beside them (merge=False) so that its `set_strength`
+        changes it without reloading (then call pipe.changed()). Returns the limner.lora.Applied."""
+        from .lora import Applied
+
+        if getattr(self, "compiled", False):
+            raise LimnerError(f"load {path} before compiling: the compiled model holds its weights as they were")
+        applied = Applied(self.model, path, strength, merge)
+        self.loras = [*getattr(self, "loras", []), applied]
+        self.changed()
+        return applied
+
+    def changed(self) -> None:
+        """Forget cached text embeddings: the model changed in a way its weights may not show."""
+        for module in self.model.modules():
+            cache = getattr(module, "text_cache", None)
+            if hasattr(cache, "clear"):
+                cache.clear()
+
     def __call__(self, prompts: list[str] | str, **options) -> list[Image.Image]:
         """Images for `prompts`: see `generate` for the options. Same arguments, same images."""
         return to_pil(self.generate(prompts, **options))

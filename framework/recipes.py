@@ -180,6 +180,10 @@ def describe(path: str | Path) -> dict[str, Any]:
         state = read_state(ckpt)
         return {"path": str(ckpt), "format": "limner checkpoint", "recipe": data.get("recipe"),
                 "step": state.get("step"), "model": data.get("model", {})}
+    from . import lora
+
+    if lora.is_lora(path):
+        return lora.describe(path)
     found = find_family(path) if Path(path).exists() else None
     if found is None:
         families = ", ".join(list_components("families")["families"]) or "none registered"
@@ -189,11 +193,23 @@ def describe(path: str | Path) -> dict[str, Any]:
     return {"path": str(path), "format": what.form, "family": what.family, "reader": name, **what.facts}
 
 
-def load_pipeline(path: str | Path, device: str | torch.device | None = None, prediction: str | None = None):
+def load_pipeline(path: str | Path, device: str | torch.device | None = None, prediction: str | None = None,
+                  lora: list[str | tuple[str, float]] | None = None):
     """The pipeline of a checkpoint directory, a run's checkpoints/ folder or the run folder,
     as its recipe builds it (diffusion: Pipeline; GAN, VAE: GeneratorPipeline), or of another
     tool's file or folder that a registered family recognises (`prediction`, "eps" or "v":
-    what such a file's model predicts, where the file does not say)."""
+    what such a file's model predicts, where the file does not say), with the LoRA files of
+    `lora` merged in ("FILE[:STRENGTH]" or (file, strength); pipe.load_lora for more choice)."""
+    from .lora import parse_spec
+
+    specs = [parse_spec(x) if isinstance(x, (str, Path)) else (str(x[0]), float(x[1])) for x in (lora or [])]
+    pipe = _pipeline(path, device, prediction)
+    for file, strength in specs:
+        pipe.load_lora(file, strength)
+    return pipe
+
+
+def _pipeline(path: str | Path, device: str | torch.device | None, prediction: str | None):
     ckpt = find_checkpoint(path)
     if ckpt is not None and prediction is not None:
         raise LimnerError(f"--prediction is for model files of other tools, which may not say what they predict; "

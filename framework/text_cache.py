@@ -38,6 +38,11 @@ class EmbeddingCache:
         self.key: tuple | None = None
         self.hits = self.misses = 0
 
+    def clear(self) -> None:
+        """Forget every embedding (the encoder changed in a way its weights do not show: a LoRA hook)."""
+        self.rows.clear()
+        self.key = None
+
     def __deepcopy__(self, memo):  # a copied model (EMA) starts with its own, empty cache
         return EmbeddingCache(self.max_prompts)
 

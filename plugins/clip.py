@@ -226,6 +226,8 @@ class ClipTextEncoder(FrozenStaysEval, nn.Module):
     """encode(prompts) -> TextEmbedding: tokens [B, 77 * windows, width] (every position, padding
     included, as Stable Diffusion's UNets read them), pooled [B, width or projection]."""
 
+    lora_part = "text_encoder"  # LoRA files address its layers by these (transformers') names
+
     def __init__(self, width: int, layers: int, heads: int, act: str, pad: str, skip: int, projection: int,
                  long: str, vocab: int = 49408, length: int = 77, eps: float = 1e-5):
         super().__init__()

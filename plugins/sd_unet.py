@@ -222,6 +222,8 @@ class MidBlock(nn.Module):
 class UNet2DCondition(nn.Module):
     """forward(x, t, context [B, L, context_dim]) -> the model's prediction (noise or v)."""
 
+    lora_part = "unet"  # LoRA files address its layers by these (diffusers') names
+
     def __init__(self, in_channels: int, out_channels: int, channels: list[int], blocks: int, attention: list[bool],
                  heads: list[int], context_dim: int, depth: int, linear: bool, groups: int):
         super().__init__()

@@ -267,8 +267,8 @@ CLIP_L, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 OTHER_FILES = {  # a key that marks a file limner cannot run as a model, and what it is
-    "lora_unet_": "a LoRA (kohya/A1111 layout), not a model: LoRA support is issue 29",
-    "lora_te_": "a LoRA (kohya/A1111 layout), not a model: LoRA support is issue 29",
+    "lora_unet_": "a LoRA (kohya/A1111 layout), not a model: apply it to one with --lora FILE[:STRENGTH]",
+    "lora_te_": "a LoRA (kohya/A1111 layout), not a model: apply it to one with --lora FILE[:STRENGTH]",
     "conditioner.embedders.1.model.": "an SDXL checkpoint: SDXL is issue 29",
     "model.diffusion_model.joint_blocks.": "a Stable Diffusion 3 checkpoint",
     "model.diffusion_model.double_blocks.": "a Flux checkpoint",
