@@ -119,6 +119,8 @@ class Number(click.ParamType):
 @cli.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True, help="A prompt (repeat for more).")
+@click.option("--negative-prompt", "-n", "negative", default=None,
+              help="Diffusion: what guidance steers away from, for every prompt (default: the empty prompt).")
 @click.option("--sampler", default=None, help="Sampler name (default: the checkpoint's).")
 @click.option("--schedule", default=None, help="Schedule name (default: the checkpoint's).")
 @click.option("--steps", type=click.IntRange(1, 10_000), default=None,
@@ -145,8 +147,8 @@ class Number(click.ParamType):
               help="Apply a LoRA file (kohya/A1111 or diffusers/PEFT layout) at STRENGTH (default 1); repeatable.")
 @click.option("--compile", "compile_", is_flag=True,
               help="Diffusion: torch.compile the denoiser first (~30 s once; pays off over many images).")
-def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed, num, out, init_image, strength,
-           mask, truncation, prediction, loras, compile_):
+def sample(checkpoint, prompts, negative, sampler, schedule, steps, sigmas, guidance, seed, num, out, init_image,
+           strength, mask, truncation, prediction, loras, compile_):
     """Draw images from a trained checkpoint (diffusion, GAN or VAE): one PNG per image, named
     after its prompt and numbered on from the folder's earlier images, a labelled grid, and a line
     of settings in prompts.jsonl. Nothing already in --out is overwritten."""
@@ -187,7 +189,8 @@ def sample(checkpoint, prompts, sampler, schedule, steps, sigmas, guidance, seed
             raise LimnerError(f"--compile is for diffusion checkpoints; {checkpoint} is a GAN or VAE")
         pipe.compile()
     given = dict(sampler=sampler, schedule=schedule, steps=steps, sigmas=sigmas, guidance=guidance, strength=strength,
-                 init_image=open_image(init_image), mask=open_image(mask), truncation=truncation)
+                 init_image=open_image(init_image), mask=open_image(mask), truncation=truncation,
+                 negative_prompt=negative)
     given = {k: v for k, v in given.items() if v is not None}
     tensors = pipe.generate(list(prompts), seed=seed, num=num, progress=True, **given)
     images = to_pil(tensors)

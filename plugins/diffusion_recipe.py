@@ -272,14 +272,19 @@ class Pipeline(PipelineBase):
                  steps: int | None = None, guidance: float | None = None, seed: int | list[int] = 0, num: int = 1,
                  init_image: Image.Image | None = None, strength: float = 0.6, mask: Image.Image | None = None,
                  progress: bool = False, truncation: float | None = None,
-                 sigmas: list[float] | None = None) -> torch.Tensor:
+                 sigmas: list[float] | None = None, negative_prompt: str | list[str] | None = None) -> torch.Tensor:
         """[N, C, H, W] in [-1, 1] for `prompts` (num each); init_image for image-to-image,
         mask (white = redraw) for inpainting; sampler settings default to the checkpoint's;
-        `sigmas`, a falling list, replaces schedule and steps."""
+        `sigmas`, a falling list, replaces schedule and steps; `negative_prompt` (one for all
+        prompts or one each) is what guidance steers away from, instead of the empty prompt."""
         self.refuse({"truncation": truncation}, "truncation is for GAN and VAE checkpoints; a diffusion model "
                     "trades variety for fidelity with guidance")
+        negatives = self.negatives(prompts, negative_prompt, num)
         prompts = self.expand(prompts, num)
         plan = self.plan(sampler, schedule, steps, sigmas, guidance)
+        if negative_prompt is not None and plan.guidance == 1 and plan.mode != "cfg_pp":
+            raise LimnerError("a negative prompt works through guidance, which is off at scale 1: give --guidance "
+                              "above 1 (or drop the negative prompt)")
         size, channels, n = self.model.cfg.image_size, self.model.cfg.channels, len(prompts)
         noise, gen = self.noise(self.model.latent, seed, n, num)  # each image its own noise stream
         check_mask_size(init_image, mask)
@@ -289,7 +294,7 @@ class Pipeline(PipelineBase):
         # with an autoencoder, inpainting blends latents: the mask at the latent's size
         redraw = None if mask is None else mask_tensor(mask, self.model.latent[1], n, self.device)
         cond = self.model.encode(prompts)
-        uncond = self.model.encode([""] * n) if plan.guidance != 1 or plan.mode == "cfg_pp" else None
+        uncond = self.model.encode(negatives) if plan.guidance != 1 or plan.mode == "cfg_pp" else None
         if getattr(self.model.denoiser, "concat", 0):  # an inpainting model keeps the unmasked part itself
             image = self.inpainting_channels(pixels, mask, n).contiguous(memory_format=self.memory_format)
             cond, uncond = (None if c is None else WithImage(c, image) for c in (cond, uncond))
@@ -306,6 +311,18 @@ class Pipeline(PipelineBase):
                               f"{len(plan.sigmas) - 1} steps, guidance {plan.guidance:g}): the images would be blank. "
                               "Lower the guidance, use more steps or another sampler; nothing was written.")
         return out.clamp(-1, 1)
+
+    def negatives(self, prompts: list[str] | str, negative: str | list[str] | None, num: int) -> list[str]:
+        """The prompts guidance steers away from, one per image: "" (none) by default."""
+        n = 1 if isinstance(prompts, str) else len(prompts)
+        if negative is None:
+            negative = [""] * n
+        elif isinstance(negative, str):
+            negative = [negative] * n
+        elif not isinstance(negative, (list, tuple)) or not all(isinstance(p, str) for p in negative) or \
+                len(negative) != n:
+            raise LimnerError(f"negative_prompt must be one text or one per prompt ({n}), got {negative!r:.80}")
+        return self.expand(list(negative), num)
 
     def inpainting_channels(self, pixels: torch.Tensor | None, mask: Image.Image | None, n: int) -> torch.Tensor:
         """What an inpainting model (Stable Diffusion's 9-channel UNets) reads beside its latent,

@@ -427,3 +427,25 @@ def test_an_inpainting_model_without_a_mask_draws_everything_and_other_unets_are
 
 
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def test_a_negative_prompt_steers_as_diffusers_does(pipelines):
+    """Guidance away from a negative prompt instead of the empty one: generate() against the
+    diffusers pipeline given the same negative prompt and initial latent."""
+    anchor, _, pipe = pipelines
+    anchor.scheduler.set_timesteps(6)
+    sigmas = anchor.scheduler.sigmas.double()
+    noise, _ = pipe.noise(pipe.model.latent, 2, 1, 1)
+    prompt, negative = "a red circle at the top left", "a blue square"
+    with torch.no_grad():
+        want = anchor(prompt, negative_prompt=negative, num_inference_steps=6, guidance_scale=4.0,
+                      latents=noise * sigmas[0] / anchor.scheduler.init_noise_sigma, output_type="pt").images
+    got = pipe.generate(prompt, negative_prompt=negative, sampler="euler", sigmas=sigmas.tolist(), guidance=4.0,
+                        seed=2)
+    torch.testing.assert_close((got + 1) / 2, want, atol=1e-3, rtol=1e-3)
+    plain = pipe.generate(prompt, sampler="euler", sigmas=sigmas.tolist(), guidance=4.0, seed=2)
+    assert (plain - got).abs().max() > 0.01
+    with pytest.raises(limner.LimnerError, match="a negative prompt works through guidance, which is off"):
+        pipe.generate(prompt, negative_prompt=negative, guidance=1.0, steps=2)
+    with pytest.raises(limner.LimnerError, match=r"negative_prompt must be one text or one per prompt \(2\)"):
+        pipe.generate([prompt, prompt], negative_prompt=["x"], steps=2)
