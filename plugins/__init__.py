@@ -113,7 +113,8 @@ class clip:
     def limner_register_text_encoders():
         """CLIP's text transformers and BPE tokenizer: Stable Diffusion's text encoders."""
         return _specs("clip", [("clip_l", "clip_l", ("clip_vit_l",), ""), ("openclip_h", "openclip_h", (), ""),
-                               ("clip_text_transformer", "clip_text_transformer", (), "")])
+                               ("clip_text_transformer", "clip_text_transformer", (), ""),
+                               ("clip_pair", "clip_pair", ("sdxl_text",), "")])
 
 
 class autoencoders:

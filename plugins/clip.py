@@ -208,9 +208,9 @@ class TextModel(nn.Module):
         self.encoder = Encoder(width, layers, heads, act, eps)
         self.final_layer_norm = nn.LayerNorm(width, eps=eps)
 
-    def forward(self, ids: torch.Tensor, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(states [B, L, D] of the block `skip` before the last, final-normed; the final-normed
-        last states, whose end-token row is the pooled vector)."""
+    def forward(self, ids: torch.Tensor, skip: int = 0, norm_skip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states [B, L, D] of the block `skip` before the last, final-normed unless norm_skip is
+        false; the final-normed last states, whose end-token row is the pooled vector)."""
         n = ids.shape[1]
         causal = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()[None, None]
         x = self.embeddings(ids)
@@ -219,7 +219,7 @@ class TextModel(nn.Module):
             x = block(x, causal)
             if i == len(self.encoder.layers) - 1 - skip:
                 keep = x
-        return self.final_layer_norm(keep), self.final_layer_norm(x)
+        return self.final_layer_norm(keep) if norm_skip else keep, self.final_layer_norm(x)
 
 
 class ClipTextEncoder(FrozenStaysEval, nn.Module):
@@ -229,7 +229,7 @@ class ClipTextEncoder(FrozenStaysEval, nn.Module):
     lora_part = "text_encoder"  # LoRA files address its layers by these (transformers') names
 
     def __init__(self, width: int, layers: int, heads: int, act: str, pad: str, skip: int, projection: int,
-                 long: str, vocab: int = 49408, length: int = 77, eps: float = 1e-5):
+                 long: str, vocab: int = 49408, length: int = 77, eps: float = 1e-5, norm_skip: bool = True):
         super().__init__()
         for name, value, low in (("width", width, 1), ("layers", layers, 1), ("heads", heads, 1), ("skip", skip, 0),
                                  ("projection", projection, 0)):
@@ -246,9 +246,9 @@ class ClipTextEncoder(FrozenStaysEval, nn.Module):
         self.text_model = TextModel(vocab, width, layers, heads, length, act, eps)
         if projection:
             self.text_projection = nn.Linear(width, projection, bias=False)
-        self.skip, self.dim = skip, width
+        self.skip, self.dim, self.norm_skip = skip, width, bool(norm_skip)
         self.options = dict(width=width, layers=layers, heads=heads, act=act, pad=pad, skip=skip,
-                            projection=projection, long=long)
+                            projection=projection, long=long, norm_skip=bool(norm_skip))
 
     @property
     def device(self) -> torch.device:
@@ -260,7 +260,7 @@ class ClipTextEncoder(FrozenStaysEval, nn.Module):
         ids = self.tokenizer(list(prompts)).to(self.device)
         b, window = ids.shape[0], self.tokenizer.window
         windows = ids.view(b * (ids.shape[1] // window), window)
-        states, last = self.text_model(windows, self.skip)
+        states, last = self.text_model(windows, self.skip, self.norm_skip)
         states = states.reshape(b, -1, states.shape[-1])
         ends = (windows == self.tokenizer.end).int().argmax(1)  # the first end token of each window
         pooled = last[torch.arange(len(windows)), ends].view(b, -1, last.shape[-1])[:, 0]
@@ -282,9 +282,11 @@ def load_weights(module: nn.Module, path: str) -> None:
 
 def clip_text_transformer(width: int = 768, layers: int = 12, heads: int = 12, act: str = "quick_gelu",
                           pad: str = "end", skip: int = 0, projection: int = 0, long: str = "truncate",
-                          vocab: int = 49408, freeze: bool = True, path: str | None = None) -> ClipTextEncoder:
-    """A CLIP text transformer of any size (random weights, or `path`: transformers' layout)."""
-    encoder = ClipTextEncoder(width, layers, heads, act, pad, skip, projection, long, vocab)
+                          vocab: int = 49408, freeze: bool = True, path: str | None = None,
+                          norm_skip: bool = True) -> ClipTextEncoder:
+    """A CLIP text transformer of any size (random weights, or `path`: transformers' layout);
+    `skip` blocks before the last give the states (final-normed unless `norm_skip` is false)."""
+    encoder = ClipTextEncoder(width, layers, heads, act, pad, skip, projection, long, vocab, norm_skip=norm_skip)
     if path:
         load_weights(encoder, path)
         weights_from_factory(encoder)  # its weights come from `path`, not from a checkpoint
@@ -300,3 +302,45 @@ def openclip_h(long: str = "truncate", freeze: bool = True, path: str | None = N
     """OpenCLIP ViT-H/14's text tower as Stable Diffusion 2.x reads it: its penultimate block's
     output, so the last of its 24 blocks is left out (1024 wide, GELU, padded with '!')."""
     return clip_text_transformer(1024, 23, 16, "gelu", "!", 0, 0, long, freeze=freeze, path=path)
+
+
+class ClipPair(FrozenStaysEval, nn.Module):
+    """SDXL's two text encoders (Podell et al. 2023): the per-token states of both side by side
+    (CLIP ViT-L's 768 and OpenCLIP ViT-bigG's 1280: 2048 wide), the pooled (projected) vector of
+    the second. With `zeros_for_empty`, the empty prompt encodes to zeros, as diffusers' SDXL
+    pipelines feed guidance's unconditional branch (force_zeros_for_empty_prompt)."""
+
+    def __init__(self, first: ClipTextEncoder, second: ClipTextEncoder, zeros_for_empty: bool):
+        super().__init__()
+        self.first, self.second, self.zeros_for_empty = first, second, bool(zeros_for_empty)
+        self.dim = first.dim + second.dim
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
+        a, b = self.first.encode(prompts), self.second.encode(prompts)
+        if a.tokens.shape[1] != b.tokens.shape[1]:
+            raise limner.LimnerError("clip_pair: the two encoders split a prompt into different numbers of 77-token "
+                                     "windows; give both the same `long` setting")
+        tokens, pooled = torch.cat([a.tokens, b.tokens], dim=-1), b.pooled
+        if self.zeros_for_empty:
+            keep = torch.tensor([bool(p) for p in prompts], device=tokens.device)
+            tokens, pooled = tokens * keep[:, None, None], pooled * keep[:, None]
+        return TextEmbedding(tokens, a.mask, pooled)
+
+
+def clip_pair(first: dict | None = None, second: dict | None = None, zeros_for_empty: bool = True,
+              freeze: bool = True) -> ClipPair:
+    """Two CLIP text transformers read side by side (SDXL's; `first` and `second` are
+    clip_text_transformer options, SDXL base's by default: ViT-L and ViT-bigG, both read at
+    their penultimate block without the final norm, the second's pooled output projected)."""
+    first = {"width": 768, "layers": 12, "heads": 12, "act": "quick_gelu", "pad": "end", "skip": 1,
+             "norm_skip": False, **(first or {})}
+    second = {"width": 1280, "layers": 32, "heads": 20, "act": "gelu", "pad": "!", "skip": 1, "projection": 1280,
+              "norm_skip": False, **(second or {})}
+    for name, options in (("first", first), ("second", second)):
+        unknown = set(options) - {"width", "layers", "heads", "act", "pad", "skip", "projection", "long", "vocab",
+                                  "norm_skip"}
+        if unknown:
+            raise limner.LimnerError(f"clip_pair: {name} has options a CLIP text transformer does not take: "
+                                     f"{', '.join(sorted(unknown))}")
+    return ClipPair(clip_text_transformer(**first, freeze=freeze), clip_text_transformer(**second, freeze=freeze),
+                    zeros_for_empty).requires_grad_(not freeze)

@@ -220,36 +220,48 @@ class MidBlock(nn.Module):
 
 
 class UNet2DCondition(nn.Module):
-    """forward(x, t, context [B, L, context_dim]) -> the model's prediction (noise or v)."""
+    """forward(x, t, context [B, L, context_dim], added) -> the model's prediction (noise or v).
+    `depth`: transformer blocks per level (the middle takes the last level's); SDXL's UNet also
+    embeds `added` = (pooled text [B, P], size and crop numbers [B, K]): each number's
+    `add_time_dim`-wide sinusoid, after the pooled text, through `add_embedding` into the time
+    embedding (Podell et al. 2023)."""
 
     lora_part = "unet"  # LoRA files address its layers by these (diffusers') names
 
     def __init__(self, in_channels: int, out_channels: int, channels: list[int], blocks: int, attention: list[bool],
-                 heads: list[int], context_dim: int, depth: int, linear: bool, groups: int):
+                 heads: list[int], context_dim: int, depth: list[int], linear: bool, groups: int,
+                 add_in: int = 0, add_time_dim: int = 0):
         super().__init__()
         temb = 4 * channels[0]
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
+        self.add_time_dim = add_time_dim
+        if add_in:
+            self.add_embedding = TimestepEmbedding(add_in, temb)
         levels = len(channels)
         self.down_blocks = nn.ModuleList(
-            DownBlock(channels[max(i - 1, 0)], c, blocks, temb, heads[i] if attention[i] else None, context_dim, depth,
-                      linear, groups, down=i < levels - 1) for i, c in enumerate(channels))
-        self.mid_block = MidBlock(channels[-1], temb, heads[-1], context_dim, depth, linear, groups)
+            DownBlock(channels[max(i - 1, 0)], c, blocks, temb, heads[i] if attention[i] else None, context_dim,
+                      depth[i], linear, groups, down=i < levels - 1) for i, c in enumerate(channels))
+        self.mid_block = MidBlock(channels[-1], temb, heads[-1], context_dim, depth[-1], linear, groups)
         # the skips each up block takes, last pushed first: its own level's outputs, then the level below's
         skips = [channels[0]] + [c for i, c in enumerate(channels) for _ in range(blocks + (i < levels - 1))]
         ups, prev = [], channels[-1]
         for j, i in enumerate(reversed(range(levels))):
             taken = [skips.pop() for _ in range(blocks + 1)]
-            ups.append(UpBlock(prev, channels[i], taken, temb, heads[i] if attention[i] else None, context_dim, depth,
-                               linear, groups, up=j < levels - 1))
+            ups.append(UpBlock(prev, channels[i], taken, temb, heads[i] if attention[i] else None, context_dim,
+                               depth[i], linear, groups, up=j < levels - 1))
             prev = channels[i]
         self.up_blocks = nn.ModuleList(ups)
         self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=1e-5)
         self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None,
+                added: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         temb = self.time_embedding(timestep_embedding(t.expand(x.shape[0]), self.conv_in.out_channels).to(x.dtype))
+        if hasattr(self, "add_embedding"):
+            pooled, numbers = added
+            feats = timestep_embedding(numbers.flatten(), self.add_time_dim).reshape(len(numbers), -1)
+            temb = temb + self.add_embedding(torch.cat([pooled, feats.to(pooled.dtype)], dim=-1).to(x.dtype))
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
@@ -268,15 +280,23 @@ class DiscreteTimeNet(nn.Module):
     """The UNet seen as net(x_in, c_noise, cond): the fractional DDPM timestep of sigma =
     exp(4 c_noise) read off the model's sigma table (k-diffusion's sigma_to_t)."""
 
-    def __init__(self, unet: UNet2DCondition, table: SigmaTable):
+    def __init__(self, unet: UNet2DCondition, table: SigmaTable, original_size: list[int] | None = None,
+                 crop: list[int] = (0, 0), pixel_factor: int = 8):
         super().__init__()
         self.unet, self.table = unet, table
+        self.original_size, self.crop, self.pixel_factor = original_size, list(crop), pixel_factor
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
         if cond is None:
             raise limner.LimnerError("a Stable Diffusion UNet needs the text tokens: encode a prompt (\"\" for none)")
         t = self.table.timestep((4 * c_noise.double()).exp()).to(device=x_in.device, dtype=torch.float32)
-        return self.unet(x_in, t, cond.tokens.to(x_in.dtype))
+        added = None
+        if hasattr(self.unet, "add_embedding"):  # SDXL: the image's size and crop, as diffusers' add_time_ids
+            target = [d * self.pixel_factor for d in x_in.shape[-2:]]
+            numbers = [*(self.original_size or target), *self.crop, *target]
+            added = (cond.pooled.to(x_in.dtype), torch.tensor(numbers, dtype=torch.float32,
+                                                               device=x_in.device).expand(len(x_in), -1))
+        return self.unet(x_in, t, cond.tokens.to(x_in.dtype), added=added)
 
 
 def _levels(name: str, value, levels: int) -> list:
@@ -289,16 +309,33 @@ def _levels(name: str, value, levels: int) -> list:
 def sd_unet(context_dim: int, in_channels: int = 4, image_size: int = 64, out_channels: int | None = None,
             channels: list[int] = (320, 640, 1280, 1280), blocks: int = 2,
             attention: list[bool] = (True, True, True, False), heads: list[int] | int = 8, head_dim: int = 0,
-            depth: int = 1, linear_projection: bool = False, groups: int = 32, prediction: str = "eps",
-            betas: str = "scaled_linear", concat: int = 0) -> Preconditioned:
+            depth: list[int] | int = 1, linear_projection: bool = False, groups: int = 32, prediction: str = "eps",
+            betas: str = "scaled_linear", concat: int = 0, pooled_dim: int = 0, add_time_dim: int = 256,
+            original_size: list[int] | None = None, crop: list[int] = (0, 0), pixel_factor: int = 8) -> Preconditioned:
     """Stable Diffusion's UNet (SD 1.x by default; SD 2.x: head_dim = 64, linear_projection =
     true, context 1024, prediction "v" for the 768-v models), driven by sigmas: `prediction`
     eps or v, `betas` the DDPM schedule it was trained with; `concat` image channels read
-    beside the latent (5 for the inpainting models: the mask and the masked image's latents)."""
+    beside the latent (5 for the inpainting models: the mask and the masked image's latents).
+    SDXL's: channels 320/640/1280, attention false/true/true, depth 0/2/10, head_dim 64, context
+    2048, `pooled_dim` 1280 (the pooled text it embeds with the size and crop numbers, each an
+    `add_time_dim`-wide sinusoid; `original_size` [h, w] defaults to the image's, `crop` to 0, 0;
+    `pixel_factor` is the autoencoder's, from latent to image size)."""
     levels = len(channels)
-    for name, value in (("blocks", blocks), ("depth", depth), ("groups", groups), ("in_channels", in_channels)):
+    for name, value in (("blocks", blocks), ("groups", groups), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise limner.LimnerError(f"sd_unet: {name} must be a whole number >= 1, got {value!r}")
+    depth = _levels("depth", depth, levels)
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depth):
+        raise limner.LimnerError(f"sd_unet: depth must be whole numbers >= 0 (transformer blocks per level), got "
+                                 f"{depth}")
+    for name, value in (("pooled_dim", pooled_dim), ("add_time_dim", add_time_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value % 2:
+            raise limner.LimnerError(f"sd_unet: {name} must be an even whole number >= 0, got {value!r}")
+    if not (isinstance(crop, (list, tuple)) and len(crop) == 2 and all(isinstance(c, int) and c >= 0 for c in crop)
+            and (original_size is None or (isinstance(original_size, (list, tuple)) and len(original_size) == 2 and
+                                           all(isinstance(c, int) and c > 0 for c in original_size)))):
+        raise limner.LimnerError(f"sd_unet: original_size ([h, w] > 0) and crop ([top, left] >= 0) are two whole "
+                                 f"numbers each, got {original_size!r} and {crop!r}")
     if isinstance(concat, bool) or not isinstance(concat, int) or concat < 0:
         raise limner.LimnerError(f"sd_unet: concat must be a whole number >= 0, got {concat!r}")
     if levels < 1 or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 or c % groups for c in channels):
@@ -315,6 +352,7 @@ def sd_unet(context_dim: int, in_channels: int = 4, image_size: int = 64, out_ch
     if image_size % 2 ** (levels - 1):
         raise limner.LimnerError(f"sd_unet: the latent size {image_size} must be a multiple of {2 ** (levels - 1)}")
     unet = UNet2DCondition(in_channels + concat, out_channels or in_channels, list(channels), blocks, attention,
-                           heads, context_dim, depth, linear_projection, groups)
-    return Preconditioned(DiscreteTimeNet(unet, SigmaTable(ddpm_sigmas(betas))), PREDICTIONS[prediction], 1.0,
-                          concat=concat)
+                           heads, context_dim, depth, linear_projection, groups,
+                           add_in=pooled_dim + 6 * add_time_dim if pooled_dim else 0, add_time_dim=add_time_dim)
+    net = DiscreteTimeNet(unet, SigmaTable(ddpm_sigmas(betas)), original_size, crop, pixel_factor)
+    return Preconditioned(net, PREDICTIONS[prediction], 1.0, concat=concat)

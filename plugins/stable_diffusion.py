@@ -1,14 +1,17 @@
-"""The Stable Diffusion 1.x/2.x family: recognises a diffusers folder (model_index.json naming a
+"""The Stable Diffusion 1.x/2.x/SDXL family: recognises a diffusers folder (model_index.json naming a
 StableDiffusionPipeline, with unet/, vae/, text_encoder/, tokenizer/ and scheduler/) and turns it
 into a `diffusion` run config over limner's own networks (`clip_text_transformer`,
 `autoencoder_kl`, `sd_unet`) and the state dict of that model. Whether it is SD 1 or SD 2 comes
 from the UNet's transformers (SD 2 projects into them linearly, SD 1 by 1x1 convolutions; their
-context is 1024 wide (OpenCLIP ViT-H/14) and 768 (OpenAI CLIP ViT-L/14)), the prediction
-type from the scheduler's config; sampling defaults to dpmpp_2m with Karras sigmas over the model's
-own sigma range, 25 steps, guidance 7.5.
+context is 1024 wide (OpenCLIP ViT-H/14) and 768 (OpenAI CLIP ViT-L/14)); SDXL (Podell et al.
+2023) from its UNet's text_time added conditions (a single file: OpenCLIP ViT-bigG under
+conditioner.embedders.1), read with `clip_pair` (ViT-L and bigG side by side, 2048 wide, the
+pooled bigG embedded with the image size). The prediction type comes from the scheduler's config;
+sampling defaults to dpmpp_2m with Karras sigmas over the model's own sigma range, 25 steps,
+guidance 7.5.
 
 Only safetensors are read (memory-mapped, never unpickled); a folder that holds only pickled .bin
-weights, an SDXL or SD 3 folder, a depth or instruct-pix2pix UNet is named as unsupported. The
+weights, an SD 3 or Flux folder, a depth or instruct-pix2pix UNet is named as unsupported. The
 inpainting models (a UNet of 9 input channels: latent, mask, masked image's latents) load as such.
 """
 from __future__ import annotations
@@ -24,9 +27,9 @@ from limner.checkpoint import without_init
 from limner.noise import ddpm_sigmas
 from limner.protocols import Found
 
-PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
-LATER = {"StableDiffusionXLPipeline": "SDXL (issue 29)", "StableDiffusion3Pipeline": "Stable Diffusion 3",
-         "FluxPipeline": "Flux", "StableDiffusionXLImg2ImgPipeline": "SDXL (issue 29)"}
+PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+             "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"}
+LATER = {"StableDiffusion3Pipeline": "Stable Diffusion 3", "FluxPipeline": "Flux"}
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
            "model.fp16.safetensors")
 
@@ -62,13 +65,11 @@ def _read(file: Path, prefix: str) -> dict[str, torch.Tensor]:
         raise limner.LimnerError(f"cannot read {file}: {exc}") from None
 
 
-def _text_key(key: str) -> str:
+def _text_keys(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Files saved by transformers 4 (the Hub's) name the CLIP parameters text_model.*, those saved
     by transformers 5 leave the prefix out: limner's are text_model.* either way."""
-    head, _, rest = key.partition(".")
-    if head != "text_encoder" or rest.startswith(("text_model.", "text_projection")):
-        return key
-    return f"text_encoder.text_model.{rest}"
+    return {prefix + (k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
+            for k, v in tensors.items() if not k.endswith("position_ids")}
 
 
 def _header(file: Path) -> dict[str, Any]:
@@ -97,16 +98,20 @@ class StableDiffusion:
         kind = _json(index).get("_class_name")
         if kind in LATER:
             raise limner.LimnerError(f"{path} is a diffusers {kind} folder: {LATER[kind]} is not supported yet; limner "
-                                     "runs Stable Diffusion 1.x and 2.x folders")
+                                     "runs Stable Diffusion 1.x, 2.x and SDXL folders")
         if kind not in PIPELINES:
             return None
         unet = _json(path / "unet" / "config.json")
         width = unet.get("cross_attention_dim")
-        family = "sd2" if unet.get("use_linear_projection") else "sd1"  # SD 2's transformers project linearly
+        # SDXL embeds the pooled text and the image size with the time; SD 2 projects into its
+        # transformers linearly, SD 1 by 1x1 convolutions
+        family = "sdxl" if unet.get("addition_embed_type") == "text_time" else \
+            "sd2" if unet.get("use_linear_projection") else "sd1"
         latent = int(_json(path / "vae" / "config.json").get("latent_channels", 4))
         task = _task(path, int(unet.get("in_channels", 4)), latent)
         scheduler = _json(path / "scheduler" / "scheduler_config.json")
-        parts = {part: _header(_weights(path / part)) for part in ("text_encoder", "unet", "vae")}
+        texts = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
+        parts = {part: _header(_weights(path / part)) for part in (*texts, "unet", "vae")}
         return Found(family, "diffusers folder", {"pipeline": kind, "task": task, "prediction": scheduler.get(
             "prediction_type", "epsilon"), "context": width, "latent_size": unet.get("sample_size"), "parts": parts})
 
@@ -121,11 +126,13 @@ class StableDiffusion:
         if what == "unknown":  # no Stable Diffusion UNet in it: not this family's (another may know it)
             return None
         if what is not None:
-            raise limner.LimnerError(f"{path} is {what}; limner runs Stable Diffusion 1.x and 2.x checkpoints (one "
-                                     ".safetensors file with UNet, VAE and text encoder, or a diffusers folder)")
+            raise limner.LimnerError(f"{path} is {what}; limner runs Stable Diffusion 1.x, 2.x and SDXL checkpoints "
+                                     "(one .safetensors file with UNet, VAE and text encoders, or a diffusers folder)")
         family, options = _file_config(f)
         parts = {}
-        for part, prefix in (("text_encoder", "cond_stage_model."), ("unet", UNET), ("vae", VAE)):
+        texts = (("text_encoder", XL_L), ("text_encoder_2", XL_G)) if family == "sdxl" else \
+            (("text_encoder", "cond_stage_model."),)
+        for part, prefix in (*texts, ("unet", UNET), ("vae", VAE)):
             keys = [k for k in f.shapes if k.startswith(prefix)]
             dtypes = sorted({f.handle.get_slice(k).get_dtype() for k in keys})
             parts[part] = {"parameters": sum(int(torch.Size(f.shapes[k]).numel()) for k in keys),
@@ -149,12 +156,23 @@ class StableDiffusion:
             return self.load_file(path, prediction)
         found = self.detect(path)
         if found is None:
-            raise limner.LimnerError(f"{path} is not a Stable Diffusion 1.x/2.x diffusers folder")
+            raise limner.LimnerError(f"{path} is not a Stable Diffusion 1.x/2.x/SDXL diffusers folder")
         unet, vae = _json(path / "unet" / "config.json"), _json(path / "vae" / "config.json")
-        text, scheduler = _json(path / "text_encoder" / "config.json"), _json(path / "scheduler" /
-                                                                              "scheduler_config.json")
-        model = {"text_encoder": self.text_encoder(path, text), "autoencoder": self.autoencoder(vae),
-                 "denoiser": {**self.denoiser(unet, scheduler, prediction),
+        scheduler = _json(path / "scheduler" / "scheduler_config.json")
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        if found.family == "sdxl":  # both encoders at their penultimate block, unnormed; the second's pool
+            first, second = (self.text_encoder(path, part, tokenizer) for part, tokenizer in (
+                ("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")))
+            text = {"name": "clip_pair", "first": {**first, "skip": 1, "norm_skip": False},
+                    "second": {**second, "skip": 1, "norm_skip": False},
+                    "zeros_for_empty": bool(_json(path / "model_index.json").get("force_zeros_for_empty_prompt",
+                                                                                True))}
+            for options in (text["first"], text["second"]):
+                del options["name"]
+        else:
+            text = self.text_encoder(path, "text_encoder", "tokenizer")
+        model = {"text_encoder": text, "autoencoder": self.autoencoder(vae),
+                 "denoiser": {**self.denoiser(unet, scheduler, prediction, factor),
                               "concat": int(unet.get("in_channels", 4)) - int(vae.get("latent_channels", 4))},
                  "image_size": int(unet.get("sample_size", 64)) * 2 ** (len(vae["block_out_channels"]) - 1),
                  "channels": int(vae.get("in_channels", 3))}
@@ -162,11 +180,13 @@ class StableDiffusion:
         sample = {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "karras"}, "steps": 25, "guidance": 7.5,
                   "sigma_min": float(sigmas[0]), "sigma_max": float(sigmas[-1])}
         config = {"out": str(path), "recipe": "diffusion", "model": model, "sample": sample}
-        tensors = {}
-        for part, prefix in (("text_encoder", "text_encoder."), ("unet", "denoiser.net.unet."),
-                             ("vae", "autoencoder.")):
-            tensors.update(_read(_weights(path / part), prefix))
-        return config, {_text_key(k): v for k, v in tensors.items() if not k.endswith("position_ids")}
+        tensors = {**_read(_weights(path / "unet"), "denoiser.net.unet."), **_read(_weights(path / "vae"),
+                                                                                    "autoencoder.")}
+        texts = {"text_encoder": "text_encoder.first.", "text_encoder_2": "text_encoder.second."} \
+            if found.family == "sdxl" else {"text_encoder": "text_encoder."}
+        for part, prefix in texts.items():
+            tensors.update(_text_keys(_read(_weights(path / part), ""), prefix))
+        return config, tensors
 
     def load_file(self, path: Path, given: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The run config and state dict of a single file: the model's parameter names (from its
@@ -191,17 +211,24 @@ class StableDiffusion:
                     chunk = None
                 elif part == "autoencoder":
                     name, chunk = VAE + vae_name(key, len(vae["widths"])), None
-                elif family == "sd2":
-                    name, chunk = open_clip_name(key)
-                    name = OPEN_CLIP + name
+                elif family == "sdxl" and key.startswith("first."):
+                    name, chunk = XL_L + key.removeprefix("first."), None
+                elif family == "sdxl" and key == "second.text_projection.weight":
+                    name, chunk = XL_G + "text_projection", None  # stored as x @ P: the Linear's weight is P.T
+                elif family in ("sd2", "sdxl"):
+                    name, chunk = open_clip_name(key.removeprefix("second."))
+                    name = (XL_G if family == "sdxl" else OPEN_CLIP) + name
                 else:
                     name, chunk = CLIP_L + key, None
                 t = f.tensor(name)
+                t = t.T if name == XL_G + "text_projection" else t
                 t = t.chunk(3)[chunk] if chunk is not None else t
                 tensors[f"{part}.{key}"] = t.reshape(want.shape) if t.numel() == want.numel() else t
         sigmas = ddpm_sigmas("scaled_linear")
-        # the size it was trained at: 512 pixels (a 64-latent), 768 for the SD 2 v-prediction models
-        size = (96 if prediction == "v_prediction" else 64) * 2 ** (len(vae["widths"]) - 1)
+        # the size it was trained at: 512 pixels (a 64-latent), 768 for the SD 2 v-prediction models,
+        # 1024 for SDXL
+        latent = 128 if family == "sdxl" else 96 if prediction == "v_prediction" else 64
+        size = latent * 2 ** (len(vae["widths"]) - 1)
         config = {"out": str(path), "recipe": "diffusion",
                   "model": {**options, "image_size": size, "channels": 3},
                   "sample": {"sampler": {"name": "dpmpp_2m"}, "schedule": {"name": "karras"}, "steps": 25,
@@ -209,22 +236,24 @@ class StableDiffusion:
         return config, tensors
 
     @staticmethod
-    def text_encoder(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    def text_encoder(path: Path, part: str, tokenizer: str) -> dict[str, Any]:
+        cfg = _json(path / part / "config.json")
         width, act = int(cfg["hidden_size"]), cfg.get("hidden_act", "quick_gelu")
         if int(cfg.get("intermediate_size", 4 * width)) != 4 * width or act not in ("quick_gelu", "gelu"):
-            raise limner.LimnerError(f"{path / 'text_encoder'}: a CLIP text model with a {cfg.get('intermediate_size')}"
+            raise limner.LimnerError(f"{path / part}: a CLIP text model with a {cfg.get('intermediate_size')}"
                                      f"-wide MLP and {act!r} is not one limner builds (4x width, quick_gelu or gelu)")
         pad = "end"  # the padding token: special_tokens_map.json (transformers 4) or tokenizer_config.json (5)
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            if (path / "tokenizer" / name).is_file():
-                token = _json(path / "tokenizer" / name).get("pad_token")
+            if (path / tokenizer / name).is_file():
+                token = _json(path / tokenizer / name).get("pad_token")
                 token = token.get("content") if isinstance(token, dict) else token
                 if token is not None:
                     pad = "!" if token == "!" else "end"
                     break
         return {"name": "clip_text_transformer", "width": width, "layers": int(cfg["num_hidden_layers"]),
                 "heads": int(cfg["num_attention_heads"]), "act": act, "pad": pad, "vocab": int(cfg["vocab_size"]),
-                "projection": 0}
+                "projection": int(cfg.get("projection_dim", 0)) if "WithProjection" in str(cfg.get("architectures"))
+                else 0}
 
     @staticmethod
     def autoencoder(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -233,8 +262,18 @@ class StableDiffusion:
                 "groups": int(cfg.get("norm_num_groups", 32)), "scale": float(cfg.get("scaling_factor", 0.18215))}
 
     @staticmethod
-    def denoiser(cfg: dict[str, Any], scheduler: dict[str, Any], prediction: str | None = None) -> dict[str, Any]:
+    def denoiser(cfg: dict[str, Any], scheduler: dict[str, Any], prediction: str | None = None,
+                 pixel_factor: int = 8) -> dict[str, Any]:
         channels = list(cfg["block_out_channels"])
+        depth = cfg.get("transformer_layers_per_block", 1)
+        added = {}
+        if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + 6 size numbers
+            dim = int(cfg["addition_time_embed_dim"])
+            added = {"pooled_dim": int(cfg["projection_class_embeddings_input_dim"]) - 6 * dim, "add_time_dim": dim,
+                     "pixel_factor": pixel_factor}
+        elif cfg.get("addition_embed_type") or cfg.get("class_embed_type"):
+            raise limner.LimnerError(f"a UNet with {cfg.get('addition_embed_type') or cfg.get('class_embed_type')} "
+                                     "conditioning is not Stable Diffusion's")
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
         betas = scheduler.get("beta_schedule", "scaled_linear")
         if betas != "scaled_linear" or (scheduler.get("beta_start"), scheduler.get("beta_end")) not in (
@@ -247,11 +286,12 @@ class StableDiffusion:
                 "heads": list(heads) if isinstance(heads, (list, tuple)) else [int(heads)] * len(channels),
                 "linear_projection": bool(cfg.get("use_linear_projection", False)),
                 "groups": int(cfg.get("norm_num_groups", 32)), "out_channels": int(cfg.get("out_channels", 4)),
-                "prediction": prediction or scheduler.get("prediction_type", "epsilon"), "betas": betas}
+                "prediction": prediction or scheduler.get("prediction_type", "epsilon"), "betas": betas,
+                "depth": list(depth) if isinstance(depth, (list, tuple)) else int(depth), **added}
 
 
 def stable_diffusion() -> StableDiffusion:
-    """Stable Diffusion 1.x and 2.x from a diffusers folder."""
+    """Stable Diffusion 1.x, 2.x and SDXL from one file or a diffusers folder."""
     return StableDiffusion()
 
 
@@ -264,12 +304,12 @@ def stable_diffusion() -> StableDiffusion:
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_L, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+XL_L, XL_G = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."  # SDXL's two encoders
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 OTHER_FILES = {  # a key that marks a file limner cannot run as a model, and what it is
     "lora_unet_": "a LoRA (kohya/A1111 layout), not a model: apply it to one with --lora FILE[:STRENGTH]",
     "lora_te_": "a LoRA (kohya/A1111 layout), not a model: apply it to one with --lora FILE[:STRENGTH]",
-    "conditioner.embedders.1.model.": "an SDXL checkpoint: SDXL is issue 29",
     "model.diffusion_model.joint_blocks.": "a Stable Diffusion 3 checkpoint",
     "model.diffusion_model.double_blocks.": "a Flux checkpoint",
     "double_blocks.": "a Flux transformer",
@@ -291,6 +331,8 @@ def unet_name(key: str, blocks: int, attention: list[bool]) -> str:
         return f"time_embed.{'0' if parts[1] == 'linear_1' else '2'}.{parts[2]}"
     if parts[0] in ("conv_norm_out", "conv_out"):
         return f"out.{'0' if parts[0] == 'conv_norm_out' else '2'}.{parts[1]}"
+    if parts[0] == "add_embedding":  # SDXL's pooled-text-and-size embedding
+        return f"label_emb.0.{'0' if parts[1] == 'linear_1' else '2'}.{parts[2]}"
     if parts[0] == "mid_block":
         if parts[1] == "attentions":
             return "middle_block.1." + ".".join(parts[3:])
@@ -406,23 +448,39 @@ def _file_config(f: SingleFile) -> tuple[str, dict[str, Any]]:
     attention = [f"{UNET}input_blocks.{k}.1.proj_in.weight" in s for k in firsts]
     first = firsts[attention.index(True)]
     linear = len(s[f"{UNET}input_blocks.{first}.1.proj_in.weight"]) == 2
-    depth = len(f.indices(f"{UNET}input_blocks.{first}.1.transformer_blocks."))
+    depth = [len(f.indices(f"{UNET}input_blocks.{k}.1.transformer_blocks.")) or 1 for k in firsts]
     context = s[f"{UNET}input_blocks.{first}.1.transformer_blocks.0.attn2.to_k.weight"][1]
     latent = s[VAE + "post_quant_conv.weight"][0]
     in_channels = s[UNET + "input_blocks.0.0.weight"][1]
     _task(f.path, in_channels, latent)
-    if depth != 1:
-        raise limner.LimnerError(f"{f.path}: UNet transformers of depth {depth} are not Stable Diffusion 1.x/2.x's (1)")
-    family = "sd2" if OPEN_CLIP + "token_embedding.weight" in s else "sd1"
-    heads = {"head_dim": 64} if family == "sd2" else {"heads": [8] * levels}
+    family = "sdxl" if XL_G + "token_embedding.weight" in s else "sd2" if OPEN_CLIP + "token_embedding.weight" in s \
+        else "sd1"
+    if family != "sdxl" and depth != [1] * levels:
+        raise limner.LimnerError(f"{f.path}: UNet transformers of depths {depth} are not Stable Diffusion 1.x/2.x's "
+                                 "(1)")
+    heads = {"heads": [8] * levels} if family == "sd1" else {"head_dim": 64}
+    vae_levels = len(f.indices(VAE + "encoder.down."))
     unet = {"name": "sd_unet", "channels": list(channels), "blocks": blocks, "attention": attention,
             "linear_projection": linear, "out_channels": s[UNET + "out.2.weight"][0], "concat": in_channels - latent,
-            **heads}
-    vae_levels = len(f.indices(VAE + "encoder.down."))
+            "depth": depth, **heads}
+    if family == "sdxl":  # the pooled text and six 256-wide size sinusoids (SDXL's add_time_dim)
+        unet.update(pooled_dim=s[UNET + "label_emb.0.0.weight"][1] - 6 * 256, add_time_dim=256,
+                    pixel_factor=2 ** (vae_levels - 1))
     widths = [s[f"{VAE}encoder.down.{i}.block.0.conv2.weight"][0] for i in range(vae_levels)]
     vae = {"name": "autoencoder_kl", "widths": widths, "blocks": len(f.indices(VAE + "encoder.down.0.block.")),
-           "latent_channels": latent, "scale": 0.18215}
-    if family == "sd2":
+           "latent_channels": latent, "scale": 0.13025 if family == "sdxl" else 0.18215}
+    if family == "sdxl":  # ViT-L and ViT-bigG, both at their penultimate block without the final norm
+        first_width, second_width = (s[XL_L + "text_model.embeddings.token_embedding.weight"][1],
+                                     s[XL_G + "token_embedding.weight"][1])
+        text = {"name": "clip_pair", "zeros_for_empty": True,
+                "first": {"width": first_width, "heads": first_width // 64, "act": "quick_gelu", "pad": "end",
+                          "layers": len(f.indices(XL_L + "text_model.encoder.layers.")), "skip": 1,
+                          "norm_skip": False, "vocab": s[XL_L + "text_model.embeddings.token_embedding.weight"][0]},
+                "second": {"width": second_width, "heads": second_width // 64, "act": "gelu", "pad": "!",
+                           "layers": len(f.indices(XL_G + "transformer.resblocks.")), "skip": 1,
+                           "norm_skip": False, "projection": s[XL_G + "text_projection"][1],
+                           "vocab": s[XL_G + "token_embedding.weight"][0]}}
+    elif family == "sd2":
         width = s[OPEN_CLIP + "token_embedding.weight"][1]
         text = {"name": "clip_text_transformer", "width": width, "heads": width // 64, "act": "gelu", "pad": "!",
                 "layers": len(f.indices(OPEN_CLIP + "transformer.resblocks.")) - 1,  # SD 2 reads the penultimate
@@ -436,7 +494,7 @@ def _file_config(f: SingleFile) -> tuple[str, dict[str, Any]]:
 
 
 def _what_file(f: SingleFile) -> str | None:
-    """What a file is that is no SD 1.x/2.x checkpoint (None when it is one, "unknown" when it
+    """What a file is that is no SD 1.x/2.x/SDXL checkpoint (None when it is one, "unknown" when it
     holds no Stable Diffusion UNet and is nothing this family knows)."""
     for prefix, what in OTHER_FILES.items():
         if any(k.startswith(prefix) for k in f.shapes):
@@ -448,6 +506,6 @@ def _what_file(f: SingleFile) -> str | None:
     if VAE + "post_quant_conv.weight" not in f.shapes:
         return "a UNet without its VAE (first_stage_model...)"
     if CLIP_L + "text_model.embeddings.token_embedding.weight" not in f.shapes and \
-            OPEN_CLIP + "token_embedding.weight" not in f.shapes:
-        return "a UNet without its text encoder (cond_stage_model...)"
+            OPEN_CLIP + "token_embedding.weight" not in f.shapes and XL_G + "token_embedding.weight" not in f.shapes:
+        return "a UNet without its text encoder (cond_stage_model... or conditioner...)"
     return None

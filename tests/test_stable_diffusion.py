@@ -104,8 +104,8 @@ def test_limner_sample_draws_from_the_folder(pipelines, tmp_path):
 
 
 def test_unsupported_folders_are_named(tmp_path):
-    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
-    with pytest.raises(limner.LimnerError, match="SDXL .issue 29. is not supported yet"):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    with pytest.raises(limner.LimnerError, match="Stable Diffusion 3 is not supported yet"):
         limner.load_pipeline(tmp_path)
     (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
     with pytest.raises(limner.LimnerError, match="no checkpoint found at .*a model file or folder of a family limner "
@@ -233,7 +233,8 @@ def test_files_limner_cannot_run_are_named(tmp_path, single_files):
         "lora.safetensors": ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(1)},
                              "is a LoRA"),
         "vae.safetensors": ({"encoder.down.0.block.0.conv1.weight": torch.zeros(1)}, "is a bare VAE"),
-        "xl.safetensors": ({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, "is an SDXL"),
+        "sd3.safetensors": ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(1)},
+                            "is a Stable Diffusion 3 checkpoint"),
         "unet.safetensors": ({k: v for k, v in state.items() if k.startswith("model.")}, "a UNet without its VAE"),
     }
     for name, (tensors, what) in cases.items():
