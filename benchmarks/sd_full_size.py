@@ -28,7 +28,8 @@ def build(folder: Path) -> None:
     from safetensors.torch import save_file
 
     from limner.plugins.clip import BPE, _vocabulary
-    from limner.plugins.stable_diffusion import CLIP_L, UNET, VAE, unet_name, vae_name
+    from limner.plugins.sd_unet import unet_name
+    from limner.plugins.stable_diffusion import CLIP_L, UNET, VAE, vae_name
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)

@@ -11,7 +11,10 @@ Two file layouts, as the tools that write them spell them:
 
 A model exposes the parts a file addresses by a class attribute `lora_part` ("unet",
 "text_encoder") on the module whose parameter names are the ones the files use (diffusers' and
-transformers' names); limner.lora knows no network.
+transformers' names), or by a method `lora_parts()` -> {part: module} (SDXL's pair of text
+encoders: "text_encoder", "text_encoder_2"); a part's `lora_aliases()` -> {other name: own name}
+adds the names other layouts use (kohya's SDXL LoRAs name the UNet's layers as the original
+checkpoints do: input_blocks_4_1_...). limner.lora knows no network.
 """
 from __future__ import annotations
 
@@ -26,11 +29,9 @@ from torch import nn
 
 from .errors import LimnerError
 
-KOHYA = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
-PEFT = {"unet.": "unet", "text_encoder.": "text_encoder"}
-OTHER = {"lora_te1_": "SDXL (its first text encoder)", "lora_te2_": "SDXL (its second text encoder)",
-         "text_encoder_2.": "SDXL (its second text encoder)", "transformer.": "a transformer model (SD 3, Flux)",
-         "lora_transformer_": "a transformer model (SD 3, Flux)"}
+KOHYA = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+PEFT = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+OTHER = {"transformer.": "a transformer model (SD 3, Flux)", "lora_transformer_": "a transformer model (SD 3, Flux)"}
 
 
 @dataclass
@@ -51,6 +52,9 @@ def parts(model: nn.Module) -> dict[str, nn.Module]:
     """The modules of `model` a LoRA file can address, by part name (their class's `lora_part`)."""
     found: dict[str, nn.Module] = {}
     for module in model.modules():
+        if callable(getattr(module, "lora_parts", None)):
+            for part, inner in module.lora_parts().items():
+                found.setdefault(part, inner)
         part = getattr(type(module), "lora_part", None)
         if part is not None:
             found.setdefault(part, module)
@@ -81,7 +85,8 @@ def describe(path: str | Path) -> dict:
         parts_info[part] = {"layers": len(names), "rank": ranks[0] if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}",
                             "parameters": sum(p.down.numel() + p.up.numel() for p in names.values())}
     return {"path": str(path), "format": "LoRA", "layout": {"kohya": "kohya/A1111", "peft": "diffusers/PEFT"}[layout],
-            "for": "Stable Diffusion 1.x/2.x (UNet, CLIP text encoder)", "parts": parts_info}
+            "for": "SDXL" if "text_encoder_2" in by_part else "Stable Diffusion (UNet, CLIP text encoder)",
+            "parts": parts_info}
 
 
 def read(path: str | Path) -> tuple[str, dict[str, dict[str, Pair]]]:
@@ -98,8 +103,8 @@ def read(path: str | Path) -> tuple[str, dict[str, dict[str, Pair]]]:
         raise LimnerError(f"cannot read the LoRA file {path}: {exc}") from None
     for prefix, what in OTHER.items():
         if any(k.startswith(prefix) for k in tensors):
-            raise LimnerError(f"{path} is a LoRA for {what}: limner applies LoRAs to Stable Diffusion 1.x/2.x "
-                              "models (keys lora_unet_/lora_te_ or unet./text_encoder.)")
+            raise LimnerError(f"{path} is a LoRA for {what}: limner applies LoRAs to Stable Diffusion 1.x/2.x/SDXL "
+                              "models (keys lora_unet_/lora_te_/lora_te1_/lora_te2_ or unet./text_encoder(_2).)")
     if any(k.startswith(tuple(KOHYA)) for k in tensors):
         return "kohya", _kohya(path, tensors)
     if any(k.startswith(tuple(PEFT)) and ".lora_A." in k for k in tensors):
@@ -131,7 +136,7 @@ def _peft(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         raise LimnerError(f"{path}: its lora_adapter_metadata is not JSON") from None
     out: dict[str, dict[str, Pair]] = {}
     for key in sorted(tensors):
-        match = re.fullmatch(r"(unet|text_encoder)\.(.+)\.lora_A(?:\.default)?\.weight", key)
+        match = re.fullmatch(r"(unet|text_encoder_2|text_encoder)\.(.+)\.lora_A(?:\.default)?\.weight", key)
         if match is None:
             if not re.fullmatch(r".+\.lora_B(?:\.default)?\.weight|.+\.alpha", key):
                 raise LimnerError(f"{path}: {key!r} is not a diffusers/PEFT LoRA key (unet.<module>.lora_A.weight, "
@@ -165,7 +170,10 @@ def _peft_alpha(config: dict, module: str) -> float | None:
 def targets(part: str, root: nn.Module, names: dict[str, Pair], layout: str, path: Path) -> dict[nn.Module, Pair]:
     """The modules of one part the file's names address, each checked for shape."""
     modules = {n: m for n, m in root.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    by_name = {n.replace(".", "_"): n for n in modules} if layout == "kohya" else {n: n for n in modules}
+    names_of = {n: n for n in modules}
+    if callable(getattr(root, "lora_aliases", None)):
+        names_of.update({alias: n for alias, n in root.lora_aliases().items() if n in modules})
+    by_name = {a.replace(".", "_"): n for a, n in names_of.items()} if layout == "kohya" else names_of
     missing = [n for n in names if n not in by_name]
     if missing:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")

@@ -315,6 +315,10 @@ class ClipPair(FrozenStaysEval, nn.Module):
         self.first, self.second, self.zeros_for_empty = first, second, bool(zeros_for_empty)
         self.dim = first.dim + second.dim
 
+    def lora_parts(self) -> dict[str, nn.Module]:
+        """The two encoders as LoRA files name them (diffusers' text_encoder and text_encoder_2)."""
+        return {"text_encoder": self.first, "text_encoder_2": self.second}
+
     def encode(self, prompts: Sequence[str]) -> TextEmbedding:
         a, b = self.first.encode(prompts), self.second.encode(prompts)
         if a.tokens.shape[1] != b.tokens.shape[1]:

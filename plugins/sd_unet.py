@@ -219,6 +219,45 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x, temb), context, mask), temb)
 
 
+# the original (CompVis/Stability, ComfyUI, A1111, kohya) names of a diffusers ResNet block's layers
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def unet_name(key: str, blocks: int, attention: list[bool]) -> str:
+    """The original name of a diffusers UNet parameter (levels of `blocks` resnets each)."""
+    parts = key.split(".")
+    levels = len(attention)
+
+    def resnet(rest: list[str]) -> str:
+        return ".".join([RESNET.get(rest[0], rest[0]), *rest[1:]])
+
+    if parts[0] == "conv_in":
+        return f"input_blocks.0.0.{parts[1]}"
+    if parts[0] == "time_embedding":
+        return f"time_embed.{'0' if parts[1] == 'linear_1' else '2'}.{parts[2]}"
+    if parts[0] in ("conv_norm_out", "conv_out"):
+        return f"out.{'0' if parts[0] == 'conv_norm_out' else '2'}.{parts[1]}"
+    if parts[0] == "add_embedding":  # SDXL's pooled-text-and-size embedding
+        return f"label_emb.0.{'0' if parts[1] == 'linear_1' else '2'}.{parts[2]}"
+    if parts[0] == "mid_block":
+        if parts[1] == "attentions":
+            return "middle_block.1." + ".".join(parts[3:])
+        return f"middle_block.{0 if parts[2] == '0' else 2}." + resnet(parts[3:])
+    i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+    if parts[0] == "down_blocks":
+        k = 1 + i * (blocks + 1)
+        if kind == "downsamplers":
+            return f"input_blocks.{k + blocks}.0.op." + ".".join(rest[1:])
+        return f"input_blocks.{k + j}.{0 if kind == 'resnets' else 1}." + (resnet(rest) if kind == "resnets"
+                                                                           else ".".join(rest))
+    k = i * (blocks + 1)  # up_blocks
+    if kind == "upsamplers":
+        return f"output_blocks.{k + blocks}.{2 if attention[levels - 1 - i] else 1}.conv." + ".".join(rest[1:])
+    return f"output_blocks.{k + j}.{0 if kind == 'resnets' else 1}." + (resnet(rest) if kind == "resnets"
+                                                                       else ".".join(rest))
+
+
 class UNet2DCondition(nn.Module):
     """forward(x, t, context [B, L, context_dim], added) -> the model's prediction (noise or v).
     `depth`: transformer blocks per level (the middle takes the last level's); SDXL's UNet also
@@ -233,6 +272,7 @@ class UNet2DCondition(nn.Module):
                  add_in: int = 0, add_time_dim: int = 0):
         super().__init__()
         temb = 4 * channels[0]
+        self.blocks, self.attention = blocks, list(attention)
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb)
         self.add_time_dim = add_time_dim
@@ -254,6 +294,17 @@ class UNet2DCondition(nn.Module):
         self.up_blocks = nn.ModuleList(ups)
         self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=1e-5)
         self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
+
+    def original_name(self, key: str) -> str:
+        """A parameter's (or layer's) name in the original layout (input_blocks / middle_block /
+        output_blocks, as single files, ComfyUI and kohya's SDXL LoRAs spell it)."""
+        return unet_name(key, self.blocks, self.attention)
+
+    def lora_aliases(self) -> dict[str, str]:
+        """The original-layout name of each linear and convolution layer -> its own name: LoRA
+        files for SDXL address the UNet this way."""
+        return {self.original_name(n + ".weight").removesuffix(".weight"): n for n, m in self.named_modules()
+                if isinstance(m, (nn.Linear, nn.Conv2d))}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None,
                 added: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

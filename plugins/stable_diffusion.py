@@ -202,12 +202,12 @@ class StableDiffusion:
                      "denoiser": _build("denoisers", options["denoiser"], context_dim=context,
                                         in_channels=options["autoencoder"]["latent_channels"]),
                      "autoencoder": _build("autoencoders", options["autoencoder"])}
-        unet, vae = options["denoiser"], options["autoencoder"]
+        vae = options["autoencoder"]
         tensors = {}
         for part, module in parts.items():
             for key, want in module.state_dict().items():
                 if part == "denoiser":
-                    name = UNET + unet_name(key.removeprefix("net.unet."), unet["blocks"], unet["attention"])
+                    name = UNET + module.net.unet.original_name(key.removeprefix("net.unet."))
                     chunk = None
                 elif part == "autoencoder":
                     name, chunk = VAE + vae_name(key, len(vae["widths"])), None
@@ -305,8 +305,6 @@ def stable_diffusion() -> StableDiffusion:
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_L, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 XL_L, XL_G = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."  # SDXL's two encoders
-RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 OTHER_FILES = {  # a key that marks a file limner cannot run as a model, and what it is
     "lora_unet_": "a LoRA (kohya/A1111 layout), not a model: apply it to one with --lora FILE[:STRENGTH]",
     "lora_te_": "a LoRA (kohya/A1111 layout), not a model: apply it to one with --lora FILE[:STRENGTH]",
@@ -315,40 +313,6 @@ OTHER_FILES = {  # a key that marks a file limner cannot run as a model, and wha
     "double_blocks.": "a Flux transformer",
     "joint_blocks.": "a Stable Diffusion 3 transformer",
 }
-
-
-def unet_name(key: str, blocks: int, attention: list[bool]) -> str:
-    """The original name of a diffusers UNet parameter (levels of `blocks` resnets each)."""
-    parts = key.split(".")
-    levels = len(attention)
-
-    def resnet(rest: list[str]) -> str:
-        return ".".join([RESNET.get(rest[0], rest[0]), *rest[1:]])
-
-    if parts[0] == "conv_in":
-        return f"input_blocks.0.0.{parts[1]}"
-    if parts[0] == "time_embedding":
-        return f"time_embed.{'0' if parts[1] == 'linear_1' else '2'}.{parts[2]}"
-    if parts[0] in ("conv_norm_out", "conv_out"):
-        return f"out.{'0' if parts[0] == 'conv_norm_out' else '2'}.{parts[1]}"
-    if parts[0] == "add_embedding":  # SDXL's pooled-text-and-size embedding
-        return f"label_emb.0.{'0' if parts[1] == 'linear_1' else '2'}.{parts[2]}"
-    if parts[0] == "mid_block":
-        if parts[1] == "attentions":
-            return "middle_block.1." + ".".join(parts[3:])
-        return f"middle_block.{0 if parts[2] == '0' else 2}." + resnet(parts[3:])
-    i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
-    if parts[0] == "down_blocks":
-        k = 1 + i * (blocks + 1)
-        if kind == "downsamplers":
-            return f"input_blocks.{k + blocks}.0.op." + ".".join(rest[1:])
-        return f"input_blocks.{k + j}.{0 if kind == 'resnets' else 1}." + (resnet(rest) if kind == "resnets"
-                                                                           else ".".join(rest))
-    k = i * (blocks + 1)  # up_blocks
-    if kind == "upsamplers":
-        return f"output_blocks.{k + blocks}.{2 if attention[levels - 1 - i] else 1}.conv." + ".".join(rest[1:])
-    return f"output_blocks.{k + j}.{0 if kind == 'resnets' else 1}." + (resnet(rest) if kind == "resnets"
-                                                                       else ".".join(rest))
 
 
 def vae_name(key: str, levels: int) -> str:

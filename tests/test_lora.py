@@ -118,8 +118,11 @@ def test_files_limner_cannot_apply_are_named(sd, tmp_path):
                  r"is 64 -> 64, but the LoRA's down is \(4, 64\) and up \(64, 3\): a LoRA for another model size"),
         "bigger": ({key: torch.zeros(4, 320), up: torch.zeros(320, 4)},
                    r"is 64 -> 64, but the LoRA's down is \(4, 320\)"),
-        "sdxl": ({**good, "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 1)},
-                 r"is a LoRA for SDXL \(its second text encoder\)"),
+        "sdxl": ({**good, "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 64),
+                  "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(256, 1)},
+                 r"has text_encoder_2 layers, which this model does not expose to LoRA \(it has: text_encoder, unet\)"),
+        "sd3": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(1, 1)},
+                r"is a LoRA for a transformer model \(SD 3, Flux\)"),
         "half": ({key: good[key]}, r"is not a kohya LoRA pair"),
         "model": ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, r"is not a LoRA limner reads"),
     }

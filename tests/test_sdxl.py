@@ -99,7 +99,8 @@ def test_a_euler_image_equals_diffusers_from_the_same_latent(sdxl):
 def original_sdxl(anchor) -> dict[str, torch.Tensor]:
     """The pipeline's weights under SDXL's original names (conditioner.embedders.0/1, label_emb),
     by limner's name maps."""
-    from limner.plugins.stable_diffusion import UNET, VAE, XL_G, XL_L, open_clip_name, unet_name, vae_name
+    from limner.plugins.sd_unet import unet_name
+    from limner.plugins.stable_diffusion import UNET, VAE, XL_G, XL_L, open_clip_name, vae_name
 
     out = {UNET + unet_name(k, 2, [False, True]): v for k, v in anchor.unet.state_dict().items()}
     for k, v in anchor.vae.state_dict().items():
@@ -190,6 +191,7 @@ def test_the_full_size_sdxl_file_is_read_for_what_it_is_from_keys_and_shapes():
     from pathlib import Path
 
     from limner.plugins import stable_diffusion as sd
+    from limner.plugins.sd_unet import unet_name
 
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(
@@ -202,7 +204,7 @@ def test_the_full_size_sdxl_file_is_read_for_what_it_is_from_keys_and_shapes():
         vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
                                       down_block_types=("DownEncoderBlock2D",) * 4,
                                       up_block_types=("UpDecoderBlock2D",) * 4)
-    shapes = {sd.UNET + sd.unet_name(k, 2, [False, True, True]): tuple(v.shape) for k, v in unet.state_dict().items()}
+    shapes = {sd.UNET + unet_name(k, 2, [False, True, True]): tuple(v.shape) for k, v in unet.state_dict().items()}
     shapes.update({sd.VAE + sd.vae_name(k, 4): tuple(v.shape) for k, v in vae.state_dict().items()})
     shapes.update({f"{sd.XL_L}text_model.encoder.layers.{i}.layer_norm1.weight": (768,) for i in range(12)})
     shapes[sd.XL_L + "text_model.embeddings.token_embedding.weight"] = (49408, 768)
@@ -227,3 +229,60 @@ def test_the_full_size_sdxl_file_is_read_for_what_it_is_from_keys_and_shapes():
         built = limner.create("denoisers", "sd_unet", context_dim=2048, in_channels=4, image_size=128,
                               **{k: v for k, v in u.items() if k != "name"})
     assert sum(p.numel() for p in built.parameters()) == sum(p.numel() for p in unet.parameters())  # 2.57B
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_an_sdxl_lora_applied_by_limner_equals_diffusers(sdxl, layout, tmp_path):
+    """LoRAs for SDXL: kohya's (the UNet's layers under their original names, input_blocks_4_1_...,
+    and lora_te1_/lora_te2_ for the two encoders) and diffusers' (unet., text_encoder.,
+    text_encoder_2.), applied merged and kept beside the weights, against diffusers'
+    load_lora_weights on the same pipeline."""
+    from safetensors.torch import save_file
+
+    from limner.plugins.sd_unet import unet_name
+
+    anchor, folder, _ = sdxl
+    gen, state = torch.Generator().manual_seed(7), {}
+    for part, module in (("unet", anchor.unet), ("text_encoder", anchor.text_encoder),
+                         ("text_encoder_2", anchor.text_encoder_2)):
+        for name, layer in module.named_modules():
+            if not (isinstance(layer, torch.nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "to_out.0", "q_proj",
+                                                                          "v_proj", "out_proj", "fc1", "ff.net.2"))):
+                continue
+            down = torch.randn(4, layer.in_features, generator=gen) * 0.2
+            up = torch.randn(layer.out_features, 4, generator=gen) * 0.2
+            if part != "unet" and not name.startswith("text_model."):
+                name = f"text_model.{name}"
+            if layout == "peft":
+                state.update({f"{part}.{name}.lora_A.weight": down, f"{part}.{name}.lora_B.weight": up})
+                continue
+            if part == "unet":
+                key = "lora_unet_" + unet_name(name + ".weight", 2, [False, True]).removesuffix(".weight")
+            else:
+                key = ("lora_te1_" if part == "text_encoder" else "lora_te2_") + name
+            key = key.replace(".", "_")
+            state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                          f"{key}.alpha": torch.tensor(2.0)})
+    path = tmp_path / "xl.safetensors"
+    save_file(state, str(path))
+    prompt = "a red circle at the top left"
+    gen = torch.Generator().manual_seed(8)
+    x, t = torch.randn(1, 4, 16, 16, generator=gen), torch.tensor([300.0])
+    ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])
+    anchor.load_lora_weights(dict(state), adapter_name="xl")
+    try:
+        with torch.no_grad():
+            embeds, _, pooled, _ = anchor.encode_prompt(prompt, device="cpu")
+            want = anchor.unet(x, t, encoder_hidden_states=embeds,
+                               added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    finally:
+        anchor.unload_lora_weights()
+    for merge in (True, False):
+        pipe = limner.load_pipeline(folder, device="cpu")
+        pipe.load_lora(path, merge=merge)
+        with torch.no_grad():
+            got = pipe.model.encode([prompt])
+            out = pipe.model.denoiser.net.unet(x, t, got.tokens, added=(got.pooled, ids))
+        torch.testing.assert_close(got.tokens, embeds, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.pooled, pooled, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)

@@ -27,8 +27,9 @@ def clip_tokenizer(folder, sd2: bool):
 
 
 def assemble(folder, sd2: bool, unet, width: int, layers: int, heads: int, prediction: str = "epsilon"):
-    """A StableDiffusionPipeline (its inpainting one for a 9-channel UNet) around `unet`: diffusers' tiny test VAE, a tiny CLIP text model
-    (`width`, `layers`, `heads`; SD 2's gelu or SD 1's quick_gelu) and SD's Euler scheduler."""
+    """A StableDiffusionPipeline (its inpainting one for a 9-channel UNet) around `unet`: diffusers'
+    tiny test VAE, a tiny CLIP text model (`width`, `layers`, `heads`; SD 2's gelu or SD 1's
+    quick_gelu) and SD's Euler scheduler."""
     vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
                                   down_block_types=("DownEncoderBlock2D",) * 2,
                                   up_block_types=("UpDecoderBlock2D",) * 2)
@@ -140,7 +141,8 @@ def file_pipeline(folder, sd2: bool, in_channels: int = 4):
 
 def original_layout(anchor, sd2: bool) -> dict:
     """The pipeline's weights under their original (CompVis/Stability) names, by limner's name maps."""
-    from limner.plugins.stable_diffusion import CLIP_L, OPEN_CLIP, UNET, VAE, open_clip_name, unet_name, vae_name
+    from limner.plugins.sd_unet import unet_name
+    from limner.plugins.stable_diffusion import CLIP_L, OPEN_CLIP, UNET, VAE, open_clip_name, vae_name
 
     out = {UNET + unet_name(k, 1, [True, False]): v for k, v in anchor.unet.state_dict().items()}
     for k, v in anchor.vae.state_dict().items():
@@ -255,6 +257,7 @@ def test_full_size_files_are_read_for_what_they_are_from_keys_and_shapes(sd2):
     """The real architectures at full size, built on the meta device (no memory), named as the
     original files name them: the options limner reads off the keys and shapes are SD's own."""
     from limner.plugins import stable_diffusion as sd
+    from limner.plugins.sd_unet import unet_name
 
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(cross_attention_dim=1024 if sd2 else 768, use_linear_projection=sd2,
@@ -262,7 +265,7 @@ def test_full_size_files_are_read_for_what_they_are_from_keys_and_shapes(sd2):
         vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
                                       down_block_types=("DownEncoderBlock2D",) * 4,
                                       up_block_types=("UpDecoderBlock2D",) * 4)
-    shapes = {sd.UNET + sd.unet_name(k, 2, [True, True, True, False]): tuple(v.shape)
+    shapes = {sd.UNET + unet_name(k, 2, [True, True, True, False]): tuple(v.shape)
               for k, v in unet.state_dict().items()}
     shapes.update({sd.VAE + sd.vae_name(k, 4): tuple(v.shape) for k, v in vae.state_dict().items()})
     if sd2:
