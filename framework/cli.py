@@ -133,6 +133,8 @@ class Number(click.ParamType):
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
               help="Seed of the noise, 0 to 2^64-1: same seed, same images.")
 @click.option("--num", type=click.IntRange(1, 1000), default=1, show_default=True, help="Images per prompt, 1 to 1000.")
+@click.option("--size", type=click.IntRange(8, 4096), default=None,
+              help="Latent diffusion: the images' side in pixels (default: the model's own).")
 @click.option("--out", type=click.Path(file_okay=False), default="out/samples", show_default=True,
               help="Folder for the PNGs, the grid and prompts.jsonl (added to, never overwritten).")
 @click.option("--init-image", type=click.Path(dir_okay=False), default=None, help="Image-to-image start.")
@@ -147,8 +149,8 @@ class Number(click.ParamType):
               help="Apply a LoRA file (kohya/A1111 or diffusers/PEFT layout) at STRENGTH (default 1); repeatable.")
 @click.option("--compile", "compile_", is_flag=True,
               help="Diffusion: torch.compile the denoiser first (~30 s once; pays off over many images).")
-def sample(checkpoint, prompts, negative, sampler, schedule, steps, sigmas, guidance, seed, num, out, init_image,
-           strength, mask, truncation, prediction, loras, compile_):
+def sample(checkpoint, prompts, negative, sampler, schedule, steps, sigmas, guidance, seed, num, size, out,
+           init_image, strength, mask, truncation, prediction, loras, compile_):
     """Draw images from a trained checkpoint (diffusion, GAN or VAE): one PNG per image, named
     after its prompt and numbered on from the folder's earlier images, a labelled grid, and a line
     of settings in prompts.jsonl. Nothing already in --out is overwritten."""
@@ -190,7 +192,7 @@ def sample(checkpoint, prompts, negative, sampler, schedule, steps, sigmas, guid
         pipe.compile()
     given = dict(sampler=sampler, schedule=schedule, steps=steps, sigmas=sigmas, guidance=guidance, strength=strength,
                  init_image=open_image(init_image), mask=open_image(mask), truncation=truncation,
-                 negative_prompt=negative)
+                 negative_prompt=negative, size=size)
     given = {k: v for k, v in given.items() if v is not None}
     tensors = pipe.generate(list(prompts), seed=seed, num=num, progress=True, **given)
     images = to_pil(tensors)

@@ -272,11 +272,13 @@ class Pipeline(PipelineBase):
                  steps: int | None = None, guidance: float | None = None, seed: int | list[int] = 0, num: int = 1,
                  init_image: Image.Image | None = None, strength: float = 0.6, mask: Image.Image | None = None,
                  progress: bool = False, truncation: float | None = None,
-                 sigmas: list[float] | None = None, negative_prompt: str | list[str] | None = None) -> torch.Tensor:
+                 sigmas: list[float] | None = None, negative_prompt: str | list[str] | None = None,
+                 size: int | None = None) -> torch.Tensor:
         """[N, C, H, W] in [-1, 1] for `prompts` (num each); init_image for image-to-image,
         mask (white = redraw) for inpainting; sampler settings default to the checkpoint's;
         `sigmas`, a falling list, replaces schedule and steps; `negative_prompt` (one for all
-        prompts or one each) is what guidance steers away from, instead of the empty prompt."""
+        prompts or one each) is what guidance steers away from, instead of the empty prompt;
+        `size` (pixels, square) other than the model's own, for a latent model."""
         self.refuse({"truncation": truncation}, "truncation is for GAN and VAE checkpoints; a diffusion model "
                     "trades variety for fidelity with guidance")
         negatives = self.negatives(prompts, negative_prompt, num)
@@ -285,18 +287,19 @@ class Pipeline(PipelineBase):
         if negative_prompt is not None and plan.guidance == 1 and plan.mode != "cfg_pp":
             raise LimnerError("a negative prompt works through guidance, which is off at scale 1: give --guidance "
                               "above 1 (or drop the negative prompt)")
-        size, channels, n = self.model.cfg.image_size, self.model.cfg.channels, len(prompts)
-        noise, gen = self.noise(self.model.latent, seed, n, num)  # each image its own noise stream
+        size, latent = self.drawn_size(size)
+        channels, n = self.model.cfg.channels, len(prompts)
+        noise, gen = self.noise(latent, seed, n, num)  # each image its own noise stream
         check_mask_size(init_image, mask)
         check_mask_init(init_image, mask)
         pixels = None if init_image is None else image_tensor(init_image, size, channels, n, self.device)
         init = None if pixels is None else self.model.to_latent(pixels)
         # with an autoencoder, inpainting blends latents: the mask at the latent's size
-        redraw = None if mask is None else mask_tensor(mask, self.model.latent[1], n, self.device)
+        redraw = None if mask is None else mask_tensor(mask, latent[1], n, self.device)
         cond = self.model.encode(prompts)
         uncond = self.model.encode(negatives) if plan.guidance != 1 or plan.mode == "cfg_pp" else None
         if getattr(self.model.denoiser, "concat", 0):  # an inpainting model keeps the unmasked part itself
-            image = self.inpainting_channels(pixels, mask, n).contiguous(memory_format=self.memory_format)
+            image = self.inpainting_channels(pixels, mask, n, size).contiguous(memory_format=self.memory_format)
             cond, uncond = (None if c is None else WithImage(c, image) for c in (cond, uncond))
             if mask is not None:  # the masked part is drawn from noise, as with an ordinary model's mask
                 init, redraw = None, None
@@ -324,18 +327,31 @@ class Pipeline(PipelineBase):
             raise LimnerError(f"negative_prompt must be one text or one per prompt ({n}), got {negative!r:.80}")
         return self.expand(list(negative), num)
 
-    def inpainting_channels(self, pixels: torch.Tensor | None, mask: Image.Image | None, n: int) -> torch.Tensor:
+    def drawn_size(self, size: int | None) -> tuple[int, tuple[int, ...]]:
+        """(pixels, the latent's [C, H, W]) of the images drawn: the model's own size, or `size`
+        for a latent model (its UNet takes any multiple of the autoencoder's factor)."""
+        if size is None or size == self.model.cfg.image_size:
+            return self.model.cfg.image_size, self.model.latent
+        if self.model.autoencoder is None:
+            raise LimnerError(f"size {size}: this model draws at the size it was trained at, "
+                              f"{self.model.cfg.image_size}; latent models (with an autoencoder) draw at others")
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= 4096:
+            raise LimnerError(f"size must be a whole number of pixels in 1..4096, got {size!r}")
+        return size, self.model.autoencoder.latent_shape(self.model.cfg.channels, size)
+
+    def inpainting_channels(self, pixels: torch.Tensor | None, mask: Image.Image | None, n: int,
+                            size: int | None = None) -> torch.Tensor:
         """What an inpainting model (Stable Diffusion's 9-channel UNets) reads beside its latent,
         as diffusers' StableDiffusionInpaintPipeline makes it: the mask (1 = redraw) at the
         latent's size (nearest, the top-left pixel of each cell), then the latents of the image
         with the masked part set to 0 (mid-grey). No init image: everything is redrawn (mask 1,
         image 0, as A1111 feeds an inpainting model for text-to-image); no mask: likewise, over
         the init image's noised latents (image-to-image)."""
-        concat, (c, h, w) = self.model.denoiser.concat, self.model.latent
+        size, (c, h, w) = self.drawn_size(size)
+        concat, channels = self.model.denoiser.concat, self.model.cfg.channels
         if concat != c + 1:
             raise LimnerError(f"this denoiser reads {concat} image channels beside its {c}-channel latent; limner "
                               f"feeds inpainting models' {c + 1} (the mask and the masked image's latents)")
-        size, channels = self.model.cfg.image_size, self.model.cfg.channels
         redraw = torch.ones(n, 1, size, size, device=self.device) if mask is None else mask_tensor(
             mask, size, n, self.device)
         kept = torch.zeros(n, channels, size, size, device=self.device) if pixels is None else pixels * (redraw < 0.5)
@@ -374,7 +390,7 @@ class Pipeline(PipelineBase):
 
     def kept_psnr(self, images: torch.Tensor, init_image: Image.Image, mask: Image.Image | None = None) -> float:
         """PSNR (dB) of `images` against the init image where it was to be kept (limner.pipeline.kept_psnr)."""
-        size, channels, n = self.model.cfg.image_size, self.model.cfg.channels, len(images)
+        size, channels, n = images.shape[-1], self.model.cfg.channels, len(images)
         init = image_tensor(init_image, size, channels, n, torch.device("cpu"))
         redraw = None if mask is None else mask_tensor(mask, size, n, torch.device("cpu"))
         return kept_psnr(images.cpu(), init, redraw)

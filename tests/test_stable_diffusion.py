@@ -453,3 +453,14 @@ def test_a_negative_prompt_steers_as_diffusers_does(pipelines):
         pipe.generate(prompt, negative_prompt=negative, guidance=1.0, steps=2)
     with pytest.raises(limner.LimnerError, match=r"negative_prompt must be one text or one per prompt \(2\)"):
         pipe.generate([prompt, prompt], negative_prompt=["x"], steps=2)
+
+
+def test_a_latent_model_draws_at_other_sizes_and_a_pixel_model_says_it_cannot(pipelines):
+    _, _, pipe = pipelines
+    images = pipe.generate("a cat", steps=2, size=48)
+    assert images.shape == (1, 3, 48, 48) and bool(torch.isfinite(images).all())
+    with pytest.raises(limner.LimnerError, match="image size 47 must be a multiple of the autoencoder's factor 2"):
+        pipe.generate("a cat", steps=2, size=47)
+    pixel = limner.load_pipeline(Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-unet", device="cpu")
+    with pytest.raises(limner.LimnerError, match="size 64: this model draws at the size it was trained at, 32"):
+        pixel.generate("a red circle", steps=2, size=64)
