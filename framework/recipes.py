@@ -231,7 +231,18 @@ def _pipeline(path: str | Path, device: str | torch.device | None, prediction: s
     model = recipe.model(cfg)
     load_module(model, weights_of(ckpt))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return recipe.pipeline(model, cfg.sample, device)
+    pipe = recipe.pipeline(model, cfg.sample, device)
+    for spec in getattr(cfg.sample, "lora", None) or []:  # [sample] lora: files inside the checkpoint
+        from .lora import parse_spec
+
+        file, strength = parse_spec(spec)
+        inside = (ckpt / file).resolve()
+        if Path(file).is_absolute() or not inside.is_relative_to(ckpt.resolve()):
+            raise LimnerError(f"{ckpt / 'config.toml'}: [sample] lora names {file!r}, which is outside the checkpoint "
+                              "folder; a checkpoint's files must lie inside it (copy the LoRA there and name it "
+                              "relative to it)")
+        pipe.load_lora(inside, strength)
+    return pipe
 
 
 def _foreign_pipeline(path: str | Path, name: str, family, found, device, prediction: str | None = None):

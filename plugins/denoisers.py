@@ -187,6 +187,8 @@ class Stage(nn.Sequential):
 class UNet(nn.Module):
     """ADM-style UNet (Dhariwal & Nichol 2021) with LDM cross-attention (Rombach et al. 2022)."""
 
+    lora_part = "unet"  # LoRA files (diffusers/PEFT layout, unet.<its names>) address its layers
+
     def __init__(self, in_channels: int, channels: int, mults: tuple[int, ...], blocks: int,
                  attention_levels: tuple[int, ...], heads: int, context_dim: int, groups: int, dropout: float,
                  image_size: int, positions: bool, context_layers: int = 0, pooled: bool = True,
@@ -310,6 +312,8 @@ class DiTBlock(nn.Module):
 
 class DiT(nn.Module):
     """Diffusion transformer over image patches (Peebles & Xie 2023)."""
+
+    lora_part = "unet"  # the denoiser's part, as LoRA files name it whatever the network
 
     def __init__(self, in_channels: int, image_size: int, patch: int, dim: int, depth: int, heads: int,
                  context_dim: int, pooled: bool = True, clause_layout: bool = False):

@@ -90,6 +90,9 @@ class SampleConfig:
     prompts: list[str] = field(default_factory=list)
     compile: bool = False  # torch.compile the denoiser for sampling: pays ~30 s once per batch size
     channels_last: bool = True  # NHWC activations: oneDNN's (and tensor cores') fast layout; same math
+    # LoRA files merged in when the checkpoint is loaded for sampling ("FILE[:STRENGTH]", each a
+    # file inside the checkpoint folder, named relative to it); training's grids draw without them
+    lora: list[str] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)

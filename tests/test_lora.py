@@ -162,3 +162,30 @@ def test_lora_specs_and_the_command_line(sd, tmp_path, capsys):
     for part in ("unet", "text_encoder"):
         layers = {k.split(".lora_")[0] for k in state if k.startswith(part + ".")}
         assert info["parts"][part]["layers"] == len(layers) and info["parts"][part]["rank"] == 4, info
+
+
+def test_a_checkpoints_sample_table_merges_its_loras_from_inside_it(tmp_path):
+    """[sample] lora = ["FILE:STRENGTH"] in a limner checkpoint's config: the file, inside the
+    checkpoint folder, is merged in when the checkpoint loads; a file outside it is refused."""
+    import shutil
+    from pathlib import Path
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-unet", ckpt)
+    plain = limner.load_pipeline(ckpt, device="cpu")
+    gen, state = torch.Generator().manual_seed(0), {}
+    for name, layer in plain.model.denoiser.net.named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.endswith(("to_q", "to_v")):
+            state[f"unet.{name}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=gen) * 0.3
+            state[f"unet.{name}.lora_B.weight"] = torch.randn(layer.out_features, 2, generator=gen) * 0.3
+    assert state, "the demo UNet has attention layers to adapt"
+    save_file(state, str(ckpt / "style.safetensors"))
+    config = (ckpt / "config.toml").read_text()
+    (ckpt / "config.toml").write_text(config.replace("[sample]\n", '[sample]\nlora = ["style.safetensors:0.5"]\n', 1))
+    styled = limner.load_pipeline(ckpt, device="cpu")
+    a = plain.generate("a red circle at the top left", steps=4, seed=0)
+    b = styled.generate("a red circle at the top left", steps=4, seed=0)
+    assert (a - b).abs().max() > 1e-3
+    (ckpt / "config.toml").write_text(config.replace("[sample]\n", '[sample]\nlora = ["../style.safetensors"]\n', 1))
+    with pytest.raises(limner.LimnerError, match=r"\[sample\] lora names '../style.safetensors', which is outside"):
+        limner.load_pipeline(ckpt, device="cpu")
