@@ -417,6 +417,7 @@ class LossTrainer(TrainerBase):
 
     def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:
         t = self.cfg.train
+        step_generator(self.cfg.seed, self.step, self.acc.process_index)  # the loss's randomness (dropout), by step
         for group in self.prepared.param_groups:
             group["lr"] = warmup_cosine(self.step, t.steps, t.lr, t.warmup)
         loss = self.step_module(images.to(self.acc.device), captions)

@@ -233,8 +233,9 @@ class matching:
 class recipes:
     @hookimpl
     def limner_register_recipes():
-        """Diffusion, GAN and VAE training."""
+        """Diffusion (and its autoencoder), GAN and VAE training."""
         return _specs("diffusion_recipe", [("diffusion", "diffusion", (), "")]) + \
+            _specs("autoencoder_recipe", [("autoencoder", "autoencoder_recipe", (), "")]) + \
             _specs("generator_recipes", [(n, n, (), "") for n in ("gan", "vae")])
 
 

@@ -13,7 +13,9 @@ upsampling by nearest-neighbour doubling and a 3x3 convolution.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from torch import nn
 
 import limner
 from limner.attention import attention
+from limner.checkpoint import load_module
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -154,6 +157,8 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
         self.in_channels, self.latent_channels = in_channels, latent_channels
         self.factor, self.scale, self.shift = 2 ** (len(widths) - 1), scale, shift
+        self.options = {"in_channels": in_channels, "widths": list(widths), "blocks": blocks,
+                        "latent_channels": latent_channels, "groups": groups, "scale": scale, "shift": shift}
 
     def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior's mean and log-variance (clamped to [-30, 20], as the original)."""
@@ -179,11 +184,42 @@ class AutoencoderKL(nn.Module):
         return self.latent_channels, size // self.factor, size // self.factor
 
 
-def autoencoder_kl(in_channels: int = 3, widths: list[int] = (128, 256, 512, 512), blocks: int = 2,
-                   latent_channels: int = 4, groups: int = 32, scale: float = 0.18215, shift: float = 0.0,
-                   freeze: bool = True) -> AutoencoderKL:
-    """Latent diffusion's KL autoencoder, any size (Stable Diffusion's by default: 83.7M parameters,
-    8x smaller latents with 4 channels, scale 0.18215; SDXL's: scale 0.13025)."""
+def autoencoder_kl(in_channels: int | None = None, widths: list[int] | None = None, blocks: int | None = None,
+                   latent_channels: int | None = None, groups: int | None = None, scale: float | None = None,
+                   shift: float | None = None, freeze: bool = True, path: str | None = None) -> AutoencoderKL:
+    """Latent diffusion's KL autoencoder, any size (options left out are Stable Diffusion's: 3 colour
+    channels, widths 128/256/512/512, 2 blocks, 4 latent channels, 32 groups, scale 0.18215, shift
+    0: 83.7M parameters, 8x smaller latents; SDXL's scale is 0.13025), or the one an `autoencoder`
+    run trained (`path` = RUN/autoencoder: its shape, latent statistics and weights)."""
+    options = {k: v for k, v in (("in_channels", in_channels), ("widths", widths), ("blocks", blocks),
+                                 ("latent_channels", latent_channels), ("groups", groups), ("scale", scale),
+                                 ("shift", shift)) if v is not None}
+    if path is None:
+        return _sized(**options).eval().requires_grad_(not freeze)
+    folder = Path(path)
+    if options:
+        raise limner.LimnerError(f"autoencoder_kl: {folder} gives the autoencoder's shape and statistics; drop "
+                                 f"{', '.join(sorted(options))} (or drop path for an untrained one)")
+    try:
+        meta = json.loads((folder / "autoencoder.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise limner.LimnerError(f"autoencoder_kl: no trained autoencoder at {folder} ({exc}); train one with "
+                                 "`limner train` of an autoencoder config (recipe = \"autoencoder\")") from None
+    if not isinstance(meta, dict) or meta.get("autoencoder") not in ("autoencoder_kl", "sd_vae") or \
+            not isinstance(meta.get("options"), dict) or "path" in meta["options"]:
+        raise limner.LimnerError(f"autoencoder_kl: {folder / 'autoencoder.json'} is not an autoencoder_kl's "
+                                 "(it names another autoencoder or has no options table)")
+    try:
+        model = _sized(**meta["options"])
+    except TypeError as exc:
+        raise limner.LimnerError(f"autoencoder_kl: {folder / 'autoencoder.json'} has options it does not take "
+                                 f"({exc})") from None
+    load_module(model, folder / "model.safetensors")
+    return model.eval().requires_grad_(not freeze)
+
+
+def _sized(in_channels: int = 3, widths: list[int] = (128, 256, 512, 512), blocks: int = 2,
+           latent_channels: int = 4, groups: int = 32, scale: float = 0.18215, shift: float = 0.0) -> AutoencoderKL:
     widths = list(widths)
     for name, value, low in (("in_channels", in_channels, 1), ("blocks", blocks, 1),
                              ("latent_channels", latent_channels, 1), ("groups", groups, 1)):
@@ -195,5 +231,4 @@ def autoencoder_kl(in_channels: int = 3, widths: list[int] = (128, 256, 512, 512
     if not (math.isfinite(scale) and scale > 0 and math.isfinite(shift)):
         raise limner.LimnerError(f"autoencoder_kl: scale must be a finite number > 0 and shift finite, got scale "
                                  f"{scale!r}, shift {shift!r}")
-    model = AutoencoderKL(in_channels, tuple(widths), blocks, latent_channels, groups, float(scale), float(shift))
-    return model.eval().requires_grad_(not freeze)
+    return AutoencoderKL(in_channels, tuple(widths), blocks, latent_channels, groups, float(scale), float(shift))

@@ -174,7 +174,15 @@ class Trainer(TrainerBase):
 
     def __init__(self, cfg: TrainConfig):
         self.setup(cfg, cfg.train.mixed_precision)
+        ae = cfg.model.autoencoder
+        if ae is not None and "path" not in ae.options:
+            raise LimnerError(f"[model] autoencoder {ae.name!r} has no trained weights (path), and an untrained "
+                              "one's latents carry no picture: give a trained one, e.g. autoencoder = { name = "
+                              "\"autoencoder_kl\", path = \"RUN/autoencoder\" } after `limner train` of an "
+                              "autoencoder config (configs/latent/shapes-autoencoder.toml)")
         self.model = TextToImage(cfg.model)
+        if ae is not None:  # checkpoints hold the autoencoder's weights and shape, never a path outside them
+            cfg.model.autoencoder = ComponentConfig("autoencoders", ae.name, dict(self.model.autoencoder.options))
         self.ema = EMA(self.model, cfg.train.ema)
         if cfg.train.compile:  # in place: parameter names, checkpoints and the EMA copy stay as they are
             self.model.denoiser.compile()
