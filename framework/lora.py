@@ -116,6 +116,10 @@ def read(path: str | Path) -> tuple[str, dict[str, dict[str, Pair]]]:
 
 def _kohya(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Pair]]:
     out: dict[str, dict[str, Pair]] = {}
+    other = sorted(k for k in tensors if k.split(".", 1)[-1] not in ("lora_down.weight", "lora_up.weight", "alpha"))
+    if other:  # DoRA's dora_scale, LoHa's hada_*, LoKr's lokr_*, LoCon's lora_mid: not plain LoRA
+        raise LimnerError(f"{path}: {other[0]!r} is not a plain LoRA's (lora_down, lora_up, alpha); DoRA, LoHa, LoKr "
+                          "and CP-decomposed LoCon files are not applied, and leaving part of one out would be wrong")
     names = {k.split(".")[0] for k in tensors}
     for name in sorted(names):
         prefix = next((p for p in KOHYA if name.startswith(p)), None)
