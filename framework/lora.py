@@ -212,8 +212,10 @@ class Applied:
     """A LoRA file applied to a model: merged (the weights changed in place) or kept beside
     them as forward hooks whose strength `set_strength` changes."""
 
-    def __init__(self, model: nn.Module, path: str | Path, strength: float = 1.0, merge: bool = True):
+    def __init__(self, model: nn.Module, path: str | Path, strength: float = 1.0, merge: bool = True,
+                 on_change=None):
         self.path, self.strength, self.merged = Path(path), float(strength), merge
+        self.on_change = on_change  # called after every change (a pipeline forgets cached text embeddings)
         layout, by_part = read(self.path)
         have = parts(model)
         unknown = sorted(set(by_part) - set(have))
@@ -253,6 +255,8 @@ class Applied:
             raise LimnerError(f"{self.path} is merged into the weights: load it with merge=False to change its "
                               "strength without reloading")
         self.strength = float(strength)
+        if self.on_change is not None:
+            self.on_change()
 
     def remove(self) -> None:
         """Take the LoRA off: the hooks removed, or the merged update subtracted."""
@@ -264,6 +268,8 @@ class Applied:
                 for module, pair in self.targets.items():
                     module.weight -= (self.strength * delta(module, pair)).to(module.weight)
             self.targets = {}
+        if self.on_change is not None:
+            self.on_change()
 
 
 def parse_spec(spec: str) -> tuple[str, float]:

@@ -42,12 +42,13 @@ class PipelineBase:
     def load_lora(self, path: str | Path, strength: float = 1.0, merge: bool = True):
         """Apply a LoRA file (limner.lora: kohya/A1111 or diffusers/PEFT layout) to the model:
         merged into the weights, or kept beside them (merge=False) so that its `set_strength`
-        changes it without reloading (then call pipe.changed()). Returns the limner.lora.Applied."""
+        changes it without reloading (cached text embeddings are forgotten on every change).
+        Returns the limner.lora.Applied."""
         from .lora import Applied
 
         if getattr(self, "compiled", False):
             raise LimnerError(f"load {path} before compiling: the compiled model holds its weights as they were")
-        applied = Applied(self.model, path, strength, merge)
+        applied = Applied(self.model, path, strength, merge, on_change=self.changed)
         self.loras = [*getattr(self, "loras", []), applied]
         self.changed()
         return applied
