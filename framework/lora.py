@@ -191,9 +191,9 @@ def targets(part: str, root: nn.Module, names: dict[str, Pair], layout: str, pat
         kernel = tuple(module.kernel_size) if isinstance(module, nn.Conv2d) else (1, 1)
         rank = pair.down.shape[0]
         got_kernel = tuple(pair.down.shape[2:]) if pair.down.dim() == 4 else (1, 1)
-        if pair.down.dim() not in (2, 4) or pair.down.shape[1] != want_in or pair.up.shape[0] != want_out or \
-                pair.up.dim() < 2 or pair.up.shape[1] != rank or got_kernel != kernel or \
-                pair.up[0, 0].numel() != 1:
+        if pair.down.dim() not in (2, 4) or pair.up.dim() not in (2, 4) or rank < 1 or \
+                pair.down.shape[1] != want_in or pair.up.shape[0] != want_out or pair.up.shape[1] != rank or \
+                got_kernel != kernel or pair.up[0, 0].numel() != 1:
             raise LimnerError(f"{path}: {part} layer {by_name[name]} is {want_in} -> {want_out}"
                               f"{f' with a {kernel[0]}x{kernel[1]} kernel' if kernel != (1, 1) else ''}, but the "
                               f"LoRA's down is {tuple(pair.down.shape)} and up {tuple(pair.up.shape)}: a LoRA for "

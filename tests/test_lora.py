@@ -123,6 +123,8 @@ def test_files_limner_cannot_apply_are_named(sd, tmp_path):
         "sd3": ({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(1, 1)},
                 r"is a LoRA for a transformer model \(SD 3, Flux\)"),
         "half": ({key: good[key]}, r"is not a kohya LoRA pair"),
+        "flat": ({key: good[key], up: torch.zeros(64)}, r"but the LoRA's down is \(4, 64\) and up \(64,\)"),
+        "rank0": ({key: torch.zeros(0, 64), up: torch.zeros(64, 0)}, r"but the LoRA's down is \(0, 64\)"),
         "dora": ({**good, key.replace(".lora_down.weight", ".dora_scale"): torch.ones(1, 64)},
                  r"dora_scale' is not a plain LoRA's"),
         "model": ({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, r"is not a LoRA limner reads"),
