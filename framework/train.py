@@ -396,6 +396,12 @@ class LossTrainer(TrainerBase):
     scored on [eval]'s held-out items. A subclass builds the model, calls use_model(model) and
     writes what it trained in finish()."""
 
+    def data_shape(self) -> tuple[int, int]:
+        """(channels, size) of the training images, read off the first item: what a model config
+        leaves out (0) is filled from it."""
+        image, _ = self.load_dataset()[0]
+        return image.shape[0], image.shape[-1]
+
     def use_model(self, model: nn.Module) -> None:
         """The model, its optimiser and the loader (the end of the subclass's __init__)."""
         self.model = model

@@ -94,8 +94,8 @@ class AutoencoderTrainer(LossTrainer):
         self.setup(cfg)
         m = cfg.model
         if not m.channels or not m.image_size:
-            image, _ = self.load_dataset()[0]
-            m.channels, m.image_size = m.channels or image.shape[0], m.image_size or image.shape[-1]
+            channels, size = self.data_shape()
+            m.channels, m.image_size = m.channels or channels, m.image_size or size
         self.use_model(KLLoss(build(m), cfg.train.kl))
 
     @torch.no_grad()

@@ -157,8 +157,8 @@ class MatcherTrainer(LossTrainer):
         self.setup(cfg)
         m = cfg.model
         if not m.in_channels or not m.image_size:
-            image, _ = self.load_dataset()[0]
-            m.in_channels, m.image_size = m.in_channels or image.shape[0], m.image_size or image.shape[-1]
+            channels, size = self.data_shape()
+            m.in_channels, m.image_size = m.in_channels or channels, m.image_size or size
         self.use_model(Matcher(**model_options(m)))
 
     def finish(self) -> dict:
