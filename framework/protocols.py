@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .errors import LimnerError, notice
+
 
 @dataclass
 class TextEmbedding:
@@ -83,6 +85,21 @@ class WithImage:
 @runtime_checkable
 class TextEncoder(Protocol):
     def encode(self, prompts: Sequence[str]) -> TextEmbedding: ...
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    """The prompts a text encoder's encode() takes (a non-empty list of strings), or a LimnerError."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise LimnerError(f"encode() takes a list of strings, got {type(prompts).__name__}: {prompts!r:.80}")
+    if len(prompts) == 0:
+        raise LimnerError("encode() got an empty list of prompts")
+    return list(prompts)
+
+
+def prompt_truncated(prompt: str, limit: int, unit: str) -> None:
+    """Say once that prompts are cut to the text encoder's length."""
+    notice(f"prompts longer than the text encoder's {limit} {unit} are cut to it (the rest is not seen), "
+           f"e.g. {prompt[:60]!r}...", key="prompt-truncated")
 
 
 @runtime_checkable

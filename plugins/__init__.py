@@ -117,6 +117,13 @@ class clip:
                                ("clip_pair", "clip_pair", ("sdxl_text",), "")])
 
 
+class llama:
+    @hookimpl
+    def limner_register_text_encoders():
+        """Decoder-only language models from llama-architecture GGUF files: SmolLM2, or any by path."""
+        return _specs("llama", [("smollm2", "smollm2", ("smollm2_135m",), ""), ("gguf_llm", "gguf_llm", (), "")])
+
+
 class autoencoders:
     @hookimpl
     def limner_register_autoencoders():
@@ -239,5 +246,5 @@ class recipes:
             _specs("generator_recipes", [(n, n, (), "") for n in ("gan", "vae")])
 
 
-PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, clip, autoencoders, families, attention_backends,
-           denoisers, gans, vae, losses, image_metrics, captioners, matching, recipes)
+PLUGINS = (samplers, schedules, datasets, shapes, text_encoders, clip, llama, autoencoders, families,
+           attention_backends, denoisers, gans, vae, losses, image_metrics, captioners, matching, recipes)

@@ -32,7 +32,7 @@ from torch import nn
 import limner
 from limner.attention import attention
 from limner.errors import notice
-from limner.protocols import TextEmbedding
+from limner.protocols import TextEmbedding, check_prompts
 from limner.text_cache import FrozenStaysEval, weights_from_factory
 
 BPE = Path(__file__).parent / "weights" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
@@ -255,9 +255,7 @@ class ClipTextEncoder(FrozenStaysEval, nn.Module):
         return self.text_model.final_layer_norm.weight.device
 
     def encode(self, prompts: Sequence[str]) -> TextEmbedding:
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
-            raise limner.LimnerError(f"encode() takes a non-empty list of strings, got {prompts!r:.80}")
-        ids = self.tokenizer(list(prompts)).to(self.device)
+        ids = self.tokenizer(check_prompts(prompts)).to(self.device)
         b, window = ids.shape[0], self.tokenizer.window
         windows = ids.view(b * (ids.shape[1] // window), window)
         states, last = self.text_model(windows, self.skip, self.norm_skip)

@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import nn
 
 import limner
-from limner.protocols import TextEmbedding
+from limner.protocols import TextEmbedding, check_prompts, prompt_truncated
 from limner.text_cache import FrozenStaysEval, weights_from_factory
 
 PAD, BOS, EOS = 256, 257, 258
@@ -43,27 +43,13 @@ class ByteTokenizer:
         data = [p.encode("utf-8") for p in prompts]
         long = [p for p, b in zip(prompts, data) if len(b) > self.max_length - 2]
         if long:
-            truncated(long[0], self.max_length - 2, "bytes")
+            prompt_truncated(long[0], self.max_length - 2, "bytes")
         rows = [[BOS, *b[: self.max_length - 2], EOS] for b in data]
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), PAD, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
         return ids, ids != PAD
-
-
-def truncated(prompt: str, limit: int, unit: str) -> None:
-    """Say once that prompts are cut to the text encoder's length."""
-    limner.errors.notice(f"prompts longer than the text encoder's {limit} {unit} are cut to it (the rest is not "
-                         f"seen), e.g. {prompt[:60]!r}...", key="prompt-truncated")
-
-
-def check_prompts(prompts: Sequence[str]) -> list[str]:
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise limner.LimnerError(f"encode() takes a list of strings, got {type(prompts).__name__}: {prompts!r:.80}")
-    if len(prompts) == 0:
-        raise limner.LimnerError("encode() got an empty list of prompts")
-    return list(prompts)
 
 
 def mean_pool(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -249,7 +235,7 @@ class MiniLMEncoder(FrozenStaysEval, nn.Module):
         batch = self.tokenizer.encode_batch(check_prompts(prompts))
         long = [p for p, b in zip(prompts, batch) if b.overflowing]
         if long:
-            truncated(long[0], self.max_length, "tokens")
+            prompt_truncated(long[0], self.max_length, "tokens")
         device = next(self.model.parameters()).device
         ids = torch.tensor([b.ids for b in batch], device=device)
         mask = torch.tensor([b.attention_mask for b in batch], device=device).bool()

