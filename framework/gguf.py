@@ -132,19 +132,21 @@ class GGUFFile:
         except UnicodeDecodeError:
             return raw.decode("utf-8", errors="replace")  # a vocabulary may hold partial byte sequences
 
-    def _value(self, kind: int):
+    def _value(self, kind: int, depth: int = 0):
         if kind in _SCALARS:
             return self._scalar(kind)
         if kind == _STRING:
             return self._string()
         if kind == _ARRAY:
+            if depth > 4:
+                raise self._bad("its metadata nests arrays more than 4 deep")
             inner, count = self._scalar(4), self._scalar(10)
             if count > len(self._map) - self._pos:  # every element takes at least one byte
                 raise self._bad(f"an array claims {count} elements, more than the file holds")
             if inner in _SCALARS:  # one unpack for the whole array (token types, scores)
                 fmt = _SCALARS[inner]
                 return list(struct.unpack(f"<{count}{fmt[1]}", self._take(count * struct.calcsize(fmt))))
-            return [self._value(inner) for _ in range(count)]
+            return [self._value(inner, depth + 1) for _ in range(count)]
         raise self._bad(f"a key has value type {kind}, which GGUF does not define")
 
     def tensor(self, name: str) -> torch.Tensor:

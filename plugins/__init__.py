@@ -210,9 +210,10 @@ class image_metrics:
 class captioners:
     @hookimpl
     def limner_register_captioners():
-        """Show-attend-tell captioners: shipped for shapes and Fashion-MNIST, or from a folder."""
+        """Show-attend-tell captioners (shipped for shapes and Fashion-MNIST) and language-model ones, from folders."""
         return _specs("captioners", [("shapes", "shapes", (), ""), ("fashion_mnist", "fashion_mnist", ("fashion",), ""),
-                                     ("show_attend_tell", "show_attend_tell", (), "")])
+                                     ("show_attend_tell", "show_attend_tell", (), ""),
+                                     ("llm_prefix", "llm_prefix", ("clipcap",), "")])
 
     @hookimpl
     def limner_register_metrics():

@@ -136,9 +136,99 @@ class Captioner(nn.Module):
     forward = caption
 
 
+class PrefixCaptioner(nn.Module):
+    """ClipCap (Mokady et al. 2021) with a small CNN in place of CLIP's image encoder: the image
+    becomes `prefix_side`^2 embeddings in a frozen decoder-only language model's input space (a
+    pooled grid of CNN features, each with a learnt place), and the language model writes the
+    caption after them, greedily, in its own vocabulary. Only the image network trains; the
+    language model (a registered text encoder with a `.model` Llama and `.tokenizer`, by
+    default `smollm2`) stays out of the saved weights."""
+
+    def __init__(self, words: list[str], llm: str | dict = "smollm2", in_channels: int = 3, image_size: int = 32,
+                 channels: int = 32, prefix_side: int = 4, max_tokens: int = 24,
+                 classes: list[str] | tuple[str, ...] = ()):
+        super().__init__()
+        self.options = {"words": list(words), "llm": llm, "in_channels": in_channels, "image_size": image_size,
+                        "channels": channels, "prefix_side": prefix_side, "max_tokens": max_tokens,
+                        "classes": list(classes)}
+        self.words, self.classes = set(words), tuple(classes)
+        self.in_channels, self.image_size, self.max_tokens, self.prefix_side = (in_channels, image_size, max_tokens,
+                                                                                  prefix_side)
+        spec = dict(llm) if isinstance(llm, dict) else {"name": llm}  # a name, or {name = ..., options}
+        self.llm = limner.create("text_encoders", spec.pop("name", ""), **spec)
+        if not hasattr(self.llm, "model") or not hasattr(self.llm, "tokenizer"):
+            raise limner.LimnerError(f"the {llm!r} text encoder is not a language model limner can write with "
+                                     "(a Llama GGUF encoder: smollm2 or gguf_llm)")
+        dim = self.llm.model.dim
+        self.encoder = nn.Sequential(*conv_stages(in_channels, channels), nn.Conv2d(4 * channels, dim, 1))
+        self.place = nn.Parameter(torch.randn(prefix_side * prefix_side, dim) * 0.02)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return conform(images, self.in_channels, self.image_size, self.place.device, "a captioner")
+
+    def unknown_words(self, texts: list[str]) -> list[str]:
+        """Words of `texts` absent from the training captions (the model writes any word, but was taught these)."""
+        return sorted({w for t in texts for w in t.lower().split() if w not in self.words})
+
+    def prefix(self, images: torch.Tensor) -> torch.Tensor:
+        grid = F.adaptive_avg_pool2d(self.encoder(self.prepare(images)), self.prefix_side)
+        return grid.flatten(2).transpose(1, 2) + self.place  # [N, P, dim]
+
+    def _run(self, prefix: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
+        """Next-token logits [N, 1 + P + L, V] for <start> prefix ids (right-padded)."""
+        lm = self.llm.model
+        n, p = prefix.shape[:2]
+        length = max((len(r) for r in ids), default=0)
+        tokens = torch.zeros(n, length, dtype=torch.long, device=prefix.device)
+        mask = torch.ones(n, 1 + p + length, dtype=torch.bool, device=prefix.device)
+        for i, r in enumerate(ids):
+            tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, 1 + p + len(r):] = False
+        start = lm.token_embd.weight[self.llm.bos].expand(n, 1, -1)
+        inputs = torch.cat([start, prefix.to(start.dtype), lm.token_embd(tokens)], dim=1)
+        h = lm.output_norm(lm(None, mask, inputs=inputs)[-1])
+        return h @ lm.token_embd.weight.T  # tied output embedding (SmolLM2, Llama 3.2)
+
+    def loss(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Cross-entropy of each caption token and the end token after the image's prefix."""
+        ids = [self.llm.tokenizer.encode(c, add_special_tokens=False).ids[: self.max_tokens] + [self.llm.eos]
+               for c in captions]
+        prefix = self.prefix(images)
+        logits = self._run(prefix, [r[:-1] for r in ids])
+        p = prefix.shape[1]
+        target = torch.full(logits.shape[:2], -100, dtype=torch.long, device=logits.device)
+        for i, r in enumerate(ids):  # the hidden state before each token predicts it
+            target[i, p: p + len(r)] = torch.tensor(r, dtype=torch.long)
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def caption(self, images: torch.Tensor, batch: int = 64) -> list[str]:
+        """Greedy captions of [N, C, H, W] images in [-1, 1] (at most max_tokens tokens)."""
+        out = []
+        for start in range(0, len(images), batch):
+            prefix = self.prefix(images[start:start + batch])
+            rows: list[list[int]] = [[] for _ in range(len(prefix))]
+            done = [False] * len(prefix)
+            for _ in range(self.max_tokens):
+                step = self._run(prefix, rows)
+                ends = [prefix.shape[1] + len(r) for r in rows]
+                nxt = step[torch.arange(len(rows)), torch.tensor(ends)].argmax(-1).tolist()
+                for i, t in enumerate(nxt):
+                    if not done[i]:
+                        done[i] = t == self.llm.eos
+                        if not done[i]:
+                            rows[i].append(t)
+                if all(done):
+                    break
+            out += [self.llm.tokenizer.decode(r).strip() for r in rows]
+        return out
+
+    forward = caption
+
+
 # --- folders and registered captioners --------------------------------------------------------
 
-def load_captioner(path: str | Path) -> Captioner:
+def load_captioner(path: str | Path) -> Captioner | PrefixCaptioner:
     """A captioner saved by `train` (a folder with captioner.json and model.safetensors)."""
     from safetensors.torch import load_file
 
@@ -150,7 +240,7 @@ def load_captioner(path: str | Path) -> Captioner:
             "model.safetensors (train one with `limner train CONFIG`, recipe = 'captioner')"
         )
     meta = json.loads(meta_file.read_text())
-    model = Captioner(**meta["options"])
+    model = (PrefixCaptioner if meta.get("captioner") == "llm_prefix" else Captioner)(**meta["options"])
     model.load_state_dict({k: v.float() for k, v in load_file(weights).items()})
     model.scores = meta.get("scores", {})
     return model.eval().requires_grad_(False)
@@ -158,6 +248,11 @@ def load_captioner(path: str | Path) -> Captioner:
 
 def show_attend_tell(path: str) -> Captioner:
     """A show-attend-tell captioner from a folder (captioner.json + model.safetensors)."""
+    return load_captioner(path)
+
+
+def llm_prefix(path: str) -> PrefixCaptioner:
+    """A language-model captioner (ClipCap) from a folder (captioner.json + model.safetensors)."""
     return load_captioner(path)
 
 
@@ -225,7 +320,7 @@ def _captioner_for(prompts: list[str], name: str | None) -> Captioner:
         return model
     tried = {}
     for candidate in limner.list_components("captioners")["captioners"]:
-        if candidate == "show_attend_tell":  # reads a folder: not a candidate by itself
+        if candidate in ("show_attend_tell", "llm_prefix"):  # read a folder: not candidates by themselves
             continue
         try:
             model = limner.create("captioners", candidate)
@@ -253,6 +348,9 @@ class CaptionerModelConfig:
     layers: int = bounded(2, ge=1)
     heads: int = bounded(4, ge=1)
     classes: list[str] = field(default_factory=list)  # class words a class captioner is scored on
+    decoder: str = "transformer"  # or "llm": a frozen language model writes (PrefixCaptioner, ClipCap)
+    llm: str | dict = "smollm2"  # with decoder = "llm": the text encoder whose language model writes
+    prefix_side: int = bounded(4, ge=1)  # with decoder = "llm": the image is prefix_side^2 prefix embeddings
     vocab: list[str] = field(default_factory=list)
     max_words: int = bounded(0, ge=0)
     in_channels: int = bounded(0, ge=0)
@@ -278,9 +376,20 @@ class CaptionerRunConfig(RunConfig):
 
 
 def model_options(cfg: CaptionerModelConfig) -> dict:
+    if cfg.decoder == "llm":
+        return {"words": cfg.vocab[len(SPECIAL):], "llm": cfg.llm, "in_channels": cfg.in_channels,
+                "image_size": cfg.image_size, "channels": cfg.channels, "prefix_side": cfg.prefix_side,
+                "max_tokens": 3 * cfg.max_words, "classes": cfg.classes}
     return {"vocab": cfg.vocab, "in_channels": cfg.in_channels, "image_size": cfg.image_size,
             "channels": cfg.channels, "dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads,
             "max_words": cfg.max_words, "classes": cfg.classes}
+
+
+def build(cfg: CaptionerModelConfig) -> Captioner | PrefixCaptioner:
+    if cfg.decoder not in ("transformer", "llm"):
+        raise limner.LimnerError(f"[model] decoder must be 'transformer' (show-attend-tell) or 'llm' (a frozen "
+                                 f"language model writes: ClipCap), got {cfg.decoder!r}")
+    return (PrefixCaptioner if cfg.decoder == "llm" else Captioner)(**model_options(cfg))
 
 
 class CaptionerTrainer(LossTrainer):
@@ -298,12 +407,13 @@ class CaptionerTrainer(LossTrainer):
             m.vocab = m.vocab or list(SPECIAL) + sorted({w for text in captions for w in text.lower().split()})
             m.max_words = m.max_words or max(len(t.split()) for t in captions)
             m.in_channels, m.image_size = m.in_channels or image.shape[0], m.image_size or image.shape[-1]
-        self.use_model(Captioner(**model_options(m)))
+        self.use_model(build(m))
 
     def finish(self) -> dict:
         """The captioner folder (out/captioner: captioner.json + float16 weights), scored as saved."""
         folder = self.out / "captioner"
-        meta = {"captioner": "show_attend_tell", "options": model_options(self.cfg.model), "step": self.step}
+        kind = "llm_prefix" if self.cfg.model.decoder == "llm" else "show_attend_tell"
+        meta = {"captioner": kind, "options": model_options(self.cfg.model), "step": self.step}
         write_weights(folder / "model.safetensors", self.model.state_dict(), half=True)
         write_text_atomic(folder / "captioner.json", json.dumps(meta, indent=1) + "\n")
         images, captions = held_out_items(self.cfg.eval)
@@ -314,7 +424,7 @@ class CaptionerTrainer(LossTrainer):
         return meta["scores"]
 
 
-def evaluate(model: Captioner, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+def evaluate(model: Captioner | PrefixCaptioner, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
     """Exact-match rate (clauses in any order), clause F1 and, for a class captioner, class-word accuracy."""
     got = model.caption(images)
     scores = agreement(got, captions)
@@ -327,5 +437,5 @@ def evaluate(model: Captioner, images: torch.Tensor, captions: list[str]) -> dic
 def captioner_recipe() -> Recipe:
     """Train a show-attend-tell captioner; `limner caption --model RUN/captioner` reads it."""
     return Recipe(config=CaptionerRunConfig, trainer=CaptionerTrainer,
-                  model=lambda cfg: Captioner(**model_options(cfg.model)), pipeline=None,
+                  model=lambda cfg: build(cfg.model), pipeline=None,
                   outputs=frozenset({"captioner"}))

