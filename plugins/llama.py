@@ -221,8 +221,10 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
             eos = file.metadata.get("tokenizer.ggml.eos_token_id", bos)
         finally:
             file.close()
-        if not isinstance(bos, int) or not 0 <= bos < self.model.token_embd.num_embeddings:
-            raise limner.LimnerError(f"{path}: tokenizer.ggml.bos_token_id is {bos!r}, not a token of its vocabulary")
+        for key, value in (("bos", bos), ("eos", eos)):
+            if not isinstance(value, int) or not 0 <= value < self.model.token_embd.num_embeddings:
+                raise limner.LimnerError(f"{path}: tokenizer.ggml.{key}_token_id is {value!r}, not a token of its "
+                                         "vocabulary")
         n = len(self.model.blk)
         layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
         for one in layers or [None]:
@@ -233,8 +235,8 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
         self.layers = [{"last": n, "penultimate": n - 1}.get(one, one) for one in layers]
         if pool not in ("mean", "last"):
             raise limner.LimnerError(f"pool must be 'mean' or 'last', got {pool!r}")
-        if max_length < 1:
-            raise limner.LimnerError(f"max_length must be >= 1, got {max_length}")
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise limner.LimnerError(f"max_length must be a whole number >= 1, got {max_length!r}")
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf"):
             raise limner.LimnerError(f"scale must be a positive number, got {scale!r}")
         if not isinstance(template, str) or template.count("{prompt}") != 1:

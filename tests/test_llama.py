@@ -202,6 +202,8 @@ def test_bad_files_and_options_are_named(tiny, tmp_path):
     refused("pool must be", path=str(tiny), pool="max")
     for bad in (0, -1.0, float("nan"), "big"):
         refused("scale must be", path=str(tiny), scale=bad)
+    for bad in (0, "64", 2.5):
+        refused("max_length must be", path=str(tiny), max_length=bad)
     source = GGUFFile(tiny)
     try:
         other = write_llama(tmp_path / "gemma.gguf", source, arch="gemma")
