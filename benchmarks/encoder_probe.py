@@ -11,7 +11,6 @@ A reading's features: the mean of its tokens at each layer it reads, and its poo
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from itertools import product
@@ -111,8 +110,9 @@ def main() -> None:
             said = "+".join(f"{k}{' (last)' if k == n else ''}" for k in layers)
             measure("smollm2", f"layer {said}, template {name}, pool {pool}",
                     lambda p, layers=layers, pool=pool: reading(p, layers, pool))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from limner.bench import cpu_name
+
+    cpu = cpu_name()
     result = {"what": "linear probes trained on the 486 training captions' embeddings, scored on 200 dev and 200 "
                       "held-out phrasings", "cpu": cpu, "date": time.strftime("%Y-%m-%d"), "templates": TEMPLATES,
               "rows": rows}

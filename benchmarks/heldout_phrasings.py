@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -70,8 +69,9 @@ def main() -> None:
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     path = RESULTS.with_suffix(".json")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from limner.bench import cpu_name
+
+    cpu = cpu_name()
     data = json.loads(path.read_text()) if path.exists() else {"cpu": cpu, "rows": []}
     if args.add:
         row = {"model": str(args.add), "encoder": args.encoder, "note": args.note, "date": time.strftime("%Y-%m-%d"),

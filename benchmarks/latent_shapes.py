@@ -11,7 +11,6 @@ finished runs and writes the results file:
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,8 +35,9 @@ def main() -> None:
     denoiser = sum(p.numel() for p in pipe.model.denoiser.parameters())
     autoencoder = sum(p.numel() for p in pipe.model.autoencoder.parameters())
     pixel = next(r for r in json.loads((RESULTS / "demo-scores.json").read_text()) if r["model"] == "shapes-unet")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from limner.bench import cpu_name
+
+    cpu = cpu_name()
     result = {
         "what": "latent diffusion on the one-object shapes scenes (32x32 RGB), trained on this CPU in two stages",
         "cpu": cpu, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),

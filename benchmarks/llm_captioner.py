@@ -8,7 +8,6 @@ the same held-out single-object renders, and its free-form captions of scenes it
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -44,8 +43,9 @@ def main() -> None:
                      "examples": [[t, s] for t, s in zip(truths[:4], said[:4])],
                      "unseen": [[t, s] for t, s in zip(two_truths, captioner.caption(two))]})
         print(rows[-1], flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from limner.bench import cpu_name
+
+    cpu = cpu_name()
     data = {"cpu": cpu, "date": time.strftime("%Y-%m-%d"), "held_out": n, "training": meta.get("scores", {}),
             "rows": rows}
     write_text_atomic(OUT.with_suffix(".json"), json.dumps(data, indent=1) + "\n")

@@ -11,7 +11,6 @@ process). Speed does not depend on the weights' values; the numbers are for issu
 from __future__ import annotations
 
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -177,8 +176,9 @@ def main() -> None:
         rows = {"limner (single file)": side("limner", folder, size),
                 "diffusers (its folder)": side("diffusers", folder, size)}
         file_gb = (folder / "model.safetensors").stat().st_size / 1e9
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from limner.bench import cpu_name
+
+    cpu = cpu_name()
     result = {"what": f"{what}, random weights, float32, {size}x{size}, {STEPS} Euler steps, guidance {GUIDANCE}, "
                       "batch 1", "file_gb": round(file_gb, 2), "build_seconds": round(built, 1),
               "cpu": cpu, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "rows": rows}

@@ -8,6 +8,16 @@ from pathlib import Path
 from .errors import LimnerError
 from .files import write_text_atomic
 
+
+def cpu_name() -> str:
+    """The CPU's model name, as every results file names its machine (/proc/cpuinfo, else platform)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor())
+
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
