@@ -181,6 +181,15 @@ class Llama(nn.Module):
             raise limner.LimnerError(f"{file.path}: the llama model key {e.args[0]} is missing") from None
         heads = dims["attention.head_count"]
         kv_heads = meta.get("llama.attention.head_count_kv", heads)
+        numbers = {**dims, "attention.head_count_kv": kv_heads}
+        bad = {k: v for k, v in numbers.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+        for key in ("attention.layer_norm_rms_epsilon", "rope.freq_base"):
+            value = meta.get(f"llama.{key}", 1.0)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                bad[key] = value
+        if bad:
+            raise limner.LimnerError(f"{file.path}: llama keys that must be positive numbers are not: "
+                                     + ", ".join(f"llama.{k} = {v!r}" for k, v in bad.items()))
         rope_dims = meta.get("llama.rope.dimension_count", dims["embedding_length"] // heads)
         if rope_dims != dims["embedding_length"] // heads or "llama.rope.scaling.type" in meta:
             raise limner.LimnerError(f"{file.path}: rotary positions over {rope_dims} of each head's dims or scaled "

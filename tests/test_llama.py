@@ -213,6 +213,13 @@ def test_bad_files_and_options_are_named(tiny, tmp_path):
     finally:
         source.close()
     refused("'gemma'", path=str(other))
+    zero = tmp_path / "zero.gguf"  # a header value changed in place: head_count_kv = 0
+    data = bytearray(tiny.read_bytes())
+    key = b"llama.attention.head_count_kv"
+    at = data.index(key) + len(key) + 4  # after the key, its value type (uint32), then the value
+    data[at: at + 4] = struct.pack("<I", 0)
+    zero.write_bytes(bytes(data))
+    refused(r"llama.attention.head_count_kv = 0", path=str(zero))
     # nested arrays, and bytes changed anywhere in the header: a named refusal or a file that reads, nothing else
     nested = tmp_path / "nested.gguf"
     nested.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"a"
