@@ -226,6 +226,10 @@ class PrefixCaptioner(nn.Module):
     forward = caption
 
 
+# [model] decoder -> the component that reads its folders, and its class
+DECODERS = {"transformer": ("show_attend_tell", Captioner), "llm": ("llm_prefix", PrefixCaptioner)}
+
+
 # --- folders and registered captioners --------------------------------------------------------
 
 def load_captioner(path: str | Path) -> Captioner | PrefixCaptioner:
@@ -240,7 +244,8 @@ def load_captioner(path: str | Path) -> Captioner | PrefixCaptioner:
             "model.safetensors (train one with `limner train CONFIG`, recipe = 'captioner')"
         )
     meta = json.loads(meta_file.read_text())
-    model = (PrefixCaptioner if meta.get("captioner") == "llm_prefix" else Captioner)(**meta["options"])
+    cls = next((c for name, c in DECODERS.values() if name == meta.get("captioner")), Captioner)
+    model = cls(**meta["options"])
     model.load_state_dict({k: v.float() for k, v in load_file(weights).items()})
     model.scores = meta.get("scores", {})
     return model.eval().requires_grad_(False)
@@ -320,7 +325,7 @@ def _captioner_for(prompts: list[str], name: str | None) -> Captioner:
         return model
     tried = {}
     for candidate in limner.list_components("captioners")["captioners"]:
-        if candidate in ("show_attend_tell", "llm_prefix"):  # read a folder: not candidates by themselves
+        if candidate in {name for name, _ in DECODERS.values()}:  # read a folder: not candidates by themselves
             continue
         try:
             model = limner.create("captioners", candidate)
@@ -386,10 +391,10 @@ def model_options(cfg: CaptionerModelConfig) -> dict:
 
 
 def build(cfg: CaptionerModelConfig) -> Captioner | PrefixCaptioner:
-    if cfg.decoder not in ("transformer", "llm"):
+    if cfg.decoder not in DECODERS:
         raise limner.LimnerError(f"[model] decoder must be 'transformer' (show-attend-tell) or 'llm' (a frozen "
                                  f"language model writes: ClipCap), got {cfg.decoder!r}")
-    return (PrefixCaptioner if cfg.decoder == "llm" else Captioner)(**model_options(cfg))
+    return DECODERS[cfg.decoder][1](**model_options(cfg))
 
 
 class CaptionerTrainer(LossTrainer):
@@ -412,8 +417,8 @@ class CaptionerTrainer(LossTrainer):
     def finish(self) -> dict:
         """The captioner folder (out/captioner: captioner.json + float16 weights), scored as saved."""
         folder = self.out / "captioner"
-        kind = "llm_prefix" if self.cfg.model.decoder == "llm" else "show_attend_tell"
-        meta = {"captioner": kind, "options": model_options(self.cfg.model), "step": self.step}
+        meta = {"captioner": DECODERS[self.cfg.model.decoder][0], "options": model_options(self.cfg.model),
+                "step": self.step}
         write_weights(folder / "model.safetensors", self.model.state_dict(), half=True)
         write_text_atomic(folder / "captioner.json", json.dumps(meta, indent=1) + "\n")
         images, captions = held_out_items(self.cfg.eval)
