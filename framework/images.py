@@ -1,6 +1,7 @@
 """Tensor <-> PIL conversion and image grids (images are NCHW floats in [-1, 1])."""
 from __future__ import annotations
 
+import io
 import os
 import re
 import textwrap
@@ -65,14 +66,21 @@ def save_atomic(image: Image.Image, path: str | Path, text: dict[str, str] | Non
     """Write a PNG through an exclusive temp file and a rename (limner.files.write_atomic), so a
     reader never sees half a file; `text` goes into the PNG's tEXt chunks (prompt, settings).
     replace=False never overwrites: FileExistsError when `path` exists."""
-    from PIL.PngImagePlugin import PngInfo
-
     from .files import write_atomic
+
+    return write_atomic(path, lambda f: f.write(png_bytes(image, text)), replace=replace)
+
+
+def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """The PNG file of `image`, with `text` in its tEXt chunks."""
+    from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)
-    return write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info), replace=replace)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 def output_name(index: int, prompt: str, limit: int = 60) -> str:

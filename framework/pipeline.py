@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -152,21 +153,22 @@ def inference_compile(freeze: bool):
 MAX_IMAGE_PIXELS = 64 * 2**20  # an init image or mask larger than 64 megapixels is refused, not decoded
 
 
-def open_image(path: str | Path | None) -> Image.Image | None:
-    """Open an image file, naming it if it is missing, unreadable or too large to decode (a
-    decompression bomb); 16-bit and float images are scaled to 8 bits, never clipped. None
-    passes through."""
+def open_image(path: str | Path | IO[bytes] | None, name: str | None = None) -> Image.Image | None:
+    """Open an image file (or the bytes of one, called `name` in errors), naming it if it is
+    missing, unreadable or too large to decode (a decompression bomb); 16-bit and float images
+    are scaled to 8 bits, never clipped. None passes through."""
     if path is None:
         return None
+    name = name or str(path)
     try:
         with Image.open(path) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise LimnerError(f"image {path} is {im.width}x{im.height} pixels; init images and masks may have at "
+                raise LimnerError(f"image {name} is {im.width}x{im.height} pixels; init images and masks may have at "
                                   f"most {MAX_IMAGE_PIXELS // 2**20} megapixels (they are resized to the model's size)")
             im.load()
             return _eight_bit(im)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise LimnerError(f"cannot read image {path}: {exc}") from None
+        raise LimnerError(f"cannot read image {name}: {exc}") from None
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:

@@ -378,10 +378,16 @@ def sample(model: Denoiser, noise: torch.Tensor, *, sampler: str | Callable, sch
             raise LimnerError(f"{name} (CFG++) does not combine with --mask yet; inpaint with "
                               f"{name.removesuffix('_cfg_pp')} instead")
         guided = KeepKnown(guided, init, mask)
+    if callback is not None:  # the step count beside k-diffusion's keys: a progress display needs it
+        callback = functools.partial(_with_steps, callback, len(sigmas) - 1)
     if progress:
         callback = progress_bar(len(sigmas) - 1, callback)
     out = fn(guided, x, sigmas, extra_args={"cond": cond, "uncond": uncond}, callback=callback, generator=generator)
     return guided.blend(out) if mask is not None else out
+
+
+def _with_steps(callback: Callback, steps: int, info: dict[str, Any]) -> None:
+    callback({**info, "steps": steps})
 
 
 def check_mask_init(init: Any, mask: Any) -> None:

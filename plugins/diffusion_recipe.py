@@ -284,12 +284,14 @@ class Pipeline(PipelineBase):
                  init_image: Image.Image | None = None, strength: float = 0.6, mask: Image.Image | None = None,
                  progress: bool = False, truncation: float | None = None,
                  sigmas: list[float] | None = None, negative_prompt: str | list[str] | None = None,
-                 size: int | None = None) -> torch.Tensor:
+                 size: int | None = None, callback=None) -> torch.Tensor:
         """[N, C, H, W] in [-1, 1] for `prompts` (num each); init_image for image-to-image,
         mask (white = redraw) for inpainting; sampler settings default to the checkpoint's;
         `sigmas`, a falling list, replaces schedule and steps; `negative_prompt` (one for all
         prompts or one each) is what guidance steers away from, instead of the empty prompt;
-        `size` (pixels, square) other than the model's own, for a latent model."""
+        `size` (pixels, square) other than the model's own, for a latent model; `callback(info)`
+        after every step (k-diffusion's dict: i, sigma, x, denoised; an exception it raises stops
+        sampling, as `limner serve` cancels a job)."""
         self.refuse({"truncation": truncation}, "truncation is for GAN and VAE checkpoints; a diffusion model "
                     "trades variety for fidelity with guidance")
         negatives = self.negatives(prompts, negative_prompt, num)
@@ -317,7 +319,7 @@ class Pipeline(PipelineBase):
         with inference_compile(self.compiled and self.device.type == "cpu"):
             out = sample(self.model, noise.contiguous(memory_format=self.memory_format), sampler=plan.sampler,
                          sigmas=plan.sigmas, guidance=plan.guidance, cond=cond, uncond=uncond, generator=gen,
-                         progress=progress, strength=strength, mask=redraw,
+                         progress=progress, callback=callback, strength=strength, mask=redraw,
                          init=None if init is None else init.contiguous(memory_format=self.memory_format))
             out = self.model.to_image(out)
         if not bool(torch.isfinite(out).all()):
