@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup data demo test bench bench-setup bench-anchors clean
+.PHONY: setup data browser demo test bench bench-setup bench-anchors clean
 
 # Set-up: a venv, a CPU build of torch when no GPU is present (an unpinned torch pulls
 # a multi-GB CUDA build), then the project with its dev extra.
@@ -39,8 +39,17 @@ data:
 		|| echo "note: dataset-fashion-mnist could not be installed; its tests will skip"; \
 	fi
 
+# limner serve's page test drives Debian's chromium headless, best effort as `data` above: without
+# it that test skips and says so
+browser:
+	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } \
+		|| echo "note: chromium could not be installed; the web page test will skip"; \
+	fi
+
 # the linter first (style and likely bugs: pyproject's [tool.ruff]), then the suite
-test: setup data
+test: setup data browser
 	cd $(CURDIR) && $(VENV)/bin/ruff check .
 	cd $(CURDIR) && HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
 

@@ -331,6 +331,29 @@ def export(run: str, dest: str, full_precision: bool, force: bool) -> None:
 
 
 @cli.command()
+@click.argument("checkpoints", nargs=-1, type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs --api-key.")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="Port to listen on.")
+@click.option("--api-key", envvar="LIMNER_API_KEY", default=None,
+              help="Key every API request must carry (Authorization: Bearer KEY) [env: LIMNER_API_KEY].")
+@click.option("--memory", type=Number(low=0, low_open=True), default=None,
+              help="GB of loaded models kept before the least recently used is dropped [default: half the RAM].")
+def serve(checkpoints, host, port, api_key, memory):
+    """Serve checkpoints over HTTP: limner's JSON API (/v1), A1111's API (/sdapi/v1) and a web
+    page at /, with models kept loaded and a job queue. Without CHECKPOINTs: the shipped ones."""
+    from .serve import Engine, served_models
+
+    try:
+        from .server import run
+    except ImportError as exc:
+        raise LimnerError(f"limner serve needs FastAPI and uvicorn (missing: {exc.name}): "
+                          "pip install 'limner[serve]'") from None
+    engine = Engine(served_models(checkpoints), memory=None if memory is None else int(memory * 2**30))
+    run(engine, host, port, api_key)
+
+
+@cli.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="Demo config (default: the built-in one).")
 @click.option("--out", type=click.Path(file_okay=False), default="out/demo", show_default=True,
