@@ -149,8 +149,10 @@ class Number(click.ParamType):
               help="Apply a LoRA file (kohya/A1111 or diffusers/PEFT layout) at STRENGTH (default 1); repeatable.")
 @click.option("--compile", "compile_", is_flag=True,
               help="Diffusion: torch.compile the denoiser first (~30 s once; pays off over many images).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "fp32", "bf16"]), default=None,
+              help="Diffusion: compute in bfloat16 on a CPU with native bf16 (default: the checkpoint's).")
 def sample(checkpoint, prompts, negative, sampler, schedule, steps, sigmas, guidance, seed, num, size, out,
-           init_image, strength, mask, truncation, prediction, loras, compile_):
+           init_image, strength, mask, truncation, prediction, loras, compile_, dtype):
     """Draw images from a trained checkpoint (diffusion, GAN or VAE): one PNG per image, named
     after its prompt and numbered on from the folder's earlier images, a labelled grid, and a line
     of settings in prompts.jsonl. Nothing already in --out is overwritten."""
@@ -192,7 +194,7 @@ def sample(checkpoint, prompts, negative, sampler, schedule, steps, sigmas, guid
         pipe.compile()
     given = dict(sampler=sampler, schedule=schedule, steps=steps, sigmas=sigmas, guidance=guidance, strength=strength,
                  init_image=open_image(init_image), mask=open_image(mask), truncation=truncation,
-                 negative_prompt=negative, size=size)
+                 negative_prompt=negative, size=size, dtype=dtype)
     given = {k: v for k, v in given.items() if v is not None}
     tensors = pipe.generate(list(prompts), seed=seed, num=num, progress=True, **given)
     images = to_pil(tensors)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from pathlib import Path
 from typing import IO
 
@@ -139,6 +140,42 @@ def _centre_square(image: Image.Image) -> Image.Image:
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return image.crop((left, top, left + side, top + side))
+
+
+PRECISIONS = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (avx512_bf16 or AMX's amx_bf16): elsewhere
+    oneDNN emulates it, slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def precision(name: str, device: torch.device) -> torch.dtype:
+    """The dtype a pipeline's denoiser and decoder compute in ("float32", "bfloat16"; fp32 and
+    bf16 too), refused where the hardware has no fast bfloat16."""
+    if name not in PRECISIONS:
+        raise LimnerError(f"dtype {name!r}: limner samples in float32 (fp32) or bfloat16 (bf16)")
+    dtype = PRECISIONS[name]
+    if dtype is torch.bfloat16 and device.type == "cpu" and not native_bf16():
+        raise LimnerError("dtype bfloat16 needs a CPU with native bf16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo); "
+                          "this one has neither, and emulated bf16 runs slower than float32: use float32")
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise LimnerError("dtype bfloat16: this GPU does not support bfloat16; use float32")
+    return dtype
+
+
+def autocast(dtype: torch.dtype, device: torch.device):
+    """bfloat16 autocast for the block (matmuls, convolutions, attention in bf16; PyTorch's norm
+    and softmax kernels accumulate in float32; tensors made outside, the sampler's state among
+    them, stay float32); nothing for float32."""
+    if dtype is torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def inference_compile(freeze: bool):

@@ -23,7 +23,16 @@ from limner.config import ComponentConfig, bounded, component
 from limner.diffusion import training_sigmas
 from limner.ema import EMA
 from limner.errors import LimnerError
-from limner.pipeline import PipelineBase, check_mask_size, image_tensor, inference_compile, kept_psnr, mask_tensor
+from limner.pipeline import (
+    PipelineBase,
+    autocast,
+    check_mask_size,
+    image_tensor,
+    inference_compile,
+    kept_psnr,
+    mask_tensor,
+    precision,
+)
 from limner.protocols import TextEmbedding, WithImage
 from limner.recipes import Recipe
 from limner.sampling import (
@@ -89,6 +98,9 @@ class SampleConfig:
     sigma_max: float = bounded(80.0, gt=0, le=1e5)
     prompts: list[str] = field(default_factory=list)
     compile: bool = False  # torch.compile the denoiser for sampling: pays ~30 s once per batch size
+    # "bfloat16" (bf16): the denoiser and the autoencoder's decoder in bf16 autocast, on a CPU with
+    # native bf16 (avx512_bf16, AMX) or a GPU; the sampler's state stays float32
+    dtype: str = "float32"
     channels_last: bool = True  # NHWC activations: oneDNN's (and tensor cores') fast layout; same math
     # LoRA files merged in when the checkpoint is loaded for sampling ("FILE[:STRENGTH]", each a
     # file inside the checkpoint folder, named relative to it); training's grids draw without them
@@ -267,6 +279,7 @@ class Pipeline(PipelineBase):
         self.memory_format = torch.channels_last if defaults.channels_last else torch.contiguous_format
         self.model.denoiser.to(memory_format=self.memory_format)
         self.compiled = False
+        self.dtype = precision(defaults.dtype, device)  # refused now where the hardware lacks it
         if defaults.compile:
             self.compile()
 
@@ -284,14 +297,16 @@ class Pipeline(PipelineBase):
                  init_image: Image.Image | None = None, strength: float = 0.6, mask: Image.Image | None = None,
                  progress: bool = False, truncation: float | None = None,
                  sigmas: list[float] | None = None, negative_prompt: str | list[str] | None = None,
-                 size: int | None = None, callback=None) -> torch.Tensor:
+                 size: int | None = None, callback=None, dtype: str | None = None) -> torch.Tensor:
         """[N, C, H, W] in [-1, 1] for `prompts` (num each); init_image for image-to-image,
         mask (white = redraw) for inpainting; sampler settings default to the checkpoint's;
         `sigmas`, a falling list, replaces schedule and steps; `negative_prompt` (one for all
         prompts or one each) is what guidance steers away from, instead of the empty prompt;
         `size` (pixels, square) other than the model's own, for a latent model; `callback(info)`
         after every step (k-diffusion's dict: i, sigma, x, denoised; an exception it raises stops
-        sampling, as `limner serve` cancels a job)."""
+        sampling, as `limner serve` cancels a job); `dtype` "bfloat16" (bf16) or "float32" over the
+        checkpoint's `[sample] dtype`."""
+        compute = self.dtype if dtype is None else precision(dtype, self.device)
         self.refuse({"truncation": truncation}, "truncation is for GAN and VAE checkpoints; a diffusion model "
                     "trades variety for fidelity with guidance")
         negatives = self.negatives(prompts, negative_prompt, num)
@@ -316,12 +331,12 @@ class Pipeline(PipelineBase):
             cond, uncond = (None if c is None else WithImage(c, image) for c in (cond, uncond))
             if mask is not None:  # the masked part is drawn from noise, as with an ordinary model's mask
                 init, redraw = None, None
-        with inference_compile(self.compiled and self.device.type == "cpu"):
+        with inference_compile(self.compiled and self.device.type == "cpu"), autocast(compute, self.device):
             out = sample(self.model, noise.contiguous(memory_format=self.memory_format), sampler=plan.sampler,
                          sigmas=plan.sigmas, guidance=plan.guidance, cond=cond, uncond=uncond, generator=gen,
                          progress=progress, callback=callback, strength=strength, mask=redraw,
                          init=None if init is None else init.contiguous(memory_format=self.memory_format))
-            out = self.model.to_image(out)
+            out = self.model.to_image(out).float()
         if not bool(torch.isfinite(out).all()):
             raise LimnerError(f"sampling produced NaN or infinite pixels (sampler {plan.sampler.limner_name}, "
                               f"{len(plan.sigmas) - 1} steps, guidance {plan.guidance:g}): the images would be blank. "

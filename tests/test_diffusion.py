@@ -284,3 +284,34 @@ def test_unet_context_layers_make_tokens_trainable_before_cross_attention():
     assert sum(p.numel() for n, p in net.named_parameters() if ".refiner." in n) > 0
     with pytest.raises(limner.LimnerError, match="context_layers must be >= 0, got -1"):
         limner.create("denoisers", "unet", context_dim=16, context_layers=-1)
+
+
+def test_bfloat16_sampling_stays_near_float32_and_is_refused_without_native_bf16(monkeypatch, tmp_path, capsys):
+    """[sample] dtype / --dtype bf16: the denoiser in bf16 autocast, the sampler's state in
+    float32; the shipped UNet's images within 45 dB PSNR of float32's (measured: 62 dB)."""
+    import math
+    from pathlib import Path
+
+    import limner.pipeline
+    from limner.cli import main
+
+    ckpt = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-unet"
+    pipe = limner.load_pipeline(ckpt)
+    prompts = ["a red circle at the top left", "a large yellow triangle at the bottom right"]
+    if limner.pipeline.native_bf16():
+        states = []
+        full = pipe.generate(prompts, seed=3, steps=8)
+        half = pipe.generate(prompts, seed=3, steps=8, dtype="bf16",
+                             callback=lambda info: states.append((info["x"].dtype, info["denoised"].dtype)))
+        assert set(states) == {(torch.float32, torch.float32)} and full.dtype == half.dtype == torch.float32
+        mse = float(((full - half) / 2).pow(2).mean())
+        assert 0 < mse and -10 * math.log10(mse) > 45  # bf16 really ran, and stayed close
+    with pytest.raises(limner.LimnerError, match="limner samples in float32 .fp32. or bfloat16"):
+        pipe.generate(prompts, dtype="half")
+    monkeypatch.setattr(limner.pipeline, "native_bf16", lambda: False)
+    with pytest.raises(limner.LimnerError, match="needs a CPU with native bf16 .avx512_bf16 or amx_bf16"):
+        pipe.generate(prompts, dtype="bfloat16")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", str(ckpt), "-p", "a red circle", "--dtype", "bf16", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 1 and "use float32" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

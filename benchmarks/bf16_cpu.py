@@ -1,0 +1,135 @@
+"""bfloat16 sampling on a CPU with native bf16 (issue 28): speed against float32, limner against
+itself, and how far the images move.
+
+Rows, each side alternating with the other in one process (median of the runs):
+- guided sampling on the shipped demo UNet (4 images, its default sampler, 20 steps);
+- one guided forward (batch 2) of a UNet at Stable Diffusion 1.5's configuration (`sd_unet`:
+  320/640/1280/1280 channels, 2 blocks a level, 8 heads, 77 context tokens of 768; random
+  weights: speed does not depend on their values) at 32x32 and 64x64 latents (256 and 512 px);
+and the PSNR of bfloat16 images against float32 ones (same prompts and seeds) on the shipped
+diffusion models.
+
+    python benchmarks/bf16_cpu.py        # writes benchmarks/results/bf16-cpu.{json,md}
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+RESULTS = HERE / "results" / "bf16-cpu"
+PROMPTS = ["a red circle at the top left", "a blue square at the center", "a large yellow triangle at the bottom right",
+           "a green circle at the right", "a white square at the bottom", "a purple triangle at the left",
+           "a small red square at the top", "a yellow circle at the bottom left"]
+TWO = ["a red circle at the top left and a blue square at the bottom right",
+       "a small white triangle at the center and a large green circle at the top"]
+
+
+def alternate(fp32, bf16, runs: int) -> dict:
+    """Median seconds of each side, called in turn (fp32 first, then bf16, ...) after one warm-up each."""
+    fp32(), bf16()
+    times = {"float32": [], "bfloat16": []}
+    for _ in range(runs):
+        for name, fn in (("float32", fp32), ("bfloat16", bf16)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"float32_s": round(med["float32"], 4), "bfloat16_s": round(med["bfloat16"], 4),
+            "speedup": round(med["float32"] / med["bfloat16"], 2), "runs": runs,
+            "spread": {k: [round(min(v), 4), round(max(v), 4)] for k, v in times.items()}}
+
+
+def sd15_forward(latent: int, runs: int) -> dict:
+    import torch
+
+    import limner
+    from limner.pipeline import autocast
+
+    torch.manual_seed(0)
+    model = limner.create("denoisers", "sd_unet", context_dim=768, image_size=latent).eval()
+    model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, latent, latent).contiguous(memory_format=torch.channels_last)
+    sigma = torch.full((2,), 3.0)
+    from limner.protocols import TextEmbedding
+
+    cond = TextEmbedding(tokens=torch.randn(2, 77, 768), mask=torch.ones(2, 77, dtype=torch.bool),
+                         pooled=torch.randn(2, 768))
+
+    def run(dtype):
+        def go():
+            with torch.no_grad(), autocast(dtype, torch.device("cpu")):
+                model(x, sigma, cond)
+        return go
+
+    out = alternate(run(torch.float32), run(torch.bfloat16), runs)
+    out["weights_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+    return out
+
+
+def demo_sampling(runs: int) -> dict:
+    import limner
+
+    pipe = limner.load_pipeline(ROOT / "checkpoints" / "shapes-unet")
+    return alternate(lambda: pipe.generate(PROMPTS[:4], seed=0, steps=20),
+                     lambda: pipe.generate(PROMPTS[:4], seed=0, steps=20, dtype="bf16"), runs)
+
+
+def psnr_rows() -> dict:
+    import limner
+
+    out = {}
+    for name, prompts in (("shapes-unet", PROMPTS), ("shapes-dit", PROMPTS), ("shapes2-unet", TWO * 4)):
+        pipe = limner.load_pipeline(ROOT / "checkpoints" / name)
+        seeds = list(range(len(prompts)))
+        full = pipe.generate(prompts, seed=seeds)
+        half = pipe.generate(prompts, seed=seeds, dtype="bf16")
+        mse = float(((full - half) / 2).pow(2).mean())
+        out[name] = {"images": len(prompts), "psnr_db": round(-10 * math.log10(mse), 1),
+                     "max_pixel_diff_of_255": round(float((full - half).abs().max()) * 127.5, 1)}
+    return out
+
+
+def render(data: dict) -> str:
+    lines = ["# bfloat16 sampling on the CPU", "",
+             f"Machine: {data['cpu']} ({', '.join(data['flags'])}), {data['threads']} threads; torch "
+             f"{data['torch']}. Command: `python benchmarks/bf16_cpu.py` ({data['date']}). Each row alternates "
+             "float32 and bfloat16 calls in one process; medians, with [min, max] of the runs.", "",
+             "| workload | float32 | bfloat16 | speed-up | spread fp32 / bf16 |", "|---|---|---|---|---|"]
+    for name, r in data["speed"].items():
+        lines.append(f"| {name} | {r['float32_s']:.3f} s | {r['bfloat16_s']:.3f} s | **{r['speedup']}x** | "
+                     f"{r['spread']['float32']} / {r['spread']['bfloat16']} |")
+    lines += ["", "Images in bfloat16 against float32 (same prompts and seeds, each model's default sampler):", "",
+              "| model | images | PSNR | largest pixel difference (of 255) |", "|---|---|---|---|"]
+    for name, r in data["psnr"].items():
+        lines.append(f"| {name} | {r['images']} | {r['psnr_db']} dB | {r['max_pixel_diff_of_255']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import torch
+
+    from limner.bench import cpu_name
+    from limner.pipeline import native_bf16
+
+    if not native_bf16():
+        raise SystemExit("this CPU has no native bf16 (avx512_bf16 or amx_bf16): nothing to measure")
+    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "amx_tile")
+                    if f in Path("/proc/cpuinfo").read_text().split()})
+    speed = {"demo UNet, guided sampling, 4 images, 20 steps": demo_sampling(5),
+             "SD 1.5-size UNet, one guided forward (batch 2), 32x32 latent": sd15_forward(32, 3),
+             "SD 1.5-size UNet, one guided forward (batch 2), 64x64 latent": sd15_forward(64, 2)}
+    data = {"cpu": cpu_name(), "flags": flags, "threads": os.cpu_count(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "speed": speed, "psnr": psnr_rows()}
+    RESULTS.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    RESULTS.with_suffix(".md").write_text(render(data))
+    print(render(data))
+
+
+if __name__ == "__main__":
+    main()
