@@ -79,11 +79,12 @@ class Request:
     size: int | None = None
     strength: float | None = None
     truncation: float | None = None
+    dtype: str | None = None  # "bfloat16" where the hardware has it (limner.pipeline.precision)
     init_image: Any = None  # PIL images
     mask: Any = None
 
     OPTIONS = ("negative_prompt", "sampler", "schedule", "steps", "guidance", "size", "strength", "truncation",
-               "init_image", "mask")
+               "dtype", "init_image", "mask")
 
     def options(self) -> dict[str, Any]:
         """The pipeline options given (None left out: the checkpoint's default)."""
@@ -367,6 +368,10 @@ class Engine:
         r.guidance = _number(r.guidance, "guidance", 0, 100)
         r.strength = _number(r.strength, "strength", 0, 1, low_open=True)
         r.truncation = _number(r.truncation, "truncation", 0, 1)
+        from .pipeline import PRECISIONS
+
+        if r.dtype is not None and r.dtype not in PRECISIONS:
+            raise RequestError(f"dtype {r.dtype!r}: give one of {', '.join(PRECISIONS)}")
         if r.negative_prompt is not None and not isinstance(r.negative_prompt, str):
             raise RequestError("negative_prompt must be a text")
         if r.mask is not None and r.init_image is None:

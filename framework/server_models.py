@@ -31,6 +31,7 @@ class ImagesBody(BaseModel):
     size: int | None = Field(None, description="Pixels, square (latent models draw at several sizes).")
     strength: float | None = Field(None, description="Image-to-image: how much of init_image is redrawn, (0, 1].")
     truncation: float | None = Field(None, description="GAN and VAE models: in [0, 1].")
+    dtype: str | None = Field(None, description="float32 or bfloat16 (bf16), where the server's CPU has native bf16.")
     init_image: str | None = Field(None, description="Base64 PNG or JPEG: image-to-image or inpainting.")
     mask: str | None = Field(None, description="Base64 image, white = redraw (needs init_image).")
 

@@ -164,6 +164,7 @@ def test_requests_are_checked_against_the_limits_and_the_served_names():
         (Request(["x"], sampler="DPM++ 2M Karras", schedule="exponential"), "says schedule 'karras'"),
         (Request(["x"], mask=Image.new("L", (4, 4))), "a mask needs an init image"),
         (Request(["x"], strength=0.5), "strength sets how much of the init image is redrawn"),
+        (Request(["x"], dtype="half"), "dtype 'half': give one of float32, fp32, bfloat16, bf16"),
     ]
     for request, message in cases:
         with pytest.raises(RequestError, match=None) as info:
@@ -229,7 +230,7 @@ def test_json_api_draws_pngs_with_their_settings_and_the_same_seed_redraws_them(
         ("a blue square at the center", 40), ("a blue square at the center", 41)]
     # the model's defaults, as drawn
     assert view["settings"] == {"model": "shapes-unet", "seed": 40, "count": 2, "steps": 8, "sampler": "dpmpp_2m",
-                                "schedule": "karras", "guidance": 3.0, "size": 32}
+                                "schedule": "karras", "guidance": 3.0, "size": 32, "dtype": "float32"}
     png = client.get(view["images"][3]["url"])
     assert png.headers["content-type"] == "image/png"
     meta = Image.open(io.BytesIO(png.content))
