@@ -480,10 +480,12 @@ def startup(out: Path, repeats: int) -> dict:
 # --- the run ---------------------------------------------------------------------------------
 
 def run(out_dir: Path, quick: bool = False) -> Path:
-    """Measure everything, write <device>-anchors.json and .md under out_dir; returns the JSON."""
+    """Measure everything, writing <device>-anchors.json and .md under out_dir after every row
+    (a row that fails is recorded with its error and the others go on); returns the JSON."""
     import diffusers
 
     import limner
+    from limner.bench import cpu_name
 
     # compile times as a first run on a machine sees them: inductor's on-disk cache starts empty
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="limner-anchors-inductor-")
@@ -492,11 +494,37 @@ def run(out_dir: Path, quick: bool = False) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     n = (lambda full, fast: fast) if quick else (lambda full, fast: full)
     s = Sides(device)
-    rows, notes = [], {}
+    name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name().replace(" ", "-").lower()
+    path = out_dir / f"{name}-anchors.json"
+    data = {
+        "kind": "anchors", "datetime": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": False,
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
+                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "limner": limner.__version__,
+                     "k_diffusion": _version("k-diffusion")},
+        "model": {"config": str(CONFIG.relative_to(ROOT)), "params": s.params, "text_encoder": "minilm (frozen)"},
+        "rows": [], "notes": {}, "startup": {},
+    }
+    rows, notes = data["rows"], data["notes"]
 
-    def row(workload: str, variant: str, anchor: str, result: dict, **extra) -> None:
-        rows.append({"workload": workload, "limner": variant, "anchor": anchor, **result, **extra})
-        print(f"{workload} | {variant} vs {anchor}: {result['ratio']:.2f}x", flush=True)
+    def save() -> None:
+        path.write_text(json.dumps(data, indent=1))
+        path.with_suffix(".md").write_text(render(data))
+
+    def row(workload: str, variant: str, anchor: str, measure: Callable[[], dict], **extra) -> None:
+        """Measure one row and write the files; a failure is recorded with its error, the run goes on."""
+        try:
+            result = measure()
+            extra = {k: v() if callable(v) else v for k, v in extra.items()}
+        except Exception as exc:  # one broken anchor must not lose the other rows
+            rows.append({"workload": workload, "limner": variant, "anchor": anchor,
+                         "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            print(f"{workload} | {variant} vs {anchor}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+        else:
+            rows.append({"workload": workload, "limner": variant, "anchor": anchor, **result, **extra})
+            print(f"{workload} | {variant} vs {anchor}: {result['ratio']:.2f}x", flush=True)
+        save()
 
     # eager rows first, compiled ones after: inductor's compilation must not run beside a timing
     fwd = "denoiser forward, guided batch 2x4 at 32x32"
@@ -505,48 +533,53 @@ def run(out_dir: Path, quick: bool = False) -> Path:
     full = f"whole training step, batch {TRAIN_BATCH}, as each tool's script runs it (text encoding, clipping, EMA)"
     eager = s.limner_forward(s.ours, channels_last=False)()
     fwd_cl = s.limner_forward(s.ours, channels_last=True)
-    row(fwd, "eager (channels_last)", "diffusers eager", alternate(fwd_cl, s.diffusers_forward(), n(20, 4), 3, sync))
+    row(fwd, "eager (channels_last)", "diffusers eager",
+        lambda: alternate(fwd_cl, s.diffusers_forward(), n(20, 4), 3, sync))
     row(smp, "eager (channels_last)", "diffusers eager",
-        alternate(s.limner_sampling(s.ours, True), s.diffusers_sampling(), n(8, 2), 1, sync))
-    ours_train = s.limner_train_step(copy.deepcopy(s.ours), channels_last=True)
+        lambda: alternate(s.limner_sampling(s.ours, True), s.diffusers_sampling(), n(8, 2), 1, sync))
     row(trn, "eager (channels_last, fused AdamW)", "diffusers eager",
-        alternate(ours_train, s.diffusers_train_step(), n(12, 3), 2, sync))
-    plain = s.limner_train_step(copy.deepcopy(s.ours), channels_last=False, fused=False)
-    with force_eager_kernels():
-        row(
-            trn,
-            "eager, contiguous, per-parameter AdamW, BLAS linear, torch's attention (limner before)",
-            "diffusers eager",
-            alternate(plain, s.diffusers_train_step(), n(12, 3), 2, sync),
-        )
-    row(
-        full,
-        "limner train (cached frozen-text embeddings)",
-        "train_text_to_image.py (encoder every step)",
-        alternate(s.limner_full_step(), s.diffusers_full_step(), n(12, 3), 2, sync),
-    )
+        lambda: alternate(s.limner_train_step(copy.deepcopy(s.ours), channels_last=True), s.diffusers_train_step(),
+                          n(12, 3), 2, sync))
+
+    def before() -> dict:
+        plain = s.limner_train_step(copy.deepcopy(s.ours), channels_last=False, fused=False)
+        with force_eager_kernels():
+            return alternate(plain, s.diffusers_train_step(), n(12, 3), 2, sync)
+    row(trn, "eager, contiguous, per-parameter AdamW, BLAS linear, torch's attention (limner before)",
+        "diffusers eager", before)
+    row(full, "limner train (cached frozen-text embeddings)", "train_text_to_image.py (encoder every step)",
+        lambda: alternate(s.limner_full_step(), s.diffusers_full_step(), n(12, 3), 2, sync))
 
     # the same math in another layout or compiled: how far apart are the outputs?
-    compiled_fwd, compile_fwd_s = compiled_for_inference(s.ours, lambda m: s.limner_forward(m, channels_last=True))
-    notes["max_abs_diff_vs_eager_forward"] = {
-        "channels_last": (fwd_cl() - eager).abs().max().item(),
-        "compiled": (compiled_fwd() - eager).abs().max().item(),
-    }
-    row(fwd, "compiled (freezing)", "diffusers eager",
-        alternate(compiled_fwd, s.diffusers_forward(), n(20, 4), 3, sync), compile_s=compile_fwd_s)
-    compiled_smp, compile_smp_s = compiled_for_inference(s.ours, lambda m: s.limner_sampling(m, True))
-    row(smp, "compiled (freezing)", "diffusers eager",
-        alternate(compiled_smp, s.diffusers_sampling(), n(8, 2), 1, sync), compile_s=compile_smp_s)
-    compiled_model = copy.deepcopy(s.ours)
-    compiled_model.compile(dynamic=False)
-    compiled_train = s.limner_train_step(compiled_model, channels_last=True)
-    compile_train_s = timed(compiled_train)
-    row(trn, "compiled (train.compile = true)", "diffusers eager",
-        alternate(compiled_train, s.diffusers_train_step(), n(12, 3), 2, sync), compile_s=compile_train_s)
+    compiled: dict = {}
+
+    def compiled_forward() -> dict:
+        compiled["fwd"], compiled["fwd_s"] = compiled_for_inference(s.ours, lambda m: s.limner_forward(m, True))
+        notes["max_abs_diff_vs_eager_forward"] = {"channels_last": (fwd_cl() - eager).abs().max().item(),
+                                                  "compiled": (compiled["fwd"]() - eager).abs().max().item()}
+        return alternate(compiled["fwd"], s.diffusers_forward(), n(20, 4), 3, sync)
+    row(fwd, "compiled (freezing)", "diffusers eager", compiled_forward, compile_s=lambda: compiled["fwd_s"])
+
+    def compiled_sampling() -> dict:
+        compiled["smp"], compiled["smp_s"] = compiled_for_inference(s.ours, lambda m: s.limner_sampling(m, True))
+        return alternate(compiled["smp"], s.diffusers_sampling(), n(8, 2), 1, sync)
+    row(smp, "compiled (freezing)", "diffusers eager", compiled_sampling, compile_s=lambda: compiled["smp_s"])
+
+    def compiled_training() -> dict:
+        model = copy.deepcopy(s.ours)
+        model.compile(dynamic=False)
+        step = s.limner_train_step(model, channels_last=True)
+        compiled["trn_s"] = timed(step)
+        return alternate(step, s.diffusers_train_step(), n(12, 3), 2, sync)
+    row(trn, "compiled (train.compile = true)", "diffusers eager", compiled_training,
+        compile_s=lambda: compiled["trn_s"])
 
     # limner's sampler against k-diffusion's around the same denoiser: the same math
     try:
         kd = k_diffusion_sampling()
+    except ImportError as exc:
+        notes["k_diffusion"] = f"not measured: {exc}"
+    else:
         from limner.sampling import Guided, make_sigmas, resolve_sampler
 
         model = Guided(s.ours, GUIDANCE)
@@ -562,27 +595,20 @@ def run(out_dir: Path, quick: bool = False) -> Path:
         @torch.no_grad()
         def theirs_kd():
             return kd.sample_dpmpp_2m(model, x, sigmas, extra_args=extra, disable=True)
-        notes["max_abs_diff_vs_k_diffusion_dpmpp_2m"] = (ours_kd() - theirs_kd()).abs().max().item()
-        row(f"DPM-Solver++(2M) sampler around the same denoiser, {STEPS} steps", "limner dpmpp_2m",
-            "k-diffusion sample_dpmpp_2m", alternate(ours_kd, theirs_kd, n(8, 2), 1, sync))
-    except ImportError as exc:
-        notes["k_diffusion"] = f"not measured: {exc}"
 
-    data = {
-        "kind": "anchors", "datetime": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "python": platform.python_version()},
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "limner": limner.__version__,
-                     "k_diffusion": _version("k-diffusion")},
-        "model": {"config": str(CONFIG.relative_to(ROOT)), "params": s.params, "text_encoder": "minilm (frozen)"},
-        "rows": rows, "notes": notes,
-        "startup": startup(out_dir, n(5, 1)) if device.type == "cpu" else {},
-    }
-    name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name().replace(" ", "-").lower()
-    path = out_dir / f"{name}-anchors.json"
-    path.write_text(json.dumps(data, indent=1))
-    path.with_suffix(".md").write_text(render(data))
+        def k_diffusion_row() -> dict:
+            notes["max_abs_diff_vs_k_diffusion_dpmpp_2m"] = (ours_kd() - theirs_kd()).abs().max().item()
+            return alternate(ours_kd, theirs_kd, n(8, 2), 1, sync)
+        row(f"DPM-Solver++(2M) sampler around the same denoiser, {STEPS} steps", "limner dpmpp_2m",
+            "k-diffusion sample_dpmpp_2m", k_diffusion_row)
+
+    if device.type == "cpu":
+        try:
+            data["startup"] = startup(out_dir, n(5, 1))
+        except Exception as exc:  # recorded; the rows above are kept
+            notes["startup"] = f"not measured: {type(exc).__name__}: {str(exc)[:300]}"
+    data["complete"] = True
+    save()
     for leftover in ("diffusers_sample.py", "diffusers.png", "peak_kib"):
         (out_dir / leftover).unlink(missing_ok=True)
     _remove_tree(out_dir / "limner")
@@ -616,6 +642,9 @@ def render(data: dict) -> str:
              "| workload | limner | anchor | limner (ms) | anchor (ms) | speed-up | quartiles | compile (s) |",
              "|---|---|---|---:|---:|---:|---|---:|"]
     for r in data["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['workload']} | {r['limner']} | {r['anchor']} | - | - | failed: {r['error']} | - | - |")
+            continue
         compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
         lines.append(
             f"| {r['workload']} | {r['limner']} | {r['anchor']} | {r['limner_ms']:.1f} | {r['anchor_ms']:.1f} | "
@@ -632,6 +661,10 @@ def render(data: dict) -> str:
                      f"|difference| {notes['max_abs_diff_vs_k_diffusion_dpmpp_2m']:.1e}.")
     if "k_diffusion" in notes:
         lines.append(f"k-diffusion: {notes['k_diffusion']}.")
+    if "startup" in notes:
+        lines.append(f"Start-up: {notes['startup']}.")
+    if not data.get("complete", True):
+        lines += ["", "**Incomplete**: the run stopped before its last row (the file is rewritten after each row)."]
     if data.get("startup"):
         lines += ["", "Start-up, fresh processes (median wall time and peak RSS):", "",
                   "| command | wall (s) | peak RSS (MiB) |", "|---|---:|---:|"]
