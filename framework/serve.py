@@ -506,10 +506,11 @@ class Engine:
             for job in batch:
                 if job.status in FINISHED:
                     continue
-                job.fault = fault
                 if job.cancel:
                     self._finish(job, CANCELLED, "cancelled while it ran")
-                elif final:
+                    continue
+                job.fault = fault if status == FAILED else None
+                if final:
                     self._finish(job, status, error)
                 else:
                     job.error = error
