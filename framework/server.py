@@ -99,6 +99,11 @@ def create_app(engine: Engine, api_key: str | None = None):
                 if len(body) > limit:
                     return too_big
             request._body = bytes(body)
+        kind = request.headers.get("content-type", "")
+        if request.method == "POST" and (not kind or kind.startswith("application/x-www-form-urlencoded")):
+            # every body here is JSON: `curl -d '{...}'` labels it a form, which would read as no object
+            request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + [
+                (b"content-type", b"application/json")]
         return await call_next(request)
 
     def job_view(job: Job) -> dict[str, Any]:

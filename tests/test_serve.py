@@ -286,6 +286,9 @@ def test_bad_requests_get_one_paragraph_naming_the_value(client):
         assert answer.status_code == status, answer.text
         return answer.json()["detail"]
 
+    curl = client.post("/v1/images", content=b'{"prompt": "a red circle"}',  # `curl -d` labels JSON a form
+                       headers={"content-type": "application/x-www-form-urlencoded"})
+    assert curl.status_code == 202, curl.text
     assert detail("/v1/images", {"prompt": "x", "steps": "many"}, 422) == \
         "steps: Input should be a valid integer, unable to parse string as an integer (got 'many')"
     assert "path: Extra inputs are not permitted" in detail("/v1/images", {"prompt": "x", "path": "/etc"}, 422)
