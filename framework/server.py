@@ -168,9 +168,7 @@ def create_app(engine: Engine, api_key: str | None = None):
         """A job's status, progress (0 to 1), error and images; with ?wait=S (up to 60), the
         answer comes when the job finishes or S seconds pass (long polling)."""
         job = engine.job(job_id)
-        end = time.monotonic() + min(max(wait, 0.0), 60.0)
-        while not job.done.is_set() and time.monotonic() < end:
-            await asyncio.sleep(0.02)
+        await ended(job, min(max(wait, 0.0), 60.0))
         return job_view(job)
 
     @app.delete("/v1/jobs/{job_id}", dependencies=guarded)
@@ -210,8 +208,7 @@ def create_app(engine: Engine, api_key: str | None = None):
     # --- AUTOMATIC1111's API ------------------------------------------------------------------
 
     async def finished(job: Job) -> Job:
-        while not job.done.is_set():
-            await asyncio.sleep(0.05)
+        await ended(job)
         if job.status != DONE:
             status = (400 if job.fault == "request" else 500) if job.status == "failed" else 409
             raise RequestError(f"job {job.id} {job.status}: {job.error}", status)
@@ -286,6 +283,13 @@ def create_app(engine: Engine, api_key: str | None = None):
         return {}
 
     return app
+
+
+async def ended(job: Job, seconds: float = float("inf")) -> None:
+    """Wait, without holding the event loop, until `job` finishes or `seconds` pass."""
+    end = time.monotonic() + seconds
+    while not job.done.is_set() and time.monotonic() < end:
+        await asyncio.sleep(0.02)
 
 
 def names_of(kind: str) -> list[dict[str, Any]]:
