@@ -185,16 +185,14 @@ def sample(checkpoint, prompts, negative, sampler, schedule, steps, sigmas, guid
     from .lora import parse_spec
 
     lora_specs = [parse_spec(spec) for spec in loras]
-    pipe = load_pipeline(checkpoint, prediction=prediction)
-    for path, weight in lora_specs:
-        pipe.load_lora(path, weight)
+    pipe = load_pipeline(checkpoint, prediction=prediction, lora=lora_specs, dtype=dtype)
     if compile_:
         if "compile" not in pipe.features:
             raise LimnerError(f"--compile is for diffusion checkpoints; {checkpoint} is a GAN or VAE")
         pipe.compile()
     given = dict(sampler=sampler, schedule=schedule, steps=steps, sigmas=sigmas, guidance=guidance, strength=strength,
                  init_image=open_image(init_image), mask=open_image(mask), truncation=truncation,
-                 negative_prompt=negative, size=size, dtype=dtype)
+                 negative_prompt=negative, size=size)
     given = {k: v for k, v in given.items() if v is not None}
     tensors = pipe.generate(list(prompts), seed=seed, num=num, progress=True, **given)
     images = to_pil(tensors)

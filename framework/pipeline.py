@@ -34,8 +34,8 @@ class PipelineBase:
 
     # What this pipeline offers beyond drawing, declared (callers ask `"compile" in pipe.features`,
     # never hasattr): "samplers" (sampler, schedule, steps, sigmas, guidance), "compile"
-    # (torch.compile for sampling), "init_image" (image-to-image, inpainting, kept_psnr),
-    # "truncation", "reconstruct" (encode + decode held-out images).
+    # (torch.compile for sampling), "init_image" (image-to-image, inpainting, kept_psnr), "dtype"
+    # (hold(dtype): weights kept in bfloat16), "truncation", "reconstruct" (encode + decode held-out images).
     features: frozenset[str] = frozenset()
 
     def __init__(self, model: torch.nn.Module, defaults, device: torch.device):
@@ -50,6 +50,9 @@ class PipelineBase:
 
         if getattr(self, "compiled", False):
             raise LimnerError(f"load {path} before compiling: the compiled model holds its weights as they were")
+        if getattr(self, "held", torch.float32) is not torch.float32:
+            raise LimnerError(f"load {path} before choosing the dtype: its change would be rounded into weights "
+                              "already held in a lower precision")
         applied = Applied(self.model, path, strength, merge, on_change=self.changed)
         self.loras = [*getattr(self, "loras", []), applied]
         self.changed()
@@ -176,6 +179,41 @@ def autocast(dtype: torch.dtype, device: torch.device):
     if dtype is torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+HELD = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d)
+
+
+def hold_weights(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast the weights and biases of `module`'s linear and convolution layers to `dtype`, once:
+    under bf16 autocast those are what it casts on every call (on an SD 1.5-size UNet at a 64x64
+    latent that cast is ~23% of a forward: benchmarks/results/bf16-cpu.md) and they are most of
+    its memory; norms, embeddings and other parameters keep float32. Autocast rounds to nearest
+    even as .to() does, so the outputs are the same bits as autocast's. In bfloat16 its plain
+    nn.Conv2d layers become limner.nn.PackedConv2d, whose weight oneDNN packs once, not at every
+    call (same outputs). Returns the tensors cast."""
+    from .nn import PackedConv2d
+
+    cast = 0
+    for layer in module.modules():
+        if isinstance(layer, HELD):
+            for p in layer.parameters(recurse=False):
+                if p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+                    cast += 1
+        if dtype is torch.bfloat16 and type(layer) is torch.nn.Conv2d:
+            PackedConv2d.from_conv(layer)
+    return cast
+
+
+def own_memory(module: torch.nn.Module, but: torch.dtype) -> None:
+    """Copy every tensor of `module` not of dtype `but` into memory of its own. A model read from
+    another tool's file holds views into the memory-mapped file, and once hold_weights has cast
+    most of it to `but`, the rest would keep the file's pages mapped: on an SD 1.5 file held in
+    bf16, 4.1 GB of them (benchmarks/results/sd15-speed.md)."""
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.dtype != but:
+            t.data = t.data.clone()
 
 
 def inference_compile(freeze: bool):

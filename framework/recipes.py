@@ -194,18 +194,25 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 
 def load_pipeline(path: str | Path, device: str | torch.device | None = None, prediction: str | None = None,
-                  lora: list[str | tuple[str, float]] | None = None):
+                  lora: list[str | tuple[str, float]] | None = None, dtype: str | None = None):
     """The pipeline of a checkpoint directory, a run's checkpoints/ folder or the run folder,
     as its recipe builds it (diffusion: Pipeline; GAN, VAE: GeneratorPipeline), or of another
     tool's file or folder that a registered family recognises (`prediction`, "eps" or "v":
     what such a file's model predicts, where the file does not say), with the LoRA files of
-    `lora` merged in ("FILE[:STRENGTH]" or (file, strength); pipe.load_lora for more choice)."""
+    `lora` merged in ("FILE[:STRENGTH]" or (file, strength); pipe.load_lora for more choice), its
+    weights held in `dtype` (diffusion: "bfloat16" or "float32"; default the checkpoint's
+    `[sample] dtype`) once the LoRAs are in."""
     from .lora import parse_spec
 
     specs = [parse_spec(x) if isinstance(x, (str, Path)) else (str(x[0]), float(x[1])) for x in (lora or [])]
     pipe = _pipeline(path, device, prediction)
     for file, strength in specs:
         pipe.load_lora(file, strength)
+    if "dtype" in pipe.features:
+        pipe.hold(dtype or pipe.defaults.dtype)
+    elif dtype is not None:
+        raise LimnerError(f"dtype {dtype}: {path} is a GAN or VAE checkpoint, which draws in float32; the dtype "
+                          "choice is for diffusion checkpoints")
     return pipe
 
 

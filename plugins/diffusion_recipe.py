@@ -27,10 +27,12 @@ from limner.pipeline import (
     PipelineBase,
     autocast,
     check_mask_size,
+    hold_weights,
     image_tensor,
     inference_compile,
     kept_psnr,
     mask_tensor,
+    own_memory,
     precision,
 )
 from limner.protocols import TextEmbedding, WithImage
@@ -272,7 +274,7 @@ class Plan:
 class Pipeline(PipelineBase):
     """Text encoder + EMA denoiser of one checkpoint, with its default sampling settings."""
 
-    features = frozenset({"samplers", "compile", "init_image"})
+    features = frozenset({"samplers", "compile", "init_image", "dtype"})
 
     def __init__(self, model: TextToImage, defaults: SampleConfig, device: torch.device):
         super().__init__(model, defaults, device)
@@ -280,13 +282,33 @@ class Pipeline(PipelineBase):
         self.model.denoiser.to(memory_format=self.memory_format)
         self.compiled = False
         self.dtype = precision(defaults.dtype, device)  # refused now where the hardware lacks it
+        self.held = torch.float32  # the dtype of the denoiser's linear and convolution weights (hold)
         if defaults.compile:
             self.compile()
+
+    def hold(self, dtype: str) -> None:
+        """Keep the denoiser's linear and convolution weights in `dtype` from now on and draw in it
+        by default: bfloat16 skips autocast's cast of every weight at every step (same images,
+        ~1.3x faster on an SD 1.5-size UNet: benchmarks/results/bf16-cpu.md) and halves their
+        memory (the rest of the model is copied out of a memory-mapped file, so that the file's
+        pages go: own_memory); float32 drawing is refused afterwards (the weights' low bits are gone)."""
+        compute = precision(dtype, self.device)
+        if compute is not self.held:
+            if self.held is not torch.float32:
+                raise LimnerError(f"this pipeline holds its denoiser's weights in {str(self.held)[6:]}; load the "
+                                  f"checkpoint again to draw in {str(compute)[6:]}")
+            if self.compiled:
+                raise LimnerError("choose the dtype before compiling: the compiled model holds its weights as they "
+                                  "were")
+            hold_weights(self.model.denoiser, compute)
+            own_memory(self.model, compute)
+            self.held = compute
+        self.dtype = compute
 
     def compile(self) -> None:
         """torch.compile the denoiser in place for sampling (static shapes: one compile per batch
         size). On the CPU, inductor's freezing folds the weights into the graph and pre-packs them
-        for oneDNN (the speed-up: benchmarks/results/cpu-anchors.md);
+        for oneDNN (the speed-up: benchmarks/results/cpu-amd-epyc-anchors.md);
         the weights must not change afterwards."""
         self.model.denoiser.requires_grad_(False).compile(dynamic=False)
         self.compiled = True
@@ -307,6 +329,10 @@ class Pipeline(PipelineBase):
         sampling, as `limner serve` cancels a job); `dtype` "bfloat16" (bf16) or "float32" over the
         checkpoint's `[sample] dtype`."""
         compute = self.dtype if dtype is None else precision(dtype, self.device)
+        if compute is not self.held and self.held is not torch.float32:
+            raise LimnerError(f"dtype {dtype}: this pipeline holds its denoiser's weights in {str(self.held)[6:]} (it "
+                              f"was loaded with dtype {str(self.held)[6:]}); load the checkpoint again without it to "
+                              "draw in float32")
         self.refuse({"truncation": truncation}, "truncation is for GAN and VAE checkpoints; a diffusion model "
                     "trades variety for fidelity with guidance")
         negatives = self.negatives(prompts, negative_prompt, num)

@@ -288,7 +288,8 @@ def test_unet_context_layers_make_tokens_trainable_before_cross_attention():
 
 def test_bfloat16_sampling_stays_near_float32_and_is_refused_without_native_bf16(monkeypatch, tmp_path, capsys):
     """[sample] dtype / --dtype bf16: the denoiser in bf16 autocast, the sampler's state in
-    float32; the shipped UNet's images within 45 dB PSNR of float32's (measured: 62 dB)."""
+    float32; the shipped UNet's images within 45 dB PSNR of float32's (measured: 62 dB); loaded
+    in bf16, its weights held in bf16 give the same images."""
     import math
     from pathlib import Path
 
@@ -306,6 +307,17 @@ def test_bfloat16_sampling_stays_near_float32_and_is_refused_without_native_bf16
         assert set(states) == {(torch.float32, torch.float32)} and full.dtype == half.dtype == torch.float32
         mse = float(((full - half) / 2).pow(2).mean())
         assert 0 < mse and -10 * math.log10(mse) > 45  # bf16 really ran, and stayed close
+        # loaded in bf16, the weights are cast once (autocast's rounding): the same bits, float32 refused
+        held = limner.load_pipeline(ckpt, dtype="bf16")
+        weights = [m.weight for m in held.model.denoiser.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        assert weights and {w.dtype for w in weights} == {torch.bfloat16}
+        assert torch.equal(held.generate(prompts, seed=3, steps=8), half)
+        convs = [m for m in held.model.denoiser.modules() if isinstance(m, limner.nn.PackedConv2d)]
+        assert convs and all(m.packed.weight is not None for m in convs)  # each packed for oneDNN, and used
+        with pytest.raises(limner.LimnerError, match="holds its denoiser's weights in bfloat16"):
+            held.generate(prompts, dtype="fp32")
+        with pytest.raises(limner.LimnerError, match="before choosing the dtype"):
+            held.load_lora(tmp_path / "any.safetensors")
     with pytest.raises(limner.LimnerError, match="limner samples in float32 .fp32. or bfloat16"):
         pipe.generate(prompts, dtype="half")
     monkeypatch.setattr(limner.pipeline, "native_bf16", lambda: False)
@@ -315,3 +327,6 @@ def test_bfloat16_sampling_stays_near_float32_and_is_refused_without_native_bf16
         main(["sample", str(ckpt), "-p", "a red circle", "--dtype", "bf16", "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 1 and "use float32" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    gan = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-gan"
+    with pytest.raises(limner.LimnerError, match="dtype bf16: .* GAN or VAE checkpoint"):
+        limner.load_pipeline(gan, dtype="bf16")

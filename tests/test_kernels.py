@@ -147,6 +147,43 @@ def test_linear_auto_takes_onednn_only_for_many_float32_cpu_rows(monkeypatch):
         linear(many.double(), w.double(), backend="onednn")
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+@pytest.mark.parametrize(
+    "n, cin, cout, size, kernel, stride, padding, groups",
+    [(2, 13, 7, 9, 3, 1, 1, 1), (1, 6, 10, 5, 3, 2, 1, 2), (3, 5, 3, 11, 1, 1, 0, 1), (1, 8, 8, 7, 3, 1, 2, 8)],
+)
+def test_packed_conv2d_equals_f_conv2d_and_repacks_when_needed(n, cin, cout, size, kernel, stride, padding, groups):
+    """bf16, channels-last, no grad: the packed weight gives F.conv2d's bits (same oneDNN
+    algorithm) and is within bf16 rounding of a float64 reference; a new input shape or an
+    in-place change to the weight packs again; float32 and autograd stay on F.conv2d."""
+    from limner.kernels import Packed, conv2d_packed
+
+    F = torch.nn.functional
+    cl = torch.channels_last
+    x = randn(n, cin, size, size).to(torch.bfloat16).contiguous(memory_format=cl)
+    w, b = randn(cout, cin // groups, kernel, kernel, seed=1).to(torch.bfloat16), randn(cout, seed=2).to(torch.bfloat16)
+    packed = Packed()
+    with torch.no_grad():
+        out = conv2d_packed(x, w, b, stride, padding, 1, groups, packed)
+        assert packed.weight is not None and out.is_contiguous(memory_format=cl)
+        assert torch.equal(out, F.conv2d(x, w, b, stride, padding, 1, groups))
+        exact = F.conv2d(x.double(), w.double(), b.double(), stride, padding, 1, groups)
+        assert float((out.double() - exact).abs().max()) <= 0.02 * float(exact.abs().max())
+        first = packed.weight
+        conv2d_packed(x, w, b, stride, padding, 1, groups, packed)
+        assert packed.weight is first  # packed once for this shape
+        x2 = randn(n + 1, cin, size + 2, size + 2, seed=3).to(torch.bfloat16).contiguous(memory_format=cl)
+        assert torch.equal(conv2d_packed(x2, w, b, stride, padding, 1, groups, packed),
+                           F.conv2d(x2, w, b, stride, padding, 1, groups))
+        w.mul_(-1)
+        assert torch.equal(conv2d_packed(x2, w, b, stride, padding, 1, groups, packed),
+                           F.conv2d(x2, w, b, stride, padding, 1, groups))
+        unused = Packed()
+        conv2d_packed(x.float(), w.float(), b.float(), stride, padding, 1, groups, unused)
+    conv2d_packed(x, w, b, stride, padding, 1, groups, unused)  # grad mode on
+    assert unused.weight is None
+
+
 # --- GAN paths -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
