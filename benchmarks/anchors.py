@@ -480,12 +480,13 @@ def startup(out: Path, repeats: int) -> dict:
 # --- the run ---------------------------------------------------------------------------------
 
 def run(out_dir: Path, quick: bool = False) -> Path:
-    """Measure everything, writing <device>-anchors.json and .md under out_dir after every row
-    (a row that fails is recorded with its error and the others go on); returns the JSON."""
+    """Measure everything, writing <device>-anchors.json and .md (on a CPU: cpu-<its model>-anchors)
+    under out_dir after every row (a row that fails is recorded with its error and the others go
+    on); returns the JSON."""
     import diffusers
 
     import limner
-    from limner.bench import cpu_name
+    from limner.bench import cpu_name, cpu_slug
 
     # compile times as a first run on a machine sees them: inductor's on-disk cache starts empty
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="limner-anchors-inductor-")
@@ -494,7 +495,8 @@ def run(out_dir: Path, quick: bool = False) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     n = (lambda full, fast: fast) if quick else (lambda full, fast: full)
     s = Sides(device)
-    name = "cpu" if device.type == "cpu" else torch.cuda.get_device_name().replace(" ", "-").lower()
+    # one file per machine: the CPU's ratios differ between machines of one kind (issue 28)
+    name = f"cpu-{cpu_slug()}" if device.type == "cpu" else torch.cuda.get_device_name().replace(" ", "-").lower()
     path = out_dir / f"{name}-anchors.json"
     data = {
         "kind": "anchors", "datetime": datetime.now(timezone.utc).isoformat(timespec="seconds"), "complete": False,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from pathlib import Path
 
 from .errors import LimnerError
@@ -17,6 +18,13 @@ def cpu_name() -> str:
         lines = []
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
                 platform.processor())
+
+
+def cpu_slug() -> str:
+    """cpu_name() as a file-name part: "Intel(R) Xeon(R) Processor" -> "intel-xeon"."""
+    name = re.sub(r"\((r|tm)\)|\b(processor|cpu)\b|\d+-core", " ", cpu_name().lower())
+    return "-".join(re.findall(r"[a-z0-9]+", name)) or "unknown"
+
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
