@@ -288,18 +288,18 @@ class Pipeline(PipelineBase):
 
     def hold(self, dtype: str) -> None:
         """Keep the denoiser's linear and convolution weights in `dtype` from now on and draw in it
-        by default: bfloat16 skips autocast's cast of every weight at every step (same images,
-        ~1.3x faster on an SD 1.5-size UNet: benchmarks/results/bf16-cpu.md) and halves their
-        memory (the rest of the model is copied out of a memory-mapped file, so that the file's
-        pages go: own_memory); float32 drawing is refused afterwards (the weights' low bits are gone)."""
+        by default: bfloat16 skips autocast's cast of every weight at every step (same images; an
+        SD 1.5-size forward 3.34x float32's instead of 2.43x with autocast alone, with the packed
+        convolutions: benchmarks/results/bf16-cpu.md) and halves their memory (the rest of the
+        model is copied out of a memory-mapped file, so that the file's pages go: own_memory);
+        float32 drawing is refused afterwards (the weights' low bits are gone). A compiled
+        pipeline (`[sample] compile`) keeps its weights and draws in `dtype` by autocast: its
+        frozen graph folds those casts itself."""
         compute = precision(dtype, self.device)
-        if compute is not self.held:
+        if compute is not self.held and not self.compiled:
             if self.held is not torch.float32:
                 raise LimnerError(f"this pipeline holds its denoiser's weights in {str(self.held)[6:]}; load the "
                                   f"checkpoint again to draw in {str(compute)[6:]}")
-            if self.compiled:
-                raise LimnerError("choose the dtype before compiling: the compiled model holds its weights as they "
-                                  "were")
             hold_weights(self.model.denoiser, compute)
             own_memory(self.model, compute)
             self.held = compute

@@ -318,6 +318,10 @@ def test_bfloat16_sampling_stays_near_float32_and_is_refused_without_native_bf16
             held.generate(prompts, dtype="fp32")
         with pytest.raises(limner.LimnerError, match="before choosing the dtype"):
             held.load_lora(tmp_path / "any.safetensors")
+        compiled = limner.load_pipeline(ckpt)  # [sample] compile: its frozen graph folds autocast's casts itself
+        compiled.compile()
+        compiled.hold("bf16")
+        assert compiled.dtype is torch.bfloat16 and compiled.held is torch.float32
     with pytest.raises(limner.LimnerError, match="limner samples in float32 .fp32. or bfloat16"):
         pipe.generate(prompts, dtype="half")
     monkeypatch.setattr(limner.pipeline, "native_bf16", lambda: False)
