@@ -492,6 +492,7 @@ def run(out_dir: Path, quick: bool = False) -> Path:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="limner-anchors-inductor-")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out_dir = out_dir.resolve()  # children run in this folder: a relative path would point inside it
     out_dir.mkdir(parents=True, exist_ok=True)
     n = (lambda full, fast: fast) if quick else (lambda full, fast: full)
     s = Sides(device)
