@@ -18,9 +18,10 @@ import copy
 import json
 import math
 import os
-import statistics
 import time
 from pathlib import Path
+
+from in_turn import in_turn, medians, spread
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -34,17 +35,10 @@ TWO = ["a red circle at the top left and a blue square at the bottom right",
 
 def alternate(fp32, bf16, runs: int) -> dict:
     """Median seconds of each side, called in turn (fp32 first, then bf16, ...) after one warm-up each."""
-    fp32(), bf16()
-    times = {"float32": [], "bfloat16": []}
-    for _ in range(runs):
-        for name, fn in (("float32", fp32), ("bfloat16", bf16)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times = in_turn({"float32": fp32, "bfloat16": bf16}, runs)
+    med = medians(times)
     return {"float32_s": round(med["float32"], 4), "bfloat16_s": round(med["bfloat16"], 4),
-            "speedup": round(med["float32"] / med["bfloat16"], 2), "runs": runs,
-            "spread": {k: [round(min(v), 4), round(max(v), 4)] for k, v in times.items()}}
+            "speedup": round(med["float32"] / med["bfloat16"], 2), "runs": runs, "spread": spread(times, 4)}
 
 
 def sd15_forward(latent: int, runs: int) -> dict:

@@ -7,12 +7,12 @@ UNet forward runs, so the last line is the forward's convolution time on each si
 """
 from __future__ import annotations
 
-import statistics
 import time
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+from in_turn import in_turn, medians
 
 from limner.bench import cpu_name
 from limner.kernels import Packed, conv2d_packed
@@ -41,15 +41,7 @@ def main(runs: int = 7) -> None:
             packed = Packed()
             sides = {"plain": partial(F.conv2d, x, w, b, 1, k // 2),
                      "packed": partial(conv2d_packed, x, w, b, 1, k // 2, 1, 1, packed)}
-            times = {name: [] for name in sides}
-            for fn in sides.values():
-                fn()
-            for _ in range(runs):
-                for name, fn in sides.items():
-                    start = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - start)
-            med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+            med = {name: seconds * 1e3 for name, seconds in medians(in_turn(sides, runs)).items()}
             for name in total:
                 total[name] += med[name] * count
             lines.append(f"| {cin} -> {cout}, {size}x{size}, {k}x{k} | {count} | {med['plain']:.1f} | "

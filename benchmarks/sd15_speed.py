@@ -54,6 +54,7 @@ def forward_rows(folder: Path, runs: int) -> dict:
     """limner's and diffusers' UNet on the same weights, one guided forward each in turn."""
     import diffusers
     import torch
+    from in_turn import in_turn, medians, spread
 
     import limner
     from limner.protocols import TextEmbedding
@@ -82,17 +83,11 @@ def forward_rows(folder: Path, runs: int) -> dict:
             with torch.no_grad():
                 theirs(x.to(dt), t, encoder_hidden_states=ctx.to(dt))
 
-        times = {"limner": [], "diffusers": []}
-        limner_call(), diffusers_call()
-        for _ in range(runs):
-            for name, fn in (("limner", limner_call), ("diffusers", diffusers_call)):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        times = in_turn({"limner": limner_call, "diffusers": diffusers_call}, runs)
+        med = medians(times)
         out[dtype] = {"limner_s": round(med["limner"], 3), "diffusers_s": round(med["diffusers"], 3),
                       "speedup": round(med["diffusers"] / med["limner"], 2), "runs": runs,
-                      "spread": {k: [round(min(v), 3), round(max(v), 3)] for k, v in times.items()}}
+                      "spread": spread(times, 3)}
         del ours, unet, theirs
     return out
 
