@@ -184,26 +184,23 @@ def autocast(dtype: torch.dtype, device: torch.device):
 HELD = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d)
 
 
-def hold_weights(module: torch.nn.Module, dtype: torch.dtype) -> int:
+def hold_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast the weights and biases of `module`'s linear and convolution layers to `dtype`, once:
     under bf16 autocast those are what it casts on every call (on an SD 1.5-size UNet at a 64x64
     latent that cast is ~23% of a forward: benchmarks/results/bf16-cpu.md) and they are most of
     its memory; norms, embeddings and other parameters keep float32. Autocast rounds to nearest
     even as .to() does, so the outputs are the same bits as autocast's. In bfloat16 its plain
     nn.Conv2d layers become limner.nn.PackedConv2d, whose weight oneDNN packs once, not at every
-    call (same outputs). Returns the tensors cast."""
+    call (same outputs)."""
     from .nn import PackedConv2d
 
-    cast = 0
     for layer in module.modules():
         if isinstance(layer, HELD):
             for p in layer.parameters(recurse=False):
-                if p.is_floating_point() and p.dtype != dtype:
+                if p.is_floating_point():
                     p.data = p.data.to(dtype)
-                    cast += 1
         if dtype is torch.bfloat16 and type(layer) is torch.nn.Conv2d:
             PackedConv2d.from_conv(layer)
-    return cast
 
 
 def own_memory(module: torch.nn.Module, but: torch.dtype) -> None:

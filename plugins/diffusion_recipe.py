@@ -295,15 +295,22 @@ class Pipeline(PipelineBase):
         float32 drawing is refused afterwards (the weights' low bits are gone). A compiled
         pipeline (`[sample] compile`) keeps its weights and draws in `dtype` by autocast: its
         frozen graph folds those casts itself."""
-        compute = precision(dtype, self.device)
+        compute = self.drawn_in(dtype)
         if compute is not self.held and not self.compiled:
-            if self.held is not torch.float32:
-                raise LimnerError(f"this pipeline holds its denoiser's weights in {str(self.held)[6:]}; load the "
-                                  f"checkpoint again to draw in {str(compute)[6:]}")
             hold_weights(self.model.denoiser, compute)
             own_memory(self.model, compute)
             self.held = compute
         self.dtype = compute
+
+    def drawn_in(self, dtype: str) -> torch.dtype:
+        """The torch dtype `dtype` names, refused where the hardware lacks it (precision) or where
+        the weights are already held in another, lower precision."""
+        compute = precision(dtype, self.device)
+        if compute is not self.held and self.held is not torch.float32:
+            raise LimnerError(f"dtype {dtype}: this pipeline holds its denoiser's weights in {str(self.held)[6:]} (it "
+                              f"was loaded with dtype {str(self.held)[6:]}); load the checkpoint again without it to "
+                              f"draw in {str(compute)[6:]}")
+        return compute
 
     def compile(self) -> None:
         """torch.compile the denoiser in place for sampling (static shapes: one compile per batch
@@ -328,11 +335,7 @@ class Pipeline(PipelineBase):
         after every step (k-diffusion's dict: i, sigma, x, denoised; an exception it raises stops
         sampling, as `limner serve` cancels a job); `dtype` "bfloat16" (bf16) or "float32" over the
         checkpoint's `[sample] dtype`."""
-        compute = self.dtype if dtype is None else precision(dtype, self.device)
-        if compute is not self.held and self.held is not torch.float32:
-            raise LimnerError(f"dtype {dtype}: this pipeline holds its denoiser's weights in {str(self.held)[6:]} (it "
-                              f"was loaded with dtype {str(self.held)[6:]}); load the checkpoint again without it to "
-                              "draw in float32")
+        compute = self.dtype if dtype is None else self.drawn_in(dtype)
         self.refuse({"truncation": truncation}, "truncation is for GAN and VAE checkpoints; a diffusion model "
                     "trades variety for fidelity with guidance")
         negatives = self.negatives(prompts, negative_prompt, num)
