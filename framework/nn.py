@@ -7,7 +7,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from limner.kernels import Packed, conv2d_packed, geglu, linear
+from limner.kernels import Packed, conv2d_packed, geglu, linear, linear_geglu
 
 from .attention import attention
 
@@ -18,6 +18,20 @@ def noise_embedding(c_noise: torch.Tensor, dim: int, max_period: float = 10_000.
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=c_noise.device) / half)
     angles = c_noise.float()[:, None] * 1000 * freqs[None]  # c_noise = log(sigma)/4 spans about +-1
     return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def hookless(module: nn.Module) -> bool:
+    """True when nothing hooks `module`'s forward (an unmerged LoRA does): a fused op may then
+    use its weights without calling it."""
+    from torch.nn.modules import module as hooks
+
+    return not (module._forward_hooks or module._forward_pre_hooks or hooks._global_forward_hooks
+                or hooks._global_forward_pre_hooks)
+
+
+def geglu_of(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """GEGLU of proj(x): proj's matmul and the gate fused where they fit (limner.kernels.linear_geglu)."""
+    return linear_geglu(x, proj.weight, proj.bias) if hookless(proj) else geglu(proj(x))
 
 
 class Linear(nn.Linear):
@@ -80,7 +94,7 @@ class FeedForward(nn.Module):
         self.proj_in, self.proj_out = Linear(dim, 2 * mult * dim), Linear(mult * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_out(geglu(self.proj_in(x)))
+        return self.proj_out(geglu_of(self.proj_in, x))
 
 
 def conv_stages(in_channels: int, channels: int) -> list[nn.Module]:

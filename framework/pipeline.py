@@ -10,7 +10,10 @@ recipe's pipeline lives in its plugin module (the diffusion one in limner.plugin
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
+import os
 import re
 from pathlib import Path
 from typing import IO
@@ -211,6 +214,38 @@ def own_memory(module: torch.nn.Module, but: torch.dtype) -> None:
     for t in [*module.parameters(), *module.buffers()]:
         if t.dtype != but:
             t.data = t.data.clone()
+
+
+MALLOC_CHOICES = ("keep", "default")
+_malloc_set = False
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep large freed blocks for the next tensor instead of handing them
+    back to the system. By default every block over 32 MB is a mapping of its own, unmapped when
+    freed, so the next tensor of that size faults all its pages in again, each one zeroed by the
+    kernel: an SD 1.5-size UNet frees and allocates dozens of those per step (benchmarks/
+    results/sd15-speed.md measures what keeping them saves). M_MMAP_MAX 0 takes every block
+    from the heap and M_TRIM_THRESHOLD 1 GiB keeps up to that much free at its top, as jemalloc
+    and tcmalloc, which Intel recommends for PyTorch on CPUs, keep theirs. Once per process;
+    LIMNER_MALLOC=default leaves malloc as it is. True where set (now or before); False where the
+    C library is not glibc or LIMNER_MALLOC=default."""
+    global _malloc_set
+    choice = os.environ.get("LIMNER_MALLOC", "keep").strip().lower() or "keep"
+    if choice not in MALLOC_CHOICES:
+        raise LimnerError(f"LIMNER_MALLOC={choice!r}: valid are keep (large freed blocks reused, the default) and "
+                          "default (glibc's own policy)")
+    if choice == "default":
+        return False
+    if not _malloc_set:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c"))
+            libc.gnu_get_libc_version  # noqa: B018 - glibc only: mallopt's parameters differ elsewhere
+        except (OSError, AttributeError, TypeError):
+            return False
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+        _malloc_set = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    return _malloc_set
 
 
 def inference_compile(freeze: bool):

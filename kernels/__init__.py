@@ -5,7 +5,9 @@ Each op has a Triton kernel, an eager reference with the same semantics and a
 forces the reference everywhere, LIMNER_KERNELS=triton the kernels (on CPU under
 TRITON_INTERPRET=1). minibatch_std has only its reference. `linear` is F.linear routed through
 oneDNN on the CPU (onednn_linear.py): there the BLAS sgemm is the slow path; `conv2d_packed`
-packs a bf16 convolution's weight for oneDNN once instead of at every call (onednn_conv.py).
+packs a bf16 convolution's weight for oneDNN once instead of at every call (onednn_conv.py);
+`linear_geglu` runs a GEGLU's projection and gate as two oneDNN matmuls with fused epilogues on
+the CPU (onednn_geglu.py).
 """
 from .adaln import adaln_modulate, gated_residual
 from .bias_act import bias_act
@@ -15,10 +17,11 @@ from .geglu import geglu
 from .group_norm_silu import group_norm_silu
 from .minibatch_std import minibatch_std
 from .onednn_conv import Packed, conv2d_packed
+from .onednn_geglu import linear_geglu
 from .onednn_linear import linear
 from .sampler_update import guided_update
 from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
 
 __all__ = ["adaln_modulate", "attention_cpu", "attention_math", "attention_sdpa", "attention_triton", "bias_act",
            "conv2d_packed", "downsample2d", "filter2d", "gated_residual", "geglu", "group_norm_silu", "guided_update",
-           "linear", "minibatch_std", "Packed", "setup_filter", "upfirdn2d", "upsample2d"]
+           "linear", "linear_geglu", "minibatch_std", "Packed", "setup_filter", "upfirdn2d", "upsample2d"]

@@ -30,6 +30,7 @@ from limner.pipeline import (
     hold_weights,
     image_tensor,
     inference_compile,
+    keep_freed_memory,
     kept_psnr,
     mask_tensor,
     own_memory,
@@ -336,6 +337,8 @@ class Pipeline(PipelineBase):
         sampling, as `limner serve` cancels a job); `dtype` "bfloat16" (bf16) or "float32" over the
         checkpoint's `[sample] dtype`."""
         compute = self.dtype if dtype is None else self.drawn_in(dtype)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.refuse({"truncation": truncation}, "truncation is for GAN and VAE checkpoints; a diffusion model "
                     "trades variety for fidelity with guidance")
         negatives = self.negatives(prompts, negative_prompt, num)

@@ -26,6 +26,7 @@ from torch import nn
 import limner
 from limner.attention import attention
 from limner.diffusion import Preconditioned
+from limner.nn import geglu_of
 from limner.noise import SigmaTable, ddpm_sigmas
 from limner.protocols import TextEmbedding
 
@@ -91,8 +92,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, gate = self.proj(x).chunk(2, dim=-1)
-        return h * F.gelu(gate)
+        return geglu_of(self.proj, x)
 
 
 class FeedForward(nn.Module):

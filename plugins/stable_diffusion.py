@@ -55,14 +55,9 @@ def _weights(part: Path) -> Path:
 
 
 def _read(file: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors in float32, keys prefixed (memory-mapped by safe_open)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return {prefix + k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 - safe_open has no items
-    except (SafetensorError, OSError) as exc:
-        raise limner.LimnerError(f"cannot read {file}: {exc}") from None
+    """A safetensors file's tensors in float32, keys prefixed (read as SingleFile reads them)."""
+    f = SingleFile(file)
+    return {prefix + k: f.tensor(k) for k in f.shapes}
 
 
 def _text_keys(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -134,7 +129,7 @@ class StableDiffusion:
             (("text_encoder", "cond_stage_model."),)
         for part, prefix in (*texts, ("unet", UNET), ("vae", VAE)):
             keys = [k for k in f.shapes if k.startswith(prefix)]
-            dtypes = sorted({f.handle.get_slice(k).get_dtype() for k in keys})
+            dtypes = sorted({f.dtype(k) for k in keys})
             parts[part] = {"parameters": sum(int(torch.Size(f.shapes[k]).numel()) for k in keys),
                            "dtype": "/".join(dtypes)}
         return Found(family, "single file", {"task": "inpainting" if options["denoiser"]["concat"] else "text-to-image",
@@ -358,24 +353,55 @@ def open_clip_name(key: str) -> tuple[str, int | None]:
 
 
 class SingleFile:
-    """The keys and shapes of a .safetensors file (its header only, until tensors are asked for)."""
+    """The keys, shapes and dtypes of a .safetensors file (its header only, until tensors are
+    asked for). Tensors are read with plain reads into memory of their own, not memory-mapped: a
+    mapped file's pages stay resident, counted in the process's memory, for as long as any tensor
+    views them, so a model read from a mapped 4 GB file and then held in bf16 peaked at the file
+    plus its copy (benchmarks/results/sd15-speed.md)."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
 
     def __init__(self, path: Path):
         from safetensors import SafetensorError, safe_open
 
         try:
-            self.handle = safe_open(str(path), framework="pt")
-            self.shapes = {k: tuple(self.handle.get_slice(k).get_shape()) for k in self.handle.keys()}  # noqa: SIM118
-            self.metadata = self.handle.metadata() or {}
-        except (SafetensorError, OSError) as exc:
+            with safe_open(str(path), framework="pt") as handle:  # checks the header: offsets in bounds, no overlap
+                self.metadata = handle.metadata() or {}
+            with open(path, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+        except (SafetensorError, OSError, ValueError) as exc:
             raise limner.LimnerError(f"cannot read {path}: {exc}") from None
-        self.path = path
+        header.pop("__metadata__", None)
+        self.entries = header  # key -> {"dtype", "shape", "data_offsets": [begin, end] after the header}
+        self.shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+        self.start, self.path = 8 + size, path
+
+    def dtype(self, key: str) -> str:
+        """The tensor's dtype as the file names it (F32, F16, BF16, ...)."""
+        return self.entries[key]["dtype"]
 
     def tensor(self, key: str) -> torch.Tensor:
+        """The tensor `key` in float32, read into memory of its own."""
         if key not in self.shapes:
             raise limner.LimnerError(f"{self.path} has no tensor {key!r}, which this Stable Diffusion model needs: "
                                      "the file is incomplete or of another layout")
-        return self.handle.get_tensor(key).float()
+        if self.dtype(key) not in self.DTYPES:
+            raise limner.LimnerError(f"{self.path}: tensor {key!r} is stored as {self.dtype(key)}, which limner does "
+                                     f"not read (it reads {', '.join(self.DTYPES)})")
+        t = torch.empty(self.shapes[key], dtype=self.DTYPES[self.dtype(key)])
+        begin, end = self.entries[key]["data_offsets"]
+        raw = t.view(-1).view(torch.uint8)
+        if raw.numel() != end - begin:
+            raise limner.LimnerError(f"cannot read {self.path}: tensor {key!r} of shape {list(t.shape)} "
+                                     f"{self.dtype(key)} spans {end - begin} bytes, not {raw.numel()}")
+        with open(self.path, "rb") as fh:
+            fh.seek(self.start + begin)
+            if fh.readinto(memoryview(raw.numpy())) != raw.numel():
+                raise limner.LimnerError(f"cannot read {self.path}: the file ends inside tensor {key!r}")
+        return t.float()
 
     def indices(self, prefix: str) -> list[int]:
         """The distinct integers right after `prefix` in the file's keys."""

@@ -184,6 +184,77 @@ def test_packed_conv2d_equals_f_conv2d_and_repacks_when_needed(n, cin, cout, siz
     assert unused.weight is None
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, cout, bias", [((3, 37, 13), 22, True), ((5, 17), 6, False), ((2, 1, 8), 16, True)])
+def test_linear_geglu_fused_matmuls_match_a_float64_reference(shape, cout, bias, dtype):
+    """The two oneDNN matmuls with GELU and product in their epilogues against F.linear + GEGLU
+    in float64 on the same (rounded) inputs: float32 to a few ulps, bfloat16 within its rounding
+    of the gate and of the output."""
+    from limner.kernels import linear_geglu
+    from limner.kernels.onednn_geglu import linear_geglu_reference
+
+    x, w = randn(*shape, scale=2.0).to(dtype), randn(cout, shape[-1], seed=1).to(dtype)
+    b = randn(cout, seed=2).to(dtype) if bias else None
+    want = linear_geglu_reference(x.double(), w.double(), None if b is None else b.double())
+    with torch.no_grad():
+        got = linear_geglu(x, w, b, backend="onednn")
+        eager = linear_geglu(x, w, b, backend="eager")
+    assert got.dtype == dtype and got.shape == (*shape[:-1], cout // 2)
+    err, eager_err = ((t.double() - want).abs().max().item() for t in (got, eager))
+    bound = (3e-6 if dtype is torch.float32 else 2 ** -7) * want.abs().max().item()
+    assert err <= bound and eager_err <= bound, (err, eager_err, bound)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+def test_linear_geglu_takes_autocasts_dtype_and_leaves_autograd_to_the_reference(monkeypatch):
+    """Under CPU bf16 autocast float32 weights are cast as autocast casts them (the result equals
+    the one from weights already held in bf16); with a gradient to take, `auto` runs the
+    reference and its gradients are the reference's; misuse is named."""
+    from limner.kernels import linear_geglu, onednn_geglu
+    from limner.kernels.onednn_geglu import linear_geglu_reference
+
+    x, w, b = randn(4, 9, 24), randn(32, 24, seed=1), randn(32, seed=2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = linear_geglu(x, w, b)
+        held = linear_geglu(x, w.bfloat16(), b.bfloat16())
+    assert cast.dtype == torch.bfloat16 and torch.equal(cast, held)
+    fused = []
+    real = onednn_geglu.linear_geglu_onednn
+    monkeypatch.setattr(onednn_geglu, "linear_geglu_onednn", lambda *a: fused.append(1) or real(*a))
+    wg = w.clone().requires_grad_()
+    out = linear_geglu(x, wg, b)
+    (grad,) = torch.autograd.grad(out.sum(), wg)
+    wr = w.clone().requires_grad_()
+    (want,) = torch.autograd.grad(linear_geglu_reference(x, wr, b).sum(), wr)
+    assert not fused and torch.allclose(grad, want, atol=1e-5)
+    with torch.no_grad():
+        linear_geglu(x, w, b)
+    assert fused == [1]
+    with pytest.raises(ValueError, match="linear_geglu: unknown backend 'fast'; valid: auto, onednn, eager"):
+        linear_geglu(x, w, b, backend="fast")
+    with pytest.raises(ValueError, match="backend 'onednn' takes float32 or bfloat16 CPU tensors without autograd"):
+        linear_geglu(x, wg, b, backend="onednn")
+
+
+def test_a_hooked_projection_is_called_not_fused():
+    """A forward hook on a GEGLU's projection (an unmerged LoRA is one) is honoured: the fused
+    path, which reads the weights directly, is taken only where nothing hooks the layer."""
+    from limner.nn import FeedForward
+    from limner.plugins.sd_unet import GEGLU
+
+    x = randn(2, 5, 8)
+    for module, proj in ((GEGLU(8, 12), "proj"), (FeedForward(8, mult=2), "proj_in")):
+        with torch.no_grad():
+            plain = module(x)
+            handle = getattr(module, proj).register_forward_hook(lambda m, args, out: out * 2)
+            hooked = module(x)
+            handle.remove()
+        assert not torch.allclose(plain, hooked)
+        with torch.no_grad():
+            assert torch.allclose(module(x), plain)
+
+
 # --- GAN paths -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -247,6 +247,11 @@ def test_files_limner_cannot_run_are_named(tmp_path, single_files):
     with pytest.raises(limner.LimnerError, match="no checkpoint found at .*other.safetensors: expected a limner "
                                                  "checkpoint .* or a model file or folder of a family limner reads"):
         limner.load_pipeline(tmp_path / "other.safetensors")
+    key = next(k for k in state if k.startswith("model.") and k.endswith("weight"))
+    save_file({**state, key: state[key].to(torch.float8_e4m3fn)}, str(tmp_path / "fp8.safetensors"))
+    with pytest.raises(limner.LimnerError, match=f"tensor '{key}' is stored as F8_E4M3, which limner does not read "
+                                                 r"\(it reads F64, F32, F16, BF16"):
+        limner.load_pipeline(tmp_path / "fp8.safetensors")
     (tmp_path / "old.ckpt").write_bytes(b"not read")
     with pytest.raises(limner.LimnerError, match="is a pickled checkpoint: limner never unpickles"):
         limner.load_pipeline(tmp_path / "old.ckpt")
@@ -353,6 +358,8 @@ def test_the_files_tensors_become_the_parameters_never_a_second_copy(single_file
     assert relaid and all(own[k].is_contiguous(memory_format=torch.channels_last) for k in relaid)
     bad = [k for k in own if k not in relaid and own[k].data_ptr() != read[k].data_ptr()]
     assert own and not bad, bad[:5]
+    # read, not memory-mapped: no page of the file stays mapped (and counted) beside the model
+    assert str(file.resolve()) not in Path("/proc/self/maps").read_text()
 
 
 # --- inpainting models (a UNet of 9 input channels) ---------------------------------------------
