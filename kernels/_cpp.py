@@ -29,13 +29,14 @@ def supported_cpu() -> bool:
 class CppKernel:
     """One kernels/<file>.cpp exposing `functions`, built or imported on first use."""
 
-    def __init__(self, source: str, functions: list[str], fallback: str):
+    def __init__(self, source: str, functions: list[str], fallback: str, flags: tuple[str, ...] = ()):
         self.source, self.functions, self.fallback = Path(__file__).with_name(source), functions, fallback
+        self.flags = [*FLAGS, *flags]  # a kernel's own on top of the shared ones (e.g. -mavx512bf16)
         self._module, self.failure = None, None
 
     def build(self):
         text = self.source.with_name("cpu_math.h").read_text() + self.source.read_text()  # shared vector math first
-        tag = hashlib.sha256((text + " ".join(FLAGS) + torch.__version__ + sys.version).encode()).hexdigest()[:12]
+        tag = hashlib.sha256((text + " ".join(self.flags) + torch.__version__ + sys.version).encode()).hexdigest()[:12]
         name = f"limner_{self.source.stem}_{tag}"
         folder = Path(os.environ.get("LIMNER_CACHE_DIR") or Path.home() / ".cache" / "limner") / "cpp" / name
         built = folder / f"{name}.so"
@@ -50,7 +51,7 @@ class CppKernel:
         from torch.utils.cpp_extension import load_inline
 
         folder.mkdir(parents=True, exist_ok=True)
-        return load_inline(name, cpp_sources=[text], functions=self.functions, extra_cflags=FLAGS,
+        return load_inline(name, cpp_sources=[text], functions=self.functions, extra_cflags=self.flags,
                            extra_ldflags=["-fopenmp"], build_directory=str(folder))
 
     def module(self):

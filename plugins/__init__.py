@@ -142,7 +142,8 @@ class attention_backends:
     @hookimpl
     def limner_register_attention_backends():
         """sdpa, math, triton, xformers and limner's CPU attention."""
-        return _specs("attention_backends", [(n, n, (), "") for n in ("sdpa", "math", "triton", "xformers", "cpu")])
+        return _specs("attention_backends", [(n, n, (), "") for n in ("sdpa", "math", "triton", "xformers", "cpu",
+                                                                           "cpu_bf16")])
 
 
 class denoisers:

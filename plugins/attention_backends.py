@@ -1,6 +1,7 @@
 """Attention backends, each declaring what it takes and its rank in the CPU's fixed `auto` rule
 (limner.attention.Declared): `sdpa` (torch; takes everything, the CPU's fallback), `cpu` (our
 fused C++ kernel for head dim 16 on AVX-512 CPUs: ranked first where it fits and is built),
+`cpu_bf16` (our bf16 kernel for long sequences on CPUs with native bf16: likewise),
 `math` (plain PyTorch: the reference), `triton` (our FlashAttention forward) and `xformers`
 (when installed). On CUDA `auto` measures them all."""
 from __future__ import annotations
@@ -9,7 +10,15 @@ from einops import rearrange
 
 import limner
 from limner.attention import Declared
-from limner.kernels import attention_cpu, attention_math, attention_sdpa, attention_triton, cpu_attention
+from limner.kernels import (
+    attention_cpu,
+    attention_cpu_bf16,
+    attention_math,
+    attention_sdpa,
+    attention_triton,
+    cpu_attention,
+    cpu_flash_bf16,
+)
 
 
 def sdpa():
@@ -34,6 +43,19 @@ def _cpu_fits(q, k, v, mask) -> bool:
 def cpu():
     """limner's fused attention for the CPU at head dim 16 (AVX-512, forward and backward; built at first use)."""
     return Declared(attention_cpu, fits=_cpu_fits, rank=10)
+
+
+def _cpu_bf16_fits(q, k, v, mask) -> bool:
+    if not (cpu_flash_bf16.fits(q, k, v, mask) and cpu_flash_bf16.faster(q, k)):
+        return False
+    module = cpu_flash_bf16.KERNEL.module()
+    return module is not None and module.available()
+
+
+def cpu_bf16():
+    """limner's bf16 attention for the CPU (oneDNN batch-reduce GEMMs, AMX where present; forward
+    only; built at first use): ranked first where it fits and measured faster than torch's."""
+    return Declared(attention_cpu_bf16, fits=_cpu_bf16_fits, rank=10)
 
 
 def xformers():

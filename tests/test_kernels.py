@@ -491,6 +491,58 @@ def test_without_the_cpu_kernel_auto_says_why_once_and_uses_sdpa(monkeypatch):
         cpu_attention.attention_cpu(q, q, q)
 
 
+def _bf16_kernel():
+    from limner.kernels import cpu_flash_bf16
+
+    if not cpu_flash_bf16.NATIVE_BF16:
+        pytest.skip("this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
+    module = cpu_flash_bf16.KERNEL.module()
+    if module is None or not module.available():
+        pytest.skip(f"limner's bf16 CPU attention kernel is not available here: {cpu_flash_bf16.KERNEL.failure}")
+    return cpu_flash_bf16
+
+
+@pytest.mark.parametrize("b, h, lq, lk, d", [(1, 2, 37, 64, 40), (2, 3, 100, 96, 8), (1, 1, 5, 544, 80),
+                                             (2, 2, 129, 256, 160), (1, 1, 3, 32, 512)])
+def test_cpu_bf16_attention_matches_a_float64_reference(b, h, lq, lk, d):
+    """bf16 q, k, v laid out as the models lay them ([B, L, H, D] memory viewed as [B, H, L, D]),
+    against float64 attention on the same numbers: within bf16 rounding, and as close as torch's
+    own bf16 kernel gets (544 keys: three key blocks, the online softmax rescaling between them)."""
+    kernel = _bf16_kernel()
+    q, k, v = (randn(b, n, h, d, seed=i, scale=2.0).to(torch.bfloat16).transpose(1, 2)
+               for i, n in enumerate((lq, lk, lk)))
+    with torch.no_grad():
+        assert kernel.fits(q, k, v)
+        got = kernel.attention_cpu_bf16(q, k, v)
+        theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert got.dtype == torch.bfloat16 and got.shape == (b, h, lq, d)
+    assert got.transpose(1, 2).is_contiguous()  # "b h l d -> b l (h d)" is a view
+    err, torch_err = ((t.double() - want).abs().max().item() for t in (got, theirs))
+    assert err <= 2 ** -7 * max(want.abs().max().item(), 1.0) and err <= 1.5 * torch_err + 1e-3, (err, torch_err)
+
+
+def test_cpu_bf16_attention_takes_only_its_inputs_and_auto_picks_it_where_it_is_faster():
+    """auto takes the kernel for bf16 self-attention over 2,048 keys or more without a mask or a
+    gradient (SD's 64x64 latent pixels); masks, float32, gradients, key counts off 32 and the
+    shorter sequences where torch's kernel is as fast stay on sdpa; misuse is named."""
+    kernel = _bf16_kernel()
+    long = randn(1, 2, 2048, 40).to(torch.bfloat16)
+    with torch.no_grad():
+        assert preferred_backend(long, long, long) == "cpu_bf16"
+        short = randn(1, 2, 1024, 40).to(torch.bfloat16)
+        assert kernel.fits(short, short, short) and preferred_backend(short, short, short) == "sdpa"
+        mask = torch.ones(1, 1, 1, 2048, dtype=torch.bool)
+        odd = randn(1, 2, 2047, 40).to(torch.bfloat16)
+        for args in [(long, long, long, mask), (long.float(), long.float(), long.float(), None),
+                     (long, odd, odd, None), (long[..., :39], long[..., :39], long[..., :39], None)]:
+            assert not kernel.fits(*args) and preferred_backend(*args) == "sdpa"
+            with pytest.raises(ValueError, match="attention_cpu_bf16 takes bfloat16 CPU q, k, v"):
+                kernel.attention_cpu_bf16(*args)
+    grad = long.clone().requires_grad_()
+    assert not kernel.fits(grad, long, long) and preferred_backend(grad, long, long) == "sdpa"
+
+
 def _gns_module():
     import sys
     module = sys.modules["limner.kernels.group_norm_silu"]

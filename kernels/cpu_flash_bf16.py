@@ -1,0 +1,71 @@
+"""limner's bfloat16 attention for the CPU, forward only: cpu_flash_bf16.cpp (oneDNN's batch-reduce
+GEMMs from torch's cpublas, AMX where the CPU has it, with a two-pass online softmax between them).
+
+attention_cpu_bf16(q, k, v) = softmax(q k^T / sqrt(D)) v for bf16 CPU tensors [B, H, L, D] without a
+mask, D even, the key count a multiple of 32, no gradient to take. `fits` says which inputs it
+takes; the attention dispatcher's `auto` ranks it first on the CPU at the shapes where it was
+measured faster than torch's flash kernel (`FASTER`, benchmarks/results/cpu-kernel-measurements.md)
+and leaves the others to torch. Built at first use like the other C++ kernels (kernels/_cpp.py).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ._cpp import CppKernel
+
+KERNEL = CppKernel("cpu_flash_bf16.cpp", ["forward", "available"],
+                   "bfloat16 attention on the CPU uses torch's sdpa", flags=("-mavx512bf16",))
+
+
+def _native_bf16() -> bool:
+    try:
+        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
+    except OSError:
+        return False
+
+
+NATIVE_BF16 = _native_bf16()
+
+
+def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+    """Whether attention_cpu_bf16 takes these: bf16 CPU q, k, v [B, H, L, D] of one head dim, D even
+    and at most 512, last dims contiguous, keys a multiple of 32, no mask, no gradient, on a CPU with
+    native bf16, outside a torch.compile trace."""
+    if mask is not None or torch.compiler.is_compiling() or not NATIVE_BF16:
+        return False
+    if not (q.ndim == k.ndim == v.ndim == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1]
+            and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]):
+        return False
+    d, keys = q.shape[-1], k.shape[2]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    # keys and values are read two bf16 at a time: their rows start on 4-byte boundaries
+    return (d % 2 == 0 and 0 < d <= 512 and keys > 0 and keys % 32 == 0 and q.numel() > 0 and not grad
+            and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in (q, k, v))
+            and all(t.data_ptr() % 4 == 0 and all(s % 2 == 0 for s in t.stride()[:3]) for t in (k, v)))
+
+
+def faster(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Where the kernel measured faster than torch's flash kernel (benchmarks/attention_bf16.py,
+    table in benchmarks/results/cpu-kernel-measurements.md): 2,048 keys or more at head dims up to
+    64 (Stable Diffusion's 64x64 latent pixels: 1.21-1.25x). At 1,024 keys the two tie; at head dim
+    128, at fewer keys and at the VAE's one 512-wide head torch's is faster."""
+    return k.shape[2] >= 2048 and q.shape[-1] <= 64
+
+
+def attention_cpu_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v with limner's bf16 CPU kernel ([B, H, Lq, D] out, a view of
+    [B, Lq, H, D] memory so that "b h l d -> b l (h d)" costs nothing)."""
+    if not fits(q, k, v, mask):
+        raise ValueError(f"attention_cpu_bf16 takes bfloat16 CPU q, k, v [B, H, L, D] with D even (<= 512), the "
+                         f"key count a multiple of 32, the last dim contiguous, no mask and no gradient, on a CPU with "
+                         f"native bf16; got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} on {q.device.type}, mask "
+                         f"{None if mask is None else tuple(mask.shape)}: use the sdpa or math backend for these")
+    module = KERNEL.module()
+    if module is None or not module.available():
+        raise RuntimeError(f"limner's bf16 CPU attention kernel is not available here: "
+                           f"{KERNEL.failure or 'torch has no batch-reduce GEMM for bf16 on this CPU'}")
+    return module.forward(q, k, v, q.shape[-1] ** -0.5).transpose(1, 2)
