@@ -15,6 +15,7 @@ import ctypes.util
 import math
 import os
 import re
+import threading
 from pathlib import Path
 from typing import IO
 
@@ -217,35 +218,57 @@ def own_memory(module: torch.nn.Module, but: torch.dtype) -> None:
 
 
 MALLOC_CHOICES = ("keep", "default")
-_malloc_set = False
+M_TRIM_THRESHOLD, M_MMAP_MAX, GLIBC_MMAP_MAX = -1, -4, 65536  # glibc's malloc.h, and its default mmap count
+_malloc = {"libc": None, "depth": 0, "lock": threading.Lock()}
 
 
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep large freed blocks for the next tensor instead of handing them
-    back to the system. By default every block over 32 MB is a mapping of its own, unmapped when
-    freed, so the next tensor of that size faults all its pages in again, each one zeroed by the
-    kernel: an SD 1.5-size UNet frees and allocates dozens of those per step (benchmarks/
-    results/sd15-speed.md measures what keeping them saves). M_MMAP_MAX 0 takes every block
-    from the heap and M_TRIM_THRESHOLD 1 GiB keeps up to that much free at its top, as jemalloc
-    and tcmalloc, which Intel recommends for PyTorch on CPUs, keep theirs. Once per process;
-    LIMNER_MALLOC=default leaves malloc as it is. True where set (now or before); False where the
-    C library is not glibc or LIMNER_MALLOC=default."""
-    global _malloc_set
-    choice = os.environ.get("LIMNER_MALLOC", "keep").strip().lower() or "keep"
-    if choice not in MALLOC_CHOICES:
-        raise LimnerError(f"LIMNER_MALLOC={choice!r}: valid are keep (large freed blocks reused, the default) and "
-                          "default (glibc's own policy)")
-    if choice == "default":
-        return False
-    if not _malloc_set:
+def _glibc():
+    """The C library when it is glibc (mallopt's parameters are glibc's), else None."""
+    if _malloc["libc"] is None:
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c"))
-            libc.gnu_get_libc_version  # noqa: B018 - glibc only: mallopt's parameters differ elsewhere
+            libc.gnu_get_libc_version  # noqa: B018 - present in glibc only
+            _malloc["libc"] = libc
         except (OSError, AttributeError, TypeError):
-            return False
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-        _malloc_set = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    return _malloc_set
+            _malloc["libc"] = False
+    return _malloc["libc"] or None
+
+
+@contextlib.contextmanager
+def freed_memory_kept():
+    """Inside the block glibc's malloc keeps large freed blocks for the next tensor instead of
+    handing them back to the system. By default every block over 32 MB is a mapping of its own,
+    unmapped when freed, so the next tensor of that size faults all its pages in again, each one
+    zeroed by the kernel: an SD 1.5-size UNet frees and allocates dozens of those per step (~7%
+    of a bf16 forward, ~10% of a float32 one, benchmarks/results/sd15-speed.md). M_MMAP_MAX 0
+    takes every block from the heap, as jemalloc and tcmalloc, which Intel recommends for PyTorch
+    on CPUs, keep theirs. Kept for the whole process, the heap fragments (a float32 SD image
+    peaked 0.7 GB higher), so on leaving the block glibc's policy comes back and the free heap is
+    handed back (malloc_trim). Blocks may nest and run in several threads at once (`limner
+    serve`): the first in sets, the last out restores. LIMNER_MALLOC=default leaves malloc
+    alone; elsewhere than glibc nothing changes."""
+    choice = os.environ.get("LIMNER_MALLOC", "keep").strip().lower() or "keep"
+    if choice not in MALLOC_CHOICES:
+        raise LimnerError(f"LIMNER_MALLOC={choice!r}: valid are keep (large freed blocks reused while sampling, the "
+                          "default) and default (glibc's own policy)")
+    libc = _glibc() if choice == "keep" else None
+    if libc is None:
+        yield False
+        return
+    with _malloc["lock"]:
+        if _malloc["depth"] == 0:
+            libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        _malloc["depth"] += 1
+    try:
+        yield True
+    finally:
+        with _malloc["lock"]:
+            _malloc["depth"] -= 1
+            if _malloc["depth"] == 0:
+                libc.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)
+                libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+                libc.malloc_trim(0)
 
 
 def inference_compile(freeze: bool):

@@ -10,6 +10,7 @@ loop, checkpoints and resume are limner.train.TrainerBase's, sampling is limner.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +28,10 @@ from limner.pipeline import (
     PipelineBase,
     autocast,
     check_mask_size,
+    freed_memory_kept,
     hold_weights,
     image_tensor,
     inference_compile,
-    keep_freed_memory,
     kept_psnr,
     mask_tensor,
     own_memory,
@@ -337,8 +338,6 @@ class Pipeline(PipelineBase):
         sampling, as `limner serve` cancels a job); `dtype` "bfloat16" (bf16) or "float32" over the
         checkpoint's `[sample] dtype`."""
         compute = self.dtype if dtype is None else self.drawn_in(dtype)
-        if self.device.type == "cpu":
-            keep_freed_memory()
         self.refuse({"truncation": truncation}, "truncation is for GAN and VAE checkpoints; a diffusion model "
                     "trades variety for fidelity with guidance")
         negatives = self.negatives(prompts, negative_prompt, num)
@@ -363,11 +362,13 @@ class Pipeline(PipelineBase):
             cond, uncond = (None if c is None else WithImage(c, image) for c in (cond, uncond))
             if mask is not None:  # the masked part is drawn from noise, as with an ordinary model's mask
                 init, redraw = None, None
+        kept = freed_memory_kept() if self.device.type == "cpu" else contextlib.nullcontext()
         with inference_compile(self.compiled and self.device.type == "cpu"), autocast(compute, self.device):
-            out = sample(self.model, noise.contiguous(memory_format=self.memory_format), sampler=plan.sampler,
-                         sigmas=plan.sigmas, guidance=plan.guidance, cond=cond, uncond=uncond, generator=gen,
-                         progress=progress, callback=callback, strength=strength, mask=redraw,
-                         init=None if init is None else init.contiguous(memory_format=self.memory_format))
+            with kept:
+                out = sample(self.model, noise.contiguous(memory_format=self.memory_format), sampler=plan.sampler,
+                             sigmas=plan.sigmas, guidance=plan.guidance, cond=cond, uncond=uncond, generator=gen,
+                             progress=progress, callback=callback, strength=strength, mask=redraw,
+                             init=None if init is None else init.contiguous(memory_format=self.memory_format))
             out = self.model.to_image(out).float()
         if not bool(torch.isfinite(out).all()):
             raise LimnerError(f"sampling produced NaN or infinite pixels (sampler {plan.sampler.limner_name}, "

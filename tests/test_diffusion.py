@@ -336,33 +336,41 @@ def test_bfloat16_sampling_stays_near_float32_and_is_refused_without_native_bf16
         limner.load_pipeline(gan, dtype="bf16")
 
 
-def test_big_freed_blocks_are_kept_for_the_next_tensor_and_the_choice_is_checked(monkeypatch):
-    """After keep_freed_memory (which CPU sampling calls), a 64 MB tensor allocated and freed
-    again and again reuses its pages: no page faults after the first; LIMNER_MALLOC=default
-    keeps glibc's policy, under which each one faults its 16,384 pages in anew. Each case runs
-    in a process of its own (the setting is the process's)."""
+def test_big_freed_blocks_are_kept_while_sampling_and_the_choice_is_checked(monkeypatch):
+    """Inside freed_memory_kept (around CPU sampling) a 64 MB tensor allocated and freed again
+    and again reuses its pages: no page faults after the first; outside it, and inside with
+    LIMNER_MALLOC=default, each one faults its 16,384 pages in anew. Blocks nest: the policy
+    holds until the outermost one ends. Each case runs in a process of its own (the setting is
+    the process's)."""
     import os
     import subprocess
     import sys
 
     import limner.pipeline
 
-    if not limner.pipeline.keep_freed_memory():
-        pytest.skip("the C library here is not glibc")
-    probe = ("import resource, torch, limner.pipeline as p; print(p.keep_freed_memory())\n"
+    with limner.pipeline.freed_memory_kept() as kept:
+        if not kept:
+            pytest.skip("the C library here is not glibc")
+    probe = ("import resource, torch, limner.pipeline as p\n"
              "def faults():\n"
              "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
              "    for _ in range(4):\n"
              "        x = torch.empty(64 << 20, dtype=torch.uint8); x.fill_(1); del x\n"
              "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
-             "faults(); print(faults())")
+             "with p.freed_memory_kept() as kept:\n"
+             "    with p.freed_memory_kept():\n"
+             "        faults()\n"
+             "    inside = faults()\n"
+             "print(kept, inside, faults())")
     runs = {}
     for choice in ("keep", "default"):
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                              env={**os.environ, "LIMNER_MALLOC": choice}).stdout.split()
-        runs[choice] = (out[0], int(out[1]))
-    assert runs["keep"][0] == "True" and runs["keep"][1] < 1000, runs
-    assert runs["default"][0] == "False" and runs["default"][1] > 4 * 16384 * 0.9, runs
+        runs[choice] = (out[0], int(out[1]), int(out[2]))
+    every = 4 * 16384 * 0.9  # each allocation faulting (nearly) all its pages
+    assert runs["keep"][0] == "True" and runs["keep"][1] < 1000 and runs["keep"][2] > every, runs
+    assert runs["default"][0] == "False" and runs["default"][1] > every, runs
     monkeypatch.setenv("LIMNER_MALLOC", "jemalloc")
     with pytest.raises(limner.LimnerError, match="LIMNER_MALLOC='jemalloc': valid are keep .* and default"):
-        limner.pipeline.keep_freed_memory()
+        with limner.pipeline.freed_memory_kept():
+            pass
