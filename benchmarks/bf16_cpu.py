@@ -7,10 +7,13 @@ Rows, each side alternating with the other in one process (median of the runs):
   320/640/1280/1280 channels, 2 blocks a level, 8 heads, 77 context tokens of 768; random
   weights: speed does not depend on their values) at 32x32 and 64x64 latents (256 and 512 px);
 and the PSNR of bfloat16 images against float32 ones (same prompts and seeds) on the shipped
-diffusion models. The bfloat16 side is what `--dtype bf16` runs: the denoiser's linear and
-convolution weights held in bf16 (limner.pipeline.hold_weights), the rest in bf16 autocast.
+diffusion models and, with --sd FILE, on a Stable Diffusion single file (one 512x512 image, 10
+Euler steps, guidance 7.5; random weights such as benchmarks/sd_full_size.py writes draw noise,
+but the difference still measures what bf16 changes at that size). The bfloat16 side is what
+`--dtype bf16` runs: the denoiser's linear and convolution weights held in bf16
+(limner.pipeline.hold_weights), the rest in bf16 autocast.
 
-    python benchmarks/bf16_cpu.py        # writes benchmarks/results/bf16-cpu.{json,md}
+    python benchmarks/bf16_cpu.py [--sd FILE]   # writes benchmarks/results/bf16-cpu.{json,md}
 """
 from __future__ import annotations
 
@@ -79,25 +82,34 @@ def demo_sampling(runs: int) -> dict:
                      lambda: half.generate(PROMPTS[:4], seed=0, steps=20), runs)
 
 
-def psnr_rows() -> dict:
+def difference(full, half) -> dict:
+    mse = float(((full - half) / 2).pow(2).mean())
+    return {"images": len(full), "psnr_db": round(-10 * math.log10(mse), 1),
+            "max_pixel_diff_of_255": round(float((full - half).abs().max()) * 127.5, 1)}
+
+
+def psnr_rows(sd: str | None) -> dict:
     import limner
 
     out = {}
     for name, prompts in (("shapes-unet", PROMPTS), ("shapes-dit", PROMPTS), ("shapes2-unet", TWO * 4)):
         pipe = limner.load_pipeline(ROOT / "checkpoints" / name)
         seeds = list(range(len(prompts)))
-        full = pipe.generate(prompts, seed=seeds)
-        half = pipe.generate(prompts, seed=seeds, dtype="bf16")
-        mse = float(((full - half) / 2).pow(2).mean())
-        out[name] = {"images": len(prompts), "psnr_db": round(-10 * math.log10(mse), 1),
-                     "max_pixel_diff_of_255": round(float((full - half).abs().max()) * 127.5, 1)}
+        out[name] = difference(pipe.generate(prompts, seed=seeds), pipe.generate(prompts, seed=seeds, dtype="bf16"))
+    if sd:
+        options = {"sampler": "euler", "steps": 10, "guidance": 7.5, "seed": 0, "size": 512}
+        full = limner.load_pipeline(sd, device="cpu").generate(["a watercolour fox in a snowy forest"], **options)
+        half = limner.load_pipeline(sd, device="cpu", dtype="bf16").generate(["a watercolour fox in a snowy forest"],
+                                                                            **options)
+        out["SD 1.5 architecture, random weights, 512x512, 10 steps"] = difference(full, half)
     return out
 
 
 def render(data: dict) -> str:
     lines = ["# bfloat16 sampling on the CPU", "",
              f"Machine: {data['cpu']} ({', '.join(data['flags'])}), {data['threads']} threads; torch "
-             f"{data['torch']}. Command: `python benchmarks/bf16_cpu.py` ({data['date']}). Each row alternates "
+             f"{data['torch']}. Command: `{data.get('command', 'python benchmarks/bf16_cpu.py')}` ({data['date']}). "
+             "Each row alternates "
              "float32 and bfloat16 calls in one process; medians, with [min, max] of the runs.", "",
              "| workload | float32 | bfloat16 | speed-up | spread fp32 / bf16 |", "|---|---|---|---|---|"]
     for name, r in data["speed"].items():
@@ -111,6 +123,8 @@ def render(data: dict) -> str:
 
 
 def main() -> None:
+    import sys
+
     import torch
 
     from limner.bench import cpu_name
@@ -123,8 +137,10 @@ def main() -> None:
     speed = {"demo UNet, guided sampling, 4 images, 20 steps": demo_sampling(5),
              "SD 1.5-size UNet, one guided forward (batch 2), 32x32 latent": sd15_forward(32, 3),
              "SD 1.5-size UNet, one guided forward (batch 2), 64x64 latent": sd15_forward(64, 2)}
-    data = {"cpu": cpu_name(), "flags": flags, "threads": os.cpu_count(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "speed": speed, "psnr": psnr_rows()}
+    data = {"command": "python benchmarks/bf16_cpu.py" + (" --sd FILE" if "--sd" in sys.argv else ""),
+            "cpu": cpu_name(), "flags": flags, "threads": os.cpu_count(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "speed": speed,
+            "psnr": psnr_rows(sys.argv[sys.argv.index("--sd") + 1] if "--sd" in sys.argv else None)}
     RESULTS.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     RESULTS.with_suffix(".md").write_text(render(data))
     print(render(data))

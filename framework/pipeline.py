@@ -240,7 +240,7 @@ def freed_memory_kept():
     handing them back to the system. By default every block over 32 MB is a mapping of its own,
     unmapped when freed, so the next tensor of that size faults all its pages in again, each one
     zeroed by the kernel: an SD 1.5-size UNet frees and allocates dozens of those per step (~7%
-    of a bf16 forward, ~10% of a float32 one, benchmarks/results/sd15-speed.md). M_MMAP_MAX 0
+    of a bf16 forward, ~10% of a float32 one: benchmarks/results/cpu-kernel-measurements.md). M_MMAP_MAX 0
     takes every block from the heap, as jemalloc and tcmalloc, which Intel recommends for PyTorch
     on CPUs, keep theirs. Kept for the whole process, the heap fragments (a float32 SD image
     peaked 0.7 GB higher), so on leaving the block glibc's policy comes back and the free heap is
