@@ -1,10 +1,11 @@
 """limner's bfloat16 attention for the CPU, forward only: cpu_flash_bf16.cpp (oneDNN's batch-reduce
-GEMMs from torch's cpublas, AMX where the CPU has it, with a two-pass online softmax between them).
+GEMMs from torch's cpublas on AMX tiles, with a two-pass online softmax between them).
 
 attention_cpu_bf16(q, k, v) = softmax(q k^T / sqrt(D)) v for bf16 CPU tensors [B, H, L, D] without a
-mask, D even, the key count a multiple of 32, no gradient to take. `fits` says which inputs it
+mask, D even, the key count a multiple of 32, no gradient to take, on a CPU with AMX (amx_bf16;
+on avx512_bf16 alone, AMD's Zen 4 and 5 among them, it is untried and torch's kernel runs). `fits` says which inputs it
 takes; the attention dispatcher's `auto` ranks it first on the CPU at the shapes where it was
-measured faster than torch's flash kernel (`FASTER`, benchmarks/results/cpu-kernel-measurements.md)
+measured faster than torch's flash kernel (`faster`, benchmarks/results/cpu-kernel-measurements.md)
 and leaves the others to torch. Built at first use like the other C++ kernels (kernels/_cpp.py).
 """
 from __future__ import annotations
@@ -20,21 +21,22 @@ KERNEL = CppKernel("cpu_flash_bf16.cpp", ["forward", "available"],
                    "bfloat16 attention on the CPU uses torch's sdpa", flags=("-mavx512bf16",))
 
 
-def _native_bf16() -> bool:
+def _flags() -> str:
     try:
-        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return ""
 
 
-NATIVE_BF16 = _native_bf16()
+AMX = bool(re.search(r"\bamx_bf16\b", _flags()))  # the tiles it was built, tested and measured on
 
 
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
     """Whether attention_cpu_bf16 takes these: bf16 CPU q, k, v [B, H, L, D] of one head dim, D even
     and at most 512, last dims contiguous, keys a multiple of 32, no mask, no gradient, on a CPU with
-    native bf16, outside a torch.compile trace."""
-    if mask is not None or torch.compiler.is_compiling() or not NATIVE_BF16:
+    AMX (amx_bf16: oneDNN's bf16 GEMMs without it, on avx512_bf16 alone, are untried), outside a
+    torch.compile trace."""
+    if mask is not None or torch.compiler.is_compiling() or not AMX:
         return False
     if not (q.ndim == k.ndim == v.ndim == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1]
             and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]):
@@ -62,8 +64,8 @@ def attention_cpu_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not fits(q, k, v, mask):
         raise ValueError(f"attention_cpu_bf16 takes bfloat16 CPU q, k, v [B, H, L, D] with D even (<= 512), the "
                          f"key count a multiple of 32, the last dim contiguous, no mask and no gradient, on a CPU with "
-                         f"native bf16; got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} on {q.device.type}, mask "
-                         f"{None if mask is None else tuple(mask.shape)}: use the sdpa or math backend for these")
+                         f"AMX (amx_bf16); got q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} on {q.device.type}, "
+                         f"mask {None if mask is None else tuple(mask.shape)}: use the sdpa or math backend for these")
     module = KERNEL.module()
     if module is None or not module.available():
         raise RuntimeError(f"limner's bf16 CPU attention kernel is not available here: "

@@ -1,7 +1,7 @@
 """Attention backends, each declaring what it takes and its rank in the CPU's fixed `auto` rule
 (limner.attention.Declared): `sdpa` (torch; takes everything, the CPU's fallback), `cpu` (our
 fused C++ kernel for head dim 16 on AVX-512 CPUs: ranked first where it fits and is built),
-`cpu_bf16` (our bf16 kernel for long sequences on CPUs with native bf16: likewise),
+`cpu_bf16` (our bf16 kernel for long sequences on CPUs with AMX: likewise),
 `math` (plain PyTorch: the reference), `triton` (our FlashAttention forward) and `xformers`
 (when installed). On CUDA `auto` measures them all."""
 from __future__ import annotations
