@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import LimnerError
 from .files import temp_dir, write_atomic, write_text_atomic
@@ -39,12 +39,60 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor], half: bool = Fal
     write_atomic(path, lambda f: f.write(data))
 
 
+class SafetensorsFile:
+    """The keys, shapes and dtypes of a .safetensors file (its header, checked by safetensors'
+    own reader: offsets in bounds, no overlap), and its tensors read one by one with plain reads
+    into memory of their own, not memory-mapped: a mapped file's pages stay resident, counted in
+    the process's memory, for as long as any tensor views them, so an SD 1.5 file read mapped and
+    then held in bf16 peaked at the file plus its copy (benchmarks/results/sd15-speed.md). Raises
+    SafetensorError, OSError or ValueError; callers name the file in their own words."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            self.metadata = handle.metadata() or {}
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        header.pop("__metadata__", None)
+        self.entries = header  # key -> {"dtype", "shape", "data_offsets": [begin, end] after the header}
+        self.shapes = {k: tuple(v["shape"]) for k, v in header.items()}
+        self.start, self.path = 8 + size, Path(path)
+
+    def dtype(self, key: str) -> str:
+        """The tensor's dtype as the file names it (F32, F16, BF16, ...)."""
+        return self.entries[key]["dtype"]
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor `key` in its stored dtype, in memory of its own."""
+        if self.dtype(key) not in self.DTYPES:
+            raise ValueError(f"tensor {key!r} is stored as {self.dtype(key)}, which limner does not read (it reads "
+                             f"{', '.join(self.DTYPES)})")
+        t = torch.empty(self.shapes[key], dtype=self.DTYPES[self.dtype(key)])
+        begin, end = self.entries[key]["data_offsets"]
+        raw = t.view(-1).view(torch.uint8)
+        if raw.numel() != end - begin:
+            raise ValueError(f"tensor {key!r} of shape {list(t.shape)} {self.dtype(key)} spans {end - begin} bytes, "
+                             f"not {raw.numel()}")
+        with open(self.path, "rb") as fh:
+            fh.seek(self.start + begin)
+            if fh.readinto(memoryview(raw.numpy())) != raw.numel():
+                raise ValueError(f"the file ends inside tensor {key!r}")
+        return t
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file; a missing or corrupt file raises naming it."""
+    """A safetensors file (SafetensorsFile: read, not mapped); a missing or corrupt file raises naming it."""
     if not path.is_file():
         raise LimnerError(f"checkpoint file missing: {path}")
     try:
-        return load_file(str(path))
+        f = SafetensorsFile(path)
+        return {k: f.read(k) for k in f.shapes}
     except (SafetensorError, OSError, ValueError) as exc:
         raise LimnerError(f"corrupt checkpoint file {path}: {exc}") from None
 

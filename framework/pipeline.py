@@ -207,16 +207,6 @@ def hold_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
             PackedConv2d.from_conv(layer)
 
 
-def own_memory(module: torch.nn.Module, but: torch.dtype) -> None:
-    """Copy every tensor of `module` not of dtype `but` into memory of its own. A model read from
-    another tool's file holds views into the memory-mapped file, and once hold_weights has cast
-    most of it to `but`, the rest would keep the file's pages mapped: on an SD 1.5 file held in
-    bf16, 4.1 GB of them (benchmarks/results/sd15-speed.md)."""
-    for t in [*module.parameters(), *module.buffers()]:
-        if t.dtype != but:
-            t.data = t.data.clone()
-
-
 MALLOC_CHOICES = ("keep", "default")
 M_TRIM_THRESHOLD, M_MMAP_MAX, GLIBC_MMAP_MAX = -1, -4, 65536  # glibc's malloc.h, and its default mmap count
 _malloc = {"libc": None, "depth": 0, "lock": threading.Lock()}

@@ -34,7 +34,6 @@ from limner.pipeline import (
     inference_compile,
     kept_psnr,
     mask_tensor,
-    own_memory,
     precision,
 )
 from limner.protocols import TextEmbedding, WithImage
@@ -292,15 +291,14 @@ class Pipeline(PipelineBase):
         """Keep the denoiser's linear and convolution weights in `dtype` from now on and draw in it
         by default: bfloat16 skips autocast's cast of every weight at every step (same images; an
         SD 1.5-size forward 3.34x float32's instead of 2.43x with autocast alone, with the packed
-        convolutions: benchmarks/results/bf16-cpu.md) and halves their memory (the rest of the
-        model is copied out of a memory-mapped file, so that the file's pages go: own_memory);
+        convolutions: benchmarks/results/bf16-cpu.md) and halves their memory (safetensors are
+        read into memory of their own, limner.checkpoint.SafetensorsFile, so the float32 copies go);
         float32 drawing is refused afterwards (the weights' low bits are gone). A compiled
         pipeline (`[sample] compile`) keeps its weights and draws in `dtype` by autocast: its
         frozen graph folds those casts itself."""
         compute = self.drawn_in(dtype)
         if compute is not self.held and not self.compiled:
             hold_weights(self.model.denoiser, compute)
-            own_memory(self.model, compute)
             self.held = compute
         self.dtype = compute
 

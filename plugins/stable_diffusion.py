@@ -10,7 +10,7 @@ pooled bigG embedded with the image size). The prediction type comes from the sc
 sampling defaults to dpmpp_2m with Karras sigmas over the model's own sigma range, 25 steps,
 guidance 7.5.
 
-Only safetensors are read (memory-mapped, never unpickled); a folder that holds only pickled .bin
+Only safetensors are read (limner.checkpoint.SafetensorsFile, never unpickled); a folder that holds only pickled .bin
 weights, an SD 3 or Flux folder, a depth or instruct-pix2pix UNet is named as unsupported. The
 inpainting models (a UNet of 9 input channels: latent, mask, masked image's latents) load as such.
 """
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import limner
-from limner.checkpoint import without_init
+from limner.checkpoint import SafetensorsFile, without_init
 from limner.noise import ddpm_sigmas
 from limner.protocols import Found
 
@@ -352,56 +352,27 @@ def open_clip_name(key: str) -> tuple[str, int | None]:
     return base + ("ln_1." if module == "layer_norm1" else "ln_2.") + rest[0], None
 
 
-class SingleFile:
-    """The keys, shapes and dtypes of a .safetensors file (its header only, until tensors are
-    asked for). Tensors are read with plain reads into memory of their own, not memory-mapped: a
-    mapped file's pages stay resident, counted in the process's memory, for as long as any tensor
-    views them, so a model read from a mapped 4 GB file and then held in bf16 peaked at the file
-    plus its copy (benchmarks/results/sd15-speed.md)."""
-
-    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+class SingleFile(SafetensorsFile):
+    """A Stable Diffusion .safetensors file: its header until tensors are asked for, each then
+    read in float32 (limner.checkpoint.SafetensorsFile: read, not memory-mapped); a file that
+    cannot be read, or lacks a tensor the model needs, is named."""
 
     def __init__(self, path: Path):
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
 
         try:
-            with safe_open(str(path), framework="pt") as handle:  # checks the header: offsets in bounds, no overlap
-                self.metadata = handle.metadata() or {}
-            with open(path, "rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(size))
+            super().__init__(path)
         except (SafetensorError, OSError, ValueError) as exc:
             raise limner.LimnerError(f"cannot read {path}: {exc}") from None
-        header.pop("__metadata__", None)
-        self.entries = header  # key -> {"dtype", "shape", "data_offsets": [begin, end] after the header}
-        self.shapes = {k: tuple(v["shape"]) for k, v in header.items()}
-        self.start, self.path = 8 + size, path
-
-    def dtype(self, key: str) -> str:
-        """The tensor's dtype as the file names it (F32, F16, BF16, ...)."""
-        return self.entries[key]["dtype"]
 
     def tensor(self, key: str) -> torch.Tensor:
-        """The tensor `key` in float32, read into memory of its own."""
         if key not in self.shapes:
             raise limner.LimnerError(f"{self.path} has no tensor {key!r}, which this Stable Diffusion model needs: "
                                      "the file is incomplete or of another layout")
-        if self.dtype(key) not in self.DTYPES:
-            raise limner.LimnerError(f"{self.path}: tensor {key!r} is stored as {self.dtype(key)}, which limner does "
-                                     f"not read (it reads {', '.join(self.DTYPES)})")
-        t = torch.empty(self.shapes[key], dtype=self.DTYPES[self.dtype(key)])
-        begin, end = self.entries[key]["data_offsets"]
-        raw = t.view(-1).view(torch.uint8)
-        if raw.numel() != end - begin:
-            raise limner.LimnerError(f"cannot read {self.path}: tensor {key!r} of shape {list(t.shape)} "
-                                     f"{self.dtype(key)} spans {end - begin} bytes, not {raw.numel()}")
-        with open(self.path, "rb") as fh:
-            fh.seek(self.start + begin)
-            if fh.readinto(memoryview(raw.numpy())) != raw.numel():
-                raise limner.LimnerError(f"cannot read {self.path}: the file ends inside tensor {key!r}")
-        return t.float()
+        try:
+            return self.read(key).float()
+        except (OSError, ValueError) as exc:
+            raise limner.LimnerError(f"cannot read {self.path}: {exc}") from None
 
     def indices(self, prefix: str) -> list[int]:
         """The distinct integers right after `prefix` in the file's keys."""
