@@ -7,7 +7,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from limner.kernels import Packed, conv2d_packed, geglu, linear, linear_geglu
+from limner.kernels import Packed, conv2d, conv2d_packed, geglu, linear, linear_geglu
 
 from .attention import attention
 
@@ -42,15 +42,17 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-class PackedConv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same state dict) whose bf16 CPU inference packs the weight for
-    oneDNN once instead of at every call (limner.kernels.conv2d_packed; same outputs). What
-    limner.pipeline.hold_weights turns a held bf16 denoiser's convolutions into (`from_conv`)."""
+class InferenceConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same state dict) whose CPU inference runs on limner's kernels:
+    a bf16 weight packed for oneDNN once instead of at every call (limner.kernels.conv2d_packed;
+    same outputs), a float32 3x3 one by Winograd's minimal filtering where it measured faster
+    (limner.kernels.conv2d). What limner.pipeline.inference_convs turns a pipeline's
+    convolutions into (`from_conv`); with autograd, under torch.compile and elsewhere, nn.Conv2d's."""
 
     packed: Packed
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> PackedConv2d:
+    def from_conv(cls, conv: nn.Conv2d) -> InferenceConv2d:
         """`conv` itself, now of this class (its parameters, hooks and place in the model kept)."""
         conv.__class__, conv.packed = cls, Packed()
         return conv
@@ -58,6 +60,8 @@ class PackedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros" or torch.compiler.is_compiling():  # a compiled graph packs for itself
             return super().forward(x)
+        if self.weight.dtype is torch.float32:
+            return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if x.dtype is torch.float32 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
                 torch.get_autocast_dtype("cpu") is torch.bfloat16:
             x = x.to(torch.bfloat16)  # what autocast does at F.conv2d's door, done here so the packed path sees it

@@ -44,6 +44,7 @@ class PipelineBase:
 
     def __init__(self, model: torch.nn.Module, defaults, device: torch.device):
         self.model, self.defaults, self.device = model.eval().to(device), defaults, device
+        inference_convs(self.model)  # limner's kernels for its convolutions where they fit (inference only)
 
     def load_lora(self, path: str | Path, strength: float = 1.0, merge: bool = True):
         """Apply a LoRA file (limner.lora: kohya/A1111 or diffusers/PEFT layout) to the model:
@@ -193,18 +194,27 @@ def hold_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
     under bf16 autocast those are what it casts on every call (on an SD 1.5-size UNet at a 64x64
     latent that cast is ~23% of a forward: benchmarks/results/bf16-cpu.md) and they are most of
     its memory; norms, embeddings and other parameters keep float32. Autocast rounds to nearest
-    even as .to() does, so the outputs are the same bits as autocast's. In bfloat16 its plain
-    nn.Conv2d layers become limner.nn.PackedConv2d, whose weight oneDNN packs once, not at every
-    call (same outputs)."""
-    from .nn import PackedConv2d
-
+    even as .to() does, so the outputs are the same bits as autocast's. Its convolutions become
+    limner.nn.InferenceConv2d (inference_convs): a bf16 weight is packed for oneDNN once, not at
+    every call (same outputs)."""
     for layer in module.modules():
         if isinstance(layer, HELD):
             for p in layer.parameters(recurse=False):
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
-        if dtype is torch.bfloat16 and type(layer) is torch.nn.Conv2d:
-            PackedConv2d.from_conv(layer)
+    inference_convs(module)
+
+
+def inference_convs(module: torch.nn.Module) -> None:
+    """Turn `module`'s plain nn.Conv2d layers into limner.nn.InferenceConv2d, in place (same
+    parameters, state dict, hooks; training through them is nn.Conv2d's): CPU inference then packs
+    a bf16 weight once and runs a float32 3x3 convolution by Winograd (limner.kernels.conv2d;
+    an SD 1.5-size UNet's float32 forward 1.30x, benchmarks/results/cpu-kernel-measurements.md)."""
+    from .nn import InferenceConv2d
+
+    for layer in module.modules():
+        if type(layer) is torch.nn.Conv2d:
+            InferenceConv2d.from_conv(layer)
 
 
 MALLOC_CHOICES = ("keep", "default")

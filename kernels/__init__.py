@@ -7,12 +7,14 @@ TRITON_INTERPRET=1). minibatch_std has only its reference. `linear` is F.linear 
 oneDNN on the CPU (onednn_linear.py): there the BLAS sgemm is the slow path; `conv2d_packed`
 packs a bf16 convolution's weight for oneDNN once instead of at every call (onednn_conv.py);
 `linear_geglu` runs a GEGLU's projection and gate as two oneDNN matmuls with fused epilogues on
-the CPU (onednn_geglu.py).
+the CPU (onednn_geglu.py); `conv2d_winograd` is a float32 3x3 convolution by Winograd's minimal
+filtering on the CPU (cpu_winograd.py), `conv2d` F.conv2d routed to it where it fits and is faster.
 """
 from .adaln import adaln_modulate, gated_residual
 from .bias_act import bias_act
 from .cpu_attention import attention_cpu
 from .cpu_flash_bf16 import attention_cpu_bf16
+from .cpu_winograd import conv2d, conv2d_winograd
 from .flash_attention import attention_math, attention_sdpa, attention_triton
 from .geglu import geglu
 from .group_norm_silu import group_norm_silu
@@ -24,6 +26,6 @@ from .sampler_update import guided_update
 from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
 
 __all__ = ["adaln_modulate", "attention_cpu", "attention_cpu_bf16", "attention_math", "attention_sdpa",
-           "attention_triton", "bias_act", "conv2d_packed", "downsample2d", "filter2d", "gated_residual", "geglu",
-           "group_norm_silu", "guided_update", "linear", "linear_geglu", "minibatch_std", "Packed", "setup_filter",
-           "upfirdn2d", "upsample2d"]
+           "attention_triton", "bias_act", "conv2d", "conv2d_packed", "conv2d_winograd", "downsample2d", "filter2d",
+           "gated_residual", "geglu", "group_norm_silu", "guided_update", "linear", "linear_geglu", "minibatch_std",
+           "Packed", "setup_filter", "upfirdn2d", "upsample2d"]

@@ -184,6 +184,105 @@ def test_packed_conv2d_equals_f_conv2d_and_repacks_when_needed(n, cin, cout, siz
     assert unused.weight is None
 
 
+def winograd_kernel():
+    from limner.kernels import cpu_winograd
+
+    if cpu_winograd.KERNEL.module() is None:
+        pytest.skip(f"limner's Winograd convolution is not available here: {cpu_winograd.KERNEL.failure}")
+    return cpu_winograd
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("n, cin, cout, h, w, bias, weight_layout, chunk", [
+    (1, 3, 5, 7, 9, True, "contiguous", 1024), (2, 17, 33, 13, 6, False, "channels_last", 5),
+    (3, 40, 24, 33, 35, True, "channels_last", 7), (1, 64, 16, 1, 2, True, "contiguous", 1),
+])
+def test_winograd_conv2d_matches_a_float64_reference(monkeypatch, m, n, cin, cout, h, w, bias, weight_layout, chunk):
+    """F(2x2, 3x3) and F(4x4, 3x3) against a float64 convolution over odd shapes (channels not a
+    multiple of 16, images not a multiple of m, 1-2 pixels, tiles in chunks that leave a partial
+    last one), either weight layout. Error in float32 epsilons times |x| conv |w| + |b| (the
+    componentwise bound of a sum, per output): oneDNN's direct convolution measures 0.3-5 here,
+    F(2,3) 1-2.5, F(4,3) 4-25 (its transforms scale by up to 8); held to 8 and 64."""
+    cpu_winograd = winograd_kernel()
+    monkeypatch.setattr(cpu_winograd, "CHUNK", chunk)
+    F = torch.nn.functional
+    x = randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
+    wt = randn(cout, cin, 3, 3, seed=1) / cin ** 0.5
+    wt = wt.contiguous(memory_format=torch.channels_last) if weight_layout == "channels_last" else wt
+    b = randn(cout, seed=2) if bias else None
+    b64 = None if b is None else b.double()
+    exact = F.conv2d(x.double(), wt.double(), b64, padding=1)
+    scale = F.conv2d(x.double().abs(), wt.double().abs(), None if b is None else b64.abs(), padding=1) * 2.0 ** -24
+    with torch.no_grad():
+        out = cpu_winograd.conv2d_winograd(x, wt, b, m=m)
+    assert out.shape == exact.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert float(((out.double() - exact).abs() / scale).max()) <= (8 if m == 2 else 64)
+
+
+def test_conv2d_takes_winograd_only_where_it_fits_and_is_faster(monkeypatch):
+    """limner.kernels.conv2d: Winograd for a float32 channels-last 3x3 stride-1 convolution without
+    autograd (F(4,3) from 32 px, F(2,3) below); F.conv2d's own bits for stride 2, 4 channels,
+    autocast, autograd (gradients flow) and LIMNER_KERNELS=eager; backend="winograd" refuses what
+    does not fit by name."""
+    cpu_winograd = winograd_kernel()
+    from limner.kernels import conv2d
+
+    F = torch.nn.functional
+    calls = []
+    real = cpu_winograd.conv2d_winograd
+    monkeypatch.setattr(cpu_winograd, "conv2d_winograd",
+                        lambda *a, **k: calls.append(cpu_winograd.tile(a[0])) or real(*a, **k))
+    cl = torch.channels_last
+    x, x_small = randn(2, 16, 32, 32).contiguous(memory_format=cl), randn(2, 16, 9, 9).contiguous(memory_format=cl)
+    wt, b = randn(24, 16, 3, 3, seed=1) / 4, randn(24, seed=2)
+    with torch.no_grad():
+        conv2d(x, wt, b, 1, 1, 1, 1), conv2d(x_small, wt, b, 1, 1, 1, 1)
+        assert calls == [4, 2]
+        for args in ((x, wt, b, 2, 1, 1, 1), (x[:, :4], wt[:, :4], b, 1, 1, 1, 1), (x, wt, b, 1, 0, 1, 1)):
+            assert torch.equal(conv2d(*args), F.conv2d(*args))  # stride 2, 4 channels in, padding 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(conv2d(x, wt, b, 1, 1, 1, 1), F.conv2d(x, wt, b, 1, 1, 1, 1))
+        monkeypatch.setenv("LIMNER_KERNELS", "eager")
+        assert torch.equal(conv2d(x, wt, b, 1, 1, 1, 1), F.conv2d(x, wt, b, 1, 1, 1, 1))
+        monkeypatch.delenv("LIMNER_KERNELS")
+    assert calls == [4, 2]
+    w_grad = wt.clone().requires_grad_()
+    conv2d(x, w_grad, b, 1, 1, 1, 1).sum().backward()
+    assert calls == [4, 2] and w_grad.grad is not None and w_grad.grad.abs().sum() > 0
+    with torch.no_grad(), pytest.raises(ValueError, match="backend 'winograd' takes a float32 3x3 convolution"):
+        conv2d(x, wt, b, 2, 1, 1, 1, backend="winograd")
+    with pytest.raises(ValueError, match="unknown backend 'fast'; valid: auto, winograd, eager"):
+        conv2d(x, wt, b, backend="fast")
+
+
+def test_inference_convs_keep_the_state_dict_and_train_as_nn_conv2d():
+    """limner.pipeline.inference_convs swaps plain nn.Conv2d layers in place: same state dict,
+    same outputs within Winograd's rounding under no_grad, nn.Conv2d's exact gradients with autograd."""
+    winograd_kernel()
+    from limner.pipeline import inference_convs
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 8, 3, padding=1))
+    x = randn(2, 8, 20, 20).contiguous(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        want = net(x)
+    x_grad = x.clone().requires_grad_()
+    net(x_grad).square().sum().backward()
+    want_grad = x_grad.grad
+    inference_convs(net)
+    assert all(isinstance(m, limner.nn.InferenceConv2d) for m in (net[0], net[2]))
+    after = net.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    with torch.no_grad():
+        got = net(x)
+    assert not torch.equal(got, want) and torch.allclose(got, want, rtol=0, atol=1e-5)  # Winograd ran, and agrees
+    x_grad = x.clone().requires_grad_()
+    net(x_grad).square().sum().backward()
+    assert torch.equal(x_grad.grad, want_grad)
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape, cout, bias", [((3, 37, 13), 22, True), ((5, 17), 6, False), ((2, 1, 8), 16, True)])

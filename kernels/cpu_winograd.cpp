@@ -1,0 +1,189 @@
+// Winograd convolution F(m x m, 3 x 3) for float32 CPU tensors in channels-last memory (inference).
+// Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016): an m x m output
+// tile of a 3x3 convolution is A^T [(G g G^T) . (B^T d B)] A for its (m+2) x (m+2) input tile d;
+// summed over input channels the element-wise product becomes (m+2)^2 independent matrix products
+// [tiles, Cin] x [Cin, Cout], (m+2)^2 / (9 m^2) of the direct convolution's multiplications
+// (F(2,3): 1/2.25, F(4,3): 1/4). The matrices are the paper's: Toom-Cook for the points 0, 1, -1
+// (F(2,3)) and 0, 1, -1, 2, -2 (F(4,3)), each with the point at infinity; tests/test_kernels.py
+// checks the convolution against a float64 one. The tiles go in chunks (`chunk` tiles at a time):
+// transform the chunk's inputs, one at::bmm, transform its outputs (+ bias) into y, so the
+// transformed tensors stay small and in cache while the image can be large (a VAE's 512 px).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+
+namespace {
+
+template <int M> struct Mats;
+template <> struct Mats<2> {
+  static constexpr float BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+  static constexpr float G[4][3] = {{1, 0, 0}, {.5f, .5f, .5f}, {.5f, -.5f, .5f}, {0, 0, 1}};
+  static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+};
+template <> struct Mats<4> {  // points 0, 1, -1, 1/2, -2 (Barabasz et al. 2020: smaller error than 0, +-1, +-2)
+  static constexpr float BT[6][6] = {{1, -1.5f, -2, 1.5f, 1, 0},   {0, -1, .5f, 2.5f, 1, 0},    {0, 1, -2.5f, .5f, 1, 0},
+                                     {0, -2, -1, 2, 1, 0},         {0, .5f, -1, -.5f, 1, 0},   {0, 1, -1.5f, -2, 1.5f, 1}};
+  static constexpr float G[6][3] = {{1, 0, 0},
+                                    {1.f / 3, 1.f / 3, 1.f / 3},
+                                    {-1.f / 3, 1.f / 3, -1.f / 3},
+                                    {-16.f / 15, -8.f / 15, -4.f / 15},
+                                    {1.f / 15, -2.f / 15, 4.f / 15},
+                                    {0, 0, 1}};
+  static constexpr float AT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, .5f, -2, 0}, {0, 1, 1, .25f, 4, 0}, {0, 1, -1, .125f, -8, 1}};
+};
+
+// sum_k c[k] * v[k * step], the zero and unit coefficients folded away once the loops unroll
+template <int N>
+static inline __m512 combine(const float* c, const __m512* v, int step) {
+  __m512 s = _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int k = 0; k < N; ++k) {
+    if (c[k] == 0.f) continue;
+    if (c[k] == 1.f) s = _mm512_add_ps(s, v[k * step]);
+    else if (c[k] == -1.f) s = _mm512_sub_ps(s, v[k * step]);
+    else s = _mm512_fmadd_ps(_mm512_set1_ps(c[k]), v[k * step], s);
+  }
+  return s;
+}
+
+template <int M>
+void input_tiles(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tH, int64_t tW, int64_t t0, int64_t T, int64_t Tc) {
+  constexpr int A = M + 2;
+  using Mt = Mats<M>;
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    __m512 d[A * A], t[A * A];
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t tile = t0 + r, n = tile / (tH * tW), th = tile / tW % tH, tw = tile % tW;
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const __mmask16 live = C - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (C - c0)) - 1);
+#pragma GCC unroll 8
+        for (int i = 0; i < A; ++i) {
+          const int64_t h = th * M - 1 + i;
+#pragma GCC unroll 8
+          for (int j = 0; j < A; ++j) {
+            const int64_t w = tw * M - 1 + j;
+            d[i * A + j] = (h >= 0 && h < H && w >= 0 && w < W)
+                               ? _mm512_maskz_loadu_ps(live, x + ((n * H + h) * W + w) * C + c0)
+                               : _mm512_setzero_ps();
+          }
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+          for (int j = 0; j < A; ++j) t[i * A + j] = combine<A>(Mt::BT[i], d + j, A);  // B^T d
+#pragma GCC unroll 8
+        for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+          for (int j = 0; j < A; ++j)  // (B^T d) B
+            _mm512_mask_storeu_ps(V + ((i * A + j) * Tc + r) * C + c0, live, combine<A>(Mt::BT[j], t + i * A, 1));
+      }
+    }
+  });
+}
+
+template <int M>
+void output_tiles(const float* Mm, const float* bias, float* y, int64_t H, int64_t W, int64_t C,
+                  int64_t tH, int64_t tW, int64_t t0, int64_t T, int64_t Tc) {
+  constexpr int A = M + 2;
+  using Mt = Mats<M>;
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    __m512 m[A * A], t[M * A];
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t tile = t0 + r, n = tile / (tH * tW), th = tile / tW % tH, tw = tile % tW;
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const __mmask16 live = C - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (C - c0)) - 1);
+        const __m512 b = bias ? _mm512_maskz_loadu_ps(live, bias + c0) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+        for (int k = 0; k < A * A; ++k) m[k] = _mm512_maskz_loadu_ps(live, Mm + (k * Tc + r) * C + c0);
+#pragma GCC unroll 8
+        for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+          for (int j = 0; j < A; ++j) t[i * A + j] = combine<A>(Mt::AT[i], m + j, A);  // A^T m
+#pragma GCC unroll 8
+        for (int i = 0; i < M; ++i) {
+          const int64_t h = th * M + i;
+          if (h >= H) break;
+#pragma GCC unroll 8
+          for (int j = 0; j < M; ++j) {
+            const int64_t w = tw * M + j;
+            if (w >= W) break;
+            _mm512_mask_storeu_ps(y + ((n * H + h) * W + w) * C + c0, live,
+                                  _mm512_add_ps(b, combine<A>(Mt::AT[j], t + i * A, 1)));  // (A^T m) A + bias
+          }
+        }
+      }
+    }
+  });
+}
+
+// U[(i*A+j)][co][ci] = (G g G^T)[i][j] for g = w[co, ci]
+template <int M>
+void weight_tiles(const at::Tensor& w, float* U) {
+  constexpr int A = M + 2;
+  using Mt = Mats<M>;
+  const int64_t Co = w.size(0), Ci = w.size(1);
+  const float* p = w.data_ptr<float>();
+  const int64_t so = w.stride(0), si = w.stride(1), sh = w.stride(2), sw = w.stride(3);
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32((int)si));
+  at::parallel_for(0, Co, 4, [&](int64_t begin, int64_t end) {
+    __m512 g[9], t[A * 3];
+    for (int64_t co = begin; co < end; ++co) {
+      for (int64_t c0 = 0; c0 < Ci; c0 += 16) {
+        const __mmask16 live = Ci - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (Ci - c0)) - 1);
+        for (int k = 0; k < 9; ++k) {
+          const float* q = p + co * so + c0 * si + (k / 3) * sh + (k % 3) * sw;
+          g[k] = si == 1 ? _mm512_maskz_loadu_ps(live, q) : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, lanes, q, 4);
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < A; ++i)
+#pragma GCC unroll 3
+          for (int j = 0; j < 3; ++j) t[i * 3 + j] = combine<3>(Mt::G[i], g + j, 3);  // G g
+#pragma GCC unroll 8
+        for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+          for (int j = 0; j < A; ++j)
+            _mm512_mask_storeu_ps(U + ((i * A + j) * Co + co) * Ci + c0, live, combine<3>(Mt::G[j], t + i * 3, 1));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor weights(at::Tensor w, int64_t m) {
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat, "3x3 float32 weight");
+  const int64_t A = m + 2;
+  at::Tensor U = at::empty({A * A, w.size(0), w.size(1)}, w.options());
+  if (m == 2) weight_tiles<2>(w, U.data_ptr<float>());
+  else if (m == 4) weight_tiles<4>(w, U.data_ptr<float>());
+  else TORCH_CHECK(false, "m must be 2 or 4");
+  return U;
+}
+
+at::Tensor forward(at::Tensor x, at::Tensor U, c10::optional<at::Tensor> bias, int64_t m, int64_t chunk) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "a channels-last float32 input");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), A = m + 2;
+  const int64_t Co = U.size(1), tH = (H + m - 1) / m, tW = (W + m - 1) / m, T = N * tH * tW;
+  TORCH_CHECK(U.size(0) == A * A && U.size(2) == C, "weights of another shape");
+  TORCH_CHECK(m == 2 || m == 4, "m must be 2 or 4");
+  const at::Tensor bc = bias && bias->defined() ? bias->contiguous() : at::Tensor();
+  const float* b = bc.defined() ? bc.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({N, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t Tc = std::min(T, std::max<int64_t>(chunk, 1));
+  at::Tensor V = at::empty({A * A, Tc, C}, x.options()), Mm = at::empty({A * A, Tc, Co}, x.options());
+  const at::Tensor Ut = U.transpose(1, 2);  // U is [A*A, Cout, Cin]: sixteen input channels a vector
+  for (int64_t t0 = 0; t0 < T; t0 += Tc) {
+    const int64_t n = std::min(Tc, T - t0);
+    at::Tensor v = V.narrow(1, 0, n), mm = Mm.narrow(1, 0, n);
+    if (m == 2) input_tiles<2>(x.data_ptr<float>(), V.data_ptr<float>(), H, W, C, tH, tW, t0, n, Tc);
+    else input_tiles<4>(x.data_ptr<float>(), V.data_ptr<float>(), H, W, C, tH, tW, t0, n, Tc);
+    if (n == Tc) at::bmm_out(Mm, V, Ut);
+    else at::bmm_out(mm, v, Ut);  // a strided view of the chunk buffer: bmm writes into it
+    if (m == 2) output_tiles<2>(Mm.data_ptr<float>(), b, y.data_ptr<float>(), H, W, Co, tH, tW, t0, n, Tc);
+    else output_tiles<4>(Mm.data_ptr<float>(), b, y.data_ptr<float>(), H, W, Co, tH, tW, t0, n, Tc);
+  }
+  return y;
+}

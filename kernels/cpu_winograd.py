@@ -1,0 +1,93 @@
+"""limner's float32 3x3 convolution for the CPU: Winograd's minimal filtering (cpu_winograd.cpp).
+
+conv2d_winograd(x, weight, bias) = F.conv2d(x, weight, bias, padding=1) for float32 CPU tensors,
+x channels-last, a 3x3 weight, stride 1, no gradient to take (inference). Lavin & Gray 2016:
+F(4x4, 3x3) multiplies a quarter as often as the direct convolution, F(2x2, 3x3) 1/2.25 as often;
+the price is the transforms (cheap next to the matrix products once there are a few dozen
+channels) and rounding: F(2,3)'s results are as close to float64 as oneDNN's direct
+convolution's, F(4,3)'s a few times further (its transforms multiply by up to 8; measured in
+tests/test_kernels.py and benchmarks/results/cpu-kernel-measurements.md), still within float32's
+reach of the exact result. `tile` picks m by the image's size, `fits` says which inputs it takes,
+and `faster` where it measured faster than oneDNN's direct convolution (at least 8 channels in and
+out; fewer, as a UNet's 4-channel input and output convolutions, stay direct). The weight's
+transform is redone at every call (a 1280x1280 one in ~3 ms): kept, it would cost 16/9 (F(2,3))
+or 4x (F(4,3)) the weight's memory.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import forced_eager
+from ._cpp import CppKernel
+
+KERNEL = CppKernel("cpu_winograd.cpp", ["weights", "forward"], "float32 3x3 convolutions use oneDNN's direct ones")
+BACKENDS = ("auto", "winograd", "eager")
+CHUNK = 1024  # tiles per transform-multiply-transform round (measured: 256-1024 alike, all at once slower at 256+ px)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=1, dilation=1,
+         groups: int = 1) -> bool:
+    """Whether conv2d_winograd takes these: float32 CPU tensors, x 4-D channels-last, a 3x3 weight,
+    stride 1, padding 1, dilation 1, one group, no autocast and no gradient, outside a torch.compile
+    trace, on a CPU where the kernel builds (AVX-512)."""
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return (not grad and x.ndim == 4 and weight.ndim == 4 and tuple(weight.shape[2:]) == (3, 3)
+            and x.shape[1] == weight.shape[1] and groups == 1 and not isinstance(padding, str)
+            and _pair(stride) == (1, 1) and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1)
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, weight) if t is not None)
+            and (bias is None or (bias.device.type == "cpu" and bias.dtype == torch.float32))
+            and x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last)
+            and KERNEL.module() is not None)
+
+
+def faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Where it measured faster than oneDNN's direct convolution on this project's CPUs: 8 or more
+    channels in and out (benchmarks/results/cpu-kernel-measurements.md)."""
+    return min(weight.shape[0], weight.shape[1]) >= 8
+
+
+def tile(x: torch.Tensor) -> int:
+    """m of F(m x m, 3 x 3): 4 from 32x32 pixels up, 2 below (at 8-16 px with 1,280 channels F(4,3)'s
+    larger weight transform and padded tiles cost more than its fewer multiplications save)."""
+    return 4 if min(x.shape[2], x.shape[3]) >= 32 else 2
+
+
+def conv2d_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    m: int | None = None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) by Winograd's F(m x m, 3 x 3) (m 2 or 4; default `tile`),
+    channels-last out."""
+    if not fits(x, weight, bias):
+        raise ValueError(f"conv2d_winograd takes float32 CPU x [N, C, H, W] in channels-last memory with a "
+                         f"[Cout, C, 3, 3] weight (stride 1, padding 1), no autocast and no gradient, on a CPU with "
+                         f"AVX-512; got x {tuple(x.shape)} {x.dtype} on {x.device.type}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype}: use F.conv2d for these")
+    m = tile(x) if m is None else m
+    if m not in (2, 4):
+        raise ValueError(f"conv2d_winograd: m must be 2 or 4 (F(2x2, 3x3) or F(4x4, 3x3)), got {m!r}")
+    module = KERNEL.module()
+    return module.forward(x, module.weights(weight, m), bias, m, CHUNK)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+           dilation=1, groups: int = 1, backend: str = "auto") -> torch.Tensor:
+    """F.conv2d(x, weight, bias, stride, padding, dilation, groups); "auto": by Winograd where it
+    fits and measured faster (not under LIMNER_KERNELS=eager), "winograd": always (refused where
+    it does not fit), "eager": F.conv2d."""
+    if backend not in BACKENDS:
+        raise ValueError(f"conv2d: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "winograd" or (backend == "auto" and not forced_eager()
+                                 and fits(x, weight, bias, stride, padding, dilation, groups) and faster(x, weight)):
+        if not fits(x, weight, bias, stride, padding, dilation, groups):
+            raise ValueError(f"conv2d: backend 'winograd' takes a float32 3x3 convolution with stride 1, padding 1, "
+                             f"one group, a channels-last CPU input and no gradient, on a CPU with AVX-512; got x "
+                             f"{tuple(x.shape)} {x.dtype} on {x.device.type}, weight {tuple(weight.shape)}, stride "
+                             f"{stride}, padding {padding}, groups {groups}; use backend='eager' or 'auto'")
+        return conv2d_winograd(x, weight, bias)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
