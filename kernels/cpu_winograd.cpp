@@ -173,7 +173,11 @@ at::Tensor forward(at::Tensor x, at::Tensor U, c10::optional<at::Tensor> bias, i
   const float* b = bc.defined() ? bc.data_ptr<float>() : nullptr;
   at::Tensor y = at::empty({N, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t Tc = std::min(T, std::max<int64_t>(chunk, 1));
-  at::Tensor V = at::empty({A * A, Tc, C}, x.options()), Mm = at::empty({A * A, Tc, Co}, x.options());
+  // one buffer for both: over glibc's 32 MB mmap threshold it is a mapping of its own, handed back when
+  // freed, where two smaller ones would stay in (and fragment) the heap
+  at::Tensor work = at::empty({A * A * Tc * (C + Co)}, x.options());
+  at::Tensor V = work.narrow(0, 0, A * A * Tc * C).view({A * A, Tc, C});
+  at::Tensor Mm = work.narrow(0, A * A * Tc * C, A * A * Tc * Co).view({A * A, Tc, Co});
   const at::Tensor Ut = U.transpose(1, 2);  // U is [A*A, Cout, Cin]: sixteen input channels a vector
   for (int64_t t0 = 0; t0 < T; t0 += Tc) {
     const int64_t n = std::min(Tc, T - t0);

@@ -23,7 +23,11 @@ from ._cpp import CppKernel
 
 KERNEL = CppKernel("cpu_winograd.cpp", ["weights", "forward"], "float32 3x3 convolutions use oneDNN's direct ones")
 BACKENDS = ("auto", "winograd", "eager")
-CHUNK = 1024  # tiles per transform-multiply-transform round (measured: 256-1024 alike, all at once slower at 256+ px)
+# Tiles per transform-multiply-transform round: up to 1,024 (the matrix products re-read the
+# transformed weight once a round; all tiles at once was 1.1-3x slower at 256-512 px, the
+# transformed tensors out of cache) and at most CHUNK_BYTES of transformed inputs and outputs
+# (a VAE decoder's 512-channel rounds would hold 150 MB; at 48 MB they run ~5% slower).
+CHUNK, CHUNK_BYTES = 1024, 48 << 20
 
 
 def _pair(v) -> tuple[int, int]:
@@ -72,7 +76,8 @@ def conv2d_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if m not in (2, 4):
         raise ValueError(f"conv2d_winograd: m must be 2 or 4 (F(2x2, 3x3) or F(4x4, 3x3)), got {m!r}")
     module = KERNEL.module()
-    return module.forward(x, module.weights(weight, m), bias, m, CHUNK)
+    per_tile = (m + 2) ** 2 * 4 * (weight.shape[0] + weight.shape[1])
+    return module.forward(x, module.weights(weight, m), bias, m, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,

@@ -353,8 +353,9 @@ def test_the_files_tensors_become_the_parameters_never_a_second_copy(single_file
     monkeypatch.setattr(StableDiffusion, "load", load)
     pipe = limner.load_pipeline(file, device="cpu")
     own = dict(pipe.model.named_parameters())
-    # (the denoiser's convolution weights are then laid out channels-last, one tensor at a time)
-    relaid = {k for k in own if k.startswith("denoiser.") and own[k].ndim == 4}
+    # (the denoiser's and the VAE decoder's convolution weights are then laid out channels-last, one
+    # tensor at a time)
+    relaid = {k for k in own if k.startswith(("denoiser.", "autoencoder.decoder.")) and own[k].ndim == 4}
     assert relaid and all(own[k].is_contiguous(memory_format=torch.channels_last) for k in relaid)
     bad = [k for k in own if k not in relaid and own[k].data_ptr() != read[k].data_ptr()]
     assert own and not bad, bad[:5]
