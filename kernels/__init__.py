@@ -14,6 +14,7 @@ from .adaln import adaln_modulate, gated_residual
 from .bias_act import bias_act
 from .cpu_attention import attention_cpu
 from .cpu_flash_bf16 import attention_cpu_bf16
+from .cpu_flash_f32 import attention_cpu_f32
 from .cpu_winograd import conv2d, conv2d_winograd
 from .flash_attention import attention_math, attention_sdpa, attention_triton
 from .geglu import geglu
@@ -25,7 +26,7 @@ from .onednn_linear import linear
 from .sampler_update import guided_update
 from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
 
-__all__ = ["adaln_modulate", "attention_cpu", "attention_cpu_bf16", "attention_math", "attention_sdpa",
-           "attention_triton", "bias_act", "conv2d", "conv2d_packed", "conv2d_winograd", "downsample2d", "filter2d",
-           "gated_residual", "geglu", "group_norm_silu", "guided_update", "linear", "linear_geglu", "minibatch_std",
-           "Packed", "setup_filter", "upfirdn2d", "upsample2d"]
+__all__ = ["adaln_modulate", "attention_cpu", "attention_cpu_bf16", "attention_cpu_f32", "attention_math",
+           "attention_sdpa", "attention_triton", "bias_act", "conv2d", "conv2d_packed", "conv2d_winograd",
+           "downsample2d", "filter2d", "gated_residual", "geglu", "group_norm_silu", "guided_update", "linear",
+           "linear_geglu", "minibatch_std", "Packed", "setup_filter", "upfirdn2d", "upsample2d"]

@@ -143,7 +143,7 @@ class attention_backends:
     def limner_register_attention_backends():
         """sdpa, math, triton, xformers and limner's CPU attention."""
         return _specs("attention_backends", [(n, n, (), "") for n in ("sdpa", "math", "triton", "xformers", "cpu",
-                                                                           "cpu_bf16")])
+                                                                           "cpu_bf16", "cpu_f32")])
 
 
 class denoisers:

@@ -1,7 +1,8 @@
 """Attention backends, each declaring what it takes and its rank in the CPU's fixed `auto` rule
 (limner.attention.Declared): `sdpa` (torch; takes everything, the CPU's fallback), `cpu` (our
 fused C++ kernel for head dim 16 on AVX-512 CPUs: ranked first where it fits and is built),
-`cpu_bf16` (our bf16 kernel for long sequences on CPUs with AMX: likewise),
+`cpu_bf16` (our bf16 kernel for long sequences on CPUs with AMX: likewise), `cpu_f32` (our float32
+kernel for SD's 4,096-pixel self-attention and its cross-attention to text: likewise),
 `math` (plain PyTorch: the reference), `triton` (our FlashAttention forward) and `xformers`
 (when installed). On CUDA `auto` measures them all."""
 from __future__ import annotations
@@ -13,11 +14,13 @@ from limner.attention import Declared
 from limner.kernels import (
     attention_cpu,
     attention_cpu_bf16,
+    attention_cpu_f32,
     attention_math,
     attention_sdpa,
     attention_triton,
     cpu_attention,
     cpu_flash_bf16,
+    cpu_flash_f32,
 )
 
 
@@ -56,6 +59,17 @@ def cpu_bf16():
     """limner's bf16 attention for the CPU (oneDNN batch-reduce GEMMs, AMX where present; forward
     only; built at first use): ranked first where it fits and measured faster than torch's."""
     return Declared(attention_cpu_bf16, fits=_cpu_bf16_fits, rank=10)
+
+
+def _cpu_f32_fits(q, k, v, mask) -> bool:
+    return (cpu_flash_f32.fits(q, k, v, mask) and cpu_flash_f32.faster(q, k)
+            and cpu_flash_f32.KERNEL.module() is not None)
+
+
+def cpu_f32():
+    """limner's float32 attention for the CPU (transposed online softmax over oneDNN batch-reduce
+    GEMMs; forward only; built at first use): ranked first where it fits and measured faster than torch's."""
+    return Declared(attention_cpu_f32, fits=_cpu_f32_fits, rank=10)
 
 
 def xformers():

@@ -635,9 +635,61 @@ def test_cpu_bf16_attention_takes_only_its_inputs_and_auto_picks_it_where_it_is_
         odd = randn(1, 2, 2047, 40).to(torch.bfloat16)
         for args in [(long, long, long, mask), (long.float(), long.float(), long.float(), None),
                      (long, odd, odd, None), (long[..., :39], long[..., :39], long[..., :39], None)]:
-            assert not kernel.fits(*args) and preferred_backend(*args) == "sdpa"
+            assert not kernel.fits(*args) and preferred_backend(*args) != "cpu_bf16"  # (float32: cpu_f32's)
             with pytest.raises(ValueError, match="attention_cpu_bf16 takes bfloat16 CPU q, k, v"):
                 kernel.attention_cpu_bf16(*args)
+    grad = long.clone().requires_grad_()
+    assert not kernel.fits(grad, long, long) and preferred_backend(grad, long, long) == "sdpa"
+
+
+def _f32_kernel():
+    from limner.kernels import cpu_flash_f32
+
+    if cpu_flash_f32.KERNEL.module() is None:
+        pytest.skip(f"limner's float32 CPU attention kernel is not available here: {cpu_flash_f32.KERNEL.failure}")
+    return cpu_flash_f32
+
+
+@pytest.mark.parametrize("b, h, lq, lk, d", [(1, 2, 37, 64, 40), (2, 3, 100, 77, 24), (1, 1, 5, 300, 80),
+                                             (2, 2, 129, 256, 160), (1, 1, 3, 1, 512), (1, 2, 260, 2100, 40)])
+def test_cpu_f32_attention_matches_a_float64_reference(b, h, lq, lk, d):
+    """float32 q, k, v laid out as the models lay them ([B, L, H, D] memory viewed as [B, H, L, D]),
+    against float64 attention on the same numbers: as close as torch's own float32 kernel gets,
+    over queries off whole vectors, one key, several key blocks (the online softmax rescaling
+    between them) and the 256-query tasks taken against 2,048+ keys."""
+    kernel = _f32_kernel()
+    q, k, v = (randn(b, n, h, d, seed=i, scale=2.0).transpose(1, 2) for i, n in enumerate((lq, lk, lk)))
+    with torch.no_grad():
+        assert kernel.fits(q, k, v)
+        got = kernel.attention_cpu_f32(q, k, v)
+        theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert got.dtype == torch.float32 and got.shape == (b, h, lq, d)
+    assert got.transpose(1, 2).is_contiguous()  # "b h l d -> b l (h d)" is a view
+    err, torch_err = ((t.double() - want).abs().max().item() for t in (got, theirs))
+    assert err <= 4 * torch_err + 1e-6 and err <= 1e-5 * max(want.abs().max().item(), 1.0), (err, torch_err)
+
+
+def test_cpu_f32_attention_takes_only_its_inputs_and_auto_picks_it_where_it_is_faster():
+    """auto takes the kernel for float32 self-attention over 2,048+ keys at head dims 24-48 and for
+    cross-attention of 1,024+ queries to a few keys up to head dim 80, without a mask or a gradient;
+    head dim 16 keeps limner's other kernel, 64-wide heads and 1,024 pixels torch's; masks, bf16 and
+    gradients stay on sdpa; misuse is named."""
+    kernel = _f32_kernel()
+    long = randn(1, 2, 2048, 40)
+    text = randn(1, 2, 77, 80)
+    with torch.no_grad():
+        assert preferred_backend(long, long, long) == "cpu_f32"
+        assert preferred_backend(randn(1, 2, 1024, 80), text, text) == "cpu_f32"
+        for q, k in [(randn(1, 2, 1024, 40),) * 2, (randn(1, 2, 2048, 64),) * 2, (randn(1, 2, 512, 80), text)]:
+            assert kernel.fits(q, k, k) and preferred_backend(q, k, k) == "sdpa"
+        assert preferred_backend(*(randn(1, 2, 2048, 16),) * 3) != "cpu_f32"
+        mask = torch.ones(1, 1, 1, 2048, dtype=torch.bool)
+        for args in [(long, long, long, mask), (long.bfloat16(), long.bfloat16(), long.bfloat16(), None),
+                     (long, long[:, :, :0], long[:, :, :0], None), (long, long[..., :39], long[..., :39], None)]:
+            assert not kernel.fits(*args) and preferred_backend(*args) != "cpu_f32"
+            with pytest.raises(ValueError, match="attention_cpu_f32 takes float32 CPU q, k, v"):
+                kernel.attention_cpu_f32(*args)
     grad = long.clone().requires_grad_()
     assert not kernel.fits(grad, long, long) and preferred_backend(grad, long, long) == "sdpa"
 
