@@ -51,7 +51,10 @@ STEPS, GUIDANCE, SIZE, PROMPT = 20, 7.5, 512, "a watercolour fox in a snowy fore
 
 
 def forward_rows(folder: Path, runs: int) -> dict:
-    """limner's and diffusers' UNet on the same weights, one guided forward each in turn."""
+    """limner's and diffusers' UNet on the same weights, one guided forward each in turn, both inside
+    limner.pipeline.freed_memory_kept (glibc keeps freed blocks, as while limner samples: Winograd's
+    per-call buffers would otherwise be fresh mappings faulted in at every call; diffusers' calls
+    run in it too)."""
     import diffusers
     import torch
     from in_turn import in_turn, medians, spread
@@ -83,7 +86,8 @@ def forward_rows(folder: Path, runs: int) -> dict:
             with torch.no_grad():
                 theirs(x.to(dt), t, encoder_hidden_states=ctx.to(dt))
 
-        times = in_turn({"limner": limner_call, "diffusers": diffusers_call}, runs)
+        with limner.pipeline.freed_memory_kept():  # as limner samples; diffusers' calls gain from it too
+            times = in_turn({"limner": limner_call, "diffusers": diffusers_call}, runs)
         med = medians(times)
         out[dtype] = {"limner_s": round(med["limner"], 3), "diffusers_s": round(med["diffusers"], 3),
                       "speedup": round(med["diffusers"] / med["limner"], 2), "runs": runs,
@@ -260,7 +264,9 @@ def render(data: dict) -> None:
              f"torch {data['torch']}; {data['date']}. Command: `{data['command']}`. SD 1.5's architecture with random "
              "weights, the same on every side. bfloat16 is each tool's own way (the script's docstring).", ""]
     if data["forward"]:
-        lines += ["One guided UNet forward (batch 2, 64x64 latent), both sides in one process called in turn:", "",
+        lines += ["One guided UNet forward (batch 2, 64x64 latent), both sides in one process called in turn, "
+                  "inside limner's sampling malloc block (freed blocks kept: `limner.pipeline.freed_memory_kept`) "
+                  "for both:", "",
                   "| dtype | limner s | diffusers s | limner's speed-up | spread limner / diffusers |",
                   "|---|---:|---:|---:|---|"]
         for dtype, r in data["forward"]["UNet forward"].items():
