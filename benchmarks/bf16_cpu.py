@@ -1,11 +1,14 @@
 """bfloat16 sampling on a CPU with native bf16 (issue 28): speed against float32, limner against
-itself, and how far the images move.
+itself, and how far the images move; and one demo training step under bf16 autocast.
 
 Rows, each side alternating with the other in one process (median of the runs):
 - guided sampling on the shipped demo UNet (4 images, its default sampler, 20 steps);
 - one guided forward (batch 2) of a UNet at Stable Diffusion 1.5's configuration (`sd_unet`:
   320/640/1280/1280 channels, 2 blocks a level, 8 heads, 77 context tokens of 768; random
-  weights: speed does not depend on their values) at 32x32 and 64x64 latents (256 and 512 px);
+  weights: speed does not depend on their values) at 32x32 and 64x64 latents (256 and 512 px),
+  its convolutions as a pipeline runs them (limner.pipeline.inference_convs: float32 3x3 ones by
+  Winograd), inside freed_memory_kept as limner samples;
+- one training step of the demo UNet, float32 against bf16 autocast (train.mixed_precision);
 and the PSNR of bfloat16 images against float32 ones (same prompts and seeds) on the shipped
 diffusion models and, with --sd FILE, on a Stable Diffusion single file (one 512x512 image, 10
 Euler steps, guidance 7.5; random weights such as benchmarks/sd_full_size.py writes draw noise,
@@ -48,11 +51,12 @@ def sd15_forward(latent: int, runs: int) -> dict:
     import torch
 
     import limner
-    from limner.pipeline import autocast, hold_weights
+    from limner.pipeline import autocast, freed_memory_kept, hold_weights, inference_convs
 
     torch.manual_seed(0)
     model = limner.create("denoisers", "sd_unet", context_dim=768, image_size=latent).eval()
     model.to(memory_format=torch.channels_last)
+    inference_convs(model)  # as a pipeline runs its convolutions (float32: Winograd's)
     held = copy.deepcopy(model)  # a bf16 pipeline's denoiser: linear and convolution weights in bf16
     hold_weights(held, torch.bfloat16)
     x = torch.randn(2, 4, latent, latent).contiguous(memory_format=torch.channels_last)
@@ -68,9 +72,38 @@ def sd15_forward(latent: int, runs: int) -> dict:
                 net(x, sigma, cond)
         return go
 
-    out = alternate(run(model, torch.float32), run(held, torch.bfloat16), runs)
+    with freed_memory_kept():  # as limner samples
+        out = alternate(run(model, torch.float32), run(held, torch.bfloat16), runs)
     out["weights_M"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
     return out
+
+
+def demo_training(runs: int) -> dict:
+    """One training step of the demo UNet (batch 16: forward, x0 loss, backward, fused AdamW,
+    channels-last) in float32 and under bf16 autocast (what accelerate's mixed precision does)."""
+    import torch
+
+    import limner
+
+    pipe = limner.load_pipeline(ROOT / "checkpoints" / "shapes-unet", device="cpu")
+    unet = copy.deepcopy(pipe.model.denoiser).train().to(memory_format=torch.channels_last).requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
+    cond = pipe.model.encode(PROMPTS * 2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 32, 32, generator=gen).mul(2).sub(1).contiguous(memory_format=torch.channels_last)
+    sigma = torch.rand(16, generator=gen) * 3 + 0.1
+
+    def step(bf16: bool):
+        def go():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                noisy = x + sigma.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=gen).to(x)
+                loss = (unet(noisy, sigma, cond).float() - x).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return go
+
+    return alternate(step(False), step(True), runs)
 
 
 def demo_sampling(runs: int) -> dict:
@@ -136,7 +169,8 @@ def main() -> None:
                     if f in Path("/proc/cpuinfo").read_text().split()})
     speed = {"demo UNet, guided sampling, 4 images, 20 steps": demo_sampling(5),
              "SD 1.5-size UNet, one guided forward (batch 2), 32x32 latent": sd15_forward(32, 3),
-             "SD 1.5-size UNet, one guided forward (batch 2), 64x64 latent": sd15_forward(64, 2)}
+             "SD 1.5-size UNet, one guided forward (batch 2), 64x64 latent": sd15_forward(64, 2),
+             "demo UNet, one training step (batch 16; bf16: autocast)": demo_training(10)}
     data = {"command": "python benchmarks/bf16_cpu.py" + (" --sd FILE" if "--sd" in sys.argv else ""),
             "cpu": cpu_name(), "flags": flags, "threads": os.cpu_count(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "speed": speed,
