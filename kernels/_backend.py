@@ -60,6 +60,17 @@ def resolve(op: str, backend: str, x: torch.Tensor, has_triton: bool = True) -> 
     return "triton" if usable and x.is_cuda else "eager"
 
 
+def unmasked_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """What limner's forward-only attention kernels share in `fits`: q, k, v [B, H, L, D] of one head
+    dim, k and v of one length, no mask, no gradient to take, outside a torch.compile trace."""
+    if mask is not None or torch.compiler.is_compiling():
+        return False
+    if not (q.ndim == k.ndim == v.ndim == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1]
+            and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+
+
 def forced_eager() -> bool:
     """True where LIMNER_KERNELS forces a backend: ops with no Triton kernel then run their
     eager reference (for LIMNER_KERNELS=triton too)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ._backend import unmasked_inference
 from ._cpp import CppKernel
 
 KERNEL = CppKernel("cpu_flash_bf16.cpp", ["forward", "available"],
@@ -36,15 +37,11 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     and at most 512, last dims contiguous, keys a multiple of 32, no mask, no gradient, on a CPU with
     AMX (amx_bf16: oneDNN's bf16 GEMMs without it, on avx512_bf16 alone, are untried), outside a
     torch.compile trace."""
-    if mask is not None or torch.compiler.is_compiling() or not AMX:
-        return False
-    if not (q.ndim == k.ndim == v.ndim == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1]
-            and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]):
+    if not (AMX and unmasked_inference(q, k, v, mask)):
         return False
     d, keys = q.shape[-1], k.shape[2]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     # keys and values are read two bf16 at a time: their rows start on 4-byte boundaries
-    return (d % 2 == 0 and 0 < d <= 512 and keys > 0 and keys % 32 == 0 and q.numel() > 0 and not grad
+    return (d % 2 == 0 and 0 < d <= 512 and keys > 0 and keys % 32 == 0 and q.numel() > 0
             and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in (q, k, v))
             and all(t.data_ptr() % 4 == 0 and all(s % 2 == 0 for s in t.stride()[:3]) for t in (k, v)))
 

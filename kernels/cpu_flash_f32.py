@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ._backend import unmasked_inference
 from ._cpp import CppKernel
 
 KERNEL = CppKernel("cpu_flash_f32.cpp", ["forward"], "float32 attention on the CPU uses torch's sdpa")
@@ -21,13 +22,7 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     """Whether attention_cpu_f32 takes these: float32 CPU q, k, v [B, H, L, D] of one head dim
     (1-512), last dims contiguous, at least one key, no mask, no gradient, outside a torch.compile
     trace."""
-    if mask is not None or torch.compiler.is_compiling():
-        return False
-    if not (q.ndim == k.ndim == v.ndim == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1]
-            and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]):
-        return False
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return (0 < q.shape[-1] <= 512 and k.shape[2] > 0 and q.numel() > 0 and not grad
+    return (unmasked_inference(q, k, v, mask) and 0 < q.shape[-1] <= 512 and k.shape[2] > 0 and q.numel() > 0
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v)))
 
 
