@@ -258,9 +258,8 @@ def main() -> None:
                 row("image", name, partial(child, python, call))
         data["command"] = ("python benchmarks/sd15_speed.py" + (" --openvino PYTHON" if openvino else "") +
                            (" --compile" if compile_ else "") + (f" --rounds {rounds}" if rounds > 1 else "") +
-                           (f" --only {','.join(only)}" if only else "") + (
-                               f"; other rows: {kept['command']}" if only and "; other" not in kept["command"]
-                               else ""))
+                           (f" --only {','.join(only)}" if only else "") +
+                           (f"; other rows: {kept['command']}" if only else ""))  # each earlier run's command kept
     save()
 
 
@@ -269,6 +268,8 @@ def render(data: dict) -> None:
              f"Machine: {data['cpu']} ({', '.join(data['flags']) or 'no native bf16'}), {data['threads']} threads; "
              f"torch {data['torch']}; {data['date']}. Command: `{data['command']}`. SD 1.5's architecture with random "
              "weights, the same on every side. bfloat16 is each tool's own way (the script's docstring).", ""]
+    if data.get("note"):  # what a partial rerun (--only) changed about the rows' comparability, said by hand
+        lines += [f"Note: {data['note']}", ""]
     if data["forward"]:
         lines += ["One guided UNet forward (batch 2, 64x64 latent), both sides in one process called in turn, "
                   "inside limner's sampling malloc block (freed blocks kept: `limner.pipeline.freed_memory_kept`) "
