@@ -3,9 +3,11 @@
 // tile of a 3x3 convolution is A^T [(G g G^T) . (B^T d B)] A for its (m+2) x (m+2) input tile d;
 // summed over input channels the element-wise product becomes (m+2)^2 independent matrix products
 // [tiles, Cin] x [Cin, Cout], (m+2)^2 / (9 m^2) of the direct convolution's multiplications
-// (F(2,3): 1/2.25, F(4,3): 1/4). The matrices are the paper's: Toom-Cook for the points 0, 1, -1
-// (F(2,3)) and 0, 1, -1, 2, -2 (F(4,3)), each with the point at infinity; tests/test_kernels.py
-// checks the convolution against a float64 one. The tiles go in chunks (`chunk` tiles at a time):
+// (F(2,3): 1/2.25, F(4,3): 1/4). The matrices are Toom-Cook's for interpolation points, each set
+// with the point at infinity: F(2,3) the paper's 0, 1, -1; F(4,3) 0, 1, -1, 1/2, -2 rather than the
+// paper's 0, +-1, +-2 (Barabasz et al., "Error analysis and improving the accuracy of Winograd
+// convolution for deep neural networks", 2020, on choosing the points: about half the error
+// here). tests/test_kernels.py checks the convolution against a float64 one. The tiles go in chunks:
 // transform the chunk's inputs, one at::bmm, transform its outputs (+ bias) into y, so the
 // transformed tensors stay small and in cache while the image can be large (a VAE's 512 px).
 #include <ATen/ATen.h>
@@ -21,7 +23,7 @@ template <> struct Mats<2> {
   static constexpr float G[4][3] = {{1, 0, 0}, {.5f, .5f, .5f}, {.5f, -.5f, .5f}, {0, 0, 1}};
   static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
 };
-template <> struct Mats<4> {  // points 0, 1, -1, 1/2, -2 (Barabasz et al. 2020: smaller error than 0, +-1, +-2)
+template <> struct Mats<4> {  // points 0, 1, -1, 1/2, -2
   static constexpr float BT[6][6] = {{1, -1.5f, -2, 1.5f, 1, 0},   {0, -1, .5f, 2.5f, 1, 0},    {0, 1, -2.5f, .5f, 1, 0},
                                      {0, -2, -1, 2, 1, 0},         {0, .5f, -1, -.5f, 1, 0},   {0, 1, -1.5f, -2, 1.5f, 1}};
   static constexpr float G[6][3] = {{1, 0, 0},

@@ -5,7 +5,7 @@ x channels-last, a 3x3 weight, stride 1, no gradient to take (inference). Lavin 
 F(4x4, 3x3) multiplies a quarter as often as the direct convolution, F(2x2, 3x3) 1/2.25 as often;
 the price is the transforms (cheap next to the matrix products once there are a few dozen
 channels) and rounding: F(2,3)'s results are as close to float64 as oneDNN's direct
-convolution's, F(4,3)'s a few times further (its transforms multiply by up to 8; measured in
+convolution's, F(4,3)'s a few times further (its output transform multiplies by up to 8; measured in
 tests/test_kernels.py and benchmarks/results/cpu-kernel-measurements.md), still within float32's
 reach of the exact result. `tile` picks m by the image's size, `fits` says which inputs it takes,
 and `faster` where it measured faster than oneDNN's direct convolution (at least 8 channels in and
