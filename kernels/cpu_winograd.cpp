@@ -186,8 +186,7 @@ at::Tensor forward(at::Tensor x, at::Tensor U, c10::optional<at::Tensor> bias, i
     at::Tensor v = V.narrow(1, 0, n), mm = Mm.narrow(1, 0, n);
     if (m == 2) input_tiles<2>(x.data_ptr<float>(), V.data_ptr<float>(), H, W, C, tH, tW, t0, n, Tc);
     else input_tiles<4>(x.data_ptr<float>(), V.data_ptr<float>(), H, W, C, tH, tW, t0, n, Tc);
-    if (n == Tc) at::bmm_out(Mm, V, Ut);
-    else at::bmm_out(mm, v, Ut);  // a strided view of the chunk buffer: bmm writes into it
+    at::bmm_out(mm, v, Ut);  // the last chunk's is a strided view of the buffer: bmm writes into it
     if (m == 2) output_tiles<2>(Mm.data_ptr<float>(), b, y.data_ptr<float>(), H, W, Co, tH, tW, t0, n, Tc);
     else output_tiles<4>(Mm.data_ptr<float>(), b, y.data_ptr<float>(), H, W, Co, tH, tW, t0, n, Tc);
   }

@@ -75,6 +75,11 @@ def conv2d_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     m = tile(x) if m is None else m
     if m not in (2, 4):
         raise ValueError(f"conv2d_winograd: m must be 2 or 4 (F(2x2, 3x3) or F(4x4, 3x3)), got {m!r}")
+    return _winograd(x, weight, bias, m)
+
+
+def _winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: int) -> torch.Tensor:
+    """The kernel's call, for inputs `fits` has taken."""
     module = KERNEL.module()
     per_tile = (m + 2) ** 2 * 4 * (weight.shape[0] + weight.shape[1])
     return module.forward(x, module.weights(weight, m), bias, m, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
@@ -87,12 +92,12 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     it does not fit), "eager": F.conv2d."""
     if backend not in BACKENDS:
         raise ValueError(f"conv2d: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend == "winograd" or (backend == "auto" and not forced_eager()
-                                 and fits(x, weight, bias, stride, padding, dilation, groups) and faster(x, weight)):
-        if not fits(x, weight, bias, stride, padding, dilation, groups):
+    fit = backend != "eager" and fits(x, weight, bias, stride, padding, dilation, groups)  # asked once: a hot path
+    if backend == "winograd" or (backend == "auto" and not forced_eager() and fit and faster(x, weight)):
+        if not fit:
             raise ValueError(f"conv2d: backend 'winograd' takes a float32 3x3 convolution with stride 1, padding 1, "
                              f"one group, a channels-last CPU input and no gradient, on a CPU with AVX-512; got x "
                              f"{tuple(x.shape)} {x.dtype} on {x.device.type}, weight {tuple(weight.shape)}, stride "
                              f"{stride}, padding {padding}, groups {groups}; use backend='eager' or 'auto'")
-        return conv2d_winograd(x, weight, bias)
+        return _winograd(x, weight, bias, tile(x))
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
