@@ -28,10 +28,11 @@ diffusers in limner's): give its python with --openvino, e.g.
     python benchmarks/sd15_speed.py --openvino /tmp/ov/bin/python [--compile]
     python benchmarks/sd15_speed.py --only bfloat16 --rounds 2   # rerun the rows naming it, keep the others
     python benchmarks/sd15_speed.py --render          # the table again from the JSON
+    python benchmarks/sd15_speed.py --results benchmarks/results/sd15-speed-amd-epyc.json  # another CPU's file
 
-Writes benchmarks/results/sd15-speed.{json,md} after every row (a failing row is recorded with
-its error and the others go on). --rounds N runs every image side N times, round by round
-(sides alternating), and reports medians with each run kept.
+Writes benchmarks/results/sd15-speed.{json,md} (or --results FILE and its .md) after every row (a
+failing row is recorded with its error and the others go on). --rounds N runs every image side N
+times, round by round (sides alternating), and reports medians with each run kept.
 """
 from __future__ import annotations
 
@@ -181,12 +182,20 @@ def child(python: str, call: str) -> dict:
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
 
 
+def results_arg() -> str:
+    """The --results part of the command that wrote RESULTS ("" for the default file)."""
+    return "" if RESULTS == HERE / "results" / "sd15-speed.json" else f" --results {RESULTS}"
+
+
 def main() -> None:
     import torch
 
     from limner.bench import cpu_name
 
+    global RESULTS
     args = sys.argv[1:]
+    if "--results" in args:  # one file per CPU: the machines of one kind differ (Intel Xeon, AMD EPYC)
+        RESULTS = Path(args[args.index("--results") + 1])
     if "--render" in args:
         render(json.loads(RESULTS.read_text()))
         return
@@ -196,7 +205,7 @@ def main() -> None:
     data = {"cpu": cpu_name(), "flags": sorted({f for f in ("avx512_bf16", "amx_bf16") if f in flags}),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "command": "python benchmarks/sd15_speed.py" + (" --openvino PYTHON" if openvino else "") +
-            (" --compile" if compile_ else ""), "forward": {}, "image": {}, "failed": {}}
+            (" --compile" if compile_ else "") + results_arg(), "forward": {}, "image": {}, "failed": {}}
 
     def save():
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")
@@ -258,6 +267,7 @@ def main() -> None:
                 row("image", name, partial(child, python, call))
         data["command"] = ("python benchmarks/sd15_speed.py" + (" --openvino PYTHON" if openvino else "") +
                            (" --compile" if compile_ else "") + (f" --rounds {rounds}" if rounds > 1 else "") +
+                           results_arg() +
                            (f" --only {','.join(only)}" if only else "") +
                            (f"; other rows: {kept['command']}" if only else ""))  # each earlier run's command kept
     save()

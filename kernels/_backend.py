@@ -3,6 +3,8 @@ kernels share (availability, launch sizes, dtype plumbing)."""
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import torch
 
@@ -10,6 +12,19 @@ BACKENDS = ("auto", "triton", "eager")
 # the kernels compute in float32; float64 (gradcheck, tests) takes the eager reference
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+# The two kinds of CPU the CPU kernels' `faster` rules were measured on differ where torch's own
+# kernels run: an Intel Xeon with AMX (amx_bf16; two 512-bit FMA units, AMX tiles for bf16) and an
+# AMD EPYC (Zen 4: avx512_bf16 without AMX, 512-bit vectors on 256-bit units), where torch's flash
+# attention runs ~2.5x slower and limner's kernels win at more shapes
+# (benchmarks/results/cpu-kernel-measurements.md has a table for each).
+AMX = bool(re.search(r"\bamx_bf16\b", _cpu_flags()))
 
 
 def interpreting() -> bool:

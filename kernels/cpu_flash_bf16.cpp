@@ -4,9 +4,9 @@
 // out = softmax(q k^T * scale) v for bf16 q, k, v [B, H, L, D], D even, Lk a multiple of 32, no mask.
 // The online softmax of FlashAttention (Dao et al. 2022): a block of QB query rows meets the keys
 // KB at a time; scores S = Q K^T and the update O += P V are oneDNN's batch-reduce GEMMs from
-// torch's at::native::cpublas (AMX tiles where the CPU has them; bf16 products, float32 sums), on
-// keys and values laid out once per (batch, head) in the VNNI form they read. Between the two GEMMs
-// one pass finds each row's block maximum and one computes p = 2^(s c - m) (c = scale * log2 e),
+// torch's at::native::cpublas (AMX tiles where the CPU has them, avx512_bf16 elsewhere; bf16 products,
+// float32 sums), on keys and values laid out once per (batch, head) in the VNNI form they read.
+// Between the two GEMMs one pass finds each row's block maximum and one computes p = 2^(s c - m) (c = scale * log2 e),
 // sums it in float32 and stores it as bf16 for P V. The row sums and the running maximum stay
 // float32; O accumulates in float32, is rescaled only when a row's maximum moves, and is divided by
 // the sum once at the end. The block sizes are measured: with 256 keys a block the scores' GEMM
@@ -122,4 +122,17 @@ at::Tensor forward(at::Tensor q, at::Tensor k, at::Tensor v, double scale) {
   return out;
 }
 
-bool available() { return blas::could_pack(at::kBFloat16); }
+// Whether torch's cpublas runs a bf16 batch-reduce GEMM here (oneDNN's, on AMX tiles or avx512_bf16's
+// dot products): tried on one 1 x 16 x 2 product, since could_pack(kBFloat16) answers for AMX alone
+// while the GEMM itself also runs on avx512_bf16 CPUs (AMD's Zen 4), and where it runs nowhere it throws.
+bool available() {
+  try {
+    std::vector<bf16> a(2, bf16(1.f)), b(32, bf16(1.5f));
+    std::vector<float> c(16, 0.f);
+    blas::brgemm(1, 16, 2, 2, 16, 16, false, a.data(), b.data(), c.data());
+    blas::brgemm_release();
+    return std::all_of(c.begin(), c.end(), [](float x) { return x == 3.f; });
+  } catch (const std::exception&) {
+    return false;
+  }
+}

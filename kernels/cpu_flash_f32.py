@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import unmasked_inference
+from ._backend import AMX, unmasked_inference
 from ._cpp import CppKernel
 
 KERNEL = CppKernel("cpu_flash_f32.cpp", ["forward"], "float32 attention on the CPU uses torch's sdpa")
@@ -28,12 +28,14 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 
 def faster(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Where the kernel measured faster than torch's flash kernel (benchmarks/attention_f32.py,
-    table in benchmarks/results/cpu-kernel-measurements.md)."""
+    tables in benchmarks/results/cpu-kernel-measurements.md)."""
     d, queries, keys = q.shape[-1], q.shape[2], k.shape[2]
     if d < 24:  # head dim 16 has limner's other CPU kernel (cpu_attention.py)
         return False
-    # self-attention over SD 1.5's 4,096 latent pixels at head dim 40: 1.08x (at 64: a tie); cross-attention
-    # of 1,024+ pixels to 77 text tokens: 1.2-1.9x up to head dim 80 (at 160 torch's is faster)
+    if not AMX:  # AMD EPYC (Zen 4): 1.04-1.85x from 256 queries up at head dims 40-512; at 64 queries 0.95x
+        return queries >= 256
+    # Intel Xeon: self-attention over SD 1.5's 4,096 latent pixels at head dim 40: 1.08x (at 64: a tie);
+    # cross-attention of 1,024+ pixels to 77 text tokens: 1.2-1.9x up to head dim 80 (at 160 torch's is faster)
     return (keys >= 2048 and d <= 48) or (keys <= 128 and queries >= 1024 and d <= 80)
 
 

@@ -592,12 +592,25 @@ def test_without_the_cpu_kernel_auto_says_why_once_and_uses_sdpa(monkeypatch):
 def _bf16_kernel():
     from limner.kernels import cpu_flash_bf16
 
-    if not cpu_flash_bf16.AMX:
-        pytest.skip("this CPU has no AMX (amx_bf16), which limner's bf16 attention kernel is for")
     module = cpu_flash_bf16.KERNEL.module()
     if module is None or not module.available():
-        pytest.skip(f"limner's bf16 CPU attention kernel is not available here: {cpu_flash_bf16.KERNEL.failure}")
+        pytest.skip(f"limner's bf16 CPU attention kernel is not available here: "
+                    f"{cpu_flash_bf16.KERNEL.failure or cpu_flash_bf16.NO_GEMM}")
     return cpu_flash_bf16
+
+
+def test_cpu_bf16_attention_runs_wherever_the_cpu_has_native_bf16():
+    """The kernel's GEMMs run on AMX and on avx512_bf16 alone (AMD's Zen 4): `available` tries one
+    rather than asking torch's could_pack, which answers for AMX only, so a CPU with either flag
+    gets the kernel (CI's machines have one or the other)."""
+    from limner.kernels import cpu_flash_bf16
+    from limner.pipeline import native_bf16
+
+    if not native_bf16():
+        pytest.skip("this CPU has neither avx512_bf16 nor amx_bf16")
+    module = cpu_flash_bf16.KERNEL.module()
+    assert module is not None, cpu_flash_bf16.KERNEL.failure
+    assert module.available()
 
 
 @pytest.mark.parametrize("b, h, lq, lk, d", [(1, 2, 37, 64, 40), (2, 3, 100, 96, 8), (1, 1, 5, 544, 80),
@@ -622,14 +635,15 @@ def test_cpu_bf16_attention_matches_a_float64_reference(b, h, lq, lk, d):
 
 def test_cpu_bf16_attention_takes_only_its_inputs_and_auto_picks_it_where_it_is_faster():
     """auto takes the kernel for bf16 self-attention over 2,048 keys or more without a mask or a
-    gradient (SD's 64x64 latent pixels); masks, float32, gradients, key counts off 32 and the
-    shorter sequences where torch's kernel is as fast stay on sdpa; misuse is named."""
+    gradient (SD's 64x64 latent pixels); 1,024 keys only without AMX (with AMX torch's kernel is as
+    fast there); masks, float32, gradients and key counts off 32 stay on sdpa; misuse is named."""
     kernel = _bf16_kernel()
     long = randn(1, 2, 2048, 40).to(torch.bfloat16)
     with torch.no_grad():
         assert preferred_backend(long, long, long) == "cpu_bf16"
         short = randn(1, 2, 1024, 40).to(torch.bfloat16)
-        assert kernel.fits(short, short, short) and preferred_backend(short, short, short) == "sdpa"
+        assert kernel.fits(short, short, short)
+        assert preferred_backend(short, short, short) == ("sdpa" if kernel.AMX else "cpu_bf16")
         mask = torch.ones(1, 1, 1, 2048, dtype=torch.bool)
         odd = randn(1, 2, 2047, 40).to(torch.bfloat16)
         for args in [(long, long, long, mask), (long.float(), long.float(), long.float(), None),
@@ -672,16 +686,19 @@ def test_cpu_f32_attention_matches_a_float64_reference(b, h, lq, lk, d):
 def test_cpu_f32_attention_takes_only_its_inputs_and_auto_picks_it_where_it_is_faster():
     """auto takes the kernel for float32 self-attention over 2,048+ keys at head dims 24-48 and for
     cross-attention of 1,024+ queries to a few keys up to head dim 80, without a mask or a gradient;
-    head dim 16 keeps limner's other kernel, 64-wide heads and 1,024 pixels torch's; masks, bf16 and
-    gradients stay on sdpa; misuse is named."""
+    where torch's was as fast (with AMX: 64-wide heads, 1,024 pixels) or faster (64 queries) it
+    keeps torch's; head dim 16 keeps limner's other kernel; masks, bf16 and gradients stay on sdpa;
+    misuse is named."""
     kernel = _f32_kernel()
     long = randn(1, 2, 2048, 40)
     text = randn(1, 2, 77, 80)
     with torch.no_grad():
         assert preferred_backend(long, long, long) == "cpu_f32"
         assert preferred_backend(randn(1, 2, 1024, 80), text, text) == "cpu_f32"
-        for q, k in [(randn(1, 2, 1024, 40),) * 2, (randn(1, 2, 2048, 64),) * 2, (randn(1, 2, 512, 80), text)]:
-            assert kernel.fits(q, k, k) and preferred_backend(q, k, k) == "sdpa"
+        xeon_only = [(randn(1, 2, 1024, 40),) * 2, (randn(1, 2, 2048, 64),) * 2, (randn(1, 2, 512, 80), text)]
+        for q, k in xeon_only + [(randn(1, 2, 64, 160),) * 2]:
+            amd_picks = "cpu_f32" if q.shape[2] >= 256 else "sdpa"
+            assert kernel.fits(q, k, k) and preferred_backend(q, k, k) == ("sdpa" if kernel.AMX else amd_picks)
         assert preferred_backend(*(randn(1, 2, 2048, 16),) * 3) != "cpu_f32"
         mask = torch.ones(1, 1, 1, 2048, dtype=torch.bool)
         for args in [(long, long, long, mask), (long.bfloat16(), long.bfloat16(), long.bfloat16(), None),
