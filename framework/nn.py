@@ -7,7 +7,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from limner.kernels import Packed, conv2d, conv2d_packed, geglu, linear, linear_geglu
+from limner.kernels import Packed, conv2d, geglu, linear, linear_geglu
 
 from .attention import attention
 
@@ -43,11 +43,12 @@ class Linear(nn.Linear):
 
 
 class InferenceConv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same state dict) whose CPU inference runs on limner's kernels:
-    a bf16 weight packed for oneDNN once instead of at every call (limner.kernels.conv2d_packed;
-    same outputs), a float32 3x3 one by Winograd's minimal filtering where it measured faster
-    (limner.kernels.conv2d). What limner.pipeline.inference_convs turns a pipeline's
-    convolutions into (`from_conv`); with autograd, under torch.compile and elsewhere, nn.Conv2d's."""
+    """nn.Conv2d (same parameters, same state dict) whose CPU inference runs on limner's kernels
+    (limner.kernels.conv2d): 3x3 ones by Winograd's minimal filtering where it measured faster
+    (float32; bf16 with its transformed weight kept), other bf16 ones on a weight packed for oneDNN
+    once instead of at every call (conv2d_packed; same outputs). What
+    limner.pipeline.inference_convs turns a pipeline's convolutions into (`from_conv`); with
+    autograd, under torch.compile and elsewhere, nn.Conv2d's."""
 
     packed: Packed
 
@@ -60,13 +61,14 @@ class InferenceConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros" or torch.compiler.is_compiling():  # a compiled graph packs for itself
             return super().forward(x)
-        if self.weight.dtype is torch.float32:
-            return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        if x.dtype is torch.float32 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
-                torch.get_autocast_dtype("cpu") is torch.bfloat16:
-            x = x.to(torch.bfloat16)  # what autocast does at F.conv2d's door, done here so the packed path sees it
-        return conv2d_packed(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
-                             self.packed)
+        weight, bias, packed = self.weight, self.bias, self.packed
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
+                torch.get_autocast_dtype("cpu") is torch.bfloat16:  # what autocast does at F.conv2d's door, done
+            x = x.to(torch.bfloat16)                                # here so that limner's bf16 kernels see it
+            if weight.dtype is torch.float32 and not torch.is_grad_enabled():  # cast at every call: nothing to keep
+                weight, packed = weight.to(torch.bfloat16), None
+                bias = None if bias is None else bias.to(torch.bfloat16)
+        return conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups, packed=packed)
 
 
 class Attention(nn.Module):

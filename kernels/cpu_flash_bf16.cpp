@@ -122,17 +122,4 @@ at::Tensor forward(at::Tensor q, at::Tensor k, at::Tensor v, double scale) {
   return out;
 }
 
-// Whether torch's cpublas runs a bf16 batch-reduce GEMM here (oneDNN's, on AMX tiles or avx512_bf16's
-// dot products): tried on one 1 x 16 x 2 product, since could_pack(kBFloat16) answers for AMX alone
-// while the GEMM itself also runs on avx512_bf16 CPUs (AMD's Zen 4), and where it runs nowhere it throws.
-bool available() {
-  try {
-    std::vector<bf16> a(2, bf16(1.f)), b(32, bf16(1.5f));
-    std::vector<float> c(16, 0.f);
-    blas::brgemm(1, 16, 2, 2, 16, 16, false, a.data(), b.data(), c.data());
-    blas::brgemm_release();
-    return std::all_of(c.begin(), c.end(), [](float x) { return x == 3.f; });
-  } catch (const std::exception&) {
-    return false;
-  }
-}
+bool available() { return bf16_brgemm_runs(); }

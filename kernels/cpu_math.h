@@ -1,6 +1,25 @@
-// Vector math shared by limner's C++ CPU kernels (AVX-512); kernels/_cpp.py puts this text in
-// front of each kernel's source before compiling it.
+// Vector math and checks shared by limner's C++ CPU kernels (AVX-512); kernels/_cpp.py puts this text
+// in front of each kernel's source before compiling it.
+#include <ATen/native/CPUBlas.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <exception>
+#include <vector>
+
+// Whether torch's cpublas runs a bf16 batch-reduce GEMM (oneDNN's) on this CPU: tried on one 1 x 16 x 2
+// product, since could_pack(kBFloat16) answers for AMX alone while the GEMM also runs on avx512_bf16
+// (AMD's Zen 4), and where it runs nowhere it throws.
+static inline bool bf16_brgemm_runs() {
+  try {
+    std::vector<at::BFloat16> a(2, at::BFloat16(1.f)), b(32, at::BFloat16(1.5f));
+    std::vector<float> c(16, 0.f);
+    at::native::cpublas::brgemm(1, 16, 2, 2, 16, 16, false, a.data(), b.data(), c.data());
+    at::native::cpublas::brgemm_release();
+    return std::all_of(c.begin(), c.end(), [](float v) { return v == 3.f; });
+  } catch (const std::exception&) {
+    return false;
+  }
+}
 
 // 2^x as 2^round(x) * (degree-7 Taylor polynomial of e^(f ln 2)), f in [-1/2, 1/2]; 0 below -126.
 static inline __m512 exp2_ps(__m512 x) {

@@ -12,10 +12,28 @@
 // transformed tensors stay small and in cache while the image can be large (a VAE's 512 px).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <exception>
+#include <type_traits>
+#include <vector>
 
 namespace {
+
+namespace blas = at::native::cpublas;
+using bf16 = at::BFloat16;
+
+// sixteen values to and from float32 vectors: float32 as is, bf16 widened (its bits are float32's top
+// half) and rounded to nearest even on the way back (avx512_bf16)
+static inline __m512 load16(__mmask16 live, const float* p) { return _mm512_maskz_loadu_ps(live, p); }
+static inline __m512 load16(__mmask16 live, const bf16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
+}
+static inline void store16(float* p, __mmask16 live, __m512 v) { _mm512_mask_storeu_ps(p, live, v); }
+static inline void store16(bf16* p, __mmask16 live, __m512 v) {
+  _mm256_mask_storeu_epi16(p, live, (__m256i)_mm512_cvtneps_pbh(v));
+}
 
 template <int M> struct Mats;
 template <> struct Mats<2> {
@@ -49,8 +67,8 @@ static inline __m512 combine(const float* c, const __m512* v, int step) {
   return s;
 }
 
-template <int M>
-void input_tiles(const float* x, float* V, int64_t H, int64_t W, int64_t C, int64_t tH, int64_t tW, int64_t t0, int64_t T, int64_t Tc) {
+template <int M, typename T_>
+void input_tiles(const T_* x, T_* V, int64_t H, int64_t W, int64_t C, int64_t tH, int64_t tW, int64_t t0, int64_t T, int64_t Tc) {
   constexpr int A = M + 2;
   using Mt = Mats<M>;
   at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
@@ -66,7 +84,7 @@ void input_tiles(const float* x, float* V, int64_t H, int64_t W, int64_t C, int6
           for (int j = 0; j < A; ++j) {
             const int64_t w = tw * M - 1 + j;
             d[i * A + j] = (h >= 0 && h < H && w >= 0 && w < W)
-                               ? _mm512_maskz_loadu_ps(live, x + ((n * H + h) * W + w) * C + c0)
+                               ? load16(live, x + ((n * H + h) * W + w) * C + c0)
                                : _mm512_setzero_ps();
           }
         }
@@ -78,14 +96,14 @@ void input_tiles(const float* x, float* V, int64_t H, int64_t W, int64_t C, int6
         for (int i = 0; i < A; ++i)
 #pragma GCC unroll 8
           for (int j = 0; j < A; ++j)  // (B^T d) B
-            _mm512_mask_storeu_ps(V + ((i * A + j) * Tc + r) * C + c0, live, combine<A>(Mt::BT[j], t + i * A, 1));
+            store16(V + ((i * A + j) * Tc + r) * C + c0, live, combine<A>(Mt::BT[j], t + i * A, 1));
       }
     }
   });
 }
 
-template <int M>
-void output_tiles(const float* Mm, const float* bias, float* y, int64_t H, int64_t W, int64_t C,
+template <int M, typename T_>
+void output_tiles(const float* Mm, const float* bias, T_* y, int64_t H, int64_t W, int64_t C,
                   int64_t tH, int64_t tW, int64_t t0, int64_t T, int64_t Tc) {
   constexpr int A = M + 2;
   using Mt = Mats<M>;
@@ -110,8 +128,8 @@ void output_tiles(const float* Mm, const float* bias, float* y, int64_t H, int64
           for (int j = 0; j < M; ++j) {
             const int64_t w = tw * M + j;
             if (w >= W) break;
-            _mm512_mask_storeu_ps(y + ((n * H + h) * W + w) * C + c0, live,
-                                  _mm512_add_ps(b, combine<A>(Mt::AT[j], t + i * A, 1)));  // (A^T m) A + bias
+            store16(y + ((n * H + h) * W + w) * C + c0, live,
+                    _mm512_add_ps(b, combine<A>(Mt::AT[j], t + i * A, 1)));  // (A^T m) A + bias
           }
         }
       }
@@ -119,25 +137,47 @@ void output_tiles(const float* Mm, const float* bias, float* y, int64_t H, int64
   });
 }
 
-// U[(i*A+j)][co][ci] = (G g G^T)[i][j] for g = w[co, ci]
-template <int M>
-void weight_tiles(const at::Tensor& w, float* U) {
+static const __m512i LANES = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+
+// g[k] = w[co, c0 + lane, k / 3, k % 3] for sixteen input channels: float32 gathered at its strides,
+// bf16 (contiguous) widened into a block on the stack first (no 16-bit gather)
+static inline void load_g(const at::Tensor& w, const float* p, int64_t co, int64_t c0, __mmask16 live, __m512* g) {
+  const int64_t so = w.stride(0), si = w.stride(1), sh = w.stride(2), sw = w.stride(3);
+  const __m512i lanes = _mm512_mullo_epi32(LANES, _mm512_set1_epi32((int)si));
+  for (int k = 0; k < 9; ++k) {
+    const float* q = p + co * so + c0 * si + (k / 3) * sh + (k % 3) * sw;
+    g[k] = si == 1 ? _mm512_maskz_loadu_ps(live, q) : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, lanes, q, 4);
+  }
+}
+static inline void load_g(const at::Tensor& w, const bf16* p, int64_t co, int64_t c0, __mmask16 live, __m512* g) {
+  if (w.stride(1) == 1) {  // channels-last: sixteen input channels side by side
+    for (int k = 0; k < 9; ++k) g[k] = load16(live, p + co * w.stride(0) + (k / 3) * w.stride(2) + (k % 3) * w.stride(3) + c0);
+    return;
+  }
+  alignas(64) float block[16 * 9];  // contiguous: [ci][k] as the weight lays them out
+  const int64_t n = 9 * __builtin_popcount(live);
+  const bf16* q = p + (co * w.size(1) + c0) * 9;
+  for (int64_t e = 0; e < n; e += 16)
+    _mm512_store_ps(block + e, load16(n - e >= 16 ? 0xFFFF : (__mmask16)((1u << (n - e)) - 1), q + e));
+  const __m512i nines = _mm512_mullo_epi32(LANES, _mm512_set1_epi32(9));
+  for (int k = 0; k < 9; ++k) g[k] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, nines, block + k, 4);
+}
+
+// float32: U[(i*A+j)][co][ci] = (G g G^T)[i][j] for g = w[co, ci]. bf16: the same numbers rounded once,
+// in the VNNI form oneDNN's bf16 GEMMs read for their B: U[(i*A+j)][ci/2][co][2] (two input channels
+// interleaved), Ci even
+template <int M, typename T_>
+void weight_tiles(const at::Tensor& w, T_* U) {
   constexpr int A = M + 2;
   using Mt = Mats<M>;
   const int64_t Co = w.size(0), Ci = w.size(1);
-  const float* p = w.data_ptr<float>();
-  const int64_t so = w.stride(0), si = w.stride(1), sh = w.stride(2), sw = w.stride(3);
-  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32((int)si));
+  const T_* p = w.data_ptr<T_>();
   at::parallel_for(0, Co, 4, [&](int64_t begin, int64_t end) {
     __m512 g[9], t[A * 3];
     for (int64_t co = begin; co < end; ++co) {
       for (int64_t c0 = 0; c0 < Ci; c0 += 16) {
         const __mmask16 live = Ci - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (Ci - c0)) - 1);
-        for (int k = 0; k < 9; ++k) {
-          const float* q = p + co * so + c0 * si + (k / 3) * sh + (k % 3) * sw;
-          g[k] = si == 1 ? _mm512_maskz_loadu_ps(live, q) : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, lanes, q, 4);
-        }
+        load_g(w, p, co, c0, live, g);
 #pragma GCC unroll 8
         for (int i = 0; i < A; ++i)
 #pragma GCC unroll 3
@@ -145,10 +185,35 @@ void weight_tiles(const at::Tensor& w, float* U) {
 #pragma GCC unroll 8
         for (int i = 0; i < A; ++i)
 #pragma GCC unroll 8
-          for (int j = 0; j < A; ++j)
-            _mm512_mask_storeu_ps(U + ((i * A + j) * Co + co) * Ci + c0, live, combine<3>(Mt::G[j], t + i * 3, 1));
+          for (int j = 0; j < A; ++j) {
+            const __m512 u = combine<3>(Mt::G[j], t + i * 3, 1);  // (G g) G^T
+            if constexpr (std::is_same_v<T_, float>) {
+              _mm512_mask_storeu_ps(U + ((i * A + j) * Co + co) * Ci + c0, live, u);
+            } else {  // eight pairs of input channels, Co pairs apart
+              const __m256i pairs = (__m256i)_mm512_cvtneps_pbh(u);
+              int* base = reinterpret_cast<int*>(U + (i * A + j) * Ci * Co) + (c0 / 2) * Co + co;
+              const __m256i at = _mm256_mullo_epi32(_mm512_castsi512_si256(LANES), _mm256_set1_epi32((int)Co));
+              _mm256_mask_i32scatter_epi32(base, (__mmask8)((1u << (__builtin_popcount(live) / 2)) - 1), at, pairs, 4);
+            }
+          }
       }
     }
+  });
+}
+
+// Mm[p] = V[p] U[p] for the A*A tile positions p, bf16 in, float32 out: oneDNN's batch-reduce GEMM from
+// torch's cpublas (AMX tiles or avx512_bf16), over blocks of RB tiles x NB output channels
+void gemm_bf16(const bf16* V, const bf16* U, float* Mm, int64_t AA, int64_t n, int64_t Tc, int64_t Ci, int64_t Co) {
+  constexpr int64_t RB = 64, NB = 64;
+  const int64_t nrb = (n + RB - 1) / RB;
+  at::parallel_for(0, AA * nrb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / nrb, r0 = (task % nrb) * RB, rows = std::min(RB, n - r0);
+      for (int64_t n0 = 0; n0 < Co; n0 += NB)
+        blas::brgemm(rows, std::min(NB, Co - n0), Ci, Ci, Co, Co, false, V + (p * Tc + r0) * Ci,
+                     U + p * Ci * Co + 2 * n0, Mm + (p * Tc + r0) * Co + n0);
+    }
+    blas::brgemm_release();
   });
 }
 
@@ -162,6 +227,39 @@ at::Tensor weights(at::Tensor w, int64_t m) {
   else if (m == 4) weight_tiles<4>(w, U.data_ptr<float>());
   else TORCH_CHECK(false, "m must be 2 or 4");
   return U;
+}
+
+// bf16, F(2x2, 3x3) only: U [16, Ci, Co] holding [16][Ci/2][Co][2]
+at::Tensor weights_bf16(at::Tensor w) {
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kBFloat16 &&
+              (w.is_contiguous() || w.stride(1) == 1) && w.size(1) % 2 == 0,
+              "a contiguous or channels-last 3x3 bf16 weight with an even number of input channels");
+  at::Tensor U = at::empty({16, w.size(1), w.size(0)}, w.options());
+  weight_tiles<2>(w, U.data_ptr<bf16>());
+  return U;
+}
+
+at::Tensor forward_bf16(at::Tensor x, at::Tensor U, c10::optional<at::Tensor> bias, int64_t chunk) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "a channels-last bf16 input");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Co = U.size(2), tH = (H + 1) / 2, tW = (W + 1) / 2, T = N * tH * tW;
+  TORCH_CHECK(U.size(0) == 16 && U.size(1) == C && C % 2 == 0 && U.scalar_type() == at::kBFloat16, "weights of another shape");
+  const at::Tensor bc = bias && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* b = bc.defined() ? bc.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({N, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t Tc = std::min(T, std::max<int64_t>(chunk, 1));
+  const int64_t vbytes = (16 * Tc * C * 2 + 63) / 64 * 64;  // bf16 V, then float32 Mm on a cache line
+  at::Tensor work = at::empty({vbytes + 16 * Tc * Co * 4}, x.options().dtype(at::kByte));
+  bf16* V = reinterpret_cast<bf16*>(work.data_ptr<uint8_t>());
+  float* Mm = reinterpret_cast<float*>(work.data_ptr<uint8_t>() + vbytes);
+  for (int64_t t0 = 0; t0 < T; t0 += Tc) {
+    const int64_t n = std::min(Tc, T - t0);
+    input_tiles<2>(x.data_ptr<bf16>(), V, H, W, C, tH, tW, t0, n, Tc);
+    gemm_bf16(V, U.data_ptr<bf16>(), Mm, 16, n, Tc, C, Co);
+    output_tiles<2>(Mm, b, y.data_ptr<bf16>(), H, W, Co, tH, tW, t0, n, Tc);
+  }
+  return y;
 }
 
 at::Tensor forward(at::Tensor x, at::Tensor U, c10::optional<at::Tensor> bias, int64_t m, int64_t chunk) {
@@ -192,3 +290,5 @@ at::Tensor forward(at::Tensor x, at::Tensor U, c10::optional<at::Tensor> bias, i
   }
   return y;
 }
+
+bool bf16_available() { return bf16_brgemm_runs(); }

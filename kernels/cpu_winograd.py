@@ -18,10 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import forced_eager
+from ._backend import AMX, forced_eager
 from ._cpp import CppKernel
+from .onednn_conv import Packed, conv2d_packed
 
-KERNEL = CppKernel("cpu_winograd.cpp", ["weights", "forward"], "float32 3x3 convolutions use oneDNN's direct ones")
+KERNEL = CppKernel("cpu_winograd.cpp", ["weights", "forward", "weights_bf16", "forward_bf16", "bf16_available"],
+                   "3x3 convolutions use oneDNN's direct ones", flags=("-mavx512bf16", "-mavx512bw", "-mavx512vl"))
 BACKENDS = ("auto", "winograd", "eager")
 # Tiles per transform-multiply-transform round: up to 1,024 (the matrix products re-read the
 # transformed weight once a round; all tiles at once was 1.1-3x slower at 256-512 px, the
@@ -34,70 +36,106 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def _bf16_runs() -> bool:
+    """Whether the bf16 path's GEMMs run on this CPU (AMX or avx512_bf16), asked once."""
+    global _BF16
+    if _BF16 is None:
+        module = KERNEL.module()
+        _BF16 = module is not None and module.bf16_available()
+    return _BF16
+
+
+_BF16: bool | None = None
+
+
 def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=1, dilation=1,
          groups: int = 1) -> bool:
-    """Whether conv2d_winograd takes these: float32 CPU tensors, x 4-D channels-last, a 3x3 weight,
-    stride 1, padding 1, dilation 1, one group, no autocast and no gradient, outside a torch.compile
-    trace, on a CPU where the kernel builds (AVX-512)."""
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+    """Whether conv2d_winograd takes these: float32 or bf16 CPU tensors (x and weight of one dtype),
+    x 4-D channels-last, a 3x3 weight, stride 1, padding 1, dilation 1, one group, no gradient,
+    outside a torch.compile trace, on a CPU where the kernel builds (AVX-512); float32 not under
+    autocast (which would compute in bf16); bf16 with an even number of input channels, a contiguous
+    or channels-last weight, on a CPU whose bf16 GEMMs run (AMX or avx512_bf16)."""
+    if torch.compiler.is_compiling() or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+        return False
+    bf16 = x.dtype is torch.bfloat16
+    if not bf16 and torch.is_autocast_enabled("cpu"):
         return False
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     return (not grad and x.ndim == 4 and weight.ndim == 4 and tuple(weight.shape[2:]) == (3, 3)
             and x.shape[1] == weight.shape[1] and groups == 1 and not isinstance(padding, str)
             and _pair(stride) == (1, 1) and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1)
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, weight) if t is not None)
-            and (bias is None or (bias.device.type == "cpu" and bias.dtype == torch.float32))
+            and x.device.type == "cpu" and weight.device.type == "cpu"
+            and (bias is None or (bias.device.type == "cpu" and bias.dtype in (torch.float32, x.dtype)))
             and x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last)
-            and KERNEL.module() is not None)
+            and (not bf16 or (x.shape[1] % 2 == 0 and (weight.is_contiguous() or weight.stride(1) == 1)))
+            and KERNEL.module() is not None and (not bf16 or _bf16_runs()))
 
 
 def faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Where it measured faster than oneDNN's direct convolution on this project's CPUs: 8 or more
-    channels in and out (benchmarks/results/cpu-kernel-measurements.md)."""
+    """Where it measured faster than oneDNN's direct convolution on this project's CPUs
+    (benchmarks/results/cpu-kernel-measurements.md): float32 with 8 or more channels in and out;
+    bf16 (its transformed weight kept) with 64 or more on the AMD EPYC, 1.15-1.9x at SD's shapes
+    (at 32 channels 0.93x). With AMX (the Intel Xeon) oneDNN's direct bf16 convolution runs on
+    the tiles ~5x faster than on avx512_bf16 and bf16 Winograd is unmeasured: it stays direct."""
+    if x.dtype is torch.bfloat16:
+        return not AMX and min(weight.shape[0], weight.shape[1]) >= 64
     return min(weight.shape[0], weight.shape[1]) >= 8
 
 
 def tile(x: torch.Tensor) -> int:
-    """m of F(m x m, 3 x 3): 4 from 32x32 pixels up, 2 below (at 8-16 px with 1,280 channels F(4,3)'s
-    larger weight transform and padded tiles cost more than its fewer multiplications save)."""
-    return 4 if min(x.shape[2], x.shape[3]) >= 32 else 2
+    """m of F(m x m, 3 x 3): for float32 4 from 32x32 pixels up, 2 below (at 8-16 px with 1,280
+    channels F(4,3)'s larger weight transform and padded tiles cost more than its fewer
+    multiplications save); for bf16 always 2 (F(4,3)'s transforms multiply bf16's rounding by up to 8)."""
+    return 4 if x.dtype is torch.float32 and min(x.shape[2], x.shape[3]) >= 32 else 2
 
 
 def conv2d_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     m: int | None = None) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1) by Winograd's F(m x m, 3 x 3) (m 2 or 4; default `tile`),
-    channels-last out."""
+    """F.conv2d(x, weight, bias, padding=1) by Winograd's F(m x m, 3 x 3) (float32: m 2 or 4, default
+    `tile`; bf16: 2), channels-last out."""
     if not fits(x, weight, bias):
-        raise ValueError(f"conv2d_winograd takes float32 CPU x [N, C, H, W] in channels-last memory with a "
-                         f"[Cout, C, 3, 3] weight (stride 1, padding 1), no autocast and no gradient, on a CPU with "
-                         f"AVX-512; got x {tuple(x.shape)} {x.dtype} on {x.device.type}, weight "
-                         f"{tuple(weight.shape)} {weight.dtype}: use F.conv2d for these")
+        raise ValueError(f"conv2d_winograd takes float32 or bf16 CPU x [N, C, H, W] in channels-last memory with a "
+                         f"[Cout, C, 3, 3] weight of its dtype (stride 1, padding 1; bf16: C even, on a CPU with "
+                         f"native bf16), no gradient and no float32 autocast, on a CPU with AVX-512; got x "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device.type}, weight {tuple(weight.shape)} {weight.dtype}: "
+                         f"use F.conv2d for these")
     m = tile(x) if m is None else m
-    if m not in (2, 4):
-        raise ValueError(f"conv2d_winograd: m must be 2 or 4 (F(2x2, 3x3) or F(4x4, 3x3)), got {m!r}")
+    if m not in ((2,) if x.dtype is torch.bfloat16 else (2, 4)):
+        raise ValueError(f"conv2d_winograd: m must be 2 or 4 (F(2x2, 3x3) or F(4x4, 3x3); bf16: 2), got {m!r} for "
+                         f"{x.dtype}")
     return _winograd(x, weight, bias, m)
 
 
-def _winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: int) -> torch.Tensor:
-    """The kernel's call, for inputs `fits` has taken."""
+def _winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: int,
+              packed: Packed | None = None) -> torch.Tensor:
+    """The kernel's call, for inputs `fits` has taken (a bf16 weight's transform kept in `packed`)."""
     module = KERNEL.module()
+    if x.dtype is torch.bfloat16:  # transformed inputs bf16, products float32
+        per_tile = 16 * (2 * weight.shape[1] + 4 * weight.shape[0])
+        U = module.weights_bf16(weight) if packed is None else packed.prepared(
+            ("winograd", weight.data_ptr(), weight._version), lambda: module.weights_bf16(weight))
+        return module.forward_bf16(x, U, bias, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
     per_tile = (m + 2) ** 2 * 4 * (weight.shape[0] + weight.shape[1])
     return module.forward(x, module.weights(weight, m), bias, m, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
-           dilation=1, groups: int = 1, backend: str = "auto") -> torch.Tensor:
+           dilation=1, groups: int = 1, backend: str = "auto", packed: Packed | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, stride, padding, dilation, groups); "auto": by Winograd where it
-    fits and measured faster (not under LIMNER_KERNELS=eager), "winograd": always (refused where
-    it does not fit), "eager": F.conv2d."""
+    fits and measured faster (not under LIMNER_KERNELS=eager), else with `packed` oneDNN's
+    convolution on a weight packed once (conv2d_packed, bf16), else F.conv2d; "winograd": always
+    (refused where it does not fit); "eager": F.conv2d. `packed` (one per convolution) keeps the
+    prepared weight between calls: oneDNN's packing, or a bf16 weight's Winograd transform."""
     if backend not in BACKENDS:
         raise ValueError(f"conv2d: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     fit = backend != "eager" and fits(x, weight, bias, stride, padding, dilation, groups)  # asked once: a hot path
     if backend == "winograd" or (backend == "auto" and not forced_eager() and fit and faster(x, weight)):
         if not fit:
-            raise ValueError(f"conv2d: backend 'winograd' takes a float32 3x3 convolution with stride 1, padding 1, "
-                             f"one group, a channels-last CPU input and no gradient, on a CPU with AVX-512; got x "
-                             f"{tuple(x.shape)} {x.dtype} on {x.device.type}, weight {tuple(weight.shape)}, stride "
-                             f"{stride}, padding {padding}, groups {groups}; use backend='eager' or 'auto'")
-        return _winograd(x, weight, bias, tile(x))
+            raise ValueError(f"conv2d: backend 'winograd' takes a float32 or bf16 3x3 convolution with stride 1, "
+                             f"padding 1, one group, a channels-last CPU input and no gradient, on a CPU with AVX-512; "
+                             f"got x {tuple(x.shape)} {x.dtype} on {x.device.type}, weight {tuple(weight.shape)}, "
+                             f"stride {stride}, padding {padding}, groups {groups}; use backend='eager' or 'auto'")
+        return _winograd(x, weight, bias, tile(x), packed)
+    if backend == "auto" and packed is not None:
+        return conv2d_packed(x, weight, bias, stride, padding, dilation, groups, packed)  # (F.conv2d if unfit)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)

@@ -32,19 +32,24 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, paddi
 
 
 class Packed:
-    """The packed weight of one convolution, for the last input shape it saw (and the weight's
-    version: an in-place change to the weight packs it again)."""
+    """One convolution's weight as its kernel last prepared it (oneDNN's blocked layout for an input
+    shape, or Winograd's transformed tiles: kernels/cpu_winograd.py), kept with what it was made
+    from: another input shape, kernel or an in-place change to the weight prepares it again."""
 
     def __init__(self):
         self.key, self.weight = None, None
 
-    def get(self, x: torch.Tensor, weight: torch.Tensor, padding, stride, dilation, groups: int) -> torch.Tensor:
-        key = (tuple(x.shape), weight.data_ptr(), weight._version)
+    def prepared(self, key: tuple, make) -> torch.Tensor:
+        """The weight kept for `key`, or make() kept in its place."""
         if key != self.key:
-            self.weight = torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation, groups,
-                                                                      list(x.shape))
-            self.key = key
+            self.weight, self.key = None, None  # the old one freed before the new one is made
+            self.weight, self.key = make(), key
         return self.weight
+
+    def get(self, x: torch.Tensor, weight: torch.Tensor, padding, stride, dilation, groups: int) -> torch.Tensor:
+        return self.prepared(("onednn", tuple(x.shape), weight.data_ptr(), weight._version),
+                             lambda: torch.ops.mkldnn._reorder_convolution_weight(weight, padding, stride, dilation,
+                                                                                 groups, list(x.shape)))
 
 
 def _pair(v) -> list[int]:

@@ -230,7 +230,7 @@ def test_conv2d_takes_winograd_only_where_it_fits_and_is_faster(monkeypatch):
     F = torch.nn.functional
     calls = []
     real = cpu_winograd._winograd
-    monkeypatch.setattr(cpu_winograd, "_winograd", lambda x, w, b, m: calls.append(m) or real(x, w, b, m))
+    monkeypatch.setattr(cpu_winograd, "_winograd", lambda x, w, b, m, packed: calls.append(m) or real(x, w, b, m))
     cl = torch.channels_last
     x, x_small = randn(2, 16, 32, 32).contiguous(memory_format=cl), randn(2, 16, 9, 9).contiguous(memory_format=cl)
     wt, b = randn(24, 16, 3, 3, seed=1) / 4, randn(24, seed=2)
@@ -248,10 +248,78 @@ def test_conv2d_takes_winograd_only_where_it_fits_and_is_faster(monkeypatch):
     w_grad = wt.clone().requires_grad_()
     conv2d(x, w_grad, b, 1, 1, 1, 1).sum().backward()
     assert calls == [4, 2] and w_grad.grad is not None and w_grad.grad.abs().sum() > 0
-    with torch.no_grad(), pytest.raises(ValueError, match="backend 'winograd' takes a float32 3x3 convolution"):
+    with torch.no_grad(), pytest.raises(ValueError, match="backend 'winograd' takes a float32 or bf16 3x3 convolution"):
         conv2d(x, wt, b, 2, 1, 1, 1, backend="winograd")
     with pytest.raises(ValueError, match="unknown backend 'fast'; valid: auto, winograd, eager"):
         conv2d(x, wt, b, backend="fast")
+
+
+def winograd_bf16_kernel():
+    cpu_winograd = winograd_kernel()
+    if not cpu_winograd._bf16_runs():
+        pytest.skip("this CPU runs no bf16 batch-reduce GEMM (AMX or avx512_bf16): no bf16 Winograd")
+    return cpu_winograd
+
+
+@pytest.mark.parametrize("n, cin, cout, h, w, bias, weight_layout, chunk", [
+    (1, 4, 5, 7, 9, True, "contiguous", 1024), (2, 18, 33, 13, 6, False, "channels_last", 5),
+    (3, 40, 24, 33, 35, True, "contiguous", 7), (1, 64, 16, 1, 2, True, "channels_last", 1),
+    (2, 96, 70, 9, 8, False, "channels_last", 1024),
+])
+def test_winograd_conv2d_bf16_matches_a_float64_reference(monkeypatch, n, cin, cout, h, w, bias, weight_layout, chunk):
+    """bf16 F(2x2, 3x3) (inputs and weights transformed in float32 and rounded to bf16 once, products
+    summed in float32 by oneDNN's bf16 GEMMs) against a float64 convolution of the same bf16 numbers
+    over odd shapes: channels off 16 and off the GEMM's 64-wide blocks, images off 2, 1-2 pixels,
+    partial chunks, either weight layout. Error in bf16 unit roundoffs (2^-8) times |x| conv |w| +
+    |b|: oneDNN's direct bf16 convolution measures 0.15-0.6 here, Winograd 0.24-1.0; held to 2."""
+    cpu_winograd = winograd_bf16_kernel()
+    monkeypatch.setattr(cpu_winograd, "CHUNK", chunk)
+    F = torch.nn.functional
+    x = randn(n, cin, h, w).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    wt = (randn(cout, cin, 3, 3, seed=1) / cin ** 0.5).to(torch.bfloat16)
+    wt = wt.contiguous(memory_format=torch.channels_last) if weight_layout == "channels_last" else wt
+    b = randn(cout, seed=2).to(torch.bfloat16) if bias else None
+    b64 = None if b is None else b.double()
+    exact = F.conv2d(x.double(), wt.double(), b64, padding=1)
+    scale = F.conv2d(x.double().abs(), wt.double().abs(), None if b is None else b64.abs(), padding=1) * 2.0 ** -8
+    with torch.no_grad():
+        out = cpu_winograd.conv2d_winograd(x, wt, b)
+    assert out.dtype == torch.bfloat16 and out.shape == exact.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert float(((out.double() - exact).abs() / scale).max()) <= 2
+
+
+def test_conv2d_bf16_takes_winograd_where_measured_faster_and_keeps_its_transform():
+    """bf16 through limner.kernels.conv2d with a Packed holder: Winograd where `faster` says (64+
+    channels without AMX; with AMX oneDNN's packed convolution), its transformed weight made once and
+    kept (the same tensor at the next call), made again after an in-place change to the weight;
+    32 channels and an odd channel count go to oneDNN's packed convolution (F.conv2d's bits);
+    m other than 2 is refused for bf16 by name."""
+    cpu_winograd = winograd_bf16_kernel()
+    from limner.kernels import Packed, conv2d
+
+    F = torch.nn.functional
+    cl = torch.channels_last
+    x = randn(2, 64, 16, 16).to(torch.bfloat16).contiguous(memory_format=cl)
+    wt, b = (randn(64, 64, 3, 3, seed=1) / 8).to(torch.bfloat16), randn(64, seed=2).to(torch.bfloat16)
+    packed = Packed()
+    with torch.no_grad():
+        out = conv2d(x, wt, b, 1, 1, 1, 1, packed=packed)
+        if cpu_winograd.AMX:
+            assert packed.key[0] == "onednn" and torch.equal(out, F.conv2d(x, wt, b, 1, 1, 1, 1))
+        else:
+            kept = packed.weight
+            assert packed.key[0] == "winograd" and torch.equal(out, cpu_winograd.conv2d_winograd(x, wt, b))
+            assert torch.equal(conv2d(x, wt, b, 1, 1, 1, 1, packed=packed), out) and packed.weight is kept
+            wt.mul_(-1)  # in place: the kept transform is stale
+            again = conv2d(x, wt, b, 1, 1, 1, 1, packed=packed)
+            assert packed.weight is not kept and torch.equal(again, cpu_winograd.conv2d_winograd(x, wt, b))
+        for xs, ws in ((x[:, :32], wt[:32, :32]), (x[:, :17], wt[:, :17])):  # 32 channels; an odd count
+            xs, ws = xs.contiguous(memory_format=cl), ws.contiguous()
+            assert torch.equal(conv2d(xs, ws, None, 1, 1, 1, 1, packed=Packed()), F.conv2d(xs, ws, None, 1, 1, 1, 1))
+        assert not cpu_winograd.fits(x[:, :17].contiguous(memory_format=cl), wt[:, :17].contiguous(), b)
+        with pytest.raises(ValueError, match="m must be 2 or 4 .* bf16: 2"):
+            cpu_winograd.conv2d_winograd(x, wt, b, m=4)
 
 
 def test_inference_convs_keep_the_state_dict_and_train_as_nn_conv2d():
