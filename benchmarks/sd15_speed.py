@@ -313,6 +313,10 @@ def render(data: dict) -> None:
                 if theirs:
                     lines.append(f"- {dtype}: limner {theirs['image_s'] / ours['image_s']:.2f}x {other} eager-to-eager "
                                  f"image time, {theirs['image_s'] / best:.2f}x with limner's best ({best:.1f} s).")
+            full = rows.get("limner float32")
+            if dtype == "bfloat16" and full:
+                lines.append(f"- bfloat16: limner's image {full['image_s'] / ours['image_s']:.2f}x its float32 image "
+                             f"({ours['image_s']:.1f} s vs {full['image_s']:.1f} s).")
             ours_c, theirs_c = rows.get(f"limner {dtype} compiled"), rows.get(f"diffusers {dtype} compiled")
             if ours_c and theirs_c:
                 lines.append(f"- {dtype}: limner compiled {theirs_c['next_image_s'] / ours_c['next_image_s']:.2f}x "

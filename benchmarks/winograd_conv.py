@@ -1,16 +1,19 @@
-"""F.conv2d (oneDNN's direct convolution) against limner.kernels.conv2d (Winograd where it fits
-and is faster, kernels/cpu_winograd.py) at the float32 3x3 convolution shapes of Stable Diffusion
-1.5's UNet (64x64 latent, batch 2, guided), its VAE decoder (one 512x512 image) and the demo UNet
+"""oneDNN's direct convolution against limner.kernels.conv2d (Winograd where it fits and is
+faster, kernels/cpu_winograd.py) at the 3x3 convolution shapes of Stable Diffusion 1.5's UNet
+(64x64 latent, batch 2, guided), its VAE decoder (one 512x512 image) and the demo UNet
 (configs/shapes-unet.toml, batch 2), channels-last, no grad, inside limner.pipeline.
 freed_memory_kept as sampling runs them; each side called in turn. The count is how many such
 convolutions one forward (one decode) runs, so each group's last line is its convolution time.
+float32: F.conv2d against conv2d; bf16 (--dtype bf16): oneDNN's convolution on a weight packed
+once (conv2d_packed, what a bf16-held model ran before) against conv2d with a Packed holder (the
+Winograd transform kept, as a held model keeps it; its first call, which makes it, not timed).
 
-    python benchmarks/winograd_conv.py     # prints the markdown table (cpu-kernel-measurements.md)
-    python benchmarks/winograd_conv.py --sd FILE   # and a whole UNet forward, Winograd on and off
+    python benchmarks/winograd_conv.py [--dtype bf16]   # prints the markdown table (cpu-kernel-measurements.md)
+    python benchmarks/winograd_conv.py --sd FILE [--dtype bf16]  # and a whole UNet forward, Winograd on and off
 
---sd FILE (an SD 1.5-size checkpoint, e.g. from benchmarks/sd_full_size.py) adds the float32 UNet
-forward (batch 2, 64x64 latent) with Winograd and without (limner's other kernels alike), in turn,
-and the largest difference between the two outputs.
+--sd FILE (an SD 1.5-size checkpoint, e.g. from benchmarks/sd_full_size.py) adds the UNet forward
+(batch 2, 64x64 latent) with Winograd and without (limner's other kernels alike), in turn, and
+how far the two outputs are apart.
 """
 from __future__ import annotations
 
@@ -23,9 +26,11 @@ import torch.nn.functional as F
 from in_turn import in_turn, medians
 
 from limner.bench import cpu_name
-from limner.kernels import conv2d, cpu_winograd
-from limner.kernels.cpu_winograd import faster, tile
+from limner.kernels import Packed, conv2d, conv2d_packed, cpu_winograd
+from limner.kernels.cpu_winograd import faster, fits, tile
 from limner.pipeline import freed_memory_kept
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 # group -> [(batch, in channels, out channels, pixels per side, how many per forward or decode)]
 SHAPES = {
@@ -45,27 +50,34 @@ SHAPES = {
 }
 
 
-def main(runs: int = 7) -> None:
+def main(dtype: torch.dtype, runs: int = 7) -> None:
     torch.manual_seed(0)
+    bf16 = dtype is torch.bfloat16
+    direct = "conv2d_packed" if bf16 else "F.conv2d"
     lines = [f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-             f"{time.strftime('%Y-%m-%d')}; `python benchmarks/winograd_conv.py`; float32, medians of {runs} calls "
-             "a side, alternated (\"direct\": F(m,3) blank where the shape stays on F.conv2d):", "",
-             "| shape: batch, in -> out, pixels | per pass | F.conv2d ms | limner ms | F(m,3) | speed-up |",
+             f"{time.strftime('%Y-%m-%d')}; `python benchmarks/winograd_conv.py{' --dtype bf16' if bf16 else ''}`; "
+             f"{str(dtype)[6:]}, medians of {runs} calls a side, alternated (F(m,3) blank where the shape stays on "
+             f"{direct}):", "",
+             f"| shape: batch, in -> out, pixels | per pass | {direct} ms | limner ms | F(m,3) | speed-up |",
              "|---|---:|---:|---:|---:|---:|"]
     with torch.no_grad(), freed_memory_kept():
         for group, shapes in SHAPES.items():
             lines.append(f"| *{group}* | | | | | |")
             total = {"direct": 0.0, "limner": 0.0}
             for n, cin, cout, size, count in shapes:
-                x = torch.randn(n, cin, size, size).contiguous(memory_format=torch.channels_last)
-                w = torch.randn(cout, cin, 3, 3) / (9 * cin) ** 0.5
-                b = torch.randn(cout)
-                sides = {"direct": partial(F.conv2d, x, w, b, 1, 1),
-                         "limner": partial(conv2d, x, w, b, 1, 1, 1, 1)}
+                x = torch.randn(n, cin, size, size).contiguous(memory_format=torch.channels_last).to(dtype)
+                w = (torch.randn(cout, cin, 3, 3) / (9 * cin) ** 0.5).to(dtype)
+                b = torch.randn(cout).to(dtype)
+                if bf16:  # each with its own holder: oneDNN's packing, Winograd's transform (where taken)
+                    sides = {"direct": partial(conv2d_packed, x, w, b, 1, 1, 1, 1, Packed()),
+                             "limner": partial(conv2d, x, w, b, 1, 1, 1, 1, packed=Packed())}
+                else:
+                    sides = {"direct": partial(F.conv2d, x, w, b, 1, 1),
+                             "limner": partial(conv2d, x, w, b, 1, 1, 1, 1)}
                 med = {name: seconds * 1e3 for name, seconds in medians(in_turn(sides, runs)).items()}
                 for name in total:
                     total[name] += med[name] * count
-                m = tile(x) if faster(x, w) else None
+                m = tile(x) if fits(x, w, b) and faster(x, w) else None
                 lines.append(f"| {n}, {cin} -> {cout}, {size}x{size} | {count} | {med['direct']:.2f} | "
                              f"{med['limner']:.2f} | {m or ''} | {med['direct'] / med['limner']:.2f}x |")
             digits = 0 if total["direct"] >= 100 else 2
@@ -75,41 +87,68 @@ def main(runs: int = 7) -> None:
     print("\n".join(lines))
 
 
-def unet_forward(path: str, runs: int = 4) -> None:
-    """The whole float32 UNet forward of `path` with Winograd (limner.kernels.conv2d as shipped)
-    and without (its `faster` saying no: oneDNN's direct convolutions), in turn."""
+def packed_forward(conv, x: torch.Tensor) -> torch.Tensor:
+    """A bf16-held InferenceConv2d as it ran before bf16 Winograd: oneDNN on its packed weight."""
+    return conv2d_packed(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, conv.packed)
+
+
+def unet_forward(path: str, dtype: torch.dtype, runs: int = 4) -> None:
+    """The whole UNet forward of `path` with Winograd (limner.kernels.conv2d as shipped) and without
+    (oneDNN's direct convolutions), in turn. float32: one pipeline whose `faster` says no for the
+    direct side; bf16: two pipelines (each convolution keeps one prepared weight: switching one
+    pipeline back and forth would prepare it again at every call), the direct one's convolutions
+    on conv2d_packed as before Winograd. With how far each is from the float32 forward (bf16)."""
     import limner
     from limner.protocols import TextEmbedding
 
+    bf16 = dtype is torch.bfloat16
     shipped = cpu_winograd.faster
     torch.manual_seed(0)
-    pipe = limner.load_pipeline(path, device="cpu", dtype="float32")
-    x = torch.randn(2, 4, 64, 64).contiguous(memory_format=pipe.memory_format)
+    name = "bfloat16" if bf16 else "float32"
+    pipes = {side: limner.load_pipeline(path, device="cpu", dtype=name) for side in ("winograd", "direct")} \
+        if bf16 else dict.fromkeys(("winograd", "direct"), limner.load_pipeline(path, device="cpu", dtype=name))
+    if bf16:
+        for conv in pipes["direct"].model.denoiser.modules():
+            if isinstance(conv, limner.nn.InferenceConv2d):
+                conv.forward = partial(packed_forward, conv)
+    x = torch.randn(2, 4, 64, 64).contiguous(memory_format=pipes["winograd"].memory_format)
     ctx = torch.randn(2, 77, 768)
     cond = TextEmbedding(tokens=ctx, mask=torch.ones(2, 77, dtype=torch.bool), pooled=ctx[:, 0])
 
-    def forward(winograd: bool):
-        cpu_winograd.faster = shipped if winograd else (lambda x, w: False)
-        return pipe.model.denoiser(x, torch.full((2,), 3.0), cond)
+    def forward(side: str):
+        if not bf16:
+            cpu_winograd.faster = shipped if side == "winograd" else (lambda x, w: False)
+        pipe = pipes[side]
+        with limner.pipeline.autocast(pipe.dtype, torch.device("cpu")):
+            return pipe.model.denoiser(x, torch.full((2,), 3.0), cond).float()
 
     with torch.no_grad(), freed_memory_kept():
-        direct = forward(False)
-        diff, scale = float((forward(True) - direct).abs().max()), float(direct.abs().max())
-        times = in_turn({"winograd": partial(forward, True), "direct": partial(forward, False)}, runs)
+        out = {side: forward(side) for side in ("direct", "winograd")}
+        times = in_turn({"winograd": partial(forward, "winograd"), "direct": partial(forward, "direct")}, runs)
     cpu_winograd.faster = shipped
     med = medians(times)
-    print(f"\n{cpu_name()}, {torch.get_num_threads()} threads; `python benchmarks/winograd_conv.py --sd {path}`: "
-          f"SD 1.5-size UNet forward, float32, batch 2, 64x64 latent, medians of {runs} alternated: direct "
-          f"convolutions {med['direct']:.2f} s {[round(t, 2) for t in times['direct']]}, Winograd "
-          f"{med['winograd']:.2f} s {[round(t, 2) for t in times['winograd']]}: "
-          f"**{med['direct'] / med['winograd']:.2f}x**; "
-          f"largest output difference {diff:.1e} (largest output {scale:.1f}).")
+    if bf16:
+        del pipes
+        with torch.no_grad():
+            full = limner.load_pipeline(path, device="cpu", dtype="float32")
+            ref = full.model.denoiser(x.float(), torch.full((2,), 3.0), cond)
+        far = ", ".join(f"{side} {float((o - ref).norm() / ref.norm()):.2%}" for side, o in out.items())
+        apart = f"distance from the float32 forward (norm of the difference / norm): {far}"
+    else:
+        apart = (f"largest output difference {float((out['winograd'] - out['direct']).abs().max()):.1e} (largest "
+                 f"output {float(out['direct'].abs().max()):.1f})")
+    print(f"\n{cpu_name()}, {torch.get_num_threads()} threads; `python benchmarks/winograd_conv.py --sd {path}"
+          f"{' --dtype bf16' if bf16 else ''}`: SD 1.5-size UNet forward, {name}, batch 2, 64x64 latent, medians "
+          f"of {runs} alternated: direct convolutions {med['direct']:.2f} s {[round(t, 2) for t in times['direct']]}, "
+          f"Winograd {med['winograd']:.2f} s {[round(t, 2) for t in times['winograd']]}: "
+          f"**{med['direct'] / med['winograd']:.2f}x**; {apart}.")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sd", help="an SD 1.5-size single-file checkpoint: also time its whole UNet forward")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="float32 (default) or bf16")
     args = parser.parse_args()
-    main()
+    main(DTYPES[args.dtype])
     if args.sd:
-        unet_forward(args.sd)
+        unet_forward(args.sd, DTYPES[args.dtype])

@@ -96,3 +96,30 @@ def test_measured_children_never_import_the_repository_folders(tmp_path, monkeyp
              f"sys.exit(3 if s is not None and os.path.dirname(s.origin or '') == {str(root / 'kernels')!r} else 0)")
     wall, rss = anchors.run_process(["-c", probe], dict(os.environ), tmp_path / "peak_kib")
     assert wall > 0 and rss > 0
+
+
+def test_cpu_name_says_which_amd_core_a_bare_model_name_hides(monkeypatch):
+    """The VMs of this project's kind call Zen 4 and Zen 5 alike "AMD EPYC": cpu_name adds the core
+    from cpuinfo's family and model, so their results files get different names; Intel's and a
+    name that already says it stay as they are."""
+    import limner.bench as bench
+
+    def cpuinfo(text):
+        class FakePath:
+            def __init__(self, *_):
+                pass
+
+            def read_text(self):
+                return text
+        monkeypatch.setattr(bench, "Path", FakePath)
+
+    amd = "vendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: {}\nmodel name\t: {}\n"
+    for family, model, name, want in [(25, 17, "AMD EPYC", "AMD EPYC (Zen 4)"), (26, 2, "AMD EPYC", "AMD EPYC (Zen 5)"),
+                                      (25, 1, "AMD EPYC", "AMD EPYC (Zen 3)"), (23, 49, "AMD EPYC", "AMD EPYC"),
+                                      (25, 17, "AMD EPYC Zen 4", "AMD EPYC Zen 4")]:
+        cpuinfo(amd.format(family, model, name) + amd.format(1, 1, "other cores are not read"))
+        assert bench.cpu_name() == want
+    cpuinfo("vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Processor\n")
+    assert bench.cpu_name() == "Intel(R) Xeon(R) Processor" and bench.cpu_slug() == "intel-xeon"
+    cpuinfo(amd.format(25, 17, "AMD EPYC"))
+    assert bench.cpu_slug() == "amd-epyc-zen-4"
