@@ -17,6 +17,7 @@ but the difference still measures what bf16 changes at that size). The bfloat16 
 (limner.pipeline.hold_weights), the rest in bf16 autocast.
 
     python benchmarks/bf16_cpu.py [--sd FILE]   # writes benchmarks/results/bf16-cpu.{json,md}
+    python benchmarks/bf16_cpu.py --sd FILE --results benchmarks/results/bf16-cpu-amd-epyc-zen-4  # another CPU's
 """
 from __future__ import annotations
 
@@ -171,12 +172,14 @@ def main() -> None:
              "SD 1.5-size UNet, one guided forward (batch 2), 32x32 latent": sd15_forward(32, 3),
              "SD 1.5-size UNet, one guided forward (batch 2), 64x64 latent": sd15_forward(64, 2),
              "demo UNet, one training step (batch 16; bf16: autocast)": demo_training(10)}
-    data = {"command": "python benchmarks/bf16_cpu.py" + (" --sd FILE" if "--sd" in sys.argv else ""),
+    results = Path(sys.argv[sys.argv.index("--results") + 1]) if "--results" in sys.argv else RESULTS
+    data = {"command": "python benchmarks/bf16_cpu.py" + (" --sd FILE" if "--sd" in sys.argv else "") +
+            (f" --results {results}" if results != RESULTS else ""),
             "cpu": cpu_name(), "flags": flags, "threads": os.cpu_count(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "speed": speed,
             "psnr": psnr_rows(sys.argv[sys.argv.index("--sd") + 1] if "--sd" in sys.argv else None)}
-    RESULTS.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    RESULTS.with_suffix(".md").write_text(render(data))
+    results.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    results.with_suffix(".md").write_text(render(data))
     print(render(data))
 
 
