@@ -167,7 +167,7 @@ static inline void load_g(const at::Tensor& w, const bf16* p, int64_t co, int64_
 // in the VNNI form oneDNN's bf16 GEMMs read for their B: U[(i*A+j)][ci/2][co][2] (two input channels
 // interleaved), Ci even
 template <int M, typename T_>
-void weight_tiles(const at::Tensor& w, T_* U) {
+void weight_tiles(const at::Tensor& w, T_* U, bool ci_major = false) {
   constexpr int A = M + 2;
   using Mt = Mats<M>;
   const int64_t Co = w.size(0), Ci = w.size(1);
@@ -186,7 +186,11 @@ void weight_tiles(const at::Tensor& w, T_* U) {
       for (int j = 0; j < A; ++j) {
         const __m512 u = combine<3>(Mt::G[j], t + i * 3, 1);  // (G g) G^T
         if constexpr (std::is_same_v<T_, float>) {
-          _mm512_mask_storeu_ps(U + ((i * A + j) * Co + co) * Ci + c0, live, u);
+          if (ci_major)  // [A*A][Ci][Co]: sixteen input channels Co apart
+            _mm512_mask_i32scatter_ps(U + ((i * A + j) * Ci + c0) * Co + co, live,
+                                      _mm512_mullo_epi32(LANES, _mm512_set1_epi32((int)Co)), u, 4);
+          else
+            _mm512_mask_storeu_ps(U + ((i * A + j) * Co + co) * Ci + c0, live, u);
         } else {  // eight pairs of input channels, Co pairs apart
           const __m256i pairs = (__m256i)_mm512_cvtneps_pbh(u);
           int* base = reinterpret_cast<int*>(U + (i * A + j) * Ci * Co) + (c0 / 2) * Co + co;
@@ -227,12 +231,14 @@ void gemm_bf16(const bf16* V, const bf16* U, float* Mm, int64_t AA, int64_t n, i
 
 }  // namespace
 
-at::Tensor weights(at::Tensor w, int64_t m) {
+// [A*A, Cout, Cin] (forward's at::bmm reads its transpose), or with ci_major [A*A, Cin, Cout] (forward_fused's)
+at::Tensor weights(at::Tensor w, int64_t m, bool ci_major) {
   TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat, "3x3 float32 weight");
   const int64_t A = m + 2;
-  at::Tensor U = at::empty({A * A, w.size(0), w.size(1)}, w.options());
-  if (m == 2) weight_tiles<2>(w, U.data_ptr<float>());
-  else if (m == 4) weight_tiles<4>(w, U.data_ptr<float>());
+  at::Tensor U = ci_major ? at::empty({A * A, w.size(1), w.size(0)}, w.options())
+                          : at::empty({A * A, w.size(0), w.size(1)}, w.options());
+  if (m == 2) weight_tiles<2>(w, U.data_ptr<float>(), ci_major);
+  else if (m == 4) weight_tiles<4>(w, U.data_ptr<float>(), ci_major);
   else TORCH_CHECK(false, "m must be 2 or 4");
   return U;
 }
@@ -296,6 +302,39 @@ at::Tensor forward(at::Tensor x, at::Tensor U, c10::optional<at::Tensor> bias, i
     if (m == 2) output_tiles<2>(Mm.data_ptr<float>(), b, y.data_ptr<float>(), H, W, Co, tH, tW, t0, n, Tc);
     else output_tiles<4>(Mm.data_ptr<float>(), b, y.data_ptr<float>(), H, W, Co, tH, tW, t0, n, Tc);
   }
+  return y;
+}
+
+// float32, few channels: each task takes RB tiles through all three steps while they stay in its
+// cache (input transform, the A*A products as oneDNN batch-reduce GEMMs, output transform), one
+// parallel region instead of three and no round trip through memory. U is [A*A, Ci, Co] (row-major
+// B of each product).
+at::Tensor forward_fused(at::Tensor x, at::Tensor U, c10::optional<at::Tensor> bias, int64_t m, int64_t RB) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "a channels-last float32 input");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), A = m + 2;
+  const int64_t Co = U.size(2), tH = (H + m - 1) / m, tW = (W + m - 1) / m, T = N * tH * tW;
+  TORCH_CHECK(U.size(0) == A * A && U.size(1) == C && U.is_contiguous(), "weights of another shape");
+  TORCH_CHECK(m == 2 || m == 4, "m must be 2 or 4");
+  const at::Tensor bc = bias && bias->defined() ? bias->contiguous() : at::Tensor();
+  const float* b = bc.defined() ? bc.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({N, Co, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const float *xp = x.data_ptr<float>(), *up = U.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t nb = (T + RB - 1) / RB;
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> V(A * A * RB * C), Mm(A * A * RB * Co);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t t0 = blk * RB, n = std::min(RB, T - t0);
+      if (m == 2) input_tiles<2>(xp, V.data(), H, W, C, tH, tW, t0, n, RB);  // nested: runs in this thread
+      else input_tiles<4>(xp, V.data(), H, W, C, tH, tW, t0, n, RB);
+      for (int64_t p = 0; p < A * A; ++p)
+        blas::brgemm(n, Co, C, C, Co, Co, false, V.data() + p * RB * C, up + p * C * Co, Mm.data() + p * RB * Co);
+      if (m == 2) output_tiles<2>(Mm.data(), b, yp, H, W, Co, tH, tW, t0, n, RB);
+      else output_tiles<4>(Mm.data(), b, yp, H, W, Co, tH, tW, t0, n, RB);
+    }
+    blas::brgemm_release(false);
+  });
   return y;
 }
 

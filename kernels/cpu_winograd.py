@@ -22,7 +22,8 @@ from ._backend import AMX, forced_eager
 from ._cpp import CppKernel
 from .onednn_conv import Packed, conv2d_packed
 
-KERNEL = CppKernel("cpu_winograd.cpp", ["weights", "forward", "weights_bf16", "forward_bf16", "bf16_available"],
+KERNEL = CppKernel("cpu_winograd.cpp", ["weights", "forward", "weights_bf16", "forward_bf16", "forward_fused",
+                                         "bf16_available"],
                    "3x3 convolutions use oneDNN's direct ones", flags=("-mavx512bf16", "-mavx512bw", "-mavx512vl"))
 BACKENDS = ("auto", "winograd", "eager")
 # Tiles per transform-multiply-transform round: up to 1,024 (the matrix products re-read the
@@ -30,6 +31,12 @@ BACKENDS = ("auto", "winograd", "eager")
 # transformed tensors out of cache) and at most CHUNK_BYTES of transformed inputs and outputs
 # (a VAE decoder's 512-channel rounds would hold 150 MB; at 48 MB they run ~5% slower).
 CHUNK, CHUNK_BYTES = 1024, 48 << 20
+# Up to 256 channels in and out together, each task takes its 16-64 tiles through the input
+# transform, the products (oneDNN's batch-reduce GEMMs) and the output transform while they stay in
+# its cache, in one parallel region: 1.1-1.7x the rounds above at the demo UNet's shapes, 1.5-1.9x at
+# 128 channels over 64-512 px (the VAE decoder's last level); at 256+256 channels 0.9x
+# (cpu-kernel-measurements.md).
+FUSED_CHANNELS = 256
 
 
 def _pair(v) -> tuple[int, int]:
@@ -115,8 +122,13 @@ def _winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         U = module.weights_bf16(weight) if packed is None else packed.prepared(
             ("winograd", weight.data_ptr(), weight._version), lambda: module.weights_bf16(weight))
         return module.forward_bf16(x, U, bias, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
-    per_tile = (m + 2) ** 2 * 4 * (weight.shape[0] + weight.shape[1])
-    return module.forward(x, module.weights(weight, m), bias, m, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
+    channels = weight.shape[0] + weight.shape[1]
+    if channels <= FUSED_CHANNELS:  # each task's tiles through all three steps in its cache
+        tiles = x.shape[0] * -(-x.shape[2] // m) * -(-x.shape[3] // m)
+        rows = max(16, min(64, tiles // (2 * torch.get_num_threads())))  # two tasks a thread at least
+        return module.forward_fused(x, module.weights(weight, m, True), bias, m, rows)
+    per_tile = (m + 2) ** 2 * 4 * channels
+    return module.forward(x, module.weights(weight, m, False), bias, m, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,

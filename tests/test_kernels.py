@@ -193,18 +193,24 @@ def winograd_kernel():
 
 
 @pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("n, cin, cout, h, w, bias, weight_layout, chunk", [
     (1, 3, 5, 7, 9, True, "contiguous", 1024), (2, 17, 33, 13, 6, False, "channels_last", 5),
     (3, 40, 24, 33, 35, True, "channels_last", 7), (1, 64, 16, 1, 2, True, "contiguous", 1),
+    (4, 24, 40, 33, 29, True, "contiguous", 1024),
 ])
-def test_winograd_conv2d_matches_a_float64_reference(monkeypatch, m, n, cin, cout, h, w, bias, weight_layout, chunk):
+def test_winograd_conv2d_matches_a_float64_reference(monkeypatch, m, fused, n, cin, cout, h, w, bias, weight_layout,
+                                                     chunk):
     """F(2x2, 3x3) and F(4x4, 3x3) against a float64 convolution over odd shapes (channels not a
     multiple of 16, images not a multiple of m, 1-2 pixels, tiles in chunks that leave a partial
-    last one), either weight layout. Error in float32 epsilons times |x| conv |w| + |b| (the
-    componentwise bound of a sum, per output): oneDNN's direct convolution measures 0.3-5 here,
-    F(2,3) 1-2.5, F(4,3) 4-25 (its transforms scale by up to 8); held to 8 and 64."""
+    last one; fused: blocks of 16-64 tiles a task, several tasks, a partial last one), either weight
+    layout, by both ways (rounds of transform-multiply-transform, or fused per block). Error in
+    float32 epsilons times |x| conv |w| + |b| (the componentwise bound of a sum, per output):
+    oneDNN's direct convolution measures 0.3-5 here, F(2,3) 1-2.5, F(4,3) 4-25 (its transforms scale
+    by up to 8); held to 8 and 64."""
     cpu_winograd = winograd_kernel()
     monkeypatch.setattr(cpu_winograd, "CHUNK", chunk)
+    monkeypatch.setattr(cpu_winograd, "FUSED_CHANNELS", 10 ** 6 if fused else 0)
     F = torch.nn.functional
     x = randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
     wt = randn(cout, cin, 3, 3, seed=1) / cin ** 0.5
