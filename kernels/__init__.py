@@ -7,8 +7,9 @@ TRITON_INTERPRET=1). minibatch_std has only its reference. `linear` is F.linear 
 oneDNN on the CPU (onednn_linear.py): there the BLAS sgemm is the slow path; `conv2d_packed`
 packs a bf16 convolution's weight for oneDNN once instead of at every call (onednn_conv.py);
 `linear_geglu` runs a GEGLU's projection and gate as two oneDNN matmuls with fused epilogues on
-the CPU (onednn_geglu.py); `conv2d_winograd` is a float32 3x3 convolution by Winograd's minimal
-filtering on the CPU (cpu_winograd.py), `conv2d` F.conv2d routed to it where it fits and is faster.
+the CPU (onednn_geglu.py); `conv2d_winograd` is a float32 or bf16 3x3 convolution by Winograd's
+minimal filtering on the CPU (cpu_winograd.py), `conv2d` F.conv2d routed to it where it fits and
+is faster (and to conv2d_packed for bf16 given a Packed holder).
 """
 from .adaln import adaln_modulate, gated_residual
 from .bias_act import bias_act

@@ -1,7 +1,7 @@
-"""limner's float32 3x3 convolution for the CPU: Winograd's minimal filtering (cpu_winograd.cpp).
+"""limner's 3x3 convolution for the CPU: Winograd's minimal filtering (cpu_winograd.cpp).
 
-conv2d_winograd(x, weight, bias) = F.conv2d(x, weight, bias, padding=1) for float32 CPU tensors,
-x channels-last, a 3x3 weight, stride 1, no gradient to take (inference). Lavin & Gray 2016:
+conv2d_winograd(x, weight, bias) = F.conv2d(x, weight, bias, padding=1) for float32 or bf16 CPU
+tensors, x channels-last, a 3x3 weight, stride 1, no gradient to take (inference). Lavin & Gray 2016:
 F(4x4, 3x3) multiplies a quarter as often as the direct convolution, F(2x2, 3x3) 1/2.25 as often;
 the price is the transforms (cheap next to the matrix products once there are a few dozen
 channels) and rounding: F(2,3)'s results are as close to float64 as oneDNN's direct
@@ -10,8 +10,12 @@ tests/test_kernels.py and benchmarks/results/cpu-kernel-measurements.md), still 
 reach of the exact result. `tile` picks m by the image's size, `fits` says which inputs it takes,
 and `faster` where it measured faster than oneDNN's direct convolution (at least 8 channels in and
 out; fewer, as a UNet's 4-channel input and output convolutions, stay direct). The weight's
-transform is redone at every call (a 1280x1280 one in ~3 ms): kept, it would cost 16/9 (F(2,3))
-or 4x (F(4,3)) the weight's memory.
+transform is redone at every call in float32 (a 1280x1280 one in ~3 ms): kept, it would cost 16/9
+(F(2,3)) or 4x (F(4,3)) the weight's memory. bf16 (CPUs without AMX: there oneDNN's direct bf16
+convolution already runs at the avx512_bf16 peak) runs F(2x2, 3x3) only, tiles and weight
+transformed in float32 and rounded to bf16 once, the products by oneDNN's bf16 GEMMs into float32;
+its transformed weight is kept in the layer's `Packed` holder, where oneDNN's packed copy would
+have been.
 """
 from __future__ import annotations
 
