@@ -1,4 +1,4 @@
-// Winograd convolution F(m x m, 3 x 3) for float32 CPU tensors in channels-last memory (inference).
+// Winograd convolution F(m x m, 3 x 3) for float32 and bf16 CPU tensors in channels-last memory (inference).
 // Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016): an m x m output
 // tile of a 3x3 convolution is A^T [(G g G^T) . (B^T d B)] A for its (m+2) x (m+2) input tile d;
 // summed over input channels the element-wise product becomes (m+2)^2 independent matrix products
@@ -10,6 +10,10 @@
 // here). tests/test_kernels.py checks the convolution against a float64 one. The tiles go in chunks:
 // transform the chunk's inputs, one at::bmm, transform its outputs (+ bias) into y, so the
 // transformed tensors stay small and in cache while the image can be large (a VAE's 512 px).
+// With few channels (forward_fused) each task takes a block of tiles through all three steps
+// itself, the products by oneDNN's batch-reduce GEMMs. bf16 (forward_bf16): F(2,3) only, tiles
+// and weight transformed in float32 and rounded to bf16 once, products by oneDNN's bf16 GEMMs into
+// float32 (AMX tiles or avx512_bf16), outputs rounded to bf16 after the output transform.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -139,8 +143,9 @@ void output_tiles(const float* Mm, const float* bias, T_* y, int64_t H, int64_t 
 
 static const __m512i LANES = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
 
-// g[k] = w[co, c0 + lane, k / 3, k % 3] for sixteen input channels: float32 gathered at its strides,
-// bf16 (contiguous) widened into a block on the stack first (no 16-bit gather)
+// g[k] = w[co, c0 + lane, k / 3, k % 3] for sixteen input channels: float32 gathered at its strides;
+// bf16 channels-last loaded side by side, contiguous widened into a block on the stack first (no
+// 16-bit gather)
 static inline void load_g(const at::Tensor& w, const float* p, int64_t co, int64_t c0, __mmask16 live, __m512* g) {
   const int64_t so = w.stride(0), si = w.stride(1), sh = w.stride(2), sw = w.stride(3);
   const __m512i lanes = _mm512_mullo_epi32(LANES, _mm512_set1_epi32((int)si));
