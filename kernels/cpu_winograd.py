@@ -65,7 +65,9 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, strid
     x 4-D channels-last, a 3x3 weight, stride 1, padding 1, dilation 1, one group, no gradient,
     outside a torch.compile trace, on a CPU where the kernel builds (AVX-512); float32 not under
     autocast (which would compute in bf16); bf16 with an even number of input channels, a contiguous
-    or channels-last weight, on a CPU whose bf16 GEMMs run (AMX or avx512_bf16)."""
+    or channels-last weight, on a CPU whose bf16 GEMMs run on avx512_bf16 without AMX (the only kind
+    it was tested and measured on: with AMX oneDNN's GEMMs take other paths, and its direct bf16
+    convolution is ~5x faster there)."""
     if torch.compiler.is_compiling() or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
         return False
     bf16 = x.dtype is torch.bfloat16
@@ -78,18 +80,17 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, strid
             and x.device.type == "cpu" and weight.device.type == "cpu"
             and (bias is None or (bias.device.type == "cpu" and bias.dtype in (torch.float32, x.dtype)))
             and x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last)
-            and (not bf16 or (x.shape[1] % 2 == 0 and (weight.is_contiguous() or weight.stride(1) == 1)))
+            and (not bf16 or (not AMX and x.shape[1] % 2 == 0 and (weight.is_contiguous() or weight.stride(1) == 1)))
             and KERNEL.module() is not None and (not bf16 or _bf16_runs()))
 
 
 def faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Where it measured faster than oneDNN's direct convolution on this project's CPUs
     (benchmarks/results/cpu-kernel-measurements.md): float32 with 8 or more channels in and out;
-    bf16 (its transformed weight kept) with 64 or more on the AMD EPYC, 1.15-1.9x at SD's shapes
-    (at 32 channels 0.93x). With AMX (the Intel Xeon) oneDNN's direct bf16 convolution runs on
-    the tiles ~5x faster than on avx512_bf16 and bf16 Winograd is unmeasured: it stays direct."""
+    bf16 (its transformed weight kept; CPUs without AMX, `fits`) with 64 or more on the AMD EPYC,
+    1.15-1.9x at SD's shapes (at 32 channels 0.93x)."""
     if x.dtype is torch.bfloat16:
-        return not AMX and min(weight.shape[0], weight.shape[1]) >= 64
+        return min(weight.shape[0], weight.shape[1]) >= 64
     return min(weight.shape[0], weight.shape[1]) >= 8
 
 
@@ -107,7 +108,7 @@ def conv2d_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if not fits(x, weight, bias):
         raise ValueError(f"conv2d_winograd takes float32 or bf16 CPU x [N, C, H, W] in channels-last memory with a "
                          f"[Cout, C, 3, 3] weight of its dtype (stride 1, padding 1; bf16: C even, on a CPU with "
-                         f"native bf16), no gradient and no float32 autocast, on a CPU with AVX-512; got x "
+                         f"avx512_bf16 and no AMX), no gradient and no float32 autocast, on a CPU with AVX-512; got x "
                          f"{tuple(x.shape)} {x.dtype} on {x.device.type}, weight {tuple(weight.shape)} {weight.dtype}: "
                          f"use F.conv2d for these")
     m = tile(x) if m is None else m

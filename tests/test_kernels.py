@@ -260,10 +260,12 @@ def test_conv2d_takes_winograd_only_where_it_fits_and_is_faster(monkeypatch):
         conv2d(x, wt, b, backend="fast")
 
 
-def winograd_bf16_kernel():
+def winograd_bf16_kernel(on_amx: bool = False):
     cpu_winograd = winograd_kernel()
     if not cpu_winograd._bf16_runs():
         pytest.skip("this CPU runs no bf16 batch-reduce GEMM (AMX or avx512_bf16): no bf16 Winograd")
+    if cpu_winograd.AMX and not on_amx:
+        pytest.skip("bf16 Winograd is for CPUs without AMX (with AMX oneDNN's direct bf16 convolution runs)")
     return cpu_winograd
 
 
@@ -297,11 +299,11 @@ def test_winograd_conv2d_bf16_matches_a_float64_reference(monkeypatch, n, cin, c
 
 def test_conv2d_bf16_takes_winograd_where_measured_faster_and_keeps_its_transform():
     """bf16 through limner.kernels.conv2d with a Packed holder: Winograd where `faster` says (64+
-    channels without AMX; with AMX oneDNN's packed convolution), its transformed weight made once and
-    kept (the same tensor at the next call), made again after an in-place change to the weight;
-    32 channels and an odd channel count go to oneDNN's packed convolution (F.conv2d's bits);
-    m other than 2 is refused for bf16 by name."""
-    cpu_winograd = winograd_bf16_kernel()
+    channels without AMX; with AMX it does not fit and oneDNN's packed convolution runs), its
+    transformed weight made once and kept (the same tensor at the next call), made again after an
+    in-place change to the weight; 32 channels and an odd channel count go to oneDNN's packed
+    convolution (F.conv2d's bits); m other than 2 is refused for bf16 by name."""
+    cpu_winograd = winograd_bf16_kernel(on_amx=True)
     from limner.kernels import Packed, conv2d
 
     F = torch.nn.functional
@@ -324,8 +326,11 @@ def test_conv2d_bf16_takes_winograd_where_measured_faster_and_keeps_its_transfor
             xs, ws = xs.contiguous(memory_format=cl), ws.contiguous()
             assert torch.equal(conv2d(xs, ws, None, 1, 1, 1, 1, packed=Packed()), F.conv2d(xs, ws, None, 1, 1, 1, 1))
         assert not cpu_winograd.fits(x[:, :17].contiguous(memory_format=cl), wt[:, :17].contiguous(), b)
-        with pytest.raises(ValueError, match="m must be 2 or 4 .* bf16: 2"):
-            cpu_winograd.conv2d_winograd(x, wt, b, m=4)
+        if not cpu_winograd.AMX:
+            with pytest.raises(ValueError, match="m must be 2 or 4 .* bf16: 2"):
+                cpu_winograd.conv2d_winograd(x, wt, b, m=4)
+        else:
+            assert not cpu_winograd.fits(x, wt, b)
 
 
 def test_inference_convs_keep_the_state_dict_and_train_as_nn_conv2d():
