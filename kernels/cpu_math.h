@@ -6,10 +6,11 @@
 #include <exception>
 #include <vector>
 
-// Whether torch's cpublas runs a bf16 batch-reduce GEMM (oneDNN's) on this CPU: tried on one 1 x 16 x 2
-// product, since could_pack(kBFloat16) answers for AMX alone while the GEMM also runs on avx512_bf16
-// (AMD's Zen 4), and where it runs nowhere it throws.
-static inline bool bf16_brgemm_runs() {
+// Whether torch's cpublas runs a bf16 batch-reduce GEMM (oneDNN's) on this CPU: tried once, on one
+// 1 x 16 x 2 product, since could_pack(kBFloat16) answers for AMX alone while the GEMM also runs on
+// avx512_bf16 (AMD's Zen 4), and where it runs nowhere it throws. The answer is kept: the attention
+// dispatcher asks at every call.
+static inline bool bf16_brgemm_tried() {
   try {
     std::vector<at::BFloat16> a(2, at::BFloat16(1.f)), b(32, at::BFloat16(1.5f));
     std::vector<float> c(16, 0.f);
@@ -19,6 +20,10 @@ static inline bool bf16_brgemm_runs() {
   } catch (const std::exception&) {
     return false;
   }
+}
+static inline bool bf16_brgemm_runs() {
+  static const bool runs = bf16_brgemm_tried();
+  return runs;
 }
 
 // 2^x as 2^round(x) * (degree-7 Taylor polynomial of e^(f ln 2)), f in [-1/2, 1/2]; 0 below -126.

@@ -48,15 +48,9 @@ def _pair(v) -> tuple[int, int]:
 
 
 def _bf16_runs() -> bool:
-    """Whether the bf16 path's GEMMs run on this CPU (AMX or avx512_bf16), asked once."""
-    global _BF16
-    if _BF16 is None:
-        module = KERNEL.module()
-        _BF16 = module is not None and module.bf16_available()
-    return _BF16
-
-
-_BF16: bool | None = None
+    """Whether the bf16 path's GEMMs run on this CPU (AMX or avx512_bf16; the kernel tries once)."""
+    module = KERNEL.module()
+    return module is not None and module.bf16_available()
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=1, dilation=1,
