@@ -15,12 +15,10 @@ def cpu_name() -> str:
     with an AMD core's generation where cpuinfo's family and model say it ("AMD EPYC (Zen 4)"): the
     virtual machines of this project's kind report a bare "AMD EPYC" on Zen 4 and on Zen 5 alike, and
     the two differ in speed (Zen 5 runs 512-bit vectors whole, Zen 4 in two halves)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
+    from limner.kernels import cpuinfo
+
     field = {}
-    for line in lines:
+    for line in cpuinfo().splitlines():
         key, _, value = line.partition(":")
         field.setdefault(key.strip(), value.strip())
     name = field.get("model name") or platform.processor()

@@ -11,6 +11,7 @@ the CPU (onednn_geglu.py); `conv2d_winograd` is a float32 or bf16 3x3 convolutio
 minimal filtering on the CPU (cpu_winograd.py), `conv2d` F.conv2d routed to it where it fits and
 is faster (and to conv2d_packed for bf16 given a Packed holder).
 """
+from ._backend import cpuinfo
 from .adaln import adaln_modulate, gated_residual
 from .bias_act import bias_act
 from .cpu_attention import attention_cpu
@@ -28,6 +29,6 @@ from .sampler_update import guided_update
 from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d
 
 __all__ = ["adaln_modulate", "attention_cpu", "attention_cpu_bf16", "attention_cpu_f32", "attention_math",
-           "attention_sdpa", "attention_triton", "bias_act", "conv2d", "conv2d_packed", "conv2d_winograd",
+           "attention_sdpa", "attention_triton", "bias_act", "conv2d", "conv2d_packed", "conv2d_winograd", "cpuinfo",
            "downsample2d", "filter2d", "gated_residual", "geglu", "group_norm_silu", "guided_update", "linear",
            "linear_geglu", "minibatch_std", "Packed", "setup_filter", "upfirdn2d", "upsample2d"]

@@ -12,7 +12,10 @@ BACKENDS = ("auto", "triton", "eager")
 # the kernels compute in float32; float64 (gradcheck, tests) takes the eager reference
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-def _cpu_flags() -> str:
+
+def cpuinfo() -> str:
+    """/proc/cpuinfo's text ("" where there is none): the one place limner reads it (CPU flags for
+    the kernels' rules and limner.pipeline.native_bf16, model names for results files)."""
     try:
         return Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -24,7 +27,7 @@ def _cpu_flags() -> str:
 # AMD EPYC (Zen 4: avx512_bf16 without AMX, 512-bit vectors on 256-bit units), where torch's flash
 # attention runs ~2.5x slower and limner's kernels win at more shapes
 # (benchmarks/results/cpu-kernel-measurements.md has a table for each).
-AMX = bool(re.search(r"\bamx_bf16\b", _cpu_flags()))
+AMX = bool(re.search(r"\bamx_bf16\b", cpuinfo()))
 
 
 def interpreting() -> bool:

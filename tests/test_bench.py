@@ -103,15 +103,10 @@ def test_cpu_name_says_which_amd_core_a_bare_model_name_hides(monkeypatch):
     from cpuinfo's family and model, so their results files get different names; Intel's and a
     name that already says it stay as they are."""
     import limner.bench as bench
+    import limner.kernels
 
     def cpuinfo(text):
-        class FakePath:
-            def __init__(self, *_):
-                pass
-
-            def read_text(self):
-                return text
-        monkeypatch.setattr(bench, "Path", FakePath)
+        monkeypatch.setattr(limner.kernels, "cpuinfo", lambda: text)
 
     amd = "vendor_id\t: AuthenticAMD\ncpu family\t: {}\nmodel\t\t: {}\nmodel name\t: {}\n"
     for family, model, name, want in [(25, 17, "AMD EPYC", "AMD EPYC (Zen 4)"), (26, 2, "AMD EPYC", "AMD EPYC (Zen 5)"),
