@@ -86,6 +86,11 @@ class OptimConfig(LoopConfig):
     channels_last: bool = True  # NHWC activations: oneDNN's (and tensor cores') fast layout; same math
     p_mean: float = -1.2  # log-normal training sigmas (EDM's P_mean, P_std)
     p_std: float = bounded(1.2, gt=0)
+    # text feature noise (LAFITE, Zhou et al. 2022, eq. 3): each real prompt's token and pooled
+    # vectors h -> h + text_noise * |h| * e / |e|, e ~ N(0, I), fresh every step, so that the
+    # denoiser answers a neighbourhood of each training caption's features, not its exact point
+    # (0: off; the empty prompt, what guidance contrasts with, is never perturbed)
+    text_noise: float = bounded(0.0, ge=0, le=10)
 
 
 @dataclass
@@ -159,21 +164,39 @@ class TextToImage(nn.Module):
         return self.denoiser(x, sigma, cond)
 
     def training_loss(self, images: torch.Tensor, captions: list[str], sigma: torch.Tensor,
-                      noise: torch.Tensor) -> torch.Tensor:
+                      noise: torch.Tensor, text_noise: float = 0.0) -> torch.Tensor:
         """Mean denoising loss of a batch (of latents, with an autoencoder, which stays frozen);
-        text encoding inside, so DDP sees one forward."""
-        return self.denoiser.loss(self.to_latent(images), self.encode(captions), sigma, noise).mean()
+        text encoding inside, so DDP sees one forward. `text_noise`: [train] text_noise."""
+        cond = self.encode(captions)
+        if text_noise:
+            cond = perturbed(cond, text_noise, torch.tensor([c != "" for c in captions], device=cond.mask.device))
+        return self.denoiser.loss(self.to_latent(images), cond, sigma, noise).mean()
+
+
+def perturbed(cond: TextEmbedding, scale: float, rows: torch.Tensor) -> TextEmbedding:
+    """`cond` with each vector h of the chosen `rows` [B] moved by scale * |h| along a random
+    direction (LAFITE's feature perturbation, Zhou et al. 2022), from the global RNG (seeded each
+    step: train.step_generator); padding stays zero."""
+
+    def move(h: torch.Tensor) -> torch.Tensor:
+        e = torch.randn(h.shape, dtype=h.dtype).to(h.device)
+        step = e * (scale * h.norm(dim=-1, keepdim=True) / e.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        return h + step * rows.view(-1, *[1] * (h.ndim - 1)).to(h.dtype)
+
+    tokens = move(cond.tokens) * cond.mask[..., None].to(cond.tokens.dtype)
+    clauses = None if cond.clauses is None else move(cond.clauses) * cond.clause_mask[..., None].to(cond.clauses.dtype)
+    return dataclasses.replace(cond, tokens=tokens, pooled=move(cond.pooled), clauses=clauses)
 
 
 class TrainStep(nn.Module):
     """The module DDP wraps: text encoding and the denoiser in one forward."""
 
-    def __init__(self, model: TextToImage):
+    def __init__(self, model: TextToImage, text_noise: float = 0.0):
         super().__init__()
-        self.model = model
+        self.model, self.text_noise = model, text_noise
 
     def forward(self, images, captions, sigma, noise):
-        return self.model.training_loss(images, captions, sigma, noise)
+        return self.model.training_loss(images, captions, sigma, noise, self.text_noise)
 
 
 # --- the trainer -------------------------------------------------------------------------
@@ -222,7 +245,8 @@ class Trainer(TrainerBase):
         return captions, sigma.to(self.acc.device), noise.to(self.acc.device)
 
     def before_fit(self) -> None:
-        self.step_module, self.prepared_opt = self.acc.prepare(TrainStep(self.model), self.opt)
+        step = TrainStep(self.model, self.cfg.train.text_noise)
+        self.step_module, self.prepared_opt = self.acc.prepare(step, self.opt)
         self.ema.model.to(self.acc.device)
 
     def train_step(self, images: torch.Tensor, captions: list[str]) -> dict[str, float] | None:

@@ -72,6 +72,39 @@ def test_resume_after_a_stop_is_exact(tmp_path):
     ]
 
 
+def test_text_noise_moves_each_real_prompt_vector_by_its_share():
+    from limner.plugins.diffusion_recipe import perturbed
+    from limner.protocols import TextEmbedding
+
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 5, 7) * torch.tensor([1.0, 3.0, 0.5]).view(3, 1, 1)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    tokens = tokens * mask[..., None]
+    cond = TextEmbedding(tokens, mask, torch.randn(3, 7))
+    rows = torch.tensor([True, False, True])
+    out = perturbed(cond, 0.25, rows)
+    moved = (out.tokens - tokens).norm(dim=-1)
+    assert torch.allclose(moved[rows][mask[rows]], 0.25 * tokens[rows][mask[rows]].norm(dim=-1), rtol=1e-5)
+    assert torch.equal(out.tokens[1], tokens[1]) and torch.equal(out.pooled[1], cond.pooled[1])
+    assert torch.equal(out.tokens[~mask], torch.zeros_like(out.tokens[~mask]))  # padding stays zero
+    assert torch.allclose((out.pooled - cond.pooled).norm(dim=-1)[rows], 0.25 * cond.pooled[rows].norm(dim=-1))
+    again = perturbed(cond, 0.25, rows)
+    assert not torch.equal(again.tokens, out.tokens)  # a fresh direction each call (each step)
+
+
+def test_text_noise_trains_differently_and_resumes_exactly(tmp_path):
+    noisy = {"train.text_noise": 0.5}
+    plain = train(write_config(tmp_path, "plain", steps=4))
+    straight = train(write_config(tmp_path, "straight", steps=4), noisy)
+    interrupted = write_config(tmp_path, "interrupted", steps=4)
+    train(interrupted, {**noisy, "train.steps": 2})
+    train(interrupted, noisy)
+    a, b, c = (weights(tmp_path / n) for n in ("straight", "interrupted", "plain"))
+    assert plain.step == straight.step == 4
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
 def test_checkpoints_are_atomic_and_corruption_is_named(tmp_path):
     run = tmp_path / "run"
     train(write_config(tmp_path, steps=2))
