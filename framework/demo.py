@@ -47,6 +47,9 @@ class DemoConfig:
     checkpoints: list[str] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     eval_prompts: int = 100
+    # prompts in words the models' training captions never use (issue 27): each diffusion model
+    # draws them once, with the first sampler, into a second grid (paraphrases.png)
+    paraphrases: list[str] = field(default_factory=list)
     tile: int = 96  # pixels of one image in the grid (upscaled, nearest neighbour)
 
 
@@ -98,7 +101,8 @@ def find_shipped(name: str) -> Path | None:
 def run_demo(config_path: str | None, out: str) -> Path:
     """Run the demo; returns the path of the written grid."""
     cfg = load_config(config_path or DEFAULT_CONFIG, DemoConfig)
-    check_own_folder(out, {"grid.png", "scores.json"}, "demo")  # its own grid and scores, nothing of the user's
+    # its own grids and scores, nothing of the user's
+    check_own_folder(out, {"grid.png", "paraphrases.png", "scores.json"}, "demo")
     report_components()
     found = [find_shipped(c) for c in cfg.checkpoints]
     missing = [c for c, f in zip(cfg.checkpoints, found) if f is None]
@@ -120,6 +124,7 @@ def trained_demo(cfg: DemoConfig, checkpoints: list[Path], out: Path) -> Path:
     from .recipes import load_pipeline, load_run_config
 
     tiles, labels, table = [], [], []
+    said, said_labels = [], []  # the paraphrases' grid
     for ckpt in checkpoints:
         pipe, run_cfg, state = load_pipeline(ckpt), load_run_config(ckpt / "config.toml"), read_state(ckpt)
         diffusion = "samplers" in pipe.features  # a sampled model: one grid row per sampler
@@ -134,6 +139,10 @@ def trained_demo(cfg: DemoConfig, checkpoints: list[Path], out: Path) -> Path:
             print(f"  {label:<24} {(time.perf_counter() - start) / len(images):6.3f} s/image")
             tiles += [im.resize((cfg.tile, cfg.tile), Image.Resampling.NEAREST) for im in images]
             labels.append(label)
+        if diffusion and cfg.paraphrases:
+            images = pipe(cfg.paraphrases, seed=0, sampler=cfg.samplers[0].name, steps=cfg.steps)
+            said += [im.resize((cfg.tile, cfg.tile), Image.Resampling.NEAREST) for im in images]
+            said_labels.append(f"{ckpt.name} ({run_cfg.model.text_encoder.name})")
         row = {"model": ckpt.name, "recipe": run_cfg.recipe, "family": family, **parameter_counts(pipe.model),
                "train_minutes": (state.get("train_seconds") or float("nan")) / 60}
         if cfg.eval_prompts and run_cfg.eval.metric:
@@ -142,9 +151,14 @@ def trained_demo(cfg: DemoConfig, checkpoints: list[Path], out: Path) -> Path:
         table.append(row)
     path = out / "grid.png"
     save_atomic(make_grid(tiles, len(cfg.prompts), labels, col_labels=cfg.prompts), path)
+    if said:
+        save_atomic(make_grid(said, len(cfg.paraphrases), said_labels, col_labels=cfg.paraphrases),
+                    out / "paraphrases.png")
     print("\n" + render_table(table))
     write_text_atomic(out / "scores.json", json.dumps(table, indent=1) + "\n")
-    print(f"\nWrote {path} (rows: models and samplers, columns: prompts) and {out / 'scores.json'}.")
+    print(f"\nWrote {path} (rows: models and samplers, columns: prompts), "
+          + (f"{out / 'paraphrases.png'} (rows: models, columns: prompts in other words) " if said else "")
+          + f"and {out / 'scores.json'}.")
     return path
 
 

@@ -55,9 +55,13 @@ def test_demo_draws_prompts_by_samplers_from_a_checkpoint(capsys, tmp_path):
         f'samplers = ["euler", "dpmpp_2m"]\nsteps = 3\ncheckpoints = ["{(tmp_path / "release").as_posix()}"]\n'
         'schedule = "karras"\ndataset = "shapes"\neval_prompts = 4\n'
         'prompts = ["a red circle at the top", "a blue square at the left", "x"]\n'
+        'paraphrases = ["a crimson disc up high", "a cobalt box on the west side"]\n'
     )
     code, out, _ = run(capsys, "demo", "--config", str(config), "--out", str(tmp_path / "o"))
     assert code == 0, out
+    said = Image.open(tmp_path / "o" / "paraphrases.png")  # one row (the model), two prompts under a header
+    assert 10 < said.size[1] - (96 + 2 + 2) < 60 and 2 * 96 < said.size[0] < 3 * 96 + 7 * 40, said.size
+    assert "paraphrases.png (rows: models, columns: prompts in other words)" in out
     scores = json.loads((tmp_path / "o" / "scores.json").read_text())
     assert [(r["recipe"], r["eval_prompts"]) for r in scores] == [("diffusion", 4)]
     assert 0 <= scores[0]["colour"] <= 1 and scores[0]["params_M"] > 0
