@@ -17,6 +17,10 @@ training anything:
   answer. A language model is read at every layer; the layer is chosen on the dev words and
   the held-out words are scored at that layer.
 
+And the route through paraphrases the language model writes itself: SmolLM2 is asked to
+rewrite a few training captions in other words (greedy, chat template), and what it writes
+is shown.
+
     python benchmarks/encoder_knowledge.py benchmarks/results/encoder-knowledge.json
 """
 from __future__ import annotations
@@ -52,9 +56,13 @@ def word_sets() -> dict:
 
 def llm_states(enc, texts: list[str]):
     """Every layer's state (the last through the final norm) at each text's last token: [layers+1, N, D]."""
+    return states_of(enc, [[enc.bos, *enc.tokenizer.encode(t, add_special_tokens=False).ids] for t in texts])
+
+
+def states_of(enc, rows: list[list[int]]):
+    """llm_states of token id rows."""
     import torch
 
-    rows = [[enc.bos, *enc.tokenizer.encode(t, add_special_tokens=False).ids] for t in texts]
     ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
     mask = torch.zeros(ids.shape, dtype=torch.bool)
     for i, r in enumerate(rows):
@@ -119,6 +127,32 @@ def llm_rows(sets: dict) -> list[dict]:
     return rows
 
 
+REWRITE = ('<|im_start|>user\nRewrite this description of a picture in other words, with another word for the '
+           'colour and for the shape: "{caption}"<|im_end|>\n<|im_start|>assistant\n')
+REWRITTEN = ["a red circle at the top left", "a small blue square at the center",
+             "a large yellow triangle at the bottom", "a green circle at the right"]
+
+
+def rewrites(tokens: int = 32) -> list[list[str]]:
+    """SmolLM2's greedy rewrites of a few training captions (whole forward per token: short texts)."""
+    from limner.plugins.llama import smollm2
+
+    enc = smollm2()
+    end = enc.tokenizer.token_to_id("<|im_end|>")
+    rows = [[enc.bos, *enc.tokenizer.encode(REWRITE.format(caption=c), add_special_tokens=False).ids]
+            for c in REWRITTEN]
+    written, done = [[] for _ in rows], [False] * len(rows)
+    for _ in range(tokens):
+        last = states_of(enc, [r + w for r, w in zip(rows, written)])[-1]
+        for i, t in enumerate((last @ enc.model.token_embd.weight.T).argmax(-1).tolist()):
+            done[i] = done[i] or t in (end, enc.eos)
+            if not done[i]:
+                written[i].append(t)
+        if all(done):
+            break
+    return [[c, enc.tokenizer.decode(w)] for c, w in zip(REWRITTEN, written)]
+
+
 def minilm_row(sets: dict) -> dict:
     import torch
 
@@ -155,6 +189,10 @@ def render(data: dict) -> str:
         cells = [r.get(f"{split} {k}") for split in ("dev", "heldout") for k in keys]
         lines.append(f"| {r['encoder']} | {r['reading']} | "
                      + " | ".join("" if v is None else f"{100 * v:.0f}%" for v in cells) + " |")
+    if data.get("rewrites"):
+        lines += ["", "Asked to rewrite training captions in other words (`REWRITE` in the script, greedy, at most 32 "
+                  "tokens), SmolLM2 writes:", ""]
+        lines += [f"- {c!r} -> {w!r}" for c, w in data["rewrites"]]
     return "\n".join(lines) + "\n"
 
 
@@ -165,7 +203,7 @@ def main() -> None:
     sets = word_sets()
     counts = ", ".join(f"{key}: {len(s['dev'])} dev and {len(s['heldout'])} held-out" for key, s in sets.items())
     data = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "counts": counts,
-            "rows": [*llm_rows(sets), minilm_row(sets)]}
+            "rows": [*llm_rows(sets), minilm_row(sets)], "rewrites": rewrites()}
     out.write_text(json.dumps(data, indent=1) + "\n")
     out.with_suffix(".md").write_text(render(data))
     print(render(data))

@@ -248,13 +248,13 @@ def freed_memory_kept():
     serve`): the first in sets, the last out restores. LIMNER_MALLOC=default leaves malloc
     alone; elsewhere than glibc nothing changes.
 
-    Not every freed block is reused: torch asks for 64-byte aligned memory, which glibc serves
-    by over-allocating 64 + 32 bytes; a freed block that could not merge into the heap's top (a
-    small allocation, such as the next tensor's own C++ objects, landed above it) is then too
-    small for the next request of its own size, and the heap grows instead. Seen with strace in
-    the test's loop of 64 MB tensors: with the `limner.kernels` extension imported first, two of
-    four grew the heap (faulting their pages again) where none did otherwise; which one happens
-    depends on what the process allocated before."""
+    Not every freed block is reused. The likely reason (glibc's memalign; not traced inside
+    malloc): torch asks for 64-byte aligned memory, which glibc serves by over-allocating 64 + 32
+    bytes; a freed block that could not merge into the heap's top (a small allocation, such as
+    a tensor's own C++ objects, landed above it) is too small for the next request of its own
+    size, and the heap grows instead. Seen with strace in the test's loop of 64 MB tensors: with
+    the `limner.kernels` extension imported first, two of four grew the heap (faulting their
+    pages again) where none did otherwise; it depends on what the process allocated before."""
     choice = os.environ.get("LIMNER_MALLOC", "keep").strip().lower() or "keep"
     if choice not in MALLOC_CHOICES:
         raise LimnerError(f"LIMNER_MALLOC={choice!r}: valid are keep (large freed blocks reused while sampling, the "
