@@ -180,7 +180,9 @@ def perturbed(cond: TextEmbedding, scale: float, rows: torch.Tensor) -> TextEmbe
 
     def move(h: torch.Tensor) -> torch.Tensor:
         e = torch.randn(h.shape, dtype=h.dtype).to(h.device)
-        step = e * (scale * h.norm(dim=-1, keepdim=True) / e.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        # the size is a constant to autograd: a trained encoder gets no push to shrink its outputs
+        size = scale * h.detach().norm(dim=-1, keepdim=True)
+        step = e * (size / e.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         return h + step * rows.view(-1, *[1] * (h.ndim - 1)).to(h.dtype)
 
     tokens = move(cond.tokens) * cond.mask[..., None].to(cond.tokens.dtype)
