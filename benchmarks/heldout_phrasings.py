@@ -51,12 +51,14 @@ def render(data: dict) -> str:
              "by `shapes_attributes` against the caption it means; \"in grammar\": the same 200 objects said as the "
              "training captions say them. The scorer finds an object by its colour, so shape and position count "
              "only where the colour came out (chance: colour 17%, shape and position lower than 33% and 11%). "
-             f"Rows: `python benchmarks/heldout_phrasings.py --add RUN ...`; {data['cpu']}.", "",
+             f"Rows: `python benchmarks/heldout_phrasings.py --add RUN ...`; scored on {data['cpu']} unless a "
+             "row's note names another CPU.", "",
              "| model | text encoder | held-out colour | shape | position | all three | in grammar: colour | shape "
              "| position | all three | note |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['model']} | {r['encoder']} | " + " | ".join(percent(r["heldout"][k]) for k in KEYS) + " | "
-                     + " | ".join(percent(r["grammar"][k]) for k in KEYS) + f" | {r.get('note', '')} |")
+                     + " | ".join(percent(r["grammar"][k]) for k in KEYS) + f" | {r.get('note', '')}"
+                     + (f" (scored on {r['cpu']})" if r.get("cpu", data["cpu"]) != data["cpu"] else "") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -75,7 +77,7 @@ def main() -> None:
     data = json.loads(path.read_text()) if path.exists() else {"cpu": cpu, "rows": []}
     if args.add:
         row = {"model": str(args.add), "encoder": args.encoder, "note": args.note, "date": time.strftime("%Y-%m-%d"),
-               **score(args.add)}
+               "cpu": cpu, **score(args.add)}
         data["rows"] = [r for r in data["rows"] if r["model"] != row["model"]] + [row]
         write_text_atomic(path, json.dumps(data, indent=1) + "\n")
     write_text_atomic(RESULTS.with_suffix(".md"), render(data))
