@@ -88,12 +88,10 @@ def score(picks, meaning: list[str], truth: list[str]) -> float:
     return sum(meaning[i] == t for i, t in zip(picks.tolist(), truth)) / len(truth)
 
 
-def llm_rows(sets: dict) -> list[dict]:
+def llm_rows(enc, sets: dict) -> list[dict]:
+    """The `ask` and `nearest` rows of the language model `enc` (SmolLM2)."""
     import torch
 
-    from limner.plugins.llama import smollm2
-
-    enc = smollm2()
     rows = []
     ask = {}
     for key, (question, answer) in ASK.items():
@@ -133,11 +131,8 @@ REWRITTEN = ["a red circle at the top left", "a small blue square at the center"
              "a large yellow triangle at the bottom", "a green circle at the right"]
 
 
-def rewrites(tokens: int = 32) -> list[list[str]]:
+def rewrites(enc, tokens: int = 32) -> list[list[str]]:
     """SmolLM2's greedy rewrites of a few training captions (whole forward per token: short texts)."""
-    from limner.plugins.llama import smollm2
-
-    enc = smollm2()
     end = enc.tokenizer.token_to_id("<|im_end|>")
     rows = [[enc.bos, *enc.tokenizer.encode(REWRITE.format(caption=c), add_special_tokens=False).ids]
             for c in REWRITTEN]
@@ -198,12 +193,14 @@ def render(data: dict) -> str:
 
 def main() -> None:
     from limner.bench import cpu_name
+    from limner.plugins.llama import smollm2
 
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "results" / "encoder-knowledge.json"
     sets = word_sets()
     counts = ", ".join(f"{key}: {len(s['dev'])} dev and {len(s['heldout'])} held-out" for key, s in sets.items())
+    enc = smollm2()  # loaded once for both uses
     data = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "counts": counts,
-            "rows": [*llm_rows(sets), minilm_row(sets)], "rewrites": rewrites()}
+            "rows": [*llm_rows(enc, sets), minilm_row(sets)], "rewrites": rewrites(enc)}
     out.write_text(json.dumps(data, indent=1) + "\n")
     out.with_suffix(".md").write_text(render(data))
     print(render(data))

