@@ -64,6 +64,11 @@ class Preconditioned(nn.Module):
         preconditioning(torch.ones(1, device="cpu"), parameterization, sigma_data)  # validate the name early
         self.net, self.parameterization, self.sigma_data = net, parameterization, sigma_data
 
+    @property
+    def reads_pooled(self) -> bool:
+        """Whether the network reads the text's pooled vector (the Denoiser protocol's attribute)."""
+        return getattr(self.net, "reads_pooled", True)
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         sigma = sigma.to(torch.float32).reshape(-1)
         c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in

@@ -104,7 +104,9 @@ def prompt_truncated(prompt: str, limit: int, unit: str) -> None:
 
 @runtime_checkable
 class Denoiser(Protocol):
-    """Karras/EDM convention: the x0 estimate for x = x0 + sigma * eps."""
+    """Karras/EDM convention: the x0 estimate for x = x0 + sigma * eps. One that never reads
+    a TextEmbedding's pooled vector may say so (`reads_pooled = False`), so that its recipe
+    need not compute it; without the attribute it is taken to read it."""
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor: ...
 

@@ -123,10 +123,14 @@ class FrozenStaysEval:
 
 
 
-def with_phrase_tokens(encode: Callable[[list[str]], TextEmbedding], prompts: Sequence[str]) -> TextEmbedding:
+def with_phrase_tokens(encode: Callable[[list[str]], TextEmbedding], prompts: Sequence[str],
+                       whole: bool = True) -> TextEmbedding:
     """Token states clause by clause: each clause of a prompt encoded alone, its pooled vector
     added to each of its tokens, the clauses' tokens concatenated (the prompt's own pooled
-    vector is kept for the per-sample conditioning).
+    vector is kept for the per-sample conditioning). `whole = False` when nothing reads that
+    pooled vector (the denoiser's `reads_pooled`): the whole prompts are then not encoded at all
+    and their pooled vectors are zeros (two-object prompts are too many to cache, so encoding
+    them costs a large language model's forward every step).
 
     Why: in "a red circle at the top left and a blue square at the bottom" encoded whole,
     "red" and "top left" sit in different tokens, both contextualised by both objects, so a
@@ -137,7 +141,6 @@ def with_phrase_tokens(encode: Callable[[list[str]], TextEmbedding], prompts: Se
     clause vector alone, appended as one extra token, was ignored by the UNet - its norm is 0.6x
     a token's and top-left vs bottom-left differ by cosine 0.976.) Encoding noun phrases
     separately for attribute binding follows Structured Diffusion Guidance (Feng et al., ICLR 2023)."""
-    emb = encode(list(prompts))
     parts = [split_clauses(p) for p in prompts]
     unique = list(dict.fromkeys(q for ps in parts for q in ps))
     clauses = encode(unique)
@@ -145,9 +148,15 @@ def with_phrase_tokens(encode: Callable[[list[str]], TextEmbedding], prompts: Se
         raise LimnerError(f"phrase tokens need an encoder whose pooled vector is as wide as its tokens, got "
                           f"{clauses.pooled.shape[-1]} and {clauses.tokens.shape[-1]}: turn phrase_tokens off for "
                           "this encoder")
+    if whole:
+        emb = encode(list(prompts))
+        dtype, whole_pooled = emb.tokens.dtype, emb.pooled
+    else:
+        dtype = clauses.tokens.dtype
+        whole_pooled = clauses.pooled.new_zeros((len(prompts), clauses.pooled.shape[-1]), dtype=dtype)
     index = {q: i for i, q in enumerate(unique)}
     rows = [(torch.cat([clauses.tokens[index[q], clauses.mask[index[q]]] + clauses.pooled[index[q]] for q in ps])
-             .to(emb.tokens.dtype), pooled) for ps, pooled in zip(parts, emb.pooled)]
-    per_clause = clauses.pooled.to(emb.tokens.dtype)
-    by_clause = _stack([(per_clause[[index[q] for q in ps]], pooled) for ps, pooled in zip(parts, emb.pooled)])
+             .to(dtype), pooled) for ps, pooled in zip(parts, whole_pooled)]
+    per_clause = clauses.pooled.to(dtype)
+    by_clause = _stack([(per_clause[[index[q] for q in ps]], pooled) for ps, pooled in zip(parts, whole_pooled)])
     return replace(_stack(rows), clauses=by_clause.tokens, clause_mask=by_clause.mask)

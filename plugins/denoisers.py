@@ -31,6 +31,11 @@ class Conditioning(nn.Module):
         self.time = nn.Sequential(nn.Linear(base, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.text = nn.Linear(context_dim, dim) if pooled else None
 
+    @property
+    def reads_pooled(self) -> bool:
+        """False with pooled = false (the Denoiser protocol's attribute)."""
+        return self.text is not None
+
     def forward(self, c_noise: torch.Tensor, cond: TextEmbedding | None) -> torch.Tensor:
         emb = self.time(noise_embedding(c_noise, self.base))
         return emb if cond is None or self.text is None else emb + self.text(cond.pooled.to(emb.dtype))
@@ -189,6 +194,10 @@ class UNet(nn.Module):
 
     lora_part = "unet"  # LoRA files (diffusers/PEFT layout, unet.<its names>) address its layers
 
+    @property
+    def reads_pooled(self) -> bool:  # the Denoiser protocol's attribute: False with pooled = false
+        return self.cond.reads_pooled
+
     def __init__(self, in_channels: int, channels: int, mults: tuple[int, ...], blocks: int,
                  attention_levels: tuple[int, ...], heads: int, context_dim: int, groups: int, dropout: float,
                  image_size: int, positions: bool, context_layers: int = 0, pooled: bool = True,
@@ -314,6 +323,10 @@ class DiT(nn.Module):
     """Diffusion transformer over image patches (Peebles & Xie 2023)."""
 
     lora_part = "unet"  # the denoiser's part, as LoRA files name it whatever the network
+
+    @property
+    def reads_pooled(self) -> bool:  # the Denoiser protocol's attribute: False with pooled = false
+        return self.cond.reads_pooled
 
     def __init__(self, in_channels: int, image_size: int, patch: int, dim: int, depth: int, heads: int,
                  context_dim: int, pooled: bool = True, clause_layout: bool = False):

@@ -157,7 +157,8 @@ class TextToImage(nn.Module):
     def encode(self, prompts: list[str]) -> TextEmbedding:
         """The prompts' embedding; a frozen encoder's come from the cache when seen before."""
         if self.cfg.phrase_tokens:
-            return with_phrase_tokens(lambda ps: self.text_cache.encode(self.text_encoder, ps), prompts)
+            return with_phrase_tokens(lambda ps: self.text_cache.encode(self.text_encoder, ps), prompts,
+                                      whole=getattr(self.denoiser, "reads_pooled", True))
         return self.text_cache.encode(self.text_encoder, prompts)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: TextEmbedding | None = None) -> torch.Tensor:

@@ -123,3 +123,53 @@ def test_a_model_with_phrase_tokens_encodes_clause_by_clause():
     model = TextToImage(cfg)
     emb = model.encode(["a cat and a dog"])
     assert emb.mask.sum().item() == len("a cat") + 2 + len("a dog") + 2  # byte tokens + [CLS]/[SEP] per clause
+
+
+def test_phrase_tokens_skip_the_whole_prompts_when_nothing_reads_their_pooled_vector():
+    from limner.text_cache import with_phrase_tokens
+
+    enc = byte_encoder()
+    seen = []
+
+    def encode(ps):
+        seen.extend(ps)
+        return enc.encode(ps)
+
+    prompts = ["a red circle at the top left and a blue square", "a blue square", ""]
+    full = with_phrase_tokens(enc.encode, prompts)
+    part = with_phrase_tokens(encode, prompts, whole=False)
+    assert seen == ["a red circle at the top left", "a blue square", ""]  # the clauses only, once each
+    assert torch.equal(part.tokens, full.tokens) and torch.equal(part.mask, full.mask)
+    assert torch.equal(part.clauses, full.clauses) and torch.equal(part.clause_mask, full.clause_mask)
+    assert part.pooled.shape == full.pooled.shape and not part.pooled.any() and full.pooled.any()
+
+
+@pytest.mark.parametrize("denoiser", ["unet", "dit"])
+def test_a_denoiser_without_pooled_text_spares_the_whole_prompt_encoding(denoiser):
+    small = {"unet": {"channels": 8, "mults": [1], "blocks": 1, "attention_levels": [0], "heads": 2, "groups": 4},
+             "dit": {"dim": 16, "depth": 1, "heads": 2, "patch": 4}}[denoiser]
+    models = {}
+    for pooled in (True, False):
+        cfg = ModelConfig(text_encoder=ComponentConfig("text_encoders", "bert",
+                                                       {"dim": 16, "layers": 1, "heads": 2, "freeze": True}),
+                          denoiser=ComponentConfig("denoisers", denoiser, {**small, "pooled": pooled}),
+                          image_size=16, phrase_tokens=True)
+        torch.manual_seed(0)
+        models[pooled] = TextToImage(cfg).eval()
+    assert models[True].denoiser.reads_pooled and not models[False].denoiser.reads_pooled
+    prompts = ["a cat and a dog", "a dog"]
+    for pooled, model in models.items():
+        model.encode(prompts)
+        assert set(model.text_cache.rows) == ({"a cat", "a dog", "a cat and a dog"} if pooled else {"a cat", "a dog"})
+    # the pooled vector it no longer gets was never read: the same image estimate either way
+    x, sigma = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([1.0, 0.5])
+    with torch.no_grad():
+        full = models[False].denoiser(x, sigma, with_phrase_tokens_of(models[False], prompts, whole=True))
+        spared = models[False](x, sigma, models[False].encode(prompts))
+    torch.testing.assert_close(spared, full)
+
+
+def with_phrase_tokens_of(model, prompts, whole):
+    from limner.text_cache import with_phrase_tokens
+
+    return with_phrase_tokens(lambda ps: model.text_cache.encode(model.text_encoder, ps), prompts, whole=whole)
