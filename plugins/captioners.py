@@ -203,23 +203,32 @@ class PrefixCaptioner(nn.Module):
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, batch: int = 64) -> list[str]:
-        """Greedy captions of [N, C, H, W] images in [-1, 1] (at most max_tokens tokens)."""
-        out = []
+        """Greedy captions of [N, C, H, W] images in [-1, 1] (at most max_tokens tokens): the
+        prefix is read once, then each written token alone against the cached keys and values
+        (a row that has ended keeps being fed its end token, unread, so positions stay aligned)."""
+        lm, out = self.llm.model, []
         for start in range(0, len(images), batch):
             prefix = self.prefix(images[start:start + batch])
-            rows: list[list[int]] = [[] for _ in range(len(prefix))]
-            done = [False] * len(prefix)
-            for _ in range(self.max_tokens):
-                step = self._run(prefix, rows)
-                ends = [prefix.shape[1] + len(r) for r in rows]
-                nxt = step[torch.arange(len(rows)), torch.tensor(ends)].argmax(-1).tolist()
-                for i, t in enumerate(nxt):
+            n = len(prefix)
+            cache = lm.new_cache()
+            first = lm.token_embd.weight[self.llm.bos].expand(n, 1, -1)
+            inputs = torch.cat([first, prefix.to(first.dtype)], dim=1)
+            h = lm(None, torch.ones(n, inputs.shape[1], dtype=torch.bool, device=prefix.device), inputs=inputs,
+                   cache=cache)[-1][:, -1]
+            rows: list[list[int]] = [[] for _ in range(n)]
+            done = [False] * n
+            for written in range(1, self.max_tokens + 1):
+                nxt = (lm.output_norm(h) @ lm.token_embd.weight.T).argmax(-1)  # tied output embedding
+                for i, t in enumerate(nxt.tolist()):
                     if not done[i]:
                         done[i] = t == self.llm.eos
                         if not done[i]:
                             rows[i].append(t)
-                if all(done):
+                if all(done) or written == self.max_tokens:
                     break
+                fed = torch.where(torch.tensor(done, device=nxt.device), self.llm.eos, nxt)[:, None]
+                mask = torch.ones(n, cache.length + 1, dtype=torch.bool, device=prefix.device)
+                h = lm(fed, mask, cache=cache)[-1][:, -1]
             out += [self.llm.tokenizer.decode(r).strip() for r in rows]
         return out
 

@@ -119,19 +119,35 @@ class Block(nn.Module):
         self.ffn_up = nn.Linear(dim, hidden, bias=False)
         self.ffn_down = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: torch.Tensor,
+                past: list | None = None) -> torch.Tensor:
+        """`past`: this layer's [keys, values] of the positions read before (a KVCache slot), which
+        x's positions follow; they are read and then extended with x's own."""
         b, length, _ = x.shape
         h = self.attn_norm(x)
         q = self.attn_q(h).view(b, length, self.heads, self.head_dim).transpose(1, 2)
         k = self.attn_k(h).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.attn_v(h).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+        if past is not None:
+            if past[0] is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            past[0], past[1] = k, v
         group = self.heads // self.kv_heads  # query head j reads key-value head j // group
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
         x = x + self.attn_output(a.transpose(1, 2).reshape(b, length, -1))
         h = self.ffn_norm(x)
         return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+
+
+class KVCache:
+    """The keys and values (per layer, before the grouped heads are shared out) of the positions a
+    Llama has read, so that writing one more token runs the model on that token alone."""
+
+    def __init__(self, layers: int):
+        self.slots: list[list] = [[None, None] for _ in range(layers)]
+        self.length = 0
 
 
 class Llama(nn.Module):
@@ -149,24 +165,35 @@ class Llama(nn.Module):
         self.output_norm = RMSNorm(dim, eps)
 
     def forward(self, ids: torch.Tensor | None, mask: torch.Tensor, upto: int | None = None,
-                inputs: torch.Tensor | None = None) -> list[torch.Tensor]:
+                inputs: torch.Tensor | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
         """ids, mask [B, L] (right-padded, mask True = real) -> the hidden states after the embeddings
         and after each of the first `upto` layers (all by default): upto + 1 tensors [B, L, D].
-        `inputs` [B, L, D] stands in for the ids' embeddings (a visual prefix: ClipCap)."""
+        `inputs` [B, L, D] stands in for the ids' embeddings (a visual prefix: ClipCap). With a
+        `cache` (of every layer) the ids are the positions after the cached ones, `mask` covers
+        cached and new positions, and the cache takes the new positions' keys and values."""
         upto = len(self.blk) if upto is None else upto
-        length, device = mask.shape[1], mask.device
-        position = torch.arange(length, device=device, dtype=torch.float32)
+        if cache is not None and upto != len(self.blk):
+            raise ValueError("a KVCache needs every layer run")
+        past, device = (cache.length if cache is not None else 0), mask.device
+        length = mask.shape[1] - past
+        position = torch.arange(past, past + length, device=device, dtype=torch.float32)
         freq = self.rope_base ** (-torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim)
         angle = position[:, None] * freq
-        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        causal = torch.ones(length, past + length, dtype=torch.bool, device=device).tril(diagonal=past)
         attend = causal[None, None] & mask[:, None, None, :].bool()
         x = self.token_embd(ids) if inputs is None else inputs
         cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
         states = [x]
-        for block in self.blk[:upto]:
-            x = block(x, cos, sin, attend)
+        for i, block in enumerate(self.blk[:upto]):
+            x = block(x, cos, sin, attend, None if cache is None else cache.slots[i])
             states.append(x)
+        if cache is not None:
+            cache.length += length
         return states
+
+    def new_cache(self) -> KVCache:
+        """An empty KVCache for forward(..., cache=) (one slot per layer)."""
+        return KVCache(len(self.blk))
 
     @classmethod
     def from_gguf(cls, file: GGUFFile) -> Llama:

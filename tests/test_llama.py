@@ -5,6 +5,7 @@ The parity model is a tiny random llama written here with the gguf package (3 la
 64, grouped-query attention, weights in every type limner reads) that carries SmolLM2's own
 vocabulary and merges, so the tokenizer compared is the real one."""
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +278,36 @@ def test_prefix_captioner_learns_through_the_frozen_language_model(tiny, tmp_pat
     again = limner.load_captioner(folder)
     assert isinstance(again, PrefixCaptioner) and again.caption(images) == said
     assert load_captioner(folder).unknown_words(["a green circle"]) == ["green"]
+
+
+def test_a_kv_cache_gives_the_full_forward_token_by_token(tiny, monkeypatch):
+    """Reading a prefix and then one token at a time against the cache equals one forward over
+    the whole sequence (positions, causal mask and grouped heads all carried), and the ClipCap
+    captioner writes with it what it writes rereading everything each step."""
+    from limner.plugins.captioners import PrefixCaptioner
+
+    lm = limner.create("text_encoders", "gguf_llm", path=str(tiny)).model
+    ids = torch.randint(0, 1000, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    with torch.no_grad():
+        full = lm(ids, mask)[-1]
+        cache = lm.new_cache()
+        parts = [lm(ids[:, :4], mask[:, :4], cache=cache)[-1]]
+        for t in range(4, 9):
+            parts.append(lm(ids[:, t:t + 1], mask[:, :t + 1], cache=cache)[-1])
+    assert cache.length == 9 and cache.slots[0][0].shape == (3, 2, 9, 16)  # 2 key-value heads of 16
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5 * full.abs().max().item(), rtol=1e-4)
+    with pytest.raises(ValueError):
+        lm(ids, mask, upto=1, cache=lm.new_cache())
+
+    torch.manual_seed(0)
+    model = PrefixCaptioner(["a", "red"], llm={"name": "gguf_llm", "path": str(tiny)}, channels=8, prefix_side=2,
+                            max_tokens=7).eval()
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from llm_captioner import rereading  # the way before the cache: the whole sequence again for each token
+
+    with torch.no_grad():
+        said = model.caption(images, batch=3)
+        assert said == rereading(model, images) and any(said)
