@@ -1,6 +1,7 @@
 """The `limner` command line. Plugins add commands through `limner_register_commands`."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -12,6 +13,20 @@ from . import __version__
 from .config import in_range, range_text
 from .errors import LimnerError
 from .registry import Registry, registry
+
+
+def uses_cores(command):
+    """Mark a work command: before it runs, torch's thread count is fitted to the cores other
+    processes leave free (limner.threads)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from .threads import fit_to_load
+
+        fit_to_load()
+        return command(*args, **kwargs)
+
+    return run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,6 +99,7 @@ def plugins(as_json: bool, show_aliases: bool) -> None:
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Override train.steps.")
+@uses_cores
 def train(config: str, steps: int | None) -> None:
     """Train a diffusion model, GAN or VAE from a TOML config (resumes the run if it has a checkpoint).
 
@@ -151,6 +167,7 @@ class Number(click.ParamType):
               help="Diffusion: torch.compile the denoiser first (~30 s once; pays off over many images).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "fp32", "bf16"]), default=None,
               help="Diffusion: compute in bfloat16 on a CPU with native bf16 (default: the checkpoint's).")
+@uses_cores
 def sample(checkpoint, prompts, negative, sampler, schedule, steps, sigmas, guidance, seed, num, size, out,
            init_image, strength, mask, truncation, prediction, loras, compile_, dtype):
     """Draw images from a trained checkpoint (diffusion, GAN or VAE): one PNG per image, named
@@ -247,6 +264,7 @@ def sample(checkpoint, prompts, negative, sampler, schedule, steps, sigmas, guid
               help="VAE: score reconstructions of the held-out images (encode + decode) instead of samples.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Also write the report as JSON here, and as a markdown table beside it (.md).")
+@uses_cores
 def evaluate(checkpoint, prompts, sampler, steps, guidance, metrics, reconstruct, out):
     """Score a checkpoint on its run's held-out prompts with the run's metric, or --metrics."""
     from pathlib import Path
@@ -282,6 +300,7 @@ def evaluate(checkpoint, prompts, sampler, steps, guidance, metrics, reconstruct
 @click.option("--model", "-m", required=True,
               help="The captioner: a registered name (see `limner plugins`: shapes, fashion_mnist) or a folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON ({file: caption}) instead of lines.")
+@uses_cores
 def caption(images, model, as_json):
     """Say what each image shows (image -> text), one line per image."""
     from .captioning import caption as caption_images
@@ -339,6 +358,7 @@ def export(run: str, dest: str, full_precision: bool, force: bool) -> None:
               help="Key every API request must carry (Authorization: Bearer KEY) [env: LIMNER_API_KEY].")
 @click.option("--memory", type=Number(low=0, low_open=True), default=None,
               help="GB of loaded models kept before the least recently used is dropped [default: half the RAM].")
+@uses_cores
 def serve(checkpoints, host, port, api_key, memory):
     """Serve checkpoints over HTTP: limner's JSON API (/v1), A1111's API (/sdapi/v1) and a web
     page at /, with models kept loaded and a job queue. Without CHECKPOINTs: the shipped ones."""
@@ -358,6 +378,7 @@ def serve(checkpoints, host, port, api_key, memory):
               help="Demo config (default: the built-in one).")
 @click.option("--out", type=click.Path(file_okay=False), default="out/demo", show_default=True,
               help="Where to write the grid.")
+@uses_cores
 def demo(config_path: str | None, out: str) -> None:
     """Show what is installed, draw prompts x samplers from the shipped model, score it."""
     from .demo import run_demo

@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("LIMNER_THREADS", "all")  # commands keep every core whatever else runs (limner.threads)
 
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
