@@ -18,8 +18,9 @@ training anything:
   the held-out words are scored at that layer.
 
 And the route through paraphrases the language model writes itself: SmolLM2 is asked to
-rewrite a few training captions in other words (greedy, chat template), and what it writes
-is shown.
+rewrite a few training captions in other words (greedy, chat template), and to name other
+words for each training colour and shape (greedy, repeats banned), and what it writes is
+shown, its word lists checked against the dev and held-out words.
 
     python benchmarks/encoder_knowledge.py benchmarks/results/encoder-knowledge.json
 """
@@ -131,21 +132,66 @@ REWRITTEN = ["a red circle at the top left", "a small blue square at the center"
              "a large yellow triangle at the bottom", "a green circle at the right"]
 
 
-def rewrites(enc, tokens: int = 32) -> list[list[str]]:
-    """SmolLM2's greedy rewrites of a few training captions (whole forward per token: short texts)."""
+def greedy(enc, texts: list[str], tokens: int, ban: list[str] | None = None) -> list[str]:
+    """SmolLM2's greedy continuations of `texts` (whole forward per token: short texts). With
+    `ban` (the words of each text it must not say), no token is written twice nor any of those
+    words' tokens, separators excepted (no_repeat_ngram_size = 1 on all but commas and line
+    breaks), and a full stop ends it: the usual cure for a small model's loops."""
+    import torch
+
     end = enc.tokenizer.token_to_id("<|im_end|>")
-    rows = [[enc.bos, *enc.tokenizer.encode(REWRITE.format(caption=c), add_special_tokens=False).ids]
-            for c in REWRITTEN]
+    free = {t for sep in (",", " ,", "\n", "\n\n", " and", ";")
+            for t in enc.tokenizer.encode(sep, add_special_tokens=False).ids}
+    stop = set(enc.tokenizer.encode(".", add_special_tokens=False).ids)
+    rows = [[enc.bos, *enc.tokenizer.encode(t, add_special_tokens=False).ids] for t in texts]
+    banned = [set() if ban is None else {t for w in (ban[i], " " + ban[i], ban[i].capitalize(),
+                                                     " " + ban[i].capitalize())
+                                         for t in enc.tokenizer.encode(w, add_special_tokens=False).ids} - free
+              for i in range(len(rows))]
     written, done = [[] for _ in rows], [False] * len(rows)
     for _ in range(tokens):
-        last = states_of(enc, [r + w for r, w in zip(rows, written)])[-1]
-        for i, t in enumerate((last @ enc.model.token_embd.weight.T).argmax(-1).tolist()):
-            done[i] = done[i] or t in (end, enc.eos)
+        logits = states_of(enc, [r + w for r, w in zip(rows, written)])[-1] @ enc.model.token_embd.weight.T
+        for i in range(len(rows)):
+            if banned[i]:
+                logits[i, torch.tensor(sorted(banned[i]))] = float("-inf")
+        for i, t in enumerate(logits.argmax(-1).tolist()):
+            done[i] = done[i] or t in (end, enc.eos) or (ban is not None and t in stop)
             if not done[i]:
                 written[i].append(t)
+                if ban is not None and t not in free:
+                    banned[i].add(t)
         if all(done):
             break
-    return [[c, enc.tokenizer.decode(w)] for c, w in zip(REWRITTEN, written)]
+    return [enc.tokenizer.decode(w) for w in written]
+
+
+def rewrites(enc, tokens: int = 32) -> list[list[str]]:
+    """SmolLM2's greedy rewrites of a few training captions."""
+    return [[c, w] for c, w in zip(REWRITTEN, greedy(enc, [REWRITE.format(caption=c) for c in REWRITTEN], tokens))]
+
+
+LIST = ('<|im_start|>user\nName other words for the {kind} {word}.<|im_end|>\n<|im_start|>assistant\n'
+        'Other words for {word}:')
+
+
+def word_lists(enc, sets: dict, tokens: int = 40) -> list[dict]:
+    """SmolLM2 asked for other words for each training colour and shape (the word-level route to
+    paraphrased training captions), decoded greedily with repeats banned; each list checked
+    against the dev and held-out words: how many of its own meaning's it names (right) and how
+    many of another meaning's (wrong: training on it would teach them as this colour or shape)."""
+    import re
+
+    out = []
+    for key in ("colour", "shape"):
+        s = sets[key]
+        meaning = {w.lower(): m for split in ("dev", "heldout") for w, m in s[split]}
+        texts = [LIST.format(kind=key, word=c) for c in s["meaning"]]
+        for c, said in zip(s["meaning"], greedy(enc, texts, tokens, ban=s["meaning"])):
+            words = {w.strip(" -*.:\"'0123456789") for w in re.split(r"[,;\n]|\band\b", said.lower())} - {""}
+            named = sorted(w for w in words if w in meaning)
+            out.append({"kind": key, "word": c, "said": said, "right": [w for w in named if meaning[w] == c],
+                        "wrong": [f"{w} ({meaning[w]})" for w in named if meaning[w] != c]})
+    return out
 
 
 def minilm_row(sets: dict) -> dict:
@@ -188,6 +234,16 @@ def render(data: dict) -> str:
         lines += ["", "Asked to rewrite training captions in other words (`REWRITE` in the script, greedy, at most 32 "
                   "tokens), SmolLM2 writes:", ""]
         lines += [f"- {c!r} -> {w!r}" for c, w in data["rewrites"]]
+    if data.get("lists"):
+        lists = data["lists"]
+        right, wrong = sum(len(r["right"]) for r in lists), sum(len(r["wrong"]) for r in lists)
+        lines += ["", "Asked for other words, word by word (`LIST` in the script: 'Name other words for the colour "
+                  "red.', the answer begun with 'Other words for red:', greedy with no token written twice but "
+                  f"separators, ended by a full stop, at most 40 tokens), SmolLM2 names {right} of the dev and "
+                  f"held-out words under their own meaning and {wrong} under another's (training captions varied "
+                  "with these lists would teach those as the wrong colour or shape):", ""]
+        lines += [f"- {r['kind']} {r['word']!r}: {r['said'].strip()!r} (right: {', '.join(r['right']) or 'none'}; "
+                  f"wrong: {', '.join(r['wrong']) or 'none'})" for r in lists]
     return "\n".join(lines) + "\n"
 
 
@@ -200,7 +256,8 @@ def main() -> None:
     counts = ", ".join(f"{key}: {len(s['dev'])} dev and {len(s['heldout'])} held-out" for key, s in sets.items())
     enc = smollm2()  # loaded once for both uses
     data = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "counts": counts,
-            "rows": [*llm_rows(enc, sets), minilm_row(sets)], "rewrites": rewrites(enc)}
+            "rows": [*llm_rows(enc, sets), minilm_row(sets)], "rewrites": rewrites(enc),
+            "lists": word_lists(enc, sets)}
     out.write_text(json.dumps(data, indent=1) + "\n")
     out.with_suffix(".md").write_text(render(data))
     print(render(data))
