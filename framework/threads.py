@@ -6,8 +6,8 @@ whole time slice (benchmarks/results/thread-policy*.md: a training step 0.59 s m
 threads beside a 2-thread job, one step 8.3 s, the neighbour slowed by a quarter; on 1 thread
 0.63-0.69 s, none slower than 1 s). So `limner train`, `sample`, `eval`, `caption`, `demo` and
 `serve` count the threads other processes are running as they start (the kernel's runnable
-count, /proc/loadavg, a few reads) and use the cores left, at least one, saying so. One
-reading at start-up: a job that starts later is not seen.
+count, /proc/loadavg, a few reads, against the machine's CPUs) and use the cores left, at
+least one, saying so. One reading at start-up: a job that starts later is not seen.
 
 `LIMNER_THREADS` pins the count (a number, or `all` for every core whatever the load), and
 `OMP_NUM_THREADS` set by hand is kept as it is. A run resumed on another thread count is the
@@ -75,7 +75,9 @@ def fit_to_load() -> int:
     default = torch.get_num_threads()
     pinned = os.environ.get("LIMNER_THREADS")
     busy = None if pinned is not None else busy_elsewhere()
-    free = None if busy is None else cores() - busy
+    # the runnable count is the whole machine's (a container sees its host's): compared with the
+    # machine's CPUs, so that a small container on a large busy host keeps its own cores
+    free = None if busy is None else min(cores(), (os.cpu_count() or cores()) - busy)
     threads, why = choose(default, free, pinned)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)

@@ -44,6 +44,12 @@ def test_a_work_command_under_load_says_so_and_uses_the_free_cores(monkeypatch, 
     monkeypatch.setattr(limner.errors, "_said", set())  # the notice not yet said in this process
     try:
         assert threads.fit_to_load() == 1 and torch.get_num_threads() == 1
+        # a container on a large host: the host's runnable count against the host's CPUs
+        monkeypatch.setattr(threads, "busy_elsewhere", lambda: 40)
+        monkeypatch.setattr(threads.os, "cpu_count", lambda: 64)
+        monkeypatch.setattr(threads, "cores", lambda: 2)
+        torch.set_num_threads(2)
+        assert threads.fit_to_load() == 2
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # set by hand: left alone
         torch.set_num_threads(before)
         assert threads.fit_to_load() == before
