@@ -148,12 +148,9 @@ def with_phrase_tokens(encode: Callable[[list[str]], TextEmbedding], prompts: Se
         raise LimnerError(f"phrase tokens need an encoder whose pooled vector is as wide as its tokens, got "
                           f"{clauses.pooled.shape[-1]} and {clauses.tokens.shape[-1]}: turn phrase_tokens off for "
                           "this encoder")
-    if whole:
-        emb = encode(list(prompts))
-        dtype, whole_pooled = emb.tokens.dtype, emb.pooled
-    else:
-        dtype = clauses.tokens.dtype
-        whole_pooled = clauses.pooled.new_zeros((len(prompts), clauses.pooled.shape[-1]), dtype=dtype)
+    dtype = clauses.tokens.dtype
+    whole_pooled = (encode(list(prompts)).pooled if whole
+                    else clauses.pooled.new_zeros((len(prompts), clauses.pooled.shape[-1]), dtype=dtype))
     index = {q: i for i, q in enumerate(unique)}
     rows = [(torch.cat([clauses.tokens[index[q], clauses.mask[index[q]]] + clauses.pooled[index[q]] for q in ps])
              .to(dtype), pooled) for ps, pooled in zip(parts, whole_pooled)]

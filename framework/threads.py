@@ -49,15 +49,15 @@ def cores() -> int:
 
 def choose(default: int, free_cores: int | None, pinned: str | None) -> tuple[int, str | None]:
     """(threads, why) from torch's `default` count, the cores no other process is using
-    (`free_cores`, None: unknown) and LIMNER_THREADS (`pinned`); `why` is None when the count
-    stays torch's default."""
+    (`free_cores`, None: unknown) and LIMNER_THREADS (`pinned`); `why`, the note to show, is None
+    when the count is torch's default or the user's own."""
     if pinned is not None:
         text = pinned.strip().lower()
         if text == "all":
             return default, None
         if not text.isdigit() or int(text) < 1:
             raise LimnerError(f"LIMNER_THREADS must be a whole number >= 1 or 'all', got {pinned!r}")
-        return int(text), f"LIMNER_THREADS={int(text)}"
+        return int(text), None
     if free_cores is None or free_cores >= default:
         return default, None
     threads = max(1, free_cores)
@@ -79,8 +79,8 @@ def fit_to_load() -> int:
     # machine's CPUs, so that a small container on a large busy host keeps its own cores
     free = None if busy is None else min(cores(), (os.cpu_count() or cores()) - busy)
     threads, why = choose(default, free, pinned)
-    if threads != torch.get_num_threads():
+    if threads != default:
         torch.set_num_threads(threads)
-    if why and pinned is None:
+    if why:
         notice(why, key="threads")
     return threads

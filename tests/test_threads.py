@@ -19,7 +19,7 @@ def test_the_count_is_the_free_cores_at_least_one_unless_pinned():
     assert n == 1 and "all of the 4 cores" in why and "1 thread " in why
     assert threads.choose(8, 3, None)[0] == 3
     assert threads.choose(2, 0, "all") == (2, None)  # pinned: the load is not read
-    assert threads.choose(2, 0, " 3 ") == (3, "LIMNER_THREADS=3")
+    assert threads.choose(2, 0, " 3 ") == (3, None)  # the user's own count: nothing to say
     for bad in ("0", "-1", "two", "1.5", ""):
         with pytest.raises(limner.LimnerError, match="LIMNER_THREADS must be a whole number >= 1 or 'all'"):
             threads.choose(2, 2, bad)
