@@ -107,7 +107,21 @@ def train(config: str, steps: int | None) -> None:
     """
     from .recipes import train as run_training
 
-    run_training(config, {"train.steps": steps} if steps is not None else None)
+    trainer = run_training(config, {"train.steps": steps} if steps is not None else None)
+    if trainer.acc.num_processes > 1:
+        leave_without_teardown(0)
+
+
+def leave_without_teardown(code: int) -> None:
+    """End a multi-process run once its files are written, skipping the interpreter's teardown:
+    gloo's worker threads outlive destroy_process_group (torch 2.13 keeps the process group alive
+    from C++), and freeing them while Python finalizes can abort a rank (SIGABRT, "terminate
+    called without an active exception"; pytorch/pytorch#190489) after a run that succeeded."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class Number(click.ParamType):

@@ -53,7 +53,7 @@ def fake_dist(tmp_path, monkeypatch):
 
 @pytest.fixture
 def train_two_ranks():
-    """train_two_ranks(config, cwd, port): `limner train` as 2 gloo processes; the run's ranks.json."""
+    """train_two_ranks(config, cwd, port): `limner train` as 2 gloo processes; the run's ranks.json and their stdout."""
     return _train_two_ranks
 
 
@@ -64,4 +64,4 @@ def _train_two_ranks(config: Path, cwd: Path, port: int) -> dict:
          "-m", "limner.cli", "train", str(config)],
         env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((config.with_suffix("") / "ranks.json").read_text())
+    return {**json.loads((config.with_suffix("") / "ranks.json").read_text()), "stdout": result.stdout}

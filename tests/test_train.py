@@ -126,9 +126,15 @@ def test_a_changed_model_config_refuses_to_resume(tmp_path):
 
 
 def test_two_processes_end_with_identical_weights(tmp_path, train_two_ranks):
-    ranks = train_two_ranks(write_config(tmp_path, steps=3), tmp_path, port=29517)
+    """Also: the ranks leave without Python's teardown (cli.leave_without_teardown) only after the
+    run's last work: rank 0's held-out scores printed once and written."""
+    config = write_config(tmp_path, steps=3)
+    config.write_text(config.read_text().replace("[eval]\n", "[eval]\nprompts = 4\n"))
+    ranks = train_two_ranks(config, tmp_path, port=29517)
     assert ranks["step"] == 3 and len(ranks["digests"]) == 2
     assert ranks["digests"][0] == ranks["digests"][1]
+    assert ranks["stdout"].count("held-out scores: ") == 1, ranks["stdout"]
+    assert (tmp_path / "run" / "eval.json").is_file()
 
 
 @pytest.fixture(scope="module")
