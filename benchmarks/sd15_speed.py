@@ -20,6 +20,15 @@ convolution weights held in bf16, norms in float32, the sampler's state in float
 loaded with torch_dtype=torch.bfloat16 (the whole pipeline in bf16), OpenVINO with
 INFERENCE_PRECISION_HINT bf16 (f32 for the float32 rows: its CPU plugin would pick bf16 itself).
 
+ONNX Runtime (--onnxruntime, float32 only: its CPU execution provider has no bfloat16
+convolutions): the diffusers folder's text encoder, UNet and VAE decoder exported to ONNX once
+(`export_onnxruntime`, not timed) and run by diffusers' OnnxStableDiffusionPipeline with the same
+tokenizer (DDIM in place of Euler: `image_onnxruntime` says why; the same 20 UNet calls).
+onnxruntime and onnx must be importable (`pip install --target DIR onnxruntime onnx`,
+PYTHONPATH=DIR): an anchor of the benchmarks only, never a limner dependency:
+
+    PYTHONPATH=DIR python benchmarks/sd15_speed.py --onnxruntime --only "ONNX Runtime,limner float32" --rounds 2
+
 OpenVINO needs an environment of its own (optimum-intel 2.2 pins huggingface-hub below the
 diffusers in limner's): give its python with --openvino, e.g.
 
@@ -38,6 +47,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -160,6 +170,82 @@ def export_openvino(folder: Path) -> None:
         folder / "openvino")
 
 
+ONNX_PARTS = ("text_encoder", "unet", "vae_decoder")
+
+
+def export_onnxruntime(folder: Path) -> None:
+    """The diffusers folder's text encoder, UNet and VAE decoder exported to ONNX (torch.onnx.export's
+    TorchScript exporter, opset 17, fixed shapes, as benchmarks/onnxruntime_anchor.py; once, not in
+    any row's time), with the inputs diffusers' OnnxStableDiffusionPipeline feeds them."""
+    import diffusers
+    import torch
+    import transformers
+
+    src, out = folder / "diffusers", folder / "onnx"
+    text = transformers.CLIPTextModel.from_pretrained(src / "text_encoder").eval()
+    unet = diffusers.UNet2DConditionModel.from_pretrained(src / "unet").eval()
+    vae = diffusers.AutoencoderKL.from_pretrained(src / "vae").eval()
+    latent = SIZE // 8
+    parts = {  # name: (module, forward, example inputs, input names)
+        "text_encoder": (text, lambda ids: text(input_ids=ids).last_hidden_state,
+                         (torch.zeros(1, 77, dtype=torch.int32),), ["input_ids"]),
+        "unet": (unet, lambda x, t, ctx: unet(x, t, encoder_hidden_states=ctx).sample,
+                 (torch.randn(2, 4, latent, latent), torch.ones(1), torch.randn(2, 77, 768)),
+                 ["sample", "timestep", "encoder_hidden_states"]),
+        "vae_decoder": (vae, lambda z: vae.decode(z).sample, (torch.randn(1, 4, latent, latent),),
+                        ["latent_sample"]),
+    }
+
+    class Part(torch.nn.Module):  # positional inputs and one tensor out, as the exporter wants them
+        def __init__(self, fn, module):
+            super().__init__()
+            self.fn, self.module = fn, module
+
+        def forward(self, *inputs):
+            return self.fn(*inputs)
+
+    with torch.no_grad():
+        for name in ONNX_PARTS:
+            module, fn, inputs, names = parts[name]
+            (out / name).mkdir(parents=True, exist_ok=True)
+            torch.onnx.export(Part(fn, module), inputs, str(out / name / "model.onnx"), input_names=names,
+                              output_names=["out"], opset_version=17, dynamo=False)
+
+
+def image_onnxruntime(folder: Path, dtype: str, compile_: bool) -> dict:
+    """diffusers' OnnxStableDiffusionPipeline on the exported parts: onnxruntime's CPU execution
+    provider, every graph optimization, torch's thread count; the diffusers folder's tokenizer, and
+    DDIM on its scheduler's noise schedule: that pipeline keeps its latents in numpy and breaks on
+    Euler's tensor init_noise_sigma, and DDIM makes the same 20 guided UNet calls, the time that
+    counts."""
+    import diffusers
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import transformers
+    from diffusers import OnnxRuntimeModel, OnnxStableDiffusionPipeline
+
+    if dtype != "float32" or compile_:
+        raise ValueError("ONNX Runtime's row is float32 only (its CPU provider has no bfloat16 convolutions)")
+    start = time.perf_counter()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    parts = {name: OnnxRuntimeModel(ort.InferenceSession(str(folder / "onnx" / name / "model.onnx"), options,
+                                                         providers=["CPUExecutionProvider"]))
+             for name in ONNX_PARTS}
+    pipe = OnnxStableDiffusionPipeline(
+        vae_encoder=None, **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "diffusers" / "tokenizer"),
+        scheduler=diffusers.DDIMScheduler.from_pretrained(folder / "diffusers" / "scheduler"))
+    out = {"load_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
+         generator=np.random.RandomState(0), output_type="np")
+    out["image_s"] = time.perf_counter() - start
+    return out
+
+
 def peak_rss_gb() -> float:
     """This process's peak resident memory (VmHWM: getrusage's ru_maxrss would carry the parent's
     peak over fork and exec)."""
@@ -200,22 +286,25 @@ def main() -> None:
         render(json.loads(RESULTS.read_text()))
         return
     openvino = args[args.index("--openvino") + 1] if "--openvino" in args else None
+    onnxruntime = "--onnxruntime" in args
     compile_ = "--compile" in args
+    rounds = int(args[args.index("--rounds") + 1]) if "--rounds" in args else 1
+    command = ("python benchmarks/sd15_speed.py" + (" --openvino PYTHON" if openvino else "") +
+               (" --onnxruntime" if onnxruntime else "") + (" --compile" if compile_ else "") +
+               (f" --rounds {rounds}" if rounds > 1 else "") + results_arg())
     flags = Path("/proc/cpuinfo").read_text().split()
     data = {"cpu": cpu_name(), "flags": sorted({f for f in ("avx512_bf16", "amx_bf16") if f in flags}),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "command": "python benchmarks/sd15_speed.py" + (" --openvino PYTHON" if openvino else "") +
-            (" --compile" if compile_ else "") + results_arg(), "forward": {}, "image": {}, "failed": {}}
+            "command": command, "forward": {}, "image": {}, "failed": {}}
 
     def save():
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")
         render(data)
 
     only = args[args.index("--only") + 1].split(",") if "--only" in args else None
-    rounds = int(args[args.index("--rounds") + 1]) if "--rounds" in args else 1
     if only is not None:  # rerun some rows, keep the others' results
         kept = json.loads(RESULTS.read_text())
-        data.update({k: kept[k] for k in ("forward", "image", "failed")})
+        data.update({k: kept[k] for k in ("forward", "image", "failed", "note") if k in kept})  # the note: by hand
 
     def chosen(name: str) -> bool:
         return only is None or any(part in name for part in only)
@@ -255,6 +344,8 @@ def main() -> None:
         if openvino:
             sides += [(f"OpenVINO {dtype}", openvino, f"image_openvino({path}, {dtype!r}, False)")
                       for dtype in ("float32", "bfloat16")]
+        if onnxruntime:  # float32 only: its CPU provider has no bfloat16 convolutions
+            sides.append(("ONNX Runtime float32", here, f"image_onnxruntime({path}, 'float32', False)"))
         sides = [side for side in sides if chosen(side[0])]
         for name, *_ in sides:
             data["image"].pop(name, None)  # fresh runs
@@ -262,19 +353,21 @@ def main() -> None:
             start = time.perf_counter()
             child(openvino, f"export_openvino({path})")
             data["openvino_export_s"] = round(time.perf_counter() - start, 1)
+        if any(name.startswith("ONNX Runtime") for name, *_ in sides):
+            start = time.perf_counter()
+            child(here, f"export_onnxruntime({path})")
+            data["onnxruntime_export_s"] = round(time.perf_counter() - start, 1)
         for _ in range(rounds):
             for name, python, call in sides:
                 row("image", name, partial(child, python, call))
-        data["command"] = ("python benchmarks/sd15_speed.py" + (" --openvino PYTHON" if openvino else "") +
-                           (" --compile" if compile_ else "") + (f" --rounds {rounds}" if rounds > 1 else "") +
-                           results_arg() +
-                           (f" --only {','.join(only)}" if only else "") +
+        data["command"] = (command + (f" --only {shlex.quote(','.join(only))}" if only else "") +
                            (f"; other rows: {kept['command']}" if only else ""))  # each earlier run's command kept
     save()
 
 
 def render(data: dict) -> None:
-    lines = ["# Stable Diffusion 1.5 at full size on the CPU: limner, diffusers, OpenVINO (issue 28)", "",
+    lines = ["# Stable Diffusion 1.5 at full size on the CPU: limner, diffusers, OpenVINO, ONNX Runtime (issue 28)",
+             "",
              f"Machine: {data['cpu']} ({', '.join(data['flags']) or 'no native bf16'}), {data['threads']} threads; "
              f"torch {data['torch']}; {data['date']}. Command: `{data['command']}`. SD 1.5's architecture with random "
              "weights, the same on every side. bfloat16 is each tool's own way (the script's docstring).", ""]
@@ -308,7 +401,7 @@ def render(data: dict) -> None:
                 continue
             best = min((r.get("next_image_s", r["image_s"]) for n, r in rows.items()
                         if n.startswith("limner") and dtype in n))
-            for other in ("diffusers", "OpenVINO"):
+            for other in ("diffusers", "OpenVINO", "ONNX Runtime"):
                 theirs = rows.get(f"{other} {dtype}")
                 if theirs:
                     lines.append(f"- {dtype}: limner {theirs['image_s'] / ours['image_s']:.2f}x {other} eager-to-eager "
