@@ -347,16 +347,22 @@ def main() -> None:
         if onnxruntime:  # float32 only: its CPU provider has no bfloat16 convolutions
             sides.append(("ONNX Runtime float32", here, f"image_onnxruntime({path}, 'float32', False)"))
         sides = [side for side in sides if chosen(side[0])]
+        for tool, python, call in (("OpenVINO", openvino, f"export_openvino({path})"),
+                                   ("ONNX Runtime", here, f"export_onnxruntime({path})")):
+            its = [side for side in sides if side[0].startswith(tool)]
+            if not its:
+                continue
+            start = time.perf_counter()
+            try:
+                child(python, call)
+                data[f"{tool.lower().replace(' ', '')}_export_s"] = round(time.perf_counter() - start, 1)
+            except Exception as e:  # noqa: BLE001 - its rows fail, the others go on
+                traceback.print_exc()
+                data["failed"].update({f"image: {name}": f"export: {type(e).__name__}: {e}" for name, *_ in its})
+                sides = [side for side in sides if side not in its]
+                save()
         for name, *_ in sides:
-            data["image"].pop(name, None)  # fresh runs
-        if any(name.startswith("OpenVINO") for name, *_ in sides):
-            start = time.perf_counter()
-            child(openvino, f"export_openvino({path})")
-            data["openvino_export_s"] = round(time.perf_counter() - start, 1)
-        if any(name.startswith("ONNX Runtime") for name, *_ in sides):
-            start = time.perf_counter()
-            child(here, f"export_onnxruntime({path})")
-            data["onnxruntime_export_s"] = round(time.perf_counter() - start, 1)
+            data["image"].pop(name, None)  # fresh runs (a side whose export failed keeps its earlier row)
         for _ in range(rounds):
             for name, python, call in sides:
                 row("image", name, partial(child, python, call))
