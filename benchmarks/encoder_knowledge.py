@@ -20,7 +20,10 @@ training anything:
 And the route through paraphrases the language model writes itself: SmolLM2 is asked to
 rewrite a few training captions in other words (greedy, chat template), and to name other
 words for each training colour and shape (greedy, repeats banned), and what it writes is
-shown, its word lists checked against the dev and held-out words.
+shown, its word lists checked against the dev and held-out words. And the route through the
+language model reading the prompt itself (`reading`): asked the colour, shape, height and side
+of each whole dev and held-out prompt, after worked examples that are training captions, how
+often it answers right (what a prompt rewritten into the training grammar by it could reach).
 
     python benchmarks/encoder_knowledge.py benchmarks/results/encoder-knowledge.json
 """
@@ -194,6 +197,77 @@ def word_lists(enc, sets: dict, tokens: int = 40) -> list[dict]:
     return out
 
 
+READ = {"colour": "Colour:", "shape": "Shape:", "row": "Height (top, middle or bottom):",
+        "column": "Side (left, middle or right):"}
+ROWS, COLUMNS = ["top", "middle", "bottom"], ["left", "middle", "right"]
+
+
+def answers(caption: str) -> dict[str, str]:
+    """The colour, shape, row and column a shapes caption says."""
+    from limner.plugins.shapes import POSITIONS, parse_caption
+
+    (o,) = parse_caption(caption)
+    row, column = POSITIONS[o.position]
+    return {"colour": o.colour, "shape": o.shape, "row": ROWS[row], "column": COLUMNS[column]}
+
+
+def reading(enc, shots: tuple[int, ...] = (0, 4, 8)) -> dict:
+    """SmolLM2 reads each whole dev and held-out prompt and answers each attribute ('Picture:
+    {prompt}\nColour:') with the first token it finds likeliest among the training words (the
+    place as a row and a column), after k worked examples that are training captions (seeded
+    random ones: training words only). Each way with and without contextual calibration (Zhao
+    et al. 2021: the answers' log-probabilities for the content-free prompt 'N/A' subtracted).
+    The way is chosen per attribute on dev; the place is right when row and column both are."""
+    import random
+
+    import torch
+
+    from limner.plugins.shapes import COLOURS, POSITIONS, SHAPES
+
+    options = {"colour": list(COLOURS), "shape": list(SHAPES), "row": ROWS, "column": COLUMNS}
+    rng = random.Random(0)
+    examples = [f"a {rng.choice(list(COLOURS))} {rng.choice(SHAPES)} at the {rng.choice(list(POSITIONS))}"
+                for _ in range(max(shots))]
+    splits = {name: json.loads((HERE / f"{name}-phrasings.json").read_text()) for name in ("dev", "heldout")}
+
+    def asked(text: str, key: str, k: int) -> str:
+        worked = "".join(f"Picture: {e}\n{READ[key]} {answers(e)[key]}\n\n" for e in examples[:k])
+        return f"{worked}Picture: {text}\n{READ[key]}"
+
+    def log_probs(texts: list[str], key: str):
+        first = [enc.tokenizer.encode(" " + o, add_special_tokens=False).ids[0] for o in options[key]]
+        out = [torch.log_softmax(llm_states(enc, texts[i:i + 50])[-1] @ enc.model.token_embd.weight.T, -1)[:, first]
+               for i in range(0, len(texts), 50)]
+        return torch.cat(out)
+
+    right, ways = {}, []  # (way, key, split) -> per-prompt right answers
+    for k in shots:
+        for key in READ:
+            null = log_probs([asked("N/A", key, k)], key)[0]
+            for split, rows in splits.items():
+                lp = log_probs([asked(r["prompt"], key, k) for r in rows], key)
+                truth = [answers(r["means"])[key] for r in rows]
+                for calibrated in (False, True):
+                    picks = (lp - null if calibrated else lp).argmax(-1).tolist()
+                    right[((k, calibrated), key, split)] = [options[key][i] == t for i, t in zip(picks, truth)]
+        ways += [(k, False), (k, True)]
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    chosen = {key: max(ways, key=lambda w: mean(right[(w, key, "dev")])) for key in READ}
+    place = {split: mean([r and c for r, c in zip(right[(chosen["row"], "row", split)],
+                                                  right[(chosen["column"], "column", split)])]) for split in splits}
+    return {"examples": examples,
+            "ways": [{"examples": k, "calibrated": cal, **{f"{split} {key}": mean(right[((k, cal), key, split)])
+                                                           for split in splits for key in READ}}
+                     for k, cal in ways],
+            "chosen": {key: {"examples": w[0], "calibrated": w[1]} for key, w in chosen.items()},
+            "chosen_scores": {f"{split} {key}": mean(right[(chosen[key], key, split)])
+                              for split in splits for key in ("colour", "shape")} |
+                             {f"{split} place": place[split] for split in splits}}
+
+
 def minilm_row(sets: dict) -> dict:
     import torch
 
@@ -244,6 +318,26 @@ def render(data: dict) -> str:
                   "with these lists would teach those as the wrong colour or shape):", ""]
         lines += [f"- {r['kind']} {r['word']!r}: {r['said'].strip()!r} (right: {', '.join(r['right']) or 'none'}; "
                   f"wrong: {', '.join(r['wrong']) or 'none'})" for r in lists]
+    if data.get("reading"):
+        r = data["reading"]
+        lines += ["", "Asked to read the whole prompt (`reading` in the script: 'Picture: {prompt}\\nColour:', "
+                  "likewise 'Shape:', 'Height (top, middle or bottom):', 'Side (left, middle or right):'; the answer "
+                  "the training word whose first token is likeliest next; after 0, 4 or 8 worked examples that are "
+                  "training captions; with and without contextual calibration, Zhao et al. 2021), SmolLM2 answers "
+                  "(200 dev and 200 held-out prompts of benchmarks/phrasings.py; chance: colour 17%, shape, height "
+                  "and side 33%):", "",
+                  "| examples | calibrated | dev colour | shape | height | side | held-out colour | shape | height | "
+                  "side |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for w in r["ways"]:
+            cells = [w[f"{split} {key}"] for split in ("dev", "heldout") for key in READ]
+            lines.append(f"| {w['examples']} | {'yes' if w['calibrated'] else 'no'} | "
+                         + " | ".join(f"{100 * v:.0f}%" for v in cells) + " |")
+        c, sc = r["chosen"], r["chosen_scores"]
+        lines += ["", "Chosen per attribute on dev (" + ", ".join(
+            f"{key}: {c[key]['examples']} examples{', calibrated' if c[key]['calibrated'] else ''}" for key in READ)
+            + f"), held-out: colour {100 * sc['heldout colour']:.0f}%, shape {100 * sc['heldout shape']:.0f}%, "
+            f"place (height and side both right) {100 * sc['heldout place']:.0f}%. A prompt rewritten into the "
+            "training grammar by these answers could hardly be drawn right more often."]
     return "\n".join(lines) + "\n"
 
 
@@ -257,7 +351,7 @@ def main() -> None:
     enc = smollm2()  # loaded once for both uses
     data = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "counts": counts,
             "rows": [*llm_rows(enc, sets), minilm_row(sets)], "rewrites": rewrites(enc),
-            "lists": word_lists(enc, sets)}
+            "lists": word_lists(enc, sets), "reading": reading(enc)}
     out.write_text(json.dumps(data, indent=1) + "\n")
     out.with_suffix(".md").write_text(render(data))
     print(render(data))
