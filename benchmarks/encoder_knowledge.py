@@ -200,6 +200,7 @@ def word_lists(enc, sets: dict, tokens: int = 40) -> list[dict]:
 READ = {"colour": "Colour:", "shape": "Shape:", "row": "Height (top, middle or bottom):",
         "column": "Side (left, middle or right):"}
 ROWS, COLUMNS = ["top", "middle", "bottom"], ["left", "middle", "right"]
+SAID = {"colour": "colour", "shape": "shape", "row": "height", "column": "side"}  # as the tables name them
 
 
 def answers(caption: str) -> dict[str, str]:
@@ -334,7 +335,8 @@ def render(data: dict) -> str:
                          + " | ".join(f"{100 * v:.0f}%" for v in cells) + " |")
         c, sc = r["chosen"], r["chosen_scores"]
         lines += ["", "Chosen per attribute on dev (" + ", ".join(
-            f"{key}: {c[key]['examples']} examples{', calibrated' if c[key]['calibrated'] else ''}" for key in READ)
+            f"{SAID[key]}: {c[key]['examples']} examples{', calibrated' if c[key]['calibrated'] else ''}"
+            for key in READ)
             + f"), held-out: colour {100 * sc['heldout colour']:.0f}%, shape {100 * sc['heldout shape']:.0f}%, "
             f"place (height and side both right) {100 * sc['heldout place']:.0f}%. A prompt rewritten into the "
             "training grammar by these answers could hardly be drawn right more often."]
@@ -348,7 +350,7 @@ def main() -> None:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "results" / "encoder-knowledge.json"
     sets = word_sets()
     counts = ", ".join(f"{key}: {len(s['dev'])} dev and {len(s['heldout'])} held-out" for key, s in sets.items())
-    enc = smollm2()  # loaded once for both uses
+    enc = smollm2()  # loaded once for every use
     data = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "counts": counts,
             "rows": [*llm_rows(enc, sets), minilm_row(sets)], "rewrites": rewrites(enc),
             "lists": word_lists(enc, sets), "reading": reading(enc)}
