@@ -259,6 +259,8 @@ def reading(enc, shots: tuple[int, ...] = (0, 4, 8)) -> dict:
     chosen = {key: max(ways, key=lambda w: mean(right[(w, key, "dev")])) for key in READ}
     place = {split: mean([r and c for r, c in zip(right[(chosen["row"], "row", split)],
                                                   right[(chosen["column"], "column", split)])]) for split in splits}
+    every = {split: mean([all(answer) for answer in zip(*(right[(chosen[key], key, split)] for key in READ))])
+             for split in splits}
     return {"examples": examples,
             "ways": [{"examples": k, "calibrated": cal, **{f"{split} {key}": mean(right[((k, cal), key, split)])
                                                            for split in splits for key in READ}}
@@ -266,7 +268,8 @@ def reading(enc, shots: tuple[int, ...] = (0, 4, 8)) -> dict:
             "chosen": {key: {"examples": w[0], "calibrated": w[1]} for key, w in chosen.items()},
             "chosen_scores": {f"{split} {key}": mean(right[(chosen[key], key, split)])
                               for split in splits for key in ("colour", "shape")} |
-                             {f"{split} place": place[split] for split in splits}}
+                             {f"{split} place": place[split] for split in splits} |
+                             {f"{split} all three": every[split] for split in splits}}
 
 
 def minilm_row(sets: dict) -> dict:
@@ -338,7 +341,8 @@ def render(data: dict) -> str:
             f"{SAID[key]}: {c[key]['examples']} examples{', calibrated' if c[key]['calibrated'] else ''}"
             for key in READ)
             + f"), held-out: colour {100 * sc['heldout colour']:.0f}%, shape {100 * sc['heldout shape']:.0f}%, "
-            f"place (height and side both right) {100 * sc['heldout place']:.0f}%. A prompt rewritten into the "
+            f"place (height and side both right) {100 * sc['heldout place']:.0f}%, all three "
+            f"{100 * sc['heldout all three']:.1f}%. A prompt rewritten into the "
             "training grammar by these answers could hardly be drawn right more often."]
     return "\n".join(lines) + "\n"
 
