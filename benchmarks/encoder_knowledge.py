@@ -104,7 +104,7 @@ def llm_rows(enc, sets: dict) -> list[dict]:
         for split in ("dev", "heldout"):
             words, truth = zip(*s[split])
             last = llm_states(enc, [question.format(w=w) for w in words])[-1]
-            logits = last @ enc.model.token_embd.weight.T  # SmolLM2 ties its output head to the embeddings
+            logits = enc.model.head(last)
             ask[(key, split)] = score(logits[:, first].argmax(-1), s["meaning"], list(truth))
     rows.append({"encoder": "smollm2", "reading": "ask: next-token answer over the training words",
                  **{f"{split} {key}": ask.get((key, split)) for split in ("dev", "heldout") for key in sets}})
@@ -153,7 +153,7 @@ def greedy(enc, texts: list[str], tokens: int, ban: list[str] | None = None) -> 
               for i in range(len(rows))]
     written, done = [[] for _ in rows], [False] * len(rows)
     for _ in range(tokens):
-        logits = states_of(enc, [r + w for r, w in zip(rows, written)])[-1] @ enc.model.token_embd.weight.T
+        logits = enc.model.head(states_of(enc, [r + w for r, w in zip(rows, written)])[-1])
         for i in range(len(rows)):
             if banned[i]:
                 logits[i, torch.tensor(sorted(banned[i]))] = float("-inf")
@@ -237,7 +237,7 @@ def reading(enc, shots: tuple[int, ...] = (0, 4, 8)) -> dict:
 
     def log_probs(texts: list[str], key: str):
         first = [enc.tokenizer.encode(" " + o, add_special_tokens=False).ids[0] for o in options[key]]
-        out = [torch.log_softmax(llm_states(enc, texts[i:i + 50])[-1] @ enc.model.token_embd.weight.T, -1)[:, first]
+        out = [torch.log_softmax(enc.model.head(llm_states(enc, texts[i:i + 50])[-1]), -1)[:, first]
                for i in range(0, len(texts), 50)]
         return torch.cat(out)
 

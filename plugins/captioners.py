@@ -186,8 +186,7 @@ class PrefixCaptioner(nn.Module):
             mask[i, 1 + p + len(r):] = False
         start = lm.token_embd.weight[self.llm.bos].expand(n, 1, -1)
         inputs = torch.cat([start, prefix.to(start.dtype), lm.token_embd(tokens)], dim=1)
-        h = lm.output_norm(lm(None, mask, inputs=inputs)[-1])
-        return h @ lm.token_embd.weight.T  # tied output embedding (SmolLM2, Llama 3.2)
+        return lm.head(lm.output_norm(lm(None, mask, inputs=inputs)[-1]))
 
     def loss(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Cross-entropy of each caption token and the end token after the image's prefix."""
@@ -218,7 +217,7 @@ class PrefixCaptioner(nn.Module):
             rows: list[list[int]] = [[] for _ in range(n)]
             done = [False] * n
             for written in range(1, self.max_tokens + 1):
-                nxt = (lm.output_norm(h) @ lm.token_embd.weight.T).argmax(-1)  # tied output embedding
+                nxt = lm.head(lm.output_norm(h)).argmax(-1)
                 for i, t in enumerate(nxt.tolist()):
                     if not done[i]:
                         done[i] = t == self.llm.eos

@@ -191,6 +191,11 @@ class Llama(nn.Module):
             cache.length += length
         return states
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of final-norm states [..., D] -> [..., vocab]: the output head is the
+        token embedding, tied (SmolLM2, Llama 3.2)."""
+        return h @ self.token_embd.weight.T
+
     def new_cache(self) -> KVCache:
         """An empty KVCache for forward(..., cache=) (one slot per layer)."""
         return KVCache(len(self.blk))
