@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from in_turn import in_turn, medians, spread
+from sd15_speed import onnx_export, onnx_session
 
 HERE = Path(__file__).parent
 
@@ -44,27 +45,18 @@ def main(folder: Path, runs: int = 4) -> None:
     t = torch.full((2,), 500.0)
     theirs = diffusers.UNet2DConditionModel.from_pretrained(folder / "diffusers" / "unet").eval()
 
-    class Traced(torch.nn.Module):  # positional inputs and one tensor out, as the exporter wants them
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep, context):
-            return self.unet(sample, timestep, encoder_hidden_states=context).sample
+    def denoised(sample, timestep, context, unet=theirs):  # the exporter's positional inputs, one tensor out
+        return unet(sample, timestep, encoder_hidden_states=context).sample
 
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp, torch.no_grad():
         path = Path(tmp) / "unet.onnx"
         start = time.perf_counter()
-        torch.onnx.export(Traced(theirs), (x, t, ctx), str(path), input_names=["sample", "timestep", "context"],
-                          output_names=["out"], opset_version=17, dynamo=False)
+        onnx_export(theirs, denoised, (x, t, ctx), ["sample", "timestep", "context"], path)
         export_s = time.perf_counter() - start
         reference = theirs(x, t, encoder_hidden_states=ctx).sample
         del theirs
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         start = time.perf_counter()
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnx_session(path)
         session_s = time.perf_counter() - start
         feed = {"sample": x.numpy(), "timestep": t.numpy(), "context": ctx.numpy()}
 

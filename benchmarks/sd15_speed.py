@@ -173,6 +173,37 @@ def export_openvino(folder: Path) -> None:
 ONNX_PARTS = ("text_encoder", "unet", "vae_decoder")
 
 
+def onnx_export(module, fn, inputs: tuple, names: list[str], path: Path) -> None:
+    """`fn(*inputs)` (one tensor out, named "out"), whose weights `module` holds, exported to ONNX at
+    `path`: torch.onnx.export's TorchScript exporter, opset 17, fixed shapes (large weights go to
+    external data files beside it)."""
+    import torch
+
+    class Part(torch.nn.Module):  # positional inputs and one tensor out, as the exporter wants them
+        def __init__(self):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            return fn(*args)
+
+    with torch.no_grad():
+        torch.onnx.export(Part(), inputs, str(path), input_names=names, output_names=["out"], opset_version=17,
+                          dynamo=False)
+
+
+def onnx_session(path: Path):
+    """onnxruntime's CPU execution provider on `path`: every graph optimization, as many intra-op
+    threads as torch uses."""
+    import onnxruntime as ort
+    import torch
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def export_onnxruntime(folder: Path) -> None:
     """The diffusers folder's text encoder, UNet and VAE decoder exported to ONNX (torch.onnx.export's
     TorchScript exporter, opset 17, fixed shapes, as benchmarks/onnxruntime_anchor.py; once, not in
@@ -196,44 +227,26 @@ def export_onnxruntime(folder: Path) -> None:
                         ["latent_sample"]),
     }
 
-    class Part(torch.nn.Module):  # positional inputs and one tensor out, as the exporter wants them
-        def __init__(self, fn, module):
-            super().__init__()
-            self.fn, self.module = fn, module
-
-        def forward(self, *inputs):
-            return self.fn(*inputs)
-
-    with torch.no_grad():
-        for name in ONNX_PARTS:
-            module, fn, inputs, names = parts[name]
-            (out / name).mkdir(parents=True, exist_ok=True)
-            torch.onnx.export(Part(fn, module), inputs, str(out / name / "model.onnx"), input_names=names,
-                              output_names=["out"], opset_version=17, dynamo=False)
+    for name in ONNX_PARTS:
+        module, fn, inputs, names = parts[name]
+        (out / name).mkdir(parents=True, exist_ok=True)
+        onnx_export(module, fn, inputs, names, out / name / "model.onnx")
 
 
-def image_onnxruntime(folder: Path, dtype: str, compile_: bool) -> dict:
-    """diffusers' OnnxStableDiffusionPipeline on the exported parts: onnxruntime's CPU execution
-    provider, every graph optimization, torch's thread count; the diffusers folder's tokenizer, and
-    DDIM on its scheduler's noise schedule: that pipeline keeps its latents in numpy and breaks on
+def image_onnxruntime(folder: Path) -> dict:
+    """One float32 image (its CPU provider has no bfloat16 convolutions) by diffusers'
+    OnnxStableDiffusionPipeline on the exported parts: onnxruntime's CPU execution provider, every
+    graph optimization, torch's thread count; the diffusers folder's tokenizer, and DDIM on its
+    scheduler's noise schedule: that pipeline keeps its latents in numpy and breaks on
     Euler's tensor init_noise_sigma, and DDIM makes the same 20 guided UNet calls, the time that
     counts."""
     import diffusers
     import numpy as np
-    import onnxruntime as ort
-    import torch
     import transformers
     from diffusers import OnnxRuntimeModel, OnnxStableDiffusionPipeline
 
-    if dtype != "float32" or compile_:
-        raise ValueError("ONNX Runtime's row is float32 only (its CPU provider has no bfloat16 convolutions)")
     start = time.perf_counter()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    parts = {name: OnnxRuntimeModel(ort.InferenceSession(str(folder / "onnx" / name / "model.onnx"), options,
-                                                         providers=["CPUExecutionProvider"]))
-             for name in ONNX_PARTS}
+    parts = {name: OnnxRuntimeModel(onnx_session(folder / "onnx" / name / "model.onnx")) for name in ONNX_PARTS}
     pipe = OnnxStableDiffusionPipeline(
         vae_encoder=None, **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         tokenizer=transformers.CLIPTokenizer.from_pretrained(folder / "diffusers" / "tokenizer"),
@@ -345,7 +358,7 @@ def main() -> None:
             sides += [(f"OpenVINO {dtype}", openvino, f"image_openvino({path}, {dtype!r}, False)")
                       for dtype in ("float32", "bfloat16")]
         if onnxruntime:  # float32 only: its CPU provider has no bfloat16 convolutions
-            sides.append(("ONNX Runtime float32", here, f"image_onnxruntime({path}, 'float32', False)"))
+            sides.append(("ONNX Runtime float32", here, f"image_onnxruntime({path})"))
         sides = [side for side in sides if chosen(side[0])]
         for tool, python, call in (("OpenVINO", openvino, f"export_openvino({path})"),
                                    ("ONNX Runtime", here, f"export_onnxruntime({path})")):
