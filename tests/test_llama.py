@@ -41,11 +41,14 @@ def test_dequantize_equals_the_gguf_package(kind):
         assert 0 < (got - torch.from_numpy(x)).abs().max() < 0.3 * np.abs(x).max()
 
 
-def write_llama(path, vocab_source, types=None, arch="llama", layers=3):
-    """A tiny random llama GGUF with the vocabulary of `vocab_source` (a GGUFFile)."""
+def write_llama(path, vocab_source, types=None, arch="llama", layers=3, heads=4, head_dim=None, untied=False):
+    """A tiny random llama GGUF with the vocabulary of `vocab_source` (a GGUFFile); `arch` "qwen2"
+    adds query, key and value biases, "qwen3" query and key norms, `head_dim` a head size other
+    than width / heads, `untied` an output head of its own."""
     meta = vocab_source.metadata
     tokens = meta["tokenizer.ggml.tokens"]
-    dim, hidden, heads, kv = 64, 96, 4, 2
+    dim, hidden, kv = 64, 96, heads // 2
+    hd = head_dim or dim // heads
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(layers)
     w.add_context_length(256)
@@ -53,9 +56,12 @@ def write_llama(path, vocab_source, types=None, arch="llama", layers=3):
     w.add_feed_forward_length(hidden)
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
+    if head_dim:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(dim // heads)
+    w.add_rope_dimension_count(hd)
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
@@ -78,14 +84,21 @@ def write_llama(path, vocab_source, types=None, arch="llama", layers=3):
 
     add("token_embd.weight", (len(tokens), dim), types["token_embd"], 1.0)
     add("output_norm.weight", (dim,), "F32", 1.0)
+    if untied:
+        add("output.weight", (len(tokens), dim), "Q8_0")
     for i in range(layers):
         b = f"blk.{i}."
         add(b + "attn_norm.weight", (dim,), "F32", 1.0)
         add(b + "ffn_norm.weight", (dim,), "F32", 1.0)
-        for name, shape in [("attn_q", (dim, dim)), ("attn_k", (dim // heads * kv, dim)),
-                            ("attn_v", (dim // heads * kv, dim)), ("attn_output", (dim, dim)),
-                            ("ffn_gate", (hidden, dim)), ("ffn_up", (hidden, dim)), ("ffn_down", (dim, hidden))]:
+        for name, shape in [("attn_q", (heads * hd, dim)), ("attn_k", (kv * hd, dim)), ("attn_v", (kv * hd, dim)),
+                            ("attn_output", (dim, heads * hd)), ("ffn_gate", (hidden, dim)), ("ffn_up", (hidden, dim)),
+                            ("ffn_down", (dim, hidden))]:
             add(b + name + ".weight", shape, types[name])
+            if arch == "qwen2" and name in ("attn_q", "attn_k", "attn_v"):
+                add(b + name + ".bias", shape[:1], "F32", 0.5)
+        if arch == "qwen3":
+            add(b + "attn_q_norm.weight", (hd,), "F32", 1.0)
+            add(b + "attn_k_norm.weight", (hd,), "F32", 1.0)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -125,6 +138,45 @@ def test_token_ids_and_hidden_states_equal_transformers_gguf_loader(tiny):
         emb = enc.encode(PROMPTS)
         assert torch.allclose(emb.tokens * emb.mask[..., None],
                               enc.model.output_norm(out.hidden_states[2]) * real, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch, options", [("qwen2", {}), ("qwen3", {"heads": 2, "head_dim": 128}),
+                                           ("llama", {"untied": True})])
+def test_qwen_layers_and_an_untied_head_equal_transformers_gguf_loader(arch, options, tmp_path):
+    """Qwen2 (query, key and value biases, rotary halves), Qwen3 (per-head query and key norms, heads
+    of 128 dims: transformers' own Qwen3 size) and a llama with an output head of its own: hidden
+    states and next-token logits against transformers' GGUF loader on the same file."""
+    transformers = pytest.importorskip("transformers")
+    source = GGUFFile(smollm2_or_skip())
+    try:
+        path = write_llama(tmp_path / f"{arch}.gguf", source, arch=arch, **options)
+    finally:
+        source.close()
+    enc = limner.create("text_encoders", "gguf_llm", path=str(path))
+    assert (enc.model.output is not None) == bool(options.get("untied"))
+    ids, mask, _ = enc.tokenize(PROMPTS)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    assert ref.config.model_type == arch
+    with torch.no_grad():
+        out = ref(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+        mine = enc.model(ids, mask)
+        real = mask[..., None]
+        for i in range(3):
+            scale = out.hidden_states[i].abs().max()
+            assert ((mine[i] - out.hidden_states[i]).abs() * real).max() <= 1e-4 * max(scale, 1), i
+        logits = enc.model.head(enc.model.output_norm(mine[3]))
+        assert ((logits - out.logits).abs() * real).max() <= 1e-4 * out.logits.abs().max()
+        if options.get("untied"):  # the tied head would give other logits: the file's own was read
+            tied = enc.model.output_norm(mine[3]) @ enc.model.token_embd.weight.T
+            assert ((tied - out.logits).abs() * real).max() > 0.1 * out.logits.abs().max()
+    if arch == "qwen3":  # values of another size than the keys: named, not misread
+        data = bytearray(path.read_bytes())
+        key = b"qwen3.attention.value_length"
+        at = data.index(key) + len(key) + 4
+        data[at: at + 4] = struct.pack("<I", 64)
+        path.write_bytes(bytes(data))
+        with pytest.raises(limner.LimnerError, match="keys of 128 and values of 64 dims per head"):
+            limner.create("text_encoders", "gguf_llm", path=str(path))
 
 
 def test_prefix_positions_are_dropped_and_padding_changes_nothing(tiny):
