@@ -9,7 +9,8 @@ The network is Llama's (Touvron et al. 2023): RMSNorm, rotary positions (Su et a
 grouped-query attention (Ainslie et al. 2023), a SwiGLU feed-forward (Shazeer 2020), causal
 and padding masks; Qwen2 (Yang et al. 2024) adds biases to the query, key and value
 projections, Qwen3 (Yang et al. 2025) normalises each query and key head and may make heads
-wider than width / heads; a file with its own `output.weight` has an untied output head. A
+wider than width / heads; a file with its own `output.weight` has an untied output head, one
+with `rope_freqs.weight` (Llama 3.1-3.3) divides each rotary frequency by its factor. A
 llama GGUF stores the query and key weights permuted for ggml's rotary mode 0 (llama.cpp's
 convert_hf_to_gguf.py), which rotates adjacent pairs (2i, 2i+1); limner rotates those pairs and
 keeps the file's order (transformers un-permutes to rotate halves instead: the same hidden
@@ -195,6 +196,9 @@ class Llama(nn.Module):
                                  for _ in range(layers))
         self.output_norm = RMSNorm(dim, eps)
         self.output = nn.Linear(dim, vocab, bias=False) if untied else None
+        # per-frequency divisors of the rotary angles: Llama 3.1's long-context rotation (a GGUF's
+        # rope_freqs.weight, which ggml divides each angle by)
+        self.register_buffer("rope_factors", None, persistent=False)
 
     def forward(self, ids: torch.Tensor | None, mask: torch.Tensor, upto: int | None = None,
                 inputs: torch.Tensor | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
@@ -210,6 +214,8 @@ class Llama(nn.Module):
         length = mask.shape[1] - past
         position = torch.arange(past, past + length, device=device, dtype=torch.float32)
         freq = self.rope_base ** (-torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim)
+        if self.rope_factors is not None:
+            freq = freq / self.rope_factors.to(device)
         angle = position[:, None] * freq
         causal = torch.ones(length, past + length, dtype=torch.bool, device=device).tril(diagonal=past)
         attend = causal[None, None] & mask[:, None, None, :].bool()
@@ -288,6 +294,12 @@ class Llama(nn.Module):
                                          f"{tuple(p.shape)}")
             state[name] = t
         model.load_state_dict(state, assign=True)
+        if "rope_freqs.weight" in file.tensors:  # Llama 3.1-3.3: the "llama3" scaling of the rotary frequencies
+            factors = file.tensor("rope_freqs.weight").float()
+            if factors.shape != (head_dim // 2,) or not bool(torch.isfinite(factors).all() and (factors > 0).all()):
+                raise limner.LimnerError(f"{file.path}: rope_freqs.weight must hold {head_dim // 2} positive "
+                                         f"numbers (one per rotary frequency), got shape {tuple(factors.shape)}")
+            model.rope_factors = factors
         return model
 
 

@@ -41,10 +41,11 @@ def test_dequantize_equals_the_gguf_package(kind):
         assert 0 < (got - torch.from_numpy(x)).abs().max() < 0.3 * np.abs(x).max()
 
 
-def write_llama(path, vocab_source, types=None, arch="llama", layers=3, heads=4, head_dim=None, untied=False):
+def write_llama(path, vocab_source, types=None, arch="llama", layers=3, heads=4, head_dim=None, untied=False,
+                rope_base=10000.0, rope_factors=None):
     """A tiny random llama GGUF with the vocabulary of `vocab_source` (a GGUFFile); `arch` "qwen2"
     adds query, key and value biases, "qwen3" query and key norms, `head_dim` a head size other
-    than width / heads, `untied` an output head of its own."""
+    than width / heads, `untied` an output head of its own, `rope_factors` a rope_freqs.weight."""
     meta = vocab_source.metadata
     tokens = meta["tokenizer.ggml.tokens"]
     dim, hidden, kv = 64, 96, heads // 2
@@ -59,7 +60,7 @@ def write_llama(path, vocab_source, types=None, arch="llama", layers=3, heads=4,
     if head_dim:
         w.add_key_length(hd)
         w.add_value_length(hd)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(rope_base)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(hd)
     w.add_vocab_size(len(tokens))
@@ -86,6 +87,8 @@ def write_llama(path, vocab_source, types=None, arch="llama", layers=3, heads=4,
     add("output_norm.weight", (dim,), "F32", 1.0)
     if untied:
         add("output.weight", (len(tokens), dim), "Q8_0")
+    if rope_factors is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_factors, dtype=np.float32))
     for i in range(layers):
         b = f"blk.{i}."
         add(b + "attn_norm.weight", (dim,), "F32", 1.0)
@@ -177,6 +180,54 @@ def test_qwen_layers_and_an_untied_head_equal_transformers_gguf_loader(arch, opt
         path.write_bytes(bytes(data))
         with pytest.raises(limner.LimnerError, match="keys of 128 and values of 64 dims per head"):
             limner.create("text_encoders", "gguf_llm", path=str(path))
+
+
+def test_llama3_rotary_scaling_equals_transformers(tmp_path):
+    """A Llama 3.1-style file: its rope_freqs.weight (the "llama3" frequency factors, computed here as
+    Meta's reference and llama.cpp's converter compute them) read, against transformers' own llama3
+    rotary scaling from the config; a base and context small enough that short prompts feel it."""
+    transformers = pytest.importorskip("transformers")
+    base, dim, scaling = 100.0, 16, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    factors = []
+    for freq in base ** (-np.arange(0, dim, 2) / dim):
+        wavelength, original = 2 * np.pi / freq, scaling["original_max_position_embeddings"]
+        if wavelength < original / scaling["high_freq_factor"]:
+            factors.append(1.0)
+        elif wavelength > original / scaling["low_freq_factor"]:
+            factors.append(scaling["factor"])
+        else:
+            smooth = (original / wavelength - scaling["low_freq_factor"]) / (
+                scaling["high_freq_factor"] - scaling["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
+    assert 1.0 in factors and 8.0 in factors and any(1 < f < 8 for f in factors)  # all three bands
+    source = GGUFFile(smollm2_or_skip())
+    try:
+        path = write_llama(tmp_path / "llama31.gguf", source, rope_base=base, rope_factors=factors)
+    finally:
+        source.close()
+    enc = limner.create("text_encoders", "gguf_llm", path=str(path))
+    ids, mask, _ = enc.tokenize(PROMPTS)
+    plain = transformers.AutoModel.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    config = plain.config
+    config.rope_parameters = {**scaling, "rope_theta": base}
+    scaled = type(plain)(config).eval()
+    scaled.load_state_dict(plain.state_dict())
+    real = mask[..., None]
+    with torch.no_grad():
+        mine = enc.model.output_norm(enc.model(ids, mask)[3])  # transformers' last state is after the norm
+        for ref, same in ((scaled, True), (plain, False)):
+            out = ref(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states[3]
+            gap = ((mine - out).abs() * real).max()
+            assert (gap <= 1e-4 * out.abs().max()) == same, (same, gap)
+    source = GGUFFile(path)
+    try:
+        for bad in (factors[:-1], [0.0] + factors[1:]):
+            write_llama(tmp_path / "bad.gguf", source, rope_base=base, rope_factors=bad)
+            with pytest.raises(limner.LimnerError, match="rope_freqs.weight must hold 8 positive numbers"):
+                limner.create("text_encoders", "gguf_llm", path=str(tmp_path / "bad.gguf"))
+    finally:
+        source.close()
 
 
 def test_prefix_positions_are_dropped_and_padding_changes_nothing(tiny):
