@@ -15,8 +15,10 @@ llama GGUF stores the query and key weights permuted for ggml's rotary mode 0 (l
 convert_hf_to_gguf.py), which rotates adjacent pairs (2i, 2i+1); limner rotates those pairs and
 keeps the file's order (transformers un-permutes to rotate halves instead: the same hidden
 states). Qwen files are not permuted: ggml rotates halves (i, i + d/2) for them (its NEOX
-mode), and so does limner. The tokenizer is a byte-level BPE (`tokenizers`) built from the
-file's vocabulary and merges, its control tokens (`<|im_start|>`) special.
+mode), and so does limner. The tokenizer (`tokenizers`) is built from the file: a byte-level BPE
+from its vocabulary and merges (SmolLM, Llama 3, Qwen), or SentencePiece's BPE from its
+vocabulary and scores (Llama 2, TinyLlama, Mistral); its control tokens (`<|im_start|>`, `<s>`)
+are read whole.
 
 How the field reads an LLM as a text encoder, as options: `layer` ("last": after the final
 norm, as Sana; "penultimate", as Lumina-Next; a layer number, 0 = the embeddings; or a list of
@@ -58,23 +60,41 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {"gpt2": None, "smollm": None, "default": None, "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT,
                   "qwen2": _QWEN2_SPLIT}
-CONTROL = 3  # tokenizer.ggml.token_type of control tokens
+CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type of control and user-defined tokens
 
 
 def gguf_tokenizer(meta: dict, source: Path):
-    """A `tokenizers` byte-level BPE from a GGUF file's tokenizer.ggml.* keys."""
+    """A `tokenizers` tokenizer from a GGUF file's tokenizer.ggml.* keys: a byte-level BPE ('gpt2':
+    SmolLM, Llama 3, Qwen) or a SentencePiece BPE ('llama': Llama 2, TinyLlama, Mistral)."""
+    from tokenizers import AddedToken
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in ("gpt2", "llama"):
+        raise limner.LimnerError(f"{source}: its tokenizer is {kind!r}; limner reads byte-level BPE tokenizers "
+                                 "('gpt2': SmolLM, Llama 3, Qwen) and SentencePiece BPE ones ('llama': Llama 2, "
+                                 "TinyLlama, Mistral), not others")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise limner.LimnerError(f"{source}: no tokenizer.ggml.tokens vocabulary in it")
+    tokenizer = (_byte_level_bpe if kind == "gpt2" else _sentencepiece_bpe)(meta, tokens, source)
+    types = meta.get("tokenizer.ggml.token_type") or []
+    # control tokens (<|im_start|>, <s>) are read whole as special tokens, user-defined ones (<think>)
+    # whole as plain ones, as llama.cpp matches both in the text
+    tokenizer.add_special_tokens([t for t, k in zip(tokens, types) if k == CONTROL])
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
+    return tokenizer
+
+
+def _byte_level_bpe(meta: dict, tokens: list[str], source: Path):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-    if kind != "gpt2":
-        raise limner.LimnerError(f"{source}: its tokenizer is {kind!r}; limner reads byte-level BPE tokenizers "
-                                 "('gpt2': SmolLM, Llama 3, Qwen), not SentencePiece ('llama') or others")
+    pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise limner.LimnerError(f"{source}: its pre-tokenizer {pre!r} is not one limner knows "
                                  f"({', '.join(sorted(PRE_TOKENIZERS))})")
-    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
-    if not isinstance(tokens, list) or not isinstance(merges, list):
-        raise limner.LimnerError(f"{source}: no tokenizer.ggml.tokens / tokenizer.ggml.merges vocabulary in it")
+    merges = meta.get("tokenizer.ggml.merges")
+    if not isinstance(merges, list):
+        raise limner.LimnerError(f"{source}: no tokenizer.ggml.merges in it (a byte-level BPE needs them)")
     pairs = []
     for m in merges:
         left, sep, right = m.partition(" ")
@@ -88,8 +108,37 @@ def gguf_tokenizer(meta: dict, source: Path):
                                               byte_level])
     tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type") or []
-    tokenizer.add_special_tokens([t for t, k in zip(tokens, types) if k == CONTROL])
+    return tokenizer
+
+
+def _sentencepiece_bpe(meta: dict, tokens: list[str], source: Path):
+    """SentencePiece's BPE as llama.cpp runs it: spaces written as U+2581 (one put before the text
+    unless tokenizer.ggml.add_space_prefix says not), the adjacent pair whose joined piece has the
+    highest score merged first, and a piece outside the vocabulary spelt as its <0xXX> byte tokens.
+    Here as a `tokenizers` BPE whose merges rank every split of a piece into two pieces by that
+    piece's score (a piece's splits: the longer left part first, as transformers' GGUF reader)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    scores = meta.get("tokenizer.ggml.scores")
+    if not isinstance(scores, list) or len(scores) != len(tokens) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+        raise limner.LimnerError(f"{source}: a SentencePiece vocabulary needs tokenizer.ggml.scores, one number "
+                                 f"per token ({len(tokens)})")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for piece, score in zip(tokens, scores):
+        splits = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        ranked += [(-score, -len(left), vocab[left], vocab[right], (left, right)) for left, right in splits]
+    merges = [pair for *_, pair in sorted(ranked)]
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    model = models.BPE(vocab, merges, unk_token=tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens)
+                       else None, fuse_unk=True, byte_fallback=True)
+    tokenizer = Tokenizer(model)
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True) is not False
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else
+                                                       "never", split=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           *([decoders.Strip(" ", 1, 0)] if prefix else [])])
     return tokenizer
 
 

@@ -64,11 +64,16 @@ def write_llama(path, vocab_source, types=None, arch="llama", layers=3, heads=4,
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(hd)
     w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    w.add_tokenizer_model(meta.get("tokenizer.ggml.model", "gpt2"))
+    if "tokenizer.ggml.pre" in meta:
+        w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
     w.add_token_list(tokens)
     w.add_token_types(meta["tokenizer.ggml.token_type"])
-    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    if "tokenizer.ggml.merges" in meta:
+        w.add_token_merges(meta["tokenizer.ggml.merges"])
+    if "tokenizer.ggml.scores" in meta:  # a SentencePiece vocabulary
+        w.add_token_scores(meta["tokenizer.ggml.scores"])
+        w.add_unk_token_id(meta["tokenizer.ggml.unknown_token_id"])
     w.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
     w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
     w.add_add_bos_token(False)
@@ -228,6 +233,58 @@ def test_llama3_rotary_scaling_equals_transformers(tmp_path):
                 limner.create("text_encoders", "gguf_llm", path=str(tmp_path / "bad.gguf"))
     finally:
         source.close()
+
+
+def sentencepiece_vocabulary(prompts, left_out="Ü&ï"):
+    """A small SentencePiece BPE vocabulary as a GGUF file spells it (Llama 2, TinyLlama): <unk>, the
+    control tokens, the 256 <0xXX> byte tokens, then every character of the prompts (spaces as
+    U+2581) but `left_out`, which take the byte fallback, and every piece of 2-6 characters of their
+    words, scored at random."""
+    chars, pieces = set(), set()
+    for prompt in prompts:
+        text = "\u2581" + prompt.replace(" ", "\u2581")
+        chars |= set(text) - set(left_out)
+        for word in text.split("\u2581"):
+            word = "\u2581" + word
+            pieces |= {word[i:j] for i in range(len(word)) for j in range(i + 2, min(i + 6, len(word)) + 1)
+                       if not set(word[i:j]) & set(left_out)}
+    normal = sorted(chars) + sorted(pieces - chars)
+    tokens = ["<unk>", "<s>", "</s>", "<|im_start|>", *(f"<0x{b:02X}>" for b in range(256)), "<think>", *normal]
+    types = [2, 3, 3, 3, *[6] * 256, 4, *[1] * len(normal)]
+    rng = np.random.default_rng(7)
+    scores = [0.0] * (len(tokens) - len(normal)) + list(rng.uniform(-12, -1, len(normal)))
+    return type("Vocabulary", (), {"metadata": {
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.scores": scores, "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2}})()
+
+
+def test_sentencepiece_tokenizer_equals_transformers_gguf_loader(tmp_path):
+    """A Llama 2-style file (SentencePiece BPE, no merges: they follow from the scores): token ids,
+    byte fallback, control and user-defined tokens and decoding against transformers' GGUF tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    prompts = [*PROMPTS, "a <think> b", "  two  spaces ", "new\nline"]
+    path = write_llama(tmp_path / "spm.gguf", sentencepiece_vocabulary(prompts[:2] + prompts[3:]))
+    enc = limner.create("text_encoders", "gguf_llm", path=str(path))
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    ids, mask, _ = enc.tokenize(prompts)
+    assert (ids[:, 0] == 1).all()  # <s>
+    for row, m, prompt in zip(ids, mask, prompts):
+        expected = ref(prompt, add_special_tokens=False).input_ids
+        assert row[m][1:].tolist() == expected, prompt
+        assert enc.tokenizer.decode(expected) == ref.decode(expected, skip_special_tokens=True), prompt
+    tokens = enc.tokenizer.encode(prompts[0], add_special_tokens=False).tokens
+    assert len(tokens) < len(prompts[0]) and tokens[0].startswith("\u2581")  # pieces merged, the space prefix
+    assert "<0xC3>" in enc.tokenizer.encode("Ü", add_special_tokens=False).tokens  # a left-out letter: its bytes
+    assert enc.tokenizer.encode("a <think> b", add_special_tokens=False).tokens.count("<think>") == 1
+    with torch.no_grad():  # and the model runs on them
+        assert torch.isfinite(enc.encode(prompts).tokens).all()
+    vocab = sentencepiece_vocabulary(prompts)
+    for change, match in (({"tokenizer.ggml.model": "bert"}, "its tokenizer is 'bert'"),
+                          ({"tokenizer.ggml.scores": [1.0]}, r"needs tokenizer.ggml.scores, one number per token")):
+        write_llama(tmp_path / "bad.gguf", type("Vocabulary", (), {"metadata": {**vocab.metadata, **change}})())
+        with pytest.raises(limner.LimnerError, match=match):
+            limner.create("text_encoders", "gguf_llm", path=str(tmp_path / "bad.gguf"))
 
 
 def test_prefix_positions_are_dropped_and_padding_changes_nothing(tiny):
