@@ -8,7 +8,12 @@ A stranger's file never runs code: every length and offset is checked against th
 it is read, and a bad one is named with the file. Block formats (ggml-quants.c, one 32-value
 block each): Q8_0 = f16 scale + 32 int8; Q4_0 = f16 scale + 16 bytes of 4-bit values, offset 8;
 Q4_1 = f16 scale + f16 minimum + 16 bytes; Q5_0/Q5_1 add 32 high bits. The low nibbles of a
-block are its first 16 values, the high nibbles its last 16.
+block are its first 16 values, the high nibbles its last 16. The k-quants (ggml-common.h's
+block_q*_K; llama.cpp PR #1684) hold 256 values in sub-blocks of 16 or 32, each with its own
+scale (and minimum) quantized against the block's f16 scale (and f16 minimum): Q2_K 16 x 4-bit
+scale/minimum + 2-bit values; Q3_K 16 6-bit scales + 2 bits + a high-bit mask, offset 4; Q4_K
+and Q5_K 8 6-bit scales and minima packed in 12 bytes + 4 bits (Q5_K a fifth bit); Q6_K 16
+int8 scales + 4 low and 2 high bits, offset 32 - the types of the common Q2_K..Q6_K "_M" files.
 """
 from __future__ import annotations
 
@@ -29,9 +34,10 @@ _STRING, _ARRAY = 8, 9
 
 # ggml tensor types: name, values per block, bytes per block (those limner dequantizes)
 TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
-         6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34)}
+         6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84),
+         11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
 # the rest of ggml's types, named when a file uses one
-OTHER_TYPES = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+OTHER_TYPES = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS",
                17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS",
                24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0",
                39: "MXFP4"}
@@ -183,6 +189,68 @@ def _high_bits(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return ((word[:, None] >> torch.arange(32)) & 1) << 4
 
 
+def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes -> 8 six-bit scales and 8 six-bit minima: bytes 0-3 and 4-7 hold the
+    first four of each in their low 6 bits and the last four's top 2 bits; bytes 8-11 the last
+    four's low 4 bits (scales in the low nibble, minima in the high)."""
+    s = packed.long()
+    scales = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 15) | (s[:, 0:4] >> 6) << 4], dim=1)
+    minima = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | (s[:, 4:8] >> 6) << 4], dim=1)
+    return scales.float(), minima.float()
+
+
+def _k_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """128 bytes -> 8 sub-blocks of 32 values: each 32 bytes give a sub-block of low nibbles, then
+    one of high nibbles."""
+    q = qs.long().reshape(-1, 4, 1, 32)
+    return torch.cat([q & 15, q >> 4], dim=2).reshape(-1, 8, 32)
+
+
+def _crumbs(q: torch.Tensor, shifts: list[int], bits: int = 2) -> torch.Tensor:
+    """q [n, L] -> [n, len(shifts), L]: the `bits`-bit field at each shift of every byte."""
+    return (q.long()[:, None, :] >> torch.tensor(shifts)[None, :, None]) & ((1 << bits) - 1)
+
+
+def _dequantize_k(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """One 256-value k-quant block per row -> [n, 256] float32."""
+    n = len(blocks)
+    if kind == "Q2_K":  # scales[16] (scale | minimum << 4), qs[64], d, dmin
+        sm = blocks[:, 0:16].long()
+        halves = [_crumbs(blocks[:, 16 + 32 * h: 48 + 32 * h], [0, 2, 4, 6]).reshape(n, 8, 16) for h in (0, 1)]
+        q = torch.cat(halves, dim=1).float()
+        return (_f16(blocks, 80)[:, :, None] * (sm & 15).float()[:, :, None] * q
+                - _f16(blocks, 82)[:, :, None] * (sm >> 4).float()[:, :, None]).reshape(n, 256)
+    if kind == "Q3_K":  # hmask[32], qs[64], scales[12], d
+        s = blocks[:, 96:108].long()
+        scales = torch.cat([(s[:, 0:4] & 15) | (s[:, 8:12] & 3) << 4, (s[:, 4:8] & 15) | (s[:, 8:12] >> 2 & 3) << 4,
+                            (s[:, 0:4] >> 4) | (s[:, 8:12] >> 4 & 3) << 4, (s[:, 4:8] >> 4) | (s[:, 8:12] >> 6) << 4],
+                           dim=1) - 32
+        halves = []
+        for h in (0, 1):
+            low = _crumbs(blocks[:, 32 + 32 * h: 64 + 32 * h], [0, 2, 4, 6])
+            high = _crumbs(blocks[:, 0:32], [4 * h, 4 * h + 1, 4 * h + 2, 4 * h + 3], bits=1)
+            halves.append((low - 4 * (1 - high)).reshape(n, 8, 16))
+        q = torch.cat(halves, dim=1).float()
+        return (_f16(blocks, 108)[:, :, None] * scales.float()[:, :, None] * q).reshape(n, 256)
+    if kind in ("Q4_K", "Q5_K"):  # d, dmin, scales[12], (Q5_K: qh[32]), qs[128]
+        scales, minima = _k_scales(blocks[:, 4:16])
+        if kind == "Q4_K":
+            q = _k_nibbles(blocks[:, 16:144])
+        else:
+            q = _k_nibbles(blocks[:, 48:176]) | _crumbs(blocks[:, 16:48], list(range(8)), bits=1) << 4
+        return (_f16(blocks, 0)[:, :, None] * scales[:, :, None] * q.float()
+                - _f16(blocks, 2)[:, :, None] * minima[:, :, None]).reshape(n, 256)
+    # Q6_K: ql[128], qh[64], scales[16] (int8), d; each half of 128 values reads 64 ql and 32 qh bytes
+    halves = []
+    for h in (0, 1):
+        ql = blocks[:, 64 * h: 64 * h + 64].long().reshape(n, 2, 32)
+        low = torch.cat([ql & 15, ql >> 4], dim=1)  # the 32-value rows of y[0:32], y[32:64], y[64:96], y[96:128]
+        halves.append((low | _crumbs(blocks[:, 128 + 32 * h: 160 + 32 * h], [0, 2, 4, 6]) << 4).reshape(n, 128))
+    q = torch.cat(halves, dim=1).float() - 32
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).float().repeat_interleave(16, dim=1)
+    return _f16(blocks, 208) * scales * q
+
+
 def dequantize(raw: torch.Tensor, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Bytes (uint8) of a ggml tensor of type `kind` -> float32 of `shape`."""
     if kind == "F32":
@@ -201,6 +269,8 @@ def dequantize(raw: torch.Tensor, kind: str, shape: tuple[int, ...]) -> torch.Te
         values = _f16(blocks, 0) * ((_nibbles(blocks[:, 6:]).long() | _high_bits(blocks, 2)).float() - 16)
     elif kind == "Q5_1":
         values = _f16(blocks, 0) * (_nibbles(blocks[:, 8:]).long() | _high_bits(blocks, 4)).float() + _f16(blocks, 2)
+    elif kind.endswith("_K"):
+        values = _dequantize_k(blocks, kind)
     else:
         raise LimnerError(f"no dequantization for {kind}")
     return values.reshape(shape)

@@ -41,6 +41,30 @@ def test_dequantize_equals_the_gguf_package(kind):
         assert 0 < (got - torch.from_numpy(x)).abs().max() < 0.3 * np.abs(x).max()
 
 
+@pytest.mark.parametrize("kind", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_equal_the_gguf_package(kind, tmp_path):
+    """The k-quants of Q*_K_M files, on random bytes (every bit pattern of scales, minima and values;
+    a random f16 field can be inf or NaN, and both sides must then agree on it too)."""
+    values, size = gguf.GGML_QUANT_SIZES[Q[kind]]
+    raw = np.random.default_rng(3).integers(0, 256, (7, 3 * size), dtype=np.uint8)
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = torch.from_numpy(gguf.quants.dequantize(raw, Q[kind]).astype(np.float32))
+    got = dequantize(torch.from_numpy(raw.copy()).reshape(-1), kind, (7, 3 * values))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.isfinite(got).float().mean() > 0.5  # mostly finite numbers were compared
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")  # and read from a file, by its type's block size
+    w.add_tensor("w", raw, raw_dtype=Q[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    file = GGUFFile(tmp_path / "k.gguf")
+    try:
+        torch.testing.assert_close(file.tensor("w"), got, rtol=0, atol=0, equal_nan=True)
+    finally:
+        file.close()
+
+
 def write_llama(path, vocab_source, types=None, arch="llama", layers=3, heads=4, head_dim=None, untied=False,
                 rope_base=10000.0, rope_factors=None):
     """A tiny random llama GGUF with the vocabulary of `vocab_source` (a GGUFFile); `arch` "qwen2"
