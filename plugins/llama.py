@@ -60,6 +60,9 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {"gpt2": None, "smollm": None, "default": None, "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT,
                   "qwen2": _QWEN2_SPLIT}
+# SentencePiece's trainer caps its pieces at 16 characters by default (max_sentencepiece_length);
+# longer pieces are left out of the merges
+MAX_PIECE = 64
 CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type of control and user-defined tokens
 
 
@@ -116,7 +119,8 @@ def _sentencepiece_bpe(meta: dict, tokens: list[str], source: Path):
     unless tokenizer.ggml.add_space_prefix says not), the adjacent pair whose joined piece has the
     highest score merged first, and a piece outside the vocabulary spelt as its <0xXX> byte tokens.
     Here as a `tokenizers` BPE whose merges rank every split of a piece into two pieces by that
-    piece's score (a piece's splits: the longer left part first, as transformers' GGUF reader)."""
+    piece's score (a piece's splits: the longer left part first, as transformers' GGUF reader).
+    Pieces longer than MAX_PIECE characters are never merged into."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     scores = meta.get("tokenizer.ggml.scores")
@@ -127,6 +131,8 @@ def _sentencepiece_bpe(meta: dict, tokens: list[str], source: Path):
     vocab = {t: i for i, t in enumerate(tokens)}
     ranked = []
     for piece, score in zip(tokens, scores):
+        if len(piece) > MAX_PIECE:  # never merged into: a stranger's megabyte token costs no quadratic search
+            continue
         splits = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
         ranked += [(-score, -len(left), vocab[left], vocab[right], (left, right)) for left, right in splits]
     merges = [pair for *_, pair in sorted(ranked)]

@@ -303,6 +303,13 @@ def test_sentencepiece_tokenizer_equals_transformers_gguf_loader(tmp_path):
     assert enc.tokenizer.encode("a <think> b", add_special_tokens=False).tokens.count("<think>") == 1
     with torch.no_grad():  # and the model runs on them
         assert torch.isfinite(enc.encode(prompts).tokens).all()
+    # a stranger's 200,000-letter piece is never merged into (no quadratic search), nor one over MAX_PIECE
+    long = {"tokenizer.ggml.tokens": ["<unk>", "a" * 200_000, *("a" * n for n in range(1, 66))],
+            "tokenizer.ggml.scores": [0.0] * 67, "tokenizer.ggml.token_type": [2] + [1] * 66,
+            "tokenizer.ggml.add_space_prefix": False}
+    from limner.plugins.llama import MAX_PIECE, gguf_tokenizer
+    tokenizer = gguf_tokenizer({**sentencepiece_vocabulary([]).metadata, **long}, path)
+    assert [len(t) for t in tokenizer.encode("a" * 65, add_special_tokens=False).tokens] == [MAX_PIECE, 1]
     vocab = sentencepiece_vocabulary(prompts)
     for change, match in (({"tokenizer.ggml.model": "bert"}, "its tokenizer is 'bert'"),
                           ({"tokenizer.ggml.scores": [1.0]}, r"needs tokenizer.ggml.scores, one number per token")):
