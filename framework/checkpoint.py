@@ -117,19 +117,57 @@ def _first(items: list[str], sep: str = ", ", n: int = 3) -> str:
 
 
 CHECKPOINT_FILES = ("config.toml", "state.json")
+ATTACHED = "files"  # the folder of the files a checkpoint's [model] reads by path (train.attach_paths)
 
 
 def is_checkpoint(folder: Path) -> bool:
     """Whether `folder` is a checkpoint limner wrote (and so may replace): a real folder holding
-    config.toml, state.json and nothing but those and *.safetensors files."""
+    config.toml, state.json and nothing but those, *.safetensors files and the files/ folder of
+    the attachments its state.json lists."""
     folder = Path(folder)
     if folder.is_symlink() or not folder.is_dir():
         return False
     entries = list(folder.iterdir())
     names = {e.name for e in entries}
-    return all(n in names for n in CHECKPOINT_FILES) and all(
-        e.is_file() and not e.is_symlink() and (e.name in CHECKPOINT_FILES or e.name.endswith(".safetensors"))
-        for e in entries)
+    if not all(n in names for n in CHECKPOINT_FILES):
+        return False
+    if ATTACHED in names:
+        attached = folder / ATTACHED
+        listed = _attachments(folder)
+        if attached.is_symlink() or not attached.is_dir() or {e.name for e in attached.iterdir()} != set(listed):
+            return False
+    return all(e.name == ATTACHED or e.is_file() and not e.is_symlink()
+               and (e.name in CHECKPOINT_FILES or e.name.endswith(".safetensors")) for e in entries)
+
+
+def _attachments(folder: Path) -> list[str]:
+    """The attachment names a checkpoint's state.json lists (none when it cannot be read)."""
+    try:
+        listed = json.loads((folder / "state.json").read_text(encoding="utf-8")).get("attachments", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in listed if _plain_name(n)] if isinstance(listed, list) else []
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name with no folder in it: what an attachment's name must be (a stranger's state.json
+    naming '../x' points nowhere outside files/)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _attach(source: Path, dest: Path) -> None:
+    """`source` (a file or a folder of files) at `dest`: hard links where the file system allows
+    them (a multi-GB language model costs no space per checkpoint), copies elsewhere."""
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system, or links not allowed
+            shutil.copy2(src, dst)
+
+    if source.is_dir():
+        shutil.copytree(source, dest, copy_function=link_or_copy)
+    else:
+        link_or_copy(str(source), str(dest))
 
 
 def check_destination(folder: Path, force: bool = False) -> None:
@@ -154,12 +192,14 @@ def check_destination(folder: Path, force: bool = False) -> None:
 
 
 def write_checkpoint(folder: Path, files: dict[str, dict[str, torch.Tensor]], config_text: str,
-                     state: dict[str, Any], point_latest: bool = True) -> Path:
+                     state: dict[str, Any], point_latest: bool = True,
+                     attachments: dict[str, Path] | None = None) -> Path:
     """Write `folder` atomically: every file into a new, exclusively created temp folder beside
     it, then one rename; then (for a run's checkpoints) point the `latest` file beside it at it.
     An existing `folder` is replaced only when it is empty or a checkpoint limner wrote. Weights
     holding a NaN or an infinity are refused: a diverged model never replaces the last good
-    checkpoint."""
+    checkpoint. `attachments` (name -> file or folder) go into its files/ folder, listed in
+    state.json."""
     folder = Path(folder)
     bad = nonfinite_tensors(files)
     if bad:
@@ -171,6 +211,14 @@ def write_checkpoint(folder: Path, files: dict[str, dict[str, torch.Tensor]], co
         for name, tensors in files.items():
             save_tensors(tensors, tmp / f"{name}.safetensors")
         (tmp / "config.toml").write_text(config_text)
+        if attachments:
+            bad = [name for name in attachments if not _plain_name(name)]
+            if bad:
+                raise LimnerError(f"not writing {folder}: attachment names must be plain file names, got {bad}")
+            (tmp / ATTACHED).mkdir()
+            for name, source in attachments.items():
+                _attach(Path(source), tmp / ATTACHED / name)
+            state = {**state, "attachments": sorted(attachments)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if folder.exists():
             shutil.rmtree(folder)
@@ -397,7 +445,8 @@ def weights_of(ckpt: Path) -> Path:
 
 
 def export_checkpoint(src: str | Path, dest: str | Path, half: bool = True, force: bool = False) -> Path:
-    """A small release copy of a checkpoint: its config and EMA weights (fp16 if `half`). `dest`
+    """A small release copy of a checkpoint: its config, EMA weights (fp16 if `half`) and attached
+    files (train.attach_paths; hard links where they can be). `dest`
     must be new or empty, or (with `force`) a checkpoint limner wrote other than the source."""
     ckpt = find_checkpoint(src)
     if ckpt is None:
@@ -417,5 +466,10 @@ def export_checkpoint(src: str | Path, dest: str | Path, half: bool = True, forc
     from .config import read_toml
 
     read_toml(ckpt / "config.toml")  # a config that does not read back is named, not copied
+    attached = {name: ckpt / ATTACHED / name for name in _attachments(ckpt)}
+    missing = [name for name, path in attached.items() if not path.exists()]
+    if missing:
+        raise LimnerError(f"{ckpt}: its state.json lists the attached files {', '.join(missing)}, which are not in "
+                          f"its {ATTACHED}/ folder; nothing was written")
     return write_checkpoint(dest, {"ema": tensors}, (ckpt / "config.toml").read_text(encoding="utf-8"), release,
-                            point_latest=False)
+                            point_latest=False, attachments=attached)

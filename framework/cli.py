@@ -354,13 +354,15 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--full-precision", is_flag=True, help="Keep float32 weights (default: float16).")
 @click.option("--force", is_flag=True, help="Replace DEST when it is a checkpoint limner wrote (never other files).")
 def export(run: str, dest: str, full_precision: bool, force: bool) -> None:
-    """Copy a run's latest checkpoint as a small release: config + EMA weights. DEST must be a
-    new or empty folder."""
-    from .checkpoint import export_checkpoint
+    """Copy a run's latest checkpoint as a small release: config + EMA weights + the files its
+    model reads (a GGUF language model, say). DEST must be a new or empty folder."""
+    from .checkpoint import ATTACHED, export_checkpoint
 
     path = export_checkpoint(run, dest, half=not full_precision, force=force)
-    size = sum(p.stat().st_size for p in path.iterdir()) / 1e6
-    click.echo(f"Wrote {path} ({size:.1f} MB)")
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file()) / 1e6
+    attached = sum(p.stat().st_size for p in (path / ATTACHED).rglob("*") if p.is_file()) / 1e6
+    click.echo(f"Wrote {path} ({size:.1f} MB" + (f", and {attached:.1f} MB of files its model reads in "
+                                                 f"{ATTACHED}/, hard-linked where they could be)" if attached else ")"))
 
 
 @cli.command()

@@ -17,6 +17,7 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +44,20 @@ class ComponentConfig:
     def build(self, **extra: Any) -> Any:
         """limner.create(kind, name, **options, **extra)."""
         return create(self.kind, self.name, **self.options, **extra)
+
+
+def path_options(section: Any) -> Iterator[tuple[str, ComponentConfig, str, str]]:
+    """The file paths a config section's components read (options named `path` or `*_path`, in
+    nested sections too): (field name, component, option name, path)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, ComponentConfig):
+            yield from path_options(value)
+        if not isinstance(value, ComponentConfig):
+            continue
+        for key, option in value.options.items():
+            if (key == "path" or key.endswith("_path")) and isinstance(option, str) and option:
+                yield f.name, value, key, option
 
 
 def component(kind: str, default: str | None = None, **options: Any) -> Any:
@@ -141,7 +156,7 @@ def parse_config(data: dict[str, Any], schema: type[T], path: str = "") -> T:
         if key not in known:
             raise ConfigError(f"{_join(path, key)}: unknown option{did_you_mean(key, known)}"
                               f" Valid options: {', '.join(known)}.")
-    values = {}
+    values, missing = {}, []
     for name, f in known.items():
         where = _join(path, name)
         if name in data:
@@ -153,7 +168,9 @@ def parse_config(data: dict[str, Any], schema: type[T], path: str = "") -> T:
         ):
             values[name] = parse_config({}, hints[name], where)  # names the section's missing options
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required option")
+            missing.append(where)
+    if missing:  # all of a section's at once, not one per run
+        raise ConfigError(f"{', '.join(missing)}: missing required option{'s' if len(missing) > 1 else ''}")
     return schema(**values)
 
 

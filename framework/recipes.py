@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import find_checkpoint, load_module, load_state, read_state, weights_of, without_init
-from .config import ComponentConfig, load_config, read_toml, set_option
+from .config import load_config, path_options, read_toml, set_option
 from .errors import ConfigError, LimnerError, UnknownComponentError
 from .files import LOCK_NAME, FolderLock, check_own_folder, write_text_atomic
 from .images import check_writable
@@ -142,22 +142,15 @@ def evaluate_checkpoint(path: str | Path, prompts: int | None = None, metrics: l
 def confine_paths(section: Any, ckpt: Path) -> None:
     """A checkpoint's config comes from whoever made the checkpoint: a file path among its
     components' options (`path = ...`) is resolved inside the checkpoint folder, and one that
-    is absolute or leads out of it is refused, never read from the working folder."""
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, ComponentConfig):
-            confine_paths(value, ckpt)
-        if not isinstance(value, ComponentConfig):
-            continue
-        for key, option in value.options.items():
-            if not (key == "path" or key.endswith("_path")) or not isinstance(option, str) or not option:
-                continue
-            inside = (ckpt / option).resolve()
-            if Path(option).is_absolute() or not inside.is_relative_to(ckpt.resolve()):
-                raise LimnerError(f"{ckpt / 'config.toml'}: {f.name} {value.name!r} reads {key} = {option!r}, which is "
-                                  "outside the checkpoint folder; a checkpoint's files must lie inside it (copy them "
-                                  "there and give a path relative to it)")
-            value.options[key] = str(inside)
+    is absolute or leads out of it is refused, never read from the working folder. (A run's
+    checkpoints carry the files its [model] reads: `attach_paths`.)"""
+    for field_name, value, key, option in path_options(section):
+        inside = (ckpt / option).resolve()
+        if Path(option).is_absolute() or not inside.is_relative_to(ckpt.resolve()):
+            raise LimnerError(f"{ckpt / 'config.toml'}: {field_name} {value.name!r} reads {key} = {option!r}, which is "
+                              "outside the checkpoint folder; a checkpoint's files must lie inside it (copy them "
+                              "there and give a path relative to it)")
+        value.options[key] = str(inside)
 
 
 def find_family(path: str | Path):

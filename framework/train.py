@@ -12,6 +12,7 @@ exactly as if it had never stopped.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (
+    ATTACHED,
     find_checkpoint,
     load_module,
     load_tensors,
@@ -33,7 +35,7 @@ from .checkpoint import (
     to_toml,
     write_checkpoint,
 )
-from .config import ComponentConfig, bounded, check_memory
+from .config import ComponentConfig, bounded, check_memory, path_options
 from .errors import ConfigError, LimnerError, notice
 from .evaluation import EvalConfig, check_eval, evaluate, held_out_items
 from .files import remove_stale_temps, write_text_atomic
@@ -92,6 +94,26 @@ def config_dict(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [config_dict(v) for v in obj]
     return obj
+
+
+def attach_paths(cfg: Any) -> tuple[Any, dict[str, Path]]:
+    """The files and folders a run's [model] components read by path (`gguf_llm`'s path = a
+    GGUF file, say) as attachments of its checkpoints - name in their `files/` folder -> where
+    they are now - and the config with each such path replaced by files/<name>, so that a
+    checkpoint loads from its own folder (load_pipeline confines paths to it) and carries what
+    it needs, as a diffusers pipeline folder carries its text encoder."""
+    cfg = copy.deepcopy(cfg)
+    attached: dict[str, Path] = {}
+    for _, component, key, option in path_options(cfg.model):
+        source = Path(option).expanduser().resolve()
+        if not source.exists():
+            continue  # the component itself has said what is wrong with it by now
+        name, n = source.name, 2
+        while name in attached and attached[name] != source:  # two files of one name: llm.gguf, llm-2.gguf
+            name, n = f"{source.stem}-{n}{source.suffix}", n + 1
+        attached[name] = source
+        component.options[key] = f"{ATTACHED}/{name}"
+    return cfg, attached
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -195,7 +217,8 @@ class TrainerBase:
         checkpoint stores."""
         self.guard = NonFinite(self.cfg.train.nonfinite, self.cfg.train.max_nonfinite)
         self.load_dataset()
-        self.config_text = to_toml(config_dict(self.cfg))
+        stored, self.attachments = attach_paths(self.cfg)
+        self.config_text = to_toml(config_dict(stored))
         if channels is not None and image_size is not None:
             check_image_shape(self.dataset, channels, image_size, self.cfg.data.batch_size)
 
@@ -266,7 +289,8 @@ class TrainerBase:
         state = {"step": self.step, "recipe": self.cfg.recipe, "optimizers": rest,
                  "train_seconds": round(self.train_seconds(), 1),
                  "model_config": config_dict(self.cfg.model), "time": time.time()}
-        write_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}", files, self.config_text, state)
+        write_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}", files, self.config_text, state,
+                         attachments=self.attachments)
 
     def guarded_step(self, opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: float,
                      grad_clip: float) -> bool:

@@ -72,6 +72,21 @@ def test_a_valid_config_becomes_typed_objects(toml):
     assert cfg.tags == ["a"]
 
 
+def test_every_missing_option_of_a_section_is_named_at_once(toml):
+    @dataclass
+    class Sample:
+        sampler: str
+        schedule: str
+        steps: int = 20
+
+    @dataclass
+    class Run:
+        sample: Sample
+
+    with pytest.raises(limner.LimnerError, match=r": sample\.sampler, sample\.schedule: missing required options$"):
+        load_config(toml("[sample]\nsteps = 4\n"), Run)
+
+
 def test_a_bare_name_and_an_alias_select_a_component(toml):
     cfg = load_config(toml('[model]\ndenoiser = "toy"\n[sampling]\nsampler = "euler_a"\n'), Experiment)
     assert cfg.sampling.sampler.name == "euler_ancestral"

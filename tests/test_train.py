@@ -72,6 +72,42 @@ def test_resume_after_a_stop_is_exact(tmp_path):
     ]
 
 
+def test_a_checkpoint_carries_the_files_its_model_reads(tmp_path, capsys):
+    """A text encoder read from a folder outside the run (bert's path = a saved model, as gguf_llm's
+    path = a GGUF file): each checkpoint carries it in files/ (hard links here, one file system),
+    its config names it there, and `limner sample` and `limner export` work from the checkpoint
+    alone, though load_pipeline reads no path outside a checkpoint."""
+    from limner.checkpoint import export_checkpoint, is_checkpoint
+
+    saved = tmp_path / "models" / "my-bert"
+    limner.create("text_encoders", "bert", dim=16, layers=1, heads=2, max_length=48).save(saved)
+    config = write_config(tmp_path, steps=2)
+    config.write_text(config.read_text().replace(
+        'text_encoder = { name = "bert", dim = 16, layers = 1, heads = 2, max_length = 48 }',
+        f'text_encoder = {{ name = "bert", path = "{saved.as_posix()}", freeze = true }}'))
+    train(config)
+    ckpt = find_checkpoint(tmp_path / "run")
+    assert 'path = "files/my-bert"' in (ckpt / "config.toml").read_text()
+    assert json.loads((ckpt / "state.json").read_text())["attachments"] == ["my-bert"]
+    for name in ("config.json", "model.safetensors"):
+        assert (ckpt / "files" / "my-bert" / name).stat().st_ino == (saved / name).stat().st_ino
+    assert is_checkpoint(ckpt)
+    main(["sample", str(tmp_path / "run"), "-p", "a red circle", "--steps", "2", "--out", str(tmp_path / "s")])
+    assert (tmp_path / "s" / "000-a-red-circle.png").is_file()
+    export_checkpoint(tmp_path / "run", tmp_path / "release")
+    assert sorted(p.name for p in (tmp_path / "release" / "files" / "my-bert").iterdir()) == [
+        "config.json", "model.safetensors"]
+    import shutil
+
+    shutil.rmtree(saved)  # the original gone: the release still loads
+    pipe = limner.load_pipeline(tmp_path / "release")
+    assert pipe.generate(["a red circle"], steps=2).shape[0] == 1
+    # a stranger's state.json cannot list files outside files/, nor pass a folder with unlisted ones
+    state = json.loads((tmp_path / "release" / "state.json").read_text())
+    (tmp_path / "release" / "state.json").write_text(json.dumps({**state, "attachments": ["../state.json"]}))
+    assert not is_checkpoint(tmp_path / "release")
+
+
 def test_text_noise_moves_each_real_prompt_vector_by_its_share():
     from limner.plugins.diffusion_recipe import perturbed
     from limner.protocols import TextEmbedding
