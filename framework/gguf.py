@@ -172,6 +172,45 @@ class GGUFFile:
         self._map.close()
 
 
+def is_gguf(path: str | Path) -> bool:
+    """Whether `path` is a file that starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
+def describe(path: str | Path) -> dict:
+    """What a GGUF file holds (`limner inspect`): its model's architecture and shape as its
+    <arch>.* keys say, its tokenizer, its tensors' types and parameter count, and which types
+    limner cannot dequantize (the architectures limner runs: the text encoders that read GGUF
+    files, `limner plugins`)."""
+    file = GGUFFile(path)
+    try:
+        meta, tensors = file.metadata, file.tensors
+    finally:
+        file.close()
+    arch = meta.get("general.architecture")
+    keys = {"context_length": "context", "block_count": "layers", "embedding_length": "width",
+            "feed_forward_length": "feed-forward width", "attention.head_count": "heads",
+            "attention.head_count_kv": "key-value heads", "attention.key_length": "head dim",
+            "rope.freq_base": "rotary base"}
+    model = {said: meta[f"{arch}.{key}"] for key, said in keys.items() if f"{arch}.{key}" in meta}
+    types: dict[str, int] = {}
+    for info in tensors.values():
+        types[info.type_name] = types.get(info.type_name, 0) + 1
+    vocabulary = meta.get("tokenizer.ggml.tokens")
+    unread = sorted(name for name in types if name not in {t[0] for t in TYPES.values()})
+    return {"path": str(path), "format": "GGUF (llama.cpp)", "name": meta.get("general.name"), "architecture": arch,
+            "model": model,
+            "tokenizer": {"kind": meta.get("tokenizer.ggml.model"), "pre-tokenizer": meta.get("tokenizer.ggml.pre"),
+                          "tokens": len(vocabulary) if isinstance(vocabulary, list) else None},
+            "parameters": sum(_numel(info.shape) for info in tensors.values()),
+            "tensor types": dict(sorted(types.items(), key=lambda kv: -kv[1])),
+            "types limner cannot dequantize": ", ".join(unread) or "none"}
+
+
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """The little-endian float16 at byte `start` of every block, as float32 [n, 1]."""
     return blocks[:, start: start + 2].contiguous().view(torch.float16).float()

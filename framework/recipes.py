@@ -166,17 +166,20 @@ def find_family(path: str | Path):
 
 def describe(path: str | Path) -> dict[str, Any]:
     """What a path holds (`limner inspect`): a limner checkpoint's recipe, step and model config,
-    or what a registered family found in another tool's file or folder."""
+    a LoRA's or a GGUF language model's layout, or what a registered family found in another
+    tool's file or folder."""
     ckpt = find_checkpoint(path)
     if ckpt is not None:
         data = read_toml(ckpt / "config.toml")
         state = read_state(ckpt)
         return {"path": str(ckpt), "format": "limner checkpoint", "recipe": data.get("recipe"),
                 "step": state.get("step"), "model": data.get("model", {})}
-    from . import lora
+    from . import gguf, lora
 
     if lora.is_lora(path):
         return lora.describe(path)
+    if Path(path).is_file() and gguf.is_gguf(path):
+        return gguf.describe(path)
     found = find_family(path) if Path(path).exists() else None
     if found is None:
         families = ", ".join(list_components("families")["families"]) or "none registered"

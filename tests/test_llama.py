@@ -430,6 +430,15 @@ def test_bad_files_and_options_are_named(tiny, tmp_path):
         except limner.LimnerError:
             pass
     refused(r"F64, which limner does not dequantize \(it reads F32, F16, BF16, Q4_0, Q4_1", path=str(f64))
+    # `limner inspect` says what a GGUF file holds, and which of its types limner cannot read
+    from limner.recipes import describe
+
+    info = describe(f64)
+    assert info["format"] == "GGUF (llama.cpp)" and info["architecture"] == "llama"
+    assert info["model"]["layers"] == 3 and info["model"]["key-value heads"] == 2
+    assert info["tokenizer"] == {"kind": "gpt2", "pre-tokenizer": "smollm", "tokens": 49152}
+    assert info["types limner cannot dequantize"] == "F64" and info["tensor types"]["F16"] == 18
+    assert describe(tiny)["types limner cannot dequantize"] == "none"
 
 
 def test_prefix_captioner_learns_through_the_frozen_language_model(tiny, tmp_path):
