@@ -104,7 +104,10 @@ def _byte_level_bpe(meta: dict, tokens: list[str], source: Path):
         if not sep:
             raise limner.LimnerError(f"{source}: the merge {m!r} is not two tokens separated by a space")
         pairs.append((left, right))
-    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, pairs, ignore_merges=False))
+    try:
+        tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, pairs, ignore_merges=False))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a merge of unknown tokens
+        raise limner.LimnerError(f"{source}: its merges and vocabulary do not agree ({e})") from None
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=PRE_TOKENIZERS[pre] is None)
     if PRE_TOKENIZERS[pre] is not None:
         byte_level = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRE_TOKENIZERS[pre]), "isolated"),

@@ -439,6 +439,12 @@ def test_bad_files_and_options_are_named(tiny, tmp_path):
     assert info["tokenizer"] == {"kind": "gpt2", "pre-tokenizer": "smollm", "tokens": 49152}
     assert info["types limner cannot dequantize"] == "F64" and info["tensor types"]["F16"] == 18
     assert describe(tiny)["types limner cannot dequantize"] == "none"
+    # a merge naming a token the vocabulary lacks (a damaged header): named, not tokenizers' bare error
+    from limner.plugins.llama import gguf_tokenizer
+
+    meta = GGUFFile(tiny).metadata
+    with pytest.raises(limner.LimnerError, match="its merges and vocabulary do not agree"):
+        gguf_tokenizer({**meta, "tokenizer.ggml.merges": ["Ġ Zzqx", *meta["tokenizer.ggml.merges"]]}, tiny)
 
 
 def test_prefix_captioner_learns_through_the_frozen_language_model(tiny, tmp_path):
