@@ -291,25 +291,37 @@ def _dequantize_k(blocks: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def dequantize(raw: torch.Tensor, kind: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """Bytes (uint8) of a ggml tensor of type `kind` -> float32 of `shape`."""
+    """Bytes (uint8) of a ggml tensor of type `kind` -> float32 of `shape`. Quantized blocks are
+    decoded CHUNK values at a time into the output, so a large embedding's integer intermediates
+    (8 bytes a value) never exist all at once."""
     if kind == "F32":
         return raw.view(torch.float32).reshape(shape).clone()
     if kind in ("F16", "BF16"):
         return raw.view(torch.float16 if kind == "F16" else torch.bfloat16).float().reshape(shape)
-    size = TYPES[next(k for k, v in TYPES.items() if v[0] == kind)][2]
+    _, per_block, size = TYPES[next(k for k, v in TYPES.items() if v[0] == kind)]
     blocks = raw.reshape(-1, size)
+    out = torch.empty(len(blocks), per_block)
+    step = max(1, CHUNK // per_block)
+    for start in range(0, len(blocks), step):
+        out[start: start + step] = _decode(blocks[start: start + step], kind)
+    return out.reshape(shape)
+
+
+CHUNK = 1 << 22  # values decoded at once by dequantize
+
+
+def _decode(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """[n, bytes per block] of one quantized type -> [n, values per block] float32."""
     if kind == "Q8_0":
-        values = _f16(blocks, 0) * blocks[:, 2:].contiguous().view(torch.int8).float()
-    elif kind == "Q4_0":
-        values = _f16(blocks, 0) * (_nibbles(blocks[:, 2:]).float() - 8)
-    elif kind == "Q4_1":
-        values = _f16(blocks, 0) * _nibbles(blocks[:, 4:]).float() + _f16(blocks, 2)
-    elif kind == "Q5_0":
-        values = _f16(blocks, 0) * ((_nibbles(blocks[:, 6:]).long() | _high_bits(blocks, 2)).float() - 16)
-    elif kind == "Q5_1":
-        values = _f16(blocks, 0) * (_nibbles(blocks[:, 8:]).long() | _high_bits(blocks, 4)).float() + _f16(blocks, 2)
-    elif kind.endswith("_K"):
-        values = _dequantize_k(blocks, kind)
-    else:
-        raise LimnerError(f"no dequantization for {kind}")
-    return values.reshape(shape)
+        return _f16(blocks, 0) * blocks[:, 2:].contiguous().view(torch.int8).float()
+    if kind == "Q4_0":
+        return _f16(blocks, 0) * (_nibbles(blocks[:, 2:]).float() - 8)
+    if kind == "Q4_1":
+        return _f16(blocks, 0) * _nibbles(blocks[:, 4:]).float() + _f16(blocks, 2)
+    if kind == "Q5_0":
+        return _f16(blocks, 0) * ((_nibbles(blocks[:, 6:]).long() | _high_bits(blocks, 2)).float() - 16)
+    if kind == "Q5_1":
+        return _f16(blocks, 0) * (_nibbles(blocks[:, 8:]).long() | _high_bits(blocks, 4)).float() + _f16(blocks, 2)
+    if kind.endswith("_K"):
+        return _dequantize_k(blocks, kind)
+    raise LimnerError(f"no dequantization for {kind}")

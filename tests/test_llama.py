@@ -31,12 +31,14 @@ def smollm2_or_skip():
 
 
 @pytest.mark.parametrize("kind", READ)
-def test_dequantize_equals_the_gguf_package(kind):
+def test_dequantize_equals_the_gguf_package(kind, monkeypatch):
     x = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float32) * 3
     data = gguf.quants.quantize(x, Q[kind])
     expected = gguf.quants.dequantize(data, Q[kind]).astype(np.float32)
     got = dequantize(torch.from_numpy(data.view(np.uint8).copy()).reshape(-1), kind, (5, 96))
     assert torch.equal(got, torch.from_numpy(expected))
+    monkeypatch.setattr("limner.gguf.CHUNK", 70)  # decoded a few blocks at a time, the last chunk short
+    assert torch.equal(dequantize(torch.from_numpy(data.view(np.uint8).copy()).reshape(-1), kind, (5, 96)), got)
     if kind != "F32":  # it was quantized: the values moved, but not far
         assert 0 < (got - torch.from_numpy(x)).abs().max() < 0.3 * np.abs(x).max()
 
@@ -51,6 +53,10 @@ def test_k_quants_equal_the_gguf_package(kind, tmp_path):
         expected = torch.from_numpy(gguf.quants.dequantize(raw, Q[kind]).astype(np.float32))
     got = dequantize(torch.from_numpy(raw.copy()).reshape(-1), kind, (7, 3 * values))
     torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    with pytest.MonkeyPatch.context() as patch:  # two blocks at a time: 21 blocks in 11 chunks
+        patch.setattr("limner.gguf.CHUNK", 2 * values)
+        torch.testing.assert_close(dequantize(torch.from_numpy(raw.copy()).reshape(-1), kind, (7, 3 * values)), got,
+                                   rtol=0, atol=0, equal_nan=True)
     assert torch.isfinite(got).float().mean() > 0.5  # mostly finite numbers were compared
     w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")  # and read from a file, by its type's block size
     w.add_tensor("w", raw, raw_dtype=Q[kind])
