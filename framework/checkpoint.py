@@ -155,7 +155,7 @@ def _plain_name(name: Any) -> bool:
     return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
 
 
-def _attach(source: Path, dest: Path) -> None:
+def attach(source: Path, dest: Path) -> None:
     """`source` (a file or a folder of files) at `dest`: hard links where the file system allows
     them (a multi-GB language model costs no space per checkpoint), copies elsewhere."""
     def link_or_copy(src: str, dst: str) -> None:
@@ -217,7 +217,7 @@ def write_checkpoint(folder: Path, files: dict[str, dict[str, torch.Tensor]], co
                 raise LimnerError(f"not writing {folder}: attachment names must be plain file names, got {bad}")
             (tmp / ATTACHED).mkdir()
             for name, source in attachments.items():
-                _attach(Path(source), tmp / ATTACHED / name)
+                attach(Path(source), tmp / ATTACHED / name)
             state = {**state, "attachments": sorted(attachments)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if folder.exists():

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import limner
-from limner.checkpoint import write_weights
+from limner.checkpoint import ATTACHED, attach, write_weights
 from limner.config import bounded
 from limner.evaluation import held_out_items
 from limner.files import write_text_atomic
@@ -253,7 +253,15 @@ def load_captioner(path: str | Path) -> Captioner | PrefixCaptioner:
         )
     meta = json.loads(meta_file.read_text())
     cls = next((c for name, c in DECODERS.values() if name == meta.get("captioner")), Captioner)
-    model = cls(**meta["options"])
+    options = dict(meta["options"])
+    llm = options.get("llm")
+    if isinstance(llm, dict) and isinstance(llm.get("path"), str):  # a file the folder carries (train's finish)
+        inside = (folder / llm["path"]).resolve()
+        if Path(llm["path"]).is_absolute() or not inside.is_relative_to(folder.resolve()):
+            raise limner.LimnerError(f"{meta_file}: its language model reads path = {llm['path']!r}, outside the "
+                                     "captioner folder; a captioner's files must lie inside it")
+        options["llm"] = {**llm, "path": str(inside)}
+    model = cls(**options)
     model.load_state_dict({k: v.float() for k, v in load_file(weights).items()})
     model.scores = meta.get("scores", {})
     return model.eval().requires_grad_(False)
@@ -423,10 +431,18 @@ class CaptionerTrainer(LossTrainer):
         self.use_model(build(m))
 
     def finish(self) -> dict:
-        """The captioner folder (out/captioner: captioner.json + float16 weights), scored as saved."""
+        """The captioner folder (out/captioner: captioner.json + float16 weights, and in files/ the
+        GGUF file a `gguf_llm` language model reads), scored as saved."""
         folder = self.out / "captioner"
-        meta = {"captioner": DECODERS[self.cfg.model.decoder][0], "options": model_options(self.cfg.model),
-                "step": self.step}
+        options = model_options(self.cfg.model)
+        llm = options.get("llm")
+        if isinstance(llm, dict) and isinstance(llm.get("path"), str):  # the GGUF file goes with the folder
+            source = Path(llm["path"]).resolve()
+            (folder / ATTACHED).mkdir(parents=True, exist_ok=True)
+            (folder / ATTACHED / source.name).unlink(missing_ok=True)  # a rerun's file replaces the last one's
+            attach(source, folder / ATTACHED / source.name)
+            options["llm"] = {**llm, "path": f"{ATTACHED}/{source.name}"}
+        meta = {"captioner": DECODERS[self.cfg.model.decoder][0], "options": options, "step": self.step}
         write_weights(folder / "model.safetensors", self.model.state_dict(), half=True)
         write_text_atomic(folder / "captioner.json", json.dumps(meta, indent=1) + "\n")
         images, captions = held_out_items(self.cfg.eval)

@@ -481,15 +481,48 @@ def test_prefix_captioner_learns_through_the_frozen_language_model(tiny, tmp_pat
     said = model.caption(images)
     assert len(said) == 4 and all(isinstance(t, str) for t in said)
     folder = tmp_path / "cap"
-    folder.mkdir()
+    (folder / "files").mkdir(parents=True)
+    import json
+    import shutil
+
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-    (folder / "captioner.json").write_text(__import__("json").dumps({"captioner": "llm_prefix",
-                                                                      "options": model.options}))
+    shutil.copy(tiny, folder / "files" / "tiny.gguf")  # a captioner folder carries its language model's file
+    meta = {"captioner": "llm_prefix", "options": {**model.options, "llm": {**llm, "path": "files/tiny.gguf"}}}
+    (folder / "captioner.json").write_text(json.dumps(meta))
     again = limner.load_captioner(folder)
     assert isinstance(again, PrefixCaptioner) and again.caption(images) == said
     assert load_captioner(folder).unknown_words(["a green circle"]) == ["green"]
+    (folder / "captioner.json").write_text(json.dumps({**meta, "options": model.options}))  # an absolute path
+    with pytest.raises(limner.LimnerError, match="outside the captioner folder"):
+        load_captioner(folder)
+
+
+def test_a_trained_prefix_captioner_folder_carries_its_gguf_file(tiny, tmp_path):
+    """`limner train` of a ClipCap captioner on a GGUF model by path: the captioner folder holds the
+    file (a hard link here) and names it there, so it loads with the original gone."""
+    import json
+    import shutil
+
+    from limner.recipes import train
+
+    mine = tmp_path / "models" / "tiny.gguf"
+    mine.parent.mkdir()
+    shutil.copy(tiny, mine)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'out = "{(tmp_path / "run").as_posix()}"\nrecipe = "captioner"\nseed = 0\n[data]\n'
+        'dataset = { name = "shapes", size = 32, length = 64, max_objects = 1 }\nbatch_size = 4\n'
+        f'[model]\ndecoder = "llm"\nllm = {{ name = "gguf_llm", path = "{mine.as_posix()}" }}\n'
+        'channels = 8\nprefix_side = 2\n[train]\nsteps = 2\nlog_every = 1\n'
+        '[eval]\nprompts = 2\ndataset = { name = "shapes", size = 32, split = "test", max_objects = 1, length = 2 }\n')
+    train(config)
+    folder = tmp_path / "run" / "captioner"
+    assert json.loads((folder / "captioner.json").read_text())["options"]["llm"]["path"] == "files/tiny.gguf"
+    assert (folder / "files" / "tiny.gguf").stat().st_ino == mine.stat().st_ino
+    mine.unlink()
+    assert len(limner.load_captioner(folder).caption(torch.zeros(1, 3, 32, 32))) == 1
 
 
 def test_a_kv_cache_gives_the_full_forward_token_by_token(tiny, monkeypatch):
