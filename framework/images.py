@@ -5,6 +5,7 @@ import io
 import os
 import re
 import textwrap
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,8 +86,10 @@ def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
 
 def output_name(index: int, prompt: str, limit: int = 60) -> str:
     """`007-a-red-circle-at-the-top-left.png`: the index keeps order and uniqueness, the slug
-    says which prompt made the file."""
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-")
+    says which prompt made the file (accented letters without their accents: "Ünïcode" ->
+    "unicode"; other scripts drop out)."""
+    plain = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", plain.lower()).strip("-")[:limit].rstrip("-")
     return f"{index:03d}-{slug or 'prompt'}.png"
 
 

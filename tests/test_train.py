@@ -263,9 +263,12 @@ def test_sample_command_writes_images_and_grid(trained, tmp_path, capsys):
     assert "Wrote 4 images (000-a-red-circle-at-the-top-left.png .. 003-a-green-square-at-the-top.png), grid-000.png" \
         in capsys.readouterr().out
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".png"}
-    main(["sample", str(trained), "-p", "a blue circle", "--steps", "2", "--out", str(out)])
+    main(["sample", str(trained), "-p", "a blue circle", "-p", "un cercle doré, élevé", "-p", "赤い円", "--steps", "2",
+          "--out", str(out)])
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
-    assert {"004-a-blue-circle.png", "grid-004.png"} <= {p.name for p in out.iterdir()}
+    # accents dropped, not the letters; a prompt with no Latin letters is named "prompt"
+    assert {"004-a-blue-circle.png", "005-un-cercle-dore-eleve.png", "006-prompt.png", "grid-004.png"} <= {
+        p.name for p in out.iterdir()}
     runs = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
     assert [r["grid"] for r in runs] == ["grid-000.png", "grid-004.png"] and runs[1]["settings"]["steps"] == 2
     with pytest.raises(SystemExit):
