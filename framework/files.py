@@ -82,6 +82,13 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda f: f.write(data))
 
 
+def path_inside(folder: str | Path, option: str) -> Path | None:
+    """A relative path from a stranger's file (a checkpoint's config, a captioner.json) resolved
+    inside `folder`, or None when it is absolute or leads out of it."""
+    inside = (Path(folder) / option).resolve()
+    return None if Path(option).is_absolute() or not inside.is_relative_to(Path(folder).resolve()) else inside
+
+
 def check_own_folder(folder: str | Path, entries: set[str], what: str) -> None:
     """Refuse to write into `folder` unless it is new, empty, or holds only `entries` (the names
     that limner's `what` writes there): a folder of the user's is never written into."""

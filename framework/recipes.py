@@ -25,7 +25,7 @@ from torch import nn
 from .checkpoint import find_checkpoint, load_module, load_state, read_state, weights_of, without_init
 from .config import load_config, path_options, read_toml, set_option
 from .errors import ConfigError, LimnerError, UnknownComponentError
-from .files import LOCK_NAME, FolderLock, check_own_folder, write_text_atomic
+from .files import LOCK_NAME, FolderLock, check_own_folder, path_inside, write_text_atomic
 from .images import check_writable
 from .registry import create, get_component, list_components
 
@@ -145,8 +145,8 @@ def confine_paths(section: Any, ckpt: Path) -> None:
     is absolute or leads out of it is refused, never read from the working folder. (A run's
     checkpoints carry the files its [model] reads: `attach_paths`.)"""
     for field_name, value, key, option in path_options(section):
-        inside = (ckpt / option).resolve()
-        if Path(option).is_absolute() or not inside.is_relative_to(ckpt.resolve()):
+        inside = path_inside(ckpt, option)
+        if inside is None:
             raise LimnerError(f"{ckpt / 'config.toml'}: {field_name} {value.name!r} reads {key} = {option!r}, which is "
                               "outside the checkpoint folder; a checkpoint's files must lie inside it (copy them "
                               "there and give a path relative to it)")

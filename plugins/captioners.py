@@ -28,7 +28,7 @@ import limner
 from limner.checkpoint import ATTACHED, attach, write_weights
 from limner.config import bounded
 from limner.evaluation import held_out_items
-from limner.files import write_text_atomic
+from limner.files import path_inside, write_text_atomic
 from limner.images import conform
 from limner.nn import conv_stages
 from limner.recipes import Recipe
@@ -256,8 +256,8 @@ def load_captioner(path: str | Path) -> Captioner | PrefixCaptioner:
     options = dict(meta["options"])
     llm = options.get("llm")
     if isinstance(llm, dict) and isinstance(llm.get("path"), str):  # a file the folder carries (train's finish)
-        inside = (folder / llm["path"]).resolve()
-        if Path(llm["path"]).is_absolute() or not inside.is_relative_to(folder.resolve()):
+        inside = path_inside(folder, llm["path"])
+        if inside is None:
             raise limner.LimnerError(f"{meta_file}: its language model reads path = {llm['path']!r}, outside the "
                                      "captioner folder; a captioner's files must lie inside it")
         options["llm"] = {**llm, "path": str(inside)}
