@@ -106,6 +106,13 @@ def test_a_checkpoint_carries_the_files_its_model_reads(tmp_path, capsys):
     state = json.loads((tmp_path / "release" / "state.json").read_text())
     (tmp_path / "release" / "state.json").write_text(json.dumps({**state, "attachments": ["../state.json"]}))
     assert not is_checkpoint(tmp_path / "release")
+    # nor can its config read a file outside the checkpoint, by an absolute path or by '..'
+    config_toml = tmp_path / "release" / "config.toml"
+    for outside in (saved.parent.as_posix(), "../files"):
+        config_toml.write_text(config_toml.read_text().replace('path = "files/my-bert"', f'path = "{outside}"'))
+        with pytest.raises(limner.LimnerError, match="outside the checkpoint folder"):
+            limner.load_pipeline(tmp_path / "release")
+        config_toml.write_text(config_toml.read_text().replace(f'path = "{outside}"', 'path = "files/my-bert"'))
 
 
 def test_text_noise_moves_each_real_prompt_vector_by_its_share():
