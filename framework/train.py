@@ -289,8 +289,14 @@ class TrainerBase:
         state = {"step": self.step, "recipe": self.cfg.recipe, "optimizers": rest,
                  "train_seconds": round(self.train_seconds(), 1),
                  "model_config": config_dict(self.cfg.model), "time": time.time()}
-        write_checkpoint(self.out / "checkpoints" / f"step_{self.step:07d}", files, self.config_text, state,
-                         attachments=self.attachments)
+        folder = self.out / "checkpoints" / f"step_{self.step:07d}"
+        # each attachment linked from the last checkpoint's copy where that still exists: on the run's
+        # own file system, so a file that had to be copied once (another file system) is not copied again
+        last = getattr(self, "attached_in", {})
+        sources = {name: last[name] if name in last and last[name].exists() else source
+                   for name, source in self.attachments.items()}
+        write_checkpoint(folder, files, self.config_text, state, attachments=sources)
+        self.attached_in = {name: folder / ATTACHED / name for name in self.attachments}
 
     def guarded_step(self, opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: float,
                      grad_clip: float) -> bool:

@@ -81,7 +81,7 @@ def test_a_checkpoint_carries_the_files_its_model_reads(tmp_path, capsys):
 
     saved = tmp_path / "models" / "my-bert"
     limner.create("text_encoders", "bert", dim=16, layers=1, heads=2, max_length=48).save(saved)
-    config = write_config(tmp_path, steps=2)
+    config = write_config(tmp_path, steps=4)  # checkpoints at steps 2 and 4
     config.write_text(config.read_text().replace(
         'text_encoder = { name = "bert", dim = 16, layers = 1, heads = 2, max_length = 48 }',
         f'text_encoder = {{ name = "bert", path = "{saved.as_posix()}", freeze = true }}'))
@@ -92,6 +92,8 @@ def test_a_checkpoint_carries_the_files_its_model_reads(tmp_path, capsys):
     for name in ("config.json", "model.safetensors"):
         assert (ckpt / "files" / "my-bert" / name).stat().st_ino == (saved / name).stat().st_ino
     assert is_checkpoint(ckpt)
+    first = tmp_path / "run" / "checkpoints" / "step_0000002" / "files" / "my-bert" / "model.safetensors"
+    assert ckpt.name == "step_0000004" and first.stat().st_ino == (saved / "model.safetensors").stat().st_ino
     main(["sample", str(tmp_path / "run"), "-p", "a red circle", "--steps", "2", "--out", str(tmp_path / "s")])
     assert (tmp_path / "s" / "000-a-red-circle.png").is_file()
     export_checkpoint(tmp_path / "run", tmp_path / "release")
@@ -113,6 +115,34 @@ def test_a_checkpoint_carries_the_files_its_model_reads(tmp_path, capsys):
         with pytest.raises(limner.LimnerError, match="outside the checkpoint folder"):
             limner.load_pipeline(tmp_path / "release")
         config_toml.write_text(config_toml.read_text().replace(f'path = "{outside}"', 'path = "files/my-bert"'))
+
+
+def test_a_copied_attachment_is_copied_once_per_run(tmp_path, monkeypatch):
+    """Where a hard link cannot be made (the model on another file system), the first checkpoint
+    copies the file and the later ones link to that copy, not copy it again."""
+    import os
+
+    import limner.checkpoint as checkpoint
+
+    saved = tmp_path / "models" / "my-bert"
+    limner.create("text_encoders", "bert", dim=16, layers=1, heads=2, max_length=48).save(saved)
+    real_link = os.link
+
+    def no_link_from_models(src, dst):
+        if str(src).startswith(str(saved)):
+            raise OSError(18, "Invalid cross-device link")
+        real_link(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "link", no_link_from_models)
+    config = write_config(tmp_path, steps=6)  # checkpoints at steps 2, 4 and 6
+    config.write_text(config.read_text().replace(
+        'text_encoder = { name = "bert", dim = 16, layers = 1, heads = 2, max_length = 48 }',
+        f'text_encoder = {{ name = "bert", path = "{saved.as_posix()}", freeze = true }}'))
+    train(config)
+    files = [tmp_path / "run" / "checkpoints" / f"step_{s:07d}" / "files" / "my-bert" / "model.safetensors"
+             for s in (2, 4, 6)]
+    inodes = {f.stat().st_ino for f in files}
+    assert len(inodes) == 1 and (saved / "model.safetensors").stat().st_ino not in inodes  # one copy, linked on
 
 
 def test_text_noise_moves_each_real_prompt_vector_by_its_share():
