@@ -72,7 +72,7 @@ def test_resume_after_a_stop_is_exact(tmp_path):
     ]
 
 
-def test_a_checkpoint_carries_the_files_its_model_reads(tmp_path, capsys):
+def test_a_checkpoint_carries_the_files_its_model_reads(tmp_path):
     """A text encoder read from a folder outside the run (bert's path = a saved model, as gguf_llm's
     path = a GGUF file): each checkpoint carries it in files/ (hard links here, one file system),
     its config names it there, and `limner sample` and `limner export` work from the checkpoint
