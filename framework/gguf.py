@@ -201,7 +201,7 @@ def describe(path: str | Path) -> dict:
     for info in tensors.values():
         types[info.type_name] = types.get(info.type_name, 0) + 1
     vocabulary = meta.get("tokenizer.ggml.tokens")
-    unread = sorted(name for name in types if name not in {t[0] for t in TYPES.values()})
+    unread = sorted({info.type_name for info in tensors.values() if info.type not in TYPES})
     return {"path": str(path), "format": "GGUF (llama.cpp)", "name": meta.get("general.name"), "architecture": arch,
             "model": model,
             "tokenizer": {"kind": meta.get("tokenizer.ggml.model"), "pre-tokenizer": meta.get("tokenizer.ggml.pre"),

@@ -218,6 +218,7 @@ class TrainerBase:
         self.guard = NonFinite(self.cfg.train.nonfinite, self.cfg.train.max_nonfinite)
         self.load_dataset()
         stored, self.attachments = attach_paths(self.cfg)
+        self.attached_in: dict[str, Path] = {}  # name -> its copy in the last checkpoint written (save)
         self.config_text = to_toml(config_dict(stored))
         if channels is not None and image_size is not None:
             check_image_shape(self.dataset, channels, image_size, self.cfg.data.batch_size)
@@ -292,7 +293,7 @@ class TrainerBase:
         folder = self.out / "checkpoints" / f"step_{self.step:07d}"
         # each attachment linked from the last checkpoint's copy where that still exists: on the run's
         # own file system, so a file that had to be copied once (another file system) is not copied again
-        last = getattr(self, "attached_in", {})
+        last = self.attached_in
         sources = {name: last[name] if name in last and last[name].exists() else source
                    for name, source in self.attachments.items()}
         write_checkpoint(folder, files, self.config_text, state, attachments=sources)
