@@ -144,13 +144,18 @@ def write_llama(path, vocab_source, types=None, arch="llama", layers=3, heads=4,
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def write_with_smollm2_vocabulary(path, **options):
+    """write_llama with the shipped SmolLM2 file's vocabulary and merges."""
     source = GGUFFile(smollm2_or_skip())
     try:
-        return write_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf", source)
+        return write_llama(path, source, **options)
     finally:
         source.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_with_smollm2_vocabulary(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
 def test_token_ids_and_hidden_states_equal_transformers_gguf_loader(tiny):
@@ -185,11 +190,7 @@ def test_qwen_layers_and_an_untied_head_equal_transformers_gguf_loader(arch, opt
     of 128 dims: transformers' own Qwen3 size) and a llama with an output head of its own: hidden
     states and next-token logits against transformers' GGUF loader on the same file."""
     transformers = pytest.importorskip("transformers")
-    source = GGUFFile(smollm2_or_skip())
-    try:
-        path = write_llama(tmp_path / f"{arch}.gguf", source, arch=arch, **options)
-    finally:
-        source.close()
+    path = write_with_smollm2_vocabulary(tmp_path / f"{arch}.gguf", arch=arch, **options)
     enc = limner.create("text_encoders", "gguf_llm", path=str(path))
     assert (enc.model.output is not None) == bool(options.get("untied"))
     ids, mask, _ = enc.tokenize(PROMPTS)
@@ -236,11 +237,7 @@ def test_llama3_rotary_scaling_equals_transformers(tmp_path):
                 scaling["high_freq_factor"] - scaling["low_freq_factor"])
             factors.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
     assert 1.0 in factors and 8.0 in factors and any(1 < f < 8 for f in factors)  # all three bands
-    source = GGUFFile(smollm2_or_skip())
-    try:
-        path = write_llama(tmp_path / "llama31.gguf", source, rope_base=base, rope_factors=factors)
-    finally:
-        source.close()
+    path = write_with_smollm2_vocabulary(tmp_path / "llama31.gguf", rope_base=base, rope_factors=factors)
     enc = limner.create("text_encoders", "gguf_llm", path=str(path))
     ids, mask, _ = enc.tokenize(PROMPTS)
     plain = transformers.AutoModel.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
