@@ -184,8 +184,8 @@ class PrefixCaptioner(nn.Module):
         for i, r in enumerate(ids):
             tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, 1 + p + len(r):] = False
-        start = lm.token_embd.weight[self.llm.bos].expand(n, 1, -1)
-        inputs = torch.cat([start, prefix.to(start.dtype), lm.token_embd(tokens)], dim=1)
+        start = lm.embed(tokens.new_full((n, 1), self.llm.bos))
+        inputs = torch.cat([start, prefix.to(start.dtype), lm.embed(tokens)], dim=1)
         return lm.head(lm.output_norm(lm(None, mask, inputs=inputs)[-1]))
 
     def loss(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -210,7 +210,7 @@ class PrefixCaptioner(nn.Module):
             prefix = self.prefix(images[start:start + batch])
             n = len(prefix)
             cache = lm.new_cache()
-            first = lm.token_embd.weight[self.llm.bos].expand(n, 1, -1)
+            first = lm.embed(torch.full((n, 1), self.llm.bos, dtype=torch.long, device=prefix.device))
             inputs = torch.cat([first, prefix.to(first.dtype)], dim=1)
             h = lm(None, torch.ones(n, inputs.shape[1], dtype=torch.bool, device=prefix.device), inputs=inputs,
                    cache=cache)[-1][:, -1]

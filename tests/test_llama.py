@@ -72,10 +72,12 @@ def test_k_quants_equal_the_gguf_package(kind, tmp_path):
 
 
 def write_llama(path, vocab_source, types=None, arch="llama", layers=3, heads=4, head_dim=None, untied=False,
-                rope_base=10000.0, rope_factors=None):
+                rope_base=10000.0, rope_factors=None, window=None, softcaps=None, rope_scaling=None):
     """A tiny random llama GGUF with the vocabulary of `vocab_source` (a GGUFFile); `arch` "qwen2"
-    adds query, key and value biases, "qwen3" query and key norms, `head_dim` a head size other
-    than width / heads, `untied` an output head of its own, `rope_factors` a rope_freqs.weight."""
+    adds query, key and value biases, "qwen3" query and key norms, "gemma2" norms after each
+    sublayer, "gemma3" both; `head_dim` a head size other than width / heads, `untied` an output
+    head of its own, `rope_factors` a rope_freqs.weight, `window` a sliding window, `softcaps`
+    Gemma 2's (attention, final) logit caps, `rope_scaling` a rotary scaling (type, factor)."""
     meta = vocab_source.metadata
     tokens = meta["tokenizer.ggml.tokens"]
     dim, hidden, kv = 64, 96, heads // 2
@@ -91,6 +93,14 @@ def write_llama(path, vocab_source, types=None, arch="llama", layers=3, heads=4,
         w.add_key_length(hd)
         w.add_value_length(hd)
     w.add_rope_freq_base(rope_base)
+    if window:
+        w.add_sliding_window(window)
+    if rope_scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
+        w.add_rope_scaling_factor(rope_scaling[1])
+    if softcaps:
+        w.add_attn_logit_softcapping(softcaps[0])
+        w.add_final_logit_softcapping(softcaps[1])
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(hd)
     w.add_vocab_size(len(tokens))
@@ -134,9 +144,12 @@ def write_llama(path, vocab_source, types=None, arch="llama", layers=3, heads=4,
             add(b + name + ".weight", shape, types[name])
             if arch == "qwen2" and name in ("attn_q", "attn_k", "attn_v"):
                 add(b + name + ".bias", shape[:1], "F32", 0.5)
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             add(b + "attn_q_norm.weight", (hd,), "F32", 1.0)
             add(b + "attn_k_norm.weight", (hd,), "F32", 1.0)
+        if arch in ("gemma2", "gemma3"):
+            add(b + "post_attention_norm.weight", (dim,), "F32", 1.0)
+            add(b + "post_ffw_norm.weight", (dim,), "F32", 1.0)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -216,6 +229,56 @@ def test_qwen_layers_and_an_untied_head_equal_transformers_gguf_loader(arch, opt
         path.write_bytes(bytes(data))
         with pytest.raises(limner.LimnerError, match="keys of 128 and values of 64 dims per head"):
             limner.create("text_encoders", "gguf_llm", path=str(path))
+
+
+@pytest.mark.parametrize("arch, options", [
+    ("gemma2", {"layers": 3, "softcaps": (2.0, 3.0)}),
+    ("gemma3", {"layers": 6, "rope_base": 1e6, "rope_scaling": ("linear", 8.0)})])
+def test_gemma_layers_equal_transformers_gguf_loader(arch, options, tmp_path):
+    """Gemma 2 (norms after each sublayer, GeGLU, embeddings times sqrt(width), every other layer
+    attending to a sliding window, capped attention and output logits) and Gemma 3 (query and key
+    norms too, five local layers of six, whose rotary base is 10,000 while the global ones read
+    the file's 1e6, scaled linearly as Gemma 3 4B-27B scale theirs): hidden states and logits
+    against transformers' GGUF loader. The window (4
+    positions) is shorter than the prompts and the caps small enough to bend the logits, so a
+    layer that ignores either fails."""
+    transformers = pytest.importorskip("transformers")
+    path = write_with_smollm2_vocabulary(tmp_path / f"{arch}.gguf", arch=arch, heads=2, head_dim=32, window=4,
+                                         **options)
+    enc = limner.create("text_encoders", "gguf_llm", path=str(path))
+    ids, mask, _ = enc.tokenize(PROMPTS)
+    assert mask.sum(1).max() > 8  # prompts longer than the window
+    caps = dict(zip(("attn_logit_softcapping", "final_logit_softcapping"), options.get("softcaps", ())))
+    # transformers' Gemma configs scale queries by query_pre_attn_scalar (default 256); llama.cpp by the
+    # head dim, which this file's 32 is; its GGUF reader takes no logit caps or rotary scaling from the file
+    if "rope_scaling" in options:
+        caps["rope_parameters"] = {"full_attention": {"rope_type": "linear", "factor": options["rope_scaling"][1],
+                                                      "rope_theta": options["rope_base"]},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32,
+                                                            query_pre_attn_scalar=32, **caps).eval()
+    assert ref.config.model_type.startswith(arch) and ref.config.sliding_window == 4
+    with torch.no_grad():
+        out = ref(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+        mine = enc.model(ids, mask)
+        real = mask[..., None]
+        for i in range(len(mine) - 1):
+            scale = out.hidden_states[i].abs().max()
+            assert ((mine[i] - out.hidden_states[i]).abs() * real).max() <= 1e-4 * max(scale, 1), i
+        logits = enc.model.head(enc.model.output_norm(mine[-1]))
+        assert ((logits - out.logits).abs() * real).max() <= 1e-4 * out.logits.abs().max()
+        if "softcaps" in options:  # both caps bend what they cap
+            assert out.logits.abs().max() <= 3.0 < (enc.model.output_norm(mine[-1]) @ enc.model.token_embd.weight.T
+                                                    ).abs().max()
+            for block in enc.model.blk:
+                block.softcap = None
+            uncapped = enc.model(ids, mask)[-1]
+            assert ((uncapped - mine[-1]).abs() * real).max() > 1e-2 * mine[-1].abs().max()
+            for block in enc.model.blk:
+                block.softcap = 2.0
+        enc.model.window = 10 ** 6  # without the window the layers read other states: the test can fail
+        unwindowed = enc.model(ids, mask)[-1]
+        assert ((unwindowed - mine[-1]).abs() * real).max() > 1e-2 * mine[-1].abs().max()
 
 
 def test_llama3_rotary_scaling_equals_transformers(tmp_path):
@@ -402,12 +465,16 @@ def test_bad_files_and_options_are_named(tiny, tmp_path):
     source = GGUFFile(tiny)
     try:
         other = write_llama(tmp_path / "gemma.gguf", source, arch="gemma")
+        unwindowed = write_llama(tmp_path / "gemma3.gguf", source, arch="gemma3")
+        yarn = write_llama(tmp_path / "yarn.gguf", source, rope_scaling=("yarn", 4.0))
         f64 = write_llama(tmp_path / "f64.gguf", source, types={
             "token_embd": "Q8_0", "attn_q": "F64", "attn_k": "F16", "attn_v": "F16", "attn_output": "F16",
             "ffn_gate": "F16", "ffn_up": "F16", "ffn_down": "F16"})
     finally:
         source.close()
     refused("'gemma'", path=str(other))
+    refused(r"gemma3.attention.sliding_window = None", path=str(unwindowed))
+    refused(r"scaled as 'yarn' are not supported", path=str(yarn))
     zero = tmp_path / "zero.gguf"  # a header value changed in place: head_count_kv = 0
     data = bytearray(tiny.read_bytes())
     key = b"llama.attention.head_count_kv"
