@@ -26,6 +26,11 @@ of each whole dev and held-out prompt, after worked examples that are training c
 often it answers right (what a prompt rewritten into the training grammar by it could reach).
 
     python benchmarks/encoder_knowledge.py benchmarks/results/encoder-knowledge.json
+    python benchmarks/encoder_knowledge.py benchmarks/results/encoder-knowledge.json --add gemma3_270m
+
+`--add ENCODER` (a text encoder's name or a GGUF file's path) puts another language model's
+`ask`, `nearest` and `reading` results beside those already in the file (the rewrites and word
+lists stay SmolLM2's: they use its chat template).
 """
 from __future__ import annotations
 
@@ -92,8 +97,8 @@ def score(picks, meaning: list[str], truth: list[str]) -> float:
     return sum(meaning[i] == t for i, t in zip(picks.tolist(), truth)) / len(truth)
 
 
-def llm_rows(enc, sets: dict) -> list[dict]:
-    """The `ask` and `nearest` rows of the language model `enc` (SmolLM2)."""
+def llm_rows(enc, sets: dict, label: str = "smollm2") -> list[dict]:
+    """The `ask` and `nearest` rows of the language model `enc` (SmolLM2 unless `label` says)."""
     import torch
 
     rows = []
@@ -106,7 +111,7 @@ def llm_rows(enc, sets: dict) -> list[dict]:
             last = llm_states(enc, [question.format(w=w) for w in words])[-1]
             logits = enc.model.head(last)
             ask[(key, split)] = score(logits[:, first].argmax(-1), s["meaning"], list(truth))
-    rows.append({"encoder": "smollm2", "reading": "ask: next-token answer over the training words",
+    rows.append({"encoder": label, "reading": "ask: next-token answer over the training words",
                  **{f"{split} {key}": ask.get((key, split)) for split in ("dev", "heldout") for key in sets}})
     per_layer = {}
     for key, s in sets.items():
@@ -118,12 +123,13 @@ def llm_rows(enc, sets: dict) -> list[dict]:
             per_layer[(key, split)] = torch.tensor([score(p, s["meaning"], list(truth)) for p in picks])
     dev_mean = sum(per_layer[(k, "dev")] for k in sets) / len(sets)
     best = int(dev_mean.argmax())
-    rows.append({"encoder": "smollm2", "reading": f"nearest at layer {best} (best dev mean of layers 0..30)",
+    rows.append({"encoder": label,
+                 "reading": f"nearest at layer {best} (best dev mean of layers 0..{len(dev_mean) - 1})",
                  **{f"{split} {key}": float(per_layer[(key, split)][best]) for split in ("dev", "heldout")
                     for key in sets}})
     for key in sets:  # each attribute's own best layer on dev: a looser bound
         k = int(per_layer[(key, "dev")].argmax())
-        rows.append({"encoder": "smollm2", "reading": f"nearest, {key} at its best dev layer ({k})",
+        rows.append({"encoder": label, "reading": f"nearest, {key} at its best dev layer ({k})",
                      f"dev {key}": float(per_layer[(key, "dev")][k]),
                      f"heldout {key}": float(per_layer[(key, "heldout")][k])})
     return rows
@@ -344,7 +350,44 @@ def render(data: dict) -> str:
             f"place (height and side both right) {100 * sc['heldout place']:.0f}%, all three "
             f"{100 * sc['heldout all three']:.1f}%. A prompt rewritten into the "
             "training grammar by these answers could hardly be drawn right more often."]
+    for label, more in data.get("added", {}).items():
+        sc = more["reading"]["chosen_scores"]
+        lines += ["", f"{label} (its rows above: {more['cpu']}, {more['date']}, `python "
+                  f"benchmarks/encoder_knowledge.py OUT.json --add {more['added']}`), asked to read the whole prompt "
+                  "the same way: chosen per "
+                  "attribute on dev, held-out colour "
+                  f"{100 * sc['heldout colour']:.0f}%, shape {100 * sc['heldout shape']:.0f}%, place "
+                  f"{100 * sc['heldout place']:.0f}%, all three {100 * sc['heldout all three']:.1f}% (dev: colour "
+                  f"{100 * sc['dev colour']:.0f}%, shape {100 * sc['dev shape']:.0f}%, place "
+                  f"{100 * sc['dev place']:.0f}%); each way:", "",
+                  "| examples | calibrated | dev colour | shape | height | side | held-out colour | shape | height | "
+                  "side |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for w in more["reading"]["ways"]:
+            cells = [w[f"{split} {key}"] for split in ("dev", "heldout") for key in READ]
+            lines.append(f"| {w['examples']} | {'yes' if w['calibrated'] else 'no'} | "
+                         + " | ".join(f"{100 * v:.0f}%" for v in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def add(out: Path, added: str) -> None:
+    """Another language model's rows and reading, beside the file's (a rerun replaces its own)."""
+    import limner
+    from limner.bench import cpu_name
+
+    label, component = (Path(added).stem, {"name": "gguf_llm", "path": added}) if added.endswith(".gguf") \
+        else (added, {"name": added})
+    data = json.loads(out.read_text())
+    enc = limner.create("text_encoders", **component)
+    sets = word_sets()
+    data["rows"] = [r for r in data["rows"] if r["encoder"] != label]
+    rows = llm_rows(enc, sets, label)
+    at = max(i for i, r in enumerate(data["rows"]) if r["encoder"] != "minilm") + 1  # after the other LLMs' rows
+    data["rows"][at:at] = rows
+    data.setdefault("added", {})[label] = {"added": added, "cpu": cpu_name(),
+                                           "date": time.strftime("%Y-%m-%d"), "reading": reading(enc)}
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(data))
+    print(render(data))
 
 
 def main() -> None:
@@ -352,6 +395,10 @@ def main() -> None:
     from limner.plugins.llama import smollm2
 
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "results" / "encoder-knowledge.json"
+    if sys.argv[2:3] == ["--add"] and len(sys.argv) == 4:
+        return add(out, sys.argv[3])
+    if sys.argv[2:]:
+        sys.exit("usage: encoder_knowledge.py OUT.json [--add ENCODER (a text encoder's name or a .gguf path)]")
     sets = word_sets()
     counts = ", ".join(f"{key}: {len(s['dev'])} dev and {len(s['heldout'])} held-out" for key, s in sets.items())
     enc = smollm2()  # loaded once for every use

@@ -7,6 +7,11 @@ phrasings (benchmarks/dev-phrasings.json); the held-out phrasings' column is sho
 A reading's features: the mean of its tokens at each layer it reads, and its pooled vector.
 
     python benchmarks/encoder_probe.py benchmarks/results/encoder-probe.json
+    python benchmarks/encoder_probe.py benchmarks/results/encoder-probe.json --add gemma3_270m
+
+`--add ENCODER` probes another language model (a text encoder's name, such as `gemma3_270m`, or
+a GGUF file's path, read by `gguf_llm`) at the same fractions of its depth and puts its rows in
+the results file beside those already there (a rerun replaces that encoder's rows).
 """
 from __future__ import annotations
 
@@ -65,6 +70,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     out = Path(sys.argv[1])
+    added = sys.argv[3] if sys.argv[2:3] == ["--add"] and len(sys.argv) == 4 else None
+    if sys.argv[2:] and added is None:
+        sys.exit("usage: encoder_probe.py OUT.json [--add ENCODER (a text encoder's name or a .gguf path)]")
     train = training_captions()
     train_y = [labels(c) for c in train]
     sets = {}
@@ -83,13 +91,18 @@ def main() -> None:
         rows.append({**row, "seconds": round(time.perf_counter() - t, 1)})
         print(rows[-1], flush=True)
 
-    minilm = limner.create("text_encoders", "minilm")
-    measure("minilm", "mean-pooled (as trained with)", lambda p: minilm.encode(p).pooled)
+    if added is None:
+        minilm = limner.create("text_encoders", "minilm")
+        measure("minilm", "mean-pooled (as trained with)", lambda p: minilm.encode(p).pooled)
+    label, component = ("smollm2", {"name": "smollm2"}) if added is None else \
+        (Path(added).stem, {"name": "gguf_llm", "path": added}) if added.endswith(".gguf") else (added, {"name": added})
 
-    n = 30
-    layer_sets = [(k,) for k in (n, n - 1, 24, 20, 16, 12, 8, 4)] + [(k, 24) for k in (2, 4, 6, 8, 12)] + [(6, n)]
     for name, template in TEMPLATES.items():
-        enc = limner.create("text_encoders", "smollm2", template=template)
+        enc = limner.create("text_encoders", **component, template=template)
+        n = len(enc.model.blk)  # SmolLM2's 30 layers: 30, 29, 24, 20, ..., 4; 2..12 + 24; 6 + 30
+        at = [round(n * f / 30) for f in (24, 20, 16, 12, 8, 4, 2, 6)]
+        layer_sets = ([(k,) for k in (n, n - 1, *at[:6])] + [(k, at[0]) for k in (at[6], at[5], at[7], at[4], at[3])]
+                      + [(at[7], n)])
         cache: dict[tuple, tuple] = {}
 
         def reading(prompts, layers, pool, enc=enc, cache=cache):
@@ -108,13 +121,18 @@ def main() -> None:
 
         for pool, layers in product(("mean", "last"), layer_sets):
             said = "+".join(f"{k}{' (last)' if k == n else ''}" for k in layers)
-            measure("smollm2", f"layer {said}, template {name}, pool {pool}",
+            measure(label, f"layer {said}, template {name}, pool {pool}",
                     lambda p, layers=layers, pool=pool: reading(p, layers, pool))
     from limner.bench import cpu_name
 
-    cpu = cpu_name()
+    cpu, date = cpu_name(), time.strftime("%Y-%m-%d")
+    if added:  # beside the rows already there, which keep the file's machine and date; these name theirs
+        before = json.loads(out.read_text())
+        rows = [r for r in before["rows"] if r["encoder"] != label] + [{**r, "cpu": cpu, "date": date, "added": added}
+                                                                            for r in rows]
+        cpu, date = before["cpu"], before["date"]
     result = {"what": "linear probes trained on the 486 training captions' embeddings, scored on 200 dev and 200 "
-                      "held-out phrasings", "cpu": cpu, "date": time.strftime("%Y-%m-%d"), "templates": TEMPLATES,
+                      "held-out phrasings", "cpu": cpu, "date": date, "templates": TEMPLATES,
               "rows": rows}
     write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     lines = ["# Text encoder readings probed on paraphrased prompts (issue 27)", "",
@@ -127,6 +145,8 @@ def main() -> None:
     for r in sorted(rows, key=lambda r: -r["dev"]["mean"]):
         cells = [f"{r[k][a]:.0%}" for k in ("dev", "heldout") for a in ("colour", "shape", "position", "mean")]
         lines.append(f"| {r['encoder']} | {r['reading']} | " + " | ".join(cells) + " |")
+    lines += sorted({f"\n{r['encoder']}'s rows: {r['cpu']}, {r['date']}, `python benchmarks/encoder_probe.py {out} "
+                     f"--add {r['added']}`." for r in rows if "cpu" in r})
     write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 

@@ -18,15 +18,14 @@ with `rope_freqs.weight` (Llama 3.1-3.3) divides each rotary frequency by its fa
 and 3 (Gemma Team 2024, 2025) norm each sublayer's output as well as its input, gate with
 GELU, scale the embeddings by sqrt(width) and let most layers attend to a sliding window only
 (`ARCHITECTURES` says which; Gemma 2 caps its logits); their GGUF norm weights already hold
-Gemma's 1 + w (llama.cpp's converter adds the 1). A
-llama GGUF stores the query and key weights permuted for ggml's rotary mode 0 (llama.cpp's
-convert_hf_to_gguf.py), which rotates adjacent pairs (2i, 2i+1); limner rotates those pairs and
-keeps the file's order (transformers un-permutes to rotate halves instead: the same hidden
-states). Qwen files are not permuted: ggml rotates halves (i, i + d/2) for them (its NEOX
-mode), as are Gemma's, and so does limner. The tokenizer (`tokenizers`) is built from the file: a byte-level BPE
-from its vocabulary and merges (SmolLM, Llama 3, Qwen), or SentencePiece's BPE from its
-vocabulary and scores (Llama 2, TinyLlama, Mistral, Gemma); its control tokens (`<|im_start|>`, `<s>`)
-are read whole.
+Gemma's 1 + w (llama.cpp's converter adds the 1). A llama GGUF stores the query and key
+weights permuted for ggml's rotary mode 0 (llama.cpp's convert_hf_to_gguf.py), which rotates
+adjacent pairs (2i, 2i+1); limner rotates those pairs and keeps the file's order (transformers
+un-permutes to rotate halves instead: the same hidden states). Qwen and Gemma files are not
+permuted: ggml rotates halves (i, i + d/2) for them (its NEOX mode), and so does limner. The
+tokenizer (`tokenizers`) is built from the file: a byte-level BPE from its vocabulary and merges
+(SmolLM, Llama 3, Qwen), or SentencePiece's BPE from its vocabulary and scores (Llama 2,
+TinyLlama, Mistral, Gemma); its control tokens (`<|im_start|>`, `<s>`) are read whole.
 
 How the field reads an LLM as a text encoder, as options: `layer` ("last": after the final
 norm, as Sana; "penultimate", as Lumina-Next; a layer number, 0 = the embeddings; or a list of
