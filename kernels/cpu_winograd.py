@@ -41,6 +41,11 @@ CHUNK, CHUNK_BYTES = 1024, 48 << 20
 # 128 channels over 64-512 px (the VAE decoder's last level); at 256+256 channels 0.9x
 # (cpu-kernel-measurements.md).
 FUSED_CHANNELS = 256
+# A float32 weight's transform is kept between calls (in the convolution's Packed) up to this size:
+# small convolutions' transforms cost a share of their call (the demo UNet's, at most 0.6 MB each:
+# cpu-kernel-measurements.md), large ones' a smaller one, and keeping them would add their size to
+# the model's memory (SD 1.5's 320-2560-channel ones: 15-210 MB each, 4x the weight at F(4,3)).
+KEEP_BYTES = 1 << 20
 
 
 def _pair(v) -> tuple[int, int]:
@@ -114,7 +119,8 @@ def conv2d_winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def _winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: int,
               packed: Packed | None = None) -> torch.Tensor:
-    """The kernel's call, for inputs `fits` has taken (a bf16 weight's transform kept in `packed`)."""
+    """The kernel's call, for inputs `fits` has taken (a bf16 weight's transform kept in `packed`, a
+    float32 one's up to KEEP_BYTES)."""
     module = KERNEL.module()
     if x.dtype is torch.bfloat16:  # transformed inputs bf16, products float32
         per_tile = 16 * (2 * weight.shape[1] + 4 * weight.shape[0])
@@ -122,12 +128,18 @@ def _winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
             ("winograd", weight.data_ptr(), weight._version), lambda: module.weights_bf16(weight))
         return module.forward_bf16(x, U, bias, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
     channels = weight.shape[0] + weight.shape[1]
-    if channels <= FUSED_CHANNELS:  # each task's tiles through all three steps in its cache
+    fused = channels <= FUSED_CHANNELS
+    if packed is None or weight.shape[0] * weight.shape[1] * (m + 2) ** 2 * 4 > KEEP_BYTES:
+        U = module.weights(weight, m, fused)
+    else:
+        U = packed.prepared(("winograd", m, fused, weight.data_ptr(), weight._version),
+                            lambda: module.weights(weight, m, fused))
+    if fused:  # each task's tiles through all three steps in its cache
         tiles = x.shape[0] * -(-x.shape[2] // m) * -(-x.shape[3] // m)
         rows = max(16, min(64, tiles // (2 * torch.get_num_threads())))  # two tasks a thread at least
-        return module.forward_fused(x, module.weights(weight, m, True), bias, m, rows)
+        return module.forward_fused(x, U, bias, m, rows)
     per_tile = (m + 2) ** 2 * 4 * channels
-    return module.forward(x, module.weights(weight, m, False), bias, m, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
+    return module.forward(x, U, bias, m, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,

@@ -260,6 +260,34 @@ def test_conv2d_takes_winograd_only_where_it_fits_and_is_faster(monkeypatch):
         conv2d(x, wt, b, backend="fast")
 
 
+def test_conv2d_float32_keeps_small_winograd_transforms_only(monkeypatch):
+    """A float32 Winograd convolution with a Packed holder keeps its transformed weight when that is
+    at most KEEP_BYTES (the same tensor at the next call, the same bits as made afresh, made again for
+    another tile size or after an in-place change to the weight) and makes a larger one at every
+    call, keeping nothing."""
+    cpu_winograd = winograd_kernel()
+    from limner.kernels import Packed, conv2d
+
+    cl = torch.channels_last
+    x, x_small = randn(2, 24, 32, 32).contiguous(memory_format=cl), randn(2, 24, 9, 9).contiguous(memory_format=cl)
+    wt, b = randn(40, 24, 3, 3, seed=1) / 5, randn(40, seed=2)
+    packed = Packed()
+    with torch.no_grad():
+        out = conv2d(x, wt, b, 1, 1, 1, 1, packed=packed)
+        kept = packed.weight
+        assert packed.key[:2] == ("winograd", 4) and torch.equal(out, cpu_winograd.conv2d_winograd(x, wt, b))
+        assert torch.equal(conv2d(x, wt, b, 1, 1, 1, 1, packed=packed), out) and packed.weight is kept
+        small = conv2d(x_small, wt, b, 1, 1, 1, 1, packed=packed)  # F(2,3) below 32 px: another transform
+        assert packed.key[:2] == ("winograd", 2) and torch.equal(small, cpu_winograd.conv2d_winograd(x_small, wt, b))
+        wt.mul_(-1)  # in place: the kept transform is stale
+        again = conv2d(x_small, wt, b, 1, 1, 1, 1, packed=packed)
+        assert torch.equal(again, cpu_winograd.conv2d_winograd(x_small, wt, b)) and torch.allclose(
+            again, 2 * b[None, :, None, None] - small, atol=1e-4)  # the negated weight's, not the stale one's
+        monkeypatch.setattr(cpu_winograd, "KEEP_BYTES", 40 * 24 * 16 * 4 - 1)  # F(2,3)'s transform: one byte over
+        fresh = Packed()
+        assert torch.equal(conv2d(x_small, wt, b, 1, 1, 1, 1, packed=fresh), again) and fresh.key is None
+
+
 def winograd_bf16_kernel(on_amx: bool = False):
     cpu_winograd = winograd_kernel()
     if not cpu_winograd._bf16_runs():
