@@ -371,11 +371,12 @@ def render(data: dict) -> str:
 
 def add(out: Path, added: str) -> None:
     """Another language model's rows and reading, beside the file's (a rerun replaces its own)."""
+    from encoder_probe import language_model
+
     import limner
     from limner.bench import cpu_name
 
-    label, component = (Path(added).stem, {"name": "gguf_llm", "path": added}) if added.endswith(".gguf") \
-        else (added, {"name": added})
+    label, component = language_model(added)
     data = json.loads(out.read_text())
     enc = limner.create("text_encoders", **component)
     sets = word_sets()

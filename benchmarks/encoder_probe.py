@@ -30,6 +30,13 @@ TEMPLATES = {
 }
 
 
+def language_model(added: str) -> tuple[str, dict]:
+    """(label, component) of `--add ENCODER`: a .gguf path read by gguf_llm (labelled by its file
+    name), else a text encoder's name."""
+    return (Path(added).stem, {"name": "gguf_llm", "path": added}) if added.endswith(".gguf") \
+        else (added, {"name": added})
+
+
 def training_captions() -> list[str]:
     from limner.plugins.shapes import COLOURS, POSITIONS, SHAPES, SIZES
 
@@ -94,8 +101,7 @@ def main() -> None:
     if added is None:
         minilm = limner.create("text_encoders", "minilm")
         measure("minilm", "mean-pooled (as trained with)", lambda p: minilm.encode(p).pooled)
-    label, component = ("smollm2", {"name": "smollm2"}) if added is None else \
-        (Path(added).stem, {"name": "gguf_llm", "path": added}) if added.endswith(".gguf") else (added, {"name": added})
+    label, component = ("smollm2", {"name": "smollm2"}) if added is None else language_model(added)
 
     for name, template in TEMPLATES.items():
         enc = limner.create("text_encoders", **component, template=template)

@@ -196,6 +196,17 @@ def test_token_ids_and_hidden_states_equal_transformers_gguf_loader(tiny):
                               enc.model.output_norm(out.hidden_states[2]) * real, atol=1e-4)
 
 
+def assert_states_and_logits_equal(enc, mine, out, real):
+    """limner's hidden states (all but the last, which transformers gives after the final norm) and
+    next-token logits against a transformers causal LM's output, to 1e-4 of their scale, at the
+    real positions."""
+    for i in range(len(mine) - 1):
+        scale = out.hidden_states[i].abs().max()
+        assert ((mine[i] - out.hidden_states[i]).abs() * real).max() <= 1e-4 * max(scale, 1), i
+    logits = enc.model.head(enc.model.output_norm(mine[-1]))
+    assert ((logits - out.logits).abs() * real).max() <= 1e-4 * out.logits.abs().max()
+
+
 @pytest.mark.parametrize("arch, options", [("qwen2", {}), ("qwen3", {"heads": 2, "head_dim": 128}),
                                            ("llama", {"untied": True})])
 def test_qwen_layers_and_an_untied_head_equal_transformers_gguf_loader(arch, options, tmp_path):
@@ -213,11 +224,7 @@ def test_qwen_layers_and_an_untied_head_equal_transformers_gguf_loader(arch, opt
         out = ref(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
         mine = enc.model(ids, mask)
         real = mask[..., None]
-        for i in range(3):
-            scale = out.hidden_states[i].abs().max()
-            assert ((mine[i] - out.hidden_states[i]).abs() * real).max() <= 1e-4 * max(scale, 1), i
-        logits = enc.model.head(enc.model.output_norm(mine[3]))
-        assert ((logits - out.logits).abs() * real).max() <= 1e-4 * out.logits.abs().max()
+        assert_states_and_logits_equal(enc, mine, out, real)
         if options.get("untied"):  # the tied head would give other logits: the file's own was read
             tied = enc.model.output_norm(mine[3]) @ enc.model.token_embd.weight.T
             assert ((tied - out.logits).abs() * real).max() > 0.1 * out.logits.abs().max()
@@ -262,11 +269,7 @@ def test_gemma_layers_equal_transformers_gguf_loader(arch, options, tmp_path):
         out = ref(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
         mine = enc.model(ids, mask)
         real = mask[..., None]
-        for i in range(len(mine) - 1):
-            scale = out.hidden_states[i].abs().max()
-            assert ((mine[i] - out.hidden_states[i]).abs() * real).max() <= 1e-4 * max(scale, 1), i
-        logits = enc.model.head(enc.model.output_norm(mine[-1]))
-        assert ((logits - out.logits).abs() * real).max() <= 1e-4 * out.logits.abs().max()
+        assert_states_and_logits_equal(enc, mine, out, real)
         if "softcaps" in options:  # both caps bend what they cap
             assert out.logits.abs().max() <= 3.0 < (enc.model.output_norm(mine[-1]) @ enc.model.token_embd.weight.T
                                                     ).abs().max()
