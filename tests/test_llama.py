@@ -467,6 +467,17 @@ def test_gemma3_270m_is_put_together_once_from_its_chunk_wheels(tiny, tmp_path, 
         gemma3_270m_path()
 
 
+def assert_read_as_gguf_reads(model, path, names: set[str]) -> set[str]:
+    """The named tensors of a real GGUF file, as `model` holds them, equal the gguf package's
+    dequantization of them; returns their types."""
+    tensors = [t for t in gguf.GGUFReader(str(path)).tensors if t.name in names]
+    assert {t.name for t in tensors} == names
+    for t in tensors:
+        expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        assert torch.equal(dict(model.named_parameters())[t.name].reshape(expected.shape), expected)
+    return {t.tensor_type.name for t in tensors}
+
+
 def test_smollm2_is_the_shipped_135m_model_and_reads_prompts():
     smollm2_or_skip()
     enc = limner.create("text_encoders", "smollm2")
@@ -479,10 +490,7 @@ def test_smollm2_is_the_shipped_135m_model_and_reads_prompts():
     assert emb.tokens.shape[-1] == enc.dim == 576
     assert torch.equal(emb.pooled[0], emb.pooled[1]) and (emb.pooled[0] - emb.pooled[2]).abs().max() > 0.1
     # the shipped file's quantized weights read as the gguf package reads them
-    reader = gguf.GGUFReader(str(smollm2_or_skip()))
-    for t in [t for t in reader.tensors if t.name in ("token_embd.weight", "blk.7.ffn_up.weight")]:
-        expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
-        assert torch.equal(dict(model.named_parameters())[t.name].reshape(expected.shape), expected)
+    assert_read_as_gguf_reads(model, smollm2_or_skip(), {"token_embd.weight", "blk.7.ffn_up.weight"})
 
 
 def test_gemma3_270m_is_the_shipped_270m_model_and_reads_prompts():
@@ -503,13 +511,8 @@ def test_gemma3_270m_is_the_shipped_270m_model_and_reads_prompts():
                       "a cobalt box near the bottom"])
     assert emb.tokens.shape[-1] == 640 and torch.isfinite(emb.tokens).all()
     assert torch.equal(emb.pooled[0], emb.pooled[1]) and (emb.pooled[0] - emb.pooled[2]).abs().max() > 0.1
-    reader = gguf.GGUFReader(str(path))
     names = {"blk.0.attn_v.weight", "blk.0.attn_q.weight", "blk.0.attn_output.weight", "blk.0.ffn_down.weight"}
-    tensors = [t for t in reader.tensors if t.name in names]
-    assert {t.tensor_type.name for t in tensors} == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}
-    for t in tensors:
-        expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
-        assert torch.equal(dict(model.named_parameters())[t.name].reshape(expected.shape), expected)
+    assert assert_read_as_gguf_reads(model, path, names) == {"Q8_0", "Q5_0", "Q4_K", "Q6_K"}
 
 
 def test_bad_files_and_options_are_named(tiny, tmp_path):
