@@ -72,10 +72,9 @@ def states_of(enc, rows: list[list[int]]):
     """llm_states of token id rows."""
     import torch
 
-    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-    mask = torch.zeros(ids.shape, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
+    from limner.plugins.llama import right_padded
+
+    ids, mask = right_padded(rows)
     with torch.no_grad():
         states = enc.model(ids, mask)
         last = mask.sum(1) - 1
