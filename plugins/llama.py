@@ -33,7 +33,9 @@ them, whose states follow each other as tokens, as Playground v3 reads an LLM la
 `template` around the prompt - an instruction or system prompt before it (Sana's "complex
 human instruction"), whose positions are dropped so that only the prompt's tokens condition
 the image, and text after it whose last position is kept as a summary of the prompt
-(PromptEOL, Jiang et al. 2023: 'This sentence : "{prompt}" means in one word:"') - and `pool`.
+(PromptEOL, Jiang et al. 2023: 'This sentence : "{prompt}" means in one word:"') - `pool`, and
+`questions`: more templates, each adding the state where the model is about to answer it (as
+in-context learning reads a model's answer, Brown et al. 2020, but unsaid).
 `norm` puts an earlier layer through the final RMSNorm too: a middle layer's states carry
 "massive activations" (Sun et al. 2024) - SmolLM2's reach 3e4 at the start token - that would
 swamp a denoiser's cross-attention. `scale` multiplies what comes out: after the final norm
@@ -488,7 +490,8 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf"):
             raise limner.LimnerError(f"scale must be a positive number, got {scale!r}")
         if not isinstance(questions, (list, tuple)):
-            raise limner.LimnerError(f"questions must be a list of templates, got {questions!r}")
+            raise limner.LimnerError(f"questions must be a list of templates, each holding {{prompt}} once (e.g. "
+                                     f"['Picture: {{prompt}}\\nColour:']), got {questions!r}")
         for one in (template, *questions):
             if not isinstance(one, str) or one.count("{prompt}") != 1:
                 raise limner.LimnerError(f"a template or question must hold {{prompt}} once (the text around it is "
@@ -511,13 +514,13 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """(ids, mask) [B, 1 + P + L + S], right-padded: the start token, the template's P ids
         before the prompt, the prompt's (cut to max_length), its S ids after; and each prompt's length."""
-        before, after = self.prefix_ids, self.suffix_ids
         rows = [self.tokenizer.encode(p, add_special_tokens=False).ids for p in check_prompts(prompts)]
         long = [p for p, r in zip(prompts, rows) if len(r) > self.max_length]
         if long:
             prompt_truncated(long[0], self.max_length, "tokens")
         rows = [r[: self.max_length] for r in rows]
-        return (*right_padded([[self.bos, *before, *r, *after] for r in rows]), [len(r) for r in rows])
+        return (*right_padded([[self.bos, *self.prefix_ids, *r, *self.suffix_ids] for r in rows]),
+                [len(r) for r in rows])
 
     def kept(self, lengths: list[int], layers: int = 1, stride: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Per prompt the positions read (start token, prompt tokens, the template's last one if it goes
