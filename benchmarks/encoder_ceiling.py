@@ -222,7 +222,7 @@ def render(data: dict) -> str:
     for r in data["rows"]:
         cells = [r[split].get(k) for split in ("dev", "heldout") for k in cols]
         lines.append(f"| {r['encoder']} | {r['reading']} | "
-                     + " | ".join("" if v is None else f"{100 * v:.0f}%" for v in cells) + " |")
+                     + " | ".join("" if v is None else f"{100 * v:.1f}%" for v in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
