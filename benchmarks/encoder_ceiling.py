@@ -41,7 +41,8 @@ def splits() -> dict:
     """name -> (prompts, [(colour, shape, place)]) for the training captions, dev and held-out."""
     from encoder_probe import labels, training_captions
 
-    out = {"train": (training_captions(), [labels(c) for c in training_captions()])}
+    train = training_captions()
+    out = {"train": (train, [labels(c) for c in train])}
     for name in ("dev", "heldout"):
         rows = json.loads((HERE / f"{name}-phrasings.json").read_text())
         out[name] = [r["prompt"] for r in rows], [labels(r["means"]) for r in rows]
@@ -123,41 +124,23 @@ def minilm_caption_row(data: dict) -> dict:
 
 
 def answer_rows(enc, label: str, data: dict) -> dict:
-    import random
-
     import torch
-    from encoder_knowledge import READ, answers
+    from encoder_knowledge import READ, llm_states, question, worked_examples
     from encoder_probe import probe
 
-    from limner.plugins.llama import right_padded
-    from limner.plugins.shapes import COLOURS, POSITIONS, SHAPES
+    examples = worked_examples(4)  # encoder_knowledge.reading's first four
 
-    rng = random.Random(0)  # the worked examples of encoder_knowledge.reading
-    examples = [f"a {rng.choice(list(COLOURS))} {rng.choice(SHAPES)} at the {rng.choice(list(POSITIONS))}"
-                for _ in range(4)]
-    feats = {}
-    with torch.no_grad():
-        for name, (prompts, _) in data.items():
-            per_question = []
-            for key in READ:
-                worked = "".join(f"Picture: {e}\n{READ[key]} {answers(e)[key]}\n\n" for e in examples)
-                got = []
-                for i in range(0, len(prompts), 64):
-                    rows = [[enc.bos, *enc.tokenizer.encode(f"{worked}Picture: {p}\n{READ[key]}",
-                                                            add_special_tokens=False).ids] for p in prompts[i: i + 64]]
-                    ids, mask = right_padded(rows)
-                    states = enc.model(ids, mask)
-                    last = mask.sum(1) - 1
-                    at = [s[torch.arange(len(rows)), last] for s in states]
-                    at[-1] = enc.model.output_norm(at[-1])
-                    got.append(torch.stack(at, 1))
-                per_question.append(torch.cat(got))
-            feats[name] = torch.cat(per_question, -1)  # [N, layers + 1, 4 D]
+    def states(prompts: list[str], key: str):
+        return torch.cat([llm_states(enc, [question(p, key, examples) for p in prompts[i: i + 64]])
+                          for i in range(0, len(prompts), 64)], 1)
+
+    # [layers + 1, N, 4 D]: the four questions' states side by side
+    feats = {name: torch.cat([states(prompts, key) for key in READ], -1) for name, (prompts, _) in data.items()}
     per_layer = []
-    for k in range(feats["train"].shape[1]):
+    for k in range(len(feats["train"])):
         row = {}
         for name in ("dev", "heldout"):
-            s = probe(feats["train"][:, k].numpy(), data["train"][1], feats[name][:, k].numpy(), data[name][1])
+            s = probe(feats["train"][k].numpy(), data["train"][1], feats[name][k].numpy(), data[name][1])
             row[name] = {"colour": s["colour"], "shape": s["shape"], "place": s["position"]}
         per_layer.append(row)
     return by_layer(per_layer, "answer states", label, "answer states, 4 worked examples, linear probe,")

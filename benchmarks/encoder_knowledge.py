@@ -217,6 +217,24 @@ def answers(caption: str) -> dict[str, str]:
     return {"colour": o.colour, "shape": o.shape, "row": ROWS[row], "column": COLUMNS[column]}
 
 
+def worked_examples(n: int) -> list[str]:
+    """The reading's n worked examples: seeded random training captions (training words only; the
+    first k of them are the same for every n >= k)."""
+    import random
+
+    from limner.plugins.shapes import COLOURS, POSITIONS, SHAPES
+
+    rng = random.Random(0)
+    return [f"a {rng.choice(list(COLOURS))} {rng.choice(SHAPES)} at the {rng.choice(list(POSITIONS))}"
+            for _ in range(n)]
+
+
+def question(text: str, key: str, examples: list[str]) -> str:
+    """The reading's question about `key` of `text`, after the worked examples with their answers."""
+    worked = "".join(f"Picture: {e}\n{READ[key]} {answers(e)[key]}\n\n" for e in examples)
+    return f"{worked}Picture: {text}\n{READ[key]}"
+
+
 def reading(enc, shots: tuple[int, ...] = (0, 4, 8)) -> dict:
     """SmolLM2 reads each whole dev and held-out prompt and answers each attribute ('Picture:
     {prompt}\nColour:') with the first token it finds likeliest among the training words (the
@@ -224,21 +242,16 @@ def reading(enc, shots: tuple[int, ...] = (0, 4, 8)) -> dict:
     random ones: training words only). Each way with and without contextual calibration (Zhao
     et al. 2021: the answers' log-probabilities for the content-free prompt 'N/A' subtracted).
     The way is chosen per attribute on dev; the place is right when row and column both are."""
-    import random
-
     import torch
 
-    from limner.plugins.shapes import COLOURS, POSITIONS, SHAPES
+    from limner.plugins.shapes import COLOURS, SHAPES
 
     options = {"colour": list(COLOURS), "shape": list(SHAPES), "row": ROWS, "column": COLUMNS}
-    rng = random.Random(0)
-    examples = [f"a {rng.choice(list(COLOURS))} {rng.choice(SHAPES)} at the {rng.choice(list(POSITIONS))}"
-                for _ in range(max(shots))]
+    examples = worked_examples(max(shots))
     splits = {name: json.loads((HERE / f"{name}-phrasings.json").read_text()) for name in ("dev", "heldout")}
 
     def asked(text: str, key: str, k: int) -> str:
-        worked = "".join(f"Picture: {e}\n{READ[key]} {answers(e)[key]}\n\n" for e in examples[:k])
-        return f"{worked}Picture: {text}\n{READ[key]}"
+        return question(text, key, examples[:k])
 
     def log_probs(texts: list[str], key: str):
         first = [enc.tokenizer.encode(" " + o, add_special_tokens=False).ids[0] for o in options[key]]
