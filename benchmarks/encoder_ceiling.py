@@ -66,25 +66,6 @@ def token_states(enc, prompts: list[str]) -> list[list]:
     return out
 
 
-def nearest_caption(train: list, prompts: list) -> list[int]:
-    """Each prompt's best training caption by BERTScore F1 over centred token states."""
-    import torch
-    import torch.nn.functional as F
-
-    centre = torch.cat(train).mean(0)
-    tokens = F.normalize(torch.cat(train) - centre, dim=-1)
-    owner = torch.cat([torch.full((len(t),), i) for i, t in enumerate(train)])
-    count = torch.bincount(owner).float()
-    picks = []
-    for p in prompts:
-        sim = F.normalize(p - centre, dim=-1) @ tokens.T  # [prompt tokens, all training tokens]
-        best = torch.full((len(p), len(train)), -2.0).scatter_reduce(1, owner.expand(len(p), -1), sim, "amax")
-        recall = best.mean(0)
-        precision = torch.zeros(len(train)).scatter_add(0, owner, sim.max(0).values) / count
-        picks.append(int((2 * recall * precision / (recall + precision)).argmax()))
-    return picks
-
-
 def scores(picked: list[tuple], truth: list[tuple]) -> dict:
     right = [[p[k] == t[k] for k in range(3)] for p, t in zip(picked, truth)]
     return {**{key: sum(r[k] for r in right) / len(right) for k, key in enumerate(KEYS)},
@@ -99,6 +80,8 @@ def by_layer(per_layer: list[dict], label: str, encoder: str, reading: str) -> d
 
 
 def caption_rows(enc, label: str, data: dict) -> dict:
+    from limner.plugins.shapes import nearest_caption
+
     train_y = data["train"][1]
     states = {name: token_states(enc, prompts) for name, (prompts, _) in data.items()}
     per_layer = [{name: scores([train_y[i] for i in nearest_caption(states["train"][k], states[name][k])],
@@ -110,6 +93,7 @@ def minilm_caption_row(data: dict) -> dict:
     import torch
 
     import limner
+    from limner.plugins.shapes import nearest_caption
 
     enc = limner.create("text_encoders", "minilm")
     with torch.no_grad():

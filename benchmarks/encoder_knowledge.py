@@ -39,6 +39,10 @@ import sys
 import time
 from pathlib import Path
 
+# the reading's questions, answers and worked examples are the shapes reader's (plugins/shapes.py)
+from limner.plugins.shapes import COLUMNS, ROWS, answers, question, worked_examples
+from limner.plugins.shapes import QUESTIONS as READ
+
 HERE = Path(__file__).parent
 ASK = {"colour": ("Q: What basic colour is {w}?\nA: It is", " {c}"),
        "shape": ("Q: What basic shape is a {w}?\nA: It is a", " {c}")}
@@ -102,12 +106,12 @@ def llm_rows(enc, sets: dict, label: str = "smollm2") -> list[dict]:
 
     rows = []
     ask = {}
-    for key, (question, answer) in ASK.items():
+    for key, (asked, answer) in ASK.items():
         s = sets[key]
         first = [enc.tokenizer.encode(answer.format(c=c), add_special_tokens=False).ids[0] for c in s["meaning"]]
         for split in ("dev", "heldout"):
             words, truth = zip(*s[split])
-            last = llm_states(enc, [question.format(w=w) for w in words])[-1]
+            last = llm_states(enc, [asked.format(w=w) for w in words])[-1]
             logits = enc.model.head(last)
             ask[(key, split)] = score(logits[:, first].argmax(-1), s["meaning"], list(truth))
     rows.append({"encoder": label, "reading": "ask: next-token answer over the training words",
@@ -202,37 +206,7 @@ def word_lists(enc, sets: dict, tokens: int = 40) -> list[dict]:
     return out
 
 
-READ = {"colour": "Colour:", "shape": "Shape:", "row": "Height (top, middle or bottom):",
-        "column": "Side (left, middle or right):"}
-ROWS, COLUMNS = ["top", "middle", "bottom"], ["left", "middle", "right"]
 SAID = {"colour": "colour", "shape": "shape", "row": "height", "column": "side"}  # as the tables name them
-
-
-def answers(caption: str) -> dict[str, str]:
-    """The colour, shape, row and column a shapes caption says."""
-    from limner.plugins.shapes import POSITIONS, parse_caption
-
-    (o,) = parse_caption(caption)
-    row, column = POSITIONS[o.position]
-    return {"colour": o.colour, "shape": o.shape, "row": ROWS[row], "column": COLUMNS[column]}
-
-
-def worked_examples(n: int) -> list[str]:
-    """The reading's n worked examples: seeded random training captions (training words only; the
-    first k of them are the same for every n >= k)."""
-    import random
-
-    from limner.plugins.shapes import COLOURS, POSITIONS, SHAPES
-
-    rng = random.Random(0)
-    return [f"a {rng.choice(list(COLOURS))} {rng.choice(SHAPES)} at the {rng.choice(list(POSITIONS))}"
-            for _ in range(n)]
-
-
-def question(text: str, key: str, examples: list[str]) -> str:
-    """The reading's question about `key` of `text`, after the worked examples with their answers."""
-    worked = "".join(f"Picture: {e}\n{READ[key]} {answers(e)[key]}\n\n" for e in examples)
-    return f"{worked}Picture: {text}\n{READ[key]}"
 
 
 def reading(enc, shots: tuple[int, ...] = (0, 4, 8)) -> dict:
@@ -246,7 +220,7 @@ def reading(enc, shots: tuple[int, ...] = (0, 4, 8)) -> dict:
 
     from limner.plugins.shapes import COLOURS, SHAPES
 
-    options = {"colour": list(COLOURS), "shape": list(SHAPES), "row": ROWS, "column": COLUMNS}
+    options = {"colour": list(COLOURS), "shape": list(SHAPES), "row": list(ROWS), "column": list(COLUMNS)}
     examples = worked_examples(max(shots))
     splits = {name: json.loads((HERE / f"{name}-phrasings.json").read_text()) for name in ("dev", "heldout")}
 

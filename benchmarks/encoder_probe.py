@@ -38,9 +38,9 @@ def language_model(added: str) -> tuple[str, dict]:
 
 
 def training_captions() -> list[str]:
-    from limner.plugins.shapes import COLOURS, POSITIONS, SHAPES, SIZES
+    from limner.plugins.shapes import one_object_captions
 
-    return [f"a {z + ' ' if z else ''}{c} {s} at the {p}" for z, c, s, p in product(SIZES, COLOURS, SHAPES, POSITIONS)]
+    return one_object_captions()
 
 
 def labels(caption: str) -> tuple[str, str, str]:

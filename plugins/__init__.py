@@ -99,6 +99,11 @@ class shapes:
         """The shapes attribute scorer."""
         return _specs("shapes", [("shapes_attributes", "ShapesScorer", (), "")])
 
+    @hookimpl
+    def limner_register_text_encoders():
+        """Shapes prompts in any words, read into the grammar by frozen language models."""
+        return _specs("shapes", [("shapes_reader", "shapes_reader", (), "")])
+
 
 class text_encoders:
     @hookimpl

@@ -555,6 +555,38 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
             out.append(self.model.output_norm(state) if k == len(self.model.blk) or self.norm else state)
         return torch.stack(out, 1)
 
+    def _read(self, texts: Sequence[str], upto: int, batch: int = 32):
+        """Each batch of texts (from the start token, no template, not cut) run to layer `upto`:
+        yields (token id rows, mask [b, L], states: upto + 1 tensors [b, L, D])."""
+        device = self.model.token_embd.weight.device
+        for i in range(0, len(texts), batch):
+            rows = [self.tokenizer.encode(t, add_special_tokens=False).ids for t in texts[i: i + batch]]
+            ids, mask = right_padded([[self.bos, *r] for r in rows])
+            with torch.no_grad():
+                yield rows, mask, self.model(ids.to(device), mask.to(device), upto)
+
+    def next_token_log_probs(self, texts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        """[N, A] float32: after each text, the log-probability that the next token is each answer's
+        first one (the answer as the vocabulary spells a word after a space: ' red')."""
+        first = [self.tokenizer.encode(" " + a, add_special_tokens=False).ids[:1] for a in answers]
+        if not all(first):
+            raise limner.LimnerError(f"answers must be words, got {list(answers)!r}")
+        first, n, out = [f[0] for f in first], len(self.model.blk), []
+        for _, mask, states in self._read(texts, n):
+            last = states[n][torch.arange(len(mask)), mask.sum(1) - 1]
+            out.append(torch.log_softmax(self.model.head(self.model.output_norm(last)).float(), -1)[:, first])
+        return torch.cat(out)
+
+    def token_states(self, texts: Sequence[str], layer: int) -> list[torch.Tensor]:
+        """Each text's own tokens' states after `layer` blocks (0: the embeddings; no final norm), the
+        start token left out: a list of [n_i, D] float32."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= len(self.model.blk):
+            raise limner.LimnerError(f"layer must be a layer number 0..{len(self.model.blk)}, got {layer!r}")
+        out = []
+        for rows, _, states in self._read(texts, layer):
+            out += [states[layer][j, 1: 1 + len(r)].float() for j, r in enumerate(rows)]
+        return out
+
     def encode(self, prompts: Sequence[str]) -> TextEmbedding:
         tokens, mask = self.hidden(prompts)
         count = mask.sum(1)  # the pooled vector is the last listed layer's: each row's last count / layers

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import limner
+from limner.text_cache import FrozenStaysEval, weights_from_factory
 
 COLOURS = {  # RGB in [0, 1], far apart so a blurry sample still snaps to the right one
     "red": (0.90, 0.10, 0.10),
@@ -204,3 +205,201 @@ class ShapesScorer:
         out["all"] = sum(all(r.values()) for r in rows) / len(rows)
         out["objects"] = len(rows)
         return out
+
+
+# ---- reading prompts in other words into the grammar (issue 27) ----
+
+QUESTIONS = {"colour": "Colour:", "shape": "Shape:", "row": "Height (top, middle or bottom):",
+             "column": "Side (left, middle or right):"}
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "middle", "right")
+ANSWERS = {"colour": list(COLOURS), "shape": list(SHAPES), "row": list(ROWS), "column": list(COLUMNS)}
+WAY_OPTIONS = {"model", "way", "examples", "calibrated", "layer"}
+# chosen on the dev phrasings (benchmarks/reader_ways.py): held-out colour 89%, shape 72%, place 58.5%
+DEFAULT_WAYS = {"colour": {"model": "gemma3_270m", "way": "ask", "examples": 8, "calibrated": True},
+                "shape": {"model": "smollm2", "way": "ask", "examples": 4, "calibrated": False},
+                "place": {"model": "smollm2", "way": "nearest", "layer": 1}}
+
+
+def one_object_captions() -> list[str]:
+    """Every one-object caption the grammar says (486: sizes x colours x shapes x places)."""
+    return [ShapeObject(z, c, s, p).phrase() for z in SIZES for c in COLOURS for s in SHAPES for p in POSITIONS]
+
+
+def answers(caption_text: str) -> dict[str, str]:
+    """The colour, shape, row and column a one-object caption says."""
+    (o,) = parse_caption(caption_text)
+    row, column = POSITIONS[o.position]
+    return {"colour": o.colour, "shape": o.shape, "row": ROWS[row], "column": COLUMNS[column]}
+
+
+def worked_examples(n: int) -> list[str]:
+    """n seeded random one-object captions (the first k are the same for every n >= k)."""
+    import random
+
+    rng = random.Random(0)
+    return [f"a {rng.choice(list(COLOURS))} {rng.choice(SHAPES)} at the {rng.choice(list(POSITIONS))}"
+            for _ in range(n)]
+
+
+def question(text: str, key: str, examples: list[str]) -> str:
+    """'Picture: {text}\\nColour:' (key one of QUESTIONS), after the worked examples with their answers."""
+    worked = "".join(f"Picture: {e}\n{QUESTIONS[key]} {answers(e)[key]}\n\n" for e in examples)
+    return f"{worked}Picture: {text}\n{QUESTIONS[key]}"
+
+
+def nearest_caption(train: list[torch.Tensor], prompts: list[torch.Tensor]) -> list[int]:
+    """Each prompt's best caption of `train` by BERTScore F1 (Zhang et al. 2020: each token's best
+    cosine match in the other text, averaged both ways) over token states [n_i, D], after removing
+    the mean of `train`'s tokens."""
+    import torch.nn.functional as F
+
+    centre = torch.cat(train).mean(0)
+    tokens = F.normalize(torch.cat(train) - centre, dim=-1)
+    owner = torch.cat([torch.full((len(t),), i) for i, t in enumerate(train)])
+    count = torch.bincount(owner, minlength=len(train)).float()
+    picks = []
+    for p in prompts:
+        if len(p) == 0:
+            raise limner.LimnerError("nearest_caption: a prompt with no tokens")
+        sim = F.normalize(p - centre, dim=-1) @ tokens.T  # [prompt tokens, all training tokens]
+        best = torch.full((len(p), len(train)), -2.0).scatter_reduce(1, owner.expand(len(p), -1), sim, "amax")
+        recall = best.mean(0)
+        precision = torch.zeros(len(train)).scatter_add(0, owner, sim.max(0).values) / count
+        picks.append(int((2 * recall * precision / (recall + precision)).argmax()))
+    return picks
+
+
+def in_grammar(prompt: str) -> bool:
+    try:
+        parse_caption(prompt)
+    except limner.LimnerError:
+        return False
+    return True
+
+
+class ShapesReader(FrozenStaysEval, torch.nn.Module):
+    """A text encoder for shapes prompts in any words: frozen language models read a prompt's colour,
+    shape and place (each the way `ways` says), the caption that says them in the grammar is written,
+    and `encoder` encodes it; an empty prompt or one already in the grammar is encoded as it is. Ways:
+    `ask` (the model answers 'Picture: {prompt}\\nColour:' after `examples` worked examples, the
+    training word whose first token is likeliest next; `calibrated`: less its scores after 'N/A',
+    Zhao et al. 2021; a place asked as its height and its side) or `nearest` (the place, colour or
+    shape of the one-object caption nearest by BERTScore over the model's states at `layer`)."""
+
+    def __init__(self, encoder: dict, ways: dict[str, dict]):
+        super().__init__()
+        self.encoder = limner.create("text_encoders", **_component("encoder", encoder))
+        self.dim, self.ways, models = self.encoder.dim, {}, {}
+        self.readers = torch.nn.ModuleList()
+        for key, way in ways.items():
+            model = _component(f"{key}.model", way["model"])
+            name = repr(sorted(model.items()))
+            if name not in models:
+                reader = limner.create("text_encoders", **model)
+                if not all(hasattr(reader, m) for m in ("next_token_log_probs", "token_states")):
+                    raise limner.LimnerError(f"{key}.model {way['model']!r} is not a language model limner can ask "
+                                             "(one of smollm2, gemma3_270m, gguf_llm)")
+                models[name] = len(self.readers)
+                self.readers.append(reader)
+            if way["way"] == "nearest":
+                self.readers[models[name]].token_states([], way["layer"])  # a bad layer named now, not at first use
+            self.ways[key] = {**way, "reader": models[name]}
+        self._known: dict = {}  # per way: the calibration scores or the captions' states, made at first use
+        weights_from_factory(self)  # frozen readers and encoder: out of checkpoints (a trained encoder stays in)
+
+    def _ask(self, reader, key: str, texts: list[str], way: dict) -> list[str]:
+        examples = worked_examples(way["examples"])
+        scores = reader.next_token_log_probs([question(t, key, examples) for t in texts], ANSWERS[key])
+        if way["calibrated"]:  # the content-free answer's scores, once per model, question and examples
+            tag = ("null", key, way["reader"], way["examples"])
+            if tag not in self._known:
+                self._known[tag] = reader.next_token_log_probs([question("N/A", key, examples)], ANSWERS[key])
+            scores = scores - self._known[tag]
+        return [ANSWERS[key][i] for i in scores.argmax(-1).tolist()]
+
+    def _answer(self, key: str, texts: list[str]) -> list[str]:
+        way = self.ways[key]
+        reader = self.readers[way["reader"]]
+        if way["way"] == "nearest":
+            tag = ("captions", way["reader"], way["layer"])
+            if tag not in self._known:
+                captions = one_object_captions()
+                self._known[tag] = captions, reader.token_states(captions, way["layer"])
+            captions, states = self._known[tag]
+            picks = nearest_caption(states, reader.token_states(texts, way["layer"]))
+            picked = [parse_caption(captions[i])[0] for i in picks]
+            return [getattr(o, "position" if key == "place" else key) for o in picked]
+        if key != "place":
+            return self._ask(reader, key, texts, way)
+        cells = {cell: p for p, cell in POSITIONS.items()}
+        rows, columns = self._ask(reader, "row", texts, way), self._ask(reader, "column", texts, way)
+        return [cells[(ROWS.index(r), COLUMNS.index(c))] for r, c in zip(rows, columns)]
+
+    def read(self, prompts: list[str]) -> list[str]:
+        """Each prompt as the grammar says it: 'a crimson disc in the upper left corner' -> 'a red
+        circle at the top left' (as right as the models read it); one in the grammar, or empty, unchanged."""
+        from limner.errors import notice
+        from limner.protocols import check_prompts, prompt_truncated
+
+        out = check_prompts(prompts)
+        todo = [i for i, p in enumerate(out) if p.strip() and not in_grammar(p)]
+        if not todo:
+            return out
+        texts = [" ".join(out[i].split())[:MAX_READ] for i in todo]
+        long = [out[i] for i, t in zip(todo, texts) if len(t) == MAX_READ]
+        if long:
+            prompt_truncated(long[0], MAX_READ, "characters")
+        said = {key: self._answer(key, texts) for key in ("colour", "shape", "place")}
+        for j, i in enumerate(todo):
+            out[i] = f"a {said['colour'][j]} {said['shape'][j]} at the {said['place'][j]}"
+        shown = "; ".join(f"{prompts[i]!r:.80} as {out[i]!r}" for i in todo[:3])
+        notice(f"shapes_reader read {shown}" + (f" (and {len(todo) - 3} more)" if len(todo) > 3 else ""))
+        return out
+
+    def encode(self, prompts):
+        return self.encoder.encode(self.read(prompts))
+
+
+MAX_READ = 300  # characters of a prompt the readers see
+
+
+def _component(what: str, value) -> dict:
+    """A component given by name ("smollm2") or as a table ({name = "gguf_llm", path = "..."})."""
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return dict(value)
+    raise limner.LimnerError(f"{what} must be a text encoder's name or a table with its name, e.g. \"smollm2\" or "
+                             f"{{name = \"minilm\"}}, got {value!r}")
+
+
+def shapes_reader(encoder: dict | str, colour: dict | None = None, shape: dict | None = None,
+                  place: dict | None = None) -> ShapesReader:
+    """Prompts in any words read into the shapes grammar by frozen language models, then encoded."""
+    ways = {}
+    for key, given in (("colour", colour), ("shape", shape), ("place", place)):
+        if given is not None and not isinstance(given, dict):
+            raise limner.LimnerError(f"{key} must be a table of {', '.join(sorted(WAY_OPTIONS))}, e.g. "
+                                     f"{{model = \"smollm2\", way = \"ask\", examples = 4}}, got {given!r}")
+        way = dict(given) if given else dict(DEFAULT_WAYS[key])
+        unknown = sorted(set(way) - WAY_OPTIONS)
+        if unknown or "model" not in way or way.get("way") not in ("ask", "nearest"):
+            raise limner.LimnerError(
+                f"{key} = {given!r}: a way is a table of model (a language model: smollm2, gemma3_270m, gguf_llm), "
+                f"way (\"ask\" or \"nearest\"), and for ask examples (worked examples, 0 to 16) and calibrated (true "
+                f"or false), for nearest layer (a layer number)"
+                + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+        if way["way"] == "ask":
+            way = {"examples": 0, "calibrated": False, **way}
+            n, calibrated = way["examples"], way["calibrated"]
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 16 or not isinstance(calibrated, bool):
+                raise limner.LimnerError(f"{key}: examples must be a whole number 0 to 16 and calibrated true or "
+                                         f"false, got examples = {n!r}, calibrated = {calibrated!r}")
+            if "layer" in way:
+                raise limner.LimnerError(f"{key}: layer is for way = \"nearest\" (way = \"ask\" reads the last layer)")
+        else:
+            if "layer" not in way or {"examples", "calibrated"} & set(way):
+                raise limner.LimnerError(f"{key}: way = \"nearest\" takes a layer (a layer number) and no examples or "
+                                         f"calibrated, got {given!r}")
+        ways[key] = way
+    return ShapesReader(encoder, ways)

@@ -721,3 +721,104 @@ def test_a_kv_cache_gives_the_full_forward_token_by_token(tiny, monkeypatch):
     with torch.no_grad():
         said = model.caption(images, batch=3)
         assert said == rereading(model, images) and any(said)
+
+
+def test_next_token_log_probs_and_token_states_read_the_model_itself(tiny):
+    enc = limner.create("text_encoders", "gguf_llm", path=str(tiny))
+    texts, answers = ["Picture: a crimson disc\nColour:", "x", "near the bottom: a cobalt box, and more words"], \
+        ["red", "green", "top left"]
+    lp, states = enc.next_token_log_probs(texts, answers), enc.token_states(texts, 2)
+    assert lp.shape == (3, 3) and lp.dtype == torch.float32
+    for i, t in enumerate(texts):  # each text alone, from the start token: padding in the batch changes nothing
+        ids = torch.tensor([[enc.bos, *enc.tokenizer.encode(t, add_special_tokens=False).ids]])
+        with torch.no_grad():
+            out = enc.model(ids, torch.ones_like(ids, dtype=torch.bool))
+        logits = torch.log_softmax(enc.model.head(enc.model.output_norm(out[-1][0, -1])), -1)
+        first = [enc.tokenizer.encode(" " + a, add_special_tokens=False).ids[0] for a in answers]
+        assert torch.allclose(lp[i], logits[first], atol=1e-5)
+        assert states[i].shape == (ids.shape[1] - 1, enc.dim) and torch.allclose(states[i], out[2][0, 1:], atol=1e-5)
+    assert enc.token_states([], 0) == []
+    for bad in (-1, 4, "last", True):
+        with pytest.raises(limner.LimnerError, match="layer must be a layer number 0..3"):
+            enc.token_states(texts, bad)
+
+
+def test_shapes_reader_writes_the_caption_its_models_read(tiny):
+    from limner.plugins.shapes import (
+        ANSWERS,
+        POSITIONS,
+        nearest_caption,
+        one_object_captions,
+        question,
+        worked_examples,
+    )
+
+    lm = {"name": "gguf_llm", "path": str(tiny)}
+    ways = {"colour": {"model": lm, "way": "ask", "examples": 2, "calibrated": True},
+            "shape": {"model": lm, "way": "ask"}, "place": {"model": lm, "way": "nearest", "layer": 1}}
+    reader = limner.create("text_encoders", "shapes_reader", encoder=lm, **ways)
+    assert len(reader.readers) == 1 and reader.state_dict() == {}  # one copy of the model; nothing in checkpoints
+    kept = ["a red circle at the top left", "a small blue square at the bottom and a red circle at the top", ""]
+    asked = ["a crimson disc in the upper left corner", "near the bottom: a cobalt box"]
+    read = reader.read(kept + asked)
+    assert read[:3] == kept  # in the grammar already, or empty (the unguided branch): as it is
+    enc = reader.readers[0]
+    examples = worked_examples(2)
+    null = enc.next_token_log_probs([question("N/A", "colour", examples)], ANSWERS["colour"])
+    colours = (enc.next_token_log_probs([question(p, "colour", examples) for p in asked], ANSWERS["colour"]) - null)
+    shapes = enc.next_token_log_probs([question(p, "shape", []) for p in asked], ANSWERS["shape"])
+    captions = one_object_captions()
+    places = nearest_caption(enc.token_states(captions, 1), enc.token_states(asked, 1))
+    for j in range(2):
+        place = [p for p in POSITIONS if captions[places[j]].endswith(f"at the {p}")]
+        assert read[3 + j] == (f"a {ANSWERS['colour'][int(colours[j].argmax())]} "
+                               f"{ANSWERS['shape'][int(shapes[j].argmax())]} at the {max(place, key=len)}")
+    assert nearest_caption(enc.token_states(captions[::50], 1), enc.token_states(captions[::50], 1)) == \
+        list(range(len(captions[::50])))  # each caption is its own nearest
+    emb, direct = reader.encode(kept + asked), reader.encoder.encode(read)
+    assert torch.equal(emb.tokens, direct.tokens) and torch.equal(emb.mask, direct.mask)
+    # a place asked as height and side
+    both = limner.create("text_encoders", "shapes_reader", encoder=lm, colour=ways["colour"], shape=ways["shape"],
+                         place={"model": lm, "way": "ask", "examples": 1})
+    row = enc.next_token_log_probs([question(asked[0], "row", worked_examples(1))], ANSWERS["row"]).argmax()
+    column = enc.next_token_log_probs([question(asked[0], "column", worked_examples(1))], ANSWERS["column"]).argmax()
+    cell = {v: k for k, v in POSITIONS.items()}[(int(row), int(column))]
+    assert both.read([asked[0]])[0].endswith(f"at the {cell}")
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"colour": {"model": "x", "way": "guess"}}, "way \\(\"ask\" or \"nearest\"\\)"),
+    ({"colour": {"model": "LM", "way": "ask", "layer": 1}}, "layer is for way = \"nearest\""),
+    ({"shape": {"model": "LM", "way": "ask", "examples": -1}}, "examples must be a whole number 0 to 16"),
+    ({"shape": {"model": "LM", "way": "ask", "calibrated": "yes"}}, "calibrated true or false"),
+    ({"place": {"model": "LM", "way": "nearest"}}, "takes a layer"),
+    ({"place": {"model": "LM", "way": "nearest", "layer": 9}}, "layer must be a layer number 0..3"),
+    ({"place": {"model": "LM", "way": "nearest", "layer": 1, "depth": 2}}, "unknown: depth"),
+    ({"place": "smollm2"}, "place must be a table"),
+    ({"colour": {"model": "minilm", "way": "ask"}}, "not a language model limner can ask"),
+    ({"colour": {"model": 3, "way": "ask"}}, "colour.model must be a text encoder's name"),
+])
+def test_shapes_reader_names_a_bad_way(tiny, options, says):
+    lm = {"name": "gguf_llm", "path": str(tiny)}
+    ways = {"colour": {"model": lm, "way": "ask"}, "shape": {"model": lm, "way": "ask"},
+            "place": {"model": lm, "way": "nearest", "layer": 1}}
+    for key, way in options.items():
+        ways[key] = {k: (lm if v == "LM" else v) for k, v in way.items()} if isinstance(way, dict) else way
+    with pytest.raises(limner.LimnerError, match=says):
+        limner.create("text_encoders", "shapes_reader", encoder=lm, **ways)
+
+
+def test_shapes_reader_reads_other_words_with_the_shipped_models():
+    """The defaults (chosen on the dev phrasings: benchmarks/results/reader-ways.md) on the shipped
+    SmolLM2 and Gemma 3 270M: prompts in words the training captions never use, read right."""
+    from limner.plugins.llama import gemma3_270m_path
+
+    smollm2_or_skip()
+    try:
+        gemma3_270m_path()
+    except limner.LimnerError as e:
+        pytest.skip(str(e))
+    reader = limner.create("text_encoders", "shapes_reader", encoder="smollm2")
+    assert reader.read(["a crimson disc in the upper left corner", "near the bottom: a cobalt box",
+                        "a green triangle at the right"]) == \
+        ["a red circle at the top left", "a blue square at the bottom", "a green triangle at the right"]
