@@ -1,6 +1,7 @@
-"""`shapes`: a seeded, procedurally drawn, captioned dataset, and the `shapes_attributes`
-metric that tells whether a generated image shows the colours, shapes and positions its
-prompt asked for.
+"""`shapes`: a seeded, procedurally drawn, captioned dataset, the `shapes_attributes` metric
+that tells whether a generated image shows the colours, shapes and positions its prompt asked
+for, and the `shapes_reader` text encoder, for which frozen language models read a prompt in
+other words into the captions' grammar.
 
 Captions follow one grammar, e.g. "a small red circle at the top left and a blue square
 at the bottom": each object is an optional size, a colour, a shape and one of nine grid
@@ -255,16 +256,18 @@ def nearest_caption(train: list[torch.Tensor], prompts: list[torch.Tensor]) -> l
 
     centre = torch.cat(train).mean(0)
     tokens = F.normalize(torch.cat(train) - centre, dim=-1)
-    owner = torch.cat([torch.full((len(t),), i) for i, t in enumerate(train)])
+    device = tokens.device
+    owner = torch.cat([torch.full((len(t),), i, device=device) for i, t in enumerate(train)])
     count = torch.bincount(owner, minlength=len(train)).float()
     picks = []
     for p in prompts:
         if len(p) == 0:
             raise limner.LimnerError("nearest_caption: a prompt with no tokens")
         sim = F.normalize(p - centre, dim=-1) @ tokens.T  # [prompt tokens, all training tokens]
-        best = torch.full((len(p), len(train)), -2.0).scatter_reduce(1, owner.expand(len(p), -1), sim, "amax")
+        best = torch.full((len(p), len(train)), -2.0, device=device).scatter_reduce(1, owner.expand(len(p), -1),
+                                                                                     sim, "amax")
         recall = best.mean(0)
-        precision = torch.zeros(len(train)).scatter_add(0, owner, sim.max(0).values) / count
+        precision = torch.zeros(len(train), device=device).scatter_add(0, owner, sim.max(0).values) / count
         picks.append(int((2 * recall * precision / (recall + precision)).argmax()))
     return picks
 
@@ -345,8 +348,9 @@ class ShapesReader(FrozenStaysEval, torch.nn.Module):
         todo = [i for i, p in enumerate(out) if p.strip() and not in_grammar(p)]
         if not todo:
             return out
-        texts = [" ".join(out[i].split())[:MAX_READ] for i in todo]
-        long = [out[i] for i, t in zip(todo, texts) if len(t) == MAX_READ]
+        texts = [" ".join(out[i].split()) for i in todo]
+        long = [out[i] for i, t in zip(todo, texts) if len(t) > MAX_READ]
+        texts = [t[:MAX_READ] for t in texts]
         if long:
             prompt_truncated(long[0], MAX_READ, "characters")
         said = {key: self._answer(key, texts) for key in ("colour", "shape", "place")}
@@ -381,7 +385,7 @@ def shapes_reader(encoder: dict | str, colour: dict | None = None, shape: dict |
         if given is not None and not isinstance(given, dict):
             raise limner.LimnerError(f"{key} must be a table of {', '.join(sorted(WAY_OPTIONS))}, e.g. "
                                      f"{{model = \"smollm2\", way = \"ask\", examples = 4}}, got {given!r}")
-        way = dict(given) if given else dict(DEFAULT_WAYS[key])
+        way = dict(DEFAULT_WAYS[key] if given is None else given)
         unknown = sorted(set(way) - WAY_OPTIONS)
         if unknown or "model" not in way or way.get("way") not in ("ask", "nearest"):
             raise limner.LimnerError(

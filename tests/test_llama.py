@@ -795,6 +795,7 @@ def test_shapes_reader_writes_the_caption_its_models_read(tiny):
     ({"place": {"model": "LM", "way": "nearest", "layer": 9}}, "layer must be a layer number 0..3"),
     ({"place": {"model": "LM", "way": "nearest", "layer": 1, "depth": 2}}, "unknown: depth"),
     ({"place": "smollm2"}, "place must be a table"),
+    ({"colour": {}}, "a way is a table of model"),  # an empty table is an error, not the default way
     ({"colour": {"model": "minilm", "way": "ask"}}, "not a language model limner can ask"),
     ({"colour": {"model": 3, "way": "ask"}}, "colour.model must be a text encoder's name"),
 ])
