@@ -571,7 +571,8 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
         first = [self.tokenizer.encode(" " + a, add_special_tokens=False).ids[:1] for a in answers]
         if not all(first):
             raise limner.LimnerError(f"answers must be words, got {list(answers)!r}")
-        first, n, out = [f[0] for f in first], len(self.model.blk), []
+        first, n = [f[0] for f in first], len(self.model.blk)
+        out = [torch.empty(0, len(answers), device=self.model.token_embd.weight.device)]
         for _, mask, states in self._read(texts, n):
             last = states[n][torch.arange(len(mask)), mask.sum(1) - 1]
             out.append(torch.log_softmax(self.model.head(self.model.output_norm(last)).float(), -1)[:, first])

@@ -737,7 +737,7 @@ def test_next_token_log_probs_and_token_states_read_the_model_itself(tiny):
         first = [enc.tokenizer.encode(" " + a, add_special_tokens=False).ids[0] for a in answers]
         assert torch.allclose(lp[i], logits[first], atol=1e-5)
         assert states[i].shape == (ids.shape[1] - 1, enc.dim) and torch.allclose(states[i], out[2][0, 1:], atol=1e-5)
-    assert enc.token_states([], 0) == []
+    assert enc.token_states([], 0) == [] and enc.next_token_log_probs([], answers).shape == (0, 3)
     for bad in (-1, 4, "last", True):
         with pytest.raises(limner.LimnerError, match="layer must be a layer number 0..3"):
             enc.token_states(texts, bad)
