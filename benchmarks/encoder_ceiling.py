@@ -49,23 +49,6 @@ def splits() -> dict:
     return out
 
 
-def token_states(enc, prompts: list[str]) -> list[list]:
-    """Each layer's states of each prompt's own tokens (no BOS): [layers + 1][prompts] of [n_i, D]."""
-    import torch
-
-    from limner.plugins.llama import right_padded
-
-    out = None
-    with torch.no_grad():
-        for i in range(0, len(prompts), 64):
-            rows = [enc.tokenizer.encode(p, add_special_tokens=False).ids for p in prompts[i: i + 64]]
-            states = enc.model(*right_padded([[enc.bos, *r] for r in rows]))
-            out = out or [[] for _ in states]
-            for k, s in enumerate(states):
-                out[k] += [s[j, 1: 1 + len(r)].float() for j, r in enumerate(rows)]
-    return out
-
-
 def scores(picked: list[tuple], truth: list[tuple]) -> dict:
     right = [[p[k] == t[k] for k in range(3)] for p, t in zip(picked, truth)]
     return {**{key: sum(r[k] for r in right) / len(right) for k, key in enumerate(KEYS)},
@@ -83,7 +66,8 @@ def caption_rows(enc, label: str, data: dict) -> dict:
     from limner.plugins.shapes import nearest_caption
 
     train_y = data["train"][1]
-    states = {name: token_states(enc, prompts) for name, (prompts, _) in data.items()}
+    layers = range(len(enc.model.blk) + 1)
+    states = {name: enc.token_states(prompts, layers) for name, (prompts, _) in data.items()}
     per_layer = [{name: scores([train_y[i] for i in nearest_caption(states["train"][k], states[name][k])],
                                data[name][1]) for name in ("dev", "heldout")} for k in range(len(states["train"]))]
     return by_layer(per_layer, "nearest caption", label, "nearest caption")

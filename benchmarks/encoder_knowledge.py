@@ -216,7 +216,6 @@ def reading(enc, shots: tuple[int, ...] = (0, 4, 8)) -> dict:
     random ones: training words only). Each way with and without contextual calibration (Zhao
     et al. 2021: the answers' log-probabilities for the content-free prompt 'N/A' subtracted).
     The way is chosen per attribute on dev; the place is right when row and column both are."""
-    import torch
 
     from limner.plugins.shapes import COLOURS, SHAPES
 
@@ -228,10 +227,7 @@ def reading(enc, shots: tuple[int, ...] = (0, 4, 8)) -> dict:
         return question(text, key, examples[:k])
 
     def log_probs(texts: list[str], key: str):
-        first = [enc.tokenizer.encode(" " + o, add_special_tokens=False).ids[0] for o in options[key]]
-        out = [torch.log_softmax(enc.model.head(llm_states(enc, texts[i:i + 50])[-1]), -1)[:, first]
-               for i in range(0, len(texts), 50)]
-        return torch.cat(out)
+        return enc.next_token_log_probs(texts, options[key])
 
     right, ways = {}, []  # (way, key, split) -> per-prompt right answers
     for k in shots:

@@ -78,11 +78,13 @@ def ways_of(model: str, data: dict) -> list[dict]:
                         "answers": answers})
         print(f"{model}: ask with {k} examples done", flush=True)
     captions = one_object_captions()
-    for layer in range(len(enc.model.blk) + 1):
-        train = enc.token_states(captions, layer)
+    layers = range(len(enc.model.blk) + 1)
+    train = enc.token_states(captions, layers)
+    states = {split: enc.token_states(prompts, layers) for split, (prompts, _) in data.items()}
+    for layer in layers:
         answers = {}
-        for split, (prompts, _) in data.items():
-            picked = [parse_caption(captions[i])[0] for i in nearest_caption(train, enc.token_states(prompts, layer))]
+        for split in data:
+            picked = [parse_caption(captions[i])[0] for i in nearest_caption(train[layer], states[split][layer])]
             answers[split] = {"colour": [o.colour for o in picked], "shape": [o.shape for o in picked],
                               "place": [o.position for o in picked]}
         out.append({"way": {"model": model, "way": "nearest", "layer": layer}, "answers": answers})

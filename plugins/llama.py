@@ -578,14 +578,17 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
             out.append(torch.log_softmax(self.model.head(self.model.output_norm(last)).float(), -1)[:, first])
         return torch.cat(out)
 
-    def token_states(self, texts: Sequence[str], layer: int) -> list[torch.Tensor]:
-        """Each text's own tokens' states after `layer` blocks (0: the embeddings; no final norm), the
-        start token left out: a list of [n_i, D] float32."""
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= len(self.model.blk):
-            raise limner.LimnerError(f"layer must be a layer number 0..{len(self.model.blk)}, got {layer!r}")
-        out = []
-        for rows, _, states in self._read(texts, layer):
-            out += [states[layer][j, 1: 1 + len(r)].float() for j, r in enumerate(rows)]
+    def token_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[list[torch.Tensor]]:
+        """Each text's own tokens' states after each of `layers` blocks (0: the embeddings; no final
+        norm), the start token left out, from one forward: [len(layers)][texts] of [n_i, D] float32."""
+        n = len(self.model.blk)
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
+                raise limner.LimnerError(f"layer must be a layer number 0..{n}, got {layer!r}")
+        out = [[] for _ in layers]
+        for rows, _, states in self._read(texts, max(layers, default=0)):
+            for k, layer in enumerate(layers):
+                out[k] += [states[layer][j, 1: 1 + len(r)].float() for j, r in enumerate(rows)]
         return out
 
     def encode(self, prompts: Sequence[str]) -> TextEmbedding:

@@ -305,7 +305,7 @@ class ShapesReader(FrozenStaysEval, torch.nn.Module):
                 models[name] = len(self.readers)
                 self.readers.append(reader)
             if way["way"] == "nearest":
-                self.readers[models[name]].token_states([], way["layer"])  # a bad layer named now, not at first use
+                self.readers[models[name]].token_states([], [way["layer"]])  # a bad layer named now, not at first use
             self.ways[key] = {**way, "reader": models[name]}
         self._known: dict = {}  # per way: the calibration scores or the captions' states, made at first use
         weights_from_factory(self)  # frozen readers and encoder: out of checkpoints (a trained encoder stays in)
@@ -327,9 +327,9 @@ class ShapesReader(FrozenStaysEval, torch.nn.Module):
             tag = ("captions", way["reader"], way["layer"])
             if tag not in self._known:
                 captions = one_object_captions()
-                self._known[tag] = captions, reader.token_states(captions, way["layer"])
+                self._known[tag] = captions, reader.token_states(captions, [way["layer"]])[0]
             captions, states = self._known[tag]
-            picks = nearest_caption(states, reader.token_states(texts, way["layer"]))
+            picks = nearest_caption(states, reader.token_states(texts, [way["layer"]])[0])
             picked = [parse_caption(captions[i])[0] for i in picks]
             return [getattr(o, "position" if key == "place" else key) for o in picked]
         if key != "place":

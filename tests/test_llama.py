@@ -727,7 +727,7 @@ def test_next_token_log_probs_and_token_states_read_the_model_itself(tiny):
     enc = limner.create("text_encoders", "gguf_llm", path=str(tiny))
     texts, answers = ["Picture: a crimson disc\nColour:", "x", "near the bottom: a cobalt box, and more words"], \
         ["red", "green", "top left"]
-    lp, states = enc.next_token_log_probs(texts, answers), enc.token_states(texts, 2)
+    lp, states = enc.next_token_log_probs(texts, answers), enc.token_states(texts, [2, 0])
     assert lp.shape == (3, 3) and lp.dtype == torch.float32
     for i, t in enumerate(texts):  # each text alone, from the start token: padding in the batch changes nothing
         ids = torch.tensor([[enc.bos, *enc.tokenizer.encode(t, add_special_tokens=False).ids]])
@@ -736,11 +736,13 @@ def test_next_token_log_probs_and_token_states_read_the_model_itself(tiny):
         logits = torch.log_softmax(enc.model.head(enc.model.output_norm(out[-1][0, -1])), -1)
         first = [enc.tokenizer.encode(" " + a, add_special_tokens=False).ids[0] for a in answers]
         assert torch.allclose(lp[i], logits[first], atol=1e-5)
-        assert states[i].shape == (ids.shape[1] - 1, enc.dim) and torch.allclose(states[i], out[2][0, 1:], atol=1e-5)
-    assert enc.token_states([], 0) == [] and enc.next_token_log_probs([], answers).shape == (0, 3)
+        for k, layer in enumerate((2, 0)):  # each listed layer, in the order asked
+            assert states[k][i].shape == (ids.shape[1] - 1, enc.dim)
+            assert torch.allclose(states[k][i], out[layer][0, 1:], atol=1e-5)
+    assert enc.token_states([], [0]) == [[]] and enc.next_token_log_probs([], answers).shape == (0, 3)
     for bad in (-1, 4, "last", True):
         with pytest.raises(limner.LimnerError, match="layer must be a layer number 0..3"):
-            enc.token_states(texts, bad)
+            enc.token_states(texts, [1, bad])
 
 
 def test_shapes_reader_writes_the_caption_its_models_read(tiny):
@@ -768,12 +770,12 @@ def test_shapes_reader_writes_the_caption_its_models_read(tiny):
     colours = (enc.next_token_log_probs([question(p, "colour", examples) for p in asked], ANSWERS["colour"]) - null)
     shapes = enc.next_token_log_probs([question(p, "shape", []) for p in asked], ANSWERS["shape"])
     captions = one_object_captions()
-    places = nearest_caption(enc.token_states(captions, 1), enc.token_states(asked, 1))
+    places = nearest_caption(enc.token_states(captions, [1])[0], enc.token_states(asked, [1])[0])
     for j in range(2):
         place = [p for p in POSITIONS if captions[places[j]].endswith(f"at the {p}")]
         assert read[3 + j] == (f"a {ANSWERS['colour'][int(colours[j].argmax())]} "
                                f"{ANSWERS['shape'][int(shapes[j].argmax())]} at the {max(place, key=len)}")
-    assert nearest_caption(enc.token_states(captions[::50], 1), enc.token_states(captions[::50], 1)) == \
+    assert nearest_caption(*enc.token_states(captions[::50], [1, 1])) == \
         list(range(len(captions[::50])))  # each caption is its own nearest
     emb, direct = reader.encode(kept + asked), reader.encoder.encode(read)
     assert torch.equal(emb.tokens, direct.tokens) and torch.equal(emb.mask, direct.mask)
