@@ -49,12 +49,10 @@ def ways_of(model: str, data: dict) -> list[dict]:
     import limner
     from limner.plugins.shapes import (
         ANSWERS,
-        COLUMNS,
-        POSITIONS,
-        ROWS,
         nearest_caption,
         one_object_captions,
         parse_caption,
+        place_of,
         question,
         worked_examples,
     )
@@ -70,10 +68,9 @@ def ways_of(model: str, data: dict) -> list[dict]:
                 raw = enc.next_token_log_probs([question(p, key, examples) for p in prompts], ANSWERS[key])
                 for calibrated, scores in ((False, raw), (True, raw - null)):
                     got[calibrated].setdefault(split, {})[key] = [ANSWERS[key][i] for i in scores.argmax(-1).tolist()]
-        cells = {cell: p for p, cell in POSITIONS.items()}
         for calibrated, answers in got.items():
             for a in answers.values():
-                a["place"] = [cells[(ROWS.index(r), COLUMNS.index(c))] for r, c in zip(a.pop("row"), a.pop("column"))]
+                a["place"] = [place_of(r, c) for r, c in zip(a.pop("row"), a.pop("column"))]
             out.append({"way": {"model": model, "way": "ask", "examples": k, "calibrated": calibrated},
                         "answers": answers})
         print(f"{model}: ask with {k} examples done", flush=True)

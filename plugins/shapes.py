@@ -221,6 +221,11 @@ DEFAULT_WAYS = {"colour": {"model": "gemma3_270m", "way": "ask", "examples": 8, 
                 "place": {"model": "smollm2", "way": "nearest", "layer": 1}}
 
 
+def place_of(row: str, column: str) -> str:
+    """The grid position a height (ROWS) and a side (COLUMNS) name: ("top", "left") -> "top left"."""
+    return next(p for p, cell in POSITIONS.items() if cell == (ROWS.index(row), COLUMNS.index(column)))
+
+
 def one_object_captions() -> list[str]:
     """Every one-object caption the grammar says (486: sizes x colours x shapes x places)."""
     return [ShapeObject(z, c, s, p).phrase() for z in SIZES for c in COLOURS for s in SHAPES for p in POSITIONS]
@@ -334,9 +339,8 @@ class ShapesReader(FrozenStaysEval, torch.nn.Module):
             return [getattr(o, "position" if key == "place" else key) for o in picked]
         if key != "place":
             return self._ask(reader, key, texts, way)
-        cells = {cell: p for p, cell in POSITIONS.items()}
         rows, columns = self._ask(reader, "row", texts, way), self._ask(reader, "column", texts, way)
-        return [cells[(ROWS.index(r), COLUMNS.index(c))] for r, c in zip(rows, columns)]
+        return [place_of(r, c) for r, c in zip(rows, columns)]
 
     def read(self, prompts: list[str]) -> list[str]:
         """Each prompt as the grammar says it: 'a crimson disc in the upper left corner' -> 'a red

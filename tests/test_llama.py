@@ -784,7 +784,7 @@ def test_shapes_reader_writes_the_caption_its_models_read(tiny):
                          place={"model": lm, "way": "ask", "examples": 1})
     row = enc.next_token_log_probs([question(asked[0], "row", worked_examples(1))], ANSWERS["row"]).argmax()
     column = enc.next_token_log_probs([question(asked[0], "column", worked_examples(1))], ANSWERS["column"]).argmax()
-    cell = {v: k for k, v in POSITIONS.items()}[(int(row), int(column))]
+    cell = {v: k for k, v in POSITIONS.items()}[(int(row), int(column))]  # by hand, not through place_of
     assert both.read([asked[0]])[0].endswith(f"at the {cell}")
 
 
