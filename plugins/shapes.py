@@ -277,6 +277,18 @@ def nearest_caption(train: list[torch.Tensor], prompts: list[torch.Tensor]) -> l
     return picks
 
 
+def vote(said: list[list[str]]) -> list[str]:
+    """Per text, the answer most of the ways (each a list of answers, one per text) give; of those
+    tied, the earliest way's."""
+    from collections import Counter
+
+    out = []
+    for answers in zip(*said):
+        count = Counter(answers)
+        out.append(next(a for a in answers if count[a] == max(count.values())))
+    return out
+
+
 def in_grammar(prompt: str) -> bool:
     try:
         parse_caption(prompt)
@@ -291,15 +303,19 @@ class ShapesReader(FrozenStaysEval, torch.nn.Module):
     and `encoder` encodes it; an empty prompt or one already in the grammar is encoded as it is. Ways:
     `ask` (the model answers 'Picture: {prompt}\\nColour:' after `examples` worked examples, the
     training word whose first token is likeliest next; `calibrated`: less its scores after 'N/A',
-    Zhao et al. 2021; a place asked as its height and its side) or `nearest` (the place, colour or
-    shape of the one-object caption nearest by BERTScore over the model's states at `layer`)."""
+    Zhao et al. 2021; a place asked as its height and its side), `nearest` (the place, colour or
+    shape of the one-object caption nearest by BERTScore over the model's states at `layer`) or
+    `vote` (the answer most of its listed ways give; a tie goes to the earliest-listed way's)."""
 
     def __init__(self, encoder: dict, ways: dict[str, dict]):
         super().__init__()
         self.encoder = limner.create("text_encoders", **_component("encoder", encoder))
-        self.dim, self.ways, models = self.encoder.dim, {}, {}
+        self.dim, self.ways, self.layers, models = self.encoder.dim, {}, {}, {}
         self.readers = torch.nn.ModuleList()
-        for key, way in ways.items():
+
+        def placed(key: str, way: dict) -> dict:  # the way with its model's index in self.readers
+            if way["way"] == "vote":
+                return {**way, "ways": [placed(key, w) for w in way["ways"]]}
             model = _component(f"{key}.model", way["model"])
             name = repr(sorted(model.items()))
             if name not in models:
@@ -311,35 +327,49 @@ class ShapesReader(FrozenStaysEval, torch.nn.Module):
                 self.readers.append(reader)
             if way["way"] == "nearest":
                 self.readers[models[name]].token_states([], [way["layer"]])  # a bad layer named now, not at first use
-            self.ways[key] = {**way, "reader": models[name]}
-        self._known: dict = {}  # per way: the calibration scores or the captions' states, made at first use
+                self.layers.setdefault(models[name], set()).add(way["layer"])
+            return {**way, "reader": models[name]}
+
+        for key, way in ways.items():
+            self.ways[key] = placed(key, way)
+        self.layers = {i: sorted(layers) for i, layers in self.layers.items()}  # per model: the layers nearest reads
+        self._known: dict = {}  # per model: the calibration scores and the captions' states, made at first use
         weights_from_factory(self)  # frozen readers and encoder: out of checkpoints (a trained encoder stays in)
 
-    def _ask(self, reader, key: str, texts: list[str], way: dict) -> list[str]:
-        examples = worked_examples(way["examples"])
-        scores = reader.next_token_log_probs([question(t, key, examples) for t in texts], ANSWERS[key])
+    def _ask(self, key: str, texts: list[str], way: dict, seen: dict) -> list[str]:
+        reader, examples = self.readers[way["reader"]], worked_examples(way["examples"])
+        tag = (key, way["reader"], way["examples"])  # raw and calibrated ways share one reading
+        if tag not in seen:
+            seen[tag] = reader.next_token_log_probs([question(t, key, examples) for t in texts], ANSWERS[key])
+        scores = seen[tag]
         if way["calibrated"]:  # the content-free answer's scores, once per model, question and examples
-            tag = ("null", key, way["reader"], way["examples"])
-            if tag not in self._known:
-                self._known[tag] = reader.next_token_log_probs([question("N/A", key, examples)], ANSWERS[key])
-            scores = scores - self._known[tag]
+            if ("null", *tag) not in self._known:
+                self._known[("null", *tag)] = reader.next_token_log_probs([question("N/A", key, examples)],
+                                                                          ANSWERS[key])
+            scores = scores - self._known[("null", *tag)]
         return [ANSWERS[key][i] for i in scores.argmax(-1).tolist()]
 
-    def _answer(self, key: str, texts: list[str]) -> list[str]:
-        way = self.ways[key]
-        reader = self.readers[way["reader"]]
+    def _nearest(self, key: str, texts: list[str], way: dict, seen: dict) -> list[str]:
+        i, layers = way["reader"], self.layers[way["reader"]]  # every layer this model's ways read, one forward
+        if ("captions", i) not in self._known:
+            captions = one_object_captions()
+            self._known[("captions", i)] = captions, self.readers[i].token_states(captions, layers)
+        if ("states", i) not in seen:
+            seen[("states", i)] = self.readers[i].token_states(texts, layers)
+        captions, states = self._known[("captions", i)]
+        at = layers.index(way["layer"])
+        picked = [parse_caption(captions[j])[0] for j in nearest_caption(states[at], seen[("states", i)][at])]
+        return [getattr(o, "position" if key == "place" else key) for o in picked]
+
+    def _answer(self, key: str, texts: list[str], way: dict, seen: dict) -> list[str]:
+        """Each text's `key` read `way`; `seen` keeps this call's readings that other ways share."""
+        if way["way"] == "vote":
+            return vote([self._answer(key, texts, w, seen) for w in way["ways"]])
         if way["way"] == "nearest":
-            tag = ("captions", way["reader"], way["layer"])
-            if tag not in self._known:
-                captions = one_object_captions()
-                self._known[tag] = captions, reader.token_states(captions, [way["layer"]])[0]
-            captions, states = self._known[tag]
-            picks = nearest_caption(states, reader.token_states(texts, [way["layer"]])[0])
-            picked = [parse_caption(captions[i])[0] for i in picks]
-            return [getattr(o, "position" if key == "place" else key) for o in picked]
+            return self._nearest(key, texts, way, seen)
         if key != "place":
-            return self._ask(reader, key, texts, way)
-        rows, columns = self._ask(reader, "row", texts, way), self._ask(reader, "column", texts, way)
+            return self._ask(key, texts, way, seen)
+        rows, columns = self._ask("row", texts, way, seen), self._ask("column", texts, way, seen)
         return [place_of(r, c) for r, c in zip(rows, columns)]
 
     def read(self, prompts: list[str]) -> list[str]:
@@ -357,7 +387,8 @@ class ShapesReader(FrozenStaysEval, torch.nn.Module):
         texts = [t[:MAX_READ] for t in texts]
         if long:
             prompt_truncated(long[0], MAX_READ, "characters")
-        said = {key: self._answer(key, texts) for key in ("colour", "shape", "place")}
+        seen: dict = {}
+        said = {key: self._answer(key, texts, self.ways[key], seen) for key in ("colour", "shape", "place")}
         for j, i in enumerate(todo):
             out[i] = f"a {said['colour'][j]} {said['shape'][j]} at the {said['place'][j]}"
         shown = "; ".join(f"{prompts[i]!r:.80} as {out[i]!r}" for i in todo[:3])
@@ -381,33 +412,44 @@ def _component(what: str, value) -> dict:
                              f"{{name = \"minilm\"}}, got {value!r}")
 
 
+def _way(key: str, given, voted: bool = False) -> dict:
+    """The way table `given` for attribute `key`, checked, with its defaults filled in."""
+    if not isinstance(given, dict):
+        raise limner.LimnerError(f"{key} must be a table of {', '.join(sorted(WAY_OPTIONS))} (or of way = \"vote\" "
+                                 f"and ways), e.g. {{model = \"smollm2\", way = \"ask\", examples = 4}}, got {given!r}")
+    way = dict(given)
+    if way.get("way") == "vote" and not voted:
+        ways = way.get("ways")
+        if set(way) != {"way", "ways"} or not isinstance(ways, list) or not ways:
+            raise limner.LimnerError(f"{key}: way = \"vote\" takes ways, a list of one or more ask or nearest ways "
+                                     f"(tables) and nothing else, got {given!r}")
+        return {"way": "vote", "ways": [_way(f"{key}.ways[{i}]", w, True) for i, w in enumerate(ways)]}
+    unknown = sorted(set(way) - WAY_OPTIONS)
+    if unknown or "model" not in way or way.get("way") not in ("ask", "nearest"):
+        raise limner.LimnerError(
+            f"{key} = {given!r}: a way is a table of model (a language model: smollm2, gemma3_270m, gguf_llm), "
+            f"way (\"ask\" or \"nearest\"), and for ask examples (worked examples, 0 to 16) and calibrated (true "
+            f"or false), for nearest layer (a layer number)"
+            + ("; or way = \"vote\" with ways, a list of such tables" if not voted else
+               "; a vote lists ask and nearest ways only")
+            + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    if way["way"] == "ask":
+        way = {"examples": 0, "calibrated": False, **way}
+        n, calibrated = way["examples"], way["calibrated"]
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 16 or not isinstance(calibrated, bool):
+            raise limner.LimnerError(f"{key}: examples must be a whole number 0 to 16 and calibrated true or "
+                                     f"false, got examples = {n!r}, calibrated = {calibrated!r}")
+        if "layer" in way:
+            raise limner.LimnerError(f"{key}: layer is for way = \"nearest\" (way = \"ask\" reads the last layer)")
+    elif "layer" not in way or {"examples", "calibrated"} & set(way):
+        raise limner.LimnerError(f"{key}: way = \"nearest\" takes a layer (a layer number) and no examples or "
+                                 f"calibrated, got {given!r}")
+    return way
+
+
 def shapes_reader(encoder: dict | str, colour: dict | None = None, shape: dict | None = None,
                   place: dict | None = None) -> ShapesReader:
     """Prompts in any words read into the shapes grammar by frozen language models, then encoded."""
-    ways = {}
-    for key, given in (("colour", colour), ("shape", shape), ("place", place)):
-        if given is not None and not isinstance(given, dict):
-            raise limner.LimnerError(f"{key} must be a table of {', '.join(sorted(WAY_OPTIONS))}, e.g. "
-                                     f"{{model = \"smollm2\", way = \"ask\", examples = 4}}, got {given!r}")
-        way = dict(DEFAULT_WAYS[key] if given is None else given)
-        unknown = sorted(set(way) - WAY_OPTIONS)
-        if unknown or "model" not in way or way.get("way") not in ("ask", "nearest"):
-            raise limner.LimnerError(
-                f"{key} = {given!r}: a way is a table of model (a language model: smollm2, gemma3_270m, gguf_llm), "
-                f"way (\"ask\" or \"nearest\"), and for ask examples (worked examples, 0 to 16) and calibrated (true "
-                f"or false), for nearest layer (a layer number)"
-                + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
-        if way["way"] == "ask":
-            way = {"examples": 0, "calibrated": False, **way}
-            n, calibrated = way["examples"], way["calibrated"]
-            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 16 or not isinstance(calibrated, bool):
-                raise limner.LimnerError(f"{key}: examples must be a whole number 0 to 16 and calibrated true or "
-                                         f"false, got examples = {n!r}, calibrated = {calibrated!r}")
-            if "layer" in way:
-                raise limner.LimnerError(f"{key}: layer is for way = \"nearest\" (way = \"ask\" reads the last layer)")
-        else:
-            if "layer" not in way or {"examples", "calibrated"} & set(way):
-                raise limner.LimnerError(f"{key}: way = \"nearest\" takes a layer (a layer number) and no examples or "
-                                         f"calibrated, got {given!r}")
-        ways[key] = way
+    ways = {key: _way(key, DEFAULT_WAYS[key] if given is None else given)
+            for key, given in (("colour", colour), ("shape", shape), ("place", place))}
     return ShapesReader(encoder, ways)

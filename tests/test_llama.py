@@ -788,6 +788,46 @@ def test_shapes_reader_writes_the_caption_its_models_read(tiny):
     assert both.read([asked[0]])[0].endswith(f"at the {cell}")
 
 
+def test_shapes_reader_votes(tiny, monkeypatch):
+    """A vote answers what most of its ways answer, a tie the earliest-listed way's answer; the
+    nearest ways of one model are read from one forward over the prompts."""
+    from limner.plugins.shapes import parse_caption
+
+    lm = {"name": "gguf_llm", "path": str(tiny)}
+    a, b, c = ({"model": lm, "way": "ask"}, {"model": lm, "way": "ask", "examples": 2, "calibrated": True},
+               {"model": lm, "way": "nearest", "layer": 2})
+    prompts = ["a crimson disc in the upper left corner", "near the bottom: a cobalt box",
+               "an ivory wedge, dead centre", "draw a plum tile at the west edge",
+               "one lemon dot, placed in the lower middle", "a jade ball up high"]
+
+    def alone(way):  # every attribute read the one way
+        return [parse_caption(t)[0] for t in limner.create("text_encoders", "shapes_reader", encoder=lm, colour=way,
+                                                           shape=way, place=way).read(prompts)]
+
+    one, two, three = alone(a), alone(b), alone(c)
+    voted = limner.create("text_encoders", "shapes_reader", encoder=lm, colour={"way": "vote", "ways": [a, b, c]},
+                          shape={"way": "vote", "ways": [a, b]}, place={"way": "vote", "ways": [c, a, b]})
+    for got, x, y, z in zip([parse_caption(t)[0] for t in voted.read(prompts)], one, two, three):
+        assert got.colour == (y.colour if y.colour == z.colour else x.colour)  # of three: b and c agree, else a
+        assert got.shape == x.shape  # of two: a when they differ (a tie)
+        assert got.position == (x.position if x.position == y.position else z.position)
+    colours = [(x.colour, y.colour, z.colour) for x, y, z in zip(one, two, three)]
+    assert any(x != y == z for x, y, z in colours)  # the tiny model's readings differ: two outvote the first,
+    assert any(len({x, y, z}) == 3 for x, y, z in colours)  # and three-way ties occur,
+    assert any(x.shape != y.shape for x, y in zip(one, two))  # as do two-way ones
+    forwards = []
+    states = type(voted.readers[0]).token_states
+    monkeypatch.setattr(type(voted.readers[0]), "token_states",
+                        lambda self, texts, layers: forwards.append(list(layers)) or states(self, texts, layers))
+    nearby = limner.create("text_encoders", "shapes_reader", encoder=lm, colour=c, shape=a, place={
+        "way": "vote", "ways": [{"model": lm, "way": "nearest", "layer": 1}, c, {"model": lm, "way": "nearest",
+                                                                                 "layer": 3}]})
+    forwards.clear()
+    nearby.read(prompts)
+    nearby.read(prompts[:2])
+    assert forwards == [[1, 2, 3]] * 3  # the captions once, then the prompts once per read
+
+
 @pytest.mark.parametrize("options, says", [
     ({"colour": {"model": "x", "way": "guess"}}, "way \\(\"ask\" or \"nearest\"\\)"),
     ({"colour": {"model": "LM", "way": "ask", "layer": 1}}, "layer is for way = \"nearest\""),
@@ -800,6 +840,12 @@ def test_shapes_reader_writes_the_caption_its_models_read(tiny):
     ({"colour": {}}, "a way is a table of model"),  # an empty table is an error, not the default way
     ({"colour": {"model": "minilm", "way": "ask"}}, "not a language model limner can ask"),
     ({"colour": {"model": 3, "way": "ask"}}, "colour.model must be a text encoder's name"),
+    ({"colour": {"way": "vote", "ways": []}}, "takes ways, a list of one or more"),
+    ({"colour": {"way": "vote", "ways": [{"model": "LM", "way": "ask"}], "model": "LM"}}, "and nothing else"),
+    ({"shape": {"way": "vote", "ways": [{"way": "vote", "ways": []}]}}, "a vote lists ask and nearest ways only"),
+    ({"shape": {"way": "vote", "ways": [{"model": "LM", "way": "ask", "examples": 17}]}},
+     "shape.ways\\[0\\]: examples must be a whole number"),
+    ({"place": {"way": "vote", "ways": ["smollm2"]}}, "place.ways\\[0\\] must be a table"),
 ])
 def test_shapes_reader_names_a_bad_way(tiny, options, says):
     lm = {"name": "gguf_llm", "path": str(tiny)}
