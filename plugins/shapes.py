@@ -215,8 +215,18 @@ QUESTIONS = {"colour": "Colour:", "shape": "Shape:", "row": "Height (top, middle
 ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "middle", "right")
 ANSWERS = {"colour": list(COLOURS), "shape": list(SHAPES), "row": list(ROWS), "column": list(COLUMNS)}
 WAY_OPTIONS = {"model", "way", "examples", "calibrated", "layer"}
-# chosen on the dev phrasings (benchmarks/reader_ways.py): held-out colour 89%, shape 72%, place 58.5%
-DEFAULT_WAYS = {"colour": {"model": "gemma3_270m", "way": "ask", "examples": 8, "calibrated": True},
+# chosen on the dev phrasings (benchmarks/reader_ways.py): held-out colour 90.5%, shape 72%, place 58.5%
+_GEMMA = "gemma3_270m"
+DEFAULT_WAYS = {"colour": {"way": "vote", "ways": [  # the best nine colour ways on dev, best first
+                    {"model": _GEMMA, "way": "ask", "examples": 8, "calibrated": True},
+                    {"model": _GEMMA, "way": "ask", "examples": 4, "calibrated": True},
+                    {"model": _GEMMA, "way": "ask", "examples": 8, "calibrated": False},
+                    {"model": _GEMMA, "way": "ask", "examples": 0, "calibrated": True},
+                    {"model": _GEMMA, "way": "ask", "examples": 0, "calibrated": False},
+                    {"model": _GEMMA, "way": "nearest", "layer": 4},
+                    {"model": "smollm2", "way": "ask", "examples": 0, "calibrated": True},
+                    {"model": _GEMMA, "way": "ask", "examples": 4, "calibrated": False},
+                    {"model": _GEMMA, "way": "nearest", "layer": 5}]},
                 "shape": {"model": "smollm2", "way": "ask", "examples": 4, "calibrated": False},
                 "place": {"model": "smollm2", "way": "nearest", "layer": 1}}
 
