@@ -325,7 +325,7 @@ class ShapesReader(FrozenStaysEval, torch.nn.Module):
 
         def placed(key: str, way: dict) -> dict:  # the way with its model's index in self.readers
             if way["way"] == "vote":
-                return {**way, "ways": [placed(key, w) for w in way["ways"]]}
+                return {**way, "ways": [placed(f"{key}.ways[{i}]", w) for i, w in enumerate(way["ways"])]}
             model = _component(f"{key}.model", way["model"])
             name = repr(sorted(model.items()))
             if name not in models:

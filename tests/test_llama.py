@@ -846,13 +846,20 @@ def test_shapes_reader_votes(tiny, monkeypatch):
     ({"shape": {"way": "vote", "ways": [{"model": "LM", "way": "ask", "examples": 17}]}},
      "shape.ways\\[0\\]: examples must be a whole number"),
     ({"place": {"way": "vote", "ways": ["smollm2"]}}, "place.ways\\[0\\] must be a table"),
+    ({"place": {"way": "vote", "ways": [{"model": "LM", "way": "ask"}, {"model": "minilm", "way": "ask"}]}},
+     "place.ways\\[1\\].model 'minilm' is not a language model"),
 ])
 def test_shapes_reader_names_a_bad_way(tiny, options, says):
     lm = {"name": "gguf_llm", "path": str(tiny)}
     ways = {"colour": {"model": lm, "way": "ask"}, "shape": {"model": lm, "way": "ask"},
             "place": {"model": lm, "way": "nearest", "layer": 1}}
-    for key, way in options.items():
-        ways[key] = {k: (lm if v == "LM" else v) for k, v in way.items()} if isinstance(way, dict) else way
+
+    def filled(v):  # "LM" -> the tiny model, in vote lists too
+        if isinstance(v, dict):
+            return {k: filled(x) for k, x in v.items()}
+        return [filled(x) for x in v] if isinstance(v, list) else (lm if v == "LM" else v)
+
+    ways.update({key: filled(way) for key, way in options.items()})
     with pytest.raises(limner.LimnerError, match=says):
         limner.create("text_encoders", "shapes_reader", encoder=lm, **ways)
 
