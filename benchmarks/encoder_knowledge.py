@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 # the reading's questions, answers and worked examples are the shapes reader's (plugins/shapes.py)
-from limner.plugins.shapes import COLUMNS, ROWS, answers, question, worked_examples
+from limner.plugins.shapes import ANSWERS, answers, question, worked_examples
 from limner.plugins.shapes import QUESTIONS as READ
 
 HERE = Path(__file__).parent
@@ -216,10 +216,6 @@ def reading(enc, shots: tuple[int, ...] = (0, 4, 8)) -> dict:
     random ones: training words only). Each way with and without contextual calibration (Zhao
     et al. 2021: the answers' log-probabilities for the content-free prompt 'N/A' subtracted).
     The way is chosen per attribute on dev; the place is right when row and column both are."""
-
-    from limner.plugins.shapes import COLOURS, SHAPES
-
-    options = {"colour": list(COLOURS), "shape": list(SHAPES), "row": list(ROWS), "column": list(COLUMNS)}
     examples = worked_examples(max(shots))
     splits = {name: json.loads((HERE / f"{name}-phrasings.json").read_text()) for name in ("dev", "heldout")}
 
@@ -227,7 +223,7 @@ def reading(enc, shots: tuple[int, ...] = (0, 4, 8)) -> dict:
         return question(text, key, examples[:k])
 
     def log_probs(texts: list[str], key: str):
-        return enc.next_token_log_probs(texts, options[key])
+        return enc.next_token_log_probs(texts, ANSWERS[key])
 
     right, ways = {}, []  # (way, key, split) -> per-prompt right answers
     for k in shots:
@@ -238,7 +234,7 @@ def reading(enc, shots: tuple[int, ...] = (0, 4, 8)) -> dict:
                 truth = [answers(r["means"])[key] for r in rows]
                 for calibrated in (False, True):
                     picks = (lp - null if calibrated else lp).argmax(-1).tolist()
-                    right[((k, calibrated), key, split)] = [options[key][i] == t for i, t in zip(picks, truth)]
+                    right[((k, calibrated), key, split)] = [ANSWERS[key][i] == t for i, t in zip(picks, truth)]
         ways += [(k, False), (k, True)]
 
     def mean(xs):

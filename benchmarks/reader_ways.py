@@ -51,47 +51,23 @@ def splits() -> dict:
 
 
 def ways_of(model: str, data: dict) -> list[dict]:
-    """Every way's answers of `model`: [{"way": {...}, "answers": {split: {key: [answer per prompt]}}}]."""
+    """Every way's answers of `model`: [{"way": {...}, "answers": {split: {key: [answer per prompt]}}}],
+    read by a shapes_reader that lists them all (one forward per question and examples, one for
+    every nearest layer)."""
     import limner
-    from limner.plugins.shapes import (
-        ANSWERS,
-        nearest_caption,
-        one_object_captions,
-        parse_caption,
-        place_of,
-        question,
-        worked_examples,
-    )
 
-    enc = limner.create("text_encoders", model)
-    out = []
-    for k in (0, 4, 8):
-        examples = worked_examples(k)
-        got = {False: {}, True: {}}
-        for key in ANSWERS:
-            null = enc.next_token_log_probs([question("N/A", key, examples)], ANSWERS[key])
-            for split, (prompts, _) in data.items():
-                raw = enc.next_token_log_probs([question(p, key, examples) for p in prompts], ANSWERS[key])
-                for calibrated, scores in ((False, raw), (True, raw - null)):
-                    got[calibrated].setdefault(split, {})[key] = [ANSWERS[key][i] for i in scores.argmax(-1).tolist()]
-        for calibrated, answers in got.items():
-            for a in answers.values():
-                a["place"] = [place_of(r, c) for r, c in zip(a.pop("row"), a.pop("column"))]
-            out.append({"way": {"model": model, "way": "ask", "examples": k, "calibrated": calibrated},
-                        "answers": answers})
-        print(f"{model}: ask with {k} examples done", flush=True)
-    captions = one_object_captions()
-    layers = range(len(enc.model.blk) + 1)
-    train = enc.token_states(captions, layers)
-    states = {split: enc.token_states(prompts, layers) for split, (prompts, _) in data.items()}
-    for layer in layers:
-        answers = {}
-        for split in data:
-            picked = [parse_caption(captions[i])[0] for i in nearest_caption(train[layer], states[split][layer])]
-            answers[split] = {"colour": [o.colour for o in picked], "shape": [o.shape for o in picked],
-                              "place": [o.position for o in picked]}
-        out.append({"way": {"model": model, "way": "nearest", "layer": layer}, "answers": answers})
-    print(f"{model}: nearest done", flush=True)
+    layers = len(limner.create("text_encoders", model).model.blk)
+    ways = [{"model": model, "way": "ask", "examples": k, "calibrated": c} for k in (0, 4, 8) for c in (False, True)]
+    ways += [{"model": model, "way": "nearest", "layer": layer} for layer in range(layers + 1)]
+    every = {"way": "vote", "ways": ways}
+    reader = limner.create("text_encoders", "shapes_reader", encoder="minilm", colour=every, shape=every, place=every)
+    out = [{"way": w, "answers": {split: {} for split in data}} for w in ways]
+    for split, (prompts, _) in data.items():
+        seen: dict = {}
+        for key in KEYS:
+            for o, w in zip(out, reader.ways[key]["ways"]):
+                o["answers"][split][key] = reader.answer(key, prompts, w, seen)
+            print(f"{model}: {split} {key} read every way", flush=True)
     return out
 
 

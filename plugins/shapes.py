@@ -366,15 +366,18 @@ class ShapesReader(FrozenStaysEval, torch.nn.Module):
             self._known[("captions", i)] = captions, self.readers[i].token_states(captions, layers)
         if ("states", i) not in seen:
             seen[("states", i)] = self.readers[i].token_states(texts, layers)
-        captions, states = self._known[("captions", i)]
-        at = layers.index(way["layer"])
-        picked = [parse_caption(captions[j])[0] for j in nearest_caption(states[at], seen[("states", i)][at])]
-        return [getattr(o, "position" if key == "place" else key) for o in picked]
+        if ("picked", i, way["layer"]) not in seen:  # one nearest caption per layer for every attribute
+            captions, states = self._known[("captions", i)]
+            at = layers.index(way["layer"])
+            seen[("picked", i, way["layer"])] = [parse_caption(captions[j])[0] for j in
+                                                 nearest_caption(states[at], seen[("states", i)][at])]
+        return [getattr(o, "position" if key == "place" else key) for o in seen[("picked", i, way["layer"])]]
 
-    def _answer(self, key: str, texts: list[str], way: dict, seen: dict) -> list[str]:
-        """Each text's `key` read `way`; `seen` keeps this call's readings that other ways share."""
+    def answer(self, key: str, texts: list[str], way: dict, seen: dict) -> list[str]:
+        """Each text's `key` (colour, shape or place) read `way` (one of self.ways or a way listed in
+        one of them); `seen`, empty for new texts, keeps the readings other ways of these texts share."""
         if way["way"] == "vote":
-            return vote([self._answer(key, texts, w, seen) for w in way["ways"]])
+            return vote([self.answer(key, texts, w, seen) for w in way["ways"]])
         if way["way"] == "nearest":
             return self._nearest(key, texts, way, seen)
         if key != "place":
@@ -398,7 +401,7 @@ class ShapesReader(FrozenStaysEval, torch.nn.Module):
         if long:
             prompt_truncated(long[0], MAX_READ, "characters")
         seen: dict = {}
-        said = {key: self._answer(key, texts, self.ways[key], seen) for key in ("colour", "shape", "place")}
+        said = {key: self.answer(key, texts, self.ways[key], seen) for key in ("colour", "shape", "place")}
         for j, i in enumerate(todo):
             out[i] = f"a {said['colour'][j]} {said['shape'][j]} at the {said['place'][j]}"
         shown = "; ".join(f"{prompts[i]!r:.80} as {out[i]!r}" for i in todo[:3])
