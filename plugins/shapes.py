@@ -253,7 +253,7 @@ def worked_examples(n: int) -> list[str]:
     import random
 
     rng = random.Random(0)
-    return [f"a {rng.choice(list(COLOURS))} {rng.choice(SHAPES)} at the {rng.choice(list(POSITIONS))}"
+    return [ShapeObject("", rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(POSITIONS))).phrase()
             for _ in range(n)]
 
 
@@ -293,9 +293,9 @@ def vote(said: list[list[str]]) -> list[str]:
     from collections import Counter
 
     out = []
-    for answers in zip(*said):
-        count = Counter(answers)
-        out.append(next(a for a in answers if count[a] == max(count.values())))
+    for given in zip(*said):
+        count = Counter(given)
+        out.append(next(a for a in given if count[a] == max(count.values())))
     return out
 
 
