@@ -6,7 +6,7 @@ Rows, each side alternating with the other in one process (median of the runs):
 - one guided forward (batch 2) of a UNet at Stable Diffusion 1.5's configuration (`sd_unet`:
   320/640/1280/1280 channels, 2 blocks a level, 8 heads, 77 context tokens of 768; random
   weights: speed does not depend on their values) at 32x32 and 64x64 latents (256 and 512 px),
-  its convolutions as a pipeline runs them (limner.pipeline.inference_convs: float32 3x3 ones by
+  its convolutions as a pipeline runs them (limner.pipeline.kernel_convs: float32 3x3 ones by
   Winograd), inside freed_memory_kept as limner samples;
 - one training step of the demo UNet, float32 against bf16 autocast (train.mixed_precision);
 and the PSNR of bfloat16 images against float32 ones (same prompts and seeds) on the shipped
@@ -52,12 +52,12 @@ def sd15_forward(latent: int, runs: int) -> dict:
     import torch
 
     import limner
-    from limner.pipeline import autocast, freed_memory_kept, hold_weights, inference_convs
+    from limner.pipeline import autocast, freed_memory_kept, hold_weights, kernel_convs
 
     torch.manual_seed(0)
     model = limner.create("denoisers", "sd_unet", context_dim=768, image_size=latent).eval()
     model.to(memory_format=torch.channels_last)
-    inference_convs(model)  # as a pipeline runs its convolutions (float32: Winograd's)
+    kernel_convs(model)  # as a pipeline runs its convolutions (float32: Winograd's)
     held = copy.deepcopy(model)  # a bf16 pipeline's denoiser: linear and convolution weights in bf16
     hold_weights(held, torch.bfloat16)
     x = torch.randn(2, 4, latent, latent).contiguous(memory_format=torch.channels_last)

@@ -10,6 +10,13 @@ Winograd transform kept, as a held model keeps it; its first call, which makes i
 
     python benchmarks/winograd_conv.py [--dtype bf16]   # prints the markdown table (cpu-kernel-measurements.md)
     python benchmarks/winograd_conv.py --sd FILE [--dtype bf16]  # and a whole UNet forward, Winograd on and off
+    python benchmarks/winograd_conv.py --train   # the demo UNet's convolutions in training, forward + backward
+
+--train times each of the demo UNet's 3x3 convolution shapes at its training batch (16) forward
+and backward (the input's, weight's and bias's gradients), F.conv2d against conv2d with autograd
+(WinogradConv2d: the forward and the input's gradient by Winograd, the weight's and bias's by oneDNN),
+and then the demo UNet's whole training step (benchmarks/anchors.py's, as `limner train` runs it)
+with Winograd in training and without (oneDNN's convolutions; its other kernels alike), in turn.
 
 --sd FILE (an SD 1.5-size checkpoint, e.g. from benchmarks/sd_full_size.py) adds the UNet forward
 (batch 2, 64x64 latent) with Winograd and without (limner's other kernels alike), in turn, and
@@ -87,8 +94,59 @@ def main(dtype: torch.dtype, runs: int = 7) -> None:
     print("\n".join(lines))
 
 
+def backward(conv, inputs: tuple, grad: torch.Tensor) -> None:
+    torch.autograd.grad(conv(), inputs, grad)
+
+
+def training(runs: int = 15) -> None:
+    """The demo UNet's 3x3 convolutions at its training batch, forward + backward, in turn."""
+    torch.manual_seed(0)
+    lines = [f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+             f"{time.strftime('%Y-%m-%d')}; `python benchmarks/winograd_conv.py --train`; float32, forward + "
+             f"backward (input, weight and bias gradients), medians of {runs} calls a side, alternated:", "",
+             "| shape: batch, in -> out, pixels | per step | F.conv2d ms | limner ms | F(m,3) | speed-up |",
+             "|---|---:|---:|---:|---:|---:|"]
+    total = {"direct": 0.0, "limner": 0.0}
+    for _, cin, cout, size, count in SHAPES["demo UNet (shapes-unet), 32x32"]:
+        x = torch.randn(16, cin, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = (torch.randn(cout, cin, 3, 3) / (9 * cin) ** 0.5).requires_grad_()
+        b = torch.randn(cout).requires_grad_()
+        grad = torch.randn(16, cout, size, size).contiguous(memory_format=torch.channels_last)
+        sides = {"direct": partial(backward, partial(F.conv2d, x, w, b, 1, 1), (x, w, b), grad),
+                 "limner": partial(backward, partial(conv2d, x, w, b, 1, 1, 1, 1), (x, w, b), grad)}
+        med = {name: seconds * 1e3 for name, seconds in medians(in_turn(sides, runs)).items()}
+        for name in total:
+            total[name] += med[name] * count
+        m = tile(x) if fits(x, w, b, training=True) and faster(x, w) else None
+        lines.append(f"| 16, {cin} -> {cout}, {size}x{size} | {count} | {med['direct']:.2f} | {med['limner']:.2f} | "
+                     f"{m or ''} | {med['direct'] / med['limner']:.2f}x |")
+    lines.append(f"| **demo UNet training step: its 3x3 convolutions** | | {total['direct']:.1f} | "
+                 f"{total['limner']:.1f} | | **{total['direct'] / total['limner']:.2f}x** |")
+    print("\n".join(lines))
+    import copy
+
+    from anchors import Sides
+
+    sides, shipped = Sides(torch.device("cpu")), cpu_winograd.fits
+    steps = {name: sides.limner_train_step(copy.deepcopy(sides.ours), channels_last=True) for name in ("on", "off")}
+
+    def step(name: str) -> None:  # "off": Winograd for no-grad calls only, as before training took it
+        cpu_winograd.fits = shipped if name == "on" else partial(_no_training, shipped)
+        steps[name]()
+    times = in_turn({name: partial(step, name) for name in steps}, runs)
+    cpu_winograd.fits = shipped
+    med = medians(times)
+    print(f"\nThe demo UNet's training step (batch 16, forward + backward + fused AdamW, channels-last), medians of "
+          f"{runs} alternated: Winograd in training {med['on'] * 1e3:.1f} ms, without {med['off'] * 1e3:.1f} ms: "
+          f"**{med['off'] / med['on']:.2f}x**.")
+
+
+def _no_training(fits, *args, training: bool = False, **kwargs) -> bool:
+    return fits(*args, **kwargs)
+
+
 def packed_forward(conv, x: torch.Tensor) -> torch.Tensor:
-    """A bf16-held InferenceConv2d as it ran before bf16 Winograd: oneDNN on its packed weight."""
+    """A bf16-held KernelConv2d as it ran before bf16 Winograd: oneDNN on its packed weight."""
     return conv2d_packed(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups, conv.packed)
 
 
@@ -109,7 +167,7 @@ def unet_forward(path: str, dtype: torch.dtype, runs: int = 4) -> None:
         if bf16 else dict.fromkeys(("winograd", "direct"), limner.load_pipeline(path, device="cpu", dtype=name))
     if bf16:
         for conv in pipes["direct"].model.denoiser.modules():
-            if isinstance(conv, limner.nn.InferenceConv2d):
+            if isinstance(conv, limner.nn.KernelConv2d):
                 conv.forward = partial(packed_forward, conv)
     x = torch.randn(2, 4, 64, 64).contiguous(memory_format=pipes["winograd"].memory_format)
     ctx = torch.randn(2, 77, 768)
@@ -148,7 +206,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sd", help="an SD 1.5-size single-file checkpoint: also time its whole UNet forward")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="float32 (default) or bf16")
+    parser.add_argument("--train", action="store_true", help="the demo UNet's convolutions forward + backward")
     args = parser.parse_args()
+    if args.train:
+        training()
+        raise SystemExit
     main(DTYPES[args.dtype])
     if args.sd:
         unet_forward(args.sd, DTYPES[args.dtype])

@@ -15,7 +15,7 @@ from anchors import Sides
 
 from limner.bench import cpu_name
 from limner.kernels import cpu_winograd
-from limner.nn import InferenceConv2d
+from limner.nn import KernelConv2d
 
 
 def main(rounds: int = 12) -> None:
@@ -42,7 +42,7 @@ def main(rounds: int = 12) -> None:
     made = forward()
     cpu_winograd.KEEP_BYTES = keep
     kept = forward()
-    convs = [m for m in s.ours.modules() if isinstance(m, InferenceConv2d) and m.packed.key is not None]
+    convs = [m for m in s.ours.modules() if isinstance(m, KernelConv2d) and m.packed.key is not None]
     size = sum(m.packed.weight.numel() * m.packed.weight.element_size() for m in convs) / 2 ** 20
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
           f"`python benchmarks/winograd_keep.py`; {rounds} rounds, the two ways alternated: the demo UNet's "

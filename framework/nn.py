@@ -42,18 +42,19 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-class InferenceConv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same state dict) whose CPU inference runs on limner's kernels
+class KernelConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same state dict) that runs on limner's kernels on the CPU
     (limner.kernels.conv2d): 3x3 ones by Winograd's minimal filtering where it measured faster
-    (float32; bf16 with its transformed weight kept), other bf16 ones on a weight packed for oneDNN
-    once instead of at every call (conv2d_packed; same outputs). What
-    limner.pipeline.inference_convs turns a pipeline's convolutions into (`from_conv`); with
-    autograd, under torch.compile and elsewhere, nn.Conv2d's."""
+    (float32, in training too: its forward and input gradient; bf16 inference with its transformed
+    weight kept), other bf16 ones on a weight packed for oneDNN once instead of at every call
+    (conv2d_packed; same outputs). What limner.pipeline.kernel_convs turns a pipeline's and a
+    diffusion training run's convolutions into (`from_conv`); under torch.compile and elsewhere,
+    nn.Conv2d's."""
 
     packed: Packed
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> InferenceConv2d:
+    def from_conv(cls, conv: nn.Conv2d) -> KernelConv2d:
         """`conv` itself, now of this class (its parameters, hooks and place in the model kept)."""
         conv.__class__, conv.packed = cls, Packed()
         return conv

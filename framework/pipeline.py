@@ -44,7 +44,7 @@ class PipelineBase:
 
     def __init__(self, model: torch.nn.Module, defaults, device: torch.device):
         self.model, self.defaults, self.device = model.eval().to(device), defaults, device
-        inference_convs(self.model)  # limner's kernels for its convolutions where they fit (inference only)
+        kernel_convs(self.model)  # limner's kernels for its convolutions where they fit
 
     def load_lora(self, path: str | Path, strength: float = 1.0, merge: bool = True):
         """Apply a LoRA file (limner.lora: kohya/A1111 or diffusers/PEFT layout) to the model:
@@ -195,26 +195,26 @@ def hold_weights(module: torch.nn.Module, dtype: torch.dtype) -> None:
     latent that cast is ~23% of a forward: benchmarks/results/bf16-cpu.md) and they are most of
     its memory; norms, embeddings and other parameters keep float32. Autocast rounds to nearest
     even as .to() does, so the outputs are the same bits as autocast's. Its convolutions become
-    limner.nn.InferenceConv2d (inference_convs): a bf16 weight is packed for oneDNN once, not at
+    limner.nn.KernelConv2d (kernel_convs): a bf16 weight is packed for oneDNN once, not at
     every call (same outputs)."""
     for layer in module.modules():
         if isinstance(layer, HELD):
             for p in layer.parameters(recurse=False):
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
-    inference_convs(module)
+    kernel_convs(module)
 
 
-def inference_convs(module: torch.nn.Module) -> None:
-    """Turn `module`'s plain nn.Conv2d layers into limner.nn.InferenceConv2d, in place (same
-    parameters, state dict, hooks; training through them is nn.Conv2d's): CPU inference then packs
-    a bf16 weight once and runs a float32 3x3 convolution by Winograd (limner.kernels.conv2d;
-    an SD 1.5-size UNet's float32 forward 1.30x, benchmarks/results/cpu-kernel-measurements.md)."""
-    from .nn import InferenceConv2d
+def kernel_convs(module: torch.nn.Module) -> None:
+    """Turn `module`'s plain nn.Conv2d layers into limner.nn.KernelConv2d, in place (same
+    parameters, state dict, hooks): on the CPU a bf16 weight is then packed once and a float32 3x3
+    convolution runs by Winograd (limner.kernels.conv2d; an SD 1.5-size UNet's float32 forward 1.30x,
+    benchmarks/results/cpu-kernel-measurements.md), in training its forward and input gradient too."""
+    from .nn import KernelConv2d
 
     for layer in module.modules():
         if type(layer) is torch.nn.Conv2d:
-            InferenceConv2d.from_conv(layer)
+            KernelConv2d.from_conv(layer)
 
 
 MALLOC_CHOICES = ("keep", "default")

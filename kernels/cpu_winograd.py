@@ -59,9 +59,10 @@ def _bf16_runs() -> bool:
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=1, dilation=1,
-         groups: int = 1) -> bool:
+         groups: int = 1, training: bool = False) -> bool:
     """Whether conv2d_winograd takes these: float32 or bf16 CPU tensors (x and weight of one dtype),
-    x 4-D channels-last, a 3x3 weight, stride 1, padding 1, dilation 1, one group, no gradient,
+    x 4-D channels-last, a 3x3 weight, stride 1, padding 1, dilation 1, one group, no gradient
+    (`training`: float32 ones with a gradient to take too, conv2d's WinogradConv2d),
     outside a torch.compile trace, on a CPU where the kernel builds (AVX-512); float32 not under
     autocast (which would compute in bf16); bf16 with an even number of input channels, a contiguous
     or channels-last weight, on a CPU whose bf16 GEMMs run on avx512_bf16 without AMX (the only kind
@@ -73,8 +74,9 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, strid
     if not bf16 and torch.is_autocast_enabled("cpu"):
         return False
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    return (not grad and x.ndim == 4 and weight.ndim == 4 and tuple(weight.shape[2:]) == (3, 3)
-            and x.shape[1] == weight.shape[1] and groups == 1 and not isinstance(padding, str)
+    return ((not grad or training and not bf16) and x.ndim == 4 and weight.ndim == 4
+            and tuple(weight.shape[2:]) == (3, 3) and x.shape[1] == weight.shape[1] and groups == 1
+            and not isinstance(padding, str)
             and _pair(stride) == (1, 1) and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1)
             and x.device.type == "cpu" and weight.device.type == "cpu"
             and (bias is None or (bias.device.type == "cpu" and bias.dtype in (torch.float32, x.dtype)))
@@ -142,22 +144,57 @@ def _winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return module.forward(x, U, bias, m, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
 
 
+class WinogradConv2d(torch.autograd.Function):
+    """F.conv2d(x, weight, bias, padding=1) with its gradients, float32: the output and the input's
+    gradient by Winograd (the input's gradient is the output gradient's convolution with the weight
+    turned half a turn, its in and out channels swapped), the weight's and the bias's by oneDNN
+    (aten's convolution_backward; a Winograd weight gradient would need its own kernel). The demo
+    UNet's convolutions forward + backward 1.1-1.4x oneDNN's (benchmarks/winograd_conv.py --train).
+    Under create_graph (a gradient penalty) the gradients are torch's own, differentiable again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: int) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.m, ctx.bias = m, None if bias is None else list(bias.shape)
+        return _winograd(x, weight, bias, m)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        if torch.is_grad_enabled():  # create_graph: gradients that are differentiable again
+            out = torch.ops.aten.convolution_backward(grad, x, weight, ctx.bias, [1, 1], [1, 1], [1, 1], False,
+                                                      [0, 0], 1, [want_x, want_w, want_b])
+            return (*out, None)
+        grad_x = _winograd(grad, weight.flip(2, 3).transpose(0, 1).contiguous(), None, ctx.m) if want_x else None
+        grad_w = grad_b = None
+        if want_w or want_b:
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(grad, x, weight, ctx.bias, [1, 1], [1, 1], [1, 1],
+                                                                    False, [0, 0], 1, [False, want_w, want_b])
+        return grad_x, grad_w, grad_b, None
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
            dilation=1, groups: int = 1, backend: str = "auto", packed: Packed | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, stride, padding, dilation, groups); "auto": by Winograd where it
-    fits and measured faster (not under LIMNER_KERNELS=eager), else with `packed` oneDNN's
+    fits and measured faster (not under LIMNER_KERNELS=eager; float32 with autograd too, by
+    WinogradConv2d), else with `packed` oneDNN's
     convolution on a weight packed once (conv2d_packed, bf16), else F.conv2d; "winograd": always
     (refused where it does not fit); "eager": F.conv2d. `packed` (one per convolution) keeps the
     prepared weight between calls: oneDNN's packing, or a bf16 weight's Winograd transform."""
     if backend not in BACKENDS:
         raise ValueError(f"conv2d: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    fit = backend != "eager" and fits(x, weight, bias, stride, padding, dilation, groups)  # asked once: a hot path
+    fit = backend != "eager" and fits(x, weight, bias, stride, padding, dilation, groups, training=True)  # asked once
     if backend == "winograd" or (backend == "auto" and not forced_eager() and fit and faster(x, weight)):
         if not fit:
             raise ValueError(f"conv2d: backend 'winograd' takes a float32 or bf16 3x3 convolution with stride 1, "
-                             f"padding 1, one group, a channels-last CPU input and no gradient, on a CPU with AVX-512; "
+                             f"padding 1, one group, a channels-last CPU input (bf16: no gradient), on a CPU with "
+                             f"AVX-512; "
                              f"got x {tuple(x.shape)} {x.dtype} on {x.device.type}, weight {tuple(weight.shape)}, "
                              f"stride {stride}, padding {padding}, groups {groups}; use backend='eager' or 'auto'")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            return WinogradConv2d.apply(x, weight, bias, tile(x))
         return _winograd(x, weight, bias, tile(x), packed)
     if backend == "auto" and packed is not None:
         return conv2d_packed(x, weight, bias, stride, padding, dilation, groups, packed)  # (F.conv2d if unfit)

@@ -312,7 +312,7 @@ def test_bfloat16_sampling_stays_near_float32_and_is_refused_without_native_bf16
         weights = [m.weight for m in held.model.denoiser.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
         assert weights and {w.dtype for w in weights} == {torch.bfloat16}
         assert torch.equal(held.generate(prompts, seed=3, steps=8), half)
-        convs = [m for m in held.model.denoiser.modules() if isinstance(m, limner.nn.InferenceConv2d)]
+        convs = [m for m in held.model.denoiser.modules() if isinstance(m, limner.nn.KernelConv2d)]
         assert convs and all(m.packed.weight is not None for m in convs)  # each prepared (oneDNN, Winograd), used
         with pytest.raises(limner.LimnerError, match="holds its denoiser's weights in bfloat16"):
             held.generate(prompts, dtype="fp32")

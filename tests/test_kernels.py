@@ -225,18 +225,72 @@ def test_winograd_conv2d_matches_a_float64_reference(monkeypatch, m, fused, n, c
     assert float(((out.double() - exact).abs() / scale).max()) <= (8 if m == 2 else 64)
 
 
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("n, cin, cout, h, w, bias, wanted", [
+    (1, 9, 11, 7, 9, True, "xwb"), (2, 17, 33, 13, 6, False, "xw"), (3, 40, 24, 33, 35, True, "xwb"),
+    (2, 24, 40, 5, 33, True, "x"), (1, 16, 16, 9, 9, True, "wb"),
+])
+def test_winograd_conv2d_gradients_match_a_float64_reference(m, n, cin, cout, h, w, bias, wanted):
+    """WinogradConv2d (conv2d with autograd, float32): the output and the gradients asked for (of the
+    input, weight, bias; others None) against float64 autograd through F.conv2d on the same inputs,
+    over odd shapes. The input's gradient is itself a Winograd convolution, held to its forward's
+    bound (float32 epsilons times |grad| conv |w| per element: 8 for F(2,3), 64 for F(4,3)); the
+    weight's and bias's are oneDNN's (a sum over batch and pixels: 1e-5 of the largest)."""
+    cpu_winograd = winograd_kernel()
+    F = torch.nn.functional
+    x = randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
+    wt, b = randn(cout, cin, 3, 3, seed=1) / cin ** 0.5, randn(cout, seed=2) if bias else None
+    grad = randn(n, cout, h, w, seed=3)  # contiguous, as a gradient may come: the kernel takes it channels-last
+    ins = [t.clone().requires_grad_(k in wanted) if t is not None else None for t, k in zip((x, wt, b), "xwb")]
+    out = cpu_winograd.WinogradConv2d.apply(*ins, m)
+    asked = [t for t in ins if t is not None and t.requires_grad]
+    got = dict(zip([k for k, t in zip("xwb", ins) if t is not None and t.requires_grad],
+                   torch.autograd.grad(out, asked, grad)))
+    ref = [t.double().requires_grad_() if t is not None else None for t in (x, wt, b)]
+    exact_out = F.conv2d(*ref, padding=1)
+    exact = dict(zip("xwb", torch.autograd.grad(exact_out, [r for r in ref if r is not None], grad.double())))
+    assert set(got) == set(wanted)
+    assert torch.allclose(out.double(), exact_out, rtol=0, atol=1e-4)
+    if "x" in got:
+        scale = F.conv_transpose2d(grad.double().abs(), wt.double().abs(), padding=1) * 2.0 ** -24
+        assert float(((got["x"].double() - exact["x"]).abs() / scale).max()) <= (8 if m == 2 else 64)
+    for k in "wb":
+        if k in got:
+            assert torch.allclose(got[k].double(), exact[k], rtol=0, atol=1e-5 * float(exact[k].abs().max()))
+
+
+def test_winograd_conv2d_gradients_can_be_differentiated_again():
+    """Under create_graph (a gradient penalty, as R1 on a discriminator) WinogradConv2d's gradients
+    are torch's own: a penalty on the input's gradient has the weight gradient torch gives."""
+    cpu_winograd = winograd_kernel()
+    F = torch.nn.functional
+    x = randn(2, 12, 11, 10).contiguous(memory_format=torch.channels_last)
+    wt, b = randn(10, 12, 3, 3, seed=1) / 12 ** 0.5, randn(10, seed=2)
+
+    def penalty_grad(conv):
+        xi, wi = x.clone().requires_grad_(), wt.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(conv(xi, wi).square().sum(), xi, create_graph=True)
+        (gw,) = torch.autograd.grad(gx.square().sum(), wi)
+        return gw
+
+    ours = penalty_grad(lambda xi, wi: cpu_winograd.WinogradConv2d.apply(xi, wi, b, 2))
+    theirs = penalty_grad(lambda xi, wi: F.conv2d(xi, wi, b, padding=1))
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * float(theirs.abs().max()))
+
+
 def test_conv2d_takes_winograd_only_where_it_fits_and_is_faster(monkeypatch):
-    """limner.kernels.conv2d: Winograd for a float32 channels-last 3x3 stride-1 convolution without
-    autograd (F(4,3) from 32 px, F(2,3) below); F.conv2d's own bits for stride 2, 4 channels,
-    autocast, autograd (gradients flow) and LIMNER_KERNELS=eager; backend="winograd" refuses what
-    does not fit by name."""
+    """limner.kernels.conv2d: Winograd for a float32 channels-last 3x3 stride-1 convolution (F(4,3)
+    from 32 px, F(2,3) below), with autograd too (the forward, and the input's gradient where one is
+    asked); F.conv2d's own bits for stride 2, 4 channels, autocast and LIMNER_KERNELS=eager;
+    backend="winograd" refuses what does not fit by name."""
     cpu_winograd = winograd_kernel()
     from limner.kernels import conv2d
 
     F = torch.nn.functional
     calls = []
     real = cpu_winograd._winograd
-    monkeypatch.setattr(cpu_winograd, "_winograd", lambda x, w, b, m, packed: calls.append(m) or real(x, w, b, m))
+    monkeypatch.setattr(cpu_winograd, "_winograd",
+                        lambda x, w, b, m, packed=None: calls.append(m) or real(x, w, b, m))
     cl = torch.channels_last
     x, x_small = randn(2, 16, 32, 32).contiguous(memory_format=cl), randn(2, 16, 9, 9).contiguous(memory_format=cl)
     wt, b = randn(24, 16, 3, 3, seed=1) / 4, randn(24, seed=2)
@@ -252,8 +306,11 @@ def test_conv2d_takes_winograd_only_where_it_fits_and_is_faster(monkeypatch):
         monkeypatch.delenv("LIMNER_KERNELS")
     assert calls == [4, 2]
     w_grad = wt.clone().requires_grad_()
-    conv2d(x, w_grad, b, 1, 1, 1, 1).sum().backward()
-    assert calls == [4, 2] and w_grad.grad is not None and w_grad.grad.abs().sum() > 0
+    conv2d(x, w_grad, b, 1, 1, 1, 1).sum().backward()  # the forward by Winograd; no input gradient asked
+    assert calls == [4, 2, 4] and w_grad.grad is not None and w_grad.grad.abs().sum() > 0
+    x_grad = x_small.clone().requires_grad_()
+    conv2d(x_grad, wt, b, 1, 1, 1, 1).sum().backward()  # the forward and the input's gradient
+    assert calls == [4, 2, 4, 2, 2] and x_grad.grad is not None and x_grad.grad.abs().sum() > 0
     with torch.no_grad(), pytest.raises(ValueError, match="backend 'winograd' takes a float32 or bf16 3x3 convolution"):
         conv2d(x, wt, b, 2, 1, 1, 1, backend="winograd")
     with pytest.raises(ValueError, match="unknown backend 'fast'; valid: auto, winograd, eager"):
@@ -361,11 +418,11 @@ def test_conv2d_bf16_takes_winograd_where_measured_faster_and_keeps_its_transfor
             assert not cpu_winograd.fits(x, wt, b)
 
 
-def test_inference_convs_keep_the_state_dict_and_train_as_nn_conv2d():
-    """limner.pipeline.inference_convs swaps plain nn.Conv2d layers in place: same state dict,
-    same outputs within Winograd's rounding under no_grad, nn.Conv2d's exact gradients with autograd."""
+def test_kernel_convs_keep_the_state_dict_and_train_as_nn_conv2d():
+    """limner.pipeline.kernel_convs swaps plain nn.Conv2d layers in place: same state dict,
+    same outputs and gradients within Winograd's rounding, under no_grad and with autograd."""
     winograd_kernel()
-    from limner.pipeline import inference_convs
+    from limner.pipeline import kernel_convs
 
     torch.manual_seed(0)
     nn = torch.nn
@@ -377,8 +434,8 @@ def test_inference_convs_keep_the_state_dict_and_train_as_nn_conv2d():
     x_grad = x.clone().requires_grad_()
     net(x_grad).square().sum().backward()
     want_grad = x_grad.grad
-    inference_convs(net)
-    assert all(isinstance(m, limner.nn.InferenceConv2d) for m in (net[0], net[2]))
+    kernel_convs(net)
+    assert all(isinstance(m, limner.nn.KernelConv2d) for m in (net[0], net[2]))
     after = net.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     with torch.no_grad():
@@ -386,7 +443,8 @@ def test_inference_convs_keep_the_state_dict_and_train_as_nn_conv2d():
     assert not torch.equal(got, want) and torch.allclose(got, want, rtol=0, atol=1e-5)  # Winograd ran, and agrees
     x_grad = x.clone().requires_grad_()
     net(x_grad).square().sum().backward()
-    assert torch.equal(x_grad.grad, want_grad)
+    assert not torch.equal(x_grad.grad, want_grad)  # Winograd's forward and input gradient ran
+    assert torch.allclose(x_grad.grad, want_grad, rtol=0, atol=1e-4 * float(want_grad.abs().max()))
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
