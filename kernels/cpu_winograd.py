@@ -149,13 +149,14 @@ class WinogradConv2d(torch.autograd.Function):
     gradient by Winograd (the input's gradient is the output gradient's convolution with the weight
     turned half a turn, its in and out channels swapped), the weight's and the bias's by oneDNN
     (aten's convolution_backward; a Winograd weight gradient would need its own kernel). The demo
-    UNet's convolutions forward + backward 1.1-1.4x oneDNN's (benchmarks/winograd_conv.py --train).
-    Under create_graph (a gradient penalty) the gradients are torch's own, differentiable again."""
+    UNet's 3x3 convolutions forward + backward 1.15-1.20x oneDNN's, its training step 1.05x
+    (benchmarks/winograd_conv.py --train). Under create_graph (a gradient penalty) the gradients
+    are torch's own, differentiable again."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: int) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.m, ctx.bias = m, None if bias is None else list(bias.shape)
+        ctx.m, ctx.bias_sizes = m, None if bias is None else list(bias.shape)
         return _winograd(x, weight, bias, m)
 
     @staticmethod
@@ -163,15 +164,14 @@ class WinogradConv2d(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
         grad = grad.contiguous(memory_format=torch.channels_last)
+
+        def onednn(mask: list[bool]):  # aten's gradients of this stride-1, padding-1 convolution
+            return torch.ops.aten.convolution_backward(grad, x, weight, ctx.bias_sizes, [1, 1], [1, 1], [1, 1], False,
+                                                       [0, 0], 1, mask)
         if torch.is_grad_enabled():  # create_graph: gradients that are differentiable again
-            out = torch.ops.aten.convolution_backward(grad, x, weight, ctx.bias, [1, 1], [1, 1], [1, 1], False,
-                                                      [0, 0], 1, [want_x, want_w, want_b])
-            return (*out, None)
+            return (*onednn([want_x, want_w, want_b]), None)
         grad_x = _winograd(grad, weight.flip(2, 3).transpose(0, 1).contiguous(), None, ctx.m) if want_x else None
-        grad_w = grad_b = None
-        if want_w or want_b:
-            _, grad_w, grad_b = torch.ops.aten.convolution_backward(grad, x, weight, ctx.bias, [1, 1], [1, 1], [1, 1],
-                                                                    False, [0, 0], 1, [False, want_w, want_b])
+        _, grad_w, grad_b = onednn([False, want_w, want_b]) if want_w or want_b else (None, None, None)
         return grad_x, grad_w, grad_b, None
 
 
