@@ -27,13 +27,15 @@ def test_shapes_tiny_trains_its_text_encoder_with_the_denoiser(tmp_path):
     and the prompt already changes the image. (Its held-out colour score is on the steep part of
     its curve until ~400 steps, where float rounding alone moves it by ~0.15 - the budgets file;
     that 143 s run left the suite too close to its 20-minute budget, and colour learning is
-    asserted on shapes-unet below.)"""
+    asserted on shapes-unet below.) The two prompts' images, one seed, differ by 0.018 a pixel
+    with oneDNN's convolutions in training and by 0.0098 with Winograd's (AMD Zen 4: rounding alone
+    moves it ~2x at 150 steps); a model that ignored the prompt would draw the same image, 0."""
     rows, _ = short_run(tmp_path, "shapes-tiny.toml", 150, prompts=6)
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], rows
     pipe = limner.load_pipeline(tmp_path / "run")
     red, blue = pipe.generate(["a red circle at the top left", "a blue square at the bottom right"], seed=[0, 0],
                               steps=8)
-    assert (red - blue).abs().mean() > 0.01
+    assert (red - blue).abs().mean() > 0.004
 
 
 def test_diffusion_recipe_learns_colour(tmp_path):
