@@ -72,6 +72,37 @@ def test_resume_after_a_stop_is_exact(tmp_path):
     ]
 
 
+def test_a_unet_run_trains_through_winograd_and_resumes_exactly(tmp_path, monkeypatch):
+    """The diffusion recipe turns its model's convolutions into KernelConv2d: a UNet's float32 3x3
+    ones train by WinogradConv2d (kernels/cpu_winograd.py: forward and input gradient), and a run
+    stopped at its checkpoint and resumed ends with the straight run's weights, bit for bit."""
+    from limner.kernels import cpu_winograd
+
+    if cpu_winograd.KERNEL.module() is None:
+        pytest.skip(f"limner's Winograd convolution is not available here: {cpu_winograd.KERNEL.failure}")
+    calls = []
+    apply = cpu_winograd.WinogradConv2d.apply
+    monkeypatch.setattr(cpu_winograd.WinogradConv2d, "apply", lambda *a: calls.append(a[0].shape) or apply(*a))
+    dit = 'denoiser = {{ name = "dit", dim = 32, depth = 1, patch = 8, heads = 2 }}'
+    unet = ('denoiser = {{ name = "unet", channels = 8, mults = [1, 2], blocks = 1, attention_levels = [1], '
+            'heads = 2, groups = 4 }}')
+    assert dit in TINY
+
+    def config(name: str):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(TINY.replace(dit, unet).format(out=(tmp_path / name).as_posix(), steps=4))
+        return path
+
+    trainer = train(config("straight"))
+    assert any(isinstance(m, limner.nn.KernelConv2d) for m in trainer.model.denoiser.modules())
+    assert calls and all(shape[1] >= 8 for shape in calls)  # the 3-channel input convolution stays on oneDNN
+    interrupted = config("interrupted")
+    train(interrupted, {"train.steps": 2})
+    train(interrupted)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "interrupted")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_checkpoint_carries_the_files_its_model_reads(tmp_path):
     """A text encoder read from a folder outside the run (bert's path = a saved model, as gguf_llm's
     path = a GGUF file): each checkpoint carries it in files/ (hard links here, one file system),
