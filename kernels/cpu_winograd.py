@@ -1,7 +1,8 @@
 """limner's 3x3 convolution for the CPU: Winograd's minimal filtering (cpu_winograd.cpp).
 
 conv2d_winograd(x, weight, bias) = F.conv2d(x, weight, bias, padding=1) for float32 or bf16 CPU
-tensors, x channels-last, a 3x3 weight, stride 1, no gradient to take (inference). Lavin & Gray 2016:
+tensors, x channels-last, a 3x3 weight, stride 1, no gradient to take (inference; with one, float32,
+`conv2d` runs WinogradConv2d: its forward and input gradient by this kernel). Lavin & Gray 2016:
 F(4x4, 3x3) multiplies a quarter as often as the direct convolution, F(2x2, 3x3) 1/2.25 as often;
 the price is the transforms (cheap next to the matrix products once there are a few dozen
 channels) and rounding: F(2,3)'s results are as close to float64 as oneDNN's direct
