@@ -78,6 +78,11 @@ def resolve(op: str, backend: str, x: torch.Tensor, has_triton: bool = True) -> 
     return "triton" if usable and x.is_cuda else "eager"
 
 
+def wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on these (grad mode on and one of them, None skipped, requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def unmasked_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """What limner's forward-only attention kernels share in `fits`: q, k, v [B, H, L, D] of one head
     dim, k and v of one length, no mask, no gradient to take, outside a torch.compile trace."""
@@ -86,7 +91,7 @@ def unmasked_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     if not (q.ndim == k.ndim == v.ndim == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1]
             and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2]):
         return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    return not wants_grad(q, k, v)
 
 
 def forced_eager() -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import AMX, forced_eager
+from ._backend import AMX, forced_eager, wants_grad
 from ._cpp import CppKernel
 from .onednn_conv import Packed, conv2d_packed
 
@@ -74,8 +74,7 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, strid
     bf16 = x.dtype is torch.bfloat16
     if not bf16 and torch.is_autocast_enabled("cpu"):
         return False
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    return ((not grad or training and not bf16) and x.ndim == 4 and weight.ndim == 4
+    return ((not wants_grad(x, weight, bias) or training and not bf16) and x.ndim == 4 and weight.ndim == 4
             and tuple(weight.shape[2:]) == (3, 3) and x.shape[1] == weight.shape[1] and groups == 1
             and not isinstance(padding, str)
             and _pair(stride) == (1, 1) and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1)
@@ -194,7 +193,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                              f"AVX-512; "
                              f"got x {tuple(x.shape)} {x.dtype} on {x.device.type}, weight {tuple(weight.shape)}, "
                              f"stride {stride}, padding {padding}, groups {groups}; use backend='eager' or 'auto'")
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        if wants_grad(x, weight, bias):
             return WinogradConv2d.apply(x, weight, bias, tile(x))
         return _winograd(x, weight, bias, tile(x), packed)
     if backend == "auto" and packed is not None:

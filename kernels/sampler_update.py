@@ -13,7 +13,7 @@ next step's D_old). Sampling runs without gradients, so there is no backward.
 """
 import torch
 
-from ._backend import resolve, tl, triton
+from ._backend import resolve, tl, triton, wants_grad
 
 
 def guided_update_reference(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
@@ -62,7 +62,7 @@ def guided_update(x, cond, uncond=None, guidance=1.0, a=1.0, b=0.0, old=None, e=
             raise ValueError(f"guided_update: {name} of shape {tuple(t.shape)} differs from x {tuple(x.shape)}")
     tensors = [t for t in (x, cond, uncond, old, noise) if t is not None]
     if (resolve("guided_update", backend, x) == "eager" or x.numel() == 0
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+            or wants_grad(*tensors)):
         return guided_update_reference(x, cond, uncond, guidance, a, b, old, e, noise, c)
     has_old, has_noise = old is not None and e != 0, noise is not None and c != 0
     x, cond = x.contiguous(), cond.contiguous()

@@ -295,7 +295,8 @@ def vote(said: list[list[str]]) -> list[str]:
     out = []
     for given in zip(*said):
         count = Counter(given)
-        out.append(next(a for a in given if count[a] == max(count.values())))
+        most = max(count.values())
+        out.append(next(a for a in given if count[a] == most))
     return out
 
 
