@@ -9,7 +9,8 @@ packs a bf16 convolution's weight for oneDNN once instead of at every call (oned
 `linear_geglu` runs a GEGLU's projection and gate as two oneDNN matmuls with fused epilogues on
 the CPU (onednn_geglu.py); `conv2d_winograd` is a float32 or bf16 3x3 convolution by Winograd's
 minimal filtering on the CPU (cpu_winograd.py), `conv2d` F.conv2d routed to it where it fits and
-is faster (and to conv2d_packed for bf16 given a Packed holder).
+is faster (and to conv2d_packed for bf16 given a Packed holder). On AVX-512 CPUs `geglu` and
+`group_norm_silu` have C++ kernels too (cpu_geglu.cpp, cpu_group_norm_silu.cpp), taken by 'auto'.
 """
 from ._backend import cpuinfo
 from .adaln import adaln_modulate, gated_residual

@@ -1,11 +1,15 @@
 """GEGLU (Shazeer 2020, "GLU Variants Improve Transformer"): split the last dimension into
 (a, b), return a * GELU(b) with the exact (erf) GELU. Fused: one read of x, one write of
-the half-size output; eager materialises gelu(b) and the chunks' product separately."""
+the half-size output; eager materialises gelu(b) and the chunks' product separately. Triton's
+kernel on CUDA; on the CPU, float32 takes a C++ kernel (cpu_geglu.cpp), forward and backward."""
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._backend import resolve, tl, triton
+from ._backend import forced_eager, resolve, tl, triton
+from ._cpp import CppKernel
 
 
 def geglu_reference(x: torch.Tensor) -> torch.Tensor:
@@ -67,11 +71,44 @@ class GEGLU(torch.autograd.Function):
         return dx
 
 
+# On the CPU, float32 (a training step's GEGLU; inference fuses GEGLU into its matmuls:
+# onednn_geglu.py) takes a C++ kernel in place of the eager reference's six passes.
+CPU_KERNEL = CppKernel("cpu_geglu.cpp", ["forward", "backward"], "GEGLU on the CPU runs its eager reference")
+
+
+def cpu_kernel_fits(x: torch.Tensor) -> bool:
+    """A non-empty float32 CPU tensor, outside a torch.compile trace (inductor fuses for itself)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0 and not torch.compiler.is_compiling()
+
+
+class GEGLUCPU(torch.autograd.Function):
+    """geglu on the CPU by cpu_geglu.cpp; under create_graph the backward is written in torch ops,
+    differentiable again."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous()
+        ctx.save_for_backward(x)
+        return CPU_KERNEL.module().forward(x)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph (a gradient penalty): gelu'(b) = Phi(b) + b phi(b)
+            a, b = x.chunk(2, dim=-1)
+            cdf = 0.5 * (1 + torch.erf(b * math.sqrt(0.5)))
+            pdf = torch.exp(-0.5 * b * b) / math.sqrt(2 * math.pi)
+            return torch.cat([dout * b * cdf, dout * a * (cdf + b * pdf)], dim=-1)
+        return CPU_KERNEL.module().backward(x, dout.contiguous())
+
+
 def geglu(x, backend="auto"):
     """a * gelu(b) for x = [a, b] along the last dimension."""
     if x.ndim == 0 or x.shape[-1] % 2:
         raise ValueError(f"geglu: the last dimension of x must be even, got shape {tuple(x.shape)}")
     if resolve("geglu", backend, x) == "eager" or x.numel() == 0:
+        if backend == "auto" and not forced_eager() and cpu_kernel_fits(x) and CPU_KERNEL.module() is not None:
+            return GEGLUCPU.apply(x)
         return geglu_reference(x)
     return GEGLU.apply(x)
 
