@@ -11,10 +11,11 @@ Winograd transform kept, as a held model keeps it; its first call, which makes i
     python benchmarks/winograd_conv.py [--dtype bf16]   # prints the markdown table (cpu-kernel-measurements.md)
     python benchmarks/winograd_conv.py --sd FILE [--dtype bf16]  # and a whole UNet forward, Winograd on and off
     python benchmarks/winograd_conv.py --train   # the demo UNet's convolutions in training, forward + backward
+    python benchmarks/winograd_conv.py --weight-grad   # the weight's gradient alone: oneDNN, F(2,3), F(4,3)
 
 --train times each of the demo UNet's 3x3 convolution shapes at its training batch (16) forward
 and backward (the input's, weight's and bias's gradients), F.conv2d against conv2d with autograd
-(WinogradConv2d: the forward and the input's gradient by Winograd, the weight's and bias's by oneDNN),
+(WinogradConv2d: the forward, the input's gradient and with 32+ channels the weight's by Winograd),
 and then the demo UNet's whole training step (benchmarks/anchors.py's, as `limner train` runs it)
 with Winograd in training and without (oneDNN's convolutions; its other kernels alike), in turn.
 
@@ -34,7 +35,7 @@ from in_turn import in_turn, medians
 
 from limner.bench import cpu_name
 from limner.kernels import Packed, conv2d, conv2d_packed, cpu_winograd
-from limner.kernels.cpu_winograd import faster, fits, tile
+from limner.kernels.cpu_winograd import faster, fits, tile, weight_grad_tile
 from limner.pipeline import freed_memory_kept
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -104,8 +105,9 @@ def training(runs: int = 15) -> None:
     lines = [f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
              f"{time.strftime('%Y-%m-%d')}; `python benchmarks/winograd_conv.py --train`; float32, forward + "
              f"backward (input, weight and bias gradients), medians of {runs} calls a side, alternated:", "",
-             "| shape: batch, in -> out, pixels | per step | F.conv2d ms | limner ms | F(m,3) | speed-up |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| shape: batch, in -> out, pixels | per step | F.conv2d ms | limner ms | F(m,3) | weight's F(m,3) "
+             "| speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     total = {"direct": 0.0, "limner": 0.0}
     for _, cin, cout, size, count in SHAPES["demo UNet (shapes-unet), 32x32"]:
         x = torch.randn(16, cin, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -117,11 +119,12 @@ def training(runs: int = 15) -> None:
         med = {name: seconds * 1e3 for name, seconds in medians(in_turn(sides, runs)).items()}
         for name in total:
             total[name] += med[name] * count
-        m = tile(x) if fits(x, w, b, training=True) and faster(x, w) else None
+        on = fits(x, w, b, training=True) and faster(x, w)
+        m, mw = (tile(x), weight_grad_tile(w)) if on else (None, None)
         lines.append(f"| 16, {cin} -> {cout}, {size}x{size} | {count} | {med['direct']:.2f} | {med['limner']:.2f} | "
-                     f"{m or ''} | {med['direct'] / med['limner']:.2f}x |")
+                     f"{m or ''} | {mw or ''} | {med['direct'] / med['limner']:.2f}x |")
     lines.append(f"| **demo UNet training step: its 3x3 convolutions** | | {total['direct']:.1f} | "
-                 f"{total['limner']:.1f} | | **{total['direct'] / total['limner']:.2f}x** |")
+                 f"{total['limner']:.1f} | | | **{total['direct'] / total['limner']:.2f}x** |")
     print("\n".join(lines))
     import copy
 
@@ -139,6 +142,34 @@ def training(runs: int = 15) -> None:
     print(f"\nThe demo UNet's training step (batch 16, forward + backward + fused AdamW, channels-last), medians of "
           f"{runs} alternated: Winograd in training {med['on'] * 1e3:.1f} ms, without {med['off'] * 1e3:.1f} ms: "
           f"**{med['off'] / med['on']:.2f}x**.")
+
+
+# weight gradients: (batch, in, out, pixels): the demo UNet's training shapes, fewer channels, SD 1.5's sizes
+WEIGHT_GRAD_SHAPES = [(16, 8, 8, 32), (16, 16, 16, 32), (16, 32, 32, 32), (16, 64, 64, 16), (16, 64, 64, 8),
+                      (16, 128, 64, 16), (16, 96, 32, 32), (2, 320, 320, 64), (2, 640, 640, 32), (2, 1280, 1280, 16),
+                      (2, 1280, 1280, 8)]
+
+
+def weight_grads(runs: int = 7) -> None:
+    """The 3x3 weight's gradient alone: oneDNN's (aten's convolution_backward) against the kernel's
+    weight_grad by F(2,3) and F(4,3), in turn: where WEIGHT_GRAD_CHANNELS and WEIGHT_GRAD_F4 come from."""
+    from limner.kernels.cpu_winograd import weight_grad
+
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+          f"`python benchmarks/winograd_conv.py --weight-grad`; float32, medians of {runs} calls a side, alternated:\n"
+          f"\n| shape: batch, in -> out, pixels | oneDNN ms | F(2,3) ms | F(4,3) ms | taken | speed-up |\n"
+          f"|---|---:|---:|---:|---:|---:|")
+    for n, cin, cout, size in WEIGHT_GRAD_SHAPES:
+        x = torch.randn(n, cin, size, size).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(cout, cin, 3, 3)
+        grad = torch.randn(n, cout, size, size).contiguous(memory_format=torch.channels_last)
+        onednn = partial(torch.ops.aten.convolution_backward, grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                         1, [False, True, False])
+        med = {k: v * 1e3 for k, v in medians(in_turn({"onednn": onednn, 2: partial(weight_grad, x, grad, 2),
+                                                        4: partial(weight_grad, x, grad, 4)}, runs)).items()}
+        m = weight_grad_tile(w)
+        print(f"| {n}, {cin} -> {cout}, {size}x{size} | {med['onednn']:.2f} | {med[2]:.2f} | {med[4]:.2f} | "
+              f"{f'F({m},3)' if m else 'oneDNN'} | {med['onednn'] / med[m or 'onednn']:.2f}x |")
 
 
 def _no_training(fits, *args, training: bool = False, **kwargs) -> bool:
@@ -207,9 +238,10 @@ if __name__ == "__main__":
     parser.add_argument("--sd", help="an SD 1.5-size single-file checkpoint: also time its whole UNet forward")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="float32 (default) or bf16")
     parser.add_argument("--train", action="store_true", help="the demo UNet's convolutions forward + backward")
+    parser.add_argument("--weight-grad", action="store_true", help="the weight's gradient alone, oneDNN and Winograd")
     args = parser.parse_args()
-    if args.train:
-        training()
+    if args.train or args.weight_grad:
+        training() if args.train else weight_grads()
         raise SystemExit
     main(DTYPES[args.dtype])
     if args.sd:

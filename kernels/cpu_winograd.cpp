@@ -1,4 +1,5 @@
-// Winograd convolution F(m x m, 3 x 3) for float32 and bf16 CPU tensors in channels-last memory (inference).
+// Winograd convolution F(m x m, 3 x 3) for float32 and bf16 CPU tensors in channels-last memory (and a
+// float32 weight's gradient: weight_grad).
 // Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016): an m x m output
 // tile of a 3x3 convolution is A^T [(G g G^T) . (B^T d B)] A for its (m+2) x (m+2) input tile d;
 // summed over input channels the element-wise product becomes (m+2)^2 independent matrix products
@@ -44,6 +45,8 @@ template <> struct Mats<2> {
   static constexpr float BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
   static constexpr float G[4][3] = {{1, 0, 0}, {.5f, .5f, .5f}, {.5f, -.5f, .5f}, {0, 0, 1}};
   static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+  static constexpr float A_[4][2] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};  // AT's transpose
+  static constexpr float GT[3][4] = {{1, .5f, .5f, 0}, {0, .5f, -.5f, 0}, {0, .5f, .5f, 1}};  // G's transpose
 };
 template <> struct Mats<4> {  // points 0, 1, -1, 1/2, -2
   static constexpr float BT[6][6] = {{1, -1.5f, -2, 1.5f, 1, 0},   {0, -1, .5f, 2.5f, 1, 0},    {0, 1, -2.5f, .5f, 1, 0},
@@ -55,6 +58,10 @@ template <> struct Mats<4> {  // points 0, 1, -1, 1/2, -2
                                     {1.f / 15, -2.f / 15, 4.f / 15},
                                     {0, 0, 1}};
   static constexpr float AT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, .5f, -2, 0}, {0, 1, 1, .25f, 4, 0}, {0, 1, -1, .125f, -8, 1}};
+  static constexpr float A_[6][4] = {{1, 0, 0, 0}, {1, 1, 1, 1}, {1, -1, 1, -1}, {1, .5f, .25f, .125f}, {1, -2, 4, -8}, {0, 0, 0, 1}};
+  static constexpr float GT[3][6] = {{1, 1.f / 3, -1.f / 3, -16.f / 15, 1.f / 15, 0},
+                                     {0, 1.f / 3, 1.f / 3, -8.f / 15, -2.f / 15, 0},
+                                     {0, 1.f / 3, -1.f / 3, -4.f / 15, 4.f / 15, 1}};
 };
 
 // sum_k c[k] * v[k * step], the zero and unit coefficients folded away once the loops unroll
@@ -138,6 +145,70 @@ void output_tiles(const float* Mm, const float* bias, T_* y, int64_t H, int64_t 
         }
       }
     }
+  });
+}
+
+// The weight gradient (Lavin & Gray 2016, section 5): the forward's m x m output tile is
+// A^T Mm A with Mm = U . V summed over input channels, so dL/dMm = A dY A^T for the tile's output
+// gradient dY (zero past the image's edge, where the forward wrote nothing), dL/dU[co, ci] =
+// sum over tiles of dL/dMm[co] . V[ci] (A*A matrix products [Cout, tiles] x [tiles, Cin]), and
+// dL/dg = G^T (dL/dU) G for U = G g G^T.
+template <int M>
+void grad_tiles(const float* dy, float* D, int64_t H, int64_t W, int64_t C, int64_t tH, int64_t tW, int64_t t0,
+                int64_t T, int64_t Tc) {
+  constexpr int A = M + 2;
+  using Mt = Mats<M>;
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    __m512 d[M * M], t[A * M];
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t tile = t0 + r, n = tile / (tH * tW), th = tile / tW % tH, tw = tile % tW;
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const __mmask16 live = C - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (C - c0)) - 1);
+#pragma GCC unroll 8
+        for (int i = 0; i < M; ++i) {
+          const int64_t h = th * M + i;
+#pragma GCC unroll 8
+          for (int j = 0; j < M; ++j) {
+            const int64_t w = tw * M + j;
+            d[i * M + j] = h < H && w < W ? load16(live, dy + ((n * H + h) * W + w) * C + c0) : _mm512_setzero_ps();
+          }
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+          for (int j = 0; j < M; ++j) t[i * M + j] = combine<M>(Mt::A_[i], d + j, M);  // A dY
+#pragma GCC unroll 8
+        for (int i = 0; i < A; ++i)
+#pragma GCC unroll 8
+          for (int j = 0; j < A; ++j)  // (A dY) A^T
+            store16(D + ((i * A + j) * Tc + r) * C + c0, live, combine<M>(Mt::A_[j], t + i * M, 1));
+      }
+    }
+  });
+}
+
+// dW[co][r][s][ci] = (G^T dU[:, co, ci] G)[r][s] for dU [A*A, Co, Ci]
+template <int M>
+void weight_grad_tiles(const float* dU, float* dW, int64_t Co, int64_t Ci) {
+  constexpr int A = M + 2;
+  using Mt = Mats<M>;
+  at::parallel_for(0, Co, 4, [&](int64_t begin, int64_t end) {
+    __m512 u[A * A], t[3 * A];
+    for (int64_t co = begin; co < end; ++co)
+      for (int64_t c0 = 0; c0 < Ci; c0 += 16) {
+        const __mmask16 live = Ci - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (Ci - c0)) - 1);
+#pragma GCC unroll 8
+        for (int k = 0; k < A * A; ++k) u[k] = _mm512_maskz_loadu_ps(live, dU + (k * Co + co) * Ci + c0);
+#pragma GCC unroll 3
+        for (int r = 0; r < 3; ++r)
+#pragma GCC unroll 8
+          for (int j = 0; j < A; ++j) t[r * A + j] = combine<A>(Mt::GT[r], u + j, A);  // G^T dU
+#pragma GCC unroll 3
+        for (int r = 0; r < 3; ++r)
+#pragma GCC unroll 3
+          for (int s = 0; s < 3; ++s)  // (G^T dU) G
+            _mm512_mask_storeu_ps(dW + ((co * 3 + r) * 3 + s) * Ci + c0, live, combine<A>(Mt::GT[s], t + r * A, 1));
+      }
   });
 }
 
@@ -344,3 +415,35 @@ at::Tensor forward_fused(at::Tensor x, at::Tensor U, c10::optional<at::Tensor> b
 }
 
 bool bf16_available() { return bf16_brgemm_runs(); }
+
+// The 3x3 weight's gradient of the stride-1, padding-1 convolution of x with output gradient dy (both
+// channels-last float32), by F(m x m, 3 x 3): [Cout, Cin, 3, 3] with channels-last strides.
+at::Tensor weight_grad(at::Tensor x, at::Tensor dy, int64_t m, int64_t chunk) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+              dy.dim() == 4 && dy.scalar_type() == at::kFloat && dy.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "channels-last float32 input and output gradient");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), A = m + 2, Co = dy.size(1);
+  TORCH_CHECK(dy.size(0) == N && dy.size(2) == H && dy.size(3) == W, "an output gradient of the input's size");
+  TORCH_CHECK(m == 2 || m == 4, "m must be 2 or 4");
+  const int64_t tH = (H + m - 1) / m, tW = (W + m - 1) / m, T = N * tH * tW;
+  const int64_t Tc = std::min(T, std::max<int64_t>(chunk, 1));
+  at::Tensor work = at::empty({A * A * Tc * (C + Co)}, x.options());
+  at::Tensor V = work.narrow(0, 0, A * A * Tc * C).view({A * A, Tc, C});
+  at::Tensor D = work.narrow(0, A * A * Tc * C, A * A * Tc * Co).view({A * A, Tc, Co});
+  at::Tensor dU = at::zeros({A * A, Co, C}, x.options());
+  for (int64_t t0 = 0; t0 < T; t0 += Tc) {
+    const int64_t n = std::min(Tc, T - t0);
+    if (m == 2) {
+      input_tiles<2>(x.data_ptr<float>(), V.data_ptr<float>(), H, W, C, tH, tW, t0, n, Tc);
+      grad_tiles<2>(dy.data_ptr<float>(), D.data_ptr<float>(), H, W, Co, tH, tW, t0, n, Tc);
+    } else {
+      input_tiles<4>(x.data_ptr<float>(), V.data_ptr<float>(), H, W, C, tH, tW, t0, n, Tc);
+      grad_tiles<4>(dy.data_ptr<float>(), D.data_ptr<float>(), H, W, Co, tH, tW, t0, n, Tc);
+    }
+    dU.baddbmm_(D.narrow(1, 0, n).transpose(1, 2), V.narrow(1, 0, n));
+  }
+  at::Tensor dW = at::empty({Co, 3, 3, C}, x.options());
+  if (m == 2) weight_grad_tiles<2>(dU.data_ptr<float>(), dW.data_ptr<float>(), Co, C);
+  else weight_grad_tiles<4>(dU.data_ptr<float>(), dW.data_ptr<float>(), Co, C);
+  return dW.permute({0, 3, 1, 2});
+}

@@ -2,7 +2,7 @@
 
 conv2d_winograd(x, weight, bias) = F.conv2d(x, weight, bias, padding=1) for float32 or bf16 CPU
 tensors, x channels-last, a 3x3 weight, stride 1, no gradient to take (inference; with one, float32,
-`conv2d` runs WinogradConv2d: its forward and input gradient by this kernel). Lavin & Gray 2016:
+`conv2d` runs WinogradConv2d: its forward, input gradient and weight gradient by this kernel). Lavin & Gray 2016:
 F(4x4, 3x3) multiplies a quarter as often as the direct convolution, F(2x2, 3x3) 1/2.25 as often;
 the price is the transforms (cheap next to the matrix products once there are a few dozen
 channels) and rounding: F(2,3)'s results are as close to float64 as oneDNN's direct
@@ -28,7 +28,7 @@ from ._cpp import CppKernel
 from .onednn_conv import Packed, conv2d_packed
 
 KERNEL = CppKernel("cpu_winograd.cpp", ["weights", "forward", "weights_bf16", "forward_bf16", "forward_fused",
-                                         "bf16_available"],
+                                         "bf16_available", "weight_grad"],
                    "3x3 convolutions use oneDNN's direct ones", flags=("-mavx512bf16", "-mavx512bw", "-mavx512vl"))
 BACKENDS = ("auto", "winograd", "eager")
 # Tiles per transform-multiply-transform round: up to 1,024 (the matrix products re-read the
@@ -47,6 +47,12 @@ FUSED_CHANNELS = 256
 # cpu-kernel-measurements.md), large ones' a smaller one, and keeping them would add their size to
 # the model's memory (SD 1.5's 320-2560-channel ones: 15-210 MB each, 4x the weight at F(4,3)).
 KEEP_BYTES = 1 << 20
+# In training the weight's gradient goes by Winograd too (weight_grad) where it measured faster than
+# oneDNN's: 32 or more channels in and out (1.2-2x at the demo UNet's training shapes; at 8 channels
+# 0.6x), by F(4x4, 3x3) up to 256 x 256 channels (its [36, Cout, Cin] sums 9 MB) and F(2x2, 3x3)
+# above (at 640-1280 channels F(4,3)'s 59-236 MB of sums cost more than its fewer products save):
+# benchmarks/results/cpu-kernel-measurements.md.
+WEIGHT_GRAD_CHANNELS, WEIGHT_GRAD_F4 = 32, 256 * 256
 
 
 def _pair(v) -> tuple[int, int]:
@@ -140,16 +146,35 @@ def _winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         tiles = x.shape[0] * -(-x.shape[2] // m) * -(-x.shape[3] // m)
         rows = max(16, min(64, tiles // (2 * torch.get_num_threads())))  # two tasks a thread at least
         return module.forward_fused(x, U, bias, m, rows)
-    per_tile = (m + 2) ** 2 * 4 * channels
-    return module.forward(x, U, bias, m, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
+    return module.forward(x, U, bias, m, _chunk(m, channels))
+
+
+def _chunk(m: int, channels: int) -> int:
+    """Tiles per round of the kernel's forward and weight_grad for channels in + out (CHUNK, CHUNK_BYTES)."""
+    return min(CHUNK, max(64, CHUNK_BYTES // ((m + 2) ** 2 * 4 * channels)))
+
+
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, m: int) -> torch.Tensor:
+    """The 3x3 weight's gradient of a stride-1, padding-1 convolution of x whose output has gradient
+    `grad` (both float32 channels-last [N, C, H, W]), by F(m x m, 3 x 3): the tiles' transforms, A*A
+    matrix products [Cout, tiles] x [tiles, Cin] summed over the tiles, G^T (.) G back to 3x3
+    (Lavin & Gray 2016, section 5). [Cout, Cin, 3, 3] in channels-last strides."""
+    return KERNEL.module().weight_grad(x, grad, m, _chunk(m, x.shape[1] + grad.shape[1]))
+
+
+def weight_grad_tile(weight: torch.Tensor) -> int | None:
+    """m for the weight's gradient by Winograd, None where oneDNN's measured faster (WEIGHT_GRAD_*)."""
+    if min(weight.shape[0], weight.shape[1]) < WEIGHT_GRAD_CHANNELS:
+        return None
+    return 4 if weight.shape[0] * weight.shape[1] <= WEIGHT_GRAD_F4 else 2
 
 
 class WinogradConv2d(torch.autograd.Function):
-    """F.conv2d(x, weight, bias, padding=1) with its gradients, float32: the output and the input's
-    gradient by Winograd (the input's gradient is the output gradient's convolution with the weight
-    turned half a turn, its in and out channels swapped), the weight's and the bias's by oneDNN
-    (aten's convolution_backward; a Winograd weight gradient would need its own kernel). The demo
-    UNet's 3x3 convolutions forward + backward 1.15-1.20x oneDNN's, its training step 1.05x
+    """F.conv2d(x, weight, bias, padding=1) with its gradients, float32, by Winograd: the output, the
+    input's gradient (the output gradient's convolution with the weight turned half a turn, its in
+    and out channels swapped) and, with 32+ channels in and out, the weight's (`weight_grad`); the
+    bias's is the output gradient's sum, fewer channels' weight gradient oneDNN's (aten's
+    convolution_backward). The demo UNet's 3x3 convolutions forward + backward 1.32-1.37x oneDNN's
     (benchmarks/winograd_conv.py --train). Under create_graph (a gradient penalty) the gradients
     are torch's own, differentiable again."""
 
@@ -171,7 +196,11 @@ class WinogradConv2d(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: gradients that are differentiable again
             return (*onednn([want_x, want_w, want_b]), None)
         grad_x = _winograd(grad, weight.flip(2, 3).transpose(0, 1).contiguous(), None, ctx.m) if want_x else None
-        _, grad_w, grad_b = onednn([False, want_w, want_b]) if want_w or want_b else (None, None, None)
+        m = weight_grad_tile(weight) if want_w else None
+        if m is None:
+            _, grad_w, grad_b = onednn([False, want_w, want_b]) if want_w or want_b else (None, None, None)
+        else:
+            grad_w, grad_b = weight_grad(x, grad, m), grad.sum((0, 2, 3)) if want_b else None
         return grad_x, grad_w, grad_b, None
 
 

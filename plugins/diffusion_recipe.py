@@ -231,7 +231,7 @@ class Trainer(TrainerBase):
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
             self.ema.model.to(memory_format=torch.channels_last)
-        kernel_convs(self.model)  # float32 3x3 ones by Winograd, forward and input gradient: the demo's step 1.05x
+        kernel_convs(self.model)  # float32 3x3 ones by Winograd, forward and gradients: cpu-kernel-measurements.md
         self.trained = trained = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = adamw(trained, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.opts = {"model": self.opt}

@@ -225,18 +225,59 @@ def test_winograd_conv2d_matches_a_float64_reference(monkeypatch, m, fused, n, c
     assert float(((out.double() - exact).abs() / scale).max()) <= (8 if m == 2 else 64)
 
 
+def weight_grad_scale(grad: torch.Tensor, x: torch.Tensor, cin: int) -> torch.Tensor:
+    """float32's epsilon times the weight gradient of |x| with output gradient |grad| (the componentwise
+    bound of a sum over batch and pixels), the largest of each (out, in) channel pair's nine: Winograd's
+    transforms mix a pair's nine weights, so a small one (a 1-pixel-high image's top and bottom rows:
+    exactly 0) carries rounding of the pair's large ones."""
+    w = torch.zeros(grad.shape[1], cin, 3, 3, dtype=torch.float64)
+    scale = torch.ops.aten.convolution_backward(grad.double().abs(), x.double().abs(), w, None, [1, 1], [1, 1],
+                                                [1, 1], False, [0, 0], 1, [False, True, False])[1] * 2.0 ** -24
+    return scale.amax(dim=(2, 3), keepdim=True)
+
+
 @pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("n, cin, cout, h, w, chunk", [
+    (1, 9, 11, 7, 9, 1024), (2, 17, 33, 13, 6, 5), (3, 40, 24, 33, 35, 64), (1, 16, 16, 1, 2, 1),
+    (4, 33, 48, 17, 19, 7),
+])
+def test_winograd_weight_grad_matches_a_float64_reference(monkeypatch, m, n, cin, cout, h, w, chunk):
+    """The weight's gradient by F(2,3) and F(4,3) (tiles' transforms, products summed over the tiles in
+    rounds, a partial last one, G^T (.) G) against float64's, over odd shapes: channels not a
+    multiple of 16, images not a multiple of m (the output gradient's tiles past the edge are
+    zero), 1x2 pixels. Error in float32 epsilons times the gradient of |x| and |grad| per weight:
+    oneDNN measures 0.5-1.8 here, F(2,3) 0.8-3.2, F(4,3) 3-17.5; held to 8 and 64."""
+    cpu_winograd = winograd_kernel()
+    monkeypatch.setattr(cpu_winograd, "CHUNK", chunk)
+    x = randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
+    grad = randn(n, cout, h, w, seed=3).contiguous(memory_format=torch.channels_last)
+    x64 = x.double().requires_grad_()
+    w64 = (randn(cout, cin, 3, 3, seed=1) / cin ** 0.5).double().requires_grad_()
+    (exact,) = torch.autograd.grad(torch.nn.functional.conv2d(x64, w64, padding=1), w64, grad.double())
+    got = cpu_winograd.weight_grad(x, grad, m)
+    assert got.shape == (cout, cin, 3, 3) and got.is_contiguous(memory_format=torch.channels_last)
+    assert float(((got.double() - exact).abs() / weight_grad_scale(grad, x, cin)).max()) <= (8 if m == 2 else 64)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("weight_by", ["onednn", "winograd"])
 @pytest.mark.parametrize("n, cin, cout, h, w, bias, wanted", [
     (1, 9, 11, 7, 9, True, "xwb"), (2, 17, 33, 13, 6, False, "xw"), (3, 40, 24, 33, 35, True, "xwb"),
     (2, 24, 40, 5, 33, True, "x"), (1, 16, 16, 9, 9, True, "wb"),
 ])
-def test_winograd_conv2d_gradients_match_a_float64_reference(m, n, cin, cout, h, w, bias, wanted):
+def test_winograd_conv2d_gradients_match_a_float64_reference(monkeypatch, m, weight_by, n, cin, cout, h, w, bias,
+                                                             wanted):
     """WinogradConv2d (conv2d with autograd, float32): the output and the gradients asked for (of the
     input, weight, bias; others None) against float64 autograd through F.conv2d on the same inputs,
     over odd shapes. The input's gradient is itself a Winograd convolution, held to its forward's
     bound (float32 epsilons times |grad| conv |w| per element: 8 for F(2,3), 64 for F(4,3)); the
-    weight's and bias's are oneDNN's (a sum over batch and pixels: 1e-5 of the largest)."""
+    weight's, oneDNN's or Winograd's (F(4,3) at these channels), to 64 of its own bound
+    (weight_grad_scale); the bias's (the output gradient's sum, or oneDNN's) to 1e-5 of the largest."""
     cpu_winograd = winograd_kernel()
+    monkeypatch.setattr(cpu_winograd, "WEIGHT_GRAD_CHANNELS", 1 if weight_by == "winograd" else 10 ** 6)
+    calls = []
+    real = cpu_winograd.weight_grad
+    monkeypatch.setattr(cpu_winograd, "weight_grad", lambda *a: calls.append(a[2]) or real(*a))
     F = torch.nn.functional
     x = randn(n, cin, h, w).contiguous(memory_format=torch.channels_last)
     wt, b = randn(cout, cin, 3, 3, seed=1) / cin ** 0.5, randn(cout, seed=2) if bias else None
@@ -254,9 +295,11 @@ def test_winograd_conv2d_gradients_match_a_float64_reference(m, n, cin, cout, h,
     if "x" in got:
         scale = F.conv_transpose2d(grad.double().abs(), wt.double().abs(), padding=1) * 2.0 ** -24
         assert float(((got["x"].double() - exact["x"]).abs() / scale).max()) <= (8 if m == 2 else 64)
-    for k in "wb":
-        if k in got:
-            assert torch.allclose(got[k].double(), exact[k], rtol=0, atol=1e-5 * float(exact[k].abs().max()))
+    assert calls == ([4] if weight_by == "winograd" and "w" in wanted else [])
+    if "w" in got:
+        assert float(((got["w"].double() - exact["w"]).abs() / weight_grad_scale(grad, x, cin)).max()) <= 64
+    if "b" in got:
+        assert torch.allclose(got["b"].double(), exact["b"], rtol=0, atol=1e-5 * float(exact["b"].abs().max()))
 
 
 def test_winograd_conv2d_gradients_can_be_differentiated_again():
