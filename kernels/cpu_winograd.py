@@ -2,8 +2,8 @@
 
 conv2d_winograd(x, weight, bias) = F.conv2d(x, weight, bias, padding=1) for float32 or bf16 CPU
 tensors, x channels-last, a 3x3 weight, stride 1, no gradient to take (inference; with one, float32,
-`conv2d` runs WinogradConv2d: its forward, input gradient and weight gradient by this kernel). Lavin & Gray 2016:
-F(4x4, 3x3) multiplies a quarter as often as the direct convolution, F(2x2, 3x3) 1/2.25 as often;
+`conv2d` runs WinogradConv2d: its forward, input gradient and weight gradient by this kernel).
+Lavin & Gray 2016: F(4x4, 3x3) multiplies a quarter as often as the direct convolution, F(2x2, 3x3) 1/2.25 as often;
 the price is the transforms (cheap next to the matrix products once there are a few dozen
 channels) and rounding: F(2,3)'s results are as close to float64 as oneDNN's direct
 convolution's, F(4,3)'s a few times further (its output transform multiplies by up to 8; measured in

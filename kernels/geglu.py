@@ -87,9 +87,8 @@ class GEGLUCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        x = x.contiguous()
-        ctx.save_for_backward(x)
-        return CPU_KERNEL.module().forward(x)
+        ctx.save_for_backward(x)  # the input itself (not a contiguous copy): create_graph differentiates through it
+        return CPU_KERNEL.module().forward(x.contiguous())
 
     @staticmethod
     def backward(ctx, dout):
@@ -99,7 +98,7 @@ class GEGLUCPU(torch.autograd.Function):
             cdf = 0.5 * (1 + torch.erf(b * math.sqrt(0.5)))
             pdf = torch.exp(-0.5 * b * b) / math.sqrt(2 * math.pi)
             return torch.cat([dout * b * cdf, dout * a * (cdf + b * pdf)], dim=-1)
-        return CPU_KERNEL.module().backward(x, dout.contiguous())
+        return CPU_KERNEL.module().backward(x.contiguous(), dout.contiguous())
 
 
 def geglu(x, backend="auto"):

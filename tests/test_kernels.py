@@ -1000,15 +1000,18 @@ def test_cpu_geglu_matches_the_reference_with_gradients(shape):
 
 def test_cpu_geglu_gradient_is_differentiable_again():
     """Under create_graph (a gradient penalty) the backward is torch ops: the second derivative
-    equals the reference's."""
+    equals the reference's, for a non-contiguous input too (a transposed view: the kernel reads a
+    contiguous copy, the second derivative must still reach the input)."""
     module = _geglu_module()
-    x = randn(3, 10, scale=2.0).requires_grad_()
-    xr = x.detach().requires_grad_()
-    (g,) = torch.autograd.grad(module.GEGLUCPU.apply(x).square().sum(), x, create_graph=True)
-    (gr,) = torch.autograd.grad(geglu_reference(xr).square().sum(), xr, create_graph=True)
-    torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(torch.autograd.grad(g.sum(), x)[0], torch.autograd.grad(gr.sum(), xr)[0],
-                               atol=1e-5, rtol=1e-5)
+    for base in (randn(3, 10, scale=2.0), randn(10, 3, scale=2.0).t()):
+        leaf, leaf_ref = base.clone().requires_grad_(), base.clone().requires_grad_()
+        x, xr = leaf + 0, leaf_ref + 0  # views of the leaves' layout: non-contiguous for the transposed one
+        assert x.is_contiguous() == base.is_contiguous()
+        (g,) = torch.autograd.grad(module.GEGLUCPU.apply(x).square().sum(), leaf, create_graph=True)
+        (gr,) = torch.autograd.grad(geglu_reference(xr).square().sum(), leaf_ref, create_graph=True)
+        torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.autograd.grad(g.sum(), leaf)[0], torch.autograd.grad(gr.sum(), leaf_ref)[0],
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_geglu_takes_the_cpu_kernel_only_for_float32(monkeypatch):
