@@ -98,7 +98,7 @@ def test_fused_op_references_follow_their_formulas():
     ln = (t - t.mean(-1, keepdim=True)) / (t.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
     assert torch.allclose(adaln_modulate(t, shift, s2), ln * (1 + s2[:, None]) + shift[:, None], atol=1e-5)
     assert torch.allclose(gated_residual(t, g, 2 * t), t + g[:, None] * 2 * t)
-    assert torch.allclose(geglu(t), t[..., :3] * F.gelu(t[..., 3:]))
+    assert torch.allclose(geglu(t), t[..., :3] * F.gelu(t[..., 3:]), atol=1e-6)  # the CPU kernel's erf: 1.5e-7
     with pytest.raises(ValueError, match="group_norm_silu: unknown backend 'cuda'; valid: auto, triton, eager"):
         group_norm_silu(x, 3, w, b, backend="cuda")
 
