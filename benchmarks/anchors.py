@@ -343,6 +343,25 @@ class Sides:
         return run
 
 
+def train_step_with_and_without(module: types.ModuleType, name: str, off: object, runs: int) -> dict[str, float]:
+    """Median seconds of limner's demo training step (channels-last) with `module.name` as shipped
+    ("on") and replaced by `off` ("off"), each side called in turn: one kernel's share of the step
+    (benchmarks/winograd_conv.py --train, benchmarks/geglu_cpu.py)."""
+    from in_turn import in_turn
+
+    sides, shipped = Sides(torch.device("cpu")), getattr(module, name)
+    steps = {side: sides.limner_train_step(copy.deepcopy(sides.ours), channels_last=True) for side in ("on", "off")}
+
+    def step(side: str) -> None:
+        setattr(module, name, shipped if side == "on" else off)
+        steps[side]()
+    try:
+        times = in_turn({side: (lambda side=side: step(side)) for side in steps}, runs)
+    finally:
+        setattr(module, name, shipped)
+    return {side: statistics.median(t) for side, t in times.items()}
+
+
 def k_diffusion_sampling():
     """k_diffusion.sampling, importable without torchvision (see the module docstring)."""
     if "k_diffusion.sampling" in sys.modules:

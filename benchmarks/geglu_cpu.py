@@ -9,7 +9,6 @@ each side called in turn.
 """
 from __future__ import annotations
 
-import copy
 import importlib
 import time
 from functools import partial
@@ -52,17 +51,9 @@ def main(runs: int = 15) -> None:
     lines.append(f"| **demo UNet training step: its GEGLUs** | | {total['eager']:.1f} | {total['limner']:.1f} | "
                  f"**{total['eager'] / total['limner']:.2f}x** |")
     print("\n".join(lines))
-    from anchors import Sides
+    from anchors import train_step_with_and_without
 
-    sides, shipped = Sides(torch.device("cpu")), module.cpu_kernel_fits
-    steps = {name: sides.limner_train_step(copy.deepcopy(sides.ours), channels_last=True) for name in ("on", "off")}
-
-    def step(name: str) -> None:  # "off": the eager reference, as before the kernel
-        module.cpu_kernel_fits = shipped if name == "on" else (lambda x: False)
-        steps[name]()
-    times = in_turn({name: partial(step, name) for name in steps}, runs)
-    module.cpu_kernel_fits = shipped
-    med = medians(times)
+    med = train_step_with_and_without(module, "cpu_kernel_fits", lambda x: False, runs)  # off: the eager reference
     print(f"\nThe demo UNet's training step (batch 16, forward + backward + fused AdamW, channels-last), medians of "
           f"{runs} alternated: with the GEGLU kernel {med['on'] * 1e3:.1f} ms, without {med['off'] * 1e3:.1f} ms: "
           f"**{med['off'] / med['on']:.2f}x**.")

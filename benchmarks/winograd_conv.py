@@ -126,19 +126,10 @@ def training(runs: int = 15) -> None:
     lines.append(f"| **demo UNet training step: its 3x3 convolutions** | | {total['direct']:.1f} | "
                  f"{total['limner']:.1f} | | | **{total['direct'] / total['limner']:.2f}x** |")
     print("\n".join(lines))
-    import copy
+    from anchors import train_step_with_and_without
 
-    from anchors import Sides
-
-    sides, shipped = Sides(torch.device("cpu")), cpu_winograd.fits
-    steps = {name: sides.limner_train_step(copy.deepcopy(sides.ours), channels_last=True) for name in ("on", "off")}
-
-    def step(name: str) -> None:  # "off": Winograd for no-grad calls only, as before training took it
-        cpu_winograd.fits = shipped if name == "on" else partial(_no_training, shipped)
-        steps[name]()
-    times = in_turn({name: partial(step, name) for name in steps}, runs)
-    cpu_winograd.fits = shipped
-    med = medians(times)
+    # off: Winograd for no-grad calls only, as before training took it
+    med = train_step_with_and_without(cpu_winograd, "fits", partial(_no_training, cpu_winograd.fits), runs)
     print(f"\nThe demo UNet's training step (batch 16, forward + backward + fused AdamW, channels-last), medians of "
           f"{runs} alternated: Winograd in training {med['on'] * 1e3:.1f} ms, without {med['off'] * 1e3:.1f} ms: "
           f"**{med['off'] / med['on']:.2f}x**.")
