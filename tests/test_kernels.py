@@ -918,11 +918,13 @@ def test_cpu_f32_attention_takes_only_its_inputs_and_auto_picks_it_where_it_is_f
     assert not kernel.fits(grad, long, long) and preferred_backend(grad, long, long) == "sdpa"
 
 
-def _gns_module():
+def cpu_kernel_module(name: str):
+    """limner.kernels.<name> (the module: the package's attribute of that name is the function),
+    skipping the test where its C++ CPU kernel cannot be built here."""
     import sys
-    module = sys.modules["limner.kernels.group_norm_silu"]
+    module = sys.modules[f"limner.kernels.{name}"]
     if module.CPU_KERNEL.module() is None:
-        pytest.skip(f"limner's CPU GroupNorm kernel is not available here: {module.CPU_KERNEL.failure}")
+        pytest.skip(f"limner's CPU {name} kernel is not available here: {module.CPU_KERNEL.failure}")
     return module
 
 
@@ -933,7 +935,7 @@ def _gns_module():
 def test_cpu_group_norm_silu_matches_the_reference_with_gradients(shape, groups, params):
     """The C++ channels-last GroupNorm + FiLM + SiLU against the float64 reference: output and the
     gradients of every input, over odd spatial sizes, group counts and parameter subsets."""
-    module = _gns_module()
+    module = cpu_kernel_module("group_norm_silu")
     n, c = shape[:2]
     x = (randn(*shape) * 3 + 1).contiguous(memory_format=torch.channels_last).requires_grad_()
     given = {"w": randn(c, seed=1), "b": randn(c, seed=2), "scale": randn(n, c, seed=3), "shift": randn(n, c, seed=4)}
@@ -952,7 +954,7 @@ def test_cpu_group_norm_silu_matches_the_reference_with_gradients(shape, groups,
 
 
 def test_group_norm_silu_takes_the_cpu_kernel_only_for_channels_last_float32(monkeypatch):
-    module = _gns_module()
+    module = cpu_kernel_module("group_norm_silu")
     taken = []
     real = module.GroupNormSiLUCPU.apply
     monkeypatch.setattr(module.GroupNormSiLUCPU, "apply", lambda *a: taken.append(a[0].shape) or real(*a))
@@ -968,21 +970,12 @@ def test_group_norm_silu_takes_the_cpu_kernel_only_for_channels_last_float32(mon
     assert taken == [cl.shape]
 
 
-
-def _geglu_module():
-    import sys
-    module = sys.modules["limner.kernels.geglu"]
-    if module.CPU_KERNEL.module() is None:
-        pytest.skip(f"limner's CPU GEGLU kernel is not available here: {module.CPU_KERNEL.failure}")
-    return module
-
-
 @pytest.mark.parametrize("shape", [(3, 5, 38), (7, 2), (2, 1, 3, 66), (4, 32), (2, 9, 1026)])
 def test_cpu_geglu_matches_the_reference_with_gradients(shape):
     """The C++ GEGLU (float32) against the float64 reference: output and input gradient over odd
     widths (a masked tail; 16-wide vectors), gates from -12 to 12 (erfc's tail on both sides); no
     further from float64 than eager float32 is, give or take 1e-6 of the largest value."""
-    module = _geglu_module()
+    module = cpu_kernel_module("geglu")
     x = randn(*shape, scale=4.0).requires_grad_()
     dy = randn(*shape[:-1], shape[-1] // 2, seed=1)
     x64 = x.detach().double().requires_grad_()
@@ -1000,12 +993,12 @@ def test_cpu_geglu_matches_the_reference_with_gradients(shape):
 
 def test_cpu_geglu_gradient_is_differentiable_again():
     """Under create_graph (a gradient penalty) the backward is torch ops: the second derivative
-    equals the reference's, for a non-contiguous input too (a transposed view: the kernel reads a
+    equals the reference's, for a non-contiguous input too (transposed strides: the kernel reads a
     contiguous copy, the second derivative must still reach the input)."""
-    module = _geglu_module()
+    module = cpu_kernel_module("geglu")
     for base in (randn(3, 10, scale=2.0), randn(10, 3, scale=2.0).t()):
         leaf, leaf_ref = base.clone().requires_grad_(), base.clone().requires_grad_()
-        x, xr = leaf + 0, leaf_ref + 0  # views of the leaves' layout: non-contiguous for the transposed one
+        x, xr = leaf + 0, leaf_ref + 0  # in the leaves' layout: non-contiguous for the transposed one
         assert x.is_contiguous() == base.is_contiguous()
         (g,) = torch.autograd.grad(module.GEGLUCPU.apply(x).square().sum(), leaf, create_graph=True)
         (gr,) = torch.autograd.grad(geglu_reference(xr).square().sum(), leaf_ref, create_graph=True)
@@ -1015,7 +1008,7 @@ def test_cpu_geglu_gradient_is_differentiable_again():
 
 
 def test_geglu_takes_the_cpu_kernel_only_for_float32(monkeypatch):
-    module = _geglu_module()
+    module = cpu_kernel_module("geglu")
     taken = []
     real = module.GEGLUCPU.apply
     monkeypatch.setattr(module.GEGLUCPU, "apply", lambda x: taken.append(x.dtype) or real(x))
@@ -1029,6 +1022,7 @@ def test_geglu_takes_the_cpu_kernel_only_for_float32(monkeypatch):
     monkeypatch.setenv("LIMNER_KERNELS", "eager")
     geglu(x)
     assert taken == [torch.float32]
+
 
 # --- the backend switch and the attention preference table -------------------------------------
 
