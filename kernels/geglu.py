@@ -2,8 +2,6 @@
 (a, b), return a * GELU(b) with the exact (erf) GELU. Fused: one read of x, one write of
 the half-size output; eager materialises gelu(b) and the chunks' product separately. Triton's
 kernel on CUDA; on the CPU, float32 takes a C++ kernel (cpu_geglu.cpp), forward and backward."""
-import math
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -82,8 +80,8 @@ def cpu_kernel_fits(x: torch.Tensor) -> bool:
 
 
 class GEGLUCPU(torch.autograd.Function):
-    """geglu on the CPU by cpu_geglu.cpp; under create_graph the backward is written in torch ops,
-    differentiable again."""
+    """geglu on the CPU by cpu_geglu.cpp; under create_graph the backward is autograd's through
+    geglu_reference, differentiable again."""
 
     @staticmethod
     def forward(ctx, x):
@@ -93,11 +91,8 @@ class GEGLUCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         (x,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph (a gradient penalty): gelu'(b) = Phi(b) + b phi(b)
-            a, b = x.chunk(2, dim=-1)
-            cdf = 0.5 * (1 + torch.erf(b * math.sqrt(0.5)))
-            pdf = torch.exp(-0.5 * b * b) / math.sqrt(2 * math.pi)
-            return torch.cat([dout * b * cdf, dout * a * (cdf + b * pdf)], dim=-1)
+        if torch.is_grad_enabled():  # create_graph (a gradient penalty): the reference's own gradient
+            return torch.autograd.grad(geglu_reference(x), x, dout, create_graph=True)[0]
         return CPU_KERNEL.module().backward(x.contiguous(), dout.contiguous())
 
 
