@@ -993,8 +993,8 @@ def test_cpu_geglu_matches_the_reference_with_gradients(shape):
 
 def test_cpu_geglu_gradient_is_differentiable_again():
     """Under create_graph (a gradient penalty) the backward is autograd's through the reference: the
-    second derivative equals the reference's, for a non-contiguous input too (transposed strides: the kernel reads a
-    contiguous copy, the second derivative must still reach the input)."""
+    second derivative equals the reference's, for a non-contiguous input too (transposed strides:
+    the kernel reads a contiguous copy, the second derivative must still reach the input)."""
     module = cpu_kernel_module("geglu")
     for base in (randn(3, 10, scale=2.0), randn(10, 3, scale=2.0).t()):
         leaf, leaf_ref = base.clone().requires_grad_(), base.clone().requires_grad_()
