@@ -46,8 +46,19 @@ class Declared:
 
 def _backend(name: str) -> Callable:
     if torch.compiler.is_compiling():  # a trace must not step into plugin loading: built untraced, once
-        return _built[name][1] if name in _built else torch.compiler.disable(_build)(name)
+        _untraced(name)
+        return _built[name][1]
     return _build(name)
+
+
+@torch.compiler.assume_constant_result
+def _untraced(name: str = "") -> bool:
+    """Builds the backend `name` (every backend where none is named) for a torch.compile trace: dynamo
+    runs this as it traces and keeps its constant result, so plugin loading is no graph break
+    (torch.compiler.disable would split the graph, and a break in a UNet's loop over its blocks
+    throws the whole forward back to eager)."""
+    _build(name) if name else _refresh()
+    return True
 
 
 def _build(name: str) -> Callable:
@@ -166,8 +177,9 @@ def buildable_backends() -> list[tuple[str, Callable]]:
 
 def untimed_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> str:
     """The fixed rule: the highest-ranked declared backend whose `fits` takes these inputs."""
-    if torch.compiler.is_compiling():  # a trace reads the list built before it; plugin loading stays untraced
-        ranked = _buildable[2] if _buildable is not None else torch.compiler.disable(_refresh)()[2]
+    if torch.compiler.is_compiling():  # plugin loading stays out of the trace
+        _untraced()
+        ranked = _buildable[2]
     else:
         ranked = _refresh()[2]
     for name, fn in ranked:

@@ -48,8 +48,8 @@ class KernelConv2d(nn.Conv2d):
     (float32, in training too: its forward and input gradient; bf16 inference with its transformed
     weight kept), other bf16 ones on a weight packed for oneDNN once instead of at every call
     (conv2d_packed; same outputs). What limner.pipeline.kernel_convs turns a pipeline's and a
-    diffusion training run's convolutions into (`from_conv`); under torch.compile and elsewhere,
-    nn.Conv2d's."""
+    diffusion training run's convolutions into (`from_conv`); elsewhere nn.Conv2d's. Under torch.compile
+    the Winograd kernel is one op of the graph, its weight transformed in the graph (no kept copy)."""
 
     packed: Packed
 
@@ -60,7 +60,7 @@ class KernelConv2d(nn.Conv2d):
         return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode != "zeros" or torch.compiler.is_compiling():  # a compiled graph packs for itself
+        if self.padding_mode != "zeros":
             return super().forward(x)
         weight, bias, packed = self.weight, self.bias, self.packed
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \

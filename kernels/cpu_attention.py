@@ -19,6 +19,13 @@ from ._cpp import CppKernel
 HEAD_DIM = 16
 KERNEL = CppKernel("cpu_attention.cpp", ["forward", "backward"],
                    "attention on the CPU uses torch's sdpa (slower at head dim 16)")
+KERNEL.define("forward", "(Tensor q, Tensor k, Tensor v, Tensor bias, float scale) -> Tensor[]",
+              lambda q, k, v, bias, scale: [q.new_empty(q.shape[0], q.shape[2], q.shape[1], HEAD_DIM),
+                                            q.new_empty(q.shape[:3])])
+KERNEL.define("backward", "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor bias, Tensor out, Tensor lse, "
+              "float scale) -> Tensor[]",
+              lambda dout, q, k, v, *_: [q.new_empty(*q.shape[:3], HEAD_DIM), k.new_empty(*k.shape[:3], HEAD_DIM),
+                                        k.new_empty(*k.shape[:3], HEAD_DIM)])
 
 
 def key_bias(mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor:
@@ -32,9 +39,7 @@ def key_bias(mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor:
 
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
     """Whether attention_cpu takes these inputs: float32 CPU tensors, head dim 16, last dim
-    contiguous, a key mask or none, outside a torch.compile trace (which keeps torch's sdpa)."""
-    if torch.compiler.is_compiling():
-        return False
+    contiguous, a key mask or none."""
     shapes_ok = q.ndim == k.ndim == v.ndim == 4 and q.shape[-1] == k.shape[-1] == v.shape[-1] == HEAD_DIM \
         and k.shape[:3] == v.shape[:3] and q.shape[:2] == k.shape[:2] and k.shape[2] > 0
     tensors_ok = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v))
@@ -47,7 +52,7 @@ class CPUAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias):
         scale = q.shape[-1] ** -0.5
-        out, lse = KERNEL.module().forward(q, k, v, bias, scale)
+        out, lse = KERNEL.function("forward")(q, k, v, bias, scale)
         out = out.transpose(1, 2)  # [B, Lq, H, D] memory: "b h l d -> b l (h d)" after this is a view
         ctx.save_for_backward(q, k, v, bias, out, lse)
         return out
@@ -56,7 +61,7 @@ class CPUAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, bias, out, lse = ctx.saved_tensors
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dq, dk, dv = KERNEL.module().backward(dout, q, k, v, bias, out, lse, q.shape[-1] ** -0.5)
+        dq, dk, dv = KERNEL.function("backward")(dout, q, k, v, bias, out, lse, q.shape[-1] ** -0.5)
         return dq, dk, dv, None
 
 
@@ -68,6 +73,6 @@ def attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                          f"contiguous and a boolean key mask [B|1, 1, 1, Lk] or none; got q {tuple(q.shape)} "
                          f"{q.dtype} on {q.device.type}, mask {None if mask is None else tuple(mask.shape)}: use "
                          "the sdpa or math backend for these")
-    if KERNEL.module() is None:
+    if not KERNEL.available():
         raise RuntimeError(f"limner's CPU attention kernel is not available here: {KERNEL.failure}")
     return CPUAttention.apply(q, k, v, key_bias(mask, q.shape[0], k.shape[2]))

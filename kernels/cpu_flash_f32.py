@@ -16,12 +16,13 @@ from ._cpp import CppKernel
 
 KERNEL = CppKernel("cpu_flash_f32.cpp", ["forward"], "float32 attention on the CPU uses torch's sdpa")
 KEY_BLOCK = 128  # keys a block (128 and 256 measured alike; the query block is chosen by `query_block`)
+KERNEL.define("forward", "(Tensor q, Tensor k, Tensor v, float scale, int qb, int kb) -> Tensor",
+              lambda q, k, v, *_: q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
 
 
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
     """Whether attention_cpu_f32 takes these: float32 CPU q, k, v [B, H, L, D] of one head dim
-    (1-512), last dims contiguous, at least one key, no mask, no gradient, outside a torch.compile
-    trace."""
+    (1-512), last dims contiguous, at least one key, no mask, no gradient."""
     return (unmasked_inference(q, k, v, mask) and 0 < q.shape[-1] <= 512 and k.shape[2] > 0 and q.numel() > 0
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in (q, k, v)))
 
@@ -53,7 +54,6 @@ def attention_cpu_f32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"key, the last dim contiguous, no mask and no gradient; got q {tuple(q.shape)} {q.dtype}, k "
                          f"{tuple(k.shape)} on {q.device.type}, mask {None if mask is None else tuple(mask.shape)}: "
                          "use the sdpa or math backend for these")
-    module = KERNEL.module()
-    if module is None:
+    if not KERNEL.available():
         raise RuntimeError(f"limner's float32 CPU attention kernel is not available here: {KERNEL.failure}")
-    return module.forward(q, k, v, q.shape[-1] ** -0.5, query_block(q, k), KEY_BLOCK).transpose(1, 2)
+    return KERNEL.function("forward")(q, k, v, q.shape[-1] ** -0.5, query_block(q, k), KEY_BLOCK).transpose(1, 2)

@@ -55,10 +55,32 @@ KEEP_BYTES = 1 << 20
 WEIGHT_GRAD_CHANNELS, WEIGHT_GRAD_F4 = 32, 256 * 256
 
 
+def _transformed(w: torch.Tensor, m: int, ci_major: bool) -> torch.Tensor:  # [A*A, Cout, Cin], [A*A, Cin, Cout]
+    a = (m + 2) ** 2
+    return w.new_empty(a, w.shape[1], w.shape[0]) if ci_major else w.new_empty(a, w.shape[0], w.shape[1])
+
+
+def _image(x: torch.Tensor, channels: int) -> torch.Tensor:  # the forwards' channels-last [N, Cout, H, W]
+    return x.new_empty(x.shape[0], channels, x.shape[2], x.shape[3]).contiguous(memory_format=torch.channels_last)
+
+
+KERNEL.define("weights", "(Tensor w, int m, bool ci_major) -> Tensor", _transformed)
+KERNEL.define("forward", "(Tensor x, Tensor U, Tensor? bias, int m, int chunk) -> Tensor",
+              lambda x, U, bias, m, chunk: _image(x, U.shape[1]))
+KERNEL.define("forward_fused", "(Tensor x, Tensor U, Tensor? bias, int m, int rows) -> Tensor",
+              lambda x, U, bias, m, rows: _image(x, U.shape[2]))
+KERNEL.define("weights_bf16", "(Tensor w) -> Tensor", lambda w: _transformed(w, 2, True))
+KERNEL.define("forward_bf16", "(Tensor x, Tensor U, Tensor? bias, int chunk) -> Tensor",
+              lambda x, U, bias, chunk: _image(x, U.shape[2]))
+KERNEL.define("weight_grad", "(Tensor x, Tensor dy, int m, int chunk) -> Tensor",
+              lambda x, dy, m, chunk: x.new_empty(dy.shape[1], 3, 3, x.shape[1]).permute(0, 3, 1, 2))
+
+
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+@torch.compiler.assume_constant_result
 def _bf16_runs() -> bool:
     """Whether the bf16 path's GEMMs run on this CPU (AMX or avx512_bf16; the kernel tries once)."""
     module = KERNEL.module()
@@ -70,12 +92,12 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, strid
     """Whether conv2d_winograd takes these: float32 or bf16 CPU tensors (x and weight of one dtype),
     x 4-D channels-last, a 3x3 weight, stride 1, padding 1, dilation 1, one group, no gradient
     (`training`: float32 ones with a gradient to take too, conv2d's WinogradConv2d),
-    outside a torch.compile trace, on a CPU where the kernel builds (AVX-512); float32 not under
+    on a CPU where the kernel builds (AVX-512); float32 not under
     autocast (which would compute in bf16); bf16 with an even number of input channels, a contiguous
     or channels-last weight, on a CPU whose bf16 GEMMs run on avx512_bf16 without AMX (the only kind
     it was tested and measured on: with AMX oneDNN's GEMMs take other paths, and its direct bf16
     convolution is ~5x faster there)."""
-    if torch.compiler.is_compiling() or x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
         return False
     bf16 = x.dtype is torch.bfloat16
     if not bf16 and torch.is_autocast_enabled("cpu"):
@@ -88,7 +110,7 @@ def fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, strid
             and (bias is None or (bias.device.type == "cpu" and bias.dtype in (torch.float32, x.dtype)))
             and x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last)
             and (not bf16 or (not AMX and x.shape[1] % 2 == 0 and (weight.is_contiguous() or weight.stride(1) == 1)))
-            and KERNEL.module() is not None and (not bf16 or _bf16_runs()))
+            and KERNEL.available() and (not bf16 or _bf16_runs()))
 
 
 def faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -129,24 +151,31 @@ def _winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
               packed: Packed | None = None) -> torch.Tensor:
     """The kernel's call, for inputs `fits` has taken (a bf16 weight's transform kept in `packed`, a
     float32 one's up to KEEP_BYTES)."""
-    module = KERNEL.module()
+    fn = KERNEL.function
+    if torch.compiler.is_compiling():  # the graph keeps the transform (inductor's freezing folds a frozen weight's)
+        packed = None
     if x.dtype is torch.bfloat16:  # transformed inputs bf16, products float32
         per_tile = 16 * (2 * weight.shape[1] + 4 * weight.shape[0])
-        U = module.weights_bf16(weight) if packed is None else packed.prepared(
-            ("winograd", weight.data_ptr(), weight._version), lambda: module.weights_bf16(weight))
-        return module.forward_bf16(x, U, bias, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
+        U = fn("weights_bf16")(weight) if packed is None else packed.prepared(
+            ("winograd", weight.data_ptr(), weight._version), lambda: fn("weights_bf16")(weight))
+        return fn("forward_bf16")(x, U, bias, min(CHUNK, max(64, CHUNK_BYTES // per_tile)))
     channels = weight.shape[0] + weight.shape[1]
     fused = channels <= FUSED_CHANNELS
     if packed is None or weight.shape[0] * weight.shape[1] * (m + 2) ** 2 * 4 > KEEP_BYTES:
-        U = module.weights(weight, m, fused)
+        U = fn("weights")(weight, m, fused)
     else:
         U = packed.prepared(("winograd", m, fused, weight.data_ptr(), weight._version),
-                            lambda: module.weights(weight, m, fused))
+                            lambda: fn("weights")(weight, m, fused))
     if fused:  # each task's tiles through all three steps in its cache
         tiles = x.shape[0] * -(-x.shape[2] // m) * -(-x.shape[3] // m)
-        rows = max(16, min(64, tiles // (2 * torch.get_num_threads())))  # two tasks a thread at least
-        return module.forward_fused(x, U, bias, m, rows)
-    return module.forward(x, U, bias, m, _chunk(m, channels))
+        rows = max(16, min(64, tiles // (2 * _threads())))  # two tasks a thread at least
+        return fn("forward_fused")(x, U, bias, m, rows)
+    return fn("forward")(x, U, bias, m, _chunk(m, channels))
+
+
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    return torch.get_num_threads()
 
 
 def _chunk(m: int, channels: int) -> int:
@@ -159,7 +188,7 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, m: int) -> torch.Tensor:
     `grad` (both float32 channels-last [N, C, H, W]), by F(m x m, 3 x 3): the tiles' transforms, A*A
     matrix products [Cout, tiles] x [tiles, Cin] summed over the tiles, G^T (.) G back to 3x3
     (Lavin & Gray 2016, section 5). [Cout, Cin, 3, 3] in channels-last strides."""
-    return KERNEL.module().weight_grad(x, grad, m, _chunk(m, x.shape[1] + grad.shape[1]))
+    return KERNEL.function("weight_grad")(x, grad, m, _chunk(m, x.shape[1] + grad.shape[1]))
 
 
 def weight_grad_tile(weight: torch.Tensor) -> int | None:

@@ -74,9 +74,13 @@ class GEGLU(torch.autograd.Function):
 CPU_KERNEL = CppKernel("cpu_geglu.cpp", ["forward", "backward"], "GEGLU on the CPU runs its eager reference")
 
 
+CPU_KERNEL.define("forward", "(Tensor x) -> Tensor", lambda x: x.new_empty(*x.shape[:-1], x.shape[-1] // 2))
+CPU_KERNEL.define("backward", "(Tensor x, Tensor dout) -> Tensor", lambda x, dout: torch.empty_like(x))
+
+
 def cpu_kernel_fits(x: torch.Tensor) -> bool:
-    """A non-empty float32 CPU tensor, outside a torch.compile trace (inductor fuses for itself)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0 and not torch.compiler.is_compiling()
+    """A non-empty float32 CPU tensor."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0
 
 
 class GEGLUCPU(torch.autograd.Function):
@@ -86,14 +90,14 @@ class GEGLUCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)  # the input itself (not a contiguous copy): create_graph differentiates through it
-        return CPU_KERNEL.module().forward(x.contiguous())
+        return CPU_KERNEL.function("forward")(x.contiguous())
 
     @staticmethod
     def backward(ctx, dout):
         (x,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph (a gradient penalty): the reference's own gradient
             return torch.autograd.grad(geglu_reference(x), x, dout, create_graph=True)[0]
-        return CPU_KERNEL.module().backward(x.contiguous(), dout.contiguous())
+        return CPU_KERNEL.function("backward")(x.contiguous(), dout.contiguous())
 
 
 def geglu(x, backend="auto"):
@@ -101,7 +105,7 @@ def geglu(x, backend="auto"):
     if x.ndim == 0 or x.shape[-1] % 2:
         raise ValueError(f"geglu: the last dimension of x must be even, got shape {tuple(x.shape)}")
     if resolve("geglu", backend, x) == "eager" or x.numel() == 0:
-        if backend == "auto" and not forced_eager() and cpu_kernel_fits(x) and CPU_KERNEL.module() is not None:
+        if backend == "auto" and not forced_eager() and cpu_kernel_fits(x) and CPU_KERNEL.available():
             return GEGLUCPU.apply(x)
         return geglu_reference(x)
     return GEGLU.apply(x)

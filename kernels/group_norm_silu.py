@@ -212,12 +212,21 @@ CPU_KERNEL = CppKernel("cpu_group_norm_silu.cpp", ["forward", "backward"],
                        "GroupNorm + SiLU on the CPU runs its eager reference")
 
 
+def _like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+CPU_KERNEL.define("forward", "(Tensor x, int G, Tensor weight, Tensor bias, float eps, Tensor scale, Tensor shift) "
+                  "-> Tensor[]", lambda x, G, *_: [_like(x), x.new_empty(x.shape[0], G), x.new_empty(x.shape[0], G)])
+CPU_KERNEL.define("backward", "(Tensor dy, Tensor x, int G, Tensor weight, Tensor bias, Tensor scale, Tensor shift, "
+                  "Tensor mean, Tensor rstd) -> Tensor[]", lambda dy, x, *_: [_like(x), x.new_empty(4, *x.shape[:2])])
+
+
 def cpu_kernel_fits(x, *params) -> bool:
-    """Float32 channels-last [N, C, H, W] CPU activations with C a multiple of 16, outside a
-    torch.compile trace, and every given parameter float32 on the CPU."""
+    """Float32 channels-last [N, C, H, W] CPU activations with C a multiple of 16, and every given
+    parameter float32 on the CPU."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 4 and x.shape[1] % 16 == 0
             and x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last)
-            and not torch.compiler.is_compiling()
             and all(p is None or (p.device.type == "cpu" and p.dtype == torch.float32) for p in params))
 
 
@@ -225,7 +234,7 @@ class GroupNormSiLUCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps, scale, shift):
         params = [t.contiguous() if t is not None else torch.empty(0) for t in (weight, bias, scale, shift)]
-        y, mean, rstd = CPU_KERNEL.module().forward(x, num_groups, params[0], params[1], eps, params[2], params[3])
+        y, mean, rstd = CPU_KERNEL.function("forward")(x, num_groups, params[0], params[1], eps, params[2], params[3])
         ctx.save_for_backward(x, *params, mean, rstd)
         ctx.num_groups = num_groups
         return y
@@ -235,7 +244,7 @@ class GroupNormSiLUCPU(torch.autograd.Function):
     def backward(ctx, dy):
         x, w, b, sc, sh, mean, rstd = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)
-        dx, sums = CPU_KERNEL.module().backward(dy, x, ctx.num_groups, w, b, sc, sh, mean, rstd)
+        dx, sums = CPU_KERNEL.function("backward")(dy, x, ctx.num_groups, w, b, sc, sh, mean, rstd)
         needs = ctx.needs_input_grad
         return (dx, None, sums[0].sum(0) if needs[2] else None, sums[1].sum(0) if needs[3] else None, None,
                 sums[2] if needs[5] else None, sums[3] if needs[6] else None)
@@ -246,7 +255,7 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, scale=None,
     _check(x, num_groups, weight, bias, scale, shift)
     if resolve("group_norm_silu", backend, x) == "eager":
         if backend == "auto" and not forced_eager() and cpu_kernel_fits(x, weight, bias, scale, shift) \
-                and CPU_KERNEL.module() is not None:
+                and CPU_KERNEL.available():
             return GroupNormSiLUCPU.apply(x, num_groups, weight, bias, eps, scale, shift)
         return group_norm_silu_reference(x, num_groups, weight, bias, eps, scale, shift)
     return GroupNormSiLU.apply(x, num_groups, weight, bias, eps, scale, shift)

@@ -40,7 +40,7 @@ def triton():
 
 
 def _cpu_fits(q, k, v, mask) -> bool:
-    return cpu_attention.fits(q, k, v, mask) and cpu_attention.KERNEL.module() is not None
+    return cpu_attention.fits(q, k, v, mask) and cpu_attention.KERNEL.available()
 
 
 def cpu():
@@ -63,7 +63,7 @@ def cpu_bf16():
 
 def _cpu_f32_fits(q, k, v, mask) -> bool:
     return (cpu_flash_f32.fits(q, k, v, mask) and cpu_flash_f32.faster(q, k)
-            and cpu_flash_f32.KERNEL.module() is not None)
+            and cpu_flash_f32.KERNEL.available())
 
 
 def cpu_f32():

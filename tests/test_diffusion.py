@@ -243,7 +243,9 @@ def test_unet_positions_need_the_image_size_it_was_built_for():
 
 def test_compiling_a_denoiser_before_the_registry_is_loaded(monkeypatch):
     """torch.compile traces attention(); its backend lookup must not step into plugin loading
-    (dynamo failed inside importlib.metadata) when the trace comes first in a process."""
+    (dynamo failed inside importlib.metadata) when the trace comes first in a process, nor break
+    the graph (torch.compiler.disable did: a break in the UNet's loop over its blocks threw the
+    whole forward back to eager): one graph, fullgraph=True."""
     import limner.attention as dispatcher
     from limner.registry import set_registry
 
@@ -255,7 +257,7 @@ def test_compiling_a_denoiser_before_the_registry_is_loaded(monkeypatch):
     old = set_registry(None)
     try:
         torch._dynamo.reset()
-        compiled = torch.compile(net, dynamic=False)
+        compiled = torch.compile(net, dynamic=False, fullgraph=True)
         with torch.no_grad():
             assert torch.allclose(compiled(x, sigma, cond), net(x, sigma, cond), atol=1e-5)
     finally:

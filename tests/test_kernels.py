@@ -1024,6 +1024,63 @@ def test_geglu_takes_the_cpu_kernel_only_for_float32(monkeypatch):
     assert taken == [torch.float32]
 
 
+
+def profiled_ops(fn) -> set[str]:
+    """The names of the ops `fn()` ran, as torch's profiler records them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.key for event in prof.key_averages()}
+
+
+def test_compiled_graphs_call_limner_cpu_kernels_and_match_eager():
+    """Inside torch.compile limner's C++ CPU kernels are custom ops of the graph (kernels/_cpp.py:
+    opaque to dynamo, inductor fuses around them), where they used to give way to inductor's code:
+    a compiled function through the Winograd convolution, GroupNorm + SiLU, the head-dim-16
+    attention and GEGLU calls each of them forward and backward, and a compiled no-grad one the
+    float32 flash attention, with eager's values and gradients."""
+    from limner.kernels import conv2d, cpu_attention, cpu_flash_f32
+
+    winograd_kernel()
+    cpu_kernel_module("group_norm_silu")
+    cpu_kernel_module("geglu")
+    for kernel in (cpu_attention.KERNEL, cpu_flash_f32.KERNEL):
+        if kernel.module() is None:
+            pytest.skip(f"{kernel.source.name} is not available here: {kernel.failure}")
+    torch._dynamo.reset()
+
+    def block(x, w, gn_w, gn_b):
+        h = group_norm_silu(conv2d(x, w, None, padding=1), 8, gn_w, gn_b)  # [2, 32, 9, 7] channels-last
+        q = h.flatten(2).transpose(1, 2).unflatten(2, (2, 16)).transpose(1, 2)  # [2, 2 heads, 63, 16]
+        return geglu(cpu_attention.attention_cpu(q, 0.5 * q, -q))  # [2, 2, 63, 8] (dynamo traces no apply(q, q, q))
+
+    leaves = [randn(2, 32, 9, 7).contiguous(memory_format=torch.channels_last), randn(32, 32, 3, 3, seed=1) * 0.1,
+              1 + 0.1 * randn(32, seed=2), 0.1 * randn(32, seed=3)]
+    dy = randn(2, 2, 63, 8, seed=4)
+    runs = {}
+    for name, fn in (("eager", block), ("compiled", torch.compile(block, dynamic=False))):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+
+        def step(fn=fn, inputs=inputs, name=name):
+            out = fn(*inputs)
+            runs[name] = (out, torch.autograd.grad(out, inputs, dy))
+        step()  # (compiling, for the compiled one)
+        ran = profiled_ops(step)
+    assert {f"limner::cpu_{op}" for op in ("winograd_forward_fused", "winograd_weight_grad", "group_norm_silu_forward",
+                                           "group_norm_silu_backward", "attention_forward", "attention_backward",
+                                           "geglu_forward", "geglu_backward")} <= ran
+    for got, want in zip([runs["compiled"][0], *runs["compiled"][1]], [runs["eager"][0], *runs["eager"][1]]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    q, k = randn(1, 2, 300, 40, seed=5), randn(1, 2, 77, 40, seed=6)
+    flash = torch.compile(cpu_flash_f32.attention_cpu_f32, dynamic=False)
+    with torch.no_grad():
+        flash(q, k, k)
+        ran = profiled_ops(lambda: runs.update(flash=flash(q, k, k)))
+        assert "limner::cpu_flash_f32_forward" in ran
+        torch.testing.assert_close(runs["flash"], cpu_flash_f32.attention_cpu_f32(q, k, k), atol=1e-6, rtol=1e-5)
+
 # --- the backend switch and the attention preference table -------------------------------------
 
 def test_backend_switch_names_bad_values(monkeypatch):
