@@ -1,0 +1,99 @@
+"""The demo UNet (configs/shapes-unet.toml) eager against torch.compile on the CPU, in one process,
+each side called in turn: the guided forward as `limner sample --compile` compiles it (static
+shapes, inductor's freezing) and the training step as `train.compile = true` does (benchmarks/
+anchors.py's steps). The sides: eager; compiled, limner's C++ kernels inside the graph as custom
+ops (kernels/_cpp.py); and for the forward compiled with inductor's own code for every op (traced
+and run with LIMNER_KERNELS=eager and LIMNER_ATTENTION=sdpa, as compiled graphs were before the
+kernels became custom ops). Compile seconds are a first call's with whatever inductor's cache holds.
+
+    python benchmarks/compiled_vs_eager.py [--runs N]   # writes benchmarks/results/compiled-vs-eager-<cpu>.{json,md}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from anchors import Sides, compiled_for_inference, force_eager_kernels, timed
+from in_turn import in_turn, medians, spread
+
+from limner.bench import cpu_name, cpu_slug
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def inductors_own(run):
+    """`run` with every limner op on its eager path while traced and run: inductor compiles them all."""
+    def wrapped():
+        with force_eager_kernels():
+            return run()
+    return wrapped
+
+
+def forward_sides(s: Sides) -> tuple[dict, dict]:
+    eager = s.limner_forward(s.ours, True)
+    compiled, compile_s = compiled_for_inference(s.ours, lambda m: s.limner_forward(m, True))
+    with force_eager_kernels():
+        own, own_s = compiled_for_inference(s.ours, lambda m: s.limner_forward(m, True))
+    return ({"eager": eager, "compiled": compiled, "compiled, inductor's own code": inductors_own(own)},
+            {"compiled": compile_s, "compiled, inductor's own code": own_s})
+
+
+def train_sides(s: Sides) -> tuple[dict, dict]:
+    """Eager and compiled only: a second compiled copy would reuse the first one's graph (its
+    parameters are graph inputs, so dynamo's guards pass for any copy), whatever LIMNER_KERNELS says."""
+    model = copy.deepcopy(s.ours)
+    model.compile(dynamic=False)
+    steps = {"eager": s.limner_train_step(copy.deepcopy(s.ours), channels_last=True),
+             "compiled": s.limner_train_step(model, channels_last=True)}
+    return steps, {"compiled": timed(steps["compiled"])}
+
+
+def render(data: dict) -> str:
+    lines = ["# The demo UNet eager and compiled on the CPU\n",
+             f"{data['cpu']}, {data['threads']} threads, torch {data['torch']}, {data['date']}; "
+             f"`python benchmarks/compiled_vs_eager.py --runs {data['runs']}` (training rows: a third as many "
+             "runs). Medians of the runs, each side called in turn; speed-up = eager / this side. "
+             "\"compiled\": limner's C++ kernels (Winograd convolutions, GroupNorm + SiLU, GEGLU, attention) "
+             "inside the graph as custom ops; \"inductor's own code\": every op compiled by inductor (traced with "
+             "LIMNER_KERNELS=eager, LIMNER_ATTENTION=sdpa), as compiled graphs ran before the kernels became "
+             "custom ops (the forward only: `train_sides` says why). Compile: the first call's seconds, "
+             "inductor's cache as the machine had it.\n",
+             "| workload | side | ms | speed-up over eager | [min, max] ms | compile s |",
+             "|---|---|---:|---:|---|---:|"]
+    for workload, row in data["rows"].items():
+        for side, ms in row["ms"].items():
+            low, high = row["spread_ms"][side]
+            compile_s = f"{row['compile_s'][side]:.1f}" if side in row["compile_s"] else "-"
+            lines.append(f"| {workload} | {side} | {ms:.1f} | **{row['ms']['eager'] / ms:.2f}x** | "
+                         f"[{low:.1f}, {high:.1f}] | {compile_s} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30, help="forward runs a side (training: a third as many)")
+    args = parser.parse_args()
+    s = Sides(torch.device("cpu"))
+    data = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "runs": args.runs, "rows": {}}
+    for workload, make, runs in (("denoiser forward, guided batch 2x4 at 32x32", forward_sides, args.runs),
+                                 ("training step, batch 16 (forward + backward + AdamW)", train_sides,
+                                  max(1, args.runs // 3))):
+        sides, compile_s = make(s)
+        times = in_turn(sides, runs)
+        data["rows"][workload] = {"ms": {k: v * 1e3 for k, v in medians(times).items()},
+                                  "spread_ms": {k: [v * 1e3 for v in lo_hi] for k, lo_hi in spread(times, 4).items()},
+                                  "compile_s": compile_s}
+        print(render(data), flush=True)
+    out = RESULTS / f"compiled-vs-eager-{cpu_slug()}"
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(data))
+    print(f"Wrote {out}.md and .json")
+
+
+if __name__ == "__main__":
+    main()
