@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from limner.kernels import trace_constant
+
 from .errors import LimnerError
 from .files import cache_dir, write_text_atomic
 from .registry import create, list_components, registry
@@ -51,7 +53,7 @@ def _backend(name: str) -> Callable:
     return _build(name)
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def _untraced(name: str = "") -> bool:
     """Builds the backend `name` (every backend where none is named) for a torch.compile trace: dynamo
     runs this as it traces and keeps its constant result, so plugin loading is no graph break

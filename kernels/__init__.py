@@ -12,7 +12,7 @@ minimal filtering on the CPU (cpu_winograd.py), `conv2d` F.conv2d routed to it w
 is faster (and to conv2d_packed for bf16 given a Packed holder). On AVX-512 CPUs `geglu` and
 `group_norm_silu` have C++ kernels too (cpu_geglu.cpp, cpu_group_norm_silu.cpp), taken by 'auto'.
 """
-from ._backend import cpuinfo
+from ._backend import cpuinfo, trace_constant
 from .adaln import adaln_modulate, gated_residual
 from .bias_act import bias_act
 from .cpu_attention import attention_cpu
@@ -32,4 +32,4 @@ from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample
 __all__ = ["adaln_modulate", "attention_cpu", "attention_cpu_bf16", "attention_cpu_f32", "attention_math",
            "attention_sdpa", "attention_triton", "bias_act", "conv2d", "conv2d_packed", "conv2d_winograd", "cpuinfo",
            "downsample2d", "filter2d", "gated_residual", "geglu", "group_norm_silu", "guided_update", "linear",
-           "linear_geglu", "minibatch_std", "Packed", "setup_filter", "upfirdn2d", "upsample2d"]
+           "linear_geglu", "minibatch_std", "Packed", "setup_filter", "trace_constant", "upfirdn2d", "upsample2d"]

@@ -94,6 +94,15 @@ def unmasked_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return not wants_grad(q, k, v)
 
 
+def trace_constant(fn):
+    """torch.compiler.assume_constant_result's marker, set without importing torch._dynamo (which that
+    function does: 1.2 s of a `limner sample` cold start): dynamo runs `fn` as it traces and keeps
+    its result as a constant. The same attribute torch 2.13's decorator sets
+    (torch/_dynamo/decorators.py); tests/test_kernels.py's compiled-graph test fails if it stops working."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def forced_eager() -> bool:
     """True where LIMNER_KERNELS forces a backend: ops with no Triton kernel then run their
     eager reference (for LIMNER_KERNELS=triton too)."""

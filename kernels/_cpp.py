@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ._backend import trace_constant
+
 FLAGS = ["-O3", "-mavx512f", "-mavx512dq", "-mfma", "-fopenmp"]
 
 
@@ -39,27 +41,36 @@ class CppKernel:
         self.source, self.functions, self.fallback = Path(__file__).with_name(source), functions, fallback
         self.flags = [*FLAGS, *flags]  # a kernel's own on top of the shared ones (e.g. -mavx512bf16)
         self._module, self.failure = None, None
+        self._specs: dict[str, tuple[str, Callable]] = {}
         self._ops: dict[str, Callable] = {}
 
     def define(self, name: str, schema: str, fake: Callable) -> None:
-        """Registers the module's `name` as the custom op limner::<file>_<name>, with `schema` its
-        signature ("(Tensor x, int m) -> Tensor") and `fake` its output's shape and strides."""
-        def run(*args, **kwargs):
-            return getattr(self.module(), name)(*args, **kwargs)
-        op = torch.library.custom_op(f"limner::{self.source.stem}_{name}", run, mutates_args=(), schema=schema)
-        op.register_fake(fake)
-        self._ops[name] = op
+        """Declares the module's `name` a custom op, limner::<file>_<name>, with `schema` its signature
+        ("(Tensor x, int m) -> Tensor") and `fake` its output's shape and strides: registered with
+        torch once the module is built (`module()`), so that importing limner registers nothing (~1 ms
+        an op) and a kernel that cannot build here has no op."""
+        self._specs[name] = (schema, fake)
+
+    def _register(self) -> None:
+        for name, (schema, fake) in self._specs.items():
+            def run(*args, name=name, **kwargs):
+                return getattr(self._module, name)(*args, **kwargs)
+            op = torch.library.custom_op(f"limner::{self.source.stem}_{name}", run, mutates_args=(), schema=schema)
+            op.register_fake(fake)
+            self._ops[name] = op
 
     def function(self, name: str) -> Callable:
-        """The module's `name`: its custom op inside a torch.compile trace (`define`), else the
-        module's own function."""
+        """The module's `name`: its custom op inside a torch.compile trace (`define`; a trace asks
+        `available()` first, which builds the module and registers its ops), else the module's own
+        function."""
         if torch.compiler.is_compiling():
             return self._ops[name]
         return getattr(self.module(), name)
 
-    @torch.compiler.assume_constant_result
+    @trace_constant
     def available(self) -> bool:
-        """Whether the module builds here (`module()` is not None); a constant to a torch.compile trace."""
+        """Whether the module builds here (`module()` is not None); a constant to a torch.compile
+        trace, which runs it untraced."""
         return self.module() is not None
 
     def build(self):
@@ -93,6 +104,8 @@ class CppKernel:
                 except Exception as exc:  # noqa: BLE001 - no compiler, a failed build: the fallback still works
                     text = str(exc).strip()
                     self.failure = f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
+                if self._module is not None:
+                    self._register()
             if self.failure:
                 warnings.warn(f"limner's {self.source.name} kernel could not be built ({self.failure}); "
                               f"{self.fallback}", RuntimeWarning, stacklevel=3)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import AMX, unmasked_inference
+from ._backend import AMX, trace_constant, unmasked_inference
 from ._cpp import CppKernel
 
 KERNEL = CppKernel("cpu_flash_bf16.cpp", ["forward", "available"],
@@ -22,7 +22,7 @@ KERNEL.define("forward", "(Tensor q, Tensor k, Tensor v, float scale) -> Tensor"
               lambda q, k, v, scale: q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def runs() -> bool:
     """Whether the kernel builds and its bf16 GEMMs run on this CPU (a constant to a torch.compile trace)."""
     module = KERNEL.module()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import AMX, forced_eager, wants_grad
+from ._backend import AMX, forced_eager, trace_constant, wants_grad
 from ._cpp import CppKernel
 from .onednn_conv import Packed, conv2d_packed
 
@@ -80,7 +80,7 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def _bf16_runs() -> bool:
     """Whether the bf16 path's GEMMs run on this CPU (AMX or avx512_bf16; the kernel tries once)."""
     module = KERNEL.module()
@@ -173,7 +173,7 @@ def _winograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return fn("forward")(x, U, bias, m, _chunk(m, channels))
 
 
-@torch.compiler.assume_constant_result
+@trace_constant
 def _threads() -> int:
     return torch.get_num_threads()
 

@@ -1034,6 +1034,18 @@ def profiled_ops(fn) -> set[str]:
     return {event.key for event in prof.key_averages()}
 
 
+def test_kernels_import_without_torch_dynamo():
+    """Declaring the C++ kernels' custom ops and trace constants imports no torch._dynamo (nor its
+    sympy): a first version's torch.compiler.assume_constant_result at import cost every `limner
+    sample` start 1.2 s, and the imported dynamo broke freed_memory_kept's page reuse."""
+    import subprocess
+    import sys
+
+    code = ("import sys, limner.pipeline, limner.sampling, limner.kernels, limner.attention; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sympy' or m.startswith('torch._dynamo')))")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
 def test_compiled_graphs_call_limner_cpu_kernels_and_match_eager():
     """Inside torch.compile limner's C++ CPU kernels are custom ops of the graph (kernels/_cpp.py:
     opaque to dynamo, inductor fuses around them), where they used to give way to inductor's code:
