@@ -98,7 +98,9 @@ def trace_constant(fn):
     """torch.compiler.assume_constant_result's marker, set without importing torch._dynamo (which that
     function does: 1.2 s of a `limner sample` cold start): dynamo runs `fn` as it traces and keeps
     its result as a constant. The same attribute torch 2.13's decorator sets
-    (torch/_dynamo/decorators.py); tests/test_kernels.py's compiled-graph test fails if it stops working."""
+    (torch/_dynamo/decorators.py); tests/test_diffusion.py's fullgraph=True compile before the
+    registry is loaded fails if it stops working (dynamo would trace into plugin loading and break
+    the graph)."""
     fn._dynamo_marked_constant = True
     return fn
 

@@ -1050,9 +1050,11 @@ def test_compiled_graphs_call_limner_cpu_kernels_and_match_eager():
     """Inside torch.compile limner's C++ CPU kernels are custom ops of the graph (kernels/_cpp.py:
     opaque to dynamo, inductor fuses around them), where they used to give way to inductor's code:
     a compiled function through the Winograd convolution, GroupNorm + SiLU, the head-dim-16
-    attention and GEGLU calls each of them forward and backward, and compiled no-grad ones the
-    float32 and bf16 flash attentions, with eager's values and gradients."""
-    from limner.kernels import conv2d, cpu_attention, cpu_flash_bf16, cpu_flash_f32
+    attention and GEGLU calls each of them forward and backward, and a compiled no-grad one the
+    float32 flash attention, with eager's values and gradients; one graph each (fullgraph=True). (The
+    bf16 flash attention stays out of traces: its 4-byte alignment check reads data_ptr(), and
+    dynamo traces neither that nor storage_offset().)"""
+    from limner.kernels import conv2d, cpu_attention, cpu_flash_f32
 
     winograd_kernel()
     cpu_kernel_module("group_norm_silu")
@@ -1071,7 +1073,7 @@ def test_compiled_graphs_call_limner_cpu_kernels_and_match_eager():
               1 + 0.1 * randn(32, seed=2), 0.1 * randn(32, seed=3)]
     dy = randn(2, 2, 63, 8, seed=4)
     runs = {}
-    for name, fn in (("eager", block), ("compiled", torch.compile(block, dynamic=False))):
+    for name, fn in (("eager", block), ("compiled", torch.compile(block, dynamic=False, fullgraph=True))):
         inputs = [t.clone().requires_grad_() for t in leaves]
 
         def step(fn=fn, inputs=inputs, name=name):
@@ -1086,19 +1088,13 @@ def test_compiled_graphs_call_limner_cpu_kernels_and_match_eager():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
     q, k = randn(1, 2, 300, 40, seed=5), randn(1, 2, 77, 40, seed=6)
-    flash = torch.compile(cpu_flash_f32.attention_cpu_f32, dynamic=False)
+    flash = torch.compile(cpu_flash_f32.attention_cpu_f32, dynamic=False, fullgraph=True)
     with torch.no_grad():
         flash(q, k, k)
         ran = profiled_ops(lambda: runs.update(flash=flash(q, k, k)))
         assert "limner::cpu_flash_f32_forward" in ran
         torch.testing.assert_close(runs["flash"], cpu_flash_f32.attention_cpu_f32(q, k, k), atol=1e-6, rtol=1e-5)
-        if cpu_flash_bf16.runs():  # (avx512_bf16 or AMX) bf16 q, k, v and keys a multiple of 32
-            q, k = q.bfloat16(), randn(1, 2, 64, 40, seed=7).bfloat16()
-            flash = torch.compile(cpu_flash_bf16.attention_cpu_bf16, dynamic=False)
-            flash(q, k, k)
-            ran = profiled_ops(lambda: runs.update(flash=flash(q, k, k)))
-            assert "limner::cpu_flash_bf16_forward" in ran
-            torch.testing.assert_close(runs["flash"], cpu_flash_bf16.attention_cpu_bf16(q, k, k), atol=0, rtol=0)
+
 
 # --- the backend switch and the attention preference table -------------------------------------
 
