@@ -1024,7 +1024,6 @@ def test_geglu_takes_the_cpu_kernel_only_for_float32(monkeypatch):
     assert taken == [torch.float32]
 
 
-
 def profiled_ops(fn) -> set[str]:
     """The names of the ops `fn()` ran, as torch's profiler records them."""
     from torch.profiler import ProfilerActivity, profile
@@ -1045,6 +1044,7 @@ def test_kernels_import_without_torch_dynamo():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sympy' or m.startswith('torch._dynamo')))")
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
 
 def test_compiled_graphs_call_limner_cpu_kernels_and_match_eager():
     """Inside torch.compile limner's C++ CPU kernels are custom ops of the graph (kernels/_cpp.py:
