@@ -23,8 +23,10 @@ NO_GEMM = "torch runs no batch-reduce GEMM for bf16 on this CPU (it needs AMX or
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
     """Whether attention_cpu_bf16 takes these: bf16 CPU q, k, v [B, H, L, D] of one head dim, D even
     and at most 512, last dims contiguous, keys a multiple of 32, no mask, no gradient, outside a
-    torch.compile trace. (Whether the CPU runs the kernel is `available()`.)"""
-    if not unmasked_inference(q, k, v, mask):
+    torch.compile trace (its alignment check reads data_ptr(), which dynamo cannot trace; the other
+    kernels' custom ops keep them in compiled graphs). (Whether the CPU runs the kernel is
+    `available()`.)"""
+    if torch.compiler.is_compiling() or not unmasked_inference(q, k, v, mask):
         return False
     d, keys = q.shape[-1], k.shape[2]
     # keys and values are read two bf16 at a time: their rows start on 4-byte boundaries

@@ -1054,6 +1054,7 @@ def test_compiled_graphs_call_limner_cpu_kernels_and_match_eager():
     float32 flash attention, with eager's values and gradients; one graph each (fullgraph=True). (The
     bf16 flash attention stays out of traces: its 4-byte alignment check reads data_ptr(), and
     dynamo traces neither that nor storage_offset().)"""
+    from limner.attention import attention
     from limner.kernels import conv2d, cpu_attention, cpu_flash_f32
 
     winograd_kernel()
@@ -1094,6 +1095,10 @@ def test_compiled_graphs_call_limner_cpu_kernels_and_match_eager():
         ran = profiled_ops(lambda: runs.update(flash=flash(q, k, k)))
         assert "limner::cpu_flash_f32_forward" in ran
         torch.testing.assert_close(runs["flash"], cpu_flash_f32.attention_cpu_f32(q, k, k), atol=1e-6, rtol=1e-5)
+        # bf16 attention through the dispatcher: torch's sdpa in the graph, one graph all the same
+        q, k = q.bfloat16(), randn(1, 2, 64, 40, seed=7).bfloat16()
+        dispatched = torch.compile(lambda q, k: attention(q, k, k), dynamic=False, fullgraph=True)
+        torch.testing.assert_close(dispatched(q, k), attention(q, k, k, backend="sdpa"), atol=2e-2, rtol=2e-2)
 
 
 # --- the backend switch and the attention preference table -------------------------------------
