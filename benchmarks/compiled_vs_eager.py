@@ -5,14 +5,22 @@ anchors.py's steps). The sides: eager; compiled, limner's C++ kernels inside the
 ops (kernels/_cpp.py); and for the forward compiled with inductor's own code for every op (traced
 and run with LIMNER_KERNELS=eager and LIMNER_ATTENTION=sdpa, as compiled graphs were before the
 kernels became custom ops). Compile seconds are a first call's with whatever inductor's cache holds.
+With --sd15, a third row: one guided forward of a Stable Diffusion 1.5-size UNet (random weights,
+benchmarks/sd_full_size.py; batch 2, 64x64 latent, 77 tokens) in bfloat16 as `limner sample
+--dtype bf16 --compile` runs it, eager, compiled, and compiled with torch's sdpa for attention (as
+compiled graphs ran before limner's bf16 attention kernel could be traced).
 
-    python benchmarks/compiled_vs_eager.py [--runs N]   # writes benchmarks/results/compiled-vs-eager-<cpu>.{json,md}
+    python benchmarks/compiled_vs_eager.py [--runs N] [--sd15]
+
+writes benchmarks/results/compiled-vs-eager-<cpu>.{json,md}.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,16 +60,55 @@ def train_sides(s: Sides) -> tuple[dict, dict]:
     return steps, {"compiled": timed(steps["compiled"])}
 
 
+def sd15_sides(folder: Path) -> tuple[dict, dict]:
+    """limner's SD 1.5-size UNet in bf16 (loaded as `limner sample --dtype bf16` loads it), each call
+    inside the sampling malloc block (limner.pipeline.freed_memory_kept) as when sampling."""
+    import limner
+    from limner.pipeline import autocast, freed_memory_kept
+    from limner.protocols import TextEmbedding
+
+    torch.manual_seed(0)
+    x, ctx, sigma = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 768), torch.full((2,), 3.0)
+    cond = TextEmbedding(tokens=ctx, mask=torch.ones(2, 77, dtype=torch.bool), pooled=ctx[:, 0])
+    pipe = limner.load_pipeline(folder / "model.safetensors", device="cpu", dtype="bfloat16")
+    x = x.contiguous(memory_format=pipe.memory_format)
+
+    def forward(unet):
+        def run():
+            with torch.no_grad(), autocast(pipe.dtype, torch.device("cpu")), freed_memory_kept():
+                return unet(x, sigma, cond)
+        return run
+
+    unet = pipe.model.denoiser
+    compiled, compile_s = compiled_for_inference(unet, forward)
+    os.environ["LIMNER_ATTENTION"] = "sdpa"  # read when the graph is traced (and kept while it runs)
+    try:
+        sdpa, sdpa_s = compiled_for_inference(unet, forward)
+    finally:
+        del os.environ["LIMNER_ATTENTION"]
+
+    def with_sdpa():
+        os.environ["LIMNER_ATTENTION"] = "sdpa"
+        try:
+            return sdpa()
+        finally:
+            del os.environ["LIMNER_ATTENTION"]
+    return ({"eager": forward(unet), "compiled": compiled, "compiled, torch's sdpa for attention": with_sdpa},
+            {"compiled": compile_s, "compiled, torch's sdpa for attention": sdpa_s})
+
+
 def render(data: dict) -> str:
-    lines = ["# The demo UNet eager and compiled on the CPU\n",
+    lines = ["# limner eager and compiled on the CPU\n",
              f"{data['cpu']}, {data['threads']} threads, torch {data['torch']}, {data['date']}; "
-             f"`python benchmarks/compiled_vs_eager.py --runs {data['runs']}` (training rows: a third as many "
-             "runs). Medians of the runs, each side called in turn; speed-up = eager / this side. "
-             "\"compiled\": limner's C++ kernels (Winograd convolutions, GroupNorm + SiLU, GEGLU, attention) "
-             "inside the graph as custom ops; \"inductor's own code\": every op compiled by inductor (traced with "
-             "LIMNER_KERNELS=eager, LIMNER_ATTENTION=sdpa), as compiled graphs ran before the kernels became "
-             "custom ops (the forward only: `train_sides` says why). Compile: the first call's seconds, "
-             "inductor's cache as the machine had it.\n",
+             f"`python benchmarks/compiled_vs_eager.py --runs {data['runs']}{' --sd15' if data.get('sd15') else ''}` "
+             "(training rows: a third as many runs; the SD 1.5-size row a tenth, at least 2). Medians of the "
+             "runs, each side called in turn; speed-up = eager / this side. \"compiled\": limner's C++ kernels "
+             "(Winograd convolutions, GroupNorm + SiLU, GEGLU, attention) inside the graph as custom ops; "
+             "\"inductor's own code\": every op compiled by inductor (traced with LIMNER_KERNELS=eager, "
+             "LIMNER_ATTENTION=sdpa), as compiled graphs ran before the kernels became custom ops (the forward "
+             "only: `train_sides` says why); \"torch's sdpa for attention\": limner's kernels but torch's "
+             "attention, as bf16 graphs ran before limner's bf16 attention kernel could be traced. Compile: the "
+             "first call's seconds, inductor's cache as the machine had it.\n",
              "| workload | side | ms | speed-up over eager | [min, max] ms | compile s |",
              "|---|---|---:|---:|---|---:|"]
     for workload, row in data["rows"].items():
@@ -76,19 +123,30 @@ def render(data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="forward runs a side (training: a third as many)")
+    parser.add_argument("--sd15", action="store_true", help="add the SD 1.5-size bf16 forward (a tenth as many runs)")
     args = parser.parse_args()
     s = Sides(torch.device("cpu"))
     data = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "runs": args.runs, "rows": {}}
-    for workload, make, runs in (("denoiser forward, guided batch 2x4 at 32x32", forward_sides, args.runs),
-                                 ("training step, batch 16 (forward + backward + AdamW)", train_sides,
-                                  max(1, args.runs // 3))):
-        sides, compile_s = make(s)
+            "date": time.strftime("%Y-%m-%d"), "runs": args.runs, "sd15": args.sd15, "rows": {}}
+    workloads = [("denoiser forward, guided batch 2x4 at 32x32", lambda: forward_sides(s), args.runs),
+                 ("training step, batch 16 (forward + backward + AdamW)", lambda: train_sides(s),
+                  max(1, args.runs // 3))]
+    tmp = tempfile.TemporaryDirectory(dir="/tmp")
+    if args.sd15:
+        import sd_full_size
+
+        sd_full_size.build("sd15", Path(tmp.name))
+        workloads.append(("SD 1.5-size UNet forward in bf16, guided batch 2 at a 64x64 latent",
+                          lambda: sd15_sides(Path(tmp.name)), max(2, args.runs // 10)))
+    for workload, make, runs in workloads:
+        sides, compile_s = make()
         times = in_turn(sides, runs)
         data["rows"][workload] = {"ms": {k: v * 1e3 for k, v in medians(times).items()},
                                   "spread_ms": {k: [v * 1e3 for v in lo_hi] for k, lo_hi in spread(times, 4).items()},
                                   "compile_s": compile_s}
         print(render(data), flush=True)
+        del sides
+    tmp.cleanup()
     out = RESULTS / f"compiled-vs-eager-{cpu_slug()}"
     out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     out.with_suffix(".md").write_text(render(data))

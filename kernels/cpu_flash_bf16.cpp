@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 namespace blas = at::native::cpublas;
@@ -43,9 +44,20 @@ static inline __m512 exp2_neg(__m512 x) {
 // as [B, H, Lq, D]). Keys and values are laid out once per (batch, head) in the VNNI form the GEMMs
 // read (B [K, N] as [K/2][N][2]: two consecutive K rows interleaved): k^T as [D/2][Lk][2] (a key
 // block is a column range of it), v as [Lk/2][D][2] (a key block is a row range).
+// Keys and values are read two bf16 at a time, so their rows must start on 4-byte boundaries: a
+// tensor whose start or outer strides break that (a view at an odd offset) is copied first, here
+// rather than in the Python-side check, which a torch.compile trace cannot make (it has no data_ptr()).
+static at::Tensor pairs_aligned(const at::Tensor& t) {
+  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0 && t.stride(0) % 2 == 0 &&
+                       t.stride(1) % 2 == 0 && t.stride(2) % 2 == 0;
+  return aligned ? t : at::empty(t.sizes(), t.options()).copy_(t);  // fresh, contiguous; D even: strides even
+}
+
 at::Tensor forward(at::Tensor q, at::Tensor k, at::Tensor v, double scale) {
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   TORCH_CHECK(D % 2 == 0 && Lk % 32 == 0, "cpu_flash_bf16: head dim must be even and keys a multiple of 32");
+  k = pairs_aligned(k);
+  v = pairs_aligned(v);
   auto out = at::empty({B, Lq, H, D}, q.options());
   const int64_t nkb = (Lk + KB - 1) / KB, per_head = 2 * Lk * D;
   auto packed = at::empty({B * H, per_head}, q.options());

@@ -12,27 +12,34 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import AMX, unmasked_inference
+from ._backend import AMX, trace_constant, unmasked_inference
 from ._cpp import CppKernel
 
 KERNEL = CppKernel("cpu_flash_bf16.cpp", ["forward", "available"],
                    "bfloat16 attention on the CPU uses torch's sdpa", flags=("-mavx512bf16",))
+KERNEL.define("forward", "(Tensor q, Tensor k, Tensor v, float scale) -> Tensor",
+              lambda q, k, v, scale: q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
 NO_GEMM = "torch runs no batch-reduce GEMM for bf16 on this CPU (it needs AMX or avx512_bf16)"
+
+
+@trace_constant
+def runs() -> bool:
+    """Whether the kernel is built here and the CPU runs its bf16 GEMMs; a constant to a
+    torch.compile trace."""
+    module = KERNEL.module()
+    return module is not None and module.available()
 
 
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
     """Whether attention_cpu_bf16 takes these: bf16 CPU q, k, v [B, H, L, D] of one head dim, D even
-    and at most 512, last dims contiguous, keys a multiple of 32, no mask, no gradient, outside a
-    torch.compile trace (its alignment check reads data_ptr(), which dynamo cannot trace; the other
-    kernels' custom ops keep them in compiled graphs). (Whether the CPU runs the kernel is
-    `available()`.)"""
-    if torch.compiler.is_compiling() or not unmasked_inference(q, k, v, mask):
+    and at most 512, last dims contiguous, keys a multiple of 32, no mask, no gradient. (Keys and
+    values at an odd offset are copied by the kernel itself, so that this check reads no
+    data_ptr() and holds inside a torch.compile trace. Whether the CPU runs the kernel is `runs()`.)"""
+    if not unmasked_inference(q, k, v, mask):
         return False
     d, keys = q.shape[-1], k.shape[2]
-    # keys and values are read two bf16 at a time: their rows start on 4-byte boundaries
     return (d % 2 == 0 and 0 < d <= 512 and keys > 0 and keys % 32 == 0 and q.numel() > 0
-            and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in (q, k, v))
-            and all(t.data_ptr() % 4 == 0 and all(s % 2 == 0 for s in t.stride()[:3]) for t in (k, v)))
+            and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in (q, k, v)))
 
 
 def faster(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -54,8 +61,7 @@ def attention_cpu_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"key count a multiple of 32, the last dim contiguous, no mask and no gradient; got q "
                          f"{tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} on {q.device.type}, "
                          f"mask {None if mask is None else tuple(mask.shape)}: use the sdpa or math backend for these")
-    module = KERNEL.module()
-    if module is None or not module.available():
+    if not runs():
         raise RuntimeError(f"limner's bf16 CPU attention kernel is not available here: "
                            f"{KERNEL.failure or NO_GEMM}")
-    return module.forward(q, k, v, q.shape[-1] ** -0.5).transpose(1, 2)
+    return KERNEL.function("forward")(q, k, v, q.shape[-1] ** -0.5).transpose(1, 2)

@@ -49,10 +49,7 @@ def cpu():
 
 
 def _cpu_bf16_fits(q, k, v, mask) -> bool:
-    if not (cpu_flash_bf16.fits(q, k, v, mask) and cpu_flash_bf16.faster(q, k)):
-        return False
-    module = cpu_flash_bf16.KERNEL.module()
-    return module is not None and module.available()
+    return cpu_flash_bf16.fits(q, k, v, mask) and cpu_flash_bf16.faster(q, k) and cpu_flash_bf16.runs()
 
 
 def cpu_bf16():

@@ -863,6 +863,24 @@ def test_cpu_bf16_attention_takes_only_its_inputs_and_auto_picks_it_where_it_is_
     assert not kernel.fits(grad, long, long) and preferred_backend(grad, long, long) == "sdpa"
 
 
+def test_cpu_bf16_attention_copies_keys_and_values_it_cannot_read_in_pairs():
+    """Keys and values at an odd bf16 offset or with odd outer strides (views into a wider tensor)
+    are read two bf16 at a time only after the kernel copies them (its Python check reads no
+    data_ptr(), so that it holds in compiled graphs): the result equals the aligned inputs'."""
+    kernel = _bf16_kernel()
+    q, k, v = (randn(1, n, 3, 40, seed=i).to(torch.bfloat16).transpose(1, 2) for i, n in enumerate((50, 64, 64)))
+    odd_k = torch.zeros(1, 64, 3, 41, dtype=torch.bfloat16)[..., 1:]  # starts one bf16 in: 2 bytes off
+    odd_v = torch.zeros(1, 64, 3, 43, dtype=torch.bfloat16)[..., :40]  # rows 43 bf16 apart: odd strides
+    odd_k.copy_(k.transpose(1, 2))
+    odd_v.copy_(v.transpose(1, 2))
+    odd_k, odd_v = odd_k.transpose(1, 2), odd_v.transpose(1, 2)
+    assert odd_k.data_ptr() % 4 == 2 and odd_v.data_ptr() % 4 == 0 and odd_v.stride(2) % 2 == 1
+    with torch.no_grad():
+        assert kernel.fits(q, odd_k, odd_v)
+        torch.testing.assert_close(kernel.attention_cpu_bf16(q, odd_k, odd_v), kernel.attention_cpu_bf16(q, k, v),
+                                   atol=0, rtol=0)
+
+
 def _f32_kernel():
     from limner.kernels import cpu_flash_f32
 
@@ -1051,11 +1069,10 @@ def test_compiled_graphs_call_limner_cpu_kernels_and_match_eager():
     opaque to dynamo, inductor fuses around them), where they used to give way to inductor's code:
     a compiled function through the Winograd convolution, GroupNorm + SiLU, the head-dim-16
     attention and GEGLU calls each of them forward and backward, and a compiled no-grad one the
-    float32 flash attention, with eager's values and gradients; one graph each (fullgraph=True). (The
-    bf16 flash attention stays out of traces: its 4-byte alignment check reads data_ptr(), and
-    dynamo traces neither that nor storage_offset().)"""
+    float32 flash attention and, where the CPU runs it, the bf16 one through the attention
+    dispatcher, with eager's values and gradients; one graph each (fullgraph=True)."""
     from limner.attention import attention
-    from limner.kernels import conv2d, cpu_attention, cpu_flash_f32
+    from limner.kernels import conv2d, cpu_attention, cpu_flash_bf16, cpu_flash_f32
 
     winograd_kernel()
     cpu_kernel_module("group_norm_silu")
@@ -1095,10 +1112,14 @@ def test_compiled_graphs_call_limner_cpu_kernels_and_match_eager():
         ran = profiled_ops(lambda: runs.update(flash=flash(q, k, k)))
         assert "limner::cpu_flash_f32_forward" in ran
         torch.testing.assert_close(runs["flash"], cpu_flash_f32.attention_cpu_f32(q, k, k), atol=1e-6, rtol=1e-5)
-        # bf16 attention through the dispatcher: torch's sdpa in the graph, one graph all the same
-        q, k = q.bfloat16(), randn(1, 2, 64, 40, seed=7).bfloat16()
+        # bf16 attention through the dispatcher: limner's kernel in the graph where the CPU runs it
+        # (its fits used to read data_ptr(), which broke the graph), torch's sdpa elsewhere
+        q, k = q.bfloat16(), randn(1, 2, 2048, 40, seed=7).bfloat16()
         dispatched = torch.compile(lambda q, k: attention(q, k, k), dynamic=False, fullgraph=True)
-        torch.testing.assert_close(dispatched(q, k), attention(q, k, k, backend="sdpa"), atol=2e-2, rtol=2e-2)
+        dispatched(q, k)
+        ran = profiled_ops(lambda: runs.update(bf16=dispatched(q, k)))
+        assert ("limner::cpu_flash_bf16_forward" in ran) == cpu_flash_bf16.runs()
+        torch.testing.assert_close(runs["bf16"], attention(q, k, k, backend="sdpa"), atol=2e-2, rtol=2e-2)
 
 
 # --- the backend switch and the attention preference table -------------------------------------
