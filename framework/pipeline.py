@@ -240,7 +240,10 @@ def freed_memory_kept():
     handing them back to the system. By default every block over 32 MB is a mapping of its own,
     unmapped when freed, so the next tensor of that size faults all its pages in again, each one
     zeroed by the kernel: an SD 1.5-size UNet frees and allocates dozens of those per step (~7%
-    of a bf16 forward, ~10% of a float32 one: benchmarks/results/cpu-kernel-measurements.md). M_MMAP_MAX 0
+    of a bf16 forward, ~10% of a float32 one: benchmarks/results/cpu-kernel-measurements.md), and
+    the heap's freed top, past glibc's trim threshold, is handed back and faulted in again too (the
+    demo UNet's training step: benchmarks/results/malloc-train-*.md; `limner train` enters the
+    block around its loop on the CPU). M_MMAP_MAX 0
     takes every block from the heap, as jemalloc and tcmalloc, which Intel recommends for PyTorch
     on CPUs, keep theirs. Kept for the whole process, the heap fragments (a float32 SD image
     peaked 0.7 GB higher), so on leaving the block glibc's policy comes back and the free heap is
@@ -257,8 +260,8 @@ def freed_memory_kept():
     pages again) where none did otherwise; it depends on what the process allocated before."""
     choice = os.environ.get("LIMNER_MALLOC", "keep").strip().lower() or "keep"
     if choice not in MALLOC_CHOICES:
-        raise LimnerError(f"LIMNER_MALLOC={choice!r}: valid are keep (large freed blocks reused while sampling, the "
-                          "default) and default (glibc's own policy)")
+        raise LimnerError(f"LIMNER_MALLOC={choice!r}: valid are keep (large freed blocks reused while sampling and "
+                          "training on the CPU, the default) and default (glibc's own policy)")
     libc = _glibc() if choice == "keep" else None
     if libc is None:
         yield False
