@@ -79,18 +79,6 @@ def diffusers_unet(context_dim: int) -> torch.nn.Module:
 
 # --- timing ----------------------------------------------------------------------------------
 
-def kept(measure: Callable[[], dict]) -> Callable[[], dict]:
-    """`measure` inside limner.pipeline.freed_memory_kept, which `limner train` enters around its
-    loop on the CPU: the training rows run both sides in it (diffusers' step gains from it too,
-    1.05x against limner's 1.07x: benchmarks/results/malloc-train-amd-epyc-zen-4.md)."""
-    def inside() -> dict:
-        from limner.pipeline import freed_memory_kept
-
-        with freed_memory_kept() if not torch.cuda.is_available() else contextlib.nullcontext():
-            return measure()
-    return inside
-
-
 def alternate(ours: Callable[[], object], anchor: Callable[[], object], rounds: int, reps: int,
               sync: Callable[[], None]) -> dict:
     """Median seconds of each side and the per-round ratio anchor / ours, sides alternating."""
@@ -538,7 +526,7 @@ def run(out_dir: Path, quick: bool = False) -> Path:
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "limner": limner.__version__,
                      "k_diffusion": _version("k-diffusion")},
         "model": {"config": str(CONFIG.relative_to(ROOT)), "params": s.params, "text_encoder": "minilm (frozen)"},
-        "rows": [], "notes": {}, "startup": {}, "training_freed_memory_kept": device.type == "cpu",
+        "rows": [], "notes": {}, "startup": {},
     }
     rows, notes = data["rows"], data["notes"]
 
@@ -572,17 +560,17 @@ def run(out_dir: Path, quick: bool = False) -> Path:
     row(smp, "eager (channels_last)", "diffusers eager",
         lambda: alternate(s.limner_sampling(s.ours, True), s.diffusers_sampling(), n(8, 2), 1, sync))
     row(trn, "eager (channels_last, fused AdamW)", "diffusers eager",
-        kept(lambda: alternate(s.limner_train_step(copy.deepcopy(s.ours), channels_last=True),
-                               s.diffusers_train_step(), n(12, 3), 2, sync)))
+        lambda: alternate(s.limner_train_step(copy.deepcopy(s.ours), channels_last=True), s.diffusers_train_step(),
+                          n(12, 3), 2, sync))
 
     def before() -> dict:
         plain = s.limner_train_step(copy.deepcopy(s.ours), channels_last=False, fused=False)
         with force_eager_kernels():
             return alternate(plain, s.diffusers_train_step(), n(12, 3), 2, sync)
     row(trn, "eager, contiguous, per-parameter AdamW, BLAS linear, torch's attention (limner before)",
-        "diffusers eager", kept(before))
+        "diffusers eager", before)
     row(full, "limner train (cached frozen-text embeddings)", "train_text_to_image.py (encoder every step)",
-        kept(lambda: alternate(s.limner_full_step(), s.diffusers_full_step(), n(12, 3), 2, sync)))
+        lambda: alternate(s.limner_full_step(), s.diffusers_full_step(), n(12, 3), 2, sync))
 
     # the same math in another layout or compiled: how far apart are the outputs?
     compiled: dict = {}
@@ -605,7 +593,7 @@ def run(out_dir: Path, quick: bool = False) -> Path:
         step = s.limner_train_step(model, channels_last=True)
         compiled["trn_s"] = timed(step)
         return alternate(step, s.diffusers_train_step(), n(12, 3), 2, sync)
-    row(trn, "compiled (train.compile = true)", "diffusers eager", kept(compiled_training),
+    row(trn, "compiled (train.compile = true)", "diffusers eager", compiled_training,
         compile_s=lambda: compiled["trn_s"])
 
     # limner's sampler against k-diffusion's around the same denoiser: the same math
@@ -671,10 +659,8 @@ def render(data: dict) -> str:
              f"Model: `{model['config']}` UNet, {model['params']['limner'] / 1e6:.2f}M parameters; diffusers "
              f"UNet2DConditionModel of the same configuration, {model['params']['diffusers'] / 1e6:.2f}M; "
              f"text: {model['text_encoder']}. Ratio = anchor time / limner time per round (> 1: limner faster), "
-             "median and quartiles over rounds that alternate the two sides. "
-             + ("Training rows: both sides inside limner's malloc block (freed blocks kept, as `limner train` runs "
-                "on the CPU). " if data.get("training_freed_memory_kept") else "")
-             + "Compile: seconds of the first call (compile + one run) with inductor's cache empty.", "",
+             "median and quartiles over rounds that alternate the two sides. Compile: seconds of the first "
+             "call (compile + one run) with inductor's cache empty.", "",
              "| workload | limner | anchor | limner (ms) | anchor (ms) | speed-up | quartiles | compile (s) |",
              "|---|---|---|---:|---:|---:|---|---:|"]
     for r in data["rows"]:

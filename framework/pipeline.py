@@ -218,7 +218,11 @@ def kernel_convs(module: torch.nn.Module) -> None:
 
 
 MALLOC_CHOICES = ("keep", "default")
-M_TRIM_THRESHOLD, M_MMAP_MAX, GLIBC_MMAP_MAX = -1, -4, 65536  # glibc's malloc.h, and its default mmap count
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's malloc.h
+GLIBC_MMAP_MAX = 65536  # its default count of mappings
+# where glibc's dynamic thresholds end up once big blocks have been freed (malloc.c:
+# DEFAULT_MMAP_THRESHOLD_MAX, 32 MB on 64-bit; the trim threshold twice the mmap one)
+MMAP_THRESHOLD_MAX = 32 << 20
 _malloc = {"libc": None, "depth": 0, "lock": threading.Lock()}
 
 
@@ -240,16 +244,18 @@ def freed_memory_kept():
     handing them back to the system. By default every block over 32 MB is a mapping of its own,
     unmapped when freed, so the next tensor of that size faults all its pages in again, each one
     zeroed by the kernel: an SD 1.5-size UNet frees and allocates dozens of those per step (~7%
-    of a bf16 forward, ~10% of a float32 one: benchmarks/results/cpu-kernel-measurements.md), and
-    the heap's freed top, past glibc's trim threshold, is handed back and faulted in again too (the
-    demo UNet's training step: benchmarks/results/malloc-train-*.md; `limner train` enters the
-    block around its loop on the CPU). M_MMAP_MAX 0
+    of a bf16 forward, ~10% of a float32 one: benchmarks/results/cpu-kernel-measurements.md). M_MMAP_MAX 0
     takes every block from the heap, as jemalloc and tcmalloc, which Intel recommends for PyTorch
     on CPUs, keep theirs. Kept for the whole process, the heap fragments (a float32 SD image
-    peaked 0.7 GB higher), so on leaving the block glibc's policy comes back and the free heap is
-    handed back (malloc_trim). Blocks may nest and run in several threads at once (`limner
-    serve`): the first in sets, the last out restores. LIMNER_MALLOC=default leaves malloc
-    alone; elsewhere than glibc nothing changes.
+    peaked 0.7 GB higher), so on leaving the block the free heap is handed back (malloc_trim) and
+    glibc's thresholds are set where its own dynamic policy ends up for big tensors: blocks over
+    32 MB mapped, up to 64 MB of freed heap top kept. Not its start values: any mallopt of them
+    turns glibc's dynamic adjustment off for the rest of the process, and with the start values
+    (128 KB) it would trim the heap at nearly every free: after a first block the demo's training
+    step faulted ~18,700 pages a step in again (by hand), ~7,000 in a fresh process and ~1,300
+    after a block with these (benchmarks/results/malloc-train-*.md). Blocks may nest and run in
+    several threads at once (`limner serve`): the first in sets, the last out restores.
+    LIMNER_MALLOC=default leaves malloc alone; elsewhere than glibc nothing changes.
 
     Not every freed block is reused. The likely reason (glibc's memalign; not traced inside
     malloc): torch asks for 64-byte aligned memory, which glibc serves by over-allocating 64 + 32
@@ -260,8 +266,8 @@ def freed_memory_kept():
     pages again) where none did otherwise; it depends on what the process allocated before."""
     choice = os.environ.get("LIMNER_MALLOC", "keep").strip().lower() or "keep"
     if choice not in MALLOC_CHOICES:
-        raise LimnerError(f"LIMNER_MALLOC={choice!r}: valid are keep (large freed blocks reused while sampling and "
-                          "training on the CPU, the default) and default (glibc's own policy)")
+        raise LimnerError(f"LIMNER_MALLOC={choice!r}: valid are keep (large freed blocks reused while sampling, the "
+                          "default) and default (glibc's own policy)")
     libc = _glibc() if choice == "keep" else None
     if libc is None:
         yield False
@@ -278,7 +284,8 @@ def freed_memory_kept():
             _malloc["depth"] -= 1
             if _malloc["depth"] == 0:
                 libc.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)
-                libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+                libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+                libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_MAX)
                 libc.malloc_trim(0)
 
 

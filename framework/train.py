@@ -12,7 +12,6 @@ exactly as if it had never stopped.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -42,7 +41,6 @@ from .evaluation import EvalConfig, check_eval, evaluate, held_out_items
 from .files import remove_stale_temps, write_text_atomic
 from .guard import Divergence, NonFinite
 from .images import make_grid, save_atomic, to_pil
-from .pipeline import freed_memory_kept
 
 
 @dataclass
@@ -351,29 +349,24 @@ class TrainerBase:
         log = _Log(self.out, self.acc.is_main_process, self.step)
         self.progress = _progress(self.acc.is_main_process, self.step, t.steps)
         rows, last = [], {}
-        # on the CPU freed blocks are kept for the next step's tensors rather than handed back and
-        # faulted in again (the Winograd convolutions' buffers: ~5% of the demo's step, docs/speed.md)
-        kept = freed_memory_kept() if self.acc.device.type == "cpu" else contextlib.nullcontext()
         try:
-            with kept:
-                for images, captions in self._loader(t.steps):
-                    row = self.train_step(images, captions)
-                    if row is not None:
-                        rows.append(row)
-                    else:  # the non-finite guard skipped it: no update, no EMA, no row
-                        self.progress.write(f"step {self.step}: non-finite loss or gradients, step skipped "
-                                            f"({self.guard.in_a_row} in a row; "
-                                            f"train.max_nonfinite = {t.max_nonfinite})")
-                    self.step += 1
-                    self.progress.update(1)
-                    if self.step % t.log_every == 0 or self.step == t.steps:
-                        last = {"step": self.step, **self.summary(rows), "skipped": self.guard.skipped}
-                        log.write(last)
-                        loss = last.get("loss")
-                        self.divergence.check(self.step, loss if isinstance(loss, float) else None)
-                        self.progress.set_postfix(self.postfix(last))
-                        rows = []
-                    self.end_of_step(t.sample_every, t.checkpoint_every, t.steps)
+            for images, captions in self._loader(t.steps):
+                row = self.train_step(images, captions)
+                if row is not None:
+                    rows.append(row)
+                else:  # the non-finite guard skipped it: no update, no EMA, no row
+                    self.progress.write(f"step {self.step}: non-finite loss or gradients, step skipped "
+                                        f"({self.guard.in_a_row} in a row; train.max_nonfinite = {t.max_nonfinite})")
+                self.step += 1
+                self.progress.update(1)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    last = {"step": self.step, **self.summary(rows), "skipped": self.guard.skipped}
+                    log.write(last)
+                    loss = last.get("loss")
+                    self.divergence.check(self.step, loss if isinstance(loss, float) else None)
+                    self.progress.set_postfix(self.postfix(last))
+                    rows = []
+                self.end_of_step(t.sample_every, t.checkpoint_every, t.steps)
         finally:
             self.progress.close()
             log.close()

@@ -72,29 +72,6 @@ def test_resume_after_a_stop_is_exact(tmp_path):
     ]
 
 
-def test_cpu_training_steps_run_with_freed_blocks_kept_and_malloc_is_restored_after(tmp_path, monkeypatch):
-    """On the CPU every step of the loop runs inside limner.pipeline.freed_memory_kept (glibc keeps
-    freed blocks for the next step's tensors: benchmarks/malloc_train.py), and glibc's policy is
-    back once the run ends; LIMNER_MALLOC=default leaves malloc alone throughout."""
-    from limner import pipeline
-    from limner.plugins.diffusion_recipe import Trainer
-
-    if pipeline._glibc() is None:
-        pytest.skip("not glibc: freed_memory_kept changes nothing here")
-    depths, step = [], Trainer.train_step
-
-    def recorded(self, *args):
-        depths.append(pipeline._malloc["depth"])
-        return step(self, *args)
-    monkeypatch.setattr(Trainer, "train_step", recorded)
-    train(write_config(tmp_path, "kept", steps=3))
-    assert depths == [1, 1, 1] and pipeline._malloc["depth"] == 0
-    monkeypatch.setenv("LIMNER_MALLOC", "default")
-    depths.clear()
-    train(write_config(tmp_path, "default", steps=2))
-    assert depths == [0, 0]
-
-
 def test_a_unet_run_trains_through_winograd_and_resumes_exactly(tmp_path, monkeypatch):
     """The diffusion recipe turns its model's convolutions into KernelConv2d: a UNet's float32 3x3
     ones train by WinogradConv2d (kernels/cpu_winograd.py: forward and input gradient), and a run
