@@ -343,11 +343,11 @@ def test_big_freed_blocks_are_kept_while_sampling_and_the_choice_is_checked(monk
     and again reuses its pages: no page faults after the first; inside with LIMNER_MALLOC=default
     each one faults its 16,384 pages in anew, and after the block they fault again. Blocks nest: the policy
     holds until the outermost one ends. After the block glibc's thresholds are where its dynamic
-    policy ends up, not its start values (which would map and unmap every block over 128 KB for
-    the rest of the process, as a first version did): a training step's pattern of 1-6 MB tensors
-    (kept for a backward, work buffers between them) faults nearly nothing from its third run on,
-    where the start values faulted ~5,000 pages a run. Each case runs in a process of its own (the
-    setting is the process's)."""
+    policy ends up, not its start values (setting those, as a first version did, left glibc's
+    dynamic adjustment off and the heap trimmed at nearly every free for the rest of the process):
+    a training step's pattern of 1-6 MB tensors (kept for a backward, work buffers between them)
+    faults at most a few thousand pages over its third and fourth runs, where the start values
+    faulted 15,000-29,000. Each case runs in a process of its own (the setting is the process's)."""
     import os
     import subprocess
     import sys
@@ -385,7 +385,7 @@ def test_big_freed_blocks_are_kept_while_sampling_and_the_choice_is_checked(monk
     # after the block, glibc may still serve some of them from what its heap holds after malloc_trim (two
     # of the four, in one CI run): that the block no longer keeps them all is what is asserted there
     assert runs["keep"][0] == "True" and runs["keep"][1] < 1000 and runs["keep"][2] > 16384 * 0.9, runs
-    assert runs["keep"][3] < 12288, runs  # with glibc's start values (15,000-29,000 in six runs; 0-6,100 now)
+    assert runs["keep"][3] < 12288, runs  # 0-6,100 measured (the start values: 15,000-29,000 in six runs)
     assert runs["default"][0] == "False" and runs["default"][1] > every, runs
     monkeypatch.setenv("LIMNER_MALLOC", "jemalloc")
     with pytest.raises(limner.LimnerError, match="LIMNER_MALLOC='jemalloc': valid are keep .* and default"):
