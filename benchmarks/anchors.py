@@ -100,12 +100,17 @@ def alternate(ours: Callable[[], object], anchor: Callable[[], object], rounds: 
             "ratio": statistics.median(ratios), "ratio_q1": q[0], "ratio_q3": q[2], "rounds": rounds, "reps": reps}
 
 
-@contextlib.contextmanager
 def force_eager_kernels():
     """LIMNER_KERNELS=eager and LIMNER_ATTENTION=sdpa inside: every fused op and linear layer takes
     its eager path, attention torch's kernel."""
-    before = {name: os.environ.get(name) for name in ("LIMNER_KERNELS", "LIMNER_ATTENTION")}
-    os.environ.update(LIMNER_KERNELS="eager", LIMNER_ATTENTION="sdpa")
+    return environment(LIMNER_KERNELS="eager", LIMNER_ATTENTION="sdpa")
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    """The environment variables `values` set inside, each put back as it was (or unset) after."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:

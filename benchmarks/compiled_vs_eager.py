@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from anchors import Sides, compiled_for_inference, force_eager_kernels, timed
+from anchors import Sides, compiled_for_inference, environment, force_eager_kernels, timed
 from in_turn import in_turn, medians, spread
 
 from limner.bench import cpu_name, cpu_slug
@@ -33,10 +33,10 @@ from limner.bench import cpu_name, cpu_slug
 RESULTS = Path(__file__).parent / "results"
 
 
-def inductors_own(run):
-    """`run` with every limner op on its eager path while traced and run: inductor compiles them all."""
+def inside(context, run):
+    """`run` with `context()` around every call: an environment read while traced stays set while run."""
     def wrapped():
-        with force_eager_kernels():
+        with context():
             return run()
     return wrapped
 
@@ -46,7 +46,7 @@ def forward_sides(s: Sides) -> tuple[dict, dict]:
     compiled, compile_s = compiled_for_inference(s.ours, lambda m: s.limner_forward(m, True))
     with force_eager_kernels():
         own, own_s = compiled_for_inference(s.ours, lambda m: s.limner_forward(m, True))
-    return ({"eager": eager, "compiled": compiled, "compiled, inductor's own code": inductors_own(own)},
+    return ({"eager": eager, "compiled": compiled, "compiled, inductor's own code": inside(force_eager_kernels, own)},
             {"compiled": compile_s, "compiled, inductor's own code": own_s})
 
 
@@ -81,19 +81,11 @@ def sd15_sides(folder: Path) -> tuple[dict, dict]:
 
     unet = pipe.model.denoiser
     compiled, compile_s = compiled_for_inference(unet, forward)
-    os.environ["LIMNER_ATTENTION"] = "sdpa"  # read when the graph is traced (and kept while it runs)
-    try:
+    sdpa_attention = partial(environment, LIMNER_ATTENTION="sdpa")  # read when the graph is traced
+    with sdpa_attention():
         sdpa, sdpa_s = compiled_for_inference(unet, forward)
-    finally:
-        del os.environ["LIMNER_ATTENTION"]
-
-    def with_sdpa():
-        os.environ["LIMNER_ATTENTION"] = "sdpa"
-        try:
-            return sdpa()
-        finally:
-            del os.environ["LIMNER_ATTENTION"]
-    return ({"eager": forward(unet), "compiled": compiled, "compiled, torch's sdpa for attention": with_sdpa},
+    return ({"eager": forward(unet), "compiled": compiled,
+             "compiled, torch's sdpa for attention": inside(sdpa_attention, sdpa)},
             {"compiled": compile_s, "compiled, torch's sdpa for attention": sdpa_s})
 
 
