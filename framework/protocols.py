@@ -96,6 +96,14 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
     return list(prompts)
 
 
+def check_layers(layers: Sequence[int], n: int) -> None:
+    """The layer numbers a text encoder's token_states() takes (0: the embeddings, up to its `n`
+    layers), or a LimnerError naming the bad one."""
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
+            raise LimnerError(f"layer must be a layer number 0..{n}, got {layer!r}")
+
+
 def prompt_truncated(prompt: str, limit: int, unit: str) -> None:
     """Say once that prompts are cut to the text encoder's length."""
     notice(f"prompts longer than the text encoder's {limit} {unit} are cut to it (the rest is not seen), "

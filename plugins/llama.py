@@ -56,7 +56,7 @@ from torch import nn
 import limner
 from limner.checkpoint import without_init
 from limner.gguf import GGUFFile
-from limner.protocols import TextEmbedding, check_prompts, prompt_truncated
+from limner.protocols import TextEmbedding, check_layers, check_prompts, prompt_truncated
 from limner.text_cache import FrozenStaysEval, weights_from_factory
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -581,10 +581,7 @@ class LlamaTextEncoder(FrozenStaysEval, nn.Module):
     def token_states(self, texts: Sequence[str], layers: Sequence[int]) -> list[list[torch.Tensor]]:
         """Each text's own tokens' states after each of `layers` blocks (0: the embeddings; no final
         norm), the start token left out, from one forward: [len(layers)][texts] of [n_i, D] float32."""
-        n = len(self.model.blk)
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
-                raise limner.LimnerError(f"layer must be a layer number 0..{n}, got {layer!r}")
+        check_layers(layers, len(self.model.blk))
         out = [[] for _ in layers]
         for rows, _, states in self._read(texts, max(layers, default=0)):
             for k, layer in enumerate(layers):

@@ -353,7 +353,7 @@ class ShapesReader(FrozenStaysEval, torch.nn.Module):
                                          "caption by (way = \"nearest\": one of smollm2, gemma3_270m, gguf_llm, "
                                          "minilm, mpnet)")
             if way["way"] == "nearest":
-                self.readers[models[name]].token_states([], [way["layer"]])  # a bad layer named now, not at first use
+                reader.token_states([], [way["layer"]])  # a bad layer named now, not at first use
                 self.layers.setdefault(models[name], set()).add(way["layer"])
             return {**way, "reader": models[name]}
 

